@@ -1,0 +1,1 @@
+//! sae-browser

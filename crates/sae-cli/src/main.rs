@@ -1,0 +1,70 @@
+//! `sae`: the single binary. Each subcommand lives in its own module; the work itself lives
+//! in the library crates, which follow the data flow:
+//! corpus -> tokenizer -> model (sae-lm) -> activation store (sae-store) -> trainer
+//! (sae-core, sae-train) -> SAE files -> evaluation (sae-eval) -> feature browser (sae-browser).
+
+mod browse;
+mod evaluate;
+mod harvest;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "sae",
+    version,
+    about = "Sparse dictionary learning on language-model activations"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train an SAE on stored activations (or straight from a model).
+    Train(train::TrainArgs),
+    /// Print what is in an SAE directory.
+    Info(train::InfoArgs),
+    /// Write a synthetic activation set with known ground-truth features.
+    Synth(train::SynthArgs),
+    /// Benchmark training steps against the one-GEMM limit.
+    Bench(train::BenchArgs),
+    /// Run a language model over a corpus and store activations at a hook point.
+    Harvest(harvest::HarvestArgs),
+    /// List a model's hook points with their widths.
+    Hooks(harvest::HooksArgs),
+    /// Evaluate an SAE: reconstruction metrics and spliced LM loss.
+    Eval(evaluate::EvalArgs),
+    /// Train and evaluate a grid of SAEs and plot the Pareto curves.
+    Sweep(evaluate::SweepArgs),
+    /// The whole pipeline on the embedded default: harvest, gated-vs-relu sweep, report.
+    Demo(evaluate::DemoArgs),
+    /// Scan text with an SAE and store per-latent statistics for the browser.
+    Analyze(browse::AnalyzeArgs),
+    /// Serve the feature browser for an analysis directory.
+    Serve(browse::ServeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => train::train(a),
+        Command::Info(a) => train::info(a),
+        Command::Synth(a) => train::synth(a),
+        Command::Bench(a) => train::bench(a),
+        Command::Harvest(a) => harvest::harvest(a),
+        Command::Hooks(a) => harvest::hooks(a),
+        Command::Eval(a) => evaluate::eval(a),
+        Command::Sweep(a) => evaluate::sweep(a),
+        Command::Demo(a) => evaluate::demo(a),
+        Command::Analyze(a) => browse::analyze(a),
+        Command::Serve(a) => browse::serve(a),
+    };
+    if let Err(e) = result {
+        // One clear line (with its causes) and a non-zero exit; never a panic trace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
