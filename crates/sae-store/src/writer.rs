@@ -1,0 +1,1 @@
+//! Sharded activation writer (owned by the sae-lm / harvest helper).
