@@ -19,3 +19,6 @@ pub use arch::ArchKind;
 pub use sae::Sae;
 pub use sparse::SparseCode;
 pub use trainer::{SaeTrainer, StepStats, TrainHyper};
+
+#[cfg(test)]
+mod tests;

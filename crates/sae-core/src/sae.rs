@@ -2,6 +2,7 @@
 
 use crate::arch::ArchKind;
 use crate::sparse::SparseCode;
+use rayon::prelude::*;
 
 /// Where an SAE was trained; saved into SAELens' cfg.json (`metadata`).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -40,32 +41,203 @@ pub struct Sae {
     pub meta: SaeMeta,
 }
 
-// CONTRACT (bodies to be written by the sae-core owner; signatures are relied on by
-// sae-train, sae-eval and sae-browser).
+// CONTRACT (signatures relied on by sae-train, sae-eval and sae-browser).
 impl Sae {
-    /// A freshly initialised SAE as its paper does it (see ../shared/reference/sae-methods.md).
+    /// A freshly initialised SAE as its paper does it (see ../shared/reference/sae-methods.md):
+    /// W_dec rows are Gaussian directions normalised to unit norm, W_enc = W_dec^T, all biases
+    /// 0, r_mag 0 (W_mag = W_gate), JumpReLU threshold 0.001, BatchTopK threshold 0 until
+    /// trained. Deterministic for a seed (ChaCha8, serial).
     pub fn init(arch: ArchKind, d_in: usize, d_sae: usize, k: usize, seed: u64) -> Sae {
-        let _ = (arch, d_in, d_sae, k, seed);
-        todo!("sae-core owner")
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut w_dec: Vec<f32> = (0..d_in * d_sae)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        for row in w_dec.chunks_mut(d_in.max(1)) {
+            let n = row
+                .iter()
+                .map(|v| (*v as f64) * (*v as f64))
+                .sum::<f64>()
+                .sqrt();
+            if n > 0.0 {
+                row.iter_mut().for_each(|v| *v = (*v as f64 / n) as f32);
+            }
+        }
+        let mut w_enc = vec![0.0; d_in * d_sae];
+        for j in 0..d_sae {
+            for i in 0..d_in {
+                w_enc[i * d_sae + j] = w_dec[j * d_in + i];
+            }
+        }
+        let per_latent = |on: bool, v: f32| if on { vec![v; d_sae] } else { Vec::new() };
+        Sae {
+            arch,
+            d_in,
+            d_sae,
+            w_enc,
+            b_enc: vec![0.0; d_sae],
+            w_dec,
+            b_dec: vec![0.0; d_in],
+            r_mag: per_latent(arch == ArchKind::Gated, 0.0),
+            b_mag: per_latent(arch == ArchKind::Gated, 0.0),
+            threshold: match arch {
+                ArchKind::JumpRelu => vec![0.001; d_sae],
+                ArchKind::BatchTopK => vec![0.0; d_sae],
+                _ => Vec::new(),
+            },
+            k: if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) {
+                k
+            } else {
+                0
+            },
+            // JumpReLU eq 8 has no b_dec subtraction on the input.
+            apply_b_dec_to_input: arch != ArchKind::JumpRelu,
+            meta: SaeMeta::default(),
+        }
     }
 
     /// Sparse code of `n` rows of `x` (`[n, d_in]` row-major), inference semantics
-    /// (BatchTopK uses its threshold here, like JumpReLU).
+    /// (BatchTopK uses its threshold here, like JumpReLU). Only non-zero values are stored.
     pub fn encode(&self, x: &[f32], n: usize) -> SparseCode {
-        let _ = (x, n);
-        todo!("sae-core owner")
+        let pre = self.pre_activations(x, n);
+        let d_sae = self.d_sae;
+        let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
+            .par_chunks(d_sae.max(1))
+            .map(|row| self.encode_row(row))
+            .collect();
+        let mut code = SparseCode {
+            n_rows: n,
+            d_sae,
+            row_ptr: Vec::with_capacity(n + 1),
+            idx: Vec::new(),
+            val: Vec::new(),
+        };
+        code.row_ptr.push(0);
+        for (i, v) in rows {
+            code.idx.extend_from_slice(&i);
+            code.val.extend_from_slice(&v);
+            code.row_ptr.push(code.idx.len());
+        }
+        code
+    }
+
+    /// `(x - b_dec) @ W_enc` (or `x @ W_enc` without `apply_b_dec_to_input`), `[n, d_sae]`.
+    pub fn pre_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.d_in, "encode: x has the wrong length");
+        let xc: Vec<f32> = if self.apply_b_dec_to_input {
+            x.chunks(self.d_in.max(1))
+                .flat_map(|r| r.iter().zip(&self.b_dec).map(|(a, b)| a - b))
+                .collect()
+        } else {
+            x.to_vec()
+        };
+        let mut pre = vec![0.0; n * self.d_sae];
+        crate::kernels::matmul(&xc, n, self.d_in, &self.w_enc, self.d_sae, &mut pre);
+        pre
+    }
+
+    /// One row of inference-time codes from raw pre-activations.
+    fn encode_row(&self, pre: &[f32]) -> (Vec<u32>, Vec<f32>) {
+        let (mut idx, mut val) = (Vec::new(), Vec::new());
+        let mut push = |j: usize, v: f32| {
+            if v > 0.0 {
+                idx.push(j as u32);
+                val.push(v);
+            }
+        };
+        match self.arch {
+            ArchKind::Gated => {
+                for (j, &p) in pre.iter().enumerate() {
+                    if p + self.b_enc[j] > 0.0 {
+                        push(j, self.r_mag[j].exp() * p + self.b_mag[j]);
+                    }
+                }
+            }
+            ArchKind::Relu => {
+                for (j, &p) in pre.iter().enumerate() {
+                    push(j, p + self.b_enc[j]);
+                }
+            }
+            ArchKind::TopK => {
+                let mut scratch = Vec::new();
+                let cands = pre.iter().zip(&self.b_enc).enumerate();
+                crate::arch::top_k_into(
+                    self.k,
+                    cands.map(|(j, (&p, &b))| (p + b, j as u32)),
+                    &mut scratch,
+                );
+                for (v, j) in scratch {
+                    push(j as usize, v);
+                }
+            }
+            // SAELens JumpReLU: relu(pi) * 1[pi > threshold].
+            ArchKind::JumpRelu | ArchKind::BatchTopK => {
+                for (j, &p) in pre.iter().enumerate() {
+                    let pi = p + self.b_enc[j];
+                    if pi > self.threshold[j] {
+                        push(j, pi);
+                    }
+                }
+            }
+        }
+        (idx, val)
     }
 
     /// Fold a training-time input scale into the weights: the SAE was trained on `x * scale`
-    /// and afterwards takes raw `x` and reconstructs raw `x`.
+    /// and afterwards takes raw `x` and reconstructs raw `x`. As SAELens does it: W_enc is
+    /// multiplied by `scale`, W_dec and b_dec divided by it, so the feature activations (and
+    /// thresholds, biases, r_mag) stay those of training.
     pub fn fold_activation_scale(&mut self, scale: f32) {
-        let _ = scale;
-        todo!("sae-core owner")
+        self.w_enc.iter_mut().for_each(|w| *w *= scale);
+        self.w_dec.iter_mut().for_each(|w| *w /= scale);
+        self.b_dec.iter_mut().for_each(|b| *b /= scale);
     }
 
     /// Reconstruction `[n, d_in]` of a sparse code: W_dec^T f + b_dec.
     pub fn decode(&self, code: &SparseCode) -> Vec<f32> {
-        let _ = code;
-        todo!("sae-core owner")
+        let d_in = self.d_in;
+        let mut out = vec![0.0; code.n_rows * d_in];
+        out.par_chunks_mut(d_in.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                row.copy_from_slice(&self.b_dec);
+                let (idx, val) = code.row(r);
+                for (&j, &v) in idx.iter().zip(val) {
+                    let j = j as usize;
+                    crate::kernels::axpy(v, &self.w_dec[j * d_in..(j + 1) * d_in], row);
+                }
+            });
+        out
+    }
+
+    /// A trained Gated SAE as the equivalent JumpReLU SAE (reference §1.2):
+    /// W_enc <- W_mag = exp(r_mag) * W_gate, b_enc <- b_mag,
+    /// threshold <- max(b_mag - exp(r_mag) * b_gate, 0).
+    pub fn gated_to_jumprelu(&self) -> anyhow::Result<Sae> {
+        if self.arch != ArchKind::Gated {
+            anyhow::bail!(
+                "only a gated SAE can be exported as JumpReLU (this one is {})",
+                self.arch
+            );
+        }
+        let scale: Vec<f32> = self.r_mag.iter().map(|r| r.exp()).collect();
+        let mut w_enc = self.w_enc.clone();
+        for row in w_enc.chunks_mut(self.d_sae) {
+            row.iter_mut().zip(&scale).for_each(|(w, s)| *w *= s);
+        }
+        let threshold = (0..self.d_sae)
+            .map(|j| (self.b_mag[j] - scale[j] * self.b_enc[j]).max(0.0))
+            .collect();
+        Ok(Sae {
+            arch: ArchKind::JumpRelu,
+            w_enc,
+            b_enc: self.b_mag.clone(),
+            r_mag: Vec::new(),
+            b_mag: Vec::new(),
+            threshold,
+            k: 0,
+            ..self.clone()
+        })
     }
 }

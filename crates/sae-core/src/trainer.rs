@@ -1,6 +1,37 @@
 //! One training step per call: the fused hot path of every architecture.
+//!
+//! # Loss convention
+//! Every term is summed over `d_in` (or over latents) per token and then averaged over the
+//! tokens of the batch, as in the Gated paper's pseudo-code:
+//! `loss = mean_b( ||x_b - x_hat_b||^2 + lambda * S(x_b) + aux_b )`.
+//! The paper's own infrastructure divided the L2 term by `d_in`; its lambda values therefore
+//! map to ours as `lambda_ours = d_in * lambda_paper` (the whole loss is `d_in` times larger,
+//! which Adam does not care about apart from eps). TopK/BatchTopK's AuxK term is
+//! `aux_coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean(e)||^2` as in the reference code,
+//! and zero when no latent is dead.
+//!
+//! # Non-finite losses
+//! `step` computes the loss before any parameter changes. If it is not finite, `step` returns
+//! the stats (with the NaN/Inf) WITHOUT applying the update and without counting the step, so
+//! the caller can stop and keep its last checkpoint.
+//!
+//! # One step
+//! 1. `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon).
+//! 2. The architecture turns each row of `pre` into sparse entries (row-parallel).
+//! 3. Sparse decode and residuals, per row.
+//! 4. Per entry: `df = d_j . r_b`, `da = d_j . r_aux_b`, then the architecture's gradient
+//!    w.r.t. the pre-activation and its per-latent parameters.
+//! 5. Per latent (over a transposed index of the entries, so no write races): the W_dec and
+//!    W_enc row gradients, fused with Adam, the unit-norm projection and renormalisation.
+//! 6. Dense Adam on the small vectors (b_dec, per-latent parameters).
 
-use crate::sae::Sae;
+use crate::arch::{make_arch, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use crate::kernels::{axpy, dot, matmul_xt, split_by_lengths};
+use crate::optim::{AdamStep, Moments};
+use crate::sae::{Sae, SaeMeta};
+use anyhow::{bail, Context};
+use rayon::prelude::*;
+use std::collections::HashMap;
 
 /// Hyperparameters that stay fixed during a run; lr and the sparsity coefficient are passed
 /// per step so that schedules live in the caller.
@@ -9,7 +40,7 @@ pub struct TrainHyper {
     pub adam_beta1: f32,
     pub adam_beta2: f32,
     pub adam_eps: f32,
-    /// TopK/BatchTopK: AuxK coefficient (1/32) and k_aux.
+    /// TopK/BatchTopK: AuxK coefficient (1/32) and k_aux (0 means d_in / 2).
     pub aux_coeff: f32,
     pub k_aux: usize,
     /// JumpReLU STE rectangle-kernel bandwidth.
@@ -19,6 +50,23 @@ pub struct TrainHyper {
     /// ReLU variant: Anthropic April-update decoder-norm-weighted L1 without the unit-norm
     /// constraint.
     pub relu_decoder_norm_l1: bool,
+}
+
+impl Default for TrainHyper {
+    /// The papers' values: Adam (0, 0.999) [Gated App D.1.1], eps 1e-8, AuxK 1/32 with
+    /// k_aux = d_in/2 [DL top_k], bandwidth 0.001 [JumpReLU], dead after 10M tokens [OAI].
+    fn default() -> Self {
+        TrainHyper {
+            adam_beta1: 0.0,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            aux_coeff: 1.0 / 32.0,
+            k_aux: 0,
+            jumprelu_bandwidth: 0.001,
+            dead_window_tokens: 10_000_000,
+            relu_decoder_norm_l1: false,
+        }
+    }
 }
 
 /// What one step measured (means over the batch).
@@ -33,44 +81,935 @@ pub struct StepStats {
     pub dead_latents: usize,
 }
 
-/// An SAE plus its optimiser state.
-/// Fields are private: the trainer may keep internal layouts (e.g. a transposed encoder)
-/// that differ from SAELens'; `snapshot` returns the SAE in SAELens layout.
-pub struct SaeTrainer {
-    _private: (),
+/// Raw loss gradients of one batch (before the unit-norm projection), for tests and tools.
+/// `w_enc_t` and `w_dec` are `[d_sae, d_in]`; `params` follow `Arch::param_names`.
+#[derive(Clone, Debug, Default)]
+pub struct Grads {
+    pub w_enc_t: Vec<f32>,
+    pub w_dec: Vec<f32>,
+    pub b_dec: Vec<f32>,
+    pub params: Vec<Vec<f32>>,
 }
 
-// CONTRACT (bodies by the sae-core owner).
+/// BatchTopK inference threshold: bias-corrected EMA of each batch's selection threshold
+/// (close to the paper's mean over batches early on, DL's EMA with beta 0.999 later).
+const THRESHOLD_EMA_BETA: f64 = 0.999;
+/// Rows per task in the row passes and latents per task in the latent pass. Fixed sizes keep
+/// every reduction in a fixed order: results are bit-for-bit reproducible for a thread count.
+const ROW_CHUNK: usize = 16;
+const LAT_CHUNK: usize = 32;
+
+/// Per-step buffers, reused across steps.
+#[derive(Default)]
+struct Buffers {
+    xc: Vec<f32>,
+    pre: Vec<f32>,
+    chunks: Vec<ChunkOut>,
+    row_ptr: Vec<usize>,
+    idx: Vec<u32>,
+    f: Vec<f32>,
+    a: Vec<f32>,
+    pre_e: Vec<f32>,
+    row_of: Vec<u32>,
+    grads: Vec<EntryGrad>,
+    resid: Vec<f32>,
+    aux: Vec<f32>,
+    chunk_stats: Vec<RowStats>,
+    lat_ptr: Vec<usize>,
+    lat_ent: Vec<u32>,
+    lat_fill: Vec<usize>,
+    lat_scratch: Vec<f32>,
+    bdec_part: Vec<f32>,
+    dec_norm: Vec<f32>,
+    dead: Vec<u32>,
+    gparams: Vec<Vec<f32>>,
+}
+
+#[derive(Default)]
+struct ChunkOut {
+    out: RowOut,
+    row_len: Vec<usize>,
+}
+
+#[derive(Clone, Default)]
+struct RowStats {
+    err2: f64,
+    aux2: f64,
+    x2: f64,
+    l0: u64,
+    resid_sum: Vec<f64>,
+    x_sum: Vec<f64>,
+}
+
+/// Mutable rows of a `[rows, d]` buffer shared by tasks that touch disjoint rows.
+#[derive(Clone, Copy)]
+struct SharedRows {
+    ptr: *mut f32,
+    len: usize,
+    d: usize,
+}
+// SAFETY: only used in the latent pass, where each row index belongs to exactly one task.
+unsafe impl Send for SharedRows {}
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    fn new(v: &mut [f32], d: usize) -> Self {
+        SharedRows {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            d,
+        }
+    }
+    /// # Safety
+    /// No other live reference to row `j` may exist.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, j: usize) -> &mut [f32] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        debug_assert!((j + 1) * self.d <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(j * self.d), self.d)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SharedU64(*mut u64);
+unsafe impl Send for SharedU64 {}
+unsafe impl Sync for SharedU64 {}
+impl SharedU64 {
+    /// # Safety
+    /// `j` in bounds and owned by the calling task.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn at(&self, j: usize) -> &mut u64 {
+        &mut *self.0.add(j)
+    }
+}
+
+/// An SAE plus its optimiser state.
+/// Fields are private: the trainer keeps the encoder transposed (`[d_sae, d_in]`, one row per
+/// latent for the sparse gradient pass); `snapshot` returns the SAE in SAELens layout.
+pub struct SaeTrainer {
+    arch: Box<dyn Arch>,
+    kind: ArchKind,
+    d_in: usize,
+    d_sae: usize,
+    k: usize,
+    apply_b_dec_to_input: bool,
+    meta: SaeMeta,
+    hyper: TrainHyper,
+    w_enc_t: Vec<f32>,
+    w_dec: Vec<f32>,
+    b_dec: Vec<f32>,
+    params: Vec<Vec<f32>>,
+    mom_enc: Moments,
+    mom_dec: Moments,
+    mom_bdec: Moments,
+    mom_params: Vec<Moments>,
+    /// Step at which each latent's W_enc/W_dec rows last got an Adam update (lazy decay).
+    last_update: Vec<u64>,
+    tokens_since_fired: Vec<u64>,
+    steps: u64,
+    /// BatchTopK: EMA numerator of the batch thresholds, and the last batch's threshold.
+    threshold_ema: f64,
+    last_batch_threshold: f32,
+    buf: Buffers,
+}
+
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    out.par_chunks_mut(rows.max(1))
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (r, d) in dst.iter_mut().enumerate() {
+                *d = w[r * cols + c];
+            }
+        });
+    out
+}
+
 impl SaeTrainer {
     pub fn new(sae: Sae, hyper: TrainHyper) -> Self {
-        let _ = (sae, hyper);
-        todo!("sae-core owner")
+        let (d_in, d_sae) = (sae.d_in, sae.d_sae);
+        let arch = make_arch(sae.arch, sae.k, &hyper, d_in);
+        let params: Vec<Vec<f32>> = match sae.arch {
+            ArchKind::Gated => vec![sae.b_enc.clone(), sae.r_mag.clone(), sae.b_mag.clone()],
+            ArchKind::JumpRelu => {
+                let lt = sae.threshold.iter().map(|t| t.max(1e-12).ln()).collect();
+                vec![sae.b_enc.clone(), lt]
+            }
+            _ => vec![sae.b_enc.clone()],
+        };
+        let th = if sae.arch == ArchKind::BatchTopK {
+            sae.threshold.first().copied().unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let b1 = hyper.adam_beta1;
+        SaeTrainer {
+            kind: sae.arch,
+            d_in,
+            d_sae,
+            k: sae.k,
+            apply_b_dec_to_input: sae.apply_b_dec_to_input,
+            w_enc_t: transpose(&sae.w_enc, d_in, d_sae),
+            w_dec: sae.w_dec,
+            b_dec: sae.b_dec,
+            mom_enc: Moments::new(d_sae * d_in, b1),
+            mom_dec: Moments::new(d_sae * d_in, b1),
+            mom_bdec: Moments::new(d_in, b1),
+            mom_params: params.iter().map(|p| Moments::new(p.len(), b1)).collect(),
+            params,
+            last_update: vec![0; d_sae],
+            tokens_since_fired: vec![0; d_sae],
+            steps: 0,
+            threshold_ema: 0.0,
+            last_batch_threshold: th,
+            meta: sae.meta,
+            arch,
+            hyper,
+            buf: Buffers::default(),
+        }
     }
 
     /// The current weights in SAELens layout.
     pub fn snapshot(&self) -> Sae {
-        todo!("sae-core owner")
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let mut sae = Sae {
+            arch: self.kind,
+            d_in,
+            d_sae,
+            w_enc: transpose(&self.w_enc_t, d_sae, d_in),
+            b_enc: self.params[0].clone(),
+            w_dec: self.w_dec.clone(),
+            b_dec: self.b_dec.clone(),
+            r_mag: Vec::new(),
+            b_mag: Vec::new(),
+            threshold: Vec::new(),
+            k: self.k,
+            apply_b_dec_to_input: self.apply_b_dec_to_input,
+            meta: self.meta.clone(),
+        };
+        match self.kind {
+            ArchKind::Gated => {
+                sae.r_mag = self.params[1].clone();
+                sae.b_mag = self.params[2].clone();
+            }
+            ArchKind::JumpRelu => sae.threshold = self.params[1].iter().map(|l| l.exp()).collect(),
+            ArchKind::BatchTopK => sae.threshold = vec![self.inference_threshold(); d_sae],
+            _ => {}
+        }
+        sae
+    }
+
+    /// BatchTopK's inference threshold estimated so far.
+    pub fn inference_threshold(&self) -> f32 {
+        if self.steps == 0 {
+            return self.last_batch_threshold;
+        }
+        let bc = 1.0 - THRESHOLD_EMA_BETA.powf(self.steps as f64);
+        (self.threshold_ema / bc) as f32
     }
 
     pub fn steps_done(&self) -> u64 {
-        todo!("sae-core owner")
+        self.steps
+    }
+
+    pub fn hyper(&self) -> &TrainHyper {
+        &self.hyper
+    }
+
+    /// Tokens since each latent last fired (f > 0).
+    pub fn tokens_since_fired(&self) -> &[u64] {
+        &self.tokens_since_fired
     }
 
     /// One optimiser step on `n` rows of `x` (`[n, d_in]`).
+    /// Panics if `x.len() != n * d_in` (a programming error, not bad data).
     pub fn step(&mut self, x: &[f32], n: usize, lr: f32, sparsity_coeff: f32) -> StepStats {
-        let _ = (x, n, lr, sparsity_coeff);
-        todo!("sae-core owner")
+        self.run(x, n, sparsity_coeff, Mode::Apply(lr)).0
+    }
+
+    /// The raw gradients of the loss on this batch, without changing any state.
+    pub fn gradients(&mut self, x: &[f32], n: usize, sparsity_coeff: f32) -> (StepStats, Grads) {
+        let mut g = Grads {
+            w_enc_t: vec![0.0; self.d_sae * self.d_in],
+            w_dec: vec![0.0; self.d_sae * self.d_in],
+            b_dec: vec![0.0; self.d_in],
+            params: self.params.iter().map(|p| vec![0.0; p.len()]).collect(),
+        };
+        let stats = self.run(x, n, sparsity_coeff, Mode::Collect(&mut g)).0;
+        (stats, g)
+    }
+
+    fn run(&mut self, x: &[f32], n: usize, sparsity_coeff: f32, mode: Mode) -> (StepStats, ()) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        assert_eq!(
+            x.len(),
+            n * d_in,
+            "step: x has {} values, expected n * d_in",
+            x.len()
+        );
+        if n == 0 {
+            return (StepStats::default(), ());
+        }
+        let buf = &mut self.buf;
+        let n_row_chunks = n.div_ceil(ROW_CHUNK);
+
+        // 1. Centre and the one dense product.
+        buf.xc.resize(n * d_in, 0.0);
+        if self.apply_b_dec_to_input {
+            let b_dec = &self.b_dec;
+            buf.xc
+                .par_chunks_mut(d_in * ROW_CHUNK)
+                .zip(x.par_chunks(d_in * ROW_CHUNK))
+                .for_each(|(dst, src)| {
+                    for (dr, sr) in dst.chunks_mut(d_in).zip(src.chunks(d_in)) {
+                        for ((d, s), b) in dr.iter_mut().zip(sr).zip(b_dec) {
+                            *d = s - b;
+                        }
+                    }
+                });
+        } else {
+            buf.xc.copy_from_slice(x);
+        }
+        buf.pre.resize(n * d_sae, 0.0);
+        matmul_xt(&buf.xc, n, d_in, &self.w_enc_t, d_sae, &mut buf.pre);
+
+        // Per-step inputs of the architecture.
+        buf.dec_norm.clear();
+        if self.kind == ArchKind::Relu && self.hyper.relu_decoder_norm_l1 {
+            buf.dec_norm.resize(d_sae, 0.0);
+            let w_dec = &self.w_dec;
+            buf.dec_norm
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(j, nrm)| {
+                    let r = &w_dec[j * d_in..(j + 1) * d_in];
+                    *nrm = dot(r, r).sqrt();
+                });
+        }
+        buf.dead.clear();
+        if self.arch.aux_mode() == AuxMode::AuxK {
+            let w = self.hyper.dead_window_tokens;
+            buf.dead
+                .extend((0..d_sae as u32).filter(|&j| self.tokens_since_fired[j as usize] >= w));
+        }
+        let mut ctx = StepCtx {
+            n,
+            d_sae,
+            sparsity_coeff,
+            hyper: &self.hyper,
+            params: &self.params,
+            dec_norm: &buf.dec_norm,
+            dead: &buf.dead,
+            batch_threshold: self.last_batch_threshold,
+        };
+        let batch_threshold = self.arch.prepare_batch(&ctx, &buf.pre);
+        ctx.batch_threshold = batch_threshold;
+
+        // 2. Sparse selection, row-parallel into per-chunk buffers, then flattened to CSR.
+        buf.chunks.resize_with(n_row_chunks, ChunkOut::default);
+        let arch = &*self.arch;
+        buf.pre
+            .par_chunks(d_sae * ROW_CHUNK)
+            .zip(buf.chunks.par_iter_mut())
+            .for_each(|(rows, ch)| {
+                ch.out.clear();
+                ch.row_len.clear();
+                for row in rows.chunks(d_sae) {
+                    let before = ch.out.idx.len();
+                    arch.select_row(&ctx, row, &mut ch.out);
+                    ch.row_len.push(ch.out.idx.len() - before);
+                }
+            });
+        let total: usize = buf.chunks.iter().map(|c| c.out.idx.len()).sum();
+        let mut sparsity_sum = 0.0f64;
+        buf.row_ptr.clear();
+        buf.row_ptr.push(0);
+        for (v, len) in [
+            (&mut buf.idx as &mut dyn ClearLen, total),
+            (&mut buf.f, total),
+            (&mut buf.a, total),
+            (&mut buf.pre_e, total),
+            (&mut buf.row_of, total),
+        ] {
+            v.clear_to(len);
+        }
+        {
+            let mut pos = 0;
+            let mut row = 0u32;
+            for ch in &buf.chunks {
+                let m = ch.out.idx.len();
+                buf.idx[pos..pos + m].copy_from_slice(&ch.out.idx);
+                buf.f[pos..pos + m].copy_from_slice(&ch.out.f);
+                buf.a[pos..pos + m].copy_from_slice(&ch.out.a);
+                buf.pre_e[pos..pos + m].copy_from_slice(&ch.out.pre);
+                for &l in &ch.row_len {
+                    let start = *buf.row_ptr.last().unwrap();
+                    buf.row_ptr.push(start + l);
+                    buf.row_of[start..start + l].fill(row);
+                    row += 1;
+                }
+                sparsity_sum += ch.out.sparsity;
+                pos += m;
+            }
+        }
+
+        // 3. Decode and residuals: resid = x_hat - x; aux = aux reconstruction residual.
+        let aux_mode = self.arch.aux_mode();
+        buf.resid.resize(n * d_in, 0.0);
+        buf.aux.resize(n * d_in, 0.0);
+        buf.chunk_stats.resize(n_row_chunks, RowStats::default());
+        {
+            let (w_dec, b_dec) = (&self.w_dec, &self.b_dec);
+            let (row_ptr, idx, fv, av) = (&buf.row_ptr, &buf.idx, &buf.f, &buf.a);
+            buf.resid
+                .par_chunks_mut(d_in * ROW_CHUNK)
+                .zip(buf.aux.par_chunks_mut(d_in * ROW_CHUNK))
+                .zip(buf.chunk_stats.par_iter_mut())
+                .enumerate()
+                .for_each(|(c, ((res, aux), st))| {
+                    st.err2 = 0.0;
+                    st.aux2 = 0.0;
+                    st.x2 = 0.0;
+                    st.l0 = 0;
+                    st.resid_sum.clear();
+                    st.resid_sum.resize(d_in, 0.0);
+                    st.x_sum.clear();
+                    st.x_sum.resize(d_in, 0.0);
+                    for (r, (res, aux)) in
+                        res.chunks_mut(d_in).zip(aux.chunks_mut(d_in)).enumerate()
+                    {
+                        let b = c * ROW_CHUNK + r;
+                        let xb = &x[b * d_in..(b + 1) * d_in];
+                        res.copy_from_slice(b_dec);
+                        match aux_mode {
+                            AuxMode::None => {}
+                            AuxMode::FrozenDecoder => aux.copy_from_slice(b_dec),
+                            AuxMode::AuxK => aux.fill(0.0),
+                        }
+                        for e in row_ptr[b]..row_ptr[b + 1] {
+                            let j = idx[e] as usize;
+                            let d = &w_dec[j * d_in..(j + 1) * d_in];
+                            let (f, a) = (fv[e], av[e]);
+                            if f != 0.0 {
+                                axpy(f, d, res);
+                                st.l0 += 1;
+                            }
+                            if a != 0.0 {
+                                axpy(a, d, aux);
+                            }
+                        }
+                        for i in 0..d_in {
+                            res[i] -= xb[i];
+                            st.resid_sum[i] += res[i] as f64;
+                            st.x_sum[i] += xb[i] as f64;
+                        }
+                        st.err2 += dot(res, res) as f64;
+                        st.x2 += dot(xb, xb) as f64;
+                        match aux_mode {
+                            AuxMode::None => {}
+                            // ||x - x_hat_frozen(relu(pi_gate))||^2
+                            AuxMode::FrozenDecoder => {
+                                for i in 0..d_in {
+                                    aux[i] -= xb[i];
+                                }
+                            }
+                            // e_hat - e with e = x - x_hat = -res
+                            AuxMode::AuxK => {
+                                for i in 0..d_in {
+                                    aux[i] += res[i];
+                                }
+                            }
+                        }
+                        if aux_mode != AuxMode::None {
+                            st.aux2 += dot(aux, aux) as f64;
+                        }
+                    }
+                });
+        }
+        let nf = n as f64;
+        let (mut err2, mut aux2, mut x2, mut l0) = (0.0, 0.0, 0.0, 0u64);
+        let mut resid_sum = vec![0.0f64; d_in];
+        let mut x_sum = vec![0.0f64; d_in];
+        for st in &buf.chunk_stats {
+            err2 += st.err2;
+            aux2 += st.aux2;
+            x2 += st.x2;
+            l0 += st.l0;
+            for i in 0..d_in {
+                resid_sum[i] += st.resid_sum[i];
+                x_sum[i] += st.x_sum[i];
+            }
+        }
+        let x_var = x2 - x_sum.iter().map(|s| s * s).sum::<f64>() / nf;
+        let resid_scale = (2.0 / nf) as f32;
+        let (aux_loss, aux_scale) = match aux_mode {
+            AuxMode::None => (0.0, 0.0),
+            AuxMode::FrozenDecoder => (aux2 / nf, resid_scale),
+            AuxMode::AuxK => {
+                // Var(e) * n with e = -res: sum ||e||^2 - n ||mean e||^2.
+                let denom = err2 - resid_sum.iter().map(|s| s * s).sum::<f64>() / nf;
+                let alpha = self.hyper.aux_coeff as f64;
+                if buf.dead.is_empty() || denom <= 0.0 || !denom.is_finite() {
+                    (0.0, 0.0)
+                } else {
+                    (alpha * aux2 / denom, (2.0 * alpha / denom) as f32)
+                }
+            }
+        };
+        let mse = err2 / nf;
+        let sparsity_loss = sparsity_coeff as f64 * sparsity_sum / nf;
+        let mut stats = StepStats {
+            loss: mse + sparsity_loss + aux_loss,
+            mse,
+            sparsity_loss,
+            aux_loss,
+            l0: l0 as f64 / nf,
+            fvu: if x_var > 0.0 { err2 / x_var } else { f64::NAN },
+            dead_latents: 0,
+        };
+        if !stats.loss.is_finite() {
+            stats.dead_latents = self.count_dead();
+            return (stats, ());
+        }
+
+        // 4. Per-entry gradients, row-parallel.
+        buf.grads.resize(total, EntryGrad::default());
+        {
+            let lens: Vec<usize> = (0..n_row_chunks)
+                .map(|c| {
+                    let (r0, r1) = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(n));
+                    buf.row_ptr[r1] - buf.row_ptr[r0]
+                })
+                .collect();
+            let pieces = split_by_lengths(&mut buf.grads, &lens);
+            let (w_dec, row_ptr, idx, fv, av, pre_e) = (
+                &self.w_dec,
+                &buf.row_ptr,
+                &buf.idx,
+                &buf.f,
+                &buf.a,
+                &buf.pre_e,
+            );
+            let (resid, aux) = (&buf.resid, &buf.aux);
+            pieces.into_par_iter().enumerate().for_each(|(c, out)| {
+                let r0 = c * ROW_CHUNK;
+                let base = row_ptr[r0];
+                for b in r0..((c + 1) * ROW_CHUNK).min(n) {
+                    let rb = &resid[b * d_in..(b + 1) * d_in];
+                    let ab = &aux[b * d_in..(b + 1) * d_in];
+                    for e in row_ptr[b]..row_ptr[b + 1] {
+                        let j = idx[e] as usize;
+                        let d = &w_dec[j * d_in..(j + 1) * d_in];
+                        let df = resid_scale * dot(d, rb);
+                        let da = if av[e] != 0.0 && aux_scale != 0.0 {
+                            aux_scale * dot(d, ab)
+                        } else {
+                            0.0
+                        };
+                        let ent = Entry {
+                            j,
+                            pre: pre_e[e],
+                            f: fv[e],
+                            a: av[e],
+                        };
+                        out[e - base] = arch.entry_backward(&ctx, ent, df, da);
+                    }
+                }
+            });
+        }
+
+        // 5. Transposed index (entries per latent, in entry order: deterministic).
+        buf.lat_ptr.clear();
+        buf.lat_ptr.resize(d_sae + 1, 0);
+        for &j in &buf.idx {
+            buf.lat_ptr[j as usize + 1] += 1;
+        }
+        for j in 0..d_sae {
+            buf.lat_ptr[j + 1] += buf.lat_ptr[j];
+        }
+        buf.lat_fill.clear();
+        buf.lat_fill.extend_from_slice(&buf.lat_ptr[..d_sae]);
+        buf.lat_ent.resize(total, 0);
+        for (e, &j) in buf.idx.iter().enumerate() {
+            let p = &mut buf.lat_fill[j as usize];
+            buf.lat_ent[*p] = e as u32;
+            *p += 1;
+        }
+
+        // 6. Latent pass: W_dec / W_enc row gradients fused with Adam.
+        let t = self.steps + 1;
+        let n_lat_chunks = d_sae.div_ceil(LAT_CHUNK);
+        buf.bdec_part.clear();
+        buf.bdec_part.resize(n_lat_chunks * d_in, 0.0);
+        buf.lat_scratch.resize(n_lat_chunks * 2 * d_in, 0.0);
+        buf.gparams.resize_with(self.params.len(), Vec::new);
+        for g in buf.gparams.iter_mut() {
+            g.clear();
+            g.resize(d_sae, 0.0);
+        }
+        let adam = match &mode {
+            Mode::Apply(lr) => Some(AdamStep::new(
+                *lr,
+                self.hyper.adam_beta1,
+                self.hyper.adam_beta2,
+                self.hyper.adam_eps,
+                t,
+            )),
+            Mode::Collect(_) => None,
+        };
+        let dense_adam = self.hyper.adam_beta1 != 0.0;
+        let unit_norm = self.arch.unit_norm_decoder();
+        let aux_trains_dec = aux_mode == AuxMode::AuxK && aux_scale != 0.0;
+        let centre = self.apply_b_dec_to_input;
+        let mut mode = mode;
+        let (grad_enc, grad_dec) = match &mut mode {
+            Mode::Collect(g) => (
+                SharedRows::new(&mut g.w_enc_t, d_in),
+                SharedRows::new(&mut g.w_dec, d_in),
+            ),
+            Mode::Apply(_) => (
+                SharedRows::new(&mut [], d_in),
+                SharedRows::new(&mut [], d_in),
+            ),
+        };
+        {
+            let w_enc = SharedRows::new(&mut self.w_enc_t, d_in);
+            let w_dec = SharedRows::new(&mut self.w_dec, d_in);
+            let m_enc = SharedRows::new(&mut self.mom_enc.m, d_in);
+            let v_enc = SharedRows::new(&mut self.mom_enc.v, d_in);
+            let m_dec = SharedRows::new(&mut self.mom_dec.m, d_in);
+            let v_dec = SharedRows::new(&mut self.mom_dec.v, d_in);
+            let gparams: Vec<SharedRows> = buf
+                .gparams
+                .iter_mut()
+                .map(|g| SharedRows::new(g, 1))
+                .collect();
+            let last = SharedU64(self.last_update.as_mut_ptr());
+            let fired = SharedU64(self.tokens_since_fired.as_mut_ptr());
+            let (lat_ptr, lat_ent, row_of, fv, av, grads) = (
+                &buf.lat_ptr,
+                &buf.lat_ent,
+                &buf.row_of,
+                &buf.f,
+                &buf.a,
+                &buf.grads,
+            );
+            let (resid, aux, xc) = (&buf.resid, &buf.aux, &buf.xc);
+            let n_params = self.params.len();
+            buf.bdec_part
+                .par_chunks_mut(d_in)
+                .zip(buf.lat_scratch.par_chunks_mut(2 * d_in))
+                .enumerate()
+                .for_each(|(c, (part, scratch))| {
+                    let (g_dec, g_enc) = scratch.split_at_mut(d_in);
+                    for j in c * LAT_CHUNK..((c + 1) * LAT_CHUNK).min(d_sae) {
+                        let ents = &lat_ent[lat_ptr[j]..lat_ptr[j + 1]];
+                        // SAFETY: latent j belongs to this task only.
+                        let (wd, we) = unsafe { (w_dec.row(j), w_enc.row(j)) };
+                        let mut any_fired = false;
+                        if ents.is_empty() && !dense_adam && adam.is_some() {
+                            unsafe { *fired.at(j) += n as u64 };
+                            continue;
+                        }
+                        g_dec.fill(0.0);
+                        g_enc.fill(0.0);
+                        let mut psum = [0.0f32; 3];
+                        let (mut colsum, mut sum_f) = (0.0f32, 0.0f32);
+                        for &e in ents {
+                            let e = e as usize;
+                            let b = row_of[e] as usize;
+                            let (f, a) = (fv[e], av[e]);
+                            if f != 0.0 {
+                                axpy(f * resid_scale, &resid[b * d_in..(b + 1) * d_in], g_dec);
+                                any_fired |= f > 0.0;
+                                sum_f += f;
+                            }
+                            if aux_trains_dec && a != 0.0 {
+                                axpy(a * aux_scale, &aux[b * d_in..(b + 1) * d_in], g_dec);
+                            }
+                            let eg = grads[e];
+                            if eg.gpre != 0.0 {
+                                axpy(eg.gpre, &xc[b * d_in..(b + 1) * d_in], g_enc);
+                                colsum += eg.gpre;
+                            }
+                            for (s, g) in psum.iter_mut().zip(&eg.params).take(n_params) {
+                                *s += g;
+                            }
+                        }
+                        if let Some(coef) = arch.dec_row_extra(&ctx, j, sum_f) {
+                            let nrm = dot(wd, wd).sqrt();
+                            if nrm > 0.0 {
+                                axpy(coef / nrm, wd, g_dec);
+                            }
+                        }
+                        // d loss / d b_dec through the centring x - b_dec (old encoder row).
+                        if centre && colsum != 0.0 {
+                            axpy(-colsum, we, part);
+                        }
+                        for (k, gp) in gparams.iter().enumerate() {
+                            unsafe { gp.row(j)[0] = psum[k] };
+                        }
+                        if adam.is_some() {
+                            unsafe {
+                                let tf = fired.at(j);
+                                *tf = if any_fired { 0 } else { *tf + n as u64 };
+                            }
+                        }
+                        match &adam {
+                            None => unsafe {
+                                grad_dec.row(j).copy_from_slice(g_dec);
+                                grad_enc.row(j).copy_from_slice(g_enc);
+                            },
+                            Some(ad) => unsafe {
+                                let lu = last.at(j);
+                                let missed = t - *lu - 1;
+                                *lu = t;
+                                let (ve, vd) = (v_enc.row(j), v_dec.row(j));
+                                ad.catch_up(ve, missed);
+                                ad.catch_up(vd, missed);
+                                ad.update(we, m_enc.row(j), ve, g_enc);
+                                if unit_norm {
+                                    // Remove the component along d_j (|d_j| = 1).
+                                    let along = dot(g_dec, wd);
+                                    axpy(-along, wd, g_dec);
+                                }
+                                ad.update(wd, m_dec.row(j), vd, g_dec);
+                                if unit_norm {
+                                    let nrm = dot(wd, wd).sqrt();
+                                    if nrm > 0.0 {
+                                        let inv = 1.0 / nrm;
+                                        wd.iter_mut().for_each(|v| *v *= inv);
+                                    }
+                                }
+                            },
+                        }
+                    }
+                });
+        }
+
+        // 7. Small dense parameters: b_dec and the per-latent vectors.
+        let mut g_bdec: Vec<f32> = resid_sum.iter().map(|s| (*s * 2.0 / nf) as f32).collect();
+        for part in buf.bdec_part.chunks(d_in) {
+            for i in 0..d_in {
+                g_bdec[i] += part[i];
+            }
+        }
+        match mode {
+            Mode::Collect(g) => {
+                g.b_dec.copy_from_slice(&g_bdec);
+                for (dst, src) in g.params.iter_mut().zip(&buf.gparams) {
+                    dst.copy_from_slice(src);
+                }
+            }
+            Mode::Apply(_) => {
+                let ad = adam.unwrap();
+                ad.update(
+                    &mut self.b_dec,
+                    &mut self.mom_bdec.m,
+                    &mut self.mom_bdec.v,
+                    &g_bdec,
+                );
+                for ((p, m), g) in self
+                    .params
+                    .iter_mut()
+                    .zip(self.mom_params.iter_mut())
+                    .zip(&buf.gparams)
+                {
+                    ad.update(p, &mut m.m, &mut m.v, g);
+                }
+                if self.kind == ArchKind::BatchTopK {
+                    self.threshold_ema = THRESHOLD_EMA_BETA * self.threshold_ema
+                        + (1.0 - THRESHOLD_EMA_BETA) * batch_threshold as f64;
+                    self.last_batch_threshold = batch_threshold;
+                }
+                self.steps = t;
+            }
+        }
+        stats.dead_latents = self.count_dead();
+        (stats, ())
     }
 
     /// Optimiser state (Adam moments, step count, dead-latent counters) to a safetensors
     /// file, for `--resume`; the weights themselves are saved with `saelens::save`.
+    /// Written to a temporary file and renamed.
     pub fn save_state(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        let _ = path;
-        todo!("sae-core owner")
+        use safetensors::{tensor::TensorView, Dtype};
+        let mut tensors: Vec<(String, Vec<u8>, Dtype, usize)> = Vec::new();
+        let mut put_f32 = |name: String, v: &[f32]| {
+            tensors.push((name, bytemuck::cast_slice(v).to_vec(), Dtype::F32, v.len()));
+        };
+        let mut moments = vec![
+            ("W_enc", &self.mom_enc),
+            ("W_dec", &self.mom_dec),
+            ("b_dec", &self.mom_bdec),
+        ];
+        for (name, m) in self.arch.param_names().iter().zip(&self.mom_params) {
+            moments.push((name, m));
+        }
+        for (name, m) in moments {
+            put_f32(format!("{name}.adam_v"), &m.v);
+            if !m.m.is_empty() {
+                put_f32(format!("{name}.adam_m"), &m.m);
+            }
+        }
+        let to_i64 =
+            |v: &[u64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect() };
+        tensors.push((
+            "last_update".into(),
+            to_i64(&self.last_update),
+            Dtype::I64,
+            self.d_sae,
+        ));
+        tensors.push((
+            "tokens_since_fired".into(),
+            to_i64(&self.tokens_since_fired),
+            Dtype::I64,
+            self.d_sae,
+        ));
+        let views = tensors
+            .iter()
+            .map(|(name, bytes, dt, len)| {
+                Ok((name.clone(), TensorView::new(*dt, vec![*len], bytes)?))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let meta: HashMap<String, String> = [
+            ("arch", self.kind.to_string()),
+            ("d_in", self.d_in.to_string()),
+            ("d_sae", self.d_sae.to_string()),
+            ("steps", self.steps.to_string()),
+            ("threshold_ema", format!("{:e}", self.threshold_ema)),
+            (
+                "last_batch_threshold",
+                format!("{:e}", self.last_batch_threshold),
+            ),
+            ("adam_beta1", self.hyper.adam_beta1.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let bytes = safetensors::serialize(views, Some(meta))
+            .with_context(|| format!("serialising optimiser state for {}", path.display()))?;
+        crate::saelens::write_atomic(path, &bytes)
     }
 
+    /// Restore what `save_state` wrote; the trainer must have been built from the SAE saved
+    /// at the same step, with the same architecture, sizes and beta1.
     pub fn load_state(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
-        let _ = path;
-        todo!("sae-core owner")
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading optimiser state {}", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid safetensors optimiser state ({e})",
+                path.display()
+            )
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| -> anyhow::Result<&String> {
+            meta.get(k)
+                .ok_or_else(|| anyhow::anyhow!("{}: optimiser state lacks '{k}'", path.display()))
+        };
+        let expect = [
+            ("arch", self.kind.to_string()),
+            ("d_in", self.d_in.to_string()),
+            ("d_sae", self.d_sae.to_string()),
+            ("adam_beta1", self.hyper.adam_beta1.to_string()),
+        ];
+        for (k, want) in expect {
+            let got = get(k)?;
+            if *got != want {
+                bail!(
+                    "{}: optimiser state has {k} = {got} but the SAE being trained has {want}; \
+                     resume with the same settings or start a new run",
+                    path.display()
+                );
+            }
+        }
+        let parse_f = |k: &str| -> anyhow::Result<f64> {
+            get(k)?
+                .parse::<f64>()
+                .with_context(|| format!("{}: bad '{k}'", path.display()))
+        };
+        let steps: u64 = get("steps")?
+            .parse()
+            .with_context(|| format!("{}: bad 'steps'", path.display()))?;
+        let read_f32 = |name: &str, dst: &mut Vec<f32>| -> anyhow::Result<()> {
+            if dst.is_empty() {
+                return Ok(());
+            }
+            let t = st
+                .tensor(name)
+                .map_err(|_| anyhow::anyhow!("{}: missing tensor '{name}'", path.display()))?;
+            if t.dtype() != safetensors::Dtype::F32 || t.data().len() != dst.len() * 4 {
+                bail!(
+                    "{}: tensor '{name}' has the wrong type or size",
+                    path.display()
+                );
+            }
+            for (d, c) in dst.iter_mut().zip(t.data().chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            Ok(())
+        };
+        let read_u64 = |name: &str, dst: &mut Vec<u64>| -> anyhow::Result<()> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| anyhow::anyhow!("{}: missing tensor '{name}'", path.display()))?;
+            if t.dtype() != safetensors::Dtype::I64 || t.data().len() != dst.len() * 8 {
+                bail!(
+                    "{}: tensor '{name}' has the wrong type or size",
+                    path.display()
+                );
+            }
+            for (d, c) in dst.iter_mut().zip(t.data().chunks_exact(8)) {
+                *d = i64::from_le_bytes(c.try_into().unwrap()) as u64;
+            }
+            Ok(())
+        };
+        read_f32("W_enc.adam_v", &mut self.mom_enc.v)?;
+        read_f32("W_enc.adam_m", &mut self.mom_enc.m)?;
+        read_f32("W_dec.adam_v", &mut self.mom_dec.v)?;
+        read_f32("W_dec.adam_m", &mut self.mom_dec.m)?;
+        read_f32("b_dec.adam_v", &mut self.mom_bdec.v)?;
+        read_f32("b_dec.adam_m", &mut self.mom_bdec.m)?;
+        for (name, m) in self
+            .arch
+            .param_names()
+            .iter()
+            .zip(self.mom_params.iter_mut())
+        {
+            read_f32(&format!("{name}.adam_v"), &mut m.v)?;
+            read_f32(&format!("{name}.adam_m"), &mut m.m)?;
+        }
+        read_u64("last_update", &mut self.last_update)?;
+        read_u64("tokens_since_fired", &mut self.tokens_since_fired)?;
+        self.steps = steps;
+        self.threshold_ema = parse_f("threshold_ema")?;
+        self.last_batch_threshold = parse_f("last_batch_threshold")? as f32;
+        Ok(())
+    }
+
+    fn count_dead(&self) -> usize {
+        let w = self.hyper.dead_window_tokens;
+        self.tokens_since_fired.iter().filter(|&&t| t >= w).count()
+    }
+}
+
+enum Mode<'g> {
+    Apply(f32),
+    Collect(&'g mut Grads),
+}
+
+/// Resizing helper over the entry arrays of different element types.
+trait ClearLen {
+    fn clear_to(&mut self, len: usize);
+}
+impl<T: Copy + Default> ClearLen for Vec<T> {
+    fn clear_to(&mut self, len: usize) {
+        self.clear();
+        self.resize(len, T::default());
     }
 }

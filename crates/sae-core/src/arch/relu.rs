@@ -1,0 +1,63 @@
+//! The paper's baseline: `f = relu(pre + b_enc)`, L1 penalty, unit-norm decoder rows.
+//! With `decoder_norm_l1` (Anthropic April 2024 update): penalty `sum_j f_j ||d_j||` and no
+//! norm constraint.
+
+use super::{Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+
+pub struct Relu {
+    pub decoder_norm_l1: bool,
+}
+
+impl Arch for Relu {
+    fn kind(&self) -> ArchKind {
+        ArchKind::Relu
+    }
+    fn param_names(&self) -> &'static [&'static str] {
+        &["b_enc"]
+    }
+    fn aux_mode(&self) -> AuxMode {
+        AuxMode::None
+    }
+    fn unit_norm_decoder(&self) -> bool {
+        !self.decoder_norm_l1
+    }
+
+    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
+        let b_enc = &ctx.params[0][..];
+        let mut l1 = 0.0f64;
+        for (j, &p) in pre.iter().enumerate() {
+            let pi = p + b_enc[j];
+            if pi > 0.0 {
+                out.push(j, pi, 0.0, p);
+                let w = if self.decoder_norm_l1 {
+                    ctx.dec_norm[j]
+                } else {
+                    1.0
+                };
+                l1 += (pi * w) as f64;
+            }
+        }
+        out.sparsity += l1;
+    }
+
+    fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, _da: f32) -> EntryGrad {
+        let Entry { j, .. } = e;
+        let w = if self.decoder_norm_l1 {
+            ctx.dec_norm[j]
+        } else {
+            1.0
+        };
+        let g = df + ctx.sparsity_coeff * w / ctx.n as f32;
+        EntryGrad {
+            gpre: g,
+            params: [g, 0.0, 0.0],
+        }
+    }
+
+    /// d/d(d_j) of `lambda/B * sum_b f_bj ||d_j||` is `lambda/B * sum_b f_bj * d_j / ||d_j||`:
+    /// returns the coefficient of `d_j / ||d_j||`.
+    fn dec_row_extra(&self, ctx: &StepCtx, _j: usize, sum_f: f32) -> Option<f32> {
+        self.decoder_norm_l1
+            .then(|| ctx.sparsity_coeff * sum_f / ctx.n as f32)
+    }
+}

@@ -1,0 +1,233 @@
+//! Fast gradients == dense reference == finite differences, for every architecture.
+
+use super::reference::{grads, loss, RefCfg, RefParams};
+use super::{randn, random_sae};
+use crate::{ArchKind, SaeTrainer, TrainHyper};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+const D_IN: usize = 8;
+const D_SAE: usize = 20;
+const N: usize = 12;
+const K: usize = 4;
+
+fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+struct Case {
+    cfg: RefCfg,
+    params: RefParams,
+    x: Vec<f64>,
+    fast: crate::trainer::Grads,
+    fast_loss: f64,
+}
+
+fn case(arch: ArchKind, dnorm: bool, seed: u64) -> Case {
+    let sae = random_sae(arch, D_IN, D_SAE, K, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 10);
+    let x = randn(&mut rng, N * D_IN);
+    let hyper = TrainHyper {
+        // A wide kernel so that some JumpReLU entries fall inside it.
+        jumprelu_bandwidth: 0.3,
+        // Every latent counts as dead, so AuxK is exercised.
+        dead_window_tokens: 0,
+        k_aux: 3,
+        relu_decoder_norm_l1: dnorm,
+        ..TrainHyper::default()
+    };
+    let lambda = 0.7f32;
+    let mut trainer = SaeTrainer::new(sae.clone(), hyper.clone());
+    let (stats, fast) = trainer.gradients(&x, N, lambda);
+    let lat: Vec<Vec<f64>> = match arch {
+        ArchKind::Gated => vec![to64(&sae.b_enc), to64(&sae.r_mag), to64(&sae.b_mag)],
+        ArchKind::JumpRelu => vec![
+            to64(&sae.b_enc),
+            sae.threshold.iter().map(|t| (*t as f64).ln()).collect(),
+        ],
+        _ => vec![to64(&sae.b_enc)],
+    };
+    let mut w_enc_t = vec![0.0; D_IN * D_SAE];
+    for i in 0..D_IN {
+        for j in 0..D_SAE {
+            w_enc_t[j * D_IN + i] = sae.w_enc[i * D_SAE + j] as f64;
+        }
+    }
+    Case {
+        cfg: RefCfg {
+            arch,
+            d_in: D_IN,
+            d_sae: D_SAE,
+            k: K,
+            k_aux: 3,
+            lambda: lambda as f64,
+            alpha: hyper.aux_coeff as f64,
+            bandwidth: hyper.jumprelu_bandwidth as f64,
+            dnorm,
+            apply_b_dec: sae.apply_b_dec_to_input,
+            dead: (0..D_SAE).collect(),
+        },
+        params: RefParams {
+            w_enc_t,
+            w_dec: to64(&sae.w_dec),
+            b_dec: to64(&sae.b_dec),
+            lat,
+        },
+        x: to64(&x),
+        fast,
+        fast_loss: stats.loss,
+    }
+}
+
+fn close(what: &str, a: &[f64], b: &[f64], tol: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = b.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * scale,
+            "{what}[{i}]: {x} vs {y} (scale {scale})"
+        );
+    }
+}
+
+fn check_against_reference(arch: ArchKind, dnorm: bool) {
+    let c = case(arch, dnorm, 7);
+    let r = grads(&c.cfg, &c.params, &c.x, N);
+    let ref_loss = loss(&c.cfg, &c.params, &c.params, &c.x, N);
+    assert!(
+        (c.fast_loss - ref_loss).abs() < 1e-4 * ref_loss.abs().max(1.0),
+        "{arch}: loss {} vs reference {ref_loss}",
+        c.fast_loss
+    );
+    let tol = 2e-4;
+    close(
+        &format!("{arch} W_enc"),
+        &to64(&c.fast.w_enc_t),
+        &r.w_enc_t,
+        tol,
+    );
+    close(
+        &format!("{arch} W_dec"),
+        &to64(&c.fast.w_dec),
+        &r.w_dec,
+        tol,
+    );
+    close(
+        &format!("{arch} b_dec"),
+        &to64(&c.fast.b_dec),
+        &r.b_dec,
+        tol,
+    );
+    for (k, (f, rr)) in c.fast.params.iter().zip(&r.lat).enumerate() {
+        close(&format!("{arch} param {k}"), &to64(f), rr, tol);
+    }
+    // The gradients must not be trivially zero.
+    assert!(
+        r.w_enc_t.iter().any(|v| v.abs() > 1e-6),
+        "{arch}: zero W_enc grad"
+    );
+    assert!(
+        r.w_dec.iter().any(|v| v.abs() > 1e-6),
+        "{arch}: zero W_dec grad"
+    );
+}
+
+/// Central differences of the reference loss (stop-gradient copies held fixed).
+fn check_finite_differences(arch: ArchKind, dnorm: bool) {
+    let c = case(arch, dnorm, 11);
+    let g = grads(&c.cfg, &c.params, &c.x, N);
+    let h = 1e-6;
+    let frozen = c.params.clone();
+    let fd = |set: &dyn Fn(&mut RefParams, f64)| -> f64 {
+        let mut p = c.params.clone();
+        set(&mut p, h);
+        let up = loss(&c.cfg, &p, &frozen, &c.x, N);
+        let mut p = c.params.clone();
+        set(&mut p, -h);
+        let down = loss(&c.cfg, &p, &frozen, &c.x, N);
+        (up - down) / (2.0 * h)
+    };
+    let mut checked = 0;
+    let mut cmp = |what: String, num: f64, ana: f64| {
+        assert!(
+            (num - ana).abs() <= 1e-5 + 1e-4 * ana.abs(),
+            "{arch} {what}: finite difference {num} vs analytic {ana}"
+        );
+        checked += 1;
+    };
+    for e in 0..c.params.w_enc_t.len() {
+        cmp(
+            format!("W_enc[{e}]"),
+            fd(&|p, d| p.w_enc_t[e] += d),
+            g.w_enc_t[e],
+        );
+    }
+    for e in 0..c.params.w_dec.len() {
+        cmp(
+            format!("W_dec[{e}]"),
+            fd(&|p, d| p.w_dec[e] += d),
+            g.w_dec[e],
+        );
+    }
+    for e in 0..D_IN {
+        cmp(
+            format!("b_dec[{e}]"),
+            fd(&|p, d| p.b_dec[e] += d),
+            g.b_dec[e],
+        );
+    }
+    for k in 0..c.params.lat.len() {
+        // The JumpReLU threshold has a pseudo-gradient (STE), not a true one.
+        if arch == ArchKind::JumpRelu && k == 1 {
+            continue;
+        }
+        for j in 0..D_SAE {
+            cmp(
+                format!("param{k}[{j}]"),
+                fd(&|p, d| p.lat[k][j] += d),
+                g.lat[k][j],
+            );
+        }
+    }
+    assert!(checked > 300);
+}
+
+#[test]
+fn gated_gradients() {
+    check_against_reference(ArchKind::Gated, false);
+    check_finite_differences(ArchKind::Gated, false);
+}
+
+#[test]
+fn relu_gradients() {
+    check_against_reference(ArchKind::Relu, false);
+    check_finite_differences(ArchKind::Relu, false);
+}
+
+#[test]
+fn relu_decoder_norm_l1_gradients() {
+    check_against_reference(ArchKind::Relu, true);
+    check_finite_differences(ArchKind::Relu, true);
+}
+
+#[test]
+fn topk_gradients() {
+    check_against_reference(ArchKind::TopK, false);
+    check_finite_differences(ArchKind::TopK, false);
+}
+
+#[test]
+fn batchtopk_gradients() {
+    check_against_reference(ArchKind::BatchTopK, false);
+    check_finite_differences(ArchKind::BatchTopK, false);
+}
+
+#[test]
+fn jumprelu_gradients() {
+    check_against_reference(ArchKind::JumpRelu, false);
+    check_finite_differences(ArchKind::JumpRelu, false);
+    // The kernel window must actually have been hit, or the threshold test is vacuous.
+    let c = case(ArchKind::JumpRelu, false, 7);
+    let r = grads(&c.cfg, &c.params, &c.x, N);
+    assert!(r.lat[1].iter().filter(|v| v.abs() > 0.0).count() >= 3);
+}

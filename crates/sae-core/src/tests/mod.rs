@@ -1,0 +1,39 @@
+//! Tests of the fast kernels against the dense reference and finite differences, plus the
+//! SAELens files, metrics and inference helpers.
+
+mod files;
+mod grads;
+mod misc;
+mod reference;
+
+use crate::{ArchKind, Sae};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+pub(crate) fn randn(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
+}
+
+/// A small SAE with every parameter moved away from its init, so gradients are generic.
+pub(crate) fn random_sae(arch: ArchKind, d_in: usize, d_sae: usize, k: usize, seed: u64) -> Sae {
+    let mut sae = Sae::init(arch, d_in, d_sae, k, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    let mut jitter = |v: &mut Vec<f32>, s: f32| {
+        for x in v.iter_mut() {
+            *x += s * rng.sample::<f32, _>(StandardNormal);
+        }
+    };
+    jitter(&mut sae.w_enc, 0.2);
+    jitter(&mut sae.b_enc, 0.3);
+    jitter(&mut sae.b_dec, 0.2);
+    jitter(&mut sae.r_mag, 0.4);
+    jitter(&mut sae.b_mag, 0.3);
+    if arch == ArchKind::JumpRelu {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 2);
+        sae.threshold = (0..d_sae).map(|_| rng.gen_range(0.05..0.6)).collect();
+    }
+    sae
+}

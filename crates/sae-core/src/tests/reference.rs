@@ -1,0 +1,345 @@
+//! A plain dense f64 reference of every architecture's loss and gradients: straightforward
+//! loops over all latents, no sparsity tricks. `frozen` holds the stop-gradient copies
+//! (Gated's auxiliary decoder; the detached residual of AuxK), so finite differences of
+//! `loss(live, frozen)` w.r.t. `live` are the gradients the trainer must produce.
+
+use crate::arch::ArchKind;
+
+#[derive(Clone, Debug)]
+pub struct RefParams {
+    pub w_enc_t: Vec<f64>,
+    pub w_dec: Vec<f64>,
+    pub b_dec: Vec<f64>,
+    /// Per-latent parameters in `Arch::param_names` order.
+    pub lat: Vec<Vec<f64>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RefCfg {
+    pub arch: ArchKind,
+    pub d_in: usize,
+    pub d_sae: usize,
+    pub k: usize,
+    pub k_aux: usize,
+    pub lambda: f64,
+    pub alpha: f64,
+    pub bandwidth: f64,
+    pub dnorm: bool,
+    pub apply_b_dec: bool,
+    pub dead: Vec<usize>,
+}
+
+struct Fwd {
+    xc: Vec<Vec<f64>>,
+    pre: Vec<Vec<f64>>,
+    /// Code used by the reconstruction, and the auxiliary code.
+    f: Vec<Vec<f64>>,
+    a: Vec<Vec<f64>>,
+}
+
+fn dotf(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn row(w: &[f64], j: usize, d: usize) -> &[f64] {
+    &w[j * d..(j + 1) * d]
+}
+
+/// Indices of the `k` largest values (ties: lower index first).
+fn top_k(vals: &[(f64, usize)], k: usize) -> Vec<(f64, usize)> {
+    let mut v = vals.to_vec();
+    v.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+    v.truncate(k);
+    v
+}
+
+fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
+    let (d_in, m) = (c.d_in, c.d_sae);
+    let mut out = Fwd {
+        xc: vec![],
+        pre: vec![],
+        f: vec![],
+        a: vec![],
+    };
+    for b in 0..n {
+        let xb = &x[b * d_in..(b + 1) * d_in];
+        let xc: Vec<f64> = (0..d_in)
+            .map(|i| xb[i] - if c.apply_b_dec { p.b_dec[i] } else { 0.0 })
+            .collect();
+        let pre: Vec<f64> = (0..m)
+            .map(|j| dotf(row(&p.w_enc_t, j, d_in), &xc))
+            .collect();
+        out.xc.push(xc);
+        out.pre.push(pre);
+    }
+    // BatchTopK: the (k*n)-th largest positive value over the batch.
+    let mut batch_t = 0.0;
+    if c.arch == ArchKind::BatchTopK {
+        let mut all: Vec<f64> = out
+            .pre
+            .iter()
+            .flat_map(|pr| (0..m).map(move |j| pr[j]))
+            .enumerate()
+            .map(|(i, v)| v + p.lat[0][i % m])
+            .filter(|v| *v > 0.0)
+            .collect();
+        all.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        batch_t = if all.len() >= c.k * n {
+            all[c.k * n - 1]
+        } else {
+            *all.last().unwrap_or(&0.0)
+        };
+    }
+    for b in 0..n {
+        let pre = &out.pre[b];
+        let mut f = vec![0.0; m];
+        let mut a = vec![0.0; m];
+        match c.arch {
+            ArchKind::Gated => {
+                for j in 0..m {
+                    let pg = pre[j] + p.lat[0][j];
+                    let pm = p.lat[1][j].exp() * pre[j] + p.lat[2][j];
+                    if pg > 0.0 {
+                        f[j] = pm.max(0.0);
+                        a[j] = pg;
+                    }
+                }
+            }
+            ArchKind::Relu => {
+                for j in 0..m {
+                    f[j] = (pre[j] + p.lat[0][j]).max(0.0);
+                }
+            }
+            ArchKind::JumpRelu => {
+                for j in 0..m {
+                    let pi = pre[j] + p.lat[0][j];
+                    if pi > p.lat[1][j].exp() {
+                        f[j] = pi;
+                    }
+                }
+            }
+            ArchKind::TopK | ArchKind::BatchTopK => {
+                let vals: Vec<(f64, usize)> = (0..m).map(|j| (pre[j] + p.lat[0][j], j)).collect();
+                if c.arch == ArchKind::TopK {
+                    for (v, j) in top_k(&vals, c.k) {
+                        f[j] = v.max(0.0);
+                    }
+                } else {
+                    for &(v, j) in &vals {
+                        if v >= batch_t && v > 0.0 {
+                            f[j] = v;
+                        }
+                    }
+                }
+                let dead_vals: Vec<(f64, usize)> = c.dead.iter().map(|&j| vals[j]).collect();
+                for (v, j) in top_k(&dead_vals, c.k_aux) {
+                    a[j] = v.max(0.0);
+                }
+            }
+        }
+        out.f.push(f);
+        out.a.push(a);
+    }
+    out
+}
+
+fn decode(c: &RefCfg, w_dec: &[f64], bias: Option<&[f64]>, code: &[f64]) -> Vec<f64> {
+    let mut y: Vec<f64> = match bias {
+        Some(b) => b.to_vec(),
+        None => vec![0.0; c.d_in],
+    };
+    for (j, &v) in code.iter().enumerate() {
+        if v != 0.0 {
+            for i in 0..c.d_in {
+                y[i] += v * w_dec[j * c.d_in + i];
+            }
+        }
+    }
+    y
+}
+
+/// AuxK's detached residuals e_b = x_b - x_hat_b (from `frozen`) and their variance sum.
+fn auxk_target(c: &RefCfg, frozen: &RefParams, x: &[f64], n: usize) -> (Vec<Vec<f64>>, f64) {
+    let fw = forward(c, frozen, x, n);
+    let e: Vec<Vec<f64>> = (0..n)
+        .map(|b| {
+            let xh = decode(c, &frozen.w_dec, Some(&frozen.b_dec), &fw.f[b]);
+            (0..c.d_in).map(|i| x[b * c.d_in + i] - xh[i]).collect()
+        })
+        .collect();
+    let mean: Vec<f64> = (0..c.d_in)
+        .map(|i| e.iter().map(|r| r[i]).sum::<f64>() / n as f64)
+        .collect();
+    let denom = e
+        .iter()
+        .map(|r| (0..c.d_in).map(|i| (r[i] - mean[i]).powi(2)).sum::<f64>())
+        .sum();
+    (e, denom)
+}
+
+fn sq(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// The full loss (mean over tokens), `frozen` supplying the stop-gradient copies.
+pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usize) -> f64 {
+    let d_in = c.d_in;
+    let fw = forward(c, live, x, n);
+    let nf = n as f64;
+    let mut total = 0.0;
+    let auxk = matches!(c.arch, ArchKind::TopK | ArchKind::BatchTopK);
+    let (e, denom) = if auxk {
+        auxk_target(c, frozen, x, n)
+    } else {
+        (vec![], 0.0)
+    };
+    for b in 0..n {
+        let xb = &x[b * d_in..(b + 1) * d_in];
+        let xh = decode(c, &live.w_dec, Some(&live.b_dec), &fw.f[b]);
+        total += sq(&xh, xb) / nf;
+        match c.arch {
+            ArchKind::Gated => {
+                total += c.lambda * fw.a[b].iter().sum::<f64>() / nf;
+                let xa = decode(c, &frozen.w_dec, Some(&frozen.b_dec), &fw.a[b]);
+                total += sq(&xa, xb) / nf;
+            }
+            ArchKind::Relu => {
+                for j in 0..c.d_sae {
+                    let w = if c.dnorm {
+                        dotf(row(&live.w_dec, j, d_in), row(&live.w_dec, j, d_in)).sqrt()
+                    } else {
+                        1.0
+                    };
+                    total += c.lambda * fw.f[b][j] * w / nf;
+                }
+            }
+            ArchKind::JumpRelu => {
+                let l0 = fw.f[b].iter().filter(|v| **v != 0.0).count() as f64;
+                total += c.lambda * l0 / nf;
+            }
+            ArchKind::TopK | ArchKind::BatchTopK => {
+                if !c.dead.is_empty() && denom > 0.0 {
+                    let eh = decode(c, &live.w_dec, None, &fw.a[b]);
+                    total += c.alpha * sq(&eh, &e[b]) / denom;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Hand-derived gradients of `loss(p, p)` w.r.t. the live parameters (the JumpReLU threshold
+/// gets the paper's straight-through pseudo-gradient).
+pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
+    let (d_in, m) = (c.d_in, c.d_sae);
+    let nf = n as f64;
+    let fw = forward(c, p, x, n);
+    let mut g = RefParams {
+        w_enc_t: vec![0.0; m * d_in],
+        w_dec: vec![0.0; m * d_in],
+        b_dec: vec![0.0; d_in],
+        lat: p.lat.iter().map(|v| vec![0.0; v.len()]).collect(),
+    };
+    let auxk = matches!(c.arch, ArchKind::TopK | ArchKind::BatchTopK);
+    let (e, denom) = if auxk {
+        auxk_target(c, p, x, n)
+    } else {
+        (vec![], 0.0)
+    };
+    let aux_on = auxk && !c.dead.is_empty() && denom > 0.0;
+    for b in 0..n {
+        let xb = &x[b * d_in..(b + 1) * d_in];
+        let xh = decode(c, &p.w_dec, Some(&p.b_dec), &fw.f[b]);
+        let r: Vec<f64> = (0..d_in).map(|i| 2.0 * (xh[i] - xb[i]) / nf).collect();
+        for i in 0..d_in {
+            g.b_dec[i] += r[i];
+        }
+        // Gradient w.r.t. the residual of the auxiliary reconstruction.
+        let ra: Vec<f64> = match c.arch {
+            ArchKind::Gated => {
+                let xa = decode(c, &p.w_dec, Some(&p.b_dec), &fw.a[b]);
+                (0..d_in).map(|i| 2.0 * (xa[i] - xb[i]) / nf).collect()
+            }
+            _ if aux_on => {
+                let eh = decode(c, &p.w_dec, None, &fw.a[b]);
+                (0..d_in)
+                    .map(|i| 2.0 * c.alpha * (eh[i] - e[b][i]) / denom)
+                    .collect()
+            }
+            _ => vec![0.0; d_in],
+        };
+        let mut dpre = vec![0.0; m];
+        for j in 0..m {
+            let d = row(&p.w_dec, j, d_in);
+            let (f, a) = (fw.f[b][j], fw.a[b][j]);
+            let df = dotf(d, &r);
+            let da = dotf(d, &ra);
+            let pre = fw.pre[b][j];
+            for i in 0..d_in {
+                g.w_dec[j * d_in + i] += f * r[i];
+                if auxk {
+                    g.w_dec[j * d_in + i] += a * ra[i];
+                }
+            }
+            match c.arch {
+                ArchKind::Gated => {
+                    let pg = pre + p.lat[0][j];
+                    let s = p.lat[1][j].exp();
+                    let pm = s * pre + p.lat[2][j];
+                    if pg > 0.0 {
+                        let g_mag = if pm > 0.0 { df } else { 0.0 };
+                        let g_gate = da + c.lambda / nf;
+                        dpre[j] = g_gate + s * g_mag;
+                        g.lat[0][j] += g_gate;
+                        g.lat[1][j] += g_mag * s * pre;
+                        g.lat[2][j] += g_mag;
+                    }
+                }
+                ArchKind::Relu => {
+                    if f > 0.0 {
+                        let nrm = dotf(d, d).sqrt();
+                        let w = if c.dnorm { nrm } else { 1.0 };
+                        dpre[j] = df + c.lambda * w / nf;
+                        g.lat[0][j] += dpre[j];
+                        if c.dnorm {
+                            for i in 0..d_in {
+                                g.w_dec[j * d_in + i] += c.lambda * f * d[i] / nrm / nf;
+                            }
+                        }
+                    }
+                }
+                ArchKind::JumpRelu => {
+                    let pi = pre + p.lat[0][j];
+                    let theta = p.lat[1][j].exp();
+                    if pi > theta {
+                        dpre[j] = df;
+                        g.lat[0][j] += df;
+                    }
+                    let u = (pi - theta) / c.bandwidth;
+                    if u.abs() < 0.5 {
+                        let gt = -(theta / c.bandwidth) * df - c.lambda / nf / c.bandwidth;
+                        g.lat[1][j] += gt * theta;
+                    }
+                }
+                ArchKind::TopK | ArchKind::BatchTopK => {
+                    if f > 0.0 {
+                        dpre[j] += df;
+                    }
+                    if a > 0.0 {
+                        dpre[j] += da;
+                    }
+                    g.lat[0][j] += dpre[j];
+                }
+            }
+        }
+        for j in 0..m {
+            for i in 0..d_in {
+                g.w_enc_t[j * d_in + i] += dpre[j] * fw.xc[b][i];
+                if c.apply_b_dec {
+                    g.b_dec[i] -= dpre[j] * p.w_enc_t[j * d_in + i];
+                }
+            }
+        }
+    }
+    g
+}
