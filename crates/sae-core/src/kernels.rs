@@ -1,6 +1,8 @@
 //! The CPU kernels of the hot path: the single dense encoder product (via `gemm`, rayon
 //! threads) and the small dense-vector helpers the sparse passes are built from.
 
+#![allow(clippy::needless_range_loop)]
+
 use gemm::{gemm, Parallelism};
 
 fn parallelism() -> Parallelism {
@@ -81,47 +83,150 @@ pub fn matmul(x: &[f32], n: usize, d_in: usize, w: &[f32], d_sae: usize, out: &m
     }
 }
 
-/// Dot product with 8 independent accumulators (vectorises without fast-math).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+/// Defines a kernel twice: a portable body and the same body compiled for AVX2+FMA, picked at
+/// run time. The bodies use explicit independent accumulators, so both versions give
+/// bit-identical results (LLVM does not reassociate float sums or fuse mul+add by itself).
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        #[inline]
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn body($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the enabled features.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn hsum(acc: &[f32; LANES]) -> f32 {
+    let mut s = [0.0f32; 4];
+    for l in 0..4 {
+        s[l] = (acc[l] + acc[l + 4]) + (acc[l + 8] + acc[l + 12]);
+    }
+    (s[0] + s[2]) + (s[1] + s[3])
+}
+
+multiversion! {
+    /// Dot product with 16 independent accumulators.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0.0f32; LANES];
+        let mut ca = a.chunks_exact(LANES);
+        let mut cb = b.chunks_exact(LANES);
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut s = 0.0;
+        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+            s += x * y;
+        }
+        hsum(&acc) + s
+    }
+}
+
+multiversion! {
+    /// `y += alpha * x`.
+    pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) -> () {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += alpha * xi;
         }
     }
-    let mut s = 0.0;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s += x * y;
-    }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + s
 }
 
-/// `y += alpha * x`.
-#[inline]
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
-    }
-}
-
-/// `y += a1 * x` and `z += a2 * x` in one pass over `x`.
-#[inline]
-pub fn axpy2(a1: f32, a2: f32, x: &[f32], y: &mut [f32], z: &mut [f32]) {
-    for ((yi, zi), xi) in y.iter_mut().zip(z.iter_mut()).zip(x) {
-        *yi += a1 * xi;
-        *zi += a2 * xi;
+multiversion! {
+    /// `y += a1 * x` and `z += a2 * x` in one pass over `x`.
+    pub fn axpy2(a1: f32, a2: f32, x: &[f32], y: &mut [f32], z: &mut [f32]) -> () {
+        let n = x.len().min(y.len()).min(z.len());
+        let (x, y, z) = (&x[..n], &mut y[..n], &mut z[..n]);
+        for i in 0..n {
+            y[i] += a1 * x[i];
+            z[i] += a2 * x[i];
+        }
     }
 }
 
-/// Two dot products sharing `x`: `(x . a, x . b)`.
-#[inline]
-pub fn dot2(x: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
-    (dot(x, a), dot(x, b))
+multiversion! {
+    /// Returns `d . r` and does `g += c * r`, reading `r` once.
+    pub fn dot_axpy(d: &[f32], r: &[f32], c: f32, g: &mut [f32]) -> f32 {
+        let n = d.len().min(r.len()).min(g.len());
+        let (d, r, g) = (&d[..n], &r[..n], &mut g[..n]);
+        let mut acc = [0.0f32; LANES];
+        let full = n / LANES * LANES;
+        for i0 in (0..full).step_by(LANES) {
+            for l in 0..LANES {
+                let i = i0 + l;
+                acc[l] += d[i] * r[i];
+                g[i] += c * r[i];
+            }
+        }
+        let mut s = 0.0;
+        for i in full..n {
+            s += d[i] * r[i];
+            g[i] += c * r[i];
+        }
+        hsum(&acc) + s
+    }
+}
+
+multiversion! {
+    /// Returns `(d . r, d . ra)` and does `g += c * r + ca * ra`.
+    pub fn dot2_axpy2(d: &[f32], r: &[f32], ra: &[f32], c: f32, ca: f32, g: &mut [f32]) -> (f32, f32) {
+        let n = d.len().min(r.len()).min(ra.len()).min(g.len());
+        let (d, r, ra, g) = (&d[..n], &r[..n], &ra[..n], &mut g[..n]);
+        let mut acc = [0.0f32; LANES];
+        let mut acc_a = [0.0f32; LANES];
+        let full = n / LANES * LANES;
+        for i0 in (0..full).step_by(LANES) {
+            for l in 0..LANES {
+                let i = i0 + l;
+                acc[l] += d[i] * r[i];
+                acc_a[l] += d[i] * ra[i];
+                g[i] += c * r[i] + ca * ra[i];
+            }
+        }
+        let (mut s, mut sa) = (0.0, 0.0);
+        for i in full..n {
+            s += d[i] * r[i];
+            sa += d[i] * ra[i];
+            g[i] += c * r[i] + ca * ra[i];
+        }
+        (hsum(&acc) + s, hsum(&acc_a) + sa)
+    }
+}
+
+/// Hint the CPU to load `v[start..start + len]` into cache (no-op off x86_64).
+#[inline(always)]
+pub fn prefetch_rows(v: &[f32], start: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let end = (start + len).min(v.len());
+        let mut i = start;
+        while i < end {
+            // SAFETY: prefetching an in-bounds address has no side effects.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().add(i) as *const i8) };
+            i += 16;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (v, start, len);
 }
 
 /// Splits `data` into consecutive pieces of the given lengths.

@@ -7,6 +7,7 @@
 //! other pass is O(batch x L0 x d_in) on the sparse code.
 
 pub mod arch;
+pub mod bench;
 pub mod kernels;
 pub mod metrics;
 pub mod optim;

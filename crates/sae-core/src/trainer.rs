@@ -25,8 +25,8 @@
 //!    W_enc row gradients, fused with Adam, the unit-norm projection and renormalisation.
 //! 6. Dense Adam on the small vectors (b_dec, per-latent parameters).
 
-use crate::arch::{make_arch, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
-use crate::kernels::{axpy, dot, matmul_xt, split_by_lengths};
+use crate::arch::{make_arch, Arch, ArchKind, AuxMode, Entry, RowOut, StepCtx};
+use crate::kernels::{axpy, axpy2, dot, dot2_axpy2, dot_axpy, matmul_xt, prefetch_rows};
 use crate::optim::{AdamStep, Moments};
 use crate::sae::{Sae, SaeMeta};
 use anyhow::{bail, Context};
@@ -111,18 +111,26 @@ struct Buffers {
     a: Vec<f32>,
     pre_e: Vec<f32>,
     row_of: Vec<u32>,
-    grads: Vec<EntryGrad>,
     resid: Vec<f32>,
     aux: Vec<f32>,
     chunk_stats: Vec<RowStats>,
     lat_ptr: Vec<usize>,
-    lat_ent: Vec<u32>,
+    lat_ent: Vec<LatEntry>,
     lat_fill: Vec<usize>,
     lat_scratch: Vec<f32>,
     bdec_part: Vec<f32>,
     dec_norm: Vec<f32>,
     dead: Vec<u32>,
     gparams: Vec<Vec<f32>>,
+}
+
+/// An entry as the latent pass reads it (sorted by latent).
+#[derive(Clone, Copy, Default)]
+struct LatEntry {
+    row: u32,
+    f: f32,
+    a: f32,
+    pre: f32,
 }
 
 #[derive(Default)]
@@ -355,6 +363,7 @@ impl SaeTrainer {
         let buf = &mut self.buf;
         let n_row_chunks = n.div_ceil(ROW_CHUNK);
 
+        let mut prof = Profiler::new();
         // 1. Centre and the one dense product.
         buf.xc.resize(n * d_in, 0.0);
         if self.apply_b_dec_to_input {
@@ -375,6 +384,7 @@ impl SaeTrainer {
         buf.pre.resize(n * d_sae, 0.0);
         matmul_xt(&buf.xc, n, d_in, &self.w_enc_t, d_sae, &mut buf.pre);
 
+        prof.lap("gemm");
         // Per-step inputs of the architecture.
         buf.dec_norm.clear();
         if self.kind == ArchKind::Relu && self.hyper.relu_decoder_norm_l1 {
@@ -407,6 +417,7 @@ impl SaeTrainer {
         let batch_threshold = self.arch.prepare_batch(&ctx, &buf.pre);
         ctx.batch_threshold = batch_threshold;
 
+        prof.lap("prep");
         // 2. Sparse selection, row-parallel into per-chunk buffers, then flattened to CSR.
         buf.chunks.resize_with(n_row_chunks, ChunkOut::default);
         let arch = &*self.arch;
@@ -455,6 +466,7 @@ impl SaeTrainer {
             }
         }
 
+        prof.lap("select");
         // 3. Decode and residuals: resid = x_hat - x; aux = aux reconstruction residual.
         let aux_mode = self.arch.aux_mode();
         buf.resid.resize(n * d_in, 0.0);
@@ -488,16 +500,21 @@ impl SaeTrainer {
                             AuxMode::FrozenDecoder => aux.copy_from_slice(b_dec),
                             AuxMode::AuxK => aux.fill(0.0),
                         }
-                        for e in row_ptr[b]..row_ptr[b + 1] {
+                        let row_end = row_ptr[b + 1];
+                        for e in row_ptr[b]..row_end {
                             let j = idx[e] as usize;
                             let d = &w_dec[j * d_in..(j + 1) * d_in];
-                            let (f, a) = (fv[e], av[e]);
-                            if f != 0.0 {
-                                axpy(f, d, res);
-                                st.l0 += 1;
+                            if e + 1 < row_end {
+                                prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
                             }
-                            if a != 0.0 {
-                                axpy(a, d, aux);
+                            let (f, a) = (fv[e], av[e]);
+                            st.l0 += (f != 0.0) as u64;
+                            if a == 0.0 {
+                                if f != 0.0 {
+                                    axpy(f, d, res);
+                                }
+                            } else {
+                                axpy2(f, a, d, res, aux);
                             }
                         }
                         for i in 0..d_in {
@@ -574,52 +591,7 @@ impl SaeTrainer {
             return (stats, ());
         }
 
-        // 4. Per-entry gradients, row-parallel.
-        buf.grads.resize(total, EntryGrad::default());
-        {
-            let lens: Vec<usize> = (0..n_row_chunks)
-                .map(|c| {
-                    let (r0, r1) = (c * ROW_CHUNK, ((c + 1) * ROW_CHUNK).min(n));
-                    buf.row_ptr[r1] - buf.row_ptr[r0]
-                })
-                .collect();
-            let pieces = split_by_lengths(&mut buf.grads, &lens);
-            let (w_dec, row_ptr, idx, fv, av, pre_e) = (
-                &self.w_dec,
-                &buf.row_ptr,
-                &buf.idx,
-                &buf.f,
-                &buf.a,
-                &buf.pre_e,
-            );
-            let (resid, aux) = (&buf.resid, &buf.aux);
-            pieces.into_par_iter().enumerate().for_each(|(c, out)| {
-                let r0 = c * ROW_CHUNK;
-                let base = row_ptr[r0];
-                for b in r0..((c + 1) * ROW_CHUNK).min(n) {
-                    let rb = &resid[b * d_in..(b + 1) * d_in];
-                    let ab = &aux[b * d_in..(b + 1) * d_in];
-                    for e in row_ptr[b]..row_ptr[b + 1] {
-                        let j = idx[e] as usize;
-                        let d = &w_dec[j * d_in..(j + 1) * d_in];
-                        let df = resid_scale * dot(d, rb);
-                        let da = if av[e] != 0.0 && aux_scale != 0.0 {
-                            aux_scale * dot(d, ab)
-                        } else {
-                            0.0
-                        };
-                        let ent = Entry {
-                            j,
-                            pre: pre_e[e],
-                            f: fv[e],
-                            a: av[e],
-                        };
-                        out[e - base] = arch.entry_backward(&ctx, ent, df, da);
-                    }
-                }
-            });
-        }
-
+        prof.lap("decode");
         // 5. Transposed index (entries per latent, in entry order: deterministic).
         buf.lat_ptr.clear();
         buf.lat_ptr.resize(d_sae + 1, 0);
@@ -631,13 +603,19 @@ impl SaeTrainer {
         }
         buf.lat_fill.clear();
         buf.lat_fill.extend_from_slice(&buf.lat_ptr[..d_sae]);
-        buf.lat_ent.resize(total, 0);
+        buf.lat_ent.resize(total, LatEntry::default());
         for (e, &j) in buf.idx.iter().enumerate() {
             let p = &mut buf.lat_fill[j as usize];
-            buf.lat_ent[*p] = e as u32;
+            buf.lat_ent[*p] = LatEntry {
+                row: buf.row_of[e],
+                f: buf.f[e],
+                a: buf.a[e],
+                pre: buf.pre_e[e],
+            };
             *p += 1;
         }
 
+        prof.lap("transpose");
         // 6. Latent pass: W_dec / W_enc row gradients fused with Adam.
         let t = self.steps + 1;
         let n_lat_chunks = d_sae.div_ceil(LAT_CHUNK);
@@ -661,7 +639,6 @@ impl SaeTrainer {
         };
         let dense_adam = self.hyper.adam_beta1 != 0.0;
         let unit_norm = self.arch.unit_norm_decoder();
-        let aux_trains_dec = aux_mode == AuxMode::AuxK && aux_scale != 0.0;
         let centre = self.apply_b_dec_to_input;
         let mut mode = mode;
         let (grad_enc, grad_dec) = match &mut mode {
@@ -688,14 +665,13 @@ impl SaeTrainer {
                 .collect();
             let last = SharedU64(self.last_update.as_mut_ptr());
             let fired = SharedU64(self.tokens_since_fired.as_mut_ptr());
-            let (lat_ptr, lat_ent, row_of, fv, av, grads) = (
-                &buf.lat_ptr,
-                &buf.lat_ent,
-                &buf.row_of,
-                &buf.f,
-                &buf.a,
-                &buf.grads,
-            );
+            let (lat_ptr, lat_ent) = (&buf.lat_ptr, &buf.lat_ent);
+            let fuse = match aux_mode {
+                AuxMode::None => Fuse::Plain,
+                _ if aux_scale == 0.0 => Fuse::Plain,
+                AuxMode::FrozenDecoder => Fuse::Aux { trains_dec: false },
+                AuxMode::AuxK => Fuse::Aux { trains_dec: true },
+            };
             let (resid, aux, xc) = (&buf.resid, &buf.aux, &buf.xc);
             let n_params = self.params.len();
             buf.bdec_part
@@ -717,19 +693,43 @@ impl SaeTrainer {
                         g_enc.fill(0.0);
                         let mut psum = [0.0f32; 3];
                         let (mut colsum, mut sum_f) = (0.0f32, 0.0f32);
-                        for &e in ents {
-                            let e = e as usize;
-                            let b = row_of[e] as usize;
-                            let (f, a) = (fv[e], av[e]);
+                        for (p, le) in ents.iter().enumerate() {
+                            let b = le.row as usize;
+                            let (f, a) = (le.f, le.a);
+                            // Random rows: fetch the next entry's while this one computes.
+                            if let Some(nx) = ents.get(p + 1) {
+                                let nb = nx.row as usize * d_in;
+                                prefetch_rows(resid, nb, d_in);
+                                prefetch_rows(xc, nb, d_in);
+                                if !matches!(fuse, Fuse::Plain) {
+                                    prefetch_rows(aux, nb, d_in);
+                                }
+                            }
+                            let rb = &resid[b * d_in..(b + 1) * d_in];
+                            // d_j . r_b (and d_j . r_aux_b) while accumulating the decoder
+                            // gradient from the same rows.
+                            let (df, da) = match fuse {
+                                Fuse::Plain => {
+                                    (resid_scale * dot_axpy(wd, rb, f * resid_scale, g_dec), 0.0)
+                                }
+                                Fuse::Aux { trains_dec } => {
+                                    let ab = &aux[b * d_in..(b + 1) * d_in];
+                                    let ca = if trains_dec { a * aux_scale } else { 0.0 };
+                                    let (x, y) = dot2_axpy2(wd, rb, ab, f * resid_scale, ca, g_dec);
+                                    (resid_scale * x, aux_scale * y)
+                                }
+                            };
                             if f != 0.0 {
-                                axpy(f * resid_scale, &resid[b * d_in..(b + 1) * d_in], g_dec);
                                 any_fired |= f > 0.0;
                                 sum_f += f;
                             }
-                            if aux_trains_dec && a != 0.0 {
-                                axpy(a * aux_scale, &aux[b * d_in..(b + 1) * d_in], g_dec);
-                            }
-                            let eg = grads[e];
+                            let ent = Entry {
+                                j,
+                                pre: le.pre,
+                                f,
+                                a,
+                            };
+                            let eg = arch.entry_backward(&ctx, ent, df, da);
                             if eg.gpre != 0.0 {
                                 axpy(eg.gpre, &xc[b * d_in..(b + 1) * d_in], g_enc);
                                 colsum += eg.gpre;
@@ -789,6 +789,7 @@ impl SaeTrainer {
                 });
         }
 
+        prof.lap("latent");
         // 7. Small dense parameters: b_dec and the per-latent vectors.
         let mut g_bdec: Vec<f32> = resid_sum.iter().map(|s| (*s * 2.0 / nf) as f32).collect();
         for part in buf.bdec_part.chunks(d_in) {
@@ -827,6 +828,8 @@ impl SaeTrainer {
                 self.steps = t;
             }
         }
+        prof.lap("dense");
+        prof.report();
         stats.dead_latents = self.count_dead();
         (stats, ())
     }
@@ -998,6 +1001,13 @@ impl SaeTrainer {
     }
 }
 
+/// Which fused kernel the latent pass uses per entry.
+#[derive(Clone, Copy)]
+enum Fuse {
+    Plain,
+    Aux { trains_dec: bool },
+}
+
 enum Mode<'g> {
     Apply(f32),
     Collect(&'g mut Grads),
@@ -1011,5 +1021,40 @@ impl<T: Copy + Default> ClearLen for Vec<T> {
     fn clear_to(&mut self, len: usize) {
         self.clear();
         self.resize(len, T::default());
+    }
+}
+
+/// Phase timings printed to stderr when `SAE_CORE_PROFILE` is set (a development aid).
+struct Profiler {
+    on: bool,
+    last: std::time::Instant,
+    laps: Vec<(&'static str, f64)>,
+}
+
+impl Profiler {
+    fn new() -> Self {
+        Profiler {
+            on: std::env::var_os("SAE_CORE_PROFILE").is_some(),
+            last: std::time::Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+    fn lap(&mut self, name: &'static str) {
+        if self.on {
+            let now = std::time::Instant::now();
+            self.laps
+                .push((name, (now - self.last).as_secs_f64() * 1e3));
+            self.last = now;
+        }
+    }
+    fn report(&self) {
+        if self.on {
+            let parts: Vec<String> = self
+                .laps
+                .iter()
+                .map(|(n, t)| format!("{n} {t:.1}ms"))
+                .collect();
+            eprintln!("step: {}", parts.join(", "));
+        }
     }
 }

@@ -3,6 +3,8 @@
 //! (Gated's auxiliary decoder; the detached residual of AuxK), so finite differences of
 //! `loss(live, frozen)` w.r.t. `live` are the gradients the trainer must produce.
 
+#![allow(clippy::needless_range_loop)]
+
 use crate::arch::ArchKind;
 
 #[derive(Clone, Debug)]

@@ -1,0 +1,25 @@
+//! `cargo run --release -p sae-core --example bench [arch,...] [steps]`
+use sae_core::bench::{run_bench, BenchRow};
+use sae_core::ArchKind;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let archs: Vec<ArchKind> = match args.get(1) {
+        Some(s) => s
+            .split(',')
+            .map(|a| a.parse())
+            .collect::<anyhow::Result<_>>()?,
+        None => ArchKind::ALL.to_vec(),
+    };
+    let steps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
+    let sizes: Vec<usize> = match args.get(3) {
+        Some(s) => s.split(',').map(|v| v.parse()).collect::<Result<_, _>>()?,
+        None => vec![4608, 9216],
+    };
+    println!("threads: {}", rayon::current_num_threads());
+    println!("{}", BenchRow::header());
+    for row in run_bench(&archs, &sizes, 576, 4096, steps) {
+        println!("{row}");
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Training-throughput benchmark: full steps vs the one-GEMM limit, same threads, same run.
+
+use crate::kernels::matmul_xt;
+use crate::{ArchKind, Sae, SaeTrainer, TrainHyper};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use std::fmt;
+use std::time::Instant;
+
+/// Mean number of active latents the benchmark SAEs are set up for (and k for TopK).
+pub const BENCH_L0: usize = 64;
+
+/// One line of `sae bench`.
+#[derive(Clone, Debug)]
+pub struct BenchRow {
+    pub arch: ArchKind,
+    pub d_in: usize,
+    pub d_sae: usize,
+    pub batch: usize,
+    /// Median tokens/s of full training steps.
+    pub tokens_per_s: f64,
+    /// Median tokens/s of the dense encoder product alone (the one-GEMM limit).
+    pub limit_tokens_per_s: f64,
+    pub ratio: f64,
+    /// Mean L0 during the timed steps.
+    pub l0: f64,
+    pub threads: usize,
+}
+
+impl BenchRow {
+    pub fn header() -> String {
+        format!(
+            "{:<10} {:>6} {:>7} {:>6} {:>12} {:>14} {:>7} {:>7}",
+            "arch", "d_in", "d_sae", "batch", "tokens/s", "1-GEMM tok/s", "ratio", "L0"
+        )
+    }
+}
+
+impl fmt::Display for BenchRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<10} {:>6} {:>7} {:>6} {:>12.0} {:>14.0} {:>6.1}% {:>7.1}",
+            self.arch.as_str(),
+            self.d_in,
+            self.d_sae,
+            self.batch,
+            self.tokens_per_s,
+            self.limit_tokens_per_s,
+            100.0 * self.ratio,
+            self.l0
+        )
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// An SAE whose biases/thresholds give about `BENCH_L0` active latents on N(0, I) inputs.
+fn bench_sae(arch: ArchKind, d_in: usize, d_sae: usize, sample: &[f32]) -> Sae {
+    let mut sae = Sae::init(arch, d_in, d_sae, BENCH_L0, 0);
+    let n = sample.len() / d_in;
+    let mut pre = sae.pre_activations(sample, n);
+    let keep = (BENCH_L0 * n).min(pre.len() - 1);
+    let (_, q, _) = pre.select_nth_unstable_by(keep, |a, b| b.total_cmp(a));
+    let q = *q;
+    match arch {
+        ArchKind::Gated | ArchKind::Relu => sae.b_enc.fill(-q),
+        ArchKind::JumpRelu => sae.threshold.fill(q),
+        ArchKind::TopK | ArchKind::BatchTopK => {}
+    }
+    sae
+}
+
+/// Median tokens/s of `steps` full training steps (after 2 warm-up steps) and of the dense
+/// encoder product alone, for every arch and width, on N(0, I) data.
+pub fn run_bench(
+    archs: &[ArchKind],
+    d_sae_list: &[usize],
+    d_in: usize,
+    batch: usize,
+    steps: usize,
+) -> Vec<BenchRow> {
+    let steps = steps.max(1);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let n_batches = 3;
+    let data: Vec<f32> = (0..n_batches * batch * d_in)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
+    let mut rows = Vec::new();
+    for &d_sae in d_sae_list {
+        // The one-GEMM limit, measured once per width.
+        let w_t: Vec<f32> = (0..d_sae * d_in)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        let mut out = vec![0.0f32; batch * d_sae];
+        let mut gemm_times = Vec::new();
+        for s in 0..steps + 2 {
+            let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
+            let t0 = Instant::now();
+            matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out);
+            if s >= 2 {
+                gemm_times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        drop((w_t, out));
+        let limit = batch as f64 / median(gemm_times);
+        for &arch in archs {
+            let sae = bench_sae(arch, d_in, d_sae, &data[..batch.min(1024) * d_in]);
+            let mut trainer = SaeTrainer::new(sae, TrainHyper::default());
+            let mut times = Vec::new();
+            let mut l0 = 0.0;
+            for s in 0..steps + 2 {
+                let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
+                let t0 = Instant::now();
+                let st = trainer.step(x, batch, 1e-5, 1e-3);
+                if s >= 2 {
+                    times.push(t0.elapsed().as_secs_f64());
+                    l0 += st.l0 / steps as f64;
+                }
+            }
+            let tps = batch as f64 / median(times);
+            rows.push(BenchRow {
+                arch,
+                d_in,
+                d_sae,
+                batch,
+                tokens_per_s: tps,
+                limit_tokens_per_s: limit,
+                ratio: tps / limit,
+                l0,
+                threads: rayon::current_num_threads(),
+            });
+        }
+    }
+    rows
+}
