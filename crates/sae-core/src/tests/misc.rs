@@ -1,1 +1,340 @@
+//! Trainer behaviour, inference helpers and metrics.
 
+use super::{randn, random_sae};
+use crate::metrics::{mmcs, ReconMetrics};
+use crate::{ArchKind, Sae, SaeTrainer, SparseCode, TrainHyper};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Sparse non-negative combinations of `n_feat` random unit directions (+ small noise).
+fn synthetic(n: usize, d_in: usize, n_feat: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut dirs = randn(&mut rng, n_feat * d_in);
+    for r in dirs.chunks_mut(d_in) {
+        let nrm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+        r.iter_mut().for_each(|v| *v /= nrm);
+    }
+    let mut x = vec![0.0f32; n * d_in];
+    for row in x.chunks_mut(d_in) {
+        for f in 0..n_feat {
+            if rng.gen::<f32>() < 3.0 / n_feat as f32 {
+                let c = rng.gen_range(0.5..2.0f32);
+                for (v, d) in row.iter_mut().zip(&dirs[f * d_in..(f + 1) * d_in]) {
+                    *v += c * d;
+                }
+            }
+        }
+        for v in row.iter_mut() {
+            *v += 0.01 * rng.sample::<f32, _>(rand_distr::StandardNormal);
+        }
+    }
+    (x, dirs)
+}
+
+fn row_norms(w: &[f32], d: usize) -> Vec<f32> {
+    w.chunks(d)
+        .map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt())
+        .collect()
+}
+
+#[test]
+fn training_lowers_loss_and_keeps_unit_norm_decoder() {
+    let (d_in, d_sae, n) = (16, 48, 256);
+    let (x, _) = synthetic(n, d_in, 12, 3);
+    for arch in ArchKind::ALL {
+        let sae = Sae::init(arch, d_in, d_sae, 4, 5);
+        let mut tr = SaeTrainer::new(sae, TrainHyper::default());
+        let lambda = if arch == ArchKind::JumpRelu {
+            1e-3
+        } else {
+            0.05
+        };
+        let first = tr.step(&x, n, 1e-3, lambda);
+        let mut last = first.clone();
+        for _ in 0..60 {
+            last = tr.step(&x, n, 1e-3, lambda);
+        }
+        assert!(
+            last.mse < 0.7 * first.mse,
+            "{arch}: mse {} -> {}",
+            first.mse,
+            last.mse
+        );
+        assert_eq!(tr.steps_done(), 61);
+        let snap = tr.snapshot();
+        for nrm in row_norms(&snap.w_dec, d_in) {
+            assert!((nrm - 1.0).abs() < 1e-4, "{arch}: decoder row norm {nrm}");
+        }
+    }
+}
+
+#[test]
+fn decoder_norm_l1_variant_has_no_norm_constraint() {
+    let (d_in, d_sae, n) = (16, 32, 128);
+    let (x, _) = synthetic(n, d_in, 10, 4);
+    let hyper = TrainHyper {
+        relu_decoder_norm_l1: true,
+        ..TrainHyper::default()
+    };
+    let mut tr = SaeTrainer::new(Sae::init(ArchKind::Relu, d_in, d_sae, 0, 1), hyper);
+    for _ in 0..20 {
+        tr.step(&x, n, 1e-2, 0.1);
+    }
+    let norms = row_norms(&tr.snapshot().w_dec, d_in);
+    assert!(norms.iter().any(|v| (v - 1.0).abs() > 1e-3));
+}
+
+#[test]
+fn same_seed_same_bits() {
+    let (d_in, d_sae, n) = (16, 40, 96);
+    let (x, _) = synthetic(n, d_in, 10, 8);
+    for arch in ArchKind::ALL {
+        let run = || {
+            let mut tr =
+                SaeTrainer::new(Sae::init(arch, d_in, d_sae, 3, 42), TrainHyper::default());
+            for _ in 0..4 {
+                tr.step(&x, n, 1e-3, 0.01);
+            }
+            tr.snapshot()
+        };
+        assert_eq!(run(), run(), "{arch}");
+    }
+    assert_ne!(
+        Sae::init(ArchKind::Gated, 8, 8, 0, 1).w_dec,
+        Sae::init(ArchKind::Gated, 8, 8, 0, 2).w_dec
+    );
+}
+
+#[test]
+fn non_finite_loss_leaves_state_untouched() {
+    let (d_in, d_sae, n) = (8, 16, 10);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut x = randn(&mut rng, n * d_in);
+    let mut tr = SaeTrainer::new(
+        random_sae(ArchKind::Gated, d_in, d_sae, 0, 3),
+        TrainHyper::default(),
+    );
+    tr.step(&x, n, 1e-3, 0.1);
+    let before = tr.snapshot();
+    x[5] = f32::NAN;
+    let st = tr.step(&x, n, 1e-3, 0.1);
+    assert!(st.loss.is_nan());
+    assert_eq!(tr.steps_done(), 1);
+    assert_eq!(tr.snapshot(), before);
+}
+
+#[test]
+fn resume_from_saved_state_is_exact() {
+    let (d_in, d_sae, n) = (16, 40, 64);
+    let (x, _) = synthetic(4 * n, d_in, 10, 9);
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ArchKind::ALL {
+        let hyper = TrainHyper {
+            dead_window_tokens: 128,
+            ..TrainHyper::default()
+        };
+        let batch = |i: usize| &x[i * n * d_in..(i + 1) * n * d_in];
+        let mut a = SaeTrainer::new(Sae::init(arch, d_in, d_sae, 3, 1), hyper.clone());
+        a.step(batch(0), n, 1e-3, 0.01);
+        a.step(batch(1), n, 1e-3, 0.01);
+        let sae_dir = dir.path().join(format!("{arch}"));
+        let state = dir.path().join(format!("{arch}.state.safetensors"));
+        crate::saelens::save(&a.snapshot(), &sae_dir).unwrap();
+        a.save_state(&state).unwrap();
+        a.step(batch(2), n, 1e-3, 0.01);
+        a.step(batch(3), n, 1e-3, 0.01);
+
+        let mut b = SaeTrainer::new(crate::saelens::load(&sae_dir).unwrap(), hyper.clone());
+        b.load_state(&state).unwrap();
+        assert_eq!(b.steps_done(), 2);
+        b.step(batch(2), n, 1e-3, 0.01);
+        b.step(batch(3), n, 1e-3, 0.01);
+        assert_eq!(a.snapshot(), b.snapshot(), "{arch}");
+        assert_eq!(a.tokens_since_fired(), b.tokens_since_fired());
+
+        // A state from another architecture is refused with a clear message.
+        let other = if arch == ArchKind::Relu {
+            ArchKind::Gated
+        } else {
+            ArchKind::Relu
+        };
+        let mut c = SaeTrainer::new(Sae::init(other, d_in, d_sae, 3, 1), hyper);
+        let err = c.load_state(&state).unwrap_err().to_string();
+        assert!(
+            err.contains("state.safetensors") && err.contains("arch"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn dead_latents_are_counted_and_auxk_is_active() {
+    let (d_in, d_sae, n) = (16, 64, 64);
+    let (x, _) = synthetic(n, d_in, 8, 2);
+    let hyper = TrainHyper {
+        dead_window_tokens: 2 * n as u64,
+        ..TrainHyper::default()
+    };
+    let mut tr = SaeTrainer::new(Sae::init(ArchKind::TopK, d_in, d_sae, 2, 1), hyper);
+    let mut last = Default::default();
+    for _ in 0..4 {
+        last = tr.step(&x, n, 1e-4, 0.0);
+    }
+    let st: crate::StepStats = last;
+    assert!(st.dead_latents > 0 && st.dead_latents < d_sae);
+    let expect = tr
+        .tokens_since_fired()
+        .iter()
+        .filter(|&&t| t >= 2 * n as u64)
+        .count();
+    assert_eq!(st.dead_latents, expect);
+    assert!(st.aux_loss > 0.0);
+}
+
+#[test]
+fn batchtopk_mean_l0_is_k_and_threshold_is_learned() {
+    let (d_in, d_sae, n, k) = (16, 64, 128, 5);
+    let (x, _) = synthetic(n, d_in, 10, 5);
+    let mut tr = SaeTrainer::new(
+        Sae::init(ArchKind::BatchTopK, d_in, d_sae, k, 1),
+        TrainHyper::default(),
+    );
+    let st = tr.step(&x, n, 1e-3, 0.0);
+    assert!((st.l0 - k as f64).abs() < 0.05, "l0 {}", st.l0);
+    for _ in 0..10 {
+        tr.step(&x, n, 1e-3, 0.0);
+    }
+    let snap = tr.snapshot();
+    assert!(snap.threshold[0] > 0.0);
+    // At inference the threshold gives roughly k active latents per token.
+    let l0 = snap.encode(&x, n).mean_l0();
+    assert!(
+        l0 > 0.3 * k as f64 && l0 < 3.0 * k as f64,
+        "inference l0 {l0}"
+    );
+}
+
+/// encode + decode reproduce the training forward pass (all but BatchTopK, whose inference
+/// rule differs by design).
+#[test]
+fn encode_decode_matches_training_forward() {
+    let (d_in, d_sae, n) = (8, 20, 12);
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let x = randn(&mut rng, n * d_in);
+    for arch in [
+        ArchKind::Gated,
+        ArchKind::Relu,
+        ArchKind::TopK,
+        ArchKind::JumpRelu,
+    ] {
+        let sae = random_sae(arch, d_in, d_sae, 4, 3);
+        let mut tr = SaeTrainer::new(sae.clone(), TrainHyper::default());
+        let (st, _) = tr.gradients(&x, n, 0.0);
+        let code = sae.encode(&x, n);
+        let x_hat = sae.decode(&code);
+        let mut m = ReconMetrics::new(d_in, d_sae);
+        m.add(&x, &x_hat, &code);
+        assert!(
+            (m.mse() - st.mse).abs() < 1e-4 * st.mse,
+            "{arch}: {} vs {}",
+            m.mse(),
+            st.mse
+        );
+        assert!(
+            (m.l0() - st.l0).abs() < 1e-9,
+            "{arch}: l0 {} vs {}",
+            m.l0(),
+            st.l0
+        );
+    }
+}
+
+#[test]
+fn gated_exports_as_equivalent_jumprelu() {
+    let (d_in, d_sae, n) = (8, 30, 20);
+    let sae = random_sae(ArchKind::Gated, d_in, d_sae, 0, 6);
+    let jr = sae.gated_to_jumprelu().unwrap();
+    assert_eq!(jr.arch, ArchKind::JumpRelu);
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let x = randn(&mut rng, n * d_in);
+    let (a, b) = (sae.encode(&x, n), jr.encode(&x, n));
+    assert!(a.nnz() > 0);
+    assert_eq!(a.row_ptr, b.row_ptr);
+    assert_eq!(a.idx, b.idx);
+    for (u, v) in a.val.iter().zip(&b.val) {
+        assert!((u - v).abs() < 1e-4 * u.abs().max(1.0));
+    }
+    assert!(Sae::init(ArchKind::Relu, 4, 4, 0, 0)
+        .gated_to_jumprelu()
+        .is_err());
+}
+
+#[test]
+fn fold_activation_scale_maps_raw_to_raw() {
+    let (d_in, d_sae, n, s) = (8, 16, 10, 3.7f32);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let x = randn(&mut rng, n * d_in);
+    let xs: Vec<f32> = x.iter().map(|v| v * s).collect();
+    for arch in ArchKind::ALL {
+        let sae = random_sae(arch, d_in, d_sae, 4, 2);
+        let want: Vec<f32> = sae
+            .decode(&sae.encode(&xs, n))
+            .iter()
+            .map(|v| v / s)
+            .collect();
+        let mut folded = sae.clone();
+        folded.fold_activation_scale(s);
+        let code = folded.encode(&x, n);
+        assert_eq!(code.idx, sae.encode(&xs, n).idx, "{arch}");
+        let got = folded.decode(&code);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() < 1e-4 * w.abs().max(1.0),
+                "{arch}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn metrics_on_a_hand_computed_case() {
+    // Two tokens in 2-d: x = (1, 0), (3, 2); x_hat = (1, 1), (2, 2).
+    let x = [1.0, 0.0, 3.0, 2.0];
+    let x_hat = [1.0, 1.0, 2.0, 2.0];
+    let code = SparseCode {
+        n_rows: 2,
+        d_sae: 3,
+        row_ptr: vec![0, 2, 3],
+        idx: vec![0, 2, 2],
+        val: vec![1.0, 0.5, 2.0],
+    };
+    let mut m = ReconMetrics::new(2, 3);
+    m.add(&x, &x_hat, &code);
+    // errors: ||(0,-1)||^2 = 1, ||(1,0)||^2 = 1 -> mse 1.
+    assert!((m.mse() - 1.0).abs() < 1e-12);
+    // Var per dim: dim0 values 1,3 -> 1; dim1 values 0,2 -> 1; total 2 -> fvu 0.5.
+    assert!((m.fvu() - 0.5).abs() < 1e-12);
+    // gamma = mean||x_hat||^2 / mean(x_hat . x) = (2 + 8) / (1 + 10) = 10/11.
+    assert!((m.gamma() - 10.0 / 11.0).abs() < 1e-12);
+    assert!((m.l0() - 1.5).abs() < 1e-12);
+    assert_eq!(m.fire_counts(), &[1, 0, 2]);
+    // Accumulating the same batch again changes nothing but the counts.
+    m.add(&x, &x_hat, &code);
+    assert!((m.fvu() - 0.5).abs() < 1e-12);
+    assert_eq!(m.n_tokens, 4);
+}
+
+#[test]
+fn mmcs_cases() {
+    let truth = [1.0, 0.0, 0.0, 1.0];
+    // Perfect recovery, up to scale, plus an unrelated extra row.
+    let w = [0.0, 2.0, 3.0, 0.0, 1.0, 1.0];
+    assert!((mmcs(&w, &truth, 2) - 1.0).abs() < 1e-9);
+    // One direction at 45 degrees to both truths -> cos = 1/sqrt 2.
+    let w = [1.0, 1.0];
+    assert!((mmcs(&w, &truth, 2) - 0.5f64.sqrt()).abs() < 1e-6);
+    // Anti-aligned rows do not count as recovered: the best is the orthogonal one (cos 0).
+    let w = [-1.0, 0.0, 0.0, -1.0];
+    assert!(mmcs(&w, &truth, 2).abs() < 1e-9);
+}
