@@ -1,7 +1,7 @@
 //! The CPU kernels of the hot path: the single dense encoder product (via `gemm`, rayon
 //! threads) and the small dense-vector helpers the sparse passes are built from.
 
-#![allow(clippy::needless_range_loop)]
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use gemm::{gemm, Parallelism};
 
@@ -163,51 +163,83 @@ multiversion! {
 }
 
 multiversion! {
-    /// Returns `d . r` and does `g += c * r`, reading `r` once.
-    pub fn dot_axpy(d: &[f32], r: &[f32], c: f32, g: &mut [f32]) -> f32 {
-        let n = d.len().min(r.len()).min(g.len());
-        let (d, r, g) = (&d[..n], &r[..n], &mut g[..n]);
+    /// `(x . a, x . b)` reading `x` once.
+    pub fn dot2(x: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
+        let n = x.len().min(a.len()).min(b.len());
+        let (x, a, b) = (&x[..n], &a[..n], &b[..n]);
         let mut acc = [0.0f32; LANES];
+        let mut acc_b = [0.0f32; LANES];
         let full = n / LANES * LANES;
         for i0 in (0..full).step_by(LANES) {
             for l in 0..LANES {
                 let i = i0 + l;
-                acc[l] += d[i] * r[i];
-                g[i] += c * r[i];
+                acc[l] += x[i] * a[i];
+                acc_b[l] += x[i] * b[i];
             }
         }
-        let mut s = 0.0;
+        let (mut s, mut sb) = (0.0, 0.0);
         for i in full..n {
-            s += d[i] * r[i];
-            g[i] += c * r[i];
+            s += x[i] * a[i];
+            sb += x[i] * b[i];
         }
-        hsum(&acc) + s
+        (hsum(&acc) + s, hsum(&acc_b) + sb)
     }
 }
 
 multiversion! {
-    /// Returns `(d . r, d . ra)` and does `g += c * r + ca * ra`.
-    pub fn dot2_axpy2(d: &[f32], r: &[f32], ra: &[f32], c: f32, ca: f32, g: &mut [f32]) -> (f32, f32) {
-        let n = d.len().min(r.len()).min(ra.len()).min(g.len());
-        let (d, r, ra, g) = (&d[..n], &r[..n], &ra[..n], &mut g[..n]);
-        let mut acc = [0.0f32; LANES];
-        let mut acc_a = [0.0f32; LANES];
-        let full = n / LANES * LANES;
-        for i0 in (0..full).step_by(LANES) {
-            for l in 0..LANES {
-                let i = i0 + l;
-                acc[l] += d[i] * r[i];
-                acc_a[l] += d[i] * ra[i];
-                g[i] += c * r[i] + ca * ra[i];
+    /// `g1 += c1 * x1` and `g2 += c2 * x2` in one loop.
+    pub fn acc2(c1: f32, x1: &[f32], g1: &mut [f32], c2: f32, x2: &[f32], g2: &mut [f32]) -> () {
+        let n = x1.len().min(g1.len()).min(x2.len()).min(g2.len());
+        let (x1, g1, x2, g2) = (&x1[..n], &mut g1[..n], &x2[..n], &mut g2[..n]);
+        for i in 0..n {
+            g1[i] += c1 * x1[i];
+            g2[i] += c2 * x2[i];
+        }
+    }
+}
+
+multiversion! {
+    /// `g1 += c1 * x1 + ca * xa` and `g2 += c2 * x2` in one loop.
+    pub fn acc3(
+        c1: f32,
+        x1: &[f32],
+        ca: f32,
+        xa: &[f32],
+        g1: &mut [f32],
+        c2: f32,
+        x2: &[f32],
+        g2: &mut [f32]
+    ) -> () {
+        let n = x1.len().min(xa.len()).min(g1.len()).min(x2.len()).min(g2.len());
+        let (x1, xa, g1, x2, g2) = (&x1[..n], &xa[..n], &mut g1[..n], &x2[..n], &mut g2[..n]);
+        for i in 0..n {
+            g1[i] += c1 * x1[i] + ca * xa[i];
+            g2[i] += c2 * x2[i];
+        }
+    }
+}
+
+multiversion! {
+    /// Appends every `j` with `v[j] > cutoff[j]` to `out`, 16 comparisons at a time.
+    pub fn indices_above(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) -> () {
+        let n = v.len().min(cutoff.len());
+        let (v, cutoff) = (&v[..n], &cutoff[..n]);
+        let full = n / 16 * 16;
+        for i0 in (0..full).step_by(16) {
+            let mut mask = 0u32;
+            for l in 0..16 {
+                mask |= ((v[i0 + l] > cutoff[i0 + l]) as u32) << l;
+            }
+            while mask != 0 {
+                out.push(i0 as u32 + mask.trailing_zeros());
+                mask &= mask - 1;
             }
         }
-        let (mut s, mut sa) = (0.0, 0.0);
         for i in full..n {
-            s += d[i] * r[i];
-            sa += d[i] * ra[i];
-            g[i] += c * r[i] + ca * ra[i];
+            if v[i] > cutoff[i] {
+                out.push(i as u32);
+            }
         }
-        (hsum(&acc) + s, hsum(&acc_a) + sa)
     }
 }
 

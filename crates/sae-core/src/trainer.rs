@@ -26,7 +26,9 @@
 //! 6. Dense Adam on the small vectors (b_dec, per-latent parameters).
 
 use crate::arch::{make_arch, Arch, ArchKind, AuxMode, Entry, RowOut, StepCtx};
-use crate::kernels::{axpy, axpy2, dot, dot2_axpy2, dot_axpy, matmul_xt, prefetch_rows};
+use crate::kernels::{
+    acc2, acc3, axpy, axpy2, dot, dot2, matmul_xt, prefetch_rows, split_by_lengths,
+};
 use crate::optim::{AdamStep, Moments};
 use crate::sae::{Sae, SaeMeta};
 use anyhow::{bail, Context};
@@ -116,11 +118,13 @@ struct Buffers {
     chunk_stats: Vec<RowStats>,
     lat_ptr: Vec<usize>,
     lat_ent: Vec<LatEntry>,
+    dots: Vec<[f32; 2]>,
     lat_fill: Vec<usize>,
     lat_scratch: Vec<f32>,
     bdec_part: Vec<f32>,
     dec_norm: Vec<f32>,
     dead: Vec<u32>,
+    cutoff: Vec<f32>,
     gparams: Vec<Vec<f32>>,
 }
 
@@ -131,6 +135,9 @@ struct LatEntry {
     f: f32,
     a: f32,
     pre: f32,
+    /// `d_j . r_b` and `d_j . r_aux_b`, before the loss scales.
+    dot_r: f32,
+    dot_a: f32,
 }
 
 #[derive(Default)]
@@ -413,7 +420,11 @@ impl SaeTrainer {
             dec_norm: &buf.dec_norm,
             dead: &buf.dead,
             batch_threshold: self.last_batch_threshold,
+            cutoff: &[],
         };
+        if self.arch.prefilter(&self.params, &mut buf.cutoff) {
+            ctx.cutoff = &buf.cutoff;
+        }
         let batch_threshold = self.arch.prepare_batch(&ctx, &buf.pre);
         ctx.batch_threshold = batch_threshold;
 
@@ -475,12 +486,19 @@ impl SaeTrainer {
         {
             let (w_dec, b_dec) = (&self.w_dec, &self.b_dec);
             let (row_ptr, idx, fv, av) = (&buf.row_ptr, &buf.idx, &buf.f, &buf.a);
+            buf.dots.resize(total, [0.0; 2]);
+            let lens: Vec<usize> = (0..n_row_chunks)
+                .map(|c| row_ptr[((c + 1) * ROW_CHUNK).min(n)] - row_ptr[c * ROW_CHUNK])
+                .collect();
+            let dot_pieces = split_by_lengths(&mut buf.dots, &lens);
             buf.resid
                 .par_chunks_mut(d_in * ROW_CHUNK)
                 .zip(buf.aux.par_chunks_mut(d_in * ROW_CHUNK))
                 .zip(buf.chunk_stats.par_iter_mut())
+                .zip(dot_pieces)
                 .enumerate()
-                .for_each(|(c, ((res, aux), st))| {
+                .for_each(|(c, (((res, aux), st), dots))| {
+                    let base = row_ptr[c * ROW_CHUNK];
                     st.err2 = 0.0;
                     st.aux2 = 0.0;
                     st.x2 = 0.0;
@@ -541,6 +559,18 @@ impl SaeTrainer {
                         }
                         if aux_mode != AuxMode::None {
                             st.aux2 += dot(aux, aux) as f64;
+                        }
+                        // d_j . r_b and d_j . r_aux_b (unscaled): the rows d_j were just read
+                        // for this token and are still in cache.
+                        for e in row_ptr[b]..row_end {
+                            let j = idx[e] as usize;
+                            let d = &w_dec[j * d_in..(j + 1) * d_in];
+                            dots[e - base] = if aux_mode != AuxMode::None && av[e] != 0.0 {
+                                let (u, v) = dot2(d, res, aux);
+                                [u, v]
+                            } else {
+                                [dot(d, res), 0.0]
+                            };
                         }
                     }
                 });
@@ -611,6 +641,8 @@ impl SaeTrainer {
                 f: buf.f[e],
                 a: buf.a[e],
                 pre: buf.pre_e[e],
+                dot_r: buf.dots[e][0],
+                dot_a: buf.dots[e][1],
             };
             *p += 1;
         }
@@ -666,12 +698,7 @@ impl SaeTrainer {
             let last = SharedU64(self.last_update.as_mut_ptr());
             let fired = SharedU64(self.tokens_since_fired.as_mut_ptr());
             let (lat_ptr, lat_ent) = (&buf.lat_ptr, &buf.lat_ent);
-            let fuse = match aux_mode {
-                AuxMode::None => Fuse::Plain,
-                _ if aux_scale == 0.0 => Fuse::Plain,
-                AuxMode::FrozenDecoder => Fuse::Aux { trains_dec: false },
-                AuxMode::AuxK => Fuse::Aux { trains_dec: true },
-            };
+            let aux_trains_dec = aux_mode == AuxMode::AuxK && aux_scale != 0.0;
             let (resid, aux, xc) = (&buf.resid, &buf.aux, &buf.xc);
             let n_params = self.params.len();
             buf.bdec_part
@@ -701,24 +728,10 @@ impl SaeTrainer {
                                 let nb = nx.row as usize * d_in;
                                 prefetch_rows(resid, nb, d_in);
                                 prefetch_rows(xc, nb, d_in);
-                                if !matches!(fuse, Fuse::Plain) {
+                                if aux_trains_dec {
                                     prefetch_rows(aux, nb, d_in);
                                 }
                             }
-                            let rb = &resid[b * d_in..(b + 1) * d_in];
-                            // d_j . r_b (and d_j . r_aux_b) while accumulating the decoder
-                            // gradient from the same rows.
-                            let (df, da) = match fuse {
-                                Fuse::Plain => {
-                                    (resid_scale * dot_axpy(wd, rb, f * resid_scale, g_dec), 0.0)
-                                }
-                                Fuse::Aux { trains_dec } => {
-                                    let ab = &aux[b * d_in..(b + 1) * d_in];
-                                    let ca = if trains_dec { a * aux_scale } else { 0.0 };
-                                    let (x, y) = dot2_axpy2(wd, rb, ab, f * resid_scale, ca, g_dec);
-                                    (resid_scale * x, aux_scale * y)
-                                }
-                            };
                             if f != 0.0 {
                                 any_fired |= f > 0.0;
                                 sum_f += f;
@@ -729,13 +742,20 @@ impl SaeTrainer {
                                 f,
                                 a,
                             };
+                            let (df, da) = (resid_scale * le.dot_r, aux_scale * le.dot_a);
                             let eg = arch.entry_backward(&ctx, ent, df, da);
-                            if eg.gpre != 0.0 {
-                                axpy(eg.gpre, &xc[b * d_in..(b + 1) * d_in], g_enc);
-                                colsum += eg.gpre;
-                            }
+                            colsum += eg.gpre;
                             for (s, g) in psum.iter_mut().zip(&eg.params).take(n_params) {
                                 *s += g;
+                            }
+                            let rb = &resid[b * d_in..(b + 1) * d_in];
+                            let xb = &xc[b * d_in..(b + 1) * d_in];
+                            let ca = if aux_trains_dec { a * aux_scale } else { 0.0 };
+                            if ca != 0.0 {
+                                let ab = &aux[b * d_in..(b + 1) * d_in];
+                                acc3(f * resid_scale, rb, ca, ab, g_dec, eg.gpre, xb, g_enc);
+                            } else {
+                                acc2(f * resid_scale, rb, g_dec, eg.gpre, xb, g_enc);
                             }
                         }
                         if let Some(coef) = arch.dec_row_extra(&ctx, j, sum_f) {
@@ -999,13 +1019,6 @@ impl SaeTrainer {
         let w = self.hyper.dead_window_tokens;
         self.tokens_since_fired.iter().filter(|&&t| t >= w).count()
     }
-}
-
-/// Which fused kernel the latent pass uses per entry.
-#[derive(Clone, Copy)]
-enum Fuse {
-    Plain,
-    Aux { trains_dec: bool },
 }
 
 enum Mode<'g> {

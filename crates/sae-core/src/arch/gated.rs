@@ -3,7 +3,7 @@
 //! `f = 1[pi_gate > 0] * relu(pi_mag)`, L1 on `relu(pi_gate)`, and the auxiliary reconstruction
 //! of `relu(pi_gate)` through a stop-gradient copy of the decoder.
 
-use super::{Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::{candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
 
 pub struct Gated;
 
@@ -29,7 +29,9 @@ impl Arch for Gated {
             &ctx.params[B_MAG][..],
         );
         let mut l1 = 0.0f64;
-        for (j, &p) in pre.iter().enumerate() {
+        let mut cands = std::mem::take(&mut out.cands);
+        for &j in candidates(ctx, pre, &mut cands) {
+            let (j, p) = (j as usize, pre[j as usize]);
             let pi_gate = p + b_gate[j];
             if pi_gate > 0.0 {
                 let pi_mag = r_mag[j].exp() * p + b_mag[j];
@@ -38,6 +40,13 @@ impl Arch for Gated {
             }
         }
         out.sparsity += l1;
+        out.cands = cands;
+    }
+
+    fn prefilter(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+        out.clear();
+        out.extend(params[B_GATE].iter().map(|b| loosen(-b)));
+        true
     }
 
     fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, da: f32) -> EntryGrad {

@@ -2,7 +2,7 @@
 //! L0 penalty, straight-through estimators with a rectangle kernel of width `bandwidth` for the
 //! threshold. theta is stored as `log_threshold` (positive by construction).
 
-use super::{Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::{candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
 
 pub struct JumpRelu {
     pub bandwidth: f32,
@@ -28,7 +28,9 @@ impl Arch for JumpRelu {
         let (b_enc, log_theta) = (&ctx.params[B_ENC][..], &ctx.params[LOG_THETA][..]);
         let half = 0.5 * self.bandwidth;
         let mut l0 = 0u32;
-        for (j, &p) in pre.iter().enumerate() {
+        let mut cands = std::mem::take(&mut out.cands);
+        for &j in candidates(ctx, pre, &mut cands) {
+            let (j, p) = (j as usize, pre[j as usize]);
             let pi = p + b_enc[j];
             let theta = log_theta[j].exp();
             if pi > theta - half {
@@ -38,6 +40,20 @@ impl Arch for JumpRelu {
             }
         }
         out.sparsity += l0 as f64;
+        out.cands = cands;
+    }
+
+    fn prefilter(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+        out.clear();
+        let half = 0.5 * self.bandwidth;
+        let (b_enc, log_theta) = (&params[B_ENC], &params[LOG_THETA]);
+        out.extend(
+            b_enc
+                .iter()
+                .zip(log_theta)
+                .map(|(b, lt)| loosen(lt.exp() - half - b)),
+        );
+        true
     }
 
     fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, _da: f32) -> EntryGrad {

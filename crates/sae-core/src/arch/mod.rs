@@ -112,6 +112,8 @@ pub struct StepCtx<'a> {
     pub dead: &'a [u32],
     /// BatchTopK: this batch's selection threshold (from `prepare_batch`).
     pub batch_threshold: f32,
+    /// Per-latent lower bounds from `Arch::prefilter` (empty when the arch has none).
+    pub cutoff: &'a [f32],
 }
 
 /// Entries of one row, appended by `select_row`.
@@ -125,6 +127,8 @@ pub struct RowOut {
     pub sparsity: f64,
     /// Scratch for selections.
     pub scratch: Vec<(f32, u32)>,
+    /// Scratch: candidate latents of the current row.
+    pub cands: Vec<u32>,
 }
 
 impl RowOut {
@@ -174,6 +178,12 @@ pub trait Arch: Send + Sync {
     fn prepare_batch(&self, _ctx: &StepCtx, _pre: &[f32]) -> f32 {
         0.0
     }
+    /// Per-latent values `c_j` such that only latents with `pre_j > c_j` can be selected
+    /// (a vectorised prefilter; `select_row` still applies its exact test). Returns false
+    /// when the arch has no such bound.
+    fn prefilter(&self, _params: &[Vec<f32>], _out: &mut Vec<f32>) -> bool {
+        false
+    }
     /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`.
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut);
     /// `df`, `da`: loss gradients w.r.t. the entry's `f` and `a` (batch mean included).
@@ -182,6 +192,23 @@ pub trait Arch: Send + Sync {
     fn dec_row_extra(&self, _ctx: &StepCtx, _j: usize, _sum_f: f32) -> Option<f32> {
         None
     }
+}
+
+/// Lower a cutoff slightly so that float rounding in `pre + b > t` versus `pre > t - b`
+/// can never drop a candidate.
+pub(crate) fn loosen(c: f32) -> f32 {
+    c - c.abs() * 1e-5 - 1e-30
+}
+
+/// Candidate latents of a row (all of them when there is no prefilter).
+pub(crate) fn candidates<'o>(ctx: &StepCtx, pre: &[f32], cands: &'o mut Vec<u32>) -> &'o [u32] {
+    cands.clear();
+    if ctx.cutoff.is_empty() {
+        cands.extend(0..pre.len() as u32);
+    } else {
+        crate::kernels::indices_above(pre, ctx.cutoff, cands);
+    }
+    cands
 }
 
 /// The architecture object for a trainer.

@@ -2,7 +2,7 @@
 //! With `decoder_norm_l1` (Anthropic April 2024 update): penalty `sum_j f_j ||d_j||` and no
 //! norm constraint.
 
-use super::{Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::{candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
 
 pub struct Relu {
     pub decoder_norm_l1: bool,
@@ -25,7 +25,9 @@ impl Arch for Relu {
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let mut l1 = 0.0f64;
-        for (j, &p) in pre.iter().enumerate() {
+        let mut cands = std::mem::take(&mut out.cands);
+        for &j in candidates(ctx, pre, &mut cands) {
+            let (j, p) = (j as usize, pre[j as usize]);
             let pi = p + b_enc[j];
             if pi > 0.0 {
                 out.push(j, pi, 0.0, p);
@@ -38,6 +40,13 @@ impl Arch for Relu {
             }
         }
         out.sparsity += l1;
+        out.cands = cands;
+    }
+
+    fn prefilter(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+        out.clear();
+        out.extend(params[0].iter().map(|b| loosen(-b)));
+        true
     }
 
     fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, _da: f32) -> EntryGrad {
