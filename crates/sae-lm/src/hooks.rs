@@ -1,0 +1,94 @@
+//! TransformerLens hook names and what the forward pass does at a hook.
+
+use crate::model::SpliceFn;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookKind {
+    ResidPre,
+    AttnZ,
+    AttnOut,
+    MlpOut,
+    ResidPost,
+}
+
+impl HookKind {
+    pub const ALL: [HookKind; 5] = [
+        HookKind::ResidPre,
+        HookKind::AttnZ,
+        HookKind::AttnOut,
+        HookKind::MlpOut,
+        HookKind::ResidPost,
+    ];
+
+    pub fn suffix(self) -> &'static str {
+        match self {
+            HookKind::ResidPre => "hook_resid_pre",
+            HookKind::AttnZ => "attn.hook_z",
+            HookKind::AttnOut => "hook_attn_out",
+            HookKind::MlpOut => "hook_mlp_out",
+            HookKind::ResidPost => "hook_resid_post",
+        }
+    }
+}
+
+/// A hook point: `blocks.{layer}.{kind}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hook {
+    pub layer: usize,
+    pub kind: HookKind,
+}
+
+impl Hook {
+    pub fn name(&self) -> String {
+        format!("blocks.{}.{}", self.layer, self.kind.suffix())
+    }
+
+    /// Parses a TransformerLens name, checking the layer exists.
+    pub fn parse(name: &str, n_layers: usize) -> Result<Hook> {
+        let parsed = name.strip_prefix("blocks.").and_then(|rest| {
+            let (layer, suffix) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let kind = HookKind::ALL.into_iter().find(|k| k.suffix() == suffix)?;
+            Some(Hook { layer, kind })
+        });
+        match parsed {
+            Some(h) if h.layer < n_layers => Ok(h),
+            _ => bail!(
+                "unknown hook '{name}'; valid hooks are blocks.L.{{{}}} for L in 0..{} (see `sae hooks`)",
+                HookKind::ALL.map(|k| k.suffix()).join(","),
+                n_layers
+            ),
+        }
+    }
+}
+
+/// What the forward pass does when it reaches the hook.
+pub enum HookMode<'a> {
+    /// Return the activation and stop.
+    Capture,
+    /// Replace the activation in place and go on.
+    Splice(SpliceFn<'a>),
+    /// Nothing (no hook).
+    Pass,
+}
+
+impl HookMode<'_> {
+    /// `None` means stop and return `t`; `Some` is the (possibly replaced) activation.
+    pub fn apply(&mut self, t: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            HookMode::Capture => Ok(None),
+            HookMode::Pass => Ok(Some(t.clone())),
+            HookMode::Splice(f) => {
+                let shape = t.shape().clone();
+                let mut values = t.flatten_all()?.to_vec1::<f32>()?;
+                f(&mut values)?;
+                if values.len() != shape.elem_count() {
+                    bail!("splice changed the activation size");
+                }
+                Ok(Some(Tensor::from_vec(values, shape, &Device::Cpu)?))
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Harvest speed: Hugging Face transformers (PyTorch CPU, f32) vs `sae harvest`, same run.
+
+Both run SmolLM2-135M-Instruct (the Q4_1 GGUF dequantised to f32) over 128-token contexts and
+stop at layer 15 (blocks.15.hook_resid_post); tokens/s counts stored rows (127 per context,
+BOS left out), as `sae harvest` does.
+
+    /tmp/lmvenv/bin/python tools/bench_hf_harvest.py /tmp/smol/gguf target/release/sae \
+        [--tokens 200000] [--batch 16]
+
+(venv setup: see tools/make_lm_fixture.py). The HF side times forward passes only (after one
+warm-up batch), on random token ids; ours is the tokens/s `sae harvest` prints (model forward +
+shard writing, after model load and tokenization).
+"""
+import argparse
+import re
+import subprocess
+import tempfile
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LAYER = 15
+CTX = 128
+
+
+def bench_hf(model_dir, n_tokens, batch):
+    torch.set_grad_enabled(False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF, dtype=torch.float32)
+    model.eval()
+    body = model.model
+    body.layers = body.layers[: LAYER + 1]  # stop at the hooked layer
+    gen = torch.Generator().manual_seed(0)
+    n_batches = max(1, n_tokens // (batch * (CTX - 1)))
+    ids = torch.randint(3, model.config.vocab_size, (n_batches + 1, batch, CTX), generator=gen)
+    with torch.inference_mode():
+        body(ids[0])  # warm-up
+        start = time.perf_counter()
+        for i in range(1, n_batches + 1):
+            out = body(ids[i], output_hidden_states=True)
+            _ = out.hidden_states[LAYER + 1][:, 1:].contiguous()  # layer-15 resid_post, no BOS
+        seconds = time.perf_counter() - start
+    rows = n_batches * batch * (CTX - 1)
+    return rows / seconds, rows, seconds
+
+
+def bench_ours(sae_bin, n_tokens, batch):
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run(
+            [sae_bin, "harvest", "--model", "smollm2-135m", "--hook", f"blocks.{LAYER}.hook_resid_post",
+             "--corpus", "python-docs", "--tokens", str(n_tokens), "--ctx", str(CTX), "--batch", str(batch),
+             "--out", out + "/acts"],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit("sae harvest failed:\n" + proc.stderr)
+        m = re.search(r"harvested (\d+) tokens .* in ([\d.]+)s: (\d+) tokens/s", proc.stdout)
+        return float(m.group(3)), int(m.group(1)), float(m.group(2))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("sae_bin")
+    ap.add_argument("--tokens", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=16)
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    hf, hf_rows, hf_s = bench_hf(a.model_dir, a.tokens, a.batch)
+    print(f"transformers: {hf_rows} tokens in {hf_s:.1f}s = {hf:.0f} tokens/s")
+    ours, rows, s = bench_ours(a.sae_bin, a.tokens, a.batch)
+    print(f"sae harvest:  {rows} tokens in {s:.1f}s = {ours:.0f} tokens/s")
+    print(f"ratio: {ours / hf:.2f}x transformers")
+
+
+if __name__ == "__main__":
+    main()
