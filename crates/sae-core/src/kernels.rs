@@ -83,10 +83,59 @@ pub fn matmul(x: &[f32], n: usize, d_in: usize, w: &[f32], d_sae: usize, out: &m
     }
 }
 
+/// `out[j, i] (+)= sum_b a[b, j] * x[b, i]`: `a` is `[n, m]`, `x` is `[n, d]`, `out` is
+/// `[m, d]` (a transposed-left product); `accumulate` adds to `out` instead of overwriting.
+pub fn matmul_tn(
+    a: &[f32],
+    n: usize,
+    m: usize,
+    x: &[f32],
+    d: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(a.len(), n * m);
+    assert_eq!(x.len(), n * d);
+    assert_eq!(out.len(), m * d);
+    if m == 0 || d == 0 {
+        return;
+    }
+    if n == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: lhs element (j, b) is a[b * m + j], rhs (b, i) is x[b * d + i]: all in bounds.
+    unsafe {
+        gemm(
+            m,
+            d,
+            n,
+            out.as_mut_ptr(),
+            1,
+            d as isize,
+            accumulate,
+            a.as_ptr(),
+            m as isize,
+            1,
+            x.as_ptr(),
+            1,
+            d as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
 /// Defines a kernel twice: a portable body and the same body compiled for AVX2+FMA, picked at
 /// run time. The bodies use explicit independent accumulators, so both versions give
 /// bit-identical results (LLVM does not reassociate float sums or fuse mul+add by itself).
-macro_rules! multiversion {
+macro_rules! multiversion_impl {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$m])*
         #[inline]
@@ -109,6 +158,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion_impl as multiversion;
+
 const LANES: usize = 16;
 
 #[inline(always)]
@@ -120,7 +171,7 @@ fn hsum(acc: &[f32; LANES]) -> f32 {
     (s[0] + s[2]) + (s[1] + s[3])
 }
 
-multiversion! {
+multiversion_impl! {
     /// Dot product with 16 independent accumulators.
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -141,7 +192,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+multiversion_impl! {
     /// `y += alpha * x`.
     pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) -> () {
         for (yi, xi) in y.iter_mut().zip(x) {
@@ -150,7 +201,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+multiversion_impl! {
     /// `y += a1 * x` and `z += a2 * x` in one pass over `x`.
     pub fn axpy2(a1: f32, a2: f32, x: &[f32], y: &mut [f32], z: &mut [f32]) -> () {
         let n = x.len().min(y.len()).min(z.len());
@@ -162,7 +213,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+multiversion_impl! {
     /// `(x . a, x . b)` reading `x` once.
     pub fn dot2(x: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
         let n = x.len().min(a.len()).min(b.len());
@@ -186,7 +237,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+multiversion_impl! {
     /// `g1 += c1 * x1` and `g2 += c2 * x2` in one loop.
     pub fn acc2(c1: f32, x1: &[f32], g1: &mut [f32], c2: f32, x2: &[f32], g2: &mut [f32]) -> () {
         let n = x1.len().min(g1.len()).min(x2.len()).min(g2.len());
@@ -198,7 +249,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+multiversion_impl! {
     /// `g1 += c1 * x1 + ca * xa` and `g2 += c2 * x2` in one loop.
     pub fn acc3(
         c1: f32,
@@ -219,7 +270,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+multiversion_impl! {
     /// Appends every `j` with `v[j] > cutoff[j]` to `out`, 16 comparisons at a time.
     pub fn indices_above(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) -> () {
         let n = v.len().min(cutoff.len());

@@ -41,22 +41,53 @@ impl AdamStep {
     /// One Adam update of `p` with gradient `g`. `m` is empty when beta1 = 0.
     #[inline]
     pub fn update(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        let (b2, c2) = (self.beta2, 1.0 - self.beta2);
         if m.is_empty() {
-            for ((pi, vi), &gi) in p.iter_mut().zip(v.iter_mut()).zip(g) {
-                let vn = b2 * *vi + c2 * gi * gi;
-                *vi = vn;
-                *pi -= self.step_size * gi / (vn.sqrt() + self.eps_hat);
-            }
+            adam_no_momentum(p, v, g, self.beta2, self.step_size, self.eps_hat);
         } else {
-            let (b1, c1) = (self.beta1, 1.0 - self.beta1);
-            for (((pi, mi), vi), &gi) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                let mn = b1 * *mi + c1 * gi;
-                let vn = b2 * *vi + c2 * gi * gi;
-                *mi = mn;
-                *vi = vn;
-                *pi -= self.step_size * mn / (vn.sqrt() + self.eps_hat);
-            }
+            adam_momentum(
+                p,
+                m,
+                v,
+                g,
+                [self.beta1, self.beta2],
+                self.step_size,
+                self.eps_hat,
+            );
+        }
+    }
+}
+
+crate::kernels::multiversion! {
+    /// Adam with beta1 = 0: `v <- b2 v + (1 - b2) g^2; p -= step * g / (sqrt(v) + eps)`.
+    pub fn adam_no_momentum(p: &mut [f32], v: &mut [f32], g: &[f32], b2: f32, step: f32, eps: f32) -> () {
+        let c2 = 1.0 - b2;
+        for ((pi, vi), &gi) in p.iter_mut().zip(v.iter_mut()).zip(g) {
+            let vn = b2 * *vi + c2 * gi * gi;
+            *vi = vn;
+            *pi -= step * gi / (vn.sqrt() + eps);
+        }
+    }
+}
+
+crate::kernels::multiversion! {
+    /// Adam with momentum.
+    pub fn adam_momentum(
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+        betas: [f32; 2],
+        step: f32,
+        eps: f32
+    ) -> () {
+        let [b1, b2] = betas;
+        let (c1, c2) = (1.0 - b1, 1.0 - b2);
+        for (((pi, mi), vi), &gi) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let mn = b1 * *mi + c1 * gi;
+            let vn = b2 * *vi + c2 * gi * gi;
+            *mi = mn;
+            *vi = vn;
+            *pi -= step * mn / (vn.sqrt() + eps);
         }
     }
 }

@@ -27,7 +27,8 @@
 
 use crate::arch::{make_arch, Arch, ArchKind, AuxMode, Entry, RowOut, StepCtx};
 use crate::kernels::{
-    acc2, acc3, axpy, axpy2, dot, dot2, matmul_xt, prefetch_rows, split_by_lengths,
+    acc2, acc3, axpy, axpy2, dot, dot2, matmul, matmul_tn, matmul_xt, prefetch_rows,
+    split_by_lengths,
 };
 use crate::optim::{AdamStep, Moments};
 use crate::sae::{Sae, SaeMeta};
@@ -100,6 +101,26 @@ const THRESHOLD_EMA_BETA: f64 = 0.999;
 /// every reduction in a fixed order: results are bit-for-bit reproducible for a thread count.
 const ROW_CHUNK: usize = 16;
 const LAT_CHUNK: usize = 32;
+/// Above this fraction of non-zero (token, latent) entries the step uses dense GEMMs for the
+/// decode and the gradients (a handful of GEMMs beat the sparse passes there).
+const DENSE_FRACTION: f64 = 1.0 / 16.0;
+
+/// `dst[b, j] = scale * val[e]` for every entry (summing duplicates), zero elsewhere.
+fn scatter_code(
+    dst: &mut [f32],
+    row_ptr: &[usize],
+    idx: &[u32],
+    val: &[f32],
+    d_sae: usize,
+    scale: f32,
+) {
+    dst.par_chunks_mut(d_sae).enumerate().for_each(|(b, row)| {
+        row.fill(0.0);
+        for e in row_ptr[b]..row_ptr[b + 1] {
+            row[idx[e] as usize] += scale * val[e];
+        }
+    });
+}
 
 /// Per-step buffers, reused across steps.
 #[derive(Default)]
@@ -119,6 +140,10 @@ struct Buffers {
     lat_ptr: Vec<usize>,
     lat_ent: Vec<LatEntry>,
     dots: Vec<[f32; 2]>,
+    /// Dense-mode buffers: a second `[n, d_sae]` matrix and the W_enc / W_dec gradients.
+    dense2: Vec<f32>,
+    genc: Vec<f32>,
+    gdec: Vec<f32>,
     lat_fill: Vec<usize>,
     lat_scratch: Vec<f32>,
     bdec_part: Vec<f32>,
@@ -227,6 +252,7 @@ pub struct SaeTrainer {
     /// BatchTopK: EMA numerator of the batch thresholds, and the last batch's threshold.
     threshold_ema: f64,
     last_batch_threshold: f32,
+    dense_fraction: f64,
     buf: Buffers,
 }
 
@@ -279,6 +305,7 @@ impl SaeTrainer {
             steps: 0,
             threshold_ema: 0.0,
             last_batch_threshold: th,
+            dense_fraction: DENSE_FRACTION,
             meta: sae.meta,
             arch,
             hyper,
@@ -323,6 +350,12 @@ impl SaeTrainer {
         }
         let bc = 1.0 - THRESHOLD_EMA_BETA.powf(self.steps as f64);
         (self.threshold_ema / bc) as f32
+    }
+
+    /// Code density above which a step switches to dense GEMMs (tests force each path).
+    #[doc(hidden)]
+    pub fn set_dense_fraction(&mut self, fraction: f64) {
+        self.dense_fraction = fraction;
     }
 
     pub fn steps_done(&self) -> u64 {
@@ -483,6 +516,18 @@ impl SaeTrainer {
         buf.resid.resize(n * d_in, 0.0);
         buf.aux.resize(n * d_in, 0.0);
         buf.chunk_stats.resize(n_row_chunks, RowStats::default());
+        // Early in training codes can be dense (half the latents fire at init); then GEMMs
+        // on dense copies of the code beat the row-by-row sparse passes.
+        let dense = total as f64 > self.dense_fraction * (n * d_sae) as f64;
+        if dense {
+            buf.dense2.resize(n * d_sae, 0.0);
+            scatter_code(&mut buf.pre, &buf.row_ptr, &buf.idx, &buf.f, d_sae, 1.0);
+            matmul(&buf.pre, n, d_sae, &self.w_dec, d_in, &mut buf.resid);
+            if aux_mode != AuxMode::None {
+                scatter_code(&mut buf.dense2, &buf.row_ptr, &buf.idx, &buf.a, d_sae, 1.0);
+                matmul(&buf.dense2, n, d_sae, &self.w_dec, d_in, &mut buf.aux);
+            }
+        }
         {
             let (w_dec, b_dec) = (&self.w_dec, &self.b_dec);
             let (row_ptr, idx, fv, av) = (&buf.row_ptr, &buf.idx, &buf.f, &buf.a);
@@ -512,14 +557,26 @@ impl SaeTrainer {
                     {
                         let b = c * ROW_CHUNK + r;
                         let xb = &x[b * d_in..(b + 1) * d_in];
-                        res.copy_from_slice(b_dec);
-                        match aux_mode {
-                            AuxMode::None => {}
-                            AuxMode::FrozenDecoder => aux.copy_from_slice(b_dec),
-                            AuxMode::AuxK => aux.fill(0.0),
-                        }
                         let row_end = row_ptr[b + 1];
-                        for e in row_ptr[b]..row_end {
+                        if dense {
+                            // x_hat and the aux reconstruction came from the GEMMs.
+                            axpy(1.0, b_dec, res);
+                            if aux_mode == AuxMode::FrozenDecoder {
+                                axpy(1.0, b_dec, aux);
+                            }
+                            st.l0 += fv[row_ptr[b]..row_end]
+                                .iter()
+                                .filter(|f| **f != 0.0)
+                                .count() as u64;
+                        } else {
+                            res.copy_from_slice(b_dec);
+                            match aux_mode {
+                                AuxMode::None => {}
+                                AuxMode::FrozenDecoder => aux.copy_from_slice(b_dec),
+                                AuxMode::AuxK => aux.fill(0.0),
+                            }
+                        }
+                        for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
                             let j = idx[e] as usize;
                             let d = &w_dec[j * d_in..(j + 1) * d_in];
                             if e + 1 < row_end {
@@ -562,7 +619,7 @@ impl SaeTrainer {
                         }
                         // d_j . r_b and d_j . r_aux_b (unscaled): the rows d_j were just read
                         // for this token and are still in cache.
-                        for e in row_ptr[b]..row_end {
+                        for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
                             let j = idx[e] as usize;
                             let d = &w_dec[j * d_in..(j + 1) * d_in];
                             dots[e - base] = if aux_mode != AuxMode::None && av[e] != 0.0 {
@@ -621,6 +678,25 @@ impl SaeTrainer {
             return (stats, ());
         }
 
+        if dense {
+            // d_j . r_b for every (b, j) at once: R W_dec^T (and the same for the aux residual).
+            matmul_xt(&buf.resid, n, d_in, &self.w_dec, d_sae, &mut buf.pre);
+            let with_aux = aux_mode != AuxMode::None && aux_scale != 0.0;
+            if with_aux {
+                matmul_xt(&buf.aux, n, d_in, &self.w_dec, d_sae, &mut buf.dense2);
+            }
+            let (row_ptr, idx, dr, da) = (&buf.row_ptr, &buf.idx, &buf.pre, &buf.dense2);
+            let lens: Vec<usize> = (0..n).map(|b| row_ptr[b + 1] - row_ptr[b]).collect();
+            split_by_lengths(&mut buf.dots, &lens)
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(b, dots)| {
+                    for (p, d) in dots.iter_mut().enumerate() {
+                        let k = b * d_sae + idx[row_ptr[b] + p] as usize;
+                        *d = [dr[k], if with_aux { da[k] } else { 0.0 }];
+                    }
+                });
+        }
         prof.lap("decode");
         // 5. Transposed index (entries per latent, in entry order: deterministic).
         buf.lat_ptr.clear();
@@ -648,6 +724,30 @@ impl SaeTrainer {
         }
 
         prof.lap("transpose");
+        let aux_trains_dec = aux_mode == AuxMode::AuxK && aux_scale != 0.0;
+        if dense {
+            self.dense_gradients(
+                n,
+                sparsity_coeff,
+                resid_scale,
+                aux_scale,
+                aux_trains_dec,
+                batch_threshold,
+            );
+        }
+        let buf = &mut self.buf;
+        let ctx = StepCtx {
+            n,
+            d_sae,
+            sparsity_coeff,
+            hyper: &self.hyper,
+            params: &self.params,
+            dec_norm: &buf.dec_norm,
+            dead: &buf.dead,
+            batch_threshold,
+            cutoff: &[],
+        };
+        let arch = &*self.arch;
         // 6. Latent pass: W_dec / W_enc row gradients fused with Adam.
         let t = self.steps + 1;
         let n_lat_chunks = d_sae.div_ceil(LAT_CHUNK);
@@ -698,8 +798,8 @@ impl SaeTrainer {
             let last = SharedU64(self.last_update.as_mut_ptr());
             let fired = SharedU64(self.tokens_since_fired.as_mut_ptr());
             let (lat_ptr, lat_ent) = (&buf.lat_ptr, &buf.lat_ent);
-            let aux_trains_dec = aux_mode == AuxMode::AuxK && aux_scale != 0.0;
             let (resid, aux, xc) = (&buf.resid, &buf.aux, &buf.xc);
+            let (dense_genc, dense_gdec) = (&buf.genc, &buf.gdec);
             let n_params = self.params.len();
             buf.bdec_part
                 .par_chunks_mut(d_in)
@@ -724,7 +824,8 @@ impl SaeTrainer {
                             let b = le.row as usize;
                             let (f, a) = (le.f, le.a);
                             // Random rows: fetch the next entry's while this one computes.
-                            if let Some(nx) = ents.get(p + 1) {
+                            if dense {
+                            } else if let Some(nx) = ents.get(p + 1) {
                                 let nb = nx.row as usize * d_in;
                                 prefetch_rows(resid, nb, d_in);
                                 prefetch_rows(xc, nb, d_in);
@@ -748,6 +849,9 @@ impl SaeTrainer {
                             for (s, g) in psum.iter_mut().zip(&eg.params).take(n_params) {
                                 *s += g;
                             }
+                            if dense {
+                                continue;
+                            }
                             let rb = &resid[b * d_in..(b + 1) * d_in];
                             let xb = &xc[b * d_in..(b + 1) * d_in];
                             let ca = if aux_trains_dec { a * aux_scale } else { 0.0 };
@@ -757,6 +861,10 @@ impl SaeTrainer {
                             } else {
                                 acc2(f * resid_scale, rb, g_dec, eg.gpre, xb, g_enc);
                             }
+                        }
+                        if dense {
+                            g_dec.copy_from_slice(&dense_gdec[j * d_in..(j + 1) * d_in]);
+                            g_enc.copy_from_slice(&dense_genc[j * d_in..(j + 1) * d_in]);
                         }
                         if let Some(coef) = arch.dec_row_extra(&ctx, j, sum_f) {
                             let nrm = dot(wd, wd).sqrt();
@@ -1013,6 +1121,84 @@ impl SaeTrainer {
         self.threshold_ema = parse_f("threshold_ema")?;
         self.last_batch_threshold = parse_f("last_batch_threshold")? as f32;
         Ok(())
+    }
+
+    /// Dense mode: W_enc and W_dec gradients as GEMMs on dense copies of the per-entry
+    /// gradients (same math as the sparse latent pass).
+    fn dense_gradients(
+        &mut self,
+        n: usize,
+        sparsity_coeff: f32,
+        resid_scale: f32,
+        aux_scale: f32,
+        aux_trains_dec: bool,
+        batch_threshold: f32,
+    ) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let buf = &mut self.buf;
+        let ctx = StepCtx {
+            n,
+            d_sae,
+            sparsity_coeff,
+            hyper: &self.hyper,
+            params: &self.params,
+            dec_norm: &buf.dec_norm,
+            dead: &buf.dead,
+            batch_threshold,
+            cutoff: &[],
+        };
+        // Gpre[b, j], row by row.
+        let (row_ptr, idx, fv, av, pre_e, dots, arch) = (
+            &buf.row_ptr,
+            &buf.idx,
+            &buf.f,
+            &buf.a,
+            &buf.pre_e,
+            &buf.dots,
+            &*self.arch,
+        );
+        buf.pre
+            .par_chunks_mut(d_sae)
+            .enumerate()
+            .for_each(|(b, row)| {
+                row.fill(0.0);
+                for e in row_ptr[b]..row_ptr[b + 1] {
+                    let j = idx[e] as usize;
+                    let ent = Entry {
+                        j,
+                        pre: pre_e[e],
+                        f: fv[e],
+                        a: av[e],
+                    };
+                    let (df, da) = (resid_scale * dots[e][0], aux_scale * dots[e][1]);
+                    row[j] += arch.entry_backward(&ctx, ent, df, da).gpre;
+                }
+            });
+        buf.genc.resize(d_sae * d_in, 0.0);
+        buf.gdec.resize(d_sae * d_in, 0.0);
+        // G_enc = Gpre^T Xc.
+        matmul_tn(&buf.pre, n, d_sae, &buf.xc, d_in, &mut buf.genc, false);
+        // G_dec = (s F)^T R (+ (s_a A)^T R_aux for AuxK).
+        scatter_code(
+            &mut buf.pre,
+            &buf.row_ptr,
+            &buf.idx,
+            &buf.f,
+            d_sae,
+            resid_scale,
+        );
+        matmul_tn(&buf.pre, n, d_sae, &buf.resid, d_in, &mut buf.gdec, false);
+        if aux_trains_dec {
+            scatter_code(
+                &mut buf.pre,
+                &buf.row_ptr,
+                &buf.idx,
+                &buf.a,
+                d_sae,
+                aux_scale,
+            );
+            matmul_tn(&buf.pre, n, d_sae, &buf.aux, d_in, &mut buf.gdec, true);
+        }
     }
 
     fn count_dead(&self) -> usize {

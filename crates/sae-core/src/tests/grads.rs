@@ -23,7 +23,7 @@ struct Case {
     fast_loss: f64,
 }
 
-fn case(arch: ArchKind, dnorm: bool, seed: u64) -> Case {
+fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
     let sae = random_sae(arch, D_IN, D_SAE, K, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 10);
     let x = randn(&mut rng, N * D_IN);
@@ -38,6 +38,7 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64) -> Case {
     };
     let lambda = 0.7f32;
     let mut trainer = SaeTrainer::new(sae.clone(), hyper.clone());
+    trainer.set_dense_fraction(if dense { 0.0 } else { 2.0 });
     let (stats, fast) = trainer.gradients(&x, N, lambda);
     let lat: Vec<Vec<f64>> = match arch {
         ArchKind::Gated => vec![to64(&sae.b_enc), to64(&sae.r_mag), to64(&sae.b_mag)],
@@ -91,7 +92,16 @@ fn close(what: &str, a: &[f64], b: &[f64], tol: f64) {
 }
 
 fn check_against_reference(arch: ArchKind, dnorm: bool) {
-    let c = case(arch, dnorm, 7);
+    for dense in [false, true] {
+        check_path(arch, dnorm, dense);
+    }
+}
+
+fn check_path(arch: ArchKind, dnorm: bool, dense: bool) {
+    let arch_name = format!("{arch}{}", if dense { " (dense)" } else { "" });
+    let arch = &arch_name;
+    let kind: ArchKind = arch_name.split(' ').next().unwrap().parse().unwrap();
+    let c = case(kind, dnorm, 7, dense);
     let r = grads(&c.cfg, &c.params, &c.x, N);
     let ref_loss = loss(&c.cfg, &c.params, &c.params, &c.x, N);
     assert!(
@@ -134,7 +144,7 @@ fn check_against_reference(arch: ArchKind, dnorm: bool) {
 
 /// Central differences of the reference loss (stop-gradient copies held fixed).
 fn check_finite_differences(arch: ArchKind, dnorm: bool) {
-    let c = case(arch, dnorm, 11);
+    let c = case(arch, dnorm, 11, false);
     let g = grads(&c.cfg, &c.params, &c.x, N);
     let h = 1e-6;
     let frozen = c.params.clone();
@@ -227,7 +237,39 @@ fn jumprelu_gradients() {
     check_against_reference(ArchKind::JumpRelu, false);
     check_finite_differences(ArchKind::JumpRelu, false);
     // The kernel window must actually have been hit, or the threshold test is vacuous.
-    let c = case(ArchKind::JumpRelu, false, 7);
+    let c = case(ArchKind::JumpRelu, false, 7, false);
     let r = grads(&c.cfg, &c.params, &c.x, N);
     assert!(r.lat[1].iter().filter(|v| v.abs() > 0.0).count() >= 3);
+}
+
+/// A full optimiser step gives the same weights on the dense and the sparse path.
+#[test]
+fn dense_and_sparse_steps_agree() {
+    for arch in ArchKind::ALL {
+        let sae = random_sae(arch, D_IN, D_SAE, K, 5);
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let x = randn(&mut rng, N * D_IN);
+        let hyper = TrainHyper {
+            dead_window_tokens: 0,
+            jumprelu_bandwidth: 0.3,
+            ..TrainHyper::default()
+        };
+        let run = |fraction: f64| {
+            let mut t = SaeTrainer::new(sae.clone(), hyper.clone());
+            t.set_dense_fraction(fraction);
+            for _ in 0..3 {
+                t.step(&x, N, 1e-2, 0.3);
+            }
+            t.snapshot()
+        };
+        let (a, b) = (run(0.0), run(2.0));
+        for (name, u, v) in [
+            ("W_enc", &a.w_enc, &b.w_enc),
+            ("W_dec", &a.w_dec, &b.w_dec),
+            ("b_dec", &a.b_dec, &b.b_dec),
+            ("b_enc", &a.b_enc, &b.b_enc),
+        ] {
+            close(&format!("{arch} {name}"), &to64(u), &to64(v), 1e-3);
+        }
+    }
 }
