@@ -76,7 +76,8 @@ fn bench_sae(arch: ArchKind, d_in: usize, d_sae: usize, sample: &[f32]) -> Sae {
 }
 
 /// Median tokens/s of `steps` full training steps (after 2 warm-up steps) and of the dense
-/// encoder product alone, for every arch and width, on N(0, I) data.
+/// encoder product alone (timed alternately with the steps), for every arch and width, on
+/// N(0, I) data with about `BENCH_L0` active latents per token.
 pub fn run_bench(
     archs: &[ArchKind],
     d_sae_list: &[usize],
@@ -92,37 +93,31 @@ pub fn run_bench(
         .collect();
     let mut rows = Vec::new();
     for &d_sae in d_sae_list {
-        // The one-GEMM limit, measured once per width.
+        // The one-GEMM limit: the same product on the same threads, timed alternately with
+        // the training steps so that both see the same machine load.
         let w_t: Vec<f32> = (0..d_sae * d_in)
             .map(|_| StandardNormal.sample(&mut rng))
             .collect();
         let mut out = vec![0.0f32; batch * d_sae];
-        let mut gemm_times = Vec::new();
-        for s in 0..steps + 2 {
-            let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
-            let t0 = Instant::now();
-            matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out);
-            if s >= 2 {
-                gemm_times.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        drop((w_t, out));
-        let limit = batch as f64 / median(gemm_times);
         for &arch in archs {
             let sae = bench_sae(arch, d_in, d_sae, &data[..batch.min(1024) * d_in]);
             let mut trainer = SaeTrainer::new(sae, TrainHyper::default());
-            let mut times = Vec::new();
+            let (mut times, mut gemm_times) = (Vec::new(), Vec::new());
             let mut l0 = 0.0;
             for s in 0..steps + 2 {
                 let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
                 let t0 = Instant::now();
+                matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out);
+                let t1 = Instant::now();
                 let st = trainer.step(x, batch, 1e-5, 1e-3);
                 if s >= 2 {
-                    times.push(t0.elapsed().as_secs_f64());
+                    gemm_times.push((t1 - t0).as_secs_f64());
+                    times.push(t1.elapsed().as_secs_f64());
                     l0 += st.l0 / steps as f64;
                 }
             }
             let tps = batch as f64 / median(times);
+            let limit = batch as f64 / median(gemm_times);
             rows.push(BenchRow {
                 arch,
                 d_in,

@@ -3,8 +3,22 @@
 //! Layout follows SAELens: `w_enc` is `[d_in, d_sae]` row-major, `w_dec` is `[d_sae, d_in]`
 //! row-major (row i of `w_dec` is dictionary feature i). Everything is f32.
 //!
-//! A training step does ONE dense product (pre-activations = (x - b_dec) @ w_enc); every
-//! other pass is O(batch x L0 x d_in) on the sparse code.
+//! * [`Sae`]: weights, paper initialisation, inference (`encode`/`decode`), scale folding,
+//!   Gated -> JumpReLU export.
+//! * [`SaeTrainer`]: one optimiser step per call (Adam, beta1 = 0 by default), dead-latent
+//!   counters, optimiser state for resume. The loss convention (per-token sums over d_in,
+//!   mean over tokens; lambda_ours = d_in * lambda_paper) and the NaN rule are documented in
+//!   [`trainer`].
+//! * [`arch`]: one module per architecture behind the small [`arch::Arch`] trait.
+//! * [`saelens`]: `cfg.json` + `sae_weights.safetensors`, SAELens' names and shapes.
+//! * [`metrics`]: L0, MSE, FVU, shrinkage gamma, firing counts, MMCS.
+//! * [`bench`]: tokens/s of full steps against the one-GEMM limit.
+//!
+//! A training step does ONE dense product (pre-activations = (x - b_dec) @ w_enc, `gemm` on
+//! the rayon threads); every other pass is O(batch x L0 x d_in) on the sparse code. When the
+//! code is dense (more than 1/16 of the entries active, e.g. right after initialisation) the
+//! decode and the gradients switch to GEMMs instead. Results are bit-for-bit reproducible for
+//! a seed and a thread count: every reduction runs over fixed-size chunks in a fixed order.
 
 pub mod arch;
 pub mod bench;
