@@ -12,7 +12,7 @@
 //! * [`arch`]: one module per architecture behind the small [`arch::Arch`] trait.
 //! * [`saelens`]: `cfg.json` + `sae_weights.safetensors`, SAELens' names and shapes.
 //! * [`metrics`]: L0, MSE, FVU, shrinkage gamma, firing counts, MMCS.
-//! * [`bench`]: tokens/s of full steps against the one-GEMM limit.
+//! * [`mod@bench`]: tokens/s of full steps against the one-GEMM limit.
 //!
 //! A training step does ONE dense product (pre-activations = (x - b_dec) @ w_enc, `gemm` on
 //! the rayon threads); every other pass is O(batch x L0 x d_in) on the sparse code. When the

@@ -56,8 +56,8 @@ pub struct TrainHyper {
 }
 
 impl Default for TrainHyper {
-    /// The papers' values: Adam (0, 0.999) [Gated App D.1.1], eps 1e-8, AuxK 1/32 with
-    /// k_aux = d_in/2 [DL top_k], bandwidth 0.001 [JumpReLU], dead after 10M tokens [OAI].
+    /// The papers' values: Adam (0, 0.999) (Gated App D.1.1), eps 1e-8, AuxK 1/32 with
+    /// k_aux = d_in/2 (DL top_k), bandwidth 0.001 (JumpReLU paper), dead after 10M tokens (OAI).
     fn default() -> Self {
         TrainHyper {
             adam_beta1: 0.0,
@@ -622,6 +622,9 @@ impl SaeTrainer {
                         for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
                             let j = idx[e] as usize;
                             let d = &w_dec[j * d_in..(j + 1) * d_in];
+                            if e + 1 < row_end {
+                                prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
+                            }
                             dots[e - base] = if aux_mode != AuxMode::None && av[e] != 0.0 {
                                 let (u, v) = dot2(d, res, aux);
                                 [u, v]
