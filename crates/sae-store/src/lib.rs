@@ -10,5 +10,17 @@
 //!   "dtype", "shards": [{"file", "n_rows"}], "complete": bool, ... }`. Shards are written to a
 //!   temp name then renamed, and listed in the manifest only once complete, so a killed harvest
 //!   keeps its finished shards and resumes after them.
+//!
+//! Reading (`reader`, `shuffle`): a file, or a directory (its manifest's shards, or without a
+//! manifest every `.safetensors`/`.npy` file sorted by name), memory-mapped, f32/f16/bf16
+//! converted to f32 per batch; batches follow a seeded permutation of all rows, epoch after
+//! epoch. `synth` writes synthetic sets in this format plus `true_features.safetensors`.
 
+pub mod npy;
+pub mod reader;
+pub mod shuffle;
+pub mod synth;
 pub mod writer;
+
+pub use reader::{ActivationFile, ActivationStore, Dtype};
+pub use shuffle::{BatchStream, Order, Permutation, StreamPosition};
