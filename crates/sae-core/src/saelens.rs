@@ -245,10 +245,13 @@ pub fn load(dir: &Path) -> anyhow::Result<Sae> {
     if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) && k == 0 {
         return Err(bad(format!("a {arch} SAE needs a positive 'k'")));
     }
+    // SAELens folds its dataset-wide scaling factor into the weights when it saves
+    // (`expected_average_only_in`); per-token normalisations would need run-time work.
     if let Some(norm) = cfg.get("normalize_activations").and_then(Value::as_str) {
-        if !matches!(norm, "none" | "") {
+        if !matches!(norm, "none" | "" | "expected_average_only_in") {
             return Err(bad(format!(
-                "normalize_activations = '{norm}' is not supported; fold the scale into the weights first"
+                "normalize_activations = '{norm}' (a per-token normalisation) is not supported; \
+                 only 'none' and 'expected_average_only_in' SAEs can be loaded"
             )));
         }
     }

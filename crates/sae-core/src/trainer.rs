@@ -372,7 +372,10 @@ impl SaeTrainer {
     }
 
     /// One optimiser step on `n` rows of `x` (`[n, d_in]`).
-    /// Panics if `x.len() != n * d_in` (a programming error, not bad data).
+    ///
+    /// If the loss is not finite (NaN/Inf in `x` or a diverged run), the returned stats carry
+    /// it and NOTHING was changed: no update, no step counted. The caller should stop and keep
+    /// its last checkpoint. Panics if `x.len() != n * d_in` (a programming error, not bad data).
     pub fn step(&mut self, x: &[f32], n: usize, lr: f32, sparsity_coeff: f32) -> StepStats {
         self.run(x, n, sparsity_coeff, Mode::Apply(lr)).0
     }
