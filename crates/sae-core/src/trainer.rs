@@ -458,11 +458,14 @@ impl SaeTrainer {
             batch_threshold: self.last_batch_threshold,
             cutoff: &[],
         };
-        if self.arch.prefilter(&self.params, &mut buf.cutoff) {
-            ctx.cutoff = &buf.cutoff;
-        }
         let batch_threshold = self.arch.prepare_batch(&ctx, &buf.pre);
         ctx.batch_threshold = batch_threshold;
+        if self
+            .arch
+            .prefilter(&self.params, batch_threshold, &mut buf.cutoff)
+        {
+            ctx.cutoff = &buf.cutoff;
+        }
 
         prof.lap("prep");
         // 2. Sparse selection, row-parallel into per-chunk buffers, then flattened to CSR.

@@ -3,7 +3,7 @@
 //! trainer, an EMA of each batch's selection threshold) gives JumpReLU behaviour.
 
 use super::topk::{auxk_backward, push_auxk};
-use super::{Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::{candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
 use rayon::prelude::*;
 
 pub struct BatchTopK {
@@ -66,15 +66,25 @@ impl Arch for BatchTopK {
         *kth
     }
 
+    fn prefilter(&self, params: &[Vec<f32>], batch_value: f32, out: &mut Vec<f32>) -> bool {
+        out.clear();
+        let t = batch_value.max(0.0);
+        out.extend(params[0].iter().map(|b| loosen(t - b)));
+        true
+    }
+
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let t = ctx.batch_threshold;
-        for (j, (&p, &b)) in pre.iter().zip(b_enc).enumerate() {
+        let mut cands = std::mem::take(&mut out.cands);
+        for &j in candidates(ctx, pre, &mut cands) {
+            let (j, p, b) = (j as usize, pre[j as usize], b_enc[j as usize]);
             let a = p + b;
             if a >= t && a > 0.0 {
                 out.push(j, a, 0.0, p);
             }
         }
+        out.cands = cands;
         let mut scratch = std::mem::take(&mut out.scratch);
         push_auxk(self.k_aux, ctx, pre, &mut scratch, out);
         out.scratch = scratch;

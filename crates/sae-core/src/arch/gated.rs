@@ -43,7 +43,7 @@ impl Arch for Gated {
         out.cands = cands;
     }
 
-    fn prefilter(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+    fn prefilter(&self, params: &[Vec<f32>], _batch_value: f32, out: &mut Vec<f32>) -> bool {
         out.clear();
         out.extend(params[B_GATE].iter().map(|b| loosen(-b)));
         true

@@ -43,7 +43,7 @@ impl Arch for JumpRelu {
         out.cands = cands;
     }
 
-    fn prefilter(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+    fn prefilter(&self, params: &[Vec<f32>], _batch_value: f32, out: &mut Vec<f32>) -> bool {
         out.clear();
         let half = 0.5 * self.bandwidth;
         let (b_enc, log_theta) = (&params[B_ENC], &params[LOG_THETA]);

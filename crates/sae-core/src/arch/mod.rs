@@ -180,8 +180,8 @@ pub trait Arch: Send + Sync {
     }
     /// Per-latent values `c_j` such that only latents with `pre_j > c_j` can be selected
     /// (a vectorised prefilter; `select_row` still applies its exact test). Returns false
-    /// when the arch has no such bound.
-    fn prefilter(&self, _params: &[Vec<f32>], _out: &mut Vec<f32>) -> bool {
+    /// when the arch has no such bound. `batch_value` is what `prepare_batch` returned.
+    fn prefilter(&self, _params: &[Vec<f32>], _batch_value: f32, _out: &mut Vec<f32>) -> bool {
         false
     }
     /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`.

@@ -43,7 +43,7 @@ impl Arch for Relu {
         out.cands = cands;
     }
 
-    fn prefilter(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+    fn prefilter(&self, params: &[Vec<f32>], _batch_value: f32, out: &mut Vec<f32>) -> bool {
         out.clear();
         out.extend(params[0].iter().map(|b| loosen(-b)));
         true

@@ -1,7 +1,7 @@
 //! TopK SAE (Gao et al. 2024): keep the k largest `pre + b_enc` of each row, ReLU on them,
 //! plus AuxK: the top `k_aux` dead latents reconstruct the (detached) residual.
 
-use super::{top_k_into, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::{loosen, top_k_into, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
 
 pub struct TopK {
     pub k: usize,
@@ -19,15 +19,41 @@ impl Arch for TopK {
         AuxMode::AuxK
     }
 
+    /// A value that most rows' k-th largest `pre + b_enc` exceeds, from a sample of rows:
+    /// rows with at least k latents above it only need to look at those (exact), the others
+    /// fall back to a full scan.
+    fn prepare_batch(&self, ctx: &StepCtx, pre: &[f32]) -> f32 {
+        row_kth_floor(self.k, ctx, pre)
+    }
+
+    fn prefilter(&self, params: &[Vec<f32>], batch_value: f32, out: &mut Vec<f32>) -> bool {
+        out.clear();
+        out.extend(params[0].iter().map(|b| loosen(batch_value - b)));
+        true
+    }
+
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let mut scratch = std::mem::take(&mut out.scratch);
-        let cands = pre.iter().zip(b_enc).enumerate();
-        top_k_into(
-            self.k,
-            cands.map(|(j, (&p, &b))| (p + b, j as u32)),
-            &mut scratch,
-        );
+        let mut cands = std::mem::take(&mut out.cands);
+        cands.clear();
+        if !ctx.cutoff.is_empty() {
+            crate::kernels::indices_above(pre, ctx.cutoff, &mut cands);
+        }
+        if cands.len() >= self.k {
+            let it = cands
+                .iter()
+                .map(|&j| (pre[j as usize] + b_enc[j as usize], j));
+            top_k_into(self.k, it, &mut scratch);
+        } else {
+            let it = pre.iter().zip(b_enc).enumerate();
+            top_k_into(
+                self.k,
+                it.map(|(j, (&p, &b))| (p + b, j as u32)),
+                &mut scratch,
+            );
+        }
+        out.cands = cands;
         for &(v, j) in &scratch {
             if v > 0.0 {
                 out.push(j as usize, v, 0.0, pre[j as usize]);
@@ -40,6 +66,35 @@ impl Arch for TopK {
     fn entry_backward(&self, _ctx: &StepCtx, e: Entry, df: f32, da: f32) -> EntryGrad {
         let Entry { f, a, .. } = e;
         auxk_backward(f, a, df, da)
+    }
+}
+
+/// A floor under the k-th largest `pre + b_enc` of most rows (0 at least): 0.8 times the
+/// smallest k-th largest value among up to 16 sampled rows.
+pub(crate) fn row_kth_floor(k: usize, ctx: &StepCtx, pre: &[f32]) -> f32 {
+    let d_sae = ctx.d_sae;
+    let b_enc = &ctx.params[0][..];
+    if k == 0 || k > d_sae || ctx.n == 0 {
+        return 0.0;
+    }
+    let step = (ctx.n / 16).max(1);
+    let mut row = Vec::with_capacity(d_sae);
+    let mut floor = f32::INFINITY;
+    for b in (0..ctx.n).step_by(step) {
+        row.clear();
+        row.extend(
+            pre[b * d_sae..(b + 1) * d_sae]
+                .iter()
+                .zip(b_enc)
+                .map(|(p, b)| p + b),
+        );
+        let (_, kth, _) = row.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        floor = floor.min(*kth);
+    }
+    if floor.is_finite() {
+        (0.8 * floor).max(0.0)
+    } else {
+        0.0
     }
 }
 
