@@ -1,109 +1,26 @@
-//! One training step per call: the fused hot path of every architecture.
-//!
-//! # Loss convention
-//! Every term is summed over `d_in` (or over latents) per token and then averaged over the
-//! tokens of the batch, as in the Gated paper's pseudo-code:
-//! `loss = mean_b( ||x_b - x_hat_b||^2 + lambda * S(x_b) + aux_b )`.
-//! The paper's own infrastructure divided the L2 term by `d_in`; its lambda values therefore
-//! map to ours as `lambda_ours = d_in * lambda_paper` (the whole loss is `d_in` times larger,
-//! which Adam does not care about apart from eps). TopK/BatchTopK's AuxK term is
-//! `aux_coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean(e)||^2` as in the reference code,
-//! and zero when no latent is dead.
-//!
-//! # Non-finite losses
-//! `step` computes the loss before any parameter changes. If it is not finite, `step` returns
-//! the stats (with the NaN/Inf) WITHOUT applying the update and without counting the step, so
-//! the caller can stop and keep its last checkpoint.
-//!
-//! # One step
-//! 1. `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon).
-//! 2. The architecture turns each row of `pre` into sparse entries (row-parallel).
-//! 3. Sparse decode and residuals, per row.
-//! 4. Per entry: `df = d_j . r_b`, `da = d_j . r_aux_b`, then the architecture's gradient
-//!    w.r.t. the pre-activation and its per-latent parameters.
-//! 5. Per latent (over a transposed index of the entries, so no write races): the W_dec and
-//!    W_enc row gradients, fused with Adam, the unit-norm projection and renormalisation.
-//! 6. Dense Adam on the small vectors (b_dec, per-latent parameters).
+//! The body of one training step: selection, decode, gradients, Adam.
 
-use crate::arch::{make_arch, Arch, ArchKind, AuxMode, Entry, RowOut, StepCtx};
+use super::shared::{SharedRows, SharedU64};
+use super::{Mode, SaeTrainer, StepStats};
+use crate::arch::{AuxMode, Entry, RowOut, StepCtx};
 use crate::kernels::{
     acc2, acc3, axpy, axpy2, dot, dot2, matmul, matmul_tn, matmul_xt, prefetch_rows,
     split_by_lengths,
 };
-use crate::optim::{AdamStep, Moments};
-use crate::sae::{Sae, SaeMeta};
-use anyhow::{bail, Context};
+use crate::optim::AdamStep;
+use crate::ArchKind;
 use rayon::prelude::*;
-use std::collections::HashMap;
-
-/// Hyperparameters that stay fixed during a run; lr and the sparsity coefficient are passed
-/// per step so that schedules live in the caller.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TrainHyper {
-    pub adam_beta1: f32,
-    pub adam_beta2: f32,
-    pub adam_eps: f32,
-    /// TopK/BatchTopK: AuxK coefficient (1/32) and k_aux (0 means d_in / 2).
-    pub aux_coeff: f32,
-    pub k_aux: usize,
-    /// JumpReLU STE rectangle-kernel bandwidth.
-    pub jumprelu_bandwidth: f32,
-    /// A latent is dead when it has not fired in this many tokens.
-    pub dead_window_tokens: u64,
-    /// ReLU variant: Anthropic April-update decoder-norm-weighted L1 without the unit-norm
-    /// constraint.
-    pub relu_decoder_norm_l1: bool,
-}
-
-impl Default for TrainHyper {
-    /// The papers' values: Adam (0, 0.999) (Gated App D.1.1), eps 1e-8, AuxK 1/32 with
-    /// k_aux = d_in/2 (DL top_k), bandwidth 0.001 (JumpReLU paper), dead after 10M tokens (OAI).
-    fn default() -> Self {
-        TrainHyper {
-            adam_beta1: 0.0,
-            adam_beta2: 0.999,
-            adam_eps: 1e-8,
-            aux_coeff: 1.0 / 32.0,
-            k_aux: 0,
-            jumprelu_bandwidth: 0.001,
-            dead_window_tokens: 10_000_000,
-            relu_decoder_norm_l1: false,
-        }
-    }
-}
-
-/// What one step measured (means over the batch).
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StepStats {
-    pub loss: f64,
-    pub mse: f64,
-    pub sparsity_loss: f64,
-    pub aux_loss: f64,
-    pub l0: f64,
-    pub fvu: f64,
-    pub dead_latents: usize,
-}
-
-/// Raw loss gradients of one batch (before the unit-norm projection), for tests and tools.
-/// `w_enc_t` and `w_dec` are `[d_sae, d_in]`; `params` follow `Arch::param_names`.
-#[derive(Clone, Debug, Default)]
-pub struct Grads {
-    pub w_enc_t: Vec<f32>,
-    pub w_dec: Vec<f32>,
-    pub b_dec: Vec<f32>,
-    pub params: Vec<Vec<f32>>,
-}
 
 /// BatchTopK inference threshold: bias-corrected EMA of each batch's selection threshold
 /// (close to the paper's mean over batches early on, DL's EMA with beta 0.999 later).
-const THRESHOLD_EMA_BETA: f64 = 0.999;
+pub(super) const THRESHOLD_EMA_BETA: f64 = 0.999;
 /// Rows per task in the row passes and latents per task in the latent pass. Fixed sizes keep
 /// every reduction in a fixed order: results are bit-for-bit reproducible for a thread count.
 const ROW_CHUNK: usize = 16;
 const LAT_CHUNK: usize = 32;
 /// Above this fraction of non-zero (token, latent) entries the step uses dense GEMMs for the
 /// decode and the gradients (a handful of GEMMs beat the sparse passes there).
-const DENSE_FRACTION: f64 = 1.0 / 16.0;
+pub(super) const DENSE_FRACTION: f64 = 1.0 / 16.0;
 
 /// `dst[b, j] = scale * val[e]` for every entry (summing duplicates), zero elsewhere.
 fn scatter_code(
@@ -124,7 +41,7 @@ fn scatter_code(
 
 /// Per-step buffers, reused across steps.
 #[derive(Default)]
-struct Buffers {
+pub(super) struct Buffers {
     xc: Vec<f32>,
     pre: Vec<f32>,
     chunks: Vec<ChunkOut>,
@@ -181,218 +98,14 @@ struct RowStats {
     x_sum: Vec<f64>,
 }
 
-/// Mutable rows of a `[rows, d]` buffer shared by tasks that touch disjoint rows.
-#[derive(Clone, Copy)]
-struct SharedRows {
-    ptr: *mut f32,
-    len: usize,
-    d: usize,
-}
-// SAFETY: only used in the latent pass, where each row index belongs to exactly one task.
-unsafe impl Send for SharedRows {}
-unsafe impl Sync for SharedRows {}
-
-impl SharedRows {
-    fn new(v: &mut [f32], d: usize) -> Self {
-        SharedRows {
-            ptr: v.as_mut_ptr(),
-            len: v.len(),
-            d,
-        }
-    }
-    /// # Safety
-    /// No other live reference to row `j` may exist.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, j: usize) -> &mut [f32] {
-        if self.len == 0 {
-            return &mut [];
-        }
-        debug_assert!((j + 1) * self.d <= self.len);
-        std::slice::from_raw_parts_mut(self.ptr.add(j * self.d), self.d)
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SharedU64(*mut u64);
-unsafe impl Send for SharedU64 {}
-unsafe impl Sync for SharedU64 {}
-impl SharedU64 {
-    /// # Safety
-    /// `j` in bounds and owned by the calling task.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn at(&self, j: usize) -> &mut u64 {
-        &mut *self.0.add(j)
-    }
-}
-
-/// An SAE plus its optimiser state.
-/// Fields are private: the trainer keeps the encoder transposed (`[d_sae, d_in]`, one row per
-/// latent for the sparse gradient pass); `snapshot` returns the SAE in SAELens layout.
-pub struct SaeTrainer {
-    arch: Box<dyn Arch>,
-    kind: ArchKind,
-    d_in: usize,
-    d_sae: usize,
-    k: usize,
-    apply_b_dec_to_input: bool,
-    meta: SaeMeta,
-    hyper: TrainHyper,
-    w_enc_t: Vec<f32>,
-    w_dec: Vec<f32>,
-    b_dec: Vec<f32>,
-    params: Vec<Vec<f32>>,
-    mom_enc: Moments,
-    mom_dec: Moments,
-    mom_bdec: Moments,
-    mom_params: Vec<Moments>,
-    /// Step at which each latent's W_enc/W_dec rows last got an Adam update (lazy decay).
-    last_update: Vec<u64>,
-    tokens_since_fired: Vec<u64>,
-    steps: u64,
-    /// BatchTopK: EMA numerator of the batch thresholds, and the last batch's threshold.
-    threshold_ema: f64,
-    last_batch_threshold: f32,
-    dense_fraction: f64,
-    buf: Buffers,
-}
-
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; w.len()];
-    out.par_chunks_mut(rows.max(1))
-        .enumerate()
-        .for_each(|(c, dst)| {
-            for (r, d) in dst.iter_mut().enumerate() {
-                *d = w[r * cols + c];
-            }
-        });
-    out
-}
-
 impl SaeTrainer {
-    pub fn new(sae: Sae, hyper: TrainHyper) -> Self {
-        let (d_in, d_sae) = (sae.d_in, sae.d_sae);
-        let arch = make_arch(sae.arch, sae.k, &hyper, d_in);
-        let params: Vec<Vec<f32>> = match sae.arch {
-            ArchKind::Gated => vec![sae.b_enc.clone(), sae.r_mag.clone(), sae.b_mag.clone()],
-            ArchKind::JumpRelu => {
-                let lt = sae.threshold.iter().map(|t| t.max(1e-12).ln()).collect();
-                vec![sae.b_enc.clone(), lt]
-            }
-            _ => vec![sae.b_enc.clone()],
-        };
-        let th = if sae.arch == ArchKind::BatchTopK {
-            sae.threshold.first().copied().unwrap_or(0.0)
-        } else {
-            0.0
-        };
-        let b1 = hyper.adam_beta1;
-        SaeTrainer {
-            kind: sae.arch,
-            d_in,
-            d_sae,
-            k: sae.k,
-            apply_b_dec_to_input: sae.apply_b_dec_to_input,
-            w_enc_t: transpose(&sae.w_enc, d_in, d_sae),
-            w_dec: sae.w_dec,
-            b_dec: sae.b_dec,
-            mom_enc: Moments::new(d_sae * d_in, b1),
-            mom_dec: Moments::new(d_sae * d_in, b1),
-            mom_bdec: Moments::new(d_in, b1),
-            mom_params: params.iter().map(|p| Moments::new(p.len(), b1)).collect(),
-            params,
-            last_update: vec![0; d_sae],
-            tokens_since_fired: vec![0; d_sae],
-            steps: 0,
-            threshold_ema: 0.0,
-            last_batch_threshold: th,
-            dense_fraction: DENSE_FRACTION,
-            meta: sae.meta,
-            arch,
-            hyper,
-            buf: Buffers::default(),
-        }
-    }
-
-    /// The current weights in SAELens layout.
-    pub fn snapshot(&self) -> Sae {
-        let (d_in, d_sae) = (self.d_in, self.d_sae);
-        let mut sae = Sae {
-            arch: self.kind,
-            d_in,
-            d_sae,
-            w_enc: transpose(&self.w_enc_t, d_sae, d_in),
-            b_enc: self.params[0].clone(),
-            w_dec: self.w_dec.clone(),
-            b_dec: self.b_dec.clone(),
-            r_mag: Vec::new(),
-            b_mag: Vec::new(),
-            threshold: Vec::new(),
-            k: self.k,
-            apply_b_dec_to_input: self.apply_b_dec_to_input,
-            meta: self.meta.clone(),
-        };
-        match self.kind {
-            ArchKind::Gated => {
-                sae.r_mag = self.params[1].clone();
-                sae.b_mag = self.params[2].clone();
-            }
-            ArchKind::JumpRelu => sae.threshold = self.params[1].iter().map(|l| l.exp()).collect(),
-            ArchKind::BatchTopK => sae.threshold = vec![self.inference_threshold(); d_sae],
-            _ => {}
-        }
-        sae
-    }
-
-    /// BatchTopK's inference threshold estimated so far.
-    pub fn inference_threshold(&self) -> f32 {
-        if self.steps == 0 {
-            return self.last_batch_threshold;
-        }
-        let bc = 1.0 - THRESHOLD_EMA_BETA.powf(self.steps as f64);
-        (self.threshold_ema / bc) as f32
-    }
-
-    /// Code density above which a step switches to dense GEMMs (tests force each path).
-    #[doc(hidden)]
-    pub fn set_dense_fraction(&mut self, fraction: f64) {
-        self.dense_fraction = fraction;
-    }
-
-    pub fn steps_done(&self) -> u64 {
-        self.steps
-    }
-
-    pub fn hyper(&self) -> &TrainHyper {
-        &self.hyper
-    }
-
-    /// Tokens since each latent last fired (f > 0).
-    pub fn tokens_since_fired(&self) -> &[u64] {
-        &self.tokens_since_fired
-    }
-
-    /// One optimiser step on `n` rows of `x` (`[n, d_in]`).
-    ///
-    /// If the loss is not finite (NaN/Inf in `x` or a diverged run), the returned stats carry
-    /// it and NOTHING was changed: no update, no step counted. The caller should stop and keep
-    /// its last checkpoint. Panics if `x.len() != n * d_in` (a programming error, not bad data).
-    pub fn step(&mut self, x: &[f32], n: usize, lr: f32, sparsity_coeff: f32) -> StepStats {
-        self.run(x, n, sparsity_coeff, Mode::Apply(lr)).0
-    }
-
-    /// The raw gradients of the loss on this batch, without changing any state.
-    pub fn gradients(&mut self, x: &[f32], n: usize, sparsity_coeff: f32) -> (StepStats, Grads) {
-        let mut g = Grads {
-            w_enc_t: vec![0.0; self.d_sae * self.d_in],
-            w_dec: vec![0.0; self.d_sae * self.d_in],
-            b_dec: vec![0.0; self.d_in],
-            params: self.params.iter().map(|p| vec![0.0; p.len()]).collect(),
-        };
-        let stats = self.run(x, n, sparsity_coeff, Mode::Collect(&mut g)).0;
-        (stats, g)
-    }
-
-    fn run(&mut self, x: &[f32], n: usize, sparsity_coeff: f32, mode: Mode) -> (StepStats, ()) {
+    pub(super) fn run(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        sparsity_coeff: f32,
+        mode: Mode,
+    ) -> StepStats {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         assert_eq!(
             x.len(),
@@ -401,7 +114,7 @@ impl SaeTrainer {
             x.len()
         );
         if n == 0 {
-            return (StepStats::default(), ());
+            return StepStats::default();
         }
         let buf = &mut self.buf;
         let n_row_chunks = n.div_ceil(ROW_CHUNK);
@@ -684,7 +397,7 @@ impl SaeTrainer {
         };
         if !stats.loss.is_finite() {
             stats.dead_latents = self.count_dead();
-            return (stats, ());
+            return stats;
         }
 
         if dense {
@@ -968,173 +681,12 @@ impl SaeTrainer {
         prof.lap("dense");
         prof.report();
         stats.dead_latents = self.count_dead();
-        (stats, ())
-    }
-
-    /// Optimiser state (Adam moments, step count, dead-latent counters) to a safetensors
-    /// file, for `--resume`; the weights themselves are saved with `saelens::save`.
-    /// Written to a temporary file and renamed.
-    pub fn save_state(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        use safetensors::{tensor::TensorView, Dtype};
-        let mut tensors: Vec<(String, Vec<u8>, Dtype, usize)> = Vec::new();
-        let mut put_f32 = |name: String, v: &[f32]| {
-            tensors.push((name, bytemuck::cast_slice(v).to_vec(), Dtype::F32, v.len()));
-        };
-        let mut moments = vec![
-            ("W_enc", &self.mom_enc),
-            ("W_dec", &self.mom_dec),
-            ("b_dec", &self.mom_bdec),
-        ];
-        for (name, m) in self.arch.param_names().iter().zip(&self.mom_params) {
-            moments.push((name, m));
-        }
-        for (name, m) in moments {
-            put_f32(format!("{name}.adam_v"), &m.v);
-            if !m.m.is_empty() {
-                put_f32(format!("{name}.adam_m"), &m.m);
-            }
-        }
-        let to_i64 =
-            |v: &[u64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect() };
-        tensors.push((
-            "last_update".into(),
-            to_i64(&self.last_update),
-            Dtype::I64,
-            self.d_sae,
-        ));
-        tensors.push((
-            "tokens_since_fired".into(),
-            to_i64(&self.tokens_since_fired),
-            Dtype::I64,
-            self.d_sae,
-        ));
-        let views = tensors
-            .iter()
-            .map(|(name, bytes, dt, len)| {
-                Ok((name.clone(), TensorView::new(*dt, vec![*len], bytes)?))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let meta: HashMap<String, String> = [
-            ("arch", self.kind.to_string()),
-            ("d_in", self.d_in.to_string()),
-            ("d_sae", self.d_sae.to_string()),
-            ("steps", self.steps.to_string()),
-            ("threshold_ema", format!("{:e}", self.threshold_ema)),
-            (
-                "last_batch_threshold",
-                format!("{:e}", self.last_batch_threshold),
-            ),
-            ("adam_beta1", self.hyper.adam_beta1.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let bytes = safetensors::serialize(views, Some(meta))
-            .with_context(|| format!("serialising optimiser state for {}", path.display()))?;
-        crate::saelens::write_atomic(path, &bytes)
-    }
-
-    /// Restore what `save_state` wrote; the trainer must have been built from the SAE saved
-    /// at the same step, with the same architecture, sizes and beta1.
-    pub fn load_state(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("reading optimiser state {}", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid safetensors optimiser state ({e})",
-                path.display()
-            )
-        })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let get = |k: &str| -> anyhow::Result<&String> {
-            meta.get(k)
-                .ok_or_else(|| anyhow::anyhow!("{}: optimiser state lacks '{k}'", path.display()))
-        };
-        let expect = [
-            ("arch", self.kind.to_string()),
-            ("d_in", self.d_in.to_string()),
-            ("d_sae", self.d_sae.to_string()),
-            ("adam_beta1", self.hyper.adam_beta1.to_string()),
-        ];
-        for (k, want) in expect {
-            let got = get(k)?;
-            if *got != want {
-                bail!(
-                    "{}: optimiser state has {k} = {got} but the SAE being trained has {want}; \
-                     resume with the same settings or start a new run",
-                    path.display()
-                );
-            }
-        }
-        let parse_f = |k: &str| -> anyhow::Result<f64> {
-            get(k)?
-                .parse::<f64>()
-                .with_context(|| format!("{}: bad '{k}'", path.display()))
-        };
-        let steps: u64 = get("steps")?
-            .parse()
-            .with_context(|| format!("{}: bad 'steps'", path.display()))?;
-        let read_f32 = |name: &str, dst: &mut Vec<f32>| -> anyhow::Result<()> {
-            if dst.is_empty() {
-                return Ok(());
-            }
-            let t = st
-                .tensor(name)
-                .map_err(|_| anyhow::anyhow!("{}: missing tensor '{name}'", path.display()))?;
-            if t.dtype() != safetensors::Dtype::F32 || t.data().len() != dst.len() * 4 {
-                bail!(
-                    "{}: tensor '{name}' has the wrong type or size",
-                    path.display()
-                );
-            }
-            for (d, c) in dst.iter_mut().zip(t.data().chunks_exact(4)) {
-                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            Ok(())
-        };
-        let read_u64 = |name: &str, dst: &mut Vec<u64>| -> anyhow::Result<()> {
-            let t = st
-                .tensor(name)
-                .map_err(|_| anyhow::anyhow!("{}: missing tensor '{name}'", path.display()))?;
-            if t.dtype() != safetensors::Dtype::I64 || t.data().len() != dst.len() * 8 {
-                bail!(
-                    "{}: tensor '{name}' has the wrong type or size",
-                    path.display()
-                );
-            }
-            for (d, c) in dst.iter_mut().zip(t.data().chunks_exact(8)) {
-                *d = i64::from_le_bytes(c.try_into().unwrap()) as u64;
-            }
-            Ok(())
-        };
-        read_f32("W_enc.adam_v", &mut self.mom_enc.v)?;
-        read_f32("W_enc.adam_m", &mut self.mom_enc.m)?;
-        read_f32("W_dec.adam_v", &mut self.mom_dec.v)?;
-        read_f32("W_dec.adam_m", &mut self.mom_dec.m)?;
-        read_f32("b_dec.adam_v", &mut self.mom_bdec.v)?;
-        read_f32("b_dec.adam_m", &mut self.mom_bdec.m)?;
-        for (name, m) in self
-            .arch
-            .param_names()
-            .iter()
-            .zip(self.mom_params.iter_mut())
-        {
-            read_f32(&format!("{name}.adam_v"), &mut m.v)?;
-            read_f32(&format!("{name}.adam_m"), &mut m.m)?;
-        }
-        read_u64("last_update", &mut self.last_update)?;
-        read_u64("tokens_since_fired", &mut self.tokens_since_fired)?;
-        self.steps = steps;
-        self.threshold_ema = parse_f("threshold_ema")?;
-        self.last_batch_threshold = parse_f("last_batch_threshold")? as f32;
-        Ok(())
+        stats
     }
 
     /// Dense mode: W_enc and W_dec gradients as GEMMs on dense copies of the per-entry
     /// gradients (same math as the sparse latent pass).
-    fn dense_gradients(
+    pub(super) fn dense_gradients(
         &mut self,
         n: usize,
         sparsity_coeff: f32,
@@ -1209,16 +761,6 @@ impl SaeTrainer {
             matmul_tn(&buf.pre, n, d_sae, &buf.aux, d_in, &mut buf.gdec, true);
         }
     }
-
-    fn count_dead(&self) -> usize {
-        let w = self.hyper.dead_window_tokens;
-        self.tokens_since_fired.iter().filter(|&&t| t >= w).count()
-    }
-}
-
-enum Mode<'g> {
-    Apply(f32),
-    Collect(&'g mut Grads),
 }
 
 /// Resizing helper over the entry arrays of different element types.

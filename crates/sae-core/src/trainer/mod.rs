@@ -1,0 +1,284 @@
+//! One training step per call: the fused hot path of every architecture.
+//!
+//! # Loss convention
+//! Every term is summed over `d_in` (or over latents) per token and then averaged over the
+//! tokens of the batch, as in the Gated paper's pseudo-code:
+//! `loss = mean_b( ||x_b - x_hat_b||^2 + lambda * S(x_b) + aux_b )`.
+//! The paper's own infrastructure divided the L2 term by `d_in`; its lambda values therefore
+//! map to ours as `lambda_ours = d_in * lambda_paper` (the whole loss is `d_in` times larger,
+//! which Adam does not care about apart from eps). TopK/BatchTopK's AuxK term is
+//! `aux_coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean(e)||^2` as in the reference code,
+//! and zero when no latent is dead.
+//!
+//! # Non-finite losses
+//! `step` computes the loss before any parameter changes. If it is not finite, `step` returns
+//! the stats (with the NaN/Inf) WITHOUT applying the update and without counting the step, so
+//! the caller can stop and keep its last checkpoint.
+//!
+//! # One step (`step.rs`)
+//! 1. `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon).
+//! 2. The architecture turns each row of `pre` into sparse entries (row-parallel, with a
+//!    vectorised candidate prefilter).
+//! 3. Per row: sparse decode (and the auxiliary reconstruction), residuals, loss terms, and
+//!    per entry `d_j . r_b` (and `d_j . r_aux_b`) while the rows `d_j` are still in cache.
+//! 4. Per latent, over a transposed index of the entries (so no write races): the
+//!    architecture's gradient w.r.t. each pre-activation and its own parameters, the W_dec and
+//!    W_enc row gradients, fused with Adam, the unit-norm projection and renormalisation.
+//! 5. Dense Adam on the small vectors (b_dec, per-latent parameters).
+//!
+//! When more than 1/16 of the (token, latent) pairs are active (e.g. right after the paper's
+//! initialisation, where half the latents fire), steps 3-4 use GEMMs on dense copies of the
+//! code instead; both paths are checked against the same dense reference in the tests.
+//!
+//! # Adam and sparsity
+//! With beta1 = 0 (the default) a latent without entries gets a zero update; its rows are
+//! skipped and the second-moment decay is applied when it next has a gradient
+//! (`v * beta2^missed`, equal to the dense update up to float rounding). With beta1 != 0
+//! every row is updated every step.
+
+mod shared;
+mod state;
+mod step;
+
+use step::{Buffers, DENSE_FRACTION, THRESHOLD_EMA_BETA};
+
+use crate::arch::{make_arch, Arch, ArchKind};
+use crate::optim::Moments;
+use crate::sae::{Sae, SaeMeta};
+use rayon::prelude::*;
+
+/// Hyperparameters that stay fixed during a run; lr and the sparsity coefficient are passed
+/// per step so that schedules live in the caller.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainHyper {
+    pub adam_beta1: f32,
+    pub adam_beta2: f32,
+    pub adam_eps: f32,
+    /// TopK/BatchTopK: AuxK coefficient (1/32) and k_aux (0 means d_in / 2).
+    pub aux_coeff: f32,
+    pub k_aux: usize,
+    /// JumpReLU STE rectangle-kernel bandwidth.
+    pub jumprelu_bandwidth: f32,
+    /// A latent is dead when it has not fired in this many tokens.
+    pub dead_window_tokens: u64,
+    /// ReLU variant: Anthropic April-update decoder-norm-weighted L1 without the unit-norm
+    /// constraint.
+    pub relu_decoder_norm_l1: bool,
+}
+
+impl Default for TrainHyper {
+    /// The papers' values: Adam (0, 0.999) (Gated App D.1.1), eps 1e-8, AuxK 1/32 with
+    /// k_aux = d_in/2 (DL top_k), bandwidth 0.001 (JumpReLU paper), dead after 10M tokens (OAI).
+    fn default() -> Self {
+        TrainHyper {
+            adam_beta1: 0.0,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            aux_coeff: 1.0 / 32.0,
+            k_aux: 0,
+            jumprelu_bandwidth: 0.001,
+            dead_window_tokens: 10_000_000,
+            relu_decoder_norm_l1: false,
+        }
+    }
+}
+
+/// What one step measured (means over the batch).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepStats {
+    pub loss: f64,
+    pub mse: f64,
+    pub sparsity_loss: f64,
+    pub aux_loss: f64,
+    pub l0: f64,
+    pub fvu: f64,
+    pub dead_latents: usize,
+}
+
+/// Raw loss gradients of one batch (before the unit-norm projection), for tests and tools.
+/// `w_enc_t` and `w_dec` are `[d_sae, d_in]`; `params` follow `Arch::param_names`.
+#[derive(Clone, Debug, Default)]
+pub struct Grads {
+    pub w_enc_t: Vec<f32>,
+    pub w_dec: Vec<f32>,
+    pub b_dec: Vec<f32>,
+    pub params: Vec<Vec<f32>>,
+}
+
+/// An SAE plus its optimiser state.
+/// Fields are private: the trainer keeps the encoder transposed (`[d_sae, d_in]`, one row per
+/// latent for the sparse gradient pass); `snapshot` returns the SAE in SAELens layout.
+pub struct SaeTrainer {
+    arch: Box<dyn Arch>,
+    kind: ArchKind,
+    d_in: usize,
+    d_sae: usize,
+    k: usize,
+    apply_b_dec_to_input: bool,
+    meta: SaeMeta,
+    hyper: TrainHyper,
+    w_enc_t: Vec<f32>,
+    w_dec: Vec<f32>,
+    b_dec: Vec<f32>,
+    params: Vec<Vec<f32>>,
+    mom_enc: Moments,
+    mom_dec: Moments,
+    mom_bdec: Moments,
+    mom_params: Vec<Moments>,
+    /// Step at which each latent's W_enc/W_dec rows last got an Adam update (lazy decay).
+    last_update: Vec<u64>,
+    tokens_since_fired: Vec<u64>,
+    steps: u64,
+    /// BatchTopK: EMA numerator of the batch thresholds, and the last batch's threshold.
+    threshold_ema: f64,
+    last_batch_threshold: f32,
+    dense_fraction: f64,
+    buf: Buffers,
+}
+
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    out.par_chunks_mut(rows.max(1))
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (r, d) in dst.iter_mut().enumerate() {
+                *d = w[r * cols + c];
+            }
+        });
+    out
+}
+
+impl SaeTrainer {
+    pub fn new(sae: Sae, hyper: TrainHyper) -> Self {
+        let (d_in, d_sae) = (sae.d_in, sae.d_sae);
+        let arch = make_arch(sae.arch, sae.k, &hyper, d_in);
+        let params: Vec<Vec<f32>> = match sae.arch {
+            ArchKind::Gated => vec![sae.b_enc.clone(), sae.r_mag.clone(), sae.b_mag.clone()],
+            ArchKind::JumpRelu => {
+                let lt = sae.threshold.iter().map(|t| t.max(1e-12).ln()).collect();
+                vec![sae.b_enc.clone(), lt]
+            }
+            _ => vec![sae.b_enc.clone()],
+        };
+        let th = if sae.arch == ArchKind::BatchTopK {
+            sae.threshold.first().copied().unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let b1 = hyper.adam_beta1;
+        SaeTrainer {
+            kind: sae.arch,
+            d_in,
+            d_sae,
+            k: sae.k,
+            apply_b_dec_to_input: sae.apply_b_dec_to_input,
+            w_enc_t: transpose(&sae.w_enc, d_in, d_sae),
+            w_dec: sae.w_dec,
+            b_dec: sae.b_dec,
+            mom_enc: Moments::new(d_sae * d_in, b1),
+            mom_dec: Moments::new(d_sae * d_in, b1),
+            mom_bdec: Moments::new(d_in, b1),
+            mom_params: params.iter().map(|p| Moments::new(p.len(), b1)).collect(),
+            params,
+            last_update: vec![0; d_sae],
+            tokens_since_fired: vec![0; d_sae],
+            steps: 0,
+            threshold_ema: 0.0,
+            last_batch_threshold: th,
+            dense_fraction: DENSE_FRACTION,
+            meta: sae.meta,
+            arch,
+            hyper,
+            buf: Buffers::default(),
+        }
+    }
+
+    /// The current weights in SAELens layout.
+    pub fn snapshot(&self) -> Sae {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let mut sae = Sae {
+            arch: self.kind,
+            d_in,
+            d_sae,
+            w_enc: transpose(&self.w_enc_t, d_sae, d_in),
+            b_enc: self.params[0].clone(),
+            w_dec: self.w_dec.clone(),
+            b_dec: self.b_dec.clone(),
+            r_mag: Vec::new(),
+            b_mag: Vec::new(),
+            threshold: Vec::new(),
+            k: self.k,
+            apply_b_dec_to_input: self.apply_b_dec_to_input,
+            meta: self.meta.clone(),
+        };
+        match self.kind {
+            ArchKind::Gated => {
+                sae.r_mag = self.params[1].clone();
+                sae.b_mag = self.params[2].clone();
+            }
+            ArchKind::JumpRelu => sae.threshold = self.params[1].iter().map(|l| l.exp()).collect(),
+            ArchKind::BatchTopK => sae.threshold = vec![self.inference_threshold(); d_sae],
+            _ => {}
+        }
+        sae
+    }
+
+    /// BatchTopK's inference threshold estimated so far.
+    pub fn inference_threshold(&self) -> f32 {
+        if self.steps == 0 {
+            return self.last_batch_threshold;
+        }
+        let bc = 1.0 - THRESHOLD_EMA_BETA.powf(self.steps as f64);
+        (self.threshold_ema / bc) as f32
+    }
+
+    /// Code density above which a step switches to dense GEMMs (tests force each path).
+    #[doc(hidden)]
+    pub fn set_dense_fraction(&mut self, fraction: f64) {
+        self.dense_fraction = fraction;
+    }
+
+    pub fn steps_done(&self) -> u64 {
+        self.steps
+    }
+
+    pub fn hyper(&self) -> &TrainHyper {
+        &self.hyper
+    }
+
+    /// Tokens since each latent last fired (f > 0).
+    pub fn tokens_since_fired(&self) -> &[u64] {
+        &self.tokens_since_fired
+    }
+
+    /// One optimiser step on `n` rows of `x` (`[n, d_in]`).
+    ///
+    /// If the loss is not finite (NaN/Inf in `x` or a diverged run), the returned stats carry
+    /// it and NOTHING was changed: no update, no step counted. The caller should stop and keep
+    /// its last checkpoint. Panics if `x.len() != n * d_in` (a programming error, not bad data).
+    pub fn step(&mut self, x: &[f32], n: usize, lr: f32, sparsity_coeff: f32) -> StepStats {
+        self.run(x, n, sparsity_coeff, Mode::Apply(lr))
+    }
+
+    /// The raw gradients of the loss on this batch, without changing any state.
+    pub fn gradients(&mut self, x: &[f32], n: usize, sparsity_coeff: f32) -> (StepStats, Grads) {
+        let mut g = Grads {
+            w_enc_t: vec![0.0; self.d_sae * self.d_in],
+            w_dec: vec![0.0; self.d_sae * self.d_in],
+            b_dec: vec![0.0; self.d_in],
+            params: self.params.iter().map(|p| vec![0.0; p.len()]).collect(),
+        };
+        let stats = self.run(x, n, sparsity_coeff, Mode::Collect(&mut g));
+        (stats, g)
+    }
+
+    fn count_dead(&self) -> usize {
+        let w = self.hyper.dead_window_tokens;
+        self.tokens_since_fired.iter().filter(|&&t| t >= w).count()
+    }
+}
+
+enum Mode<'g> {
+    Apply(f32),
+    Collect(&'g mut Grads),
+}
