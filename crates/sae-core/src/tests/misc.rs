@@ -338,3 +338,15 @@ fn mmcs_cases() {
     let w = [-1.0, 0.0, 0.0, -1.0];
     assert!(mmcs(&w, &truth, 2).abs() < 1e-9);
 }
+
+#[test]
+fn bench_rows_are_filled() {
+    let rows = crate::bench::run_bench(&[ArchKind::Gated, ArchKind::TopK], &[256], 16, 64, 1);
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert!(r.tokens_per_s > 0.0 && r.limit_tokens_per_s > 0.0);
+        assert!((r.ratio - r.tokens_per_s / r.limit_tokens_per_s).abs() < 1e-12);
+        assert!(r.l0 > 0.0);
+        assert!(r.to_string().starts_with(r.arch.as_str()));
+    }
+}
