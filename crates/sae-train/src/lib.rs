@@ -1,1 +1,22 @@
-//! sae-train
+//! sae-train: the training loop around `sae_core::SaeTrainer`.
+//!
+//! Schedules (lr warm-up and decay, sparsity warm-up), input normalisation to E||x||^2 = d_in
+//! (folded into the saved weights), b_dec initialisation, checkpoints and `--resume`, the
+//! JSONL log and progress bar, and the SAELens-layout output.
+//!
+//! Output of a run with `out = runs/x`:
+//! * `runs/x/`: `cfg.json`, `sae_weights.safetensors` (SAELens), `train_log.jsonl`,
+//!   `train_config.json`, `train_summary.json`; swapped in whole when the run ends.
+//! * `runs/x.partial/` while it runs: the log, the config and `checkpoint/`; removed at the end.
+
+pub mod checkpoint;
+pub mod config;
+pub mod flags;
+pub mod init;
+pub mod run;
+pub mod source;
+
+pub use config::{BDecInit, Resolved, TrainConfig};
+pub use flags::TrainFlags;
+pub use run::{partial_dir, run, run_with_source, FinalMetrics, TrainSummary};
+pub use source::{BatchSource, MemorySource, StoreSource};

@@ -1,0 +1,237 @@
+//! `TrainConfig`: every option of `sae train`. A TOML or JSON file given with `--config`
+//! holds the same fields as the flags (flag `--d-sae` = field `d_sae`); flags override it.
+
+use anyhow::{bail, Context, Result};
+use sae_core::ArchKind;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// How b_dec starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BDecInit {
+    /// Geometric median of a sample (Weiszfeld), as OpenAI's TopK code does.
+    GeometricMedian,
+    /// Mean of a sample.
+    Mean,
+    /// Zero (the Gated paper's reference code).
+    Zero,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Activation file or directory (not needed when training from another source).
+    pub acts: Option<PathBuf>,
+    /// Output directory (SAELens layout + train_log.jsonl + train_summary.json).
+    pub out: PathBuf,
+    pub arch: ArchKind,
+    /// Dictionary size; default 8 x d_in.
+    pub d_sae: Option<usize>,
+    /// Sparsity coefficient (relu/gated: L1, jumprelu: L0). Default per architecture.
+    pub l1: Option<f32>,
+    /// Active latents per token for topk/batchtopk.
+    pub k: usize,
+    /// Peak learning rate; default per architecture (gated/relu 3e-4, jumprelu 7e-5,
+    /// topk/batchtopk 2e-4 / sqrt(d_sae / 2^14)).
+    pub lr: Option<f32>,
+    pub batch_size: usize,
+    /// Training steps; or `tokens` / batch_size; default one pass over the activations.
+    pub steps: Option<u64>,
+    pub tokens: Option<u64>,
+    /// Linear lr warm-up; default min(1000, steps / 10).
+    pub lr_warmup_steps: Option<u64>,
+    /// Linear lr decay to 0 over the last this many steps (0 = constant lr, as the Gated paper).
+    pub lr_decay_steps: u64,
+    /// Linear sparsity-coefficient warm-up from 0; default 0 for gated/relu (paper), steps / 20
+    /// for relu with the decoder-norm L1 (April update), min(10000, steps / 10) for jumprelu.
+    pub l1_warmup_steps: Option<u64>,
+    pub adam_beta1: f32,
+    pub adam_beta2: f32,
+    pub adam_eps: f32,
+    pub b_dec_init: BDecInit,
+    /// Rows sampled for b_dec and the normalisation constant.
+    pub init_sample: usize,
+    /// Scale inputs by one constant so that E||x||^2 = d_in (folded into the saved weights).
+    pub normalize: bool,
+    /// A latent is dead when it has not fired for this many tokens.
+    pub dead_window_tokens: u64,
+    /// TopK/BatchTopK AuxK coefficient and k_aux (0 = d_in / 2).
+    pub aux_coeff: f32,
+    pub k_aux: usize,
+    pub jumprelu_bandwidth: f32,
+    /// ReLU: decoder-norm-weighted L1 without the unit-norm constraint (April-update recipe).
+    pub relu_decoder_norm_l1: bool,
+    /// Steps between checkpoints (0 = none).
+    pub checkpoint_every: u64,
+    /// Steps between lines of train_log.jsonl.
+    pub log_every: u64,
+    pub seed: u64,
+    /// Rayon threads (results are bit-for-bit reproducible for a given count); default all.
+    pub threads: Option<usize>,
+    /// Rows of the final evaluation (sampled from the activations).
+    pub eval_tokens: usize,
+    /// Continue from the last checkpoint in `<out>.partial`.
+    pub resume: bool,
+    /// No progress bar.
+    pub quiet: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            acts: None,
+            out: PathBuf::from("runs/sae"),
+            arch: ArchKind::Gated,
+            d_sae: None,
+            l1: None,
+            k: 32,
+            lr: None,
+            batch_size: 4096,
+            steps: None,
+            tokens: None,
+            lr_warmup_steps: None,
+            lr_decay_steps: 0,
+            l1_warmup_steps: None,
+            adam_beta1: 0.0,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            b_dec_init: BDecInit::GeometricMedian,
+            init_sample: 32_768,
+            normalize: true,
+            dead_window_tokens: 10_000_000,
+            aux_coeff: 1.0 / 32.0,
+            k_aux: 0,
+            jumprelu_bandwidth: 0.001,
+            relu_decoder_norm_l1: false,
+            checkpoint_every: 1000,
+            log_every: 100,
+            seed: 0,
+            threads: None,
+            eval_tokens: 16_384,
+            resume: false,
+            quiet: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a `.toml` or `.json` config file (unknown keys are an error).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        if is_json {
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        } else {
+            toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))
+        }
+    }
+}
+
+/// Every number the run uses, after defaults that depend on the data and architecture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub d_in: usize,
+    pub d_sae: usize,
+    pub lr: f32,
+    pub sparsity_coeff: f32,
+    pub steps: u64,
+    pub lr_warmup_steps: u64,
+    pub l1_warmup_steps: u64,
+}
+
+pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Resolved> {
+    if cfg.batch_size == 0 {
+        bail!("--batch-size must be positive");
+    }
+    let d_sae = cfg.d_sae.unwrap_or(8 * d_in);
+    if d_sae == 0 {
+        bail!("--d-sae must be positive");
+    }
+    let topk = matches!(cfg.arch, ArchKind::TopK | ArchKind::BatchTopK);
+    if topk && (cfg.k == 0 || cfg.k > d_sae) {
+        bail!("--k must be between 1 and d_sae = {d_sae} for {}", cfg.arch);
+    }
+    if topk && cfg.l1.is_some_and(|v| v != 0.0) {
+        bail!(
+            "{} has no sparsity coefficient; set its sparsity with --k instead of --l1",
+            cfg.arch
+        );
+    }
+    let lr = cfg.lr.unwrap_or(match cfg.arch {
+        ArchKind::Gated | ArchKind::Relu => 3e-4,
+        ArchKind::JumpRelu => 7e-5,
+        ArchKind::TopK | ArchKind::BatchTopK => 2e-4 / (d_sae as f32 / 16384.0).sqrt(),
+    });
+    let sparsity_coeff = if topk {
+        0.0
+    } else {
+        cfg.l1.unwrap_or(match cfg.arch {
+            // Good on the synthetic acceptance set (inputs normalised); sweep on real data.
+            ArchKind::Gated => 5.0,
+            ArchKind::Relu => 2.0,
+            _ => 0.1,
+        })
+    };
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!("--lr must be a positive number");
+    }
+    if !(sparsity_coeff.is_finite() && sparsity_coeff >= 0.0) {
+        bail!("--l1 must be a non-negative number");
+    }
+    let bs = cfg.batch_size as u64;
+    let steps = match (cfg.steps, cfg.tokens, n_rows) {
+        (Some(s), _, _) => s,
+        (None, Some(t), _) => t.div_ceil(bs),
+        (None, None, Some(n)) => n.div_ceil(bs),
+        (None, None, None) => bail!("give --steps or --tokens (the source has no fixed size)"),
+    };
+    if steps == 0 {
+        bail!("training needs at least one step");
+    }
+    if cfg.lr_decay_steps > steps {
+        bail!(
+            "--lr-decay-steps ({}) exceeds the number of steps ({steps})",
+            cfg.lr_decay_steps
+        );
+    }
+    let lr_warmup_steps = cfg.lr_warmup_steps.unwrap_or((steps / 10).min(1000));
+    let l1_warmup_steps = cfg.l1_warmup_steps.unwrap_or(match cfg.arch {
+        ArchKind::Relu if cfg.relu_decoder_norm_l1 => steps / 20,
+        ArchKind::JumpRelu => (steps / 10).min(10_000),
+        _ => 0,
+    });
+    Ok(Resolved {
+        d_in,
+        d_sae,
+        lr,
+        sparsity_coeff,
+        steps,
+        lr_warmup_steps,
+        l1_warmup_steps,
+    })
+}
+
+/// Learning rate at `step` (0-based): linear warm-up, constant, optional linear decay to 0.
+pub fn lr_at(r: &Resolved, decay_steps: u64, step: u64) -> f32 {
+    let mut f = 1.0f64;
+    if r.lr_warmup_steps > 0 && step < r.lr_warmup_steps {
+        f = (step + 1) as f64 / r.lr_warmup_steps as f64;
+    }
+    let decay_start = r.steps - decay_steps;
+    if decay_steps > 0 && step >= decay_start {
+        f = f.min((r.steps - step) as f64 / decay_steps as f64);
+    }
+    (r.lr as f64 * f) as f32
+}
+
+/// Sparsity coefficient at `step`: linear warm-up from 0, then constant.
+pub fn sparsity_at(r: &Resolved, step: u64) -> f32 {
+    if r.l1_warmup_steps > 0 && step < r.l1_warmup_steps {
+        (r.sparsity_coeff as f64 * (step + 1) as f64 / r.l1_warmup_steps as f64) as f32
+    } else {
+        r.sparsity_coeff
+    }
+}

@@ -1,0 +1,145 @@
+//! The `sae train` flags. Each is optional so that a `--config` file can supply it; a flag
+//! given on the command line overrides the file.
+
+use crate::config::{BDecInit, TrainConfig};
+use anyhow::{Context, Result};
+use clap::Args;
+use sae_core::ArchKind;
+use std::path::PathBuf;
+
+fn parse_arch(s: &str) -> Result<ArchKind, String> {
+    s.parse::<ArchKind>().map_err(|e| e.to_string())
+}
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct TrainFlags {
+    /// TOML or JSON file with the same fields as these flags (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Activation file or directory (.safetensors / .npy shards).
+    #[arg(long)]
+    pub acts: Option<PathBuf>,
+    /// Output directory (SAELens layout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// gated, relu, topk, batchtopk or jumprelu.
+    #[arg(long, value_parser = parse_arch)]
+    pub arch: Option<ArchKind>,
+    #[arg(long)]
+    pub d_sae: Option<usize>,
+    /// Sparsity coefficient for relu/gated (L1) and jumprelu (L0).
+    #[arg(long)]
+    pub l1: Option<f32>,
+    /// Active latents per token for topk/batchtopk.
+    #[arg(long)]
+    pub k: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub tokens: Option<u64>,
+    #[arg(long)]
+    pub lr_warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub lr_decay_steps: Option<u64>,
+    #[arg(long)]
+    pub l1_warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f32>,
+    #[arg(long)]
+    pub adam_beta2: Option<f32>,
+    #[arg(long)]
+    pub adam_eps: Option<f32>,
+    #[arg(long, value_enum)]
+    pub b_dec_init: Option<BDecInit>,
+    #[arg(long)]
+    pub init_sample: Option<usize>,
+    /// Normalise inputs to E||x||^2 = d_in (`--normalize false` to turn off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub normalize: Option<bool>,
+    #[arg(long)]
+    pub dead_window_tokens: Option<u64>,
+    #[arg(long)]
+    pub aux_coeff: Option<f32>,
+    #[arg(long)]
+    pub k_aux: Option<usize>,
+    #[arg(long)]
+    pub jumprelu_bandwidth: Option<f32>,
+    /// ReLU with decoder-norm-weighted L1 and no unit-norm constraint.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub relu_decoder_norm_l1: Option<bool>,
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub eval_tokens: Option<usize>,
+    /// Continue from the last checkpoint of this --out.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub resume: Option<bool>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub quiet: Option<bool>,
+}
+
+impl TrainFlags {
+    /// The config: the `--config` file (or the defaults) with the given flags on top.
+    pub fn to_config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::from_file(p).context("loading --config")?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        macro_rules! set_opt {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = Some(v.clone()); } )* };
+        }
+        set!(
+            out,
+            arch,
+            k,
+            batch_size,
+            lr_decay_steps,
+            adam_beta1,
+            adam_beta2,
+            adam_eps,
+            b_dec_init
+        );
+        set!(
+            init_sample,
+            normalize,
+            dead_window_tokens,
+            aux_coeff,
+            k_aux,
+            jumprelu_bandwidth
+        );
+        set!(
+            relu_decoder_norm_l1,
+            checkpoint_every,
+            log_every,
+            seed,
+            eval_tokens,
+            resume,
+            quiet
+        );
+        set_opt!(
+            acts,
+            d_sae,
+            l1,
+            lr,
+            steps,
+            tokens,
+            lr_warmup_steps,
+            l1_warmup_steps,
+            threads
+        );
+        Ok(c)
+    }
+}
