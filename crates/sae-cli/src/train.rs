@@ -1,31 +1,142 @@
-//! Subcommands owned by: sae-train owner.
+//! Subcommands owned by the sae-train owner: train, info, synth, bench.
 
+use anyhow::{bail, Result};
 use clap::Args;
+use sae_core::ArchKind;
+use sae_store::synth::{write_synthetic, SynthConfig};
+use sae_store::writer::StoreDtype;
+use std::path::PathBuf;
 
 #[derive(Args)]
-pub struct TrainArgs {}
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub flags: sae_train::TrainFlags,
+}
 
-pub fn train(_args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("'sae train' is not implemented yet")
+pub fn train(args: TrainArgs) -> Result<()> {
+    let cfg = args.flags.to_config()?;
+    let s = sae_train::run(&cfg)?;
+    let f = &s.final_metrics;
+    println!(
+        "trained {} SAE d_in {} d_sae {}: {} steps, {} tokens in {:.1} s ({:.0} tokens/s)",
+        s.arch, s.d_in, s.d_sae, s.steps, s.tokens, s.seconds, s.tokens_per_s
+    );
+    println!(
+        "final ({} tokens): L0 {:.2}  FVU {:.4}  MSE {:.4}  gamma {:.3}  dead {}",
+        f.eval_tokens, f.l0, f.fvu, f.mse, f.gamma, f.dead_latents
+    );
+    println!("saved to {}", s.out_dir.display());
+    Ok(())
 }
 
 #[derive(Args)]
-pub struct InfoArgs {}
+pub struct InfoArgs {
+    /// SAE directory (cfg.json + sae_weights.safetensors).
+    pub dir: PathBuf,
+}
 
-pub fn info(_args: InfoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("'sae info' is not implemented yet")
+pub fn info(args: InfoArgs) -> Result<()> {
+    print!("{}", sae_train::info::describe(&args.dir)?);
+    Ok(())
 }
 
 #[derive(Args)]
-pub struct SynthArgs {}
+pub struct SynthArgs {
+    /// Output directory (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub d_in: usize,
+    #[arg(long, default_value_t = 256)]
+    pub n_features: usize,
+    #[arg(long, default_value_t = 200_000)]
+    pub n_tokens: usize,
+    /// Mean number of active features per token.
+    #[arg(long, default_value_t = 5.0)]
+    pub l0: f64,
+    /// Standard deviation of the Gaussian noise per dimension.
+    #[arg(long, default_value_t = 0.01)]
+    pub noise: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 65_536)]
+    pub rows_per_shard: usize,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: StoreDtype,
+}
 
-pub fn synth(_args: SynthArgs) -> anyhow::Result<()> {
-    anyhow::bail!("'sae synth' is not implemented yet")
+pub fn synth(a: SynthArgs) -> Result<()> {
+    let cfg = SynthConfig {
+        d_in: a.d_in,
+        n_features: a.n_features,
+        n_tokens: a.n_tokens,
+        l0: a.l0,
+        noise: a.noise,
+        seed: a.seed,
+        rows_per_shard: a.rows_per_shard,
+        dtype: a.dtype,
+    };
+    let m = write_synthetic(&a.out, &cfg)?;
+    println!(
+        "wrote {} tokens (d_in {}) in {} shards and {} true features to {}",
+        m.n_tokens,
+        m.d_in,
+        m.shards.len(),
+        a.n_features,
+        a.out.display()
+    );
+    Ok(())
 }
 
 #[derive(Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Comma-separated architectures.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gated,relu,topk,batchtopk,jumprelu"
+    )]
+    pub archs: Vec<String>,
+    /// Comma-separated dictionary sizes.
+    #[arg(long, value_delimiter = ',', default_value = "4608,9216")]
+    pub d_sae: Vec<usize>,
+    #[arg(long, default_value_t = 576)]
+    pub d_in: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub batch: usize,
+    /// Timed steps per configuration (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+}
 
-pub fn bench(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("'sae bench' is not implemented yet")
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let archs = a
+        .archs
+        .iter()
+        .map(|s| s.parse::<ArchKind>())
+        .collect::<Result<Vec<_>>>()?;
+    if a.d_sae.is_empty() || a.d_sae.contains(&0) || a.d_in == 0 || a.batch == 0 {
+        bail!("--d-sae, --d-in and --batch must be positive");
+    }
+    println!(
+        "sae bench: d_in {}, batch {}, {} timed steps, {} threads",
+        a.d_in,
+        a.batch,
+        a.steps,
+        rayon_threads()
+    );
+    println!("{}", sae_core::bench::BenchRow::header());
+    for &d_sae in &a.d_sae {
+        for row in sae_core::bench::run_bench(&archs, &[d_sae], a.d_in, a.batch, a.steps) {
+            println!("{row}");
+        }
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod flags;
+pub mod info;
 pub mod init;
 pub mod run;
 pub mod source;

@@ -1,0 +1,194 @@
+//! `sae train / info / synth` through the built binary: the happy path and the error paths
+//! (non-zero exit, one line naming the file, no panic).
+
+use sae_store::npy;
+use sae_store::Dtype;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn sae(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args(args)
+        .output()
+        .expect("running sae")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sae-train-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Fails with a clean message that contains every `needle`.
+fn fails_with(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail; stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks '{n}': {err}");
+    }
+}
+
+fn write_npy(path: &Path, rows: usize, cols: usize, v: &[f32]) {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(path, npy::encode(Dtype::F32, rows, cols, &bytes)).unwrap();
+}
+
+#[test]
+fn synth_train_info() {
+    let dir = scratch("happy");
+    let acts = dir.join("acts");
+    let out = sae(&[
+        "synth",
+        "--out",
+        s(&acts),
+        "--d-in",
+        "8",
+        "--n-features",
+        "16",
+        "--n-tokens",
+        "3000",
+        "--l0",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(acts.join("true_features.safetensors").exists());
+    let run = dir.join("run");
+    let out = sae(&[
+        "train",
+        "--acts",
+        s(&acts),
+        "--arch",
+        "gated",
+        "--d-sae",
+        "32",
+        "--l1",
+        "3",
+        "--steps",
+        "30",
+        "--batch-size",
+        "64",
+        "--out",
+        s(&run),
+        "--quiet",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("30 steps") && text.contains("FVU"), "{text}");
+    let out = sae(&["info", s(&run)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in [
+        "gated",
+        "d_sae       32",
+        "r_mag",
+        "b_gate",
+        "[8, 32]",
+        "synthetic",
+        "30 steps",
+        "gamma",
+    ] {
+        assert!(text.contains(needle), "info lacks '{needle}': {text}");
+    }
+    // Synth refuses to overwrite.
+    fails_with(&sae(&["synth", "--out", s(&acts)]), &["already exists"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_activations_name_the_file() {
+    let dir = scratch("bad");
+    let out_dir = dir.join("out");
+    let train = |acts: &Path| {
+        sae(&[
+            "train",
+            "--acts",
+            s(acts),
+            "--out",
+            s(&out_dir),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ])
+    };
+
+    fails_with(&train(&dir.join("missing")), &["missing"]);
+
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails_with(&train(&empty), &["empty", "no activation files"]);
+
+    let mixed = dir.join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    write_npy(&mixed.join("a.npy"), 4, 3, &[0.5; 12]);
+    write_npy(&mixed.join("b.npy"), 4, 5, &[0.5; 20]);
+    fails_with(&train(&mixed), &["b.npy", "d_in"]);
+
+    let cut = dir.join("cut.npy");
+    write_npy(&cut, 10, 4, &[1.0; 40]);
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 8]).unwrap();
+    fails_with(&train(&cut), &["cut.npy", "truncated"]);
+
+    let text = dir.join("notes.safetensors");
+    std::fs::write(&text, "not a tensor file at all").unwrap();
+    fails_with(
+        &train(&text),
+        &["notes.safetensors", "not a valid safetensors"],
+    );
+
+    let mut v = vec![1.0f32; 64 * 4];
+    v[37 * 4 + 1] = f32::INFINITY;
+    let nan = dir.join("inf.npy");
+    write_npy(&nan, 64, 4, &v);
+    fails_with(&train(&nan), &["inf.npy", "row 37"]);
+    assert!(
+        !out_dir.exists(),
+        "a failed run must not leave output behind"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_options_fail_cleanly() {
+    fails_with(
+        &sae(&["train", "--arch", "gatd", "--acts", "x"]),
+        &["unknown architecture 'gatd'"],
+    );
+    fails_with(
+        &sae(&["train", "--learning-rate", "3"]),
+        &["--learning-rate"],
+    );
+    fails_with(&sae(&["train", "--out", "/tmp/never"]), &["--acts"]);
+    fails_with(
+        &sae(&["bench", "--archs", "gated,nope"]),
+        &["unknown architecture 'nope'"],
+    );
+    let dir = scratch("opts");
+    fails_with(&sae(&["info", s(&dir)]), &["cfg.json"]);
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, "arch = \"gated\"\nbatchsize = 3\n").unwrap();
+    fails_with(
+        &sae(&["train", "--config", s(&cfg)]),
+        &["c.toml", "batchsize"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
