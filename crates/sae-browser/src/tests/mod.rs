@@ -1,1 +1,2 @@
+mod format;
 mod scan;
