@@ -215,7 +215,11 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
         d_head: n("head_dim").unwrap_or(d_model / n_heads),
         d_mlp: n("intermediate_size")?,
         vocab_size: embed.dim(0)?,
-        rope_theta: config["rope_theta"].as_f64().unwrap_or(10_000.0),
+        // Older configs: rope_theta; transformers 5: rope_parameters.rope_theta.
+        rope_theta: config["rope_theta"]
+            .as_f64()
+            .or(config["rope_parameters"]["rope_theta"].as_f64())
+            .unwrap_or(10_000.0),
         rms_eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-5),
         max_positions: n("max_position_embeddings").unwrap_or(2048),
         interleaved_rope: false,
