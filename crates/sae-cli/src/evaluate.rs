@@ -1,24 +1,192 @@
-//! Subcommands owned by: sae-eval owner.
+//! `sae eval`, `sae sweep`, `sae demo` (owner: sae-eval). Flags only; the work is in
+//! `sae_eval::pipeline`.
 
+use anyhow::Result;
 use clap::Args;
+use sae_core::ArchKind;
+use sae_eval::pipeline::{self, EvalOptions, SweepOptions};
+use std::path::PathBuf;
 
-#[derive(Args)]
-pub struct EvalArgs {}
+/// Parses counts like `200_000` or `200000`.
+fn parse_count(s: &str) -> Result<usize, String> {
+    s.replace('_', "")
+        .parse::<usize>()
+        .map_err(|e| format!("'{s}' is not a count: {e}"))
+}
 
-pub fn eval(_args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::bail!("'sae eval' is not implemented yet")
+fn parse_list<T: std::str::FromStr>(s: &str) -> Result<Vec<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.replace('_', "")
+                .parse::<T>()
+                .map_err(|e| format!("'{v}': {e}"))
+        })
+        .collect()
 }
 
 #[derive(Args)]
-pub struct SweepArgs {}
+pub struct EvalArgs {
+    /// SAE directory (cfg.json + sae_weights.safetensors).
+    #[arg(long)]
+    pub sae: PathBuf,
+    /// "smollm2-135m", a .gguf file, or a Hugging Face model directory.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// "python-docs", a directory of .txt/.jsonl files, or one such file.
+    #[arg(long, default_value = "python-docs")]
+    pub corpus: String,
+    /// Held-out tokens to evaluate on (BOS not counted).
+    #[arg(long, value_parser = parse_count, default_value = "200_000")]
+    pub tokens: usize,
+    /// Context length (BOS included).
+    #[arg(long, default_value_t = 128)]
+    pub ctx: usize,
+    /// Contexts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Hook to splice at (default: the SAE's, from cfg.json).
+    #[arg(long)]
+    pub hook: Option<String>,
+    /// Corpus tokens to skip before the evaluation text (default: the size of the activation
+    /// store the SAE was trained on, so evaluation text is held out).
+    #[arg(long, value_parser = parse_count)]
+    pub skip_tokens: Option<usize>,
+    /// Output directory (default: <sae>/eval).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
 
-pub fn sweep(_args: SweepArgs) -> anyhow::Result<()> {
-    anyhow::bail!("'sae sweep' is not implemented yet")
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let r = pipeline::run_eval(&EvalOptions {
+        sae: a.sae,
+        model: a.model,
+        corpus: a.corpus,
+        tokens: a.tokens,
+        ctx: a.ctx,
+        batch: a.batch,
+        hook: a.hook,
+        skip_tokens: a.skip_tokens,
+        out: a.out,
+    })?;
+    println!(
+        "L0 {:.2}  FVU {:.4}  MSE {:.4}  gamma {:.4}  CE clean {:.4}  SAE {:.4}  zero {:.4}  mean {:.4}  delta LM loss {:.4}  loss recovered {:.4}  dead {}  dense {}",
+        r.l0, r.fvu, r.mse, r.gamma, r.ce_clean, r.ce_sae, r.ce_zero, r.ce_mean_ablation,
+        r.delta_lm_loss, r.loss_recovered, r.firing.dead, r.firing.dense
+    );
+    Ok(())
 }
 
 #[derive(Args)]
-pub struct DemoArgs {}
+pub struct SweepArgs {
+    /// Activation store from `sae harvest` (every run trains on it).
+    #[arg(long)]
+    pub acts: PathBuf,
+    /// Architectures: gated, relu, topk, batchtopk, jumprelu (comma-separated).
+    #[arg(long, default_value = "gated,relu")]
+    pub arch: String,
+    /// Sparsity coefficients for gated/relu/jumprelu (comma-separated).
+    #[arg(long, default_value = "")]
+    pub l1: String,
+    /// k values for topk/batchtopk (comma-separated).
+    #[arg(long, default_value = "")]
+    pub k: String,
+    /// Dictionary size (default 8 x d_in).
+    #[arg(long, value_parser = parse_count)]
+    pub d_sae: Option<usize>,
+    /// Training steps per run (or --tokens; default one pass over the store).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Training tokens per run.
+    #[arg(long, value_parser = parse_count)]
+    pub tokens: Option<usize>,
+    #[arg(long, default_value_t = 4096)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Hook (default: the store's).
+    #[arg(long)]
+    pub hook: Option<String>,
+    /// Evaluation corpus (default: the store's; its harvested text is skipped).
+    #[arg(long)]
+    pub corpus: Option<String>,
+    /// Held-out tokens for each evaluation.
+    #[arg(long, value_parser = parse_count, default_value = "50_000")]
+    pub eval_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub ctx: usize,
+    /// Contexts per evaluation forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub eval_batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sweep directory (runs/<name>/, sweep.json, sweep.csv, report.md, plots); finished runs
+    /// in it are evaluated again, not retrained.
+    #[arg(long)]
+    pub out: PathBuf,
+}
 
-pub fn demo(_args: DemoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("'sae demo' is not implemented yet")
+pub fn sweep(a: SweepArgs) -> Result<()> {
+    let r = pipeline::run_sweep(&SweepOptions {
+        acts: a.acts,
+        archs: parse_list::<ArchKind>(&a.arch).map_err(|e| anyhow::anyhow!("--arch {e}"))?,
+        l1: parse_list::<f32>(&a.l1).map_err(|e| anyhow::anyhow!("--l1 {e}"))?,
+        k: parse_list::<usize>(&a.k).map_err(|e| anyhow::anyhow!("--k {e}"))?,
+        d_sae: a.d_sae,
+        steps: a.steps,
+        tokens: a.tokens.map(|t| t as u64),
+        batch_size: a.batch_size,
+        model: a.model,
+        hook: a.hook,
+        corpus: a.corpus,
+        eval_tokens: a.eval_tokens,
+        ctx: a.ctx,
+        eval_batch: a.eval_batch,
+        seed: a.seed,
+        out: a.out.clone(),
+        note: String::new(),
+    })?;
+    print_result(&r, &a.out);
+    Ok(())
+}
+
+fn print_result(r: &pipeline::SweepResult, out: &std::path::Path) {
+    for row in &r.rows {
+        println!(
+            "{:<22} L0 {:>8.2}  delta LM loss {:.4}  FVU {:.4}  gamma {:.4}  loss recovered {:.4}",
+            row.run.name,
+            row.eval.l0,
+            row.eval.delta_lm_loss,
+            row.eval.fvu,
+            row.eval.gamma,
+            row.eval.loss_recovered
+        );
+    }
+    for (name, why) in &r.failed {
+        println!("{name}: FAILED: {why}");
+    }
+    if let Some(c) = &r.comparison {
+        println!("{}", c.verdict);
+    }
+    println!("report: {}", out.join("report.md").display());
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Output directory.
+    #[arg(long, default_value = "demo")]
+    pub out: PathBuf,
+    /// A few-minute smoke run (4 x 576 latents, far fewer tokens).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+pub fn demo(a: DemoArgs) -> Result<()> {
+    let r = pipeline::run_demo(&a.out, a.quick)?;
+    print_result(&r, &a.out);
+    Ok(())
 }

@@ -1,0 +1,343 @@
+//! Sweeps: the grid of (architecture, sparsity setting) runs, their summary table, the
+//! Figure-1 style plots, and the gated-vs-relu comparison at matched delta LM loss.
+
+use crate::eval::EvalReport;
+use crate::metrics::interpolate;
+use crate::plot;
+use anyhow::{bail, Result};
+use sae_core::ArchKind;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One run of the grid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub name: String,
+    pub arch: ArchKind,
+    /// Sparsity coefficient (gated, relu: L1; jumprelu: L0).
+    pub l1: Option<f32>,
+    /// Active latents (topk, batchtopk).
+    pub k: Option<usize>,
+}
+
+impl RunSpec {
+    /// "l1=0.5" or "k=32".
+    pub fn setting(&self) -> String {
+        match (self.l1, self.k) {
+            (Some(l), _) => format!("l1={l}"),
+            (_, Some(k)) => format!("k={k}"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// Whether an architecture's sparsity is set with `--l1` (else with `--k`).
+pub fn uses_l1(a: ArchKind) -> bool {
+    matches!(a, ArchKind::Gated | ArchKind::Relu | ArchKind::JumpRelu)
+}
+
+/// The grid: `--l1` values for gated/relu/jumprelu, `--k` values for topk/batchtopk.
+/// An architecture with no values for its setting, or an empty grid, is an error.
+pub fn grid(archs: &[ArchKind], l1: &[f32], k: &[usize]) -> Result<Vec<RunSpec>> {
+    if archs.is_empty() {
+        bail!("the sweep grid is empty: give --arch (e.g. --arch gated,relu)");
+    }
+    let mut runs = Vec::new();
+    for &a in archs {
+        if uses_l1(a) {
+            if l1.is_empty() {
+                bail!("the sweep grid has no runs for {a}: give --l1 values (e.g. --l1 1,2,4)");
+            }
+            for &v in l1 {
+                if !(v.is_finite() && v >= 0.0) {
+                    bail!("--l1 {v}: sparsity coefficients must be non-negative numbers");
+                }
+                runs.push(RunSpec {
+                    name: format!("{a}-l1_{v}"),
+                    arch: a,
+                    l1: Some(v),
+                    k: None,
+                });
+            }
+        } else {
+            if k.is_empty() {
+                bail!("the sweep grid has no runs for {a}: give --k values (e.g. --k 16,32,64)");
+            }
+            for &v in k {
+                if v == 0 {
+                    bail!("--k 0: k must be at least 1");
+                }
+                runs.push(RunSpec {
+                    name: format!("{a}-k{v}"),
+                    arch: a,
+                    l1: None,
+                    k: Some(v),
+                });
+            }
+        }
+    }
+    let mut names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        bail!("the sweep grid repeats a run (duplicate --arch, --l1 or --k values)");
+    }
+    Ok(runs)
+}
+
+/// One finished run: its training numbers and evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SweepRow {
+    pub run: RunSpec,
+    pub train_tokens: u64,
+    pub train_seconds: f64,
+    pub eval: EvalReport,
+}
+
+/// L0 of two architectures compared at matched delta LM loss.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Comparison {
+    pub a: String,
+    pub b: String,
+    /// (delta LM loss, L0 of a, L0 of b) at the matched points.
+    pub matched: Vec<(f64, f64, f64)>,
+    /// Geometric mean of L0_b / L0_a over the matched points (> 1: a needs fewer latents).
+    pub l0_ratio_b_over_a: Option<f64>,
+    pub verdict: String,
+}
+
+/// Compare L0 at matched delta LM loss: each architecture's points (delta LM loss, log L0)
+/// are joined in order of delta LM loss and interpolated linearly; the curves are compared
+/// at 5 evenly spaced delta LM losses across the range both cover (no extrapolation).
+pub fn compare(rows: &[SweepRow], a: &str, b: &str) -> Comparison {
+    let curve = |arch: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter(|r| r.eval.arch == arch && r.eval.l0 > 0.0 && r.eval.delta_lm_loss.is_finite())
+            .map(|r| (r.eval.delta_lm_loss, r.eval.l0.ln()))
+            .collect()
+    };
+    let (ca, cb) = (curve(a), curve(b));
+    let span = |c: &[(f64, f64)]| {
+        let lo = c.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
+        let hi = c.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+        (lo, hi)
+    };
+    let mut out = Comparison {
+        a: a.into(),
+        b: b.into(),
+        matched: Vec::new(),
+        l0_ratio_b_over_a: None,
+        verdict: String::new(),
+    };
+    if ca.is_empty() || cb.is_empty() {
+        out.verdict = format!("no comparison: the sweep has no finished {a} or {b} runs");
+        return out;
+    }
+    let ((la, ha), (lb, hb)) = (span(&ca), span(&cb));
+    let (lo, hi) = (la.max(lb), ha.min(hb));
+    if lo > hi {
+        out.verdict = format!(
+            "no comparison at matched delta LM loss: the {a} runs span [{la:.4}, {ha:.4}] and the \
+             {b} runs [{lb:.4}, {hb:.4}], which do not overlap; widen the --l1 values"
+        );
+        return out;
+    }
+    let n = if hi > lo { 5 } else { 1 };
+    for i in 0..n {
+        let d = if n == 1 {
+            lo
+        } else {
+            lo + (hi - lo) * i as f64 / (n - 1) as f64
+        };
+        if let (Some(ya), Some(yb)) = (interpolate(&ca, d), interpolate(&cb, d)) {
+            out.matched.push((d, ya.exp(), yb.exp()));
+        }
+    }
+    let logs: Vec<f64> = out.matched.iter().map(|m| (m.2 / m.1).ln()).collect();
+    let ratio = (logs.iter().sum::<f64>() / logs.len().max(1) as f64).exp();
+    out.l0_ratio_b_over_a = Some(ratio);
+    let a_wins = out.matched.iter().filter(|m| m.1 < m.2).count();
+    out.verdict = if a_wins == out.matched.len() {
+        format!(
+            "YES: {a} beat {b}: at every matched delta LM loss ({} points in [{lo:.4}, {hi:.4}]) \
+             {a} needs fewer active latents; {b} needs {ratio:.2}x the L0 of {a} (geometric mean)",
+            out.matched.len()
+        )
+    } else if a_wins == 0 {
+        format!(
+            "NO: {a} did not beat {b}: at every matched delta LM loss ({} points in [{lo:.4}, {hi:.4}]) \
+             {b} needs no more active latents than {a}; L0 ratio {b}/{a} = {ratio:.2} (geometric mean)",
+            out.matched.len()
+        )
+    } else {
+        format!(
+            "MIXED: {a} needs fewer active latents than {b} at {a_wins} of {} matched delta LM losses \
+             in [{lo:.4}, {hi:.4}]; L0 ratio {b}/{a} = {ratio:.2} (geometric mean)",
+            out.matched.len()
+        )
+    };
+    out
+}
+
+/// Architectures present, in a fixed order.
+fn archs_of(rows: &[SweepRow]) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for a in ArchKind::ALL {
+        if rows.iter().any(|r| r.run.arch == a) {
+            v.push(a.as_str().to_string());
+        }
+    }
+    v
+}
+
+fn series(rows: &[SweepRow], y: impl Fn(&EvalReport) -> f64) -> Vec<(String, Vec<(f64, f64)>)> {
+    archs_of(rows)
+        .into_iter()
+        .map(|a| {
+            let pts = rows
+                .iter()
+                .filter(|r| r.eval.arch == a)
+                .map(|r| (r.eval.l0, y(&r.eval)))
+                .collect();
+            (a, pts)
+        })
+        .collect()
+}
+
+/// `l0_vs_delta_loss.png`, `l0_vs_fvu.png`, `gamma.png` into `dir`.
+pub fn write_plots(dir: &Path, rows: &[SweepRow], title: &str) -> Result<()> {
+    plot::curves_log_x(
+        &dir.join("l0_vs_delta_loss.png"),
+        &format!("{title}: L0 vs delta LM loss"),
+        "L0 (active latents per token, log scale)",
+        "delta LM loss (nats/token)",
+        &series(rows, |e| e.delta_lm_loss),
+        None,
+    )?;
+    plot::curves_log_x(
+        &dir.join("l0_vs_fvu.png"),
+        &format!("{title}: L0 vs FVU"),
+        "L0 (active latents per token, log scale)",
+        "fraction of variance unexplained",
+        &series(rows, |e| e.fvu),
+        None,
+    )?;
+    plot::curves_log_x(
+        &dir.join("gamma.png"),
+        &format!("{title}: shrinkage gamma per run (1 = none)"),
+        "L0 (active latents per token, log scale)",
+        "gamma = E|x_hat|^2 / E[x_hat . x]",
+        &series(rows, |e| e.gamma),
+        Some(1.0),
+    )?;
+    Ok(())
+}
+
+/// The CSV summary, one line per run.
+pub fn csv(rows: &[SweepRow]) -> String {
+    let mut s = String::from(
+        "run,arch,l1,k,d_sae,train_tokens,l0,fvu,mse,gamma,ce_clean,ce_sae,ce_zero,ce_mean_ablation,\
+         delta_lm_loss,loss_recovered,dead,dense\n",
+    );
+    for r in rows {
+        let e = &r.eval;
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{:.4},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{},{}",
+            r.run.name,
+            e.arch,
+            r.run.l1.map(|v| v.to_string()).unwrap_or_default(),
+            r.run.k.map(|v| v.to_string()).unwrap_or_default(),
+            e.d_sae,
+            r.train_tokens,
+            e.l0,
+            e.fvu,
+            e.mse,
+            e.gamma,
+            e.ce_clean,
+            e.ce_sae,
+            e.ce_zero,
+            e.ce_mean_ablation,
+            e.delta_lm_loss,
+            e.loss_recovered,
+            e.firing.dead,
+            e.firing.dense
+        );
+    }
+    s
+}
+
+/// The Markdown summary: setup, a table of runs, the comparison, the plots.
+pub fn markdown(
+    title: &str,
+    setup: &str,
+    rows: &[SweepRow],
+    failed: &[(String, String)],
+    cmp: Option<&Comparison>,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# {title}\n\n{setup}\n");
+    if let Some(c) = cmp {
+        let _ = writeln!(s, "## Did {} beat {}?\n\n**{}**\n", c.a, c.b, c.verdict);
+        let _ = writeln!(
+            s,
+            "Method: for each architecture the runs are points (delta LM loss, L0); joined in \
+             order of delta LM loss, log L0 is interpolated linearly, and the two curves are \
+             compared at evenly spaced delta LM losses inside the range both cover (no \
+             extrapolation).\n"
+        );
+        if !c.matched.is_empty() {
+            let _ = writeln!(
+                s,
+                "| delta LM loss | L0 {} | L0 {} |\n|---|---|---|",
+                c.a, c.b
+            );
+            for (d, la, lb) in &c.matched {
+                let _ = writeln!(s, "| {d:.4} | {la:.1} | {lb:.1} |");
+            }
+            s.push('\n');
+        }
+    }
+    let _ = writeln!(
+        s,
+        "## Runs\n\n| run | arch | setting | train tokens | L0 | FVU | gamma | CE clean | CE SAE | delta LM loss | loss recovered | dead | dense |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        let e = &r.eval;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.1} | {:.4} | {:.3} | {:.4} | {:.4} | {:.4} | {:.3} | {} | {} |",
+            r.run.name,
+            e.arch,
+            r.run.setting(),
+            r.train_tokens,
+            e.l0,
+            e.fvu,
+            e.gamma,
+            e.ce_clean,
+            e.ce_sae,
+            e.delta_lm_loss,
+            e.loss_recovered,
+            e.firing.dead,
+            e.firing.dense
+        );
+    }
+    if let Some(e) = rows.first().map(|r| &r.eval) {
+        let _ = writeln!(
+            s,
+            "\nZero-ablation CE {:.4}, mean-ablation CE {:.4} (same for every run).",
+            e.ce_zero, e.ce_mean_ablation
+        );
+    }
+    if !failed.is_empty() {
+        let _ = writeln!(s, "\n## Failed runs\n");
+        for (name, why) in failed {
+            let _ = writeln!(s, "* {name}: {why}");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n## Plots\n\n![L0 vs delta LM loss](l0_vs_delta_loss.png)\n\n![L0 vs FVU](l0_vs_fvu.png)\n\n![gamma](gamma.png)"
+    );
+    s
+}
