@@ -154,42 +154,8 @@ pub fn write_analysis(
         seed: cfg.seed,
     };
 
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir
-        .file_name()
-        .with_context(|| format!("{}: not a directory name", dir.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let written = write_files(&tmp, scan, logits, vocab, &meta);
-    if let Err(e) = written {
-        std::fs::remove_dir_all(&tmp).ok();
-        return Err(e.context(format!("writing the analysis into {}", tmp.display())));
-    }
-    // Move an old analysis aside and delete it only once the new one is in place.
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    let had_old = dir.exists();
-    if had_old {
-        std::fs::rename(dir, &old)
-            .with_context(|| format!("moving the old {} aside", dir.display()))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if had_old {
-            std::fs::rename(&old, dir).ok();
-        }
-        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()));
-    }
-    if had_old {
-        std::fs::remove_dir_all(&old).ok();
-    }
+    sae_core::saelens::replace_dir_atomic(dir, |tmp| write_files(tmp, scan, logits, vocab, &meta))
+        .with_context(|| format!("writing the analysis into {}", dir.display()))?;
     Ok(meta)
 }
 

@@ -102,6 +102,20 @@ pub fn save(sae: &Sae, dir: &Path) -> anyhow::Result<()> {
     let bytes = safetensors::serialize(views, None)?;
     let cfg = serde_json::to_string_pretty(&cfg_json(sae))?;
 
+    replace_dir_atomic(dir, |tmp| {
+        write_synced(&tmp.join(WEIGHTS_FILE), &bytes)?;
+        write_synced(&tmp.join(CFG_FILE), cfg.as_bytes())
+    })
+    .with_context(|| format!("writing SAE to {}", dir.display()))
+}
+
+/// Replace directory `dir` as a whole: `write` fills a temp directory beside it, which is then
+/// renamed into place; an existing `dir` is moved aside first and restored if the rename fails,
+/// so a failure at any point leaves the old directory intact.
+pub fn replace_dir_atomic(
+    dir: &Path,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -115,14 +129,9 @@ pub fn save(sae: &Sae, dir: &Path) -> anyhow::Result<()> {
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let written = (|| -> anyhow::Result<()> {
-        write_synced(&tmp.join(WEIGHTS_FILE), &bytes)?;
-        write_synced(&tmp.join(CFG_FILE), cfg.as_bytes())?;
-        Ok(())
-    })();
-    if let Err(e) = written {
+    if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing SAE to {}", dir.display())));
+        return Err(e);
     }
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     let had_old = dir.exists();
