@@ -89,9 +89,10 @@ pub struct SweepArgs {
     /// Architectures: gated, relu, topk, batchtopk, jumprelu (comma-separated).
     #[arg(long, default_value = "gated,relu")]
     pub arch: String,
-    /// Sparsity coefficients for gated/relu/jumprelu (comma-separated).
-    #[arg(long, default_value = "")]
-    pub l1: String,
+    /// Sparsity coefficients for gated/relu/jumprelu (comma-separated), for every such
+    /// architecture (`--l1 1,2,4`) or for one (`--l1 gated=1,2,4 --l1 relu=0.5,1`); repeatable.
+    #[arg(long)]
+    pub l1: Vec<String>,
     /// k values for topk/batchtopk (comma-separated).
     #[arg(long, default_value = "")]
     pub k: String,
@@ -106,6 +107,9 @@ pub struct SweepArgs {
     pub tokens: Option<usize>,
     #[arg(long, default_value_t = 4096)]
     pub batch_size: usize,
+    /// Peak learning rate for every run (default: each architecture's, see `sae train --help`).
+    #[arg(long)]
+    pub lr: Option<f32>,
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// Hook (default: the store's).
@@ -130,16 +134,41 @@ pub struct SweepArgs {
     pub out: PathBuf,
 }
 
+/// `--l1` occurrences: "a,b" (every architecture) or "arch=a,b" (that one).
+fn parse_l1(specs: &[String]) -> Result<(Vec<f32>, Vec<(ArchKind, Vec<f32>)>)> {
+    let (mut all, mut by_arch) = (Vec::new(), Vec::<(ArchKind, Vec<f32>)>::new());
+    for spec in specs {
+        let values = |v: &str| parse_list::<f32>(v).map_err(|e| anyhow::anyhow!("--l1 {e}"));
+        match spec.split_once('=') {
+            Some((arch, v)) => {
+                let arch: ArchKind = arch
+                    .trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--l1 {spec}: {e}"))?;
+                if by_arch.iter().any(|(a, _)| *a == arch) {
+                    anyhow::bail!("--l1 {arch}=... given twice; list all its values in one (--l1 {arch}=1,2,4)");
+                }
+                by_arch.push((arch, values(v)?));
+            }
+            None => all.extend(values(spec)?),
+        }
+    }
+    Ok((all, by_arch))
+}
+
 pub fn sweep(a: SweepArgs) -> Result<()> {
+    let (l1, l1_by_arch) = parse_l1(&a.l1)?;
     let r = pipeline::run_sweep(&SweepOptions {
         acts: a.acts,
         archs: parse_list::<ArchKind>(&a.arch).map_err(|e| anyhow::anyhow!("--arch {e}"))?,
-        l1: parse_list::<f32>(&a.l1).map_err(|e| anyhow::anyhow!("--l1 {e}"))?,
+        l1,
+        l1_by_arch,
         k: parse_list::<usize>(&a.k).map_err(|e| anyhow::anyhow!("--k {e}"))?,
         d_sae: a.d_sae,
         steps: a.steps,
         tokens: a.tokens.map(|t| t as u64),
         batch_size: a.batch_size,
+        lr: a.lr,
         model: a.model,
         hook: a.hook,
         corpus: a.corpus,
@@ -180,7 +209,7 @@ pub struct DemoArgs {
     /// Output directory.
     #[arg(long, default_value = "demo")]
     pub out: PathBuf,
-    /// A few-minute smoke run (4 x 576 latents, far fewer tokens).
+    /// A few-minute smoke run (4 x 576 latents, one run per architecture, far fewer tokens).
     #[arg(long)]
     pub quick: bool,
 }

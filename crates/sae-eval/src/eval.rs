@@ -220,16 +220,32 @@ pub struct EvalReport {
     /// The same with mean ablation as the reference: (CE_mean - CE_sae) / (CE_mean - CE_clean).
     pub loss_recovered_vs_mean: f64,
     pub firing: FiringStats,
+    /// Rows over this norm were left out of the SAE's training, so they are left unspliced
+    /// (clean) here and out of the reconstruction metrics; none when absent.
+    #[serde(default)]
+    pub max_norm: Option<f32>,
+    /// Non-BOS tokens left unspliced for their norm.
+    #[serde(default)]
+    pub n_unspliced: u64,
+}
+
+/// The norm limit an SAE was trained with (`train_summary.json` next to its weights).
+pub fn trained_max_norm(sae_dir: &std::path::Path) -> Option<f32> {
+    let text = std::fs::read_to_string(sae_dir.join(sae_train::run::SUMMARY_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["max_norm"].as_f64().map(|m| m as f32)
 }
 
 /// One SAE on `data`: one spliced forward pass per batch (reconstruction metrics are taken
-/// from the activations inside that pass).
+/// from the activations inside that pass). Rows with a norm over `max_norm` keep their clean
+/// activation.
 pub fn evaluate_sae(
     model: &LanguageModel,
     sae: &Sae,
     sae_name: &str,
     data: &EvalData,
     base: &Baseline,
+    max_norm: Option<f32>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport> {
     if sae.d_in != data.width {
@@ -243,10 +259,35 @@ pub fn evaluate_sae(
     let mut recon = ReconMetrics::new(sae.d_in, sae.d_sae);
     let mut ce = CeSum::default();
     let total = data.n_batches();
+    let d = sae.d_in;
+    let limit2 = max_norm.map_or(f32::INFINITY, |m| m * m);
+    let mut n_unspliced = 0u64;
     for (i, (toks, b)) in data.batches().enumerate() {
         let mut reconstruct = |x: &[f32], n: usize| -> Result<Vec<f32>> {
-            let x_hat = sae_reconstruct(sae, &mut recon, x, n)?;
-            Ok(x_hat)
+            let keep: Vec<bool> = x
+                .chunks(d)
+                .map(|r| r.iter().map(|v| v * v).sum::<f32>() <= limit2)
+                .collect();
+            let n_keep = keep.iter().filter(|k| **k).count();
+            if n_keep == n {
+                return sae_reconstruct(sae, &mut recon, x, n);
+            }
+            n_unspliced += (n - n_keep) as u64;
+            let kept: Vec<f32> = x
+                .chunks(d)
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .flat_map(|(r, _)| r.iter().copied())
+                .collect();
+            let x_hat = sae_reconstruct(sae, &mut recon, &kept, n_keep)?;
+            let mut out = x.to_vec();
+            let mut next = x_hat.chunks(d);
+            for (row, k) in out.chunks_mut(d).zip(&keep) {
+                if *k {
+                    row.copy_from_slice(next.next().expect("one reconstruction per kept row"));
+                }
+            }
+            Ok(out)
         };
         let l = splice::spliced_loss(
             model,
@@ -289,6 +330,8 @@ pub fn evaluate_sae(
             base.ce_clean,
         ),
         firing: FiringStats::from_counts(recon.fire_counts(), recon.n_tokens, DENSE_FRACTION),
+        max_norm,
+        n_unspliced,
     })
 }
 

@@ -90,7 +90,7 @@ pub fn eval_markdown(r: &EvalReport) -> String {
         r.context_size
     );
     let _ = writeln!(s, "| metric | value |\n|---|---|");
-    let rows: [(&str, String); 14] = [
+    let rows: [(&str, String); 15] = [
         ("L0 (active latents per token)", format!("{:.2}", r.l0)),
         (
             "FVU (fraction of variance unexplained)",
@@ -135,6 +135,13 @@ pub fn eval_markdown(r: &EvalReport) -> String {
         (
             "tokens in reconstruction metrics",
             format!("{}", r.n_tokens),
+        ),
+        (
+            "tokens left unspliced (norm over the training limit)",
+            match r.max_norm {
+                Some(m) => format!("{} (limit {m:.1})", r.n_unspliced),
+                None => "0 (no limit)".to_string(),
+            },
         ),
     ];
     for (k, v) in rows {

@@ -85,6 +85,37 @@ pub fn grid(archs: &[ArchKind], l1: &[f32], k: &[usize]) -> Result<Vec<RunSpec>>
     Ok(runs)
 }
 
+/// The grid with per-architecture sparsity coefficients: an architecture listed in `l1_by_arch`
+/// takes its own values (gated and relu coefficients are not comparable: the paper's λ differ
+/// by orders of magnitude), the others take `l1`.
+pub fn grid_per_arch(
+    archs: &[ArchKind],
+    l1: &[f32],
+    l1_by_arch: &[(ArchKind, Vec<f32>)],
+    k: &[usize],
+) -> Result<Vec<RunSpec>> {
+    if archs.is_empty() {
+        bail!("the sweep grid is empty: give --arch (e.g. --arch gated,relu)");
+    }
+    if let Some((a, _)) = l1_by_arch.iter().find(|(a, _)| !archs.contains(a)) {
+        bail!("--l1 {a}=...: {a} is not among the --arch values");
+    }
+    let mut runs = Vec::new();
+    for &a in archs {
+        let own = l1_by_arch
+            .iter()
+            .find(|(b, _)| *b == a)
+            .map(|(_, v)| &v[..]);
+        runs.extend(grid(&[a], own.unwrap_or(l1), k)?);
+    }
+    let mut names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        bail!("the sweep grid repeats a run (duplicate --arch, --l1 or --k values)");
+    }
+    Ok(runs)
+}
+
 /// One finished run: its training numbers and evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SweepRow {

@@ -43,12 +43,19 @@ pub struct Progress {
     pub tokens: u64,
     /// Input scale (f32 bits, so it round-trips exactly).
     pub scale_bits: u32,
+    /// Norm limit of the input rows (f32 bits; infinity = none).
+    #[serde(default = "no_norm_limit")]
+    pub max_norm_bits: u32,
     pub source_position: Option<serde_json::Value>,
     /// Length of train_log.jsonl at this checkpoint (a resumed run truncates to it).
     pub log_bytes: u64,
     pub window: Window,
     /// Seconds of training before this checkpoint.
     pub seconds: f64,
+}
+
+fn no_norm_limit() -> u32 {
+    f32::INFINITY.to_bits()
 }
 
 pub fn dir(partial: &Path) -> PathBuf {

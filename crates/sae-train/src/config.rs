@@ -54,6 +54,9 @@ pub struct TrainConfig {
     pub init_sample: usize,
     /// Scale inputs by one constant so that E||x||^2 = d_in (folded into the saved weights).
     pub normalize: bool,
+    /// Leave out input rows whose norm exceeds this multiple of the median norm of the
+    /// initialisation sample (massive activations on a few tokens; 0 = keep every row).
+    pub max_norm_ratio: f32,
     /// A latent is dead when it has not fired for this many tokens.
     pub dead_window_tokens: u64,
     /// TopK/BatchTopK AuxK coefficient and k_aux (0 = d_in / 2).
@@ -99,6 +102,7 @@ impl Default for TrainConfig {
             b_dec_init: BDecInit::GeometricMedian,
             init_sample: 32_768,
             normalize: true,
+            max_norm_ratio: 10.0,
             dead_window_tokens: 10_000_000,
             aux_coeff: 1.0 / 32.0,
             k_aux: 0,

@@ -60,6 +60,10 @@ pub struct TrainFlags {
     /// Normalise inputs to E||x||^2 = d_in (`--normalize false` to turn off).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub normalize: Option<bool>,
+    /// Leave out rows with a norm over this multiple of the median norm (massive activations
+    /// on a few tokens; 0 keeps every row) [default: 10].
+    #[arg(long)]
+    pub max_norm_ratio: Option<f32>,
     #[arg(long)]
     pub dead_window_tokens: Option<u64>,
     #[arg(long)]
@@ -115,6 +119,7 @@ impl TrainFlags {
         set!(
             init_sample,
             normalize,
+            max_norm_ratio,
             dead_window_tokens,
             aux_coeff,
             k_aux,

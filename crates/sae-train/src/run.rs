@@ -42,6 +42,12 @@ pub struct TrainSummary {
     pub resolved: Resolved,
     /// Input scale folded into the saved weights (1 without normalisation).
     pub scale: f32,
+    /// Rows with a larger norm (raw scale) were left out of training; none when absent.
+    #[serde(default)]
+    pub max_norm: Option<f32>,
+    /// Rows left out for their norm.
+    #[serde(default)]
+    pub rows_skipped: u64,
     pub seconds: f64,
     pub tokens_per_s: f64,
     /// Step at which this run was resumed, if it was.
@@ -109,7 +115,7 @@ fn initialise(
     cfg: &TrainConfig,
     r: &Resolved,
     source: &mut dyn BatchSource,
-) -> Result<(SaeTrainer, f32)> {
+) -> Result<(SaeTrainer, f32, f32)> {
     let d = r.d_in;
     let n = match source.n_rows() {
         Some(rows) => (cfg.init_sample as u64).min(rows) as usize,
@@ -120,6 +126,17 @@ fn initialise(
     source
         .sample(&mut sample, n)
         .context("reading the initialisation sample")?;
+    let max_norm = if cfg.max_norm_ratio > 0.0 {
+        crate::source::norm_limit(&sample, d, cfg.max_norm_ratio)
+    } else {
+        f32::INFINITY
+    };
+    let mut sample: Vec<f32> = sample
+        .chunks(d)
+        .filter(|r| r.iter().map(|v| v * v).sum::<f32>() <= max_norm * max_norm)
+        .flatten()
+        .copied()
+        .collect();
     let scale = if cfg.normalize {
         init::normalisation_scale(&sample, d)
     } else {
@@ -133,7 +150,7 @@ fn initialise(
         BDecInit::Mean => init::mean(&sample, d),
         BDecInit::Zero => vec![0.0; d],
     };
-    Ok((SaeTrainer::new(sae, hyper_of(cfg)), scale))
+    Ok((SaeTrainer::new(sae, hyper_of(cfg)), scale, max_norm))
 }
 
 struct Log {
@@ -187,70 +204,81 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
     let identity = run_identity(cfg, &r);
     let config_path = partial.join(CONFIG_FILE);
 
-    let (mut trainer, scale, mut tokens, mut window, mut log, seconds_before, resumed_at) = if cfg
-        .resume
-    {
-        let (sae, state, progress) = checkpoint::read(&partial)?.with_context(|| {
-            format!(
-                "--resume: no checkpoint in {}; start without --resume",
-                partial.display()
+    let (mut trainer, scale, max_norm, mut tokens, mut window, mut log, seconds_before, resumed_at) =
+        if cfg.resume {
+            let (sae, state, progress) = checkpoint::read(&partial)?.with_context(|| {
+                format!(
+                    "--resume: no checkpoint in {}; start without --resume",
+                    partial.display()
+                )
+            })?;
+            let old: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&config_path)
+                    .with_context(|| format!("reading {}", config_path.display()))?,
             )
-        })?;
-        let old: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&config_path)
-                .with_context(|| format!("reading {}", config_path.display()))?,
-        )
-        .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-        let old_id = &old["identity"];
-        if let Some(obj) = identity.as_object() {
-            for (k, v) in obj {
-                if &old_id[k] != v {
-                    bail!(
+            .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+            let old_id = &old["identity"];
+            if let Some(obj) = identity.as_object() {
+                for (k, v) in obj {
+                    if &old_id[k] != v {
+                        bail!(
                         "--resume: {} was started with {k} = {}, now {k} = {v}; use the same settings or another --out",
                         partial.display(),
                         old_id[k]
                     );
+                    }
                 }
             }
-        }
-        let mut trainer = SaeTrainer::new(sae, hyper_of(cfg));
-        trainer.load_state(&state)?;
-        match &progress.source_position {
-            Some(p) => source
-                .seek(p)
-                .context("--resume: restoring the data position")?,
-            None => eprintln!(
+            let mut trainer = SaeTrainer::new(sae, hyper_of(cfg));
+            trainer.load_state(&state)?;
+            match &progress.source_position {
+                Some(p) => source
+                    .seek(p)
+                    .context("--resume: restoring the data position")?,
+                None => eprintln!(
                 "note: this activation source cannot seek; the resumed run sees different batches"
             ),
-        }
-        let log = Log::open(partial.join(LOG_FILE), Some(progress.log_bytes))?;
-        let step = progress.step;
-        (
-            trainer,
-            f32::from_bits(progress.scale_bits),
-            progress.tokens,
-            progress.window,
-            log,
-            progress.seconds,
-            Some(step),
-        )
-    } else {
-        if partial.exists() {
-            bail!(
+            }
+            let log = Log::open(partial.join(LOG_FILE), Some(progress.log_bytes))?;
+            let step = progress.step;
+            (
+                trainer,
+                f32::from_bits(progress.scale_bits),
+                f32::from_bits(progress.max_norm_bits),
+                progress.tokens,
+                progress.window,
+                log,
+                progress.seconds,
+                Some(step),
+            )
+        } else {
+            if partial.exists() {
+                bail!(
                 "{} holds an unfinished run; pass --resume to continue it, or delete it to start over",
                 partial.display()
             );
-        }
-        std::fs::create_dir_all(&partial)
-            .with_context(|| format!("creating {}", partial.display()))?;
-        let (trainer, scale) = initialise(cfg, &r, source)?;
-        let text = serde_json::to_string_pretty(&serde_json::json!({
-            "identity": identity, "config": cfg, "resolved": r,
-        }))?;
-        sae_core::saelens::write_atomic(&config_path, text.as_bytes())?;
-        let log = Log::open(partial.join(LOG_FILE), Some(0))?;
-        (trainer, scale, 0u64, Window::default(), log, 0.0, None)
-    };
+            }
+            std::fs::create_dir_all(&partial)
+                .with_context(|| format!("creating {}", partial.display()))?;
+            let (trainer, scale, max_norm) = initialise(cfg, &r, source)?;
+            let text = serde_json::to_string_pretty(&serde_json::json!({
+                "identity": identity, "config": cfg, "resolved": r,
+            }))?;
+            sae_core::saelens::write_atomic(&config_path, text.as_bytes())?;
+            let log = Log::open(partial.join(LOG_FILE), Some(0))?;
+            (
+                trainer,
+                scale,
+                max_norm,
+                0u64,
+                Window::default(),
+                log,
+                0.0,
+                None,
+            )
+        };
+    let mut filtered = crate::source::NormFilter::new(source, max_norm);
+    let source = &mut filtered;
 
     let bs = cfg.batch_size;
     let mut batch = vec![0.0f32; bs * d_in];
@@ -315,6 +343,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
                 step: done,
                 tokens,
                 scale_bits: scale.to_bits(),
+                max_norm_bits: max_norm.to_bits(),
                 source_position: source.position(),
                 log_bytes: log.len()?,
                 window: window.clone(),
@@ -346,6 +375,8 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
         tokens,
         resolved: r.clone(),
         scale,
+        max_norm: max_norm.is_finite().then_some(max_norm),
+        rows_skipped: source.rows_skipped,
         seconds,
         tokens_per_s: (tokens - resumed_at.map_or(0, |s| s * bs as u64)) as f64
             / t0.elapsed().as_secs_f64().max(1e-9),
