@@ -17,13 +17,15 @@ fn parse_count(s: &str) -> Result<usize, String> {
 
 #[derive(Args)]
 pub struct HarvestArgs {
-    /// "smollm2-135m" (fetched on first use), a .gguf file, or a Hugging Face model directory.
+    /// "smollm2-135m" (fetched on first use), a .gguf file, a Hugging Face model directory, or
+    /// a Hugging Face repo id (org/name[@rev]) in the local hub cache.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// Hook point, e.g. blocks.15.hook_resid_post (`sae hooks` lists them).
     #[arg(long)]
     pub hook: String,
-    /// "python-docs", a directory of .txt/.jsonl files, or one such file.
+    /// "python-docs", a directory of .txt/.jsonl/.parquet files, or one such file; PATH#NAME
+    /// reads the .jsonl field / .parquet column NAME instead of "text".
     #[arg(long, default_value = "python-docs")]
     pub corpus: String,
     /// Activation rows (tokens) to store.
@@ -160,7 +162,7 @@ pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct HooksArgs {
-    /// "smollm2-135m", a .gguf file, or a Hugging Face model directory.
+    /// "smollm2-135m", a .gguf file, a Hugging Face model directory or cached repo id.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
 }

@@ -257,7 +257,25 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
         Ok(w) => transposed(w)?,
         Err(_) => transposed(embed.clone())?,
     };
-    let tokenizer = Tokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?;
+    let mut tokenizer = Tokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?;
+    // The model's own BOS: config.json, else tokenizer_config.json (SmolLM2-Instruct's is
+    // <|im_start|>, which tokenizer.json alone does not say).
+    let from_config = config["bos_token_id"].as_u64().map(|id| id as u32);
+    let from_tok_config = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|j| {
+            let name = j["bos_token"]
+                .as_str()
+                .or(j["bos_token"]["content"].as_str())?
+                .to_string();
+            tokenizer.token_id(&name)
+        });
+    if let Some(id) = from_config.or(from_tok_config) {
+        if (id as usize) < tokenizer.vocab_size() {
+            tokenizer.bos_id = Some(id);
+        }
+    }
     Ok((
         Llama::new(cfg, embed, layers, final_norm, unembed)?,
         tokenizer,

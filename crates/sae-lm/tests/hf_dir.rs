@@ -1,0 +1,235 @@
+//! `--model DIR` (a Hugging Face directory) against transformers on the same files, repo ids
+//! through a hub-cache layout, and .parquet corpora. The model is a tiny random Llama written
+//! by tools/make_hf_fixture.py; the parquet files by tools/make_parquet_fixture.py.
+
+use sae_lm::LanguageModel;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tiny_dir() -> PathBuf {
+    fixtures().join("tiny-llama")
+}
+
+fn model() -> &'static LanguageModel {
+    static MODEL: OnceLock<LanguageModel> = OnceLock::new();
+    MODEL.get_or_init(|| LanguageModel::load(tiny_dir().to_str().unwrap()).unwrap())
+}
+
+fn reference() -> &'static Value {
+    static REF: OnceLock<Value> = OnceLock::new();
+    REF.get_or_init(|| {
+        let text = std::fs::read_to_string(tiny_dir().join("reference.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// ||a - b|| / ||b||
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn contexts() -> (Vec<u32>, usize, usize) {
+    let r = reference();
+    let rows = r["contexts"].as_array().unwrap();
+    let tokens = rows.iter().flat_map(ids).collect();
+    (tokens, rows.len(), r["ctx"].as_u64().unwrap() as usize)
+}
+
+#[test]
+fn hf_dir_activations_match_transformers() {
+    let (tokens, batch, ctx) = contexts();
+    let m = model();
+    let hooks = reference()["hooks"].as_object().unwrap();
+    assert!(hooks.len() >= 6);
+    for (name, want) in hooks {
+        let acts = m.activations(&tokens, batch, ctx, name).unwrap();
+        assert_eq!(
+            m.hook_width(m.hook(name).unwrap()),
+            want["width"].as_u64().unwrap() as usize
+        );
+        let e = rel_err(&acts, &floats(&want["values"]));
+        eprintln!("{name}: rel err {e:.2e}");
+        assert!(e <= 1e-3, "{name}: rel err {e:.2e}");
+    }
+}
+
+#[test]
+fn hf_dir_loss_matches_transformers() {
+    let (tokens, batch, ctx) = contexts();
+    let loss = model().per_token_loss(&tokens, batch, ctx, None).unwrap();
+    let e = rel_err(&loss, &floats(&reference()["per_token_loss"]));
+    eprintln!("per-token loss rel err {e:.2e}");
+    assert!(e <= 1e-3, "per-token loss rel err {e:.2e}");
+}
+
+#[test]
+fn hf_dir_tokenizer_matches_transformers() {
+    let tok = model().tokenizer();
+    // BOS from config.json (<|im_start|>), not the first special token of tokenizer.json.
+    assert_eq!(
+        tok.bos_id,
+        Some(reference()["bos_id"].as_u64().unwrap() as u32)
+    );
+    for case in reference()["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text), ids(&case["ids"]), "text {text:?}");
+        assert_eq!(tok.decode(&tok.encode(text)), text);
+    }
+}
+
+/// Copies the tiny model into `cache` laid out as huggingface_hub does: blobs, a snapshot of
+/// symlinks, refs/main.
+fn fake_hub_cache(cache: &Path, repo: &str, commit: &str) -> PathBuf {
+    let root = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let snap = root.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    std::fs::write(root.join("refs/main"), commit).unwrap();
+    for entry in std::fs::read_dir(tiny_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        let blob = root.join("blobs").join(format!("blob-{name}"));
+        std::fs::copy(&p, &blob).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob-{name}"), snap.join(&name)).unwrap();
+    }
+    snap
+}
+
+#[test]
+fn repo_id_resolves_from_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let snap = fake_hub_cache(&cache, "acme/tiny-llama", "0123abcd");
+    use sae_lm::hub::{looks_like_repo_id, resolve_in};
+    assert!(looks_like_repo_id("HuggingFaceTB/SmolLM2-135M"));
+    assert!(looks_like_repo_id("acme/tiny-llama@v1"));
+    assert!(!looks_like_repo_id("./models/x"));
+    assert!(!looks_like_repo_id("/abs/path"));
+    assert!(!looks_like_repo_id("a/b/c"));
+    assert!(!looks_like_repo_id("smollm2-135m"));
+    assert_eq!(resolve_in(&cache, "acme/tiny-llama").unwrap(), snap);
+    assert_eq!(
+        resolve_in(&cache, "acme/tiny-llama@0123abcd").unwrap(),
+        snap
+    );
+
+    // Not cached: the error says how to fetch it.
+    let err = format!("{:#}", resolve_in(&cache, "acme/other").unwrap_err());
+    assert!(
+        err.contains("not in the Hugging Face cache")
+            && err.contains("huggingface-cli download acme/other"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        resolve_in(&cache, "acme/tiny-llama@feedbeef").unwrap_err()
+    );
+    assert!(err.contains("feedbeef"), "{err}");
+
+    // Through LanguageModel::load with HF_HUB_CACHE: same model as the directory. (The only
+    // test in this binary that sets the variable.)
+    std::env::set_var("HF_HUB_CACHE", &cache);
+    let m = LanguageModel::load("acme/tiny-llama").unwrap();
+    assert_eq!(m.name, "acme/tiny-llama");
+    let (tokens, batch, ctx) = contexts();
+    let hook = "blocks.1.hook_resid_post";
+    assert_eq!(
+        m.activations(&tokens, batch, ctx, hook).unwrap(),
+        model().activations(&tokens, batch, ctx, hook).unwrap()
+    );
+    let err = LanguageModel::load("acme/missing")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("huggingface-cli download"), "{err}");
+}
+
+#[test]
+fn parquet_corpus_reads_the_text_column() {
+    let tok = model().tokenizer();
+    let pq = fixtures().join("docs.parquet");
+    let spec = pq.to_str().unwrap();
+    // The same documents as .jsonl (the null row left out) pack to the same contexts.
+    let texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Sparse autoencoders find interpretable features in the residual stream.",
+        "def add(a, b):\n    return a + b\n",
+        "Numbers like 12345 and 3.14159 appear in documentation. naïve café 東京",
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = tmp.path().join("docs.jsonl");
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|t| serde_json::json!({ "body": t }).to_string())
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let want =
+        sae_lm::corpus::pack_corpus(&format!("{}#body", jsonl.display()), tok, 8, 1000, 0).unwrap();
+    let got = sae_lm::corpus::pack_corpus(spec, tok, 8, 1000, 0).unwrap();
+    assert!(got.n_contexts() >= 4);
+    assert_eq!(got.tokens, want.tokens);
+    assert_eq!(got.origins, want.origins);
+
+    // Another column by name.
+    let content = sae_lm::corpus::pack_corpus(&format!("{spec}#content"), tok, 8, 1000, 0).unwrap();
+    let first: Vec<u32> =
+        tok.encode("Python's for statement iterates over the items of any sequence.");
+    assert_eq!(&content.tokens[1..8], &first[..7]);
+
+    // Bad columns and codecs: errors name the file and the way out.
+    let err = format!(
+        "{:#}",
+        sae_lm::corpus::pack_corpus(&format!("{spec}#body"), tok, 8, 100, 0).unwrap_err()
+    );
+    assert!(
+        err.contains("docs.parquet") && err.contains("no column 'body'") && err.contains("content"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        sae_lm::corpus::pack_corpus(&format!("{spec}#id"), tok, 8, 100, 0).unwrap_err()
+    );
+    assert!(err.contains("not text"), "{err}");
+    let zstd = fixtures().join("docs_zstd.parquet");
+    let err = format!(
+        "{:#}",
+        sae_lm::corpus::pack_corpus(zstd.to_str().unwrap(), tok, 8, 100, 0).unwrap_err()
+    );
+    assert!(err.contains("docs_zstd.parquet"), "{err}");
+    eprintln!("zstd: {err}");
+    let junk = tmp.path().join("junk.parquet");
+    std::fs::write(&junk, b"not parquet at all").unwrap();
+    let err = format!(
+        "{:#}",
+        sae_lm::corpus::pack_corpus(junk.to_str().unwrap(), tok, 8, 100, 0).unwrap_err()
+    );
+    assert!(
+        err.contains("junk.parquet") && err.contains("not a readable parquet"),
+        "{err}"
+    );
+}
