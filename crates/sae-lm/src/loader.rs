@@ -204,6 +204,20 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
             .with_context(|| format!("{}: weight {name} missing", dir.display()))?;
         Ok(t.to_dtype(DType::F32)?)
     };
+    // RoPE scaling (Llama 3.1 "llama3", "yarn", ...) changes the rotation; only plain RoPE is
+    // implemented. transformers 5 keeps it in rope_parameters, older configs in rope_scaling.
+    for key in ["rope_parameters", "rope_scaling"] {
+        let kind = config[key]["rope_type"]
+            .as_str()
+            .or(config[key]["type"].as_str())
+            .unwrap_or("default");
+        if kind != "default" {
+            bail!(
+                "{}: RoPE scaling '{kind}' ({key}) is not supported (plain RoPE only)",
+                config_path.display()
+            );
+        }
+    }
     let d_model = n("hidden_size")?;
     let n_heads = n("num_attention_heads")?;
     let embed = take("model.embed_tokens.weight")?;
@@ -253,10 +267,27 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
         });
     }
     let final_norm = take("model.norm.weight")?;
+    let tied = config["tie_word_embeddings"].as_bool().unwrap_or(false);
     let unembed = match take("lm_head.weight") {
         Ok(w) => transposed(w)?,
-        Err(_) => transposed(embed.clone())?,
+        Err(_) if tied => transposed(embed.clone())?,
+        Err(e) => return Err(e.context("config.json says tie_word_embeddings is false")),
     };
+    // Weights this forward pass does not use (o_proj/MLP biases, extra norms...) mean a
+    // variant it does not implement: refuse rather than compute something else.
+    let mut unused: Vec<&String> = weights
+        .keys()
+        .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    if !unused.is_empty() {
+        unused.sort();
+        bail!(
+            "{}: weights not used by the Llama forward pass ({}{}); this model variant is not supported",
+            dir.display(),
+            unused.iter().take(5).map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+            if unused.len() > 5 { ", ..." } else { "" }
+        );
+    }
     let mut tokenizer = Tokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?;
     // The model's own BOS: config.json, else tokenizer_config.json (SmolLM2-Instruct's is
     // <|im_start|>, which tokenizer.json alone does not say).

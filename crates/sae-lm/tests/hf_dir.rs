@@ -233,3 +233,65 @@ fn parquet_corpus_reads_the_text_column() {
         "{err}"
     );
 }
+
+/// A copy of the tiny model with `config.json` edited and tensors added.
+fn variant(dir: &Path, edit: impl Fn(&mut Value), extra: &[&str]) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(tiny_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    if !extra.is_empty() {
+        let dev = candle_core::Device::Cpu;
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = extra
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    candle_core::Tensor::zeros(64, candle_core::DType::F32, &dev).unwrap(),
+                )
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, dir.join("extra.safetensors")).unwrap();
+    }
+    dir.to_str().unwrap().to_string()
+}
+
+#[test]
+fn hf_dir_refuses_variants_it_does_not_compute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = |spec: String| format!("{:#}", LanguageModel::load(&spec).err().unwrap());
+    let e = err(variant(
+        &tmp.path().join("a"),
+        |c| c["rope_parameters"]["rope_type"] = "llama3".into(),
+        &[],
+    ));
+    assert!(
+        e.contains("RoPE scaling 'llama3'") && e.contains("config.json"),
+        "{e}"
+    );
+    let e = err(variant(
+        &tmp.path().join("b"),
+        |c| c["tie_word_embeddings"] = false.into(),
+        &[],
+    ));
+    assert!(e.contains("lm_head.weight missing"), "{e}");
+    let e = err(variant(
+        &tmp.path().join("c"),
+        |_| {},
+        &["model.layers.0.self_attn.o_proj.bias"],
+    ));
+    assert!(e.contains("not used") && e.contains("o_proj.bias"), "{e}");
+    let e = err(variant(
+        &tmp.path().join("d"),
+        |c| c["model_type"] = "gpt2".into(),
+        &[],
+    ));
+    assert!(e.contains("'gpt2' is not supported"), "{e}");
+    // The unedited copy loads.
+    assert!(LanguageModel::load(&variant(&tmp.path().join("e"), |_| {}, &[])).is_ok());
+}
