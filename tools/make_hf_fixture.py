@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""A tiny Hugging Face model directory plus reference values from transformers, for the
-`--model DIR` test in crates/sae-lm/tests/hf_dir.rs.
+"""Tiny Hugging Face model directories plus reference values from transformers, for the
+`--model DIR` tests in crates/sae-lm/tests/hf_dir.rs.
 
 The model is a randomly initialised LlamaForCausalLM (3 layers, grouped-query attention,
 tied embeddings, rope_theta and rms_norm_eps off their defaults, random norm weights) with a
@@ -8,8 +8,12 @@ byte-level BPE tokenizer trained here on a few sentences, saved with save_pretra
 layout and config keys transformers writes today. Weights are scaled up from the default
 init so attention is far from uniform and RoPE matters.
 
+With `gpt2` as second argument it writes a random GPT2LMHeadModel instead (learned positions,
+LayerNorm with biases, fused qkv, GELU), with the same tokenizer.
+
 Setup: see tools/make_lm_fixture.py (torch, transformers, tokenizers). Run:
     python3 tools/make_hf_fixture.py crates/sae-lm/tests/fixtures/tiny-llama
+    python3 tools/make_hf_fixture.py crates/sae-lm/tests/fixtures/tiny-gpt2 gpt2
 """
 import json
 import os
@@ -17,7 +21,8 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 CTX = 24
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -71,21 +76,32 @@ def main():
     torch.set_grad_enabled(False)
     tok = make_tokenizer()
     bos = tok.convert_tokens_to_ids("<|im_start|>")
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=bos,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), initializer_range=0.15,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-    )
-    model = LlamaForCausalLM(cfg).float().eval()
+    gpt2 = len(sys.argv) > 2 and sys.argv[2] == "gpt2"
+    if gpt2:
+        cfg = GPT2Config(
+            vocab_size=len(tok), n_embd=64, n_layer=3, n_head=4, n_positions=64,
+            layer_norm_epsilon=1e-5, bos_token_id=bos, eos_token_id=bos, initializer_range=0.15)
+        cls = GPT2LMHeadModel
+    else:
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            bos_token_id=bos, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+            initializer_range=0.15,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        )
+        cls = LlamaForCausalLM
+    model = cls(cfg).float().eval()
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight") or (gpt2 and "ln_" in name and name.endswith(".weight")):
             p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        elif gpt2 and name.endswith(".bias"):
+            p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     # Reload from disk so the reference is what the files hold.
-    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    model = cls.from_pretrained(out, dtype=torch.float32).eval()
 
     contexts = []
     for text in TEXTS:
@@ -94,20 +110,22 @@ def main():
         contexts.append([bos] + ids[: CTX - 1])
     input_ids = torch.tensor(contexts)
     captured = {}
-    layers = model.model.layers
+    layers = model.transformer.h if gpt2 else model.model.layers
+    attn = (lambda l: l.attn) if gpt2 else (lambda l: l.self_attn)
+    o_proj = (lambda l: l.attn.c_proj) if gpt2 else (lambda l: l.self_attn.o_proj)
     hooks = [
-        layers[1].self_attn.o_proj.register_forward_pre_hook(
+        o_proj(layers[1]).register_forward_pre_hook(
             lambda m, a: captured.__setitem__("blocks.1.attn.hook_z", a[0].clone())),
         layers[2].mlp.register_forward_hook(
             lambda m, a, o: captured.__setitem__("blocks.2.hook_mlp_out", o.clone())),
-        layers[0].self_attn.register_forward_hook(
+        attn(layers[0]).register_forward_hook(
             lambda m, a, o: captured.__setitem__("blocks.0.hook_attn_out", o[0].clone())),
     ]
     res = model(input_ids, output_hidden_states=True)
     for h in hooks:
         h.remove()
     hs = res.hidden_states  # hs[i]: input of layer i; hs[-1] has the final norm applied
-    for layer in range(cfg.num_hidden_layers - 1):
+    for layer in range(len(layers) - 1):
         captured[f"blocks.{layer}.hook_resid_post"] = hs[layer + 1]
     captured["blocks.1.hook_resid_pre"] = hs[1]
     logits = res.logits[:, :-1]

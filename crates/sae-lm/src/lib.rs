@@ -2,6 +2,7 @@
 
 pub mod corpus;
 pub mod fetch;
+pub mod gpt2;
 pub mod harvest;
 pub mod hooks;
 pub mod hub;

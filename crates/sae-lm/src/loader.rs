@@ -1,6 +1,8 @@
 //! Reading weights (GGUF or a Hugging Face directory) into f32 candle tensors.
 
+use crate::gpt2::Gpt2;
 use crate::llama::{Llama, LlamaConfig, LlamaLayer};
+use crate::model::Net;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -164,7 +166,7 @@ fn gguf_tokenizer(md: &HashMap<String, gguf_file::Value>, path: &Path) -> Result
 }
 
 /// A Hugging Face model directory: config.json, *.safetensors, tokenizer.json.
-pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
+pub fn load_hf_dir(dir: &Path) -> Result<(Net, Tokenizer)> {
     let config_path = dir.join("config.json");
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&config_path)
@@ -172,18 +174,12 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
     )
     .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
     let model_type = config["model_type"].as_str().unwrap_or("");
-    if !["llama", "qwen2", "mistral"].contains(&model_type) {
+    if !["llama", "qwen2", "mistral", "gpt2"].contains(&model_type) {
         bail!(
-            "{}: model_type '{model_type}' is not supported (llama, qwen2, mistral)",
+            "{}: model_type '{model_type}' is not supported (llama, qwen2, mistral, gpt2)",
             config_path.display()
         );
     }
-    let n = |key: &str| -> Result<usize> {
-        config[key]
-            .as_u64()
-            .map(|v| v as usize)
-            .with_context(|| format!("{}: '{key}' missing", config_path.display()))
-    };
     let mut weights: HashMap<String, Tensor> = HashMap::new();
     let mut found = false;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -198,6 +194,26 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
     if !found {
         bail!("{}: no .safetensors files", dir.display());
     }
+    let net = if model_type == "gpt2" {
+        Net::Gpt2(Gpt2::from_hf(dir, &config, weights)?)
+    } else {
+        Net::Llama(llama_from_hf(dir, &config, weights)?)
+    };
+    Ok((net, hf_tokenizer(dir, &config)?))
+}
+
+fn llama_from_hf(
+    dir: &Path,
+    config: &serde_json::Value,
+    mut weights: HashMap<String, Tensor>,
+) -> Result<Llama> {
+    let config_path = dir.join("config.json");
+    let n = |key: &str| -> Result<usize> {
+        config[key]
+            .as_u64()
+            .map(|v| v as usize)
+            .with_context(|| format!("{}: '{key}' missing", config_path.display()))
+    };
     let mut take = |name: &str| -> Result<Tensor> {
         let t = weights
             .remove(name)
@@ -288,6 +304,11 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
             if unused.len() > 5 { ", ..." } else { "" }
         );
     }
+    Llama::new(cfg, embed, layers, final_norm, unembed)
+}
+
+/// tokenizer.json with the model's own BOS.
+fn hf_tokenizer(dir: &Path, config: &serde_json::Value) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?;
     // The model's own BOS: config.json, else tokenizer_config.json (SmolLM2-Instruct's is
     // <|im_start|>, which tokenizer.json alone does not say).
@@ -307,8 +328,5 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
             tokenizer.bos_id = Some(id);
         }
     }
-    Ok((
-        Llama::new(cfg, embed, layers, final_norm, unembed)?,
-        tokenizer,
-    ))
+    Ok(tokenizer)
 }

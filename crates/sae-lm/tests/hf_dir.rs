@@ -15,17 +15,33 @@ fn tiny_dir() -> PathBuf {
     fixtures().join("tiny-llama")
 }
 
-fn model() -> &'static LanguageModel {
-    static MODEL: OnceLock<LanguageModel> = OnceLock::new();
-    MODEL.get_or_init(|| LanguageModel::load(tiny_dir().to_str().unwrap()).unwrap())
+/// A fixture model with transformers' reference values.
+struct Fixture {
+    model: LanguageModel,
+    reference: Value,
 }
 
-fn reference() -> &'static Value {
-    static REF: OnceLock<Value> = OnceLock::new();
-    REF.get_or_init(|| {
-        let text = std::fs::read_to_string(tiny_dir().join("reference.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
-    })
+fn load_fixture(name: &str) -> Fixture {
+    let dir = fixtures().join(name);
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    Fixture {
+        model: LanguageModel::load(dir.to_str().unwrap()).unwrap(),
+        reference: serde_json::from_str(&text).unwrap(),
+    }
+}
+
+fn llama() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| load_fixture("tiny-llama"))
+}
+
+fn gpt2() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| load_fixture("tiny-gpt2"))
+}
+
+fn model() -> &'static LanguageModel {
+    &llama().model
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -52,18 +68,24 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
-fn contexts() -> (Vec<u32>, usize, usize) {
-    let r = reference();
-    let rows = r["contexts"].as_array().unwrap();
+fn contexts_of(f: &Fixture) -> (Vec<u32>, usize, usize) {
+    let rows = f.reference["contexts"].as_array().unwrap();
     let tokens = rows.iter().flat_map(ids).collect();
-    (tokens, rows.len(), r["ctx"].as_u64().unwrap() as usize)
+    (
+        tokens,
+        rows.len(),
+        f.reference["ctx"].as_u64().unwrap() as usize,
+    )
 }
 
-#[test]
-fn hf_dir_activations_match_transformers() {
-    let (tokens, batch, ctx) = contexts();
-    let m = model();
-    let hooks = reference()["hooks"].as_object().unwrap();
+fn contexts() -> (Vec<u32>, usize, usize) {
+    contexts_of(llama())
+}
+
+fn activations_match(f: &Fixture) {
+    let (tokens, batch, ctx) = contexts_of(f);
+    let m = &f.model;
+    let hooks = f.reference["hooks"].as_object().unwrap();
     assert!(hooks.len() >= 6);
     for (name, want) in hooks {
         let acts = m.activations(&tokens, batch, ctx, name).unwrap();
@@ -77,28 +99,73 @@ fn hf_dir_activations_match_transformers() {
     }
 }
 
-#[test]
-fn hf_dir_loss_matches_transformers() {
-    let (tokens, batch, ctx) = contexts();
-    let loss = model().per_token_loss(&tokens, batch, ctx, None).unwrap();
-    let e = rel_err(&loss, &floats(&reference()["per_token_loss"]));
+fn loss_matches(f: &Fixture) {
+    let (tokens, batch, ctx) = contexts_of(f);
+    let loss = f.model.per_token_loss(&tokens, batch, ctx, None).unwrap();
+    let e = rel_err(&loss, &floats(&f.reference["per_token_loss"]));
     eprintln!("per-token loss rel err {e:.2e}");
     assert!(e <= 1e-3, "per-token loss rel err {e:.2e}");
 }
 
-#[test]
-fn hf_dir_tokenizer_matches_transformers() {
-    let tok = model().tokenizer();
+fn tokenizer_matches(f: &Fixture) {
+    let tok = f.model.tokenizer();
     // BOS from config.json (<|im_start|>), not the first special token of tokenizer.json.
     assert_eq!(
         tok.bos_id,
-        Some(reference()["bos_id"].as_u64().unwrap() as u32)
+        Some(f.reference["bos_id"].as_u64().unwrap() as u32)
     );
-    for case in reference()["tokenizer"].as_array().unwrap() {
+    for case in f.reference["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         assert_eq!(tok.encode(text), ids(&case["ids"]), "text {text:?}");
         assert_eq!(tok.decode(&tok.encode(text)), text);
     }
+}
+
+#[test]
+fn hf_dir_activations_match_transformers() {
+    activations_match(llama());
+}
+
+#[test]
+fn hf_dir_loss_matches_transformers() {
+    loss_matches(llama());
+}
+
+#[test]
+fn hf_dir_tokenizer_matches_transformers() {
+    tokenizer_matches(llama());
+}
+
+#[test]
+fn gpt2_matches_transformers() {
+    let f = gpt2();
+    activations_match(f);
+    loss_matches(f);
+    tokenizer_matches(f);
+    // Splicing the identity changes nothing; layers and widths are the model's.
+    let (tokens, batch, ctx) = contexts_of(f);
+    let clean = f.model.per_token_loss(&tokens, batch, ctx, None).unwrap();
+    let mut same = |_: &mut [f32]| Ok(());
+    let spliced = f
+        .model
+        .per_token_loss(
+            &tokens,
+            batch,
+            ctx,
+            Some(("blocks.1.hook_mlp_out", &mut same)),
+        )
+        .unwrap();
+    assert_eq!(clean, spliced);
+    assert_eq!(f.model.hook_points().len(), 3 * 5);
+    let logits = f.model.direction_logits(&[0.5; 64]).unwrap();
+    assert_eq!(logits.len(), f.model.tokenizer().vocab_size());
+    let e = format!(
+        "{:#}",
+        f.model
+            .activations(&[1; 65], 1, 65, "blocks.0.hook_resid_pre")
+            .unwrap_err()
+    );
+    assert!(e.contains("exceeds the model's 64 positions"), "{e}");
 }
 
 /// Copies the tiny model into `cache` laid out as huggingface_hub does: blobs, a snapshot of
@@ -288,10 +355,10 @@ fn hf_dir_refuses_variants_it_does_not_compute() {
     assert!(e.contains("not used") && e.contains("o_proj.bias"), "{e}");
     let e = err(variant(
         &tmp.path().join("d"),
-        |c| c["model_type"] = "gpt2".into(),
+        |c| c["model_type"] = "gpt_neox".into(),
         &[],
     ));
-    assert!(e.contains("'gpt2' is not supported"), "{e}");
+    assert!(e.contains("'gpt_neox' is not supported"), "{e}");
     // The unedited copy loads.
     assert!(LanguageModel::load(&variant(&tmp.path().join("e"), |_| {}, &[])).is_ok());
 }
