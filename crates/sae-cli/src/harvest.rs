@@ -5,6 +5,7 @@ use clap::Args;
 use sae_lm::harvest::{harvest as run_model, HarvestOptions};
 use sae_lm::LanguageModel;
 use sae_store::writer::{Manifest, ShardWriter, StoreDtype};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -169,8 +170,14 @@ pub struct HooksArgs {
 
 pub fn hooks(args: HooksArgs) -> anyhow::Result<()> {
     let model = LanguageModel::load(&args.model)?;
+    let mut out = std::io::stdout().lock();
     for h in model.hook_points() {
-        println!("{}\t{}", h.name, h.width);
+        match writeln!(out, "{}\t{}", h.name, h.width) {
+            Ok(()) => {}
+            // `sae hooks | head`: the reader has enough.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
