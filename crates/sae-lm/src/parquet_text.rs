@@ -36,7 +36,15 @@ pub fn read_column(path: &Path, column: &str) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     for (i, row) in rows.enumerate() {
         // Codec not compiled in, truncated file, ...: name the file.
-        let row = row.map_err(|e| anyhow::anyhow!("{}: row {i}: {e}", path.display()))?;
+        let row = row.map_err(|e| {
+            let hint = if e.to_string().contains("Disabled feature") {
+                "; only snappy-compressed or uncompressed files are read: re-save it with \
+                 snappy (pyarrow's default)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{}: row {i}: {e}{hint}", path.display())
+        })?;
         match row.get_column_iter().next().map(|(_, v)| v) {
             Some(Field::Str(s)) => docs.push(s.clone()),
             Some(Field::Bytes(b)) => match std::str::from_utf8(b.data()) {
