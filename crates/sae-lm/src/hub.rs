@@ -43,9 +43,9 @@ pub fn resolve_in(cache: &Path, spec: &str) -> Result<PathBuf> {
     };
     let repo = cache.join(format!("models--{}", id.replace('/', "--")));
     let fetch = format!(
-        "fetch it where a network exists with `huggingface-cli download {id}` (or \
-         `python3 -c \"import huggingface_hub as h; h.snapshot_download('{id}')\"`), set \
-         HF_HOME or HF_HUB_CACHE to the cache holding it, or pass a local directory"
+        "fetch it where a network exists with `hf download {id}` (older huggingface_hub: \
+         `huggingface-cli download {id}`), set HF_HOME or HF_HUB_CACHE to the cache holding \
+         it, or pass a local directory"
     );
     if !repo.is_dir() {
         bail!(

@@ -208,8 +208,7 @@ fn repo_id_resolves_from_hub_cache() {
     // Not cached: the error says how to fetch it.
     let err = format!("{:#}", resolve_in(&cache, "acme/other").unwrap_err());
     assert!(
-        err.contains("not in the Hugging Face cache")
-            && err.contains("huggingface-cli download acme/other"),
+        err.contains("not in the Hugging Face cache") && err.contains("hf download acme/other"),
         "{err}"
     );
     let err = format!(
@@ -233,7 +232,7 @@ fn repo_id_resolves_from_hub_cache() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("huggingface-cli download"), "{err}");
+    assert!(err.contains("hf download acme/missing"), "{err}");
 }
 
 #[test]
@@ -287,7 +286,10 @@ fn parquet_corpus_reads_the_text_column() {
         "{:#}",
         sae_lm::corpus::pack_corpus(zstd.to_str().unwrap(), tok, 8, 100, 0).unwrap_err()
     );
-    assert!(err.contains("docs_zstd.parquet") && err.contains("snappy"), "{err}");
+    assert!(
+        err.contains("docs_zstd.parquet") && err.contains("snappy"),
+        "{err}"
+    );
     eprintln!("zstd: {err}");
     let junk = tmp.path().join("junk.parquet");
     std::fs::write(&junk, b"not parquet at all").unwrap();
