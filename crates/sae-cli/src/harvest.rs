@@ -5,6 +5,7 @@ use clap::Args;
 use sae_lm::harvest::{harvest as run_model, HarvestOptions};
 use sae_lm::LanguageModel;
 use sae_store::writer::{Manifest, ShardWriter, StoreDtype};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -17,13 +18,15 @@ fn parse_count(s: &str) -> Result<usize, String> {
 
 #[derive(Args)]
 pub struct HarvestArgs {
-    /// "smollm2-135m" (fetched on first use), a .gguf file, or a Hugging Face model directory.
+    /// "smollm2-135m" (fetched on first use), a .gguf file, a Hugging Face model directory, or
+    /// a Hugging Face repo id (org/name[@rev]) in the local hub cache.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// Hook point, e.g. blocks.15.hook_resid_post (`sae hooks` lists them).
     #[arg(long)]
     pub hook: String,
-    /// "python-docs", a directory of .txt/.jsonl files, or one such file.
+    /// "python-docs", a directory of .txt/.jsonl/.parquet files, or one such file; PATH#NAME
+    /// reads the .jsonl field / .parquet column NAME instead of "text".
     #[arg(long, default_value = "python-docs")]
     pub corpus: String,
     /// Activation rows (tokens) to store.
@@ -160,15 +163,21 @@ pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct HooksArgs {
-    /// "smollm2-135m", a .gguf file, or a Hugging Face model directory.
+    /// "smollm2-135m", a .gguf file, a Hugging Face model directory or cached repo id.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
 }
 
 pub fn hooks(args: HooksArgs) -> anyhow::Result<()> {
     let model = LanguageModel::load(&args.model)?;
+    let mut out = std::io::stdout().lock();
     for h in model.hook_points() {
-        println!("{}\t{}", h.name, h.width);
+        match writeln!(out, "{}\t{}", h.name, h.width) {
+            Ok(()) => {}
+            // `sae hooks | head`: the reader has enough.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train an SAE on stored activations (or straight from a model).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Print what is in an SAE directory.
     Info(train::InfoArgs),
     /// Write a synthetic activation set with known ground-truth features.
@@ -50,7 +50,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(a) => train::train(a),
+        Command::Train(a) => train::train(*a),
         Command::Info(a) => train::info(a),
         Command::Synth(a) => train::synth(a),
         Command::Bench(a) => train::bench(a),

@@ -192,3 +192,76 @@ fn bad_options_fail_cleanly() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sae train --model --hook --corpus`: straight from a (tiny GPT-2) model, no store on disk.
+#[test]
+fn train_from_model_through_the_binary() {
+    let d = scratch("from-model");
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../sae-lm/tests/fixtures/tiny-gpt2"
+    );
+    let corpus = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../sae-lm/tests/fixtures/docs_zstd.parquet"
+    );
+    let text = "the quick brown fox jumps over the lazy dog 12 times; sparse features ".repeat(40);
+    std::fs::write(d.join("a.txt"), text).unwrap();
+    let out = d.join("sae");
+    let common = [
+        "train",
+        "--model",
+        model,
+        "--hook",
+        "blocks.1.hook_resid_post",
+        "--ctx",
+        "32",
+        "--arch",
+        "topk",
+        "--k",
+        "4",
+        "--d-sae",
+        "128",
+        "--batch-size",
+        "64",
+        "--buffer-rows",
+        "256",
+        "--init-sample",
+        "64",
+        "--eval-tokens",
+        "64",
+        "--quiet",
+    ];
+    let mut args = common.to_vec();
+    args.extend(["--corpus", s(&d), "--steps", "5", "--out", s(&out)]);
+    let o = sae(&args);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("5 steps, 320 tokens") && stdout.contains("d_in 64"),
+        "{stdout}"
+    );
+    assert!(out.join("sae_weights.safetensors").is_file());
+
+    // A parquet file with a codec we are built without, a missing length, an unknown hook.
+    let (x, y) = (d.join("x"), d.join("y"));
+    let mut args = common.to_vec();
+    args.extend(["--corpus", corpus, "--steps", "5", "--out", s(&x)]);
+    fails_with(&sae(&args), &["docs_zstd.parquet", "zstd"]);
+    let mut args = common.to_vec();
+    args.extend(["--corpus", s(&d), "--out", s(&y)]);
+    fails_with(&sae(&args), &["--steps or --tokens"]);
+    let o = sae(&[
+        "train",
+        "--model",
+        model,
+        "--hook",
+        "blocks.7.hook_resid_post",
+        "--steps",
+        "2",
+        "--out",
+        s(&d.join("z")),
+    ]);
+    fails_with(&o, &["unknown hook", "sae hooks"]);
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -1,5 +1,6 @@
 //! Text corpora: a directory of .txt, .jsonl with a text field, .parquet with a text column,
-//! or the embedded default ("python-docs").
+//! or the embedded default ("python-docs"). A spec ending in `#NAME` reads the field/column
+//! NAME of .jsonl/.parquet files instead of `text` (e.g. `data.parquet#content`).
 //!
 //! Documents are read in a fixed order (files sorted by path, lines in file order), each is
 //! tokenized on its own, and the token streams are concatenated. Every context is BOS followed
@@ -40,19 +41,42 @@ impl PackedContexts {
 enum Source {
     /// The whole file is one document.
     Text(PathBuf),
-    /// One JSON object per line with a `text` field.
+    /// One JSON object per line with a text field.
     Jsonl(PathBuf),
+    /// One document per row of a string column.
+    Parquet(PathBuf),
+}
+
+impl Source {
+    fn path(&self) -> &Path {
+        match self {
+            Source::Text(p) | Source::Jsonl(p) | Source::Parquet(p) => p,
+        }
+    }
+}
+
+/// `path#field` -> (`path`, `field`); the field defaults to `text`.
+fn split_field(spec: &str) -> (&str, &str) {
+    match spec.rsplit_once('#') {
+        Some((path, field))
+            if !field.is_empty() && !field.contains('/') && !Path::new(spec).exists() =>
+        {
+            (path, field)
+        }
+        _ => (spec, "text"),
+    }
 }
 
 /// Files of a corpus spec in their fixed order.
 fn sources(spec: &str) -> Result<Vec<Source>> {
+    let (spec, _) = split_field(spec);
     let root = if spec == PYTHON_DOCS {
         python_docs_dir()?
     } else {
         PathBuf::from(spec)
     };
     if !root.exists() {
-        bail!("corpus '{spec}' not found: give '{PYTHON_DOCS}', a directory of .txt/.jsonl files, or one such file");
+        bail!("corpus '{spec}' not found: give '{PYTHON_DOCS}', a directory of .txt/.jsonl/.parquet files, or one such file");
     }
     let mut files = Vec::new();
     collect_files(&root, &mut files)
@@ -66,16 +90,16 @@ fn sources(spec: &str) -> Result<Vec<Source>> {
         } else if name.ends_with(".txt") {
             out.push(Source::Text(f));
         } else if name.ends_with(".parquet") {
+            out.push(Source::Parquet(f));
+        } else if root.is_file() {
             bail!(
-                "{}: .parquet corpora are not supported yet; convert to .jsonl with a `text` field",
+                "{}: corpus files must be .txt, .jsonl or .parquet",
                 f.display()
             );
-        } else if root.is_file() {
-            bail!("{}: corpus files must be .txt or .jsonl", f.display());
         }
     }
     if out.is_empty() {
-        bail!("corpus '{spec}' holds no .txt or .jsonl files");
+        bail!("corpus '{spec}' holds no .txt, .jsonl or .parquet files");
     }
     Ok(out)
 }
@@ -121,9 +145,10 @@ fn python_docs_dir() -> Result<PathBuf> {
     }
 }
 
-/// Documents of one source file, in order.
-fn read_documents(src: &Source) -> Result<Vec<String>> {
+/// Documents of one source file, in order; `field` names the .jsonl field / .parquet column.
+fn read_documents(src: &Source, field: &str) -> Result<Vec<String>> {
     let path = match src {
+        Source::Parquet(p) => return crate::parquet_text::read_column(p, field),
         Source::Text(p) | Source::Jsonl(p) => p,
     };
     let bytes =
@@ -136,7 +161,6 @@ fn read_documents(src: &Source) -> Result<Vec<String>> {
         )
     })?;
     match src {
-        Source::Text(_) => Ok(vec![text]),
         Source::Jsonl(_) => {
             let mut docs = Vec::new();
             for (i, line) in text.lines().enumerate() {
@@ -145,13 +169,18 @@ fn read_documents(src: &Source) -> Result<Vec<String>> {
                 }
                 let v: serde_json::Value = serde_json::from_str(line)
                     .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
-                let t = v["text"].as_str().with_context(|| {
-                    format!("{}:{}: no string field \"text\"", path.display(), i + 1)
+                let t = v[field].as_str().with_context(|| {
+                    format!(
+                        "{}:{}: no string field \"{field}\" (name another with CORPUS#FIELD)",
+                        path.display(),
+                        i + 1
+                    )
                 })?;
                 docs.push(t.to_string());
             }
             Ok(docs)
         }
+        _ => Ok(vec![text]),
     }
 }
 
@@ -176,6 +205,7 @@ pub fn pack_corpus(
     let body = ctx - 1;
     let want_contexts = n_tokens.div_ceil(body);
     let sources = sources(spec)?;
+    let (_, field) = split_field(spec);
     let mut packed = PackedContexts {
         ctx,
         tokens: Vec::with_capacity(want_contexts * ctx),
@@ -195,12 +225,16 @@ pub fn pack_corpus(
         }
         let docs: Vec<Vec<Vec<u32>>> = batch
             .par_iter()
-            .map(|s| Ok(read_documents(s)?.iter().map(|d| tok.encode(d)).collect()))
+            .map(|s| {
+                Ok(read_documents(s, field)?
+                    .iter()
+                    .map(|d| tok.encode(d))
+                    .collect())
+            })
             .collect::<Result<_>>()?;
         for (src, file_docs) in batch.iter().zip(&docs) {
             if file_docs.iter().all(|d| d.is_empty()) {
-                let (Source::Text(p) | Source::Jsonl(p)) = src;
-                empty_files.push(p.display().to_string());
+                empty_files.push(src.path().display().to_string());
             }
         }
         for doc in docs.into_iter().flatten() {

@@ -2,11 +2,14 @@
 
 pub mod corpus;
 pub mod fetch;
+pub mod gpt2;
 pub mod harvest;
 pub mod hooks;
+pub mod hub;
 pub mod llama;
 pub mod loader;
 pub mod model;
+pub mod parquet_text;
 pub mod tokenizer;
 
 pub use hooks::{Hook, HookKind};

@@ -234,7 +234,7 @@ impl Llama {
 }
 
 /// `[ctx, ctx]` additive mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(ctx: usize) -> Result<Tensor> {
+pub(crate) fn causal_mask(ctx: usize) -> Result<Tensor> {
     let mut m = vec![0f32; ctx * ctx];
     for i in 0..ctx {
         for j in i + 1..ctx {

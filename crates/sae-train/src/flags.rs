@@ -19,6 +19,23 @@ pub struct TrainFlags {
     /// Activation file or directory (.safetensors / .npy shards).
     #[arg(long)]
     pub acts: Option<PathBuf>,
+    /// Train straight from this model instead of --acts ("smollm2-135m", a .gguf, a Hugging
+    /// Face directory or repo id); needs --hook and --steps or --tokens.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Hook point for --model, e.g. blocks.15.hook_resid_post.
+    #[arg(long)]
+    pub hook: Option<String>,
+    /// Corpus for --model: "python-docs", a directory or file of .txt/.jsonl/.parquet
+    /// (PATH#NAME reads field/column NAME instead of "text").
+    #[arg(long)]
+    pub corpus: Option<String>,
+    /// Context length for --model (BOS included).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Rows in the shuffle buffer for --model.
+    #[arg(long)]
+    pub buffer_rows: Option<usize>,
     /// Output directory (SAELens layout).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -105,6 +122,8 @@ impl TrainFlags {
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = Some(v.clone()); } )* };
         }
+        set!(corpus, ctx, buffer_rows);
+        set_opt!(model, hook);
         set!(
             out,
             arch,

@@ -14,10 +14,12 @@ pub mod config;
 pub mod flags;
 pub mod info;
 pub mod init;
+pub mod model_source;
 pub mod run;
 pub mod source;
 
 pub use config::{BDecInit, Resolved, TrainConfig};
 pub use flags::TrainFlags;
+pub use model_source::{ModelSource, ModelSourceOptions};
 pub use run::{partial_dir, run, run_with_source, FinalMetrics, TrainSummary};
 pub use source::{BatchSource, MemorySource, StoreSource};

@@ -3,6 +3,7 @@
 use crate::checkpoint::{self, Progress, Window};
 use crate::config::{lr_at, resolve, sparsity_at, BDecInit, Resolved, TrainConfig};
 use crate::init;
+use crate::model_source::{ModelSource, ModelSourceOptions};
 use crate::source::{BatchSource, StoreSource};
 use anyhow::{bail, Context, Result};
 use sae_core::metrics::ReconMetrics;
@@ -64,13 +65,37 @@ pub fn partial_dir(out: &Path) -> Result<PathBuf> {
     Ok(out.with_file_name(format!("{}.partial", name.to_string_lossy())))
 }
 
-/// Trains on the activation files of `cfg.acts`.
+/// Trains on the activation files of `cfg.acts`, or straight from `cfg.model` at `cfg.hook`.
 pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
-    let acts = cfg
-        .acts
-        .as_ref()
-        .context("no activations given: pass --acts DIR_OR_FILE")?;
-    let mut source = StoreSource::open(acts, cfg.seed)?;
+    if let Some(acts) = &cfg.acts {
+        if cfg.model.is_some() {
+            bail!("give either --acts or --model, not both");
+        }
+        let mut source = StoreSource::open(acts, cfg.seed)?;
+        return run_with_source(cfg, &mut source);
+    }
+    let (Some(model), Some(hook)) = (&cfg.model, &cfg.hook) else {
+        bail!("no activations given: pass --acts DIR_OR_FILE, or --model M --hook H --corpus C");
+    };
+    let (steps, tokens) = (cfg.steps, cfg.tokens);
+    let rows = match (steps, tokens) {
+        (Some(s), _) => s.saturating_mul(cfg.batch_size as u64),
+        (None, Some(t)) => t,
+        (None, None) => bail!("training from --model needs --steps or --tokens"),
+    };
+    // The corpus should cover training, the initialisation sample, the final evaluation and
+    // what sits in the buffer, without repeating.
+    let need = rows as usize + cfg.init_sample + cfg.eval_tokens + cfg.buffer_rows;
+    let mut source = ModelSource::start(ModelSourceOptions {
+        model: model.clone(),
+        hook: hook.clone(),
+        corpus: cfg.corpus.clone(),
+        ctx: cfg.ctx,
+        tokens: need,
+        buffer_rows: cfg.buffer_rows,
+        batch_contexts: 16,
+        seed: cfg.seed,
+    })?;
     run_with_source(cfg, &mut source)
 }
 
