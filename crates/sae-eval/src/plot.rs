@@ -91,7 +91,7 @@ pub fn curves_log_x(
         .y_desc(y_desc)
         .label_style((FAMILY, 15))
         .axis_desc_style((FAMILY, 18))
-        .x_label_formatter(&|v| format_tick(*v))
+        .x_label_formatter(&|v| log_tick(*v))
         .y_label_formatter(&|v| format_tick(*v))
         .draw()
         .map_err(&e)?;
@@ -183,6 +183,22 @@ pub fn firing_histogram(path: &Path, title: &str, hist: &LogHistogram, dead: usi
 }
 
 /// Short tick labels: plain for moderate values, scientific otherwise.
+/// Labels on a log axis only at 1, 2 and 5 times a power of ten (the other grid lines stay
+/// unlabelled, so the labels do not run into each other).
+fn log_tick(v: f64) -> String {
+    if v <= 0.0 || !v.is_finite() {
+        return String::new();
+    }
+    let e = 10f64.powf(v.log10().floor());
+    let m = v / e;
+    if [1.0, 2.0, 5.0].iter().any(|n| (m - n).abs() < 1e-6 * n) {
+        let decimals = (-v.log10().floor()).max(0.0) as usize;
+        format!("{v:.decimals$}")
+    } else {
+        String::new()
+    }
+}
+
 fn format_tick(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
@@ -195,5 +211,17 @@ fn format_tick(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tick_tests {
+    #[test]
+    fn log_ticks_label_only_1_2_5() {
+        assert_eq!(super::log_tick(10.0), "10");
+        assert_eq!(super::log_tick(200.0), "200");
+        assert_eq!(super::log_tick(0.05), "0.05");
+        assert_eq!(super::log_tick(60.0), "");
+        assert_eq!(super::log_tick(0.0), "");
     }
 }

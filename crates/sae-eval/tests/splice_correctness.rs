@@ -25,7 +25,9 @@ fn data() -> EvalData {
     let text = "The quick brown fox jumps over the lazy dog. Sparse autoencoders decompose \
                 the activations of a language model into a few directions at a time, and a \
                 good one keeps the model's loss close to what it was before. Python lists \
-                are mutable sequences, typically used to store collections of items.";
+                are mutable sequences, typically used to store collections of items. A tuple is \
+                an immutable sequence, and a dictionary maps hashable keys to arbitrary values; \
+                both appear everywhere in the standard library.";
     let ids = m.tokenizer().encode(text);
     let bos = m.tokenizer().bos_id.expect("SmolLM2 has a BOS token");
     let per = CTX - 1;
