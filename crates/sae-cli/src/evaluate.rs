@@ -134,9 +134,12 @@ pub struct SweepArgs {
     pub out: PathBuf,
 }
 
+/// Sparsity coefficients per architecture.
+type L1ByArch = Vec<(ArchKind, Vec<f32>)>;
+
 /// `--l1` occurrences: "a,b" (every architecture) or "arch=a,b" (that one).
-fn parse_l1(specs: &[String]) -> Result<(Vec<f32>, Vec<(ArchKind, Vec<f32>)>)> {
-    let (mut all, mut by_arch) = (Vec::new(), Vec::<(ArchKind, Vec<f32>)>::new());
+fn parse_l1(specs: &[String]) -> Result<(Vec<f32>, L1ByArch)> {
+    let (mut all, mut by_arch) = (Vec::new(), L1ByArch::new());
     for spec in specs {
         let values = |v: &str| parse_list::<f32>(v).map_err(|e| anyhow::anyhow!("--l1 {e}"));
         match spec.split_once('=') {

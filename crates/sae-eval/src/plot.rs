@@ -203,7 +203,7 @@ fn format_tick(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
         "0".into()
-    } else if a >= 1e4 || a < 1e-3 {
+    } else if !(1e-3..1e4).contains(&a) {
         format!("{v:.1e}")
     } else if a >= 100.0 {
         format!("{v:.0}")

@@ -17,7 +17,7 @@ pub fn splice_non_bos(
     width: usize,
     reconstruct: &mut Reconstruct<'_>,
 ) -> Result<()> {
-    if width == 0 || acts.len() % (ctx * width) != 0 {
+    if width == 0 || !acts.len().is_multiple_of(ctx * width) {
         bail!(
             "splice: activation of {} values is not [batch * {ctx}, {width}]",
             acts.len()

@@ -187,7 +187,7 @@ impl ShardWriter {
     /// index, position) are stored when the manifest says so.
     pub fn push(&mut self, acts: &[f32], tokens: &[u32], positions: &[(u32, u32)]) -> Result<()> {
         let d = self.manifest.d_in;
-        if acts.len() % d != 0 {
+        if !acts.len().is_multiple_of(d) {
             bail!(
                 "activation buffer of {} values is not a multiple of d_in {d}",
                 acts.len()
