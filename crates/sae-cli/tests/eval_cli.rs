@@ -2,56 +2,17 @@
 //! model (its spliced CE must equal the clean CE, and the report files must appear), and the
 //! bad-input paths, which must fail before any long work.
 
-use sae_core::{saelens, ArchKind, Sae};
+mod common;
+
+use common::{fails_with, s, sae, scratch};
+use sae_core::{saelens, Sae};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 const HOOK: &str = "blocks.3.hook_resid_post";
 
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae"))
-        .args(args)
-        .output()
-        .expect("running sae")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-eval-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn fails_with(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should fail; stderr: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks '{n}': {err}");
-    }
-}
-
-/// relu SAE with W_enc = [I, -I], W_dec = [I; -I]: x_hat = x exactly.
+/// An SAE whose reconstruction is exactly x, saved for `HOOK`.
 fn identity_sae(d_in: usize) -> Sae {
-    let d_sae = 2 * d_in;
-    let mut sae = Sae::init(ArchKind::Relu, d_in, d_sae, 0, 0);
-    sae.w_enc.iter_mut().for_each(|w| *w = 0.0);
-    sae.w_dec.iter_mut().for_each(|w| *w = 0.0);
-    sae.b_enc.iter_mut().for_each(|b| *b = 0.0);
-    sae.b_dec.iter_mut().for_each(|b| *b = 0.0);
-    for i in 0..d_in {
-        sae.w_enc[i * d_sae + i] = 1.0;
-        sae.w_enc[i * d_sae + d_in + i] = -1.0;
-        sae.w_dec[i * d_in + i] = 1.0;
-        sae.w_dec[(d_in + i) * d_in + i] = -1.0;
-    }
+    let mut sae = Sae::scaled_identity(d_in, 1.0);
     sae.meta.hook_name = HOOK.into();
     sae.meta.model_name = "smollm2-135m".into();
     sae

@@ -3,39 +3,10 @@
 
 use sae_store::npy;
 use sae_store::Dtype;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae"))
-        .args(args)
-        .output()
-        .expect("running sae")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sae-train-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Fails with a clean message that contains every `needle`.
-fn fails_with(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should fail; stderr: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks '{n}': {err}");
-    }
-}
+use common::{fails_with, s, sae, scratch};
+use std::path::Path;
 
 fn write_npy(path: &Path, rows: usize, cols: usize, v: &[f32]) {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();

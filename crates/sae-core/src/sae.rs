@@ -97,6 +97,25 @@ impl Sae {
         }
     }
 
+    /// A ReLU SAE whose reconstruction is exactly `scale * x`: W_enc = [I, -I], W_dec =
+    /// scale [I; -I], biases 0 (relu(x) - relu(-x) = x). For checking evaluation plumbing:
+    /// scale 1 must give the clean loss, scale 0 the zero-ablation loss.
+    pub fn scaled_identity(d_in: usize, scale: f32) -> Sae {
+        let d_sae = 2 * d_in;
+        let mut sae = Sae::init(ArchKind::Relu, d_in, d_sae, 0, 0);
+        sae.w_enc.fill(0.0);
+        sae.w_dec.fill(0.0);
+        sae.b_enc.fill(0.0);
+        sae.b_dec.fill(0.0);
+        for i in 0..d_in {
+            sae.w_enc[i * d_sae + i] = 1.0;
+            sae.w_enc[i * d_sae + d_in + i] = -1.0;
+            sae.w_dec[i * d_in + i] = scale;
+            sae.w_dec[(d_in + i) * d_in + i] = -scale;
+        }
+        sae
+    }
+
     /// Sparse code of `n` rows of `x` (`[n, d_in]` row-major), inference semantics
     /// (BatchTopK uses its threshold here, like JumpReLU). Only non-zero values are stored.
     pub fn encode(&self, x: &[f32], n: usize) -> SparseCode {

@@ -6,7 +6,7 @@
 //! * zero weights with b_dec = the mean activation must give the mean-ablation CE;
 //! * half the identity must give gamma = 0.5 exactly and FVU = 0.25 E||x||^2 / E||x - mean||^2.
 
-use sae_core::{ArchKind, Sae};
+use sae_core::Sae;
 use sae_eval::eval::{self, Baseline, EvalData};
 use sae_lm::LanguageModel;
 use std::sync::OnceLock;
@@ -53,30 +53,26 @@ fn baseline(d: &EvalData) -> &'static Baseline {
     BASE.get_or_init(|| eval::baseline(model(), d, &mut |_, _| {}).unwrap())
 }
 
-/// relu SAE with d_sae = 2 d_in reconstructing `scale * x` exactly.
-fn scaled_identity(d_in: usize, scale: f32) -> Sae {
-    let d_sae = 2 * d_in;
-    let mut sae = Sae::init(ArchKind::Relu, d_in, d_sae, 0, 0);
-    sae.w_enc.iter_mut().for_each(|w| *w = 0.0);
-    sae.w_dec.iter_mut().for_each(|w| *w = 0.0);
-    sae.b_enc.iter_mut().for_each(|b| *b = 0.0);
-    sae.b_dec.iter_mut().for_each(|b| *b = 0.0);
-    for i in 0..d_in {
-        sae.w_enc[i * d_sae + i] = 1.0;
-        sae.w_enc[i * d_sae + d_in + i] = -1.0;
-        sae.w_dec[i * d_in + i] = scale;
-        sae.w_dec[(d_in + i) * d_in + i] = -scale;
-    }
-    sae
-}
-
 fn zero_sae(d_in: usize, b_dec: Option<&[f32]>) -> Sae {
-    let mut sae = scaled_identity(d_in, 1.0);
-    sae.w_enc.iter_mut().for_each(|w| *w = 0.0);
+    let mut sae = Sae::scaled_identity(d_in, 1.0);
+    sae.w_enc.fill(0.0);
     if let Some(b) = b_dec {
         sae.b_dec.copy_from_slice(b);
     }
     sae
+}
+
+fn evaluate(d: &EvalData, sae: &Sae, max_norm: Option<f32>) -> eval::EvalReport {
+    eval::evaluate_sae(
+        model(),
+        sae,
+        "test",
+        d,
+        baseline(d),
+        max_norm,
+        &mut |_, _| {},
+    )
+    .unwrap()
 }
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
@@ -88,16 +84,7 @@ fn identity_sae_gives_the_clean_loss() {
     let d = data();
     let base = baseline(&d);
     assert!(base.ce_zero > base.ce_clean + 1.0, "{base:?}");
-    let r = eval::evaluate_sae(
-        model(),
-        &scaled_identity(d.width, 1.0),
-        "id",
-        &d,
-        base,
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let r = evaluate(&d, &Sae::scaled_identity(d.width, 1.0), None);
     assert!(
         close(r.ce_sae, base.ce_clean, 1e-6),
         "{} vs {}",
@@ -114,16 +101,7 @@ fn identity_sae_gives_the_clean_loss() {
 fn zero_sae_gives_the_zero_ablation_loss() {
     let d = data();
     let base = baseline(&d);
-    let r = eval::evaluate_sae(
-        model(),
-        &zero_sae(d.width, None),
-        "zero",
-        &d,
-        base,
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let r = evaluate(&d, &zero_sae(d.width, None), None);
     assert!(
         close(r.ce_sae, base.ce_zero, 1e-6),
         "{} vs {}",
@@ -140,16 +118,7 @@ fn mean_sae_gives_the_mean_ablation_loss() {
     let d = data();
     let base = baseline(&d);
     assert_eq!(base.mean_act.len(), d.width);
-    let r = eval::evaluate_sae(
-        model(),
-        &zero_sae(d.width, Some(&base.mean_act)),
-        "mean",
-        &d,
-        base,
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let r = evaluate(&d, &zero_sae(d.width, Some(&base.mean_act)), None);
     assert!(
         close(r.ce_sae, base.ce_mean_ablation, 1e-6),
         "{} vs {}",
@@ -164,16 +133,7 @@ fn mean_sae_gives_the_mean_ablation_loss() {
 fn half_identity_has_gamma_one_half() {
     let d = data();
     let base = baseline(&d);
-    let r = eval::evaluate_sae(
-        model(),
-        &scaled_identity(d.width, 0.5),
-        "half",
-        &d,
-        base,
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let r = evaluate(&d, &Sae::scaled_identity(d.width, 0.5), None);
     assert!(close(r.gamma, 0.5, 1e-6), "gamma {}", r.gamma);
     // Shrinking the residual stream by half costs the model loss.
     assert!(
@@ -191,16 +151,7 @@ fn rows_over_the_norm_limit_stay_clean() {
     let base = baseline(&d);
     let n = 3 * (CTX as u64 - 1);
     // A limit of 0 leaves every row clean: the zero SAE then costs nothing.
-    let r = eval::evaluate_sae(
-        model(),
-        &zero_sae(d.width, None),
-        "z0",
-        &d,
-        base,
-        Some(0.0),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let r = evaluate(&d, &zero_sae(d.width, None), Some(0.0));
     assert_eq!(r.n_unspliced, n);
     assert!(
         close(r.ce_sae, base.ce_clean, 1e-6),
@@ -209,16 +160,7 @@ fn rows_over_the_norm_limit_stay_clean() {
         base.ce_clean
     );
     // An infinite limit splices every row.
-    let r = eval::evaluate_sae(
-        model(),
-        &zero_sae(d.width, None),
-        "zinf",
-        &d,
-        base,
-        Some(f32::INFINITY),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let r = evaluate(&d, &zero_sae(d.width, None), Some(f32::INFINITY));
     assert_eq!(r.n_unspliced, 0);
     assert!(close(r.ce_sae, base.ce_zero, 1e-6));
     assert_eq!(r.n_tokens, n);

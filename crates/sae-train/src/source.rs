@@ -158,7 +158,11 @@ pub struct NormFilter<'a> {
     inner: &'a mut dyn BatchSource,
     max_norm2: f32,
     pub rows_skipped: u64,
-    buf: Vec<f32>,
+}
+
+/// Squared norm of one row.
+pub fn row_norm2(row: &[f32]) -> f32 {
+    row.iter().map(|v| v * v).sum()
 }
 
 impl<'a> NormFilter<'a> {
@@ -167,25 +171,38 @@ impl<'a> NormFilter<'a> {
             inner,
             max_norm2: max_norm * max_norm,
             rows_skipped: 0,
-            buf: Vec::new(),
         }
     }
 
+    /// Reads the missing rows straight into `out` behind the kept ones and compacts them in
+    /// place (no staging buffer, no copy when nothing is over the limit).
     fn fill(&mut self, out: &mut [f32], n: usize, from_sample: bool) -> Result<()> {
+        if self.max_norm2.is_infinite() {
+            return if from_sample {
+                self.inner.sample(out, n)
+            } else {
+                self.inner.next_batch(out, n)
+            };
+        }
         let d = self.inner.d_in();
         let mut have = 0;
         let mut tries = 0;
         while have < n {
             let want = n - have;
-            self.buf.resize(want * d, 0.0);
+            let fresh = &mut out[have * d..n * d];
             if from_sample {
-                self.inner.sample(&mut self.buf, want)?;
+                self.inner.sample(fresh, want)?;
             } else {
-                self.inner.next_batch(&mut self.buf, want)?;
+                self.inner.next_batch(fresh, want)?;
             }
-            for row in self.buf.chunks(d) {
-                if row.iter().map(|v| v * v).sum::<f32>() <= self.max_norm2 {
-                    out[have * d..(have + 1) * d].copy_from_slice(row);
+            let first_new = have;
+            for r in first_new..n {
+                // NaN rows are kept, so the trainer's non-finite check reports them.
+                let norm2 = row_norm2(&out[r * d..(r + 1) * d]);
+                if norm2.is_nan() || norm2 <= self.max_norm2 {
+                    if r != have {
+                        out.copy_within(r * d..(r + 1) * d, have * d);
+                    }
                     have += 1;
                 } else {
                     self.rows_skipped += 1;
@@ -229,10 +246,7 @@ impl BatchSource for NormFilter<'_> {
 
 /// The norm limit: `ratio` times the median row norm of `sample` (`[n, d]`).
 pub fn norm_limit(sample: &[f32], d: usize, ratio: f32) -> f32 {
-    let mut norms: Vec<f32> = sample
-        .chunks(d)
-        .map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt())
-        .collect();
+    let mut norms: Vec<f32> = sample.chunks(d).map(|r| row_norm2(r).sqrt()).collect();
     if norms.is_empty() {
         return f32::INFINITY;
     }
@@ -289,7 +303,7 @@ mod tests {
         f.next_batch(&mut out, 2).unwrap();
         assert!((out[0] - 1.08).abs() < 1e-6, "{}", out[0]);
         assert_eq!(f.rows_skipped, 2);
-        drop(f);
+        // Rows 7 (skipped), 8 and 9 read: the inner source is at 10.
         assert_eq!(s.next, 10);
     }
 
