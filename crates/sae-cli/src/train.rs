@@ -108,6 +108,9 @@ pub struct BenchArgs {
     /// Timed steps per configuration (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Active latents per token the benchmark SAEs are set up for (k of topk).
+    #[arg(long, default_value_t = sae_core::bench::BENCH_L0)]
+    pub l0: usize,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -116,19 +119,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|s| s.parse::<ArchKind>())
         .collect::<Result<Vec<_>>>()?;
-    if a.d_sae.is_empty() || a.d_sae.contains(&0) || a.d_in == 0 || a.batch == 0 {
-        bail!("--d-sae, --d-in and --batch must be positive");
+    if a.d_sae.is_empty() || a.d_sae.contains(&0) || a.d_in == 0 || a.batch == 0 || a.l0 == 0 {
+        bail!("--d-sae, --d-in, --batch and --l0 must be positive");
     }
     println!(
-        "sae bench: d_in {}, batch {}, {} timed steps, {} threads",
+        "sae bench: d_in {}, batch {}, L0 about {}, {} timed steps, {} threads",
         a.d_in,
         a.batch,
+        a.l0,
         a.steps,
         rayon_threads()
     );
     println!("{}", sae_core::bench::BenchRow::header());
     for &d_sae in &a.d_sae {
-        for row in sae_core::bench::run_bench(&archs, &[d_sae], a.d_in, a.batch, a.steps) {
+        for row in sae_core::bench::run_bench(&archs, &[d_sae], a.d_in, a.batch, a.steps, a.l0) {
             println!("{row}");
         }
     }

@@ -195,3 +195,118 @@ fn sweep_bad_grids_fail_before_work() {
         &["activation store"],
     );
 }
+
+/// The whole `sae sweep` path on a small store from the real model: every run trained and
+/// evaluated, the CSV and report written with the comparison and the settling table, the plots
+/// drawn, and a second call reusing the finished runs instead of training them again.
+#[test]
+fn sweep_trains_evaluates_and_reports_every_run() {
+    let dir = scratch("sweep");
+    let text = dir.join("text.txt");
+    let para = "A sparse autoencoder reads the residual stream of a language model and writes \
+                it back as a sum of a few directions. The model's loss with the reconstruction \
+                spliced in tells how much of what the model uses survived. ";
+    std::fs::write(&text, para.repeat(60)).unwrap();
+    let acts = dir.join("acts");
+    let out = sae(&[
+        "harvest",
+        "--hook",
+        HOOK,
+        "--corpus",
+        s(&text),
+        "--tokens",
+        "1200",
+        "--ctx",
+        "32",
+        "--out",
+        s(&acts),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sweep_dir = dir.join("sweep");
+    let args = [
+        "sweep",
+        "--acts",
+        s(&acts),
+        "--arch",
+        "gated,relu",
+        "--l1",
+        "gated=0.5,2",
+        "--l1",
+        "relu=0.5,2",
+        "--d-sae",
+        "64",
+        "--steps",
+        "1000",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--eval-tokens",
+        "150",
+        "--ctx",
+        "32",
+        "--out",
+        s(&sweep_dir),
+    ];
+    let out = sae(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(sweep_dir.join("sweep.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 5, "{csv}");
+    assert!(lines[0].ends_with("fvu_change_last_doubling,l0_change_last_doubling"));
+    for row in &lines[1..] {
+        let cells: Vec<&str> = row.split(',').collect();
+        assert_eq!(cells.len(), 20, "{row}");
+        // FVU, delta LM loss and the settling columns are numbers.
+        for i in [7, 14, 18, 19] {
+            let v: f64 = cells[i].parse().unwrap_or_else(|_| panic!("{row}"));
+            assert!(v.is_finite(), "{row}");
+        }
+    }
+    let report = std::fs::read_to_string(sweep_dir.join("report.md")).unwrap();
+    for needle in [
+        "Did gated beat relu?",
+        "Did the runs settle?",
+        "gated-l1_0.5",
+        "relu-l1_2",
+    ] {
+        assert!(
+            report.contains(needle),
+            "report lacks '{needle}':\n{report}"
+        );
+    }
+    for f in [
+        "l0_vs_delta_loss.png",
+        "l0_vs_fvu.png",
+        "gamma.png",
+        "sweep.json",
+    ] {
+        assert!(sweep_dir.join(f).is_file(), "{f}");
+    }
+    // A stronger L1 gives a sparser code, for both architectures.
+    let l0 = |name: &str| -> f64 {
+        let row = lines.iter().find(|l| l.starts_with(name)).unwrap();
+        row.split(',').nth(6).unwrap().parse().unwrap()
+    };
+    assert!(l0("gated-l1_2,") < l0("gated-l1_0.5,"), "{csv}");
+    assert!(l0("relu-l1_2,") < l0("relu-l1_0.5,"), "{csv}");
+
+    // Run again: finished runs are evaluated, not retrained, and give the same numbers.
+    let out = sae(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = std::fs::read_to_string(sweep_dir.join("sweep.csv")).unwrap();
+    assert_eq!(again, csv);
+}

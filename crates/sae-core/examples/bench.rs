@@ -1,5 +1,5 @@
 //! `cargo run --release -p sae-core --example bench [arch,...] [steps]`
-use sae_core::bench::{run_bench, BenchRow};
+use sae_core::bench::{run_bench, BenchRow, BENCH_L0};
 use sae_core::ArchKind;
 
 fn main() -> anyhow::Result<()> {
@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
     };
     println!("threads: {}", rayon::current_num_threads());
     println!("{}", BenchRow::header());
-    for row in run_bench(&archs, &sizes, 576, 4096, steps) {
+    for row in run_bench(&archs, &sizes, 576, 4096, steps, BENCH_L0) {
         println!("{row}");
     }
     Ok(())

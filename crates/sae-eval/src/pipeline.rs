@@ -348,6 +348,7 @@ fn sweep_one(
         train_tokens: summary.tokens,
         train_seconds: summary.seconds,
         eval: r,
+        convergence: sae_train::info::convergence(&dir),
     })
 }
 

@@ -123,6 +123,9 @@ pub struct SweepRow {
     pub train_tokens: u64,
     pub train_seconds: f64,
     pub eval: EvalReport,
+    /// How much the last doubling of training tokens still changed it (from its log).
+    #[serde(default)]
+    pub convergence: Option<sae_train::info::Convergence>,
 }
 
 /// L0 of two architectures compared at matched delta LM loss.
@@ -268,13 +271,13 @@ pub fn write_plots(dir: &Path, rows: &[SweepRow], title: &str) -> Result<()> {
 pub fn csv(rows: &[SweepRow]) -> String {
     let mut s = String::from(
         "run,arch,l1,k,d_sae,train_tokens,l0,fvu,mse,gamma,ce_clean,ce_sae,ce_zero,ce_mean_ablation,\
-         delta_lm_loss,loss_recovered,dead,dense\n",
+         delta_lm_loss,loss_recovered,dead,dense,fvu_change_last_doubling,l0_change_last_doubling\n",
     );
     for r in rows {
         let e = &r.eval;
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{:.4},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{},{}",
+            "{},{},{},{},{},{},{:.4},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{},{},{},{}",
             r.run.name,
             e.arch,
             r.run.l1.map(|v| v.to_string()).unwrap_or_default(),
@@ -292,7 +295,15 @@ pub fn csv(rows: &[SweepRow]) -> String {
             e.delta_lm_loss,
             e.loss_recovered,
             e.firing.dead,
-            e.firing.dense
+            e.firing.dense,
+            r.convergence
+                .as_ref()
+                .map(|c| format!("{:.4}", c.fvu_change()))
+                .unwrap_or_default(),
+            r.convergence
+                .as_ref()
+                .map(|c| format!("{:.4}", c.l0_change()))
+                .unwrap_or_default()
         );
     }
     s
@@ -352,6 +363,32 @@ pub fn markdown(
             e.firing.dead,
             e.firing.dense
         );
+    }
+    if rows.iter().any(|r| r.convergence.is_some()) {
+        let _ = writeln!(
+            s,
+            "\n## Did the runs settle?\n\nTraining-batch FVU and L0, averaged over the log \
+             windows of the last tenth of training and of the tenth that ends half-way: the \
+             change is what the last doubling of training tokens bought.\n\n\
+             | run | train tokens | FVU half-way | FVU end | change | L0 half-way | L0 end | change |\n\
+             |---|---|---|---|---|---|---|---|"
+        );
+        for r in rows {
+            if let Some(c) = &r.convergence {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.4} | {:.4} | {:+.1}% | {:.1} | {:.1} | {:+.1}% |",
+                    r.run.name,
+                    c.tokens,
+                    c.fvu_half,
+                    c.fvu_end,
+                    100.0 * c.fvu_change(),
+                    c.l0_half,
+                    c.l0_end,
+                    100.0 * c.l0_change()
+                );
+            }
+        }
     }
     if let Some(e) = rows.first().map(|r| &r.eval) {
         let _ = writeln!(

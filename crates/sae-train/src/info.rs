@@ -73,6 +73,19 @@ pub fn describe(dir: &Path) -> Result<String> {
                 text.lines().count()
             )?;
         }
+        if let Some(c) = convergence(dir) {
+            writeln!(
+                s,
+                "  settling    training FVU {:.4} -> {:.4} ({:+.1}%), L0 {:.1} -> {:.1} ({:+.1}%) \
+                 from half-way to the end (the last doubling of tokens)",
+                c.fvu_half,
+                c.fvu_end,
+                100.0 * c.fvu_change(),
+                c.l0_half,
+                c.l0_end,
+                100.0 * c.l0_change()
+            )?;
+        }
     } else {
         writeln!(
             s,
@@ -87,5 +100,104 @@ fn or_dash(s: &str) -> &str {
         "-"
     } else {
         s
+    }
+}
+
+/// How much a run was still moving when it stopped: training-batch FVU and L0 averaged over
+/// the log windows of the last tenth of training, against the same-length stretch that ends
+/// halfway. The change between them is what the last doubling of tokens bought; a run has
+/// settled when that is small.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Convergence {
+    /// Training tokens at the end of the run.
+    pub tokens: u64,
+    pub fvu_half: f64,
+    pub fvu_end: f64,
+    pub l0_half: f64,
+    pub l0_end: f64,
+}
+
+impl Convergence {
+    /// Relative change of FVU over the last doubling of tokens ((end - half) / half).
+    pub fn fvu_change(&self) -> f64 {
+        (self.fvu_end - self.fvu_half) / self.fvu_half
+    }
+    /// Relative change of L0 over the last doubling of tokens.
+    pub fn l0_change(&self) -> f64 {
+        (self.l0_end - self.l0_half) / self.l0_half
+    }
+}
+
+/// Convergence from the text of a `train_log.jsonl`; `None` when the log is too short to have
+/// a window in both stretches ((0.4 T, 0.5 T] and (0.9 T, T] of the T tokens).
+pub fn convergence_from_log(text: &str) -> Option<Convergence> {
+    let points: Vec<(u64, f64, f64)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["tokens"].as_u64()?, v["fvu"].as_f64()?, v["l0"].as_f64()?)))
+        .collect();
+    let total = points.iter().map(|p| p.0).max()?;
+    let mean_in = |lo: f64, hi: f64| -> Option<(f64, f64)> {
+        let sel: Vec<_> = points
+            .iter()
+            .filter(|p| (p.0 as f64) > lo * total as f64 && (p.0 as f64) <= hi * total as f64)
+            .collect();
+        if sel.is_empty() {
+            return None;
+        }
+        let n = sel.len() as f64;
+        Some((
+            sel.iter().map(|p| p.1).sum::<f64>() / n,
+            sel.iter().map(|p| p.2).sum::<f64>() / n,
+        ))
+    };
+    let (fvu_half, l0_half) = mean_in(0.4, 0.5)?;
+    let (fvu_end, l0_end) = mean_in(0.9, 1.0)?;
+    (fvu_half > 0.0 && l0_half > 0.0).then_some(Convergence {
+        tokens: total,
+        fvu_half,
+        fvu_end,
+        l0_half,
+        l0_end,
+    })
+}
+
+/// Convergence of the finished run in `dir`, from its `train_log.jsonl`.
+pub fn convergence(dir: &Path) -> Option<Convergence> {
+    convergence_from_log(&std::fs::read_to_string(dir.join(LOG_FILE)).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(points: &[(u64, f64, f64)]) -> String {
+        points
+            .iter()
+            .map(|(t, f, l)| format!("{{\"step\":1,\"tokens\":{t},\"fvu\":{f},\"l0\":{l}}}\n"))
+            .collect()
+    }
+
+    #[test]
+    fn convergence_compares_the_last_tenth_with_the_tenth_before_half() {
+        // 20 windows of 100 tokens; FVU 1/step-index, L0 constant 10 then 20 after half.
+        let pts: Vec<_> = (1..=20u64)
+            .map(|i| (i * 100, 1.0 / i as f64, if i <= 10 { 10.0 } else { 20.0 }))
+            .collect();
+        let c = convergence_from_log(&log(&pts)).unwrap();
+        assert_eq!(c.tokens, 2000);
+        // (0.4 T, 0.5 T] = tokens 900 and 1000 (i = 9, 10); (0.9 T, T] = i = 19, 20.
+        assert!((c.fvu_half - (1.0 / 9.0 + 1.0 / 10.0) / 2.0).abs() < 1e-12);
+        assert!((c.fvu_end - (1.0 / 19.0 + 1.0 / 20.0) / 2.0).abs() < 1e-12);
+        assert_eq!((c.l0_half, c.l0_end), (10.0, 20.0));
+        assert!((c.l0_change() - 1.0).abs() < 1e-12);
+        assert!(c.fvu_change() < -0.5);
+    }
+
+    #[test]
+    fn convergence_needs_windows_in_both_stretches() {
+        assert_eq!(convergence_from_log(&log(&[(100, 0.5, 3.0)])), None);
+        assert_eq!(convergence_from_log(""), None);
+        assert_eq!(convergence_from_log("not json\n"), None);
     }
 }

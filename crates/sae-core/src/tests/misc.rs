@@ -341,7 +341,14 @@ fn mmcs_cases() {
 
 #[test]
 fn bench_rows_are_filled() {
-    let rows = crate::bench::run_bench(&[ArchKind::Gated, ArchKind::TopK], &[256], 16, 64, 1);
+    let rows = crate::bench::run_bench(
+        &[ArchKind::Gated, ArchKind::TopK],
+        &[256],
+        16,
+        64,
+        1,
+        crate::bench::BENCH_L0,
+    );
     assert_eq!(rows.len(), 2);
     for r in &rows {
         assert!(r.tokens_per_s > 0.0 && r.limit_tokens_per_s > 0.0);
