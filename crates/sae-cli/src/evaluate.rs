@@ -1,7 +1,7 @@
 //! `sae eval`, `sae sweep`, `sae demo` (owner: sae-eval). Flags only; the work is in
 //! `sae_eval::pipeline`.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use sae_core::ArchKind;
 use sae_eval::pipeline::{self, EvalOptions, SweepOptions};
@@ -84,8 +84,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 #[derive(Args)]
 pub struct SweepArgs {
     /// Activation store from `sae harvest` (every run trains on it).
-    #[arg(long)]
-    pub acts: PathBuf,
+    #[arg(long, required_unless_present = "report_only")]
+    pub acts: Option<PathBuf>,
     /// Architectures: gated, relu, topk, batchtopk, jumprelu (comma-separated).
     #[arg(long, default_value = "gated,relu")]
     pub arch: String,
@@ -132,6 +132,10 @@ pub struct SweepArgs {
     /// in it are evaluated again, not retrained.
     #[arg(long)]
     pub out: PathBuf,
+    /// Redraw report.md, sweep.csv and the plots in --out from its sweep.json; trains and
+    /// evaluates nothing.
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 /// Sparsity coefficients per architecture.
@@ -160,9 +164,17 @@ fn parse_l1(specs: &[String]) -> Result<(Vec<f32>, L1ByArch)> {
 }
 
 pub fn sweep(a: SweepArgs) -> Result<()> {
+    if a.report_only {
+        let r = pipeline::rerender(&a.out)?;
+        print_result(&r, &a.out);
+        return Ok(());
+    }
     let (l1, l1_by_arch) = parse_l1(&a.l1)?;
+    let Some(acts) = a.acts else {
+        bail!("--acts is required (the activation store to train on)");
+    };
     let r = pipeline::run_sweep(&SweepOptions {
-        acts: a.acts,
+        acts,
         archs: parse_list::<ArchKind>(&a.arch).map_err(|e| anyhow::anyhow!("--arch {e}"))?,
         l1,
         l1_by_arch,

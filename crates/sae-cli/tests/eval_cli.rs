@@ -309,4 +309,28 @@ fn sweep_trains_evaluates_and_reports_every_run() {
     );
     let again = std::fs::read_to_string(sweep_dir.join("sweep.csv")).unwrap();
     assert_eq!(again, csv);
+
+    // --report-only redraws the same report and CSV from sweep.json alone.
+    std::fs::remove_file(sweep_dir.join("sweep.csv")).unwrap();
+    std::fs::remove_file(sweep_dir.join("report.md")).unwrap();
+    std::fs::remove_file(sweep_dir.join("gamma.png")).unwrap();
+    let out = sae(&["sweep", "--report-only", "--out", s(&sweep_dir)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(sweep_dir.join("sweep.csv")).unwrap(),
+        csv
+    );
+    assert_eq!(
+        std::fs::read_to_string(sweep_dir.join("report.md")).unwrap(),
+        report
+    );
+    assert!(sweep_dir.join("gamma.png").is_file());
+    fails_with(
+        &sae(&["sweep", "--report-only", "--out", s(&dir.join("nothing"))]),
+        &["sweep.json", "--report-only"],
+    );
 }

@@ -377,30 +377,79 @@ fn write_summary(
         o.ctx,
         o.note
     );
+    write_outputs(&o.out, &setup, rows, failed, cmp.as_ref())?;
+    Ok(cmp)
+}
+
+/// sweep.json, sweep.csv, the plots and report.md of a sweep directory.
+fn write_outputs(
+    out: &Path,
+    setup: &str,
+    rows: &[SweepRow],
+    failed: &[(String, String)],
+    cmp: Option<&sweep::Comparison>,
+) -> Result<()> {
     let json =
         serde_json::json!({ "setup": setup, "runs": rows, "failed": failed, "comparison": cmp });
     saelens::write_atomic(
-        &o.out.join("sweep.json"),
+        &out.join("sweep.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    saelens::write_atomic(&o.out.join("sweep.csv"), sweep::csv(rows).as_bytes())?;
-    if !rows.is_empty() {
+    saelens::write_atomic(&out.join("sweep.csv"), sweep::csv(rows).as_bytes())?;
+    if let Some(first) = rows.first() {
         // Plots go to a temp dir first, then each is renamed over the old one.
-        let tmp = o.out.join(format!(".plots.tmp-{}", std::process::id()));
+        let tmp = out.join(format!(".plots.tmp-{}", std::process::id()));
         std::fs::create_dir_all(&tmp)?;
-        let title = format!("{} {}", o.model, hook);
+        let title = format!("{} {}", first.eval.model, first.eval.hook);
         let drawn = sweep::write_plots(&tmp, rows, &title);
         if drawn.is_ok() {
             for f in ["l0_vs_delta_loss.png", "l0_vs_fvu.png", "gamma.png"] {
-                std::fs::rename(tmp.join(f), o.out.join(f))?;
+                std::fs::rename(tmp.join(f), out.join(f))?;
             }
         }
         let _ = std::fs::remove_dir_all(&tmp);
         drawn?;
     }
-    let md = sweep::markdown("SAE sweep", &setup, rows, failed, cmp.as_ref());
-    saelens::write_atomic(&o.out.join("report.md"), md.as_bytes())?;
-    Ok(cmp)
+    let md = sweep::markdown("SAE sweep", setup, rows, failed, cmp);
+    saelens::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    Ok(())
+}
+
+/// `sae sweep --report-only`: redraw report.md, sweep.csv and the plots of a finished (or
+/// interrupted) sweep from its sweep.json, training and evaluating nothing. Each run's
+/// settling numbers are re-read from its training log when it has one.
+pub fn rerender(out: &Path) -> Result<SweepResult> {
+    let path = out.join("sweep.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}: --report-only needs a directory written by `sae sweep`",
+            path.display()
+        )
+    })?;
+    #[derive(serde::Deserialize)]
+    struct Saved {
+        setup: String,
+        runs: Vec<SweepRow>,
+        failed: Vec<(String, String)>,
+    }
+    let mut saved: Saved = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a sweep summary from `sae sweep`", path.display()))?;
+    for r in &mut saved.runs {
+        let dir = out.join("runs").join(&r.run.name);
+        if let Some(c) = sae_train::info::convergence(&dir) {
+            r.convergence = Some(c);
+        }
+    }
+    let rows = saved.runs;
+    let has = |a: ArchKind| rows.iter().any(|r| r.run.arch == a);
+    let cmp = (has(ArchKind::Gated) && has(ArchKind::Relu))
+        .then(|| sweep::compare(&rows, "gated", "relu"));
+    write_outputs(out, &saved.setup, &rows, &saved.failed, cmp.as_ref())?;
+    Ok(SweepResult {
+        rows,
+        failed: saved.failed,
+        comparison: cmp,
+    })
 }
 
 /// Sizes of `sae demo`.

@@ -213,6 +213,45 @@ pub fn compare(rows: &[SweepRow], a: &str, b: &str) -> Comparison {
     out
 }
 
+/// FVU of a curve at `l0`: the curve's (L0, FVU) points joined in order of log L0 and
+/// interpolated linearly; `None` outside the L0 range the curve covers.
+pub fn fvu_at_l0(curve: &[(f64, f64)], l0: f64) -> Option<f64> {
+    if l0.is_nan() || l0 <= 0.0 {
+        return None;
+    }
+    let logs: Vec<(f64, f64)> = curve
+        .iter()
+        .filter(|p| p.0 > 0.0)
+        .map(|p| (p.0.ln(), p.1))
+        .collect();
+    interpolate(&logs, l0.ln())
+}
+
+/// How far each architecture's L0-FVU curve moved over the last doubling of training tokens:
+/// for every run, its end point against the FVU that the same architecture's half-way curve
+/// has at that L0 (rows: run, L0 end, FVU end, half-way FVU at that L0). Training-batch
+/// numbers, from the logs; runs whose L0 falls outside the half-way curve are left out.
+pub fn curve_shift(rows: &[SweepRow]) -> Vec<(String, f64, f64, f64)> {
+    let mut out = Vec::new();
+    for a in archs_of(rows) {
+        let runs: Vec<(&str, &sae_train::info::Convergence)> = rows
+            .iter()
+            .filter(|r| r.eval.arch == a)
+            .filter_map(|r| Some((r.run.name.as_str(), r.convergence.as_ref()?)))
+            .collect();
+        let half: Vec<(f64, f64)> = runs.iter().map(|(_, c)| (c.l0_half, c.fvu_half)).collect();
+        if half.len() < 2 {
+            continue;
+        }
+        for (name, c) in &runs {
+            if let Some(f) = fvu_at_l0(&half, c.l0_end) {
+                out.push((name.to_string(), c.l0_end, c.fvu_end, f));
+            }
+        }
+    }
+    out
+}
+
 /// Architectures present, in a fixed order.
 fn archs_of(rows: &[SweepRow]) -> Vec<String> {
     let mut v: Vec<String> = Vec::new();
@@ -386,6 +425,24 @@ pub fn markdown(
                     c.l0_half,
                     c.l0_end,
                     100.0 * c.l0_change()
+                );
+            }
+        }
+        let shift = curve_shift(rows);
+        if !shift.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nThe curve itself: each run's end point against the FVU its architecture's \
+                 half-way curve (the runs' half-way points, log L0 interpolated) has at the same \
+                 L0. A settled curve changes little here.\n\n\
+                 | run | L0 end | FVU end | half-way curve's FVU at that L0 | change |\n\
+                 |---|---|---|---|---|"
+            );
+            for (name, l0, fvu, half) in &shift {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {l0:.1} | {fvu:.4} | {half:.4} | {:+.1}% |",
+                    100.0 * (fvu - half) / half
                 );
             }
         }

@@ -179,3 +179,15 @@ fn plots_are_written_as_png() {
     crate::plot::firing_histogram(&p2, "firing", &h, 3).unwrap();
     assert_eq!(&std::fs::read(&p2).unwrap()[1..4], b"PNG");
 }
+
+#[test]
+fn fvu_at_l0_interpolates_in_log_l0() {
+    let curve = [(100.0, 0.1), (10.0, 0.3)];
+    // sqrt(10 * 100) is half-way in log L0.
+    let f = crate::sweep::fvu_at_l0(&curve, 1000f64.sqrt()).unwrap();
+    assert!((f - 0.2).abs() < 1e-12, "{f}");
+    assert_eq!(crate::sweep::fvu_at_l0(&curve, 10.0), Some(0.3));
+    assert_eq!(crate::sweep::fvu_at_l0(&curve, 5.0), None);
+    assert_eq!(crate::sweep::fvu_at_l0(&curve, 200.0), None);
+    assert_eq!(crate::sweep::fvu_at_l0(&curve, 0.0), None);
+}
