@@ -83,7 +83,13 @@ pub fn curves_log_x(
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(80)
-        .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
+        .build_cartesian_2d(
+            (x0..x1)
+                .log_scale()
+                .with_key_points(log_key_points(x0, x1, &[1.0, 2.0, 5.0]))
+                .with_light_points(log_key_points(x0, x1, &[3.0, 4.0, 6.0, 7.0, 8.0, 9.0])),
+            y0..y1,
+        )
         .map_err(&e)?;
     chart
         .configure_mesh()
@@ -182,6 +188,26 @@ pub fn firing_histogram(path: &Path, title: &str, hist: &LogHistogram, dead: usi
     Ok(())
 }
 
+/// `m * 10^k` for every mantissa `m` and power `k` that falls in `[lo, hi]`. The log axis takes
+/// its labelled lines at 1, 2 and 5 from here: plotters' own choice can leave out a whole
+/// decade (only 100, 200 and 300 on a 15..350 axis).
+fn log_key_points(lo: f64, hi: f64, mantissas: &[f64]) -> Vec<f64> {
+    if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+        return Vec::new();
+    }
+    let mut v = Vec::new();
+    for k in lo.log10().floor() as i32..=hi.log10().ceil() as i32 {
+        for m in mantissas {
+            let x = m * 10f64.powi(k);
+            if x >= lo * (1.0 - 1e-9) && x <= hi * (1.0 + 1e-9) {
+                v.push(x);
+            }
+        }
+    }
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 /// Short tick labels: plain for moderate values, scientific otherwise.
 /// Labels on a log axis only at 1, 2 and 5 times a power of ten (the other grid lines stay
 /// unlabelled, so the labels do not run into each other).
@@ -216,6 +242,15 @@ fn format_tick(v: f64) -> String {
 
 #[cfg(test)]
 mod tick_tests {
+    #[test]
+    fn log_key_points_cover_every_decade_in_range() {
+        let v = super::log_key_points(15.0, 350.0, &[1.0, 2.0, 5.0]);
+        assert_eq!(v, vec![20.0, 50.0, 100.0, 200.0]);
+        let v = super::log_key_points(0.004, 0.03, &[1.0, 2.0, 5.0]);
+        assert_eq!(v.len(), 3, "{v:?}"); // 0.005, 0.01, 0.02 (0.03 is not 1-2-5)
+        assert!(super::log_key_points(0.0, 1.0, &[1.0]).is_empty());
+    }
+
     #[test]
     fn log_ticks_label_only_1_2_5() {
         assert_eq!(super::log_tick(10.0), "10");
