@@ -111,7 +111,7 @@ pub fn run_bench(
             );
             let mut trainer = SaeTrainer::new(sae, TrainHyper::default());
             let (mut times, mut gemm_times) = (Vec::new(), Vec::new());
-            let mut l0 = 0.0;
+            let mut l0_mean = 0.0;
             for s in 0..steps + 2 {
                 let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
                 let t0 = Instant::now();
@@ -121,7 +121,7 @@ pub fn run_bench(
                 if s >= 2 {
                     gemm_times.push((t1 - t0).as_secs_f64());
                     times.push(t1.elapsed().as_secs_f64());
-                    l0 += st.l0 / steps as f64;
+                    l0_mean += st.l0 / steps as f64;
                 }
             }
             let tps = batch as f64 / median(times);
@@ -134,7 +134,7 @@ pub fn run_bench(
                 tokens_per_s: tps,
                 limit_tokens_per_s: limit,
                 ratio: tps / limit,
-                l0,
+                l0: l0_mean,
                 threads: rayon::current_num_threads(),
             });
         }

@@ -360,9 +360,6 @@ fn write_summary(
     rows: &[SweepRow],
     failed: &[(String, String)],
 ) -> Result<Option<sweep::Comparison>> {
-    let has = |a: ArchKind| rows.iter().any(|r| r.run.arch == a);
-    let cmp = (has(ArchKind::Gated) && has(ArchKind::Relu))
-        .then(|| sweep::compare(rows, "gated", "relu"));
     let setup = format!(
         "Model `{}`, hook `{hook}`, activation store `{}` ({} tokens from corpus `{}`, context {}). \
          Dictionary size {}. Evaluation: {} contexts of {} tokens held out (after the store's text), \
@@ -377,18 +374,20 @@ fn write_summary(
         o.ctx,
         o.note
     );
-    write_outputs(&o.out, &setup, rows, failed, cmp.as_ref())?;
-    Ok(cmp)
+    write_outputs(&o.out, &setup, rows, failed)
 }
 
-/// sweep.json, sweep.csv, the plots and report.md of a sweep directory.
+/// sweep.json, sweep.csv, the plots and report.md of a sweep directory, with the gated-vs-relu
+/// comparison when both are in it (returned).
 fn write_outputs(
     out: &Path,
     setup: &str,
     rows: &[SweepRow],
     failed: &[(String, String)],
-    cmp: Option<&sweep::Comparison>,
-) -> Result<()> {
+) -> Result<Option<sweep::Comparison>> {
+    let has = |a: ArchKind| rows.iter().any(|r| r.run.arch == a);
+    let cmp = (has(ArchKind::Gated) && has(ArchKind::Relu))
+        .then(|| sweep::compare(rows, "gated", "relu"));
     let json =
         serde_json::json!({ "setup": setup, "runs": rows, "failed": failed, "comparison": cmp });
     saelens::write_atomic(
@@ -410,9 +409,9 @@ fn write_outputs(
         let _ = std::fs::remove_dir_all(&tmp);
         drawn?;
     }
-    let md = sweep::markdown("SAE sweep", setup, rows, failed, cmp);
+    let md = sweep::markdown("SAE sweep", setup, rows, failed, cmp.as_ref());
     saelens::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    Ok(())
+    Ok(cmp)
 }
 
 /// `sae sweep --report-only`: redraw report.md, sweep.csv and the plots of a finished (or
@@ -440,15 +439,11 @@ pub fn rerender(out: &Path) -> Result<SweepResult> {
             r.convergence = Some(c);
         }
     }
-    let rows = saved.runs;
-    let has = |a: ArchKind| rows.iter().any(|r| r.run.arch == a);
-    let cmp = (has(ArchKind::Gated) && has(ArchKind::Relu))
-        .then(|| sweep::compare(&rows, "gated", "relu"));
-    write_outputs(out, &saved.setup, &rows, &saved.failed, cmp.as_ref())?;
+    let comparison = write_outputs(out, &saved.setup, &saved.runs, &saved.failed)?;
     Ok(SweepResult {
-        rows,
+        rows: saved.runs,
         failed: saved.failed,
-        comparison: cmp,
+        comparison,
     })
 }
 
