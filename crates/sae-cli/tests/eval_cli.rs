@@ -276,6 +276,8 @@ fn sweep_trains_evaluates_and_reports_every_run() {
     for needle in [
         "Did gated beat relu?",
         "Did the runs settle?",
+        // 1000 steps log every 20 (50 windows): doublings end at 125, 250, 500, 1000 steps.
+        "| gated-l1_0.5 | 4000, 8000, 16.0k, 32.0k |",
         "gated-l1_0.5",
         "relu-l1_2",
     ] {

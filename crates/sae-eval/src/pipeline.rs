@@ -302,6 +302,12 @@ fn sweep_one(
             seed: o.seed,
             quiet: true,
             checkpoint_every: 0,
+            // At least 50 log windows per run, so the settling table can go back several
+            // doublings of tokens even for short runs (every 100 steps for long ones).
+            log_every: o
+                .steps
+                .or(o.tokens.map(|t| t.div_ceil(o.batch_size as u64)))
+                .map_or(100, |steps| (steps / 50).clamp(1, 100)),
             ..Default::default()
         };
         b.set_message("training");
@@ -349,6 +355,7 @@ fn sweep_one(
         train_seconds: summary.seconds,
         eval: r,
         convergence: sae_train::info::convergence(&dir),
+        by_doubling: sae_train::info::convergence_by_doubling_in(&dir),
     })
 }
 
@@ -437,6 +444,10 @@ pub fn rerender(out: &Path) -> Result<SweepResult> {
         let dir = out.join("runs").join(&r.run.name);
         if let Some(c) = sae_train::info::convergence(&dir) {
             r.convergence = Some(c);
+        }
+        let steps = sae_train::info::convergence_by_doubling_in(&dir);
+        if !steps.is_empty() {
+            r.by_doubling = steps;
         }
     }
     let comparison = write_outputs(out, &saved.setup, &saved.runs, &saved.failed)?;

@@ -126,6 +126,9 @@ pub struct SweepRow {
     /// How much the last doubling of training tokens still changed it (from its log).
     #[serde(default)]
     pub convergence: Option<sae_train::info::Convergence>,
+    /// The same at every doubling of tokens the log covers, earliest first.
+    #[serde(default)]
+    pub by_doubling: Vec<sae_train::info::Convergence>,
 }
 
 /// L0 of two architectures compared at matched delta LM loss.
@@ -425,6 +428,28 @@ pub fn markdown(
                     c.l0_half,
                     c.l0_end,
                     100.0 * c.l0_change()
+                );
+            }
+        }
+        if rows.iter().any(|r| r.by_doubling.len() > 1) {
+            let _ = writeln!(
+                s,
+                "\nThe same change at every doubling of tokens (the run cut at T/2, T/4, ...), \
+                 earliest first. A run is settling when these shrink towards zero.\n\n\
+                 | run | doublings (tokens at the end) | FVU change per doubling | L0 change per doubling |\n\
+                 |---|---|---|---|"
+            );
+            for r in rows.iter().filter(|r| r.by_doubling.len() > 1) {
+                let list = |f: &dyn Fn(&sae_train::info::Convergence) -> String| {
+                    r.by_doubling.iter().map(f).collect::<Vec<_>>().join(", ")
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    r.run.name,
+                    list(&|c| sae_train::info::tokens_short(c.tokens)),
+                    list(&|c| format!("{:+.0}%", 100.0 * c.fvu_change())),
+                    list(&|c| format!("{:+.0}%", 100.0 * c.l0_change())),
                 );
             }
         }

@@ -86,6 +86,28 @@ pub fn describe(dir: &Path) -> Result<String> {
                 100.0 * c.l0_change()
             )?;
         }
+        let steps = convergence_by_doubling_in(dir);
+        if steps.len() > 1 {
+            writeln!(
+                s,
+                "  by doubling training FVU and L0 change over each doubling of tokens:"
+            )?;
+            for c in &steps {
+                writeln!(
+                    s,
+                    "              {:>7} -> {:>7} tokens: FVU {:.4} -> {:.4} ({:+.1}%), \
+                     L0 {:.1} -> {:.1} ({:+.1}%)",
+                    tokens_short(c.tokens / 2),
+                    tokens_short(c.tokens),
+                    c.fvu_half,
+                    c.fvu_end,
+                    100.0 * c.fvu_change(),
+                    c.l0_half,
+                    c.l0_end,
+                    100.0 * c.l0_change()
+                )?;
+            }
+        }
     } else {
         writeln!(
             s,
@@ -128,15 +150,26 @@ impl Convergence {
     }
 }
 
-/// Convergence from the text of a `train_log.jsonl`; `None` when the log is too short to have
-/// a window in both stretches ((0.4 T, 0.5 T] and (0.9 T, T] of the T tokens).
-pub fn convergence_from_log(text: &str) -> Option<Convergence> {
-    let points: Vec<(u64, f64, f64)> = text
-        .lines()
+/// A token count in a few characters: 16.00M, 500.0k, 640.
+pub fn tokens_short(t: u64) -> String {
+    match t {
+        0..=9_999 => t.to_string(),
+        10_000..=999_999 => format!("{:.1}k", t as f64 / 1e3),
+        _ => format!("{:.2}M", t as f64 / 1e6),
+    }
+}
+
+/// (tokens, training FVU, L0) of every window in the text of a `train_log.jsonl`.
+fn log_points(text: &str) -> Vec<(u64, f64, f64)> {
+    text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| Some((v["tokens"].as_u64()?, v["fvu"].as_f64()?, v["l0"].as_f64()?)))
-        .collect();
-    let total = points.iter().map(|p| p.0).max()?;
+        .collect()
+}
+
+/// Convergence of the run as it stood after `total` tokens: windows in (0.4 T, 0.5 T] against
+/// (0.9 T, T]; `None` when either stretch has no window.
+fn convergence_at(points: &[(u64, f64, f64)], total: u64) -> Option<Convergence> {
     let mean_in = |lo: f64, hi: f64| -> Option<(f64, f64)> {
         let sel: Vec<_> = points
             .iter()
@@ -160,6 +193,35 @@ pub fn convergence_from_log(text: &str) -> Option<Convergence> {
         l0_half,
         l0_end,
     })
+}
+
+/// Convergence from the text of a `train_log.jsonl`; `None` when the log is too short to have
+/// a window in both stretches ((0.4 T, 0.5 T] and (0.9 T, T] of the T tokens).
+pub fn convergence_from_log(text: &str) -> Option<Convergence> {
+    let points = log_points(text);
+    convergence_at(&points, points.iter().map(|p| p.0).max()?)
+}
+
+/// The same measure at every doubling of tokens the log covers, earliest first: the run cut
+/// at T, T/2, T/4, ... (down to where a tenth of T holds no log window). How fast the change
+/// per doubling shrinks says how many more tokens the run needs to settle.
+pub fn convergence_by_doubling(text: &str) -> Vec<Convergence> {
+    let points = log_points(text);
+    let mut out = Vec::new();
+    let mut t = points.iter().map(|p| p.0).max().unwrap_or(0);
+    while let Some(c) = convergence_at(&points, t) {
+        out.push(c);
+        t /= 2;
+    }
+    out.reverse();
+    out
+}
+
+/// [`convergence_by_doubling`] of the run in `dir`, from its `train_log.jsonl`.
+pub fn convergence_by_doubling_in(dir: &Path) -> Vec<Convergence> {
+    std::fs::read_to_string(dir.join(LOG_FILE))
+        .map(|t| convergence_by_doubling(&t))
+        .unwrap_or_default()
 }
 
 /// Convergence of the finished run in `dir`, from its `train_log.jsonl`.
@@ -192,6 +254,32 @@ mod tests {
         assert_eq!((c.l0_half, c.l0_end), (10.0, 20.0));
         assert!((c.l0_change() - 1.0).abs() < 1e-12);
         assert!(c.fvu_change() < -0.5);
+    }
+
+    #[test]
+    fn convergence_by_doubling_cuts_the_run_at_each_halving() {
+        // 40 windows of 100 tokens, FVU 1 / tokens: each doubling halves it exactly, so every
+        // cut reports about -50% (windows are averaged, so not exactly).
+        let pts: Vec<_> = (1..=40u64)
+            .map(|i| (i * 100, 1.0 / (i * 100) as f64, 5.0))
+            .collect();
+        let steps = convergence_by_doubling(&log(&pts));
+        let ends: Vec<u64> = steps.iter().map(|c| c.tokens).collect();
+        // 4000, 2000, 1000 have windows in both stretches; 500 has none in (0.9 T, T]...
+        // (450, 500] holds 500, (200, 250] none: it stops at 1000.
+        assert_eq!(ends, vec![1000, 2000, 4000]);
+        assert_eq!(steps.last(), convergence_from_log(&log(&pts)).as_ref());
+        for c in &steps {
+            assert!((c.fvu_change() + 0.5).abs() < 0.1, "{c:?}");
+            assert_eq!(c.l0_change(), 0.0);
+        }
+        // At T = 1000: (400, 500] = {500}, (900, 1000] = {1000}: exactly -50%.
+        assert!((steps[0].fvu_change() + 0.5).abs() < 1e-12);
+        assert!(convergence_by_doubling("").is_empty());
+        assert_eq!(
+            [640, 32_000, 500_000, 16_000_000].map(tokens_short),
+            ["640", "32.0k", "500.0k", "16.00M"]
+        );
     }
 
     #[test]
