@@ -76,14 +76,8 @@ pub fn describe(dir: &Path) -> Result<String> {
         if let Some(c) = convergence(dir) {
             writeln!(
                 s,
-                "  settling    training FVU {:.4} -> {:.4} ({:+.1}%), L0 {:.1} -> {:.1} ({:+.1}%) \
-                 from half-way to the end (the last doubling of tokens)",
-                c.fvu_half,
-                c.fvu_end,
-                100.0 * c.fvu_change(),
-                c.l0_half,
-                c.l0_end,
-                100.0 * c.l0_change()
+                "  settling    training {} from half-way to the end (the last doubling of tokens)",
+                c.changes()
             )?;
         }
         let steps = convergence_by_doubling_in(dir);
@@ -95,16 +89,10 @@ pub fn describe(dir: &Path) -> Result<String> {
             for c in &steps {
                 writeln!(
                     s,
-                    "              {:>7} -> {:>7} tokens: FVU {:.4} -> {:.4} ({:+.1}%), \
-                     L0 {:.1} -> {:.1} ({:+.1}%)",
+                    "              {:>7} -> {:>7} tokens: {}",
                     tokens_short(c.tokens / 2),
                     tokens_short(c.tokens),
-                    c.fvu_half,
-                    c.fvu_end,
-                    100.0 * c.fvu_change(),
-                    c.l0_half,
-                    c.l0_end,
-                    100.0 * c.l0_change()
+                    c.changes()
                 )?;
             }
         }
@@ -147,6 +135,18 @@ impl Convergence {
     /// Relative change of L0 over the last doubling of tokens.
     pub fn l0_change(&self) -> f64 {
         (self.l0_end - self.l0_half) / self.l0_half
+    }
+    /// "FVU a -> b (+x%), L0 c -> d (+y%)".
+    pub fn changes(&self) -> String {
+        format!(
+            "FVU {:.4} -> {:.4} ({:+.1}%), L0 {:.1} -> {:.1} ({:+.1}%)",
+            self.fvu_half,
+            self.fvu_end,
+            100.0 * self.fvu_change(),
+            self.l0_half,
+            self.l0_end,
+            100.0 * self.l0_change()
+        )
     }
 }
 
