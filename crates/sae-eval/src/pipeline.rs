@@ -349,13 +349,15 @@ fn sweep_one(
         },
     )?;
     report::write_eval(&dir.join("eval"), &r)?;
+    // One read of the training log; the last doubling is the last entry.
+    let by_doubling = sae_train::info::convergence_by_doubling_in(&dir);
     Ok(SweepRow {
         run: run.clone(),
         train_tokens: summary.tokens,
         train_seconds: summary.seconds,
         eval: r,
-        convergence: sae_train::info::convergence(&dir),
-        by_doubling: sae_train::info::convergence_by_doubling_in(&dir),
+        convergence: by_doubling.last().cloned(),
+        by_doubling,
     })
 }
 
@@ -442,11 +444,9 @@ pub fn rerender(out: &Path) -> Result<SweepResult> {
         .with_context(|| format!("{}: not a sweep summary from `sae sweep`", path.display()))?;
     for r in &mut saved.runs {
         let dir = out.join("runs").join(&r.run.name);
-        if let Some(c) = sae_train::info::convergence(&dir) {
-            r.convergence = Some(c);
-        }
         let steps = sae_train::info::convergence_by_doubling_in(&dir);
         if !steps.is_empty() {
+            r.convergence = steps.last().cloned();
             r.by_doubling = steps;
         }
     }

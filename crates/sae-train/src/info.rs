@@ -73,14 +73,14 @@ pub fn describe(dir: &Path) -> Result<String> {
                 text.lines().count()
             )?;
         }
-        if let Some(c) = convergence(dir) {
+        let steps = convergence_by_doubling_in(dir);
+        if let Some(c) = steps.last() {
             writeln!(
                 s,
                 "  settling    training {} from half-way to the end (the last doubling of tokens)",
                 c.changes()
             )?;
         }
-        let steps = convergence_by_doubling_in(dir);
         if steps.len() > 1 {
             writeln!(
                 s,
@@ -222,11 +222,6 @@ pub fn convergence_by_doubling_in(dir: &Path) -> Vec<Convergence> {
     std::fs::read_to_string(dir.join(LOG_FILE))
         .map(|t| convergence_by_doubling(&t))
         .unwrap_or_default()
-}
-
-/// Convergence of the finished run in `dir`, from its `train_log.jsonl`.
-pub fn convergence(dir: &Path) -> Option<Convergence> {
-    convergence_from_log(&std::fs::read_to_string(dir.join(LOG_FILE)).ok()?)
 }
 
 #[cfg(test)]
