@@ -132,6 +132,14 @@ pub struct SweepArgs {
     /// in it are evaluated again, not retrained.
     #[arg(long)]
     pub out: PathBuf,
+    /// Train finished runs in --out that saw fewer tokens than --tokens/--steps on to that
+    /// many (`sae train --extend`), instead of evaluating them as they are.
+    #[arg(long)]
+    pub extend: bool,
+    /// Keep each run's final checkpoint (optimiser state) in runs/<name>/checkpoint/, so a
+    /// later --extend continues it exactly (about 3x the SAE's size on disk).
+    #[arg(long)]
+    pub keep_state: bool,
     /// Redraw report.md, sweep.csv and the plots in --out from its sweep.json; trains and
     /// evaluates nothing.
     #[arg(long)]
@@ -192,6 +200,8 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         eval_batch: a.eval_batch,
         seed: a.seed,
         out: a.out.clone(),
+        extend: a.extend,
+        keep_state: a.keep_state,
         note: String::new(),
     })?;
     print_result(&r, &a.out);

@@ -335,4 +335,30 @@ fn sweep_trains_evaluates_and_reports_every_run() {
         &sae(&["sweep", "--report-only", "--out", s(&dir.join("nothing"))]),
         &["sweep.json", "--report-only"],
     );
+
+    // --extend trains the finished runs on to the new length (keeping their state here).
+    let mut longer: Vec<&str> = args.to_vec();
+    let at = longer.iter().position(|a| *a == "1000").unwrap();
+    longer[at] = "1500";
+    longer.extend(["--extend", "--keep-state"]);
+    let out = sae(&longer);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(sweep_dir.join("sweep.csv")).unwrap();
+    for row in csv.lines().skip(1) {
+        assert_eq!(row.split(',').nth(5), Some("48000"), "{row}");
+    }
+    let run = sweep_dir.join("runs").join("gated-l1_2");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train_summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["extensions"][0]["from_step"], 1000);
+    assert_eq!(summary["extensions"][0]["optimizer_state_kept"], false);
+    assert!(run
+        .join("checkpoint")
+        .join("optimizer.safetensors")
+        .is_file());
 }

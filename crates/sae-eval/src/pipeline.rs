@@ -145,6 +145,10 @@ pub struct SweepOptions {
     pub eval_batch: usize,
     pub seed: u64,
     pub out: PathBuf,
+    /// Train finished runs that saw fewer steps than asked on to that many.
+    pub extend: bool,
+    /// Keep each run's final checkpoint (optimiser state) for a later exact extension.
+    pub keep_state: bool,
     /// A line of setup text for the report (the demo says what it chose).
     pub note: String,
 }
@@ -283,10 +287,24 @@ fn sweep_one(
 ) -> Result<SweepRow> {
     let dir = o.out.join("runs").join(&run.name);
     let summary_path = dir.join(sae_train::run::SUMMARY_FILE);
-    let summary: sae_train::TrainSummary = if summary_path.is_file() {
+    let finished: Option<sae_train::TrainSummary> = if summary_path.is_file() {
         let text = std::fs::read_to_string(&summary_path)?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a training summary", summary_path.display()))?
+        Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a training summary", summary_path.display()))?,
+        )
+    } else {
+        None
+    };
+    let steps = o
+        .steps
+        .or(o.tokens.map(|t| t.div_ceil(o.batch_size as u64)));
+    let extend = o.extend
+        && finished
+            .as_ref()
+            .is_some_and(|s| steps.is_some_and(|n| n > s.steps));
+    let summary = if let (Some(s), false) = (finished, extend) {
+        s
     } else {
         let cfg = sae_train::TrainConfig {
             acts: Some(o.acts.clone()),
@@ -302,15 +320,14 @@ fn sweep_one(
             seed: o.seed,
             quiet: true,
             checkpoint_every: 0,
+            extend,
+            keep_state: o.keep_state,
             // At least 50 log windows per run, so the settling table can go back several
             // doublings of tokens even for short runs (every 100 steps for long ones).
-            log_every: o
-                .steps
-                .or(o.tokens.map(|t| t.div_ceil(o.batch_size as u64)))
-                .map_or(100, |steps| (steps / 50).clamp(1, 100)),
+            log_every: steps.map_or(100, |steps| (steps / 50).clamp(1, 100)),
             ..Default::default()
         };
-        b.set_message("training");
+        b.set_message(if extend { "extending" } else { "training" });
         // The trainer draws no bar here; a watcher shows its step from the log.
         let done = std::sync::atomic::AtomicBool::new(false);
         let summary = std::thread::scope(|s| {
@@ -599,6 +616,8 @@ pub fn run_demo(out: &Path, quick: bool) -> Result<SweepResult> {
         eval_batch: 8,
         seed: 0,
         out: out.to_path_buf(),
+        extend: false,
+        keep_state: false,
         note: format!(
             "Demo{}: {} harvested tokens, {} training tokens per run (batch {}, lr {}), gated l1 {:?}, relu l1 {:?}; harvest took {harvest_s:.0}s.",
             if quick { " (--quick)" } else { "" },

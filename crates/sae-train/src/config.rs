@@ -86,6 +86,14 @@ pub struct TrainConfig {
     pub eval_tokens: usize,
     /// Continue from the last checkpoint in `<out>.partial`.
     pub resume: bool,
+    /// Train the finished SAE in `out` on to `steps`/`tokens` (more than it has seen), with
+    /// its schedule and data stream. With its kept final checkpoint (`keep_state`) the run
+    /// continues exactly; without one, Adam restarts from fresh moments and the lr warms up
+    /// again over `lr_warmup_steps`.
+    pub extend: bool,
+    /// Keep the final checkpoint (training-scale weights, optimiser state) in
+    /// `<out>/checkpoint/`, so that `extend` can continue the run exactly.
+    pub keep_state: bool,
     /// No progress bar.
     pub quiet: bool,
 }
@@ -129,6 +137,8 @@ impl Default for TrainConfig {
             threads: None,
             eval_tokens: 16_384,
             resume: false,
+            extend: false,
+            keep_state: false,
             quiet: false,
         }
     }
@@ -234,10 +244,13 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
 }
 
 /// Learning rate at `step` (0-based): linear warm-up, constant, optional linear decay to 0.
-pub fn lr_at(r: &Resolved, decay_steps: u64, step: u64) -> f32 {
+/// The warm-up counts `optimizer_step`, the steps since Adam's moments started: equal to
+/// `step`, except in a run extended without its optimiser state, whose fresh Adam warms up
+/// again.
+pub fn lr_at(r: &Resolved, decay_steps: u64, step: u64, optimizer_step: u64) -> f32 {
     let mut f = 1.0f64;
-    if r.lr_warmup_steps > 0 && step < r.lr_warmup_steps {
-        f = (step + 1) as f64 / r.lr_warmup_steps as f64;
+    if r.lr_warmup_steps > 0 && optimizer_step < r.lr_warmup_steps {
+        f = (optimizer_step + 1) as f64 / r.lr_warmup_steps as f64;
     }
     let decay_start = r.steps - decay_steps;
     if decay_steps > 0 && step >= decay_start {

@@ -105,6 +105,13 @@ pub struct TrainFlags {
     /// Continue from the last checkpoint of this --out.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub resume: Option<bool>,
+    /// Train the finished SAE in --out on to a larger --tokens/--steps. Exact with a kept
+    /// final checkpoint (--keep-state); otherwise Adam restarts and the lr warms up again.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub extend: Option<bool>,
+    /// Keep the final checkpoint (weights, optimiser state) in <out>/checkpoint/ for --extend.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub keep_state: Option<bool>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub quiet: Option<bool>,
 }
@@ -151,6 +158,8 @@ impl TrainFlags {
             seed,
             eval_tokens,
             resume,
+            extend,
+            keep_state,
             quiet
         );
         set_opt!(

@@ -59,6 +59,26 @@ pub fn describe(dir: &Path) -> Result<String> {
             "              lr {:e}, sparsity coeff {}, input scale {} (folded into the weights)",
             t.resolved.lr, t.resolved.sparsity_coeff, t.scale
         )?;
+        for e in &t.extensions {
+            writeln!(
+                s,
+                "  extended    from step {} ({} tokens), {}",
+                e.from_step,
+                tokens_short(e.from_tokens),
+                if e.optimizer_state_kept {
+                    "with its kept optimiser state (exact continuation)"
+                } else {
+                    "with fresh Adam moments and a new lr warm-up (no kept state)"
+                }
+            )?;
+        }
+        if dir.join(crate::checkpoint::CHECKPOINT).is_dir() {
+            writeln!(
+                s,
+                "  kept state  {} (`sae train --extend` continues from it)",
+                dir.join(crate::checkpoint::CHECKPOINT).display()
+            )?;
+        }
         writeln!(
             s,
             "  final       L0 {:.2}, FVU {:.4}, MSE {:.4}, gamma {:.3}, dead {} / {} (on {} tokens)",

@@ -51,10 +51,23 @@ pub struct TrainSummary {
     pub rows_skipped: u64,
     pub seconds: f64,
     pub tokens_per_s: f64,
-    /// Step at which this run was resumed, if it was.
+    /// Step at which this run was resumed or extended, if it was.
     pub resumed_at_step: Option<u64>,
+    /// Each time this run was extended (`--extend`) after it had finished.
+    #[serde(default)]
+    pub extensions: Vec<Extension>,
     pub last_step: StepStats,
     pub final_metrics: FinalMetrics,
+}
+
+/// A finished run trained on further.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Extension {
+    pub from_step: u64,
+    pub from_tokens: u64,
+    /// False: the run had no kept checkpoint, so Adam restarted with fresh moments (and a
+    /// new lr warm-up) at `from_step`.
+    pub optimizer_state_kept: bool,
 }
 
 /// `<out>.partial`: the working directory with the log and checkpoints of an unfinished run.
@@ -222,105 +235,310 @@ fn progress_bar(cfg: &TrainConfig, steps: u64, start: u64) -> indicatif::Progres
     bar
 }
 
-fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary> {
-    let d_in = source.d_in();
-    let r = resolve(cfg, d_in, source.n_rows())?;
-    let partial = partial_dir(&cfg.out)?;
-    let identity = run_identity(cfg, &r);
-    let config_path = partial.join(CONFIG_FILE);
+/// Where a run starts: a fresh SAE, a checkpoint (`--resume`) or a finished run (`--extend`).
+struct Start {
+    trainer: SaeTrainer,
+    scale: f32,
+    max_norm: f32,
+    /// Steps and tokens already trained, and rows left out for their norm.
+    step: u64,
+    tokens: u64,
+    rows_skipped: u64,
+    window: Window,
+    log: Log,
+    seconds: f64,
+    extensions: Vec<Extension>,
+}
 
-    let (mut trainer, scale, max_norm, mut tokens, mut window, mut log, seconds_before, resumed_at) =
-        if cfg.resume {
-            let (sae, state, progress) = checkpoint::read(&partial)?.with_context(|| {
-                format!(
-                    "--resume: no checkpoint in {}; start without --resume",
-                    partial.display()
-                )
-            })?;
-            let old: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&config_path)
-                    .with_context(|| format!("reading {}", config_path.display()))?,
-            )
-            .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-            let old_id = &old["identity"];
-            if let Some(obj) = identity.as_object() {
-                for (k, v) in obj {
-                    if &old_id[k] != v {
-                        bail!(
-                        "--resume: {} was started with {k} = {}, now {k} = {v}; use the same settings or another --out",
-                        partial.display(),
-                        old_id[k]
-                    );
-                    }
-                }
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+/// Fails unless every field of `identity` equals the one `dir` was started with.
+fn check_identity(
+    old: &serde_json::Value,
+    identity: &serde_json::Value,
+    flag: &str,
+    dir: &Path,
+) -> Result<()> {
+    if let Some(obj) = identity.as_object() {
+        for (k, v) in obj {
+            if &old["identity"][k] != v {
+                bail!(
+                    "{flag}: {} was started with {k} = {}, now {k} = {v}; use the same settings or another --out",
+                    dir.display(),
+                    old["identity"][k]
+                );
             }
+        }
+    }
+    Ok(())
+}
+
+/// The warm-ups were fixed when the run started (a longer run would resolve others).
+fn keep_warmups(r: &mut Resolved, old: &Resolved) {
+    r.lr_warmup_steps = old.lr_warmup_steps;
+    r.l1_warmup_steps = old.l1_warmup_steps;
+}
+
+fn write_config(
+    path: &Path,
+    identity: &serde_json::Value,
+    cfg: &TrainConfig,
+    r: &Resolved,
+    extensions: &[Extension],
+) -> Result<()> {
+    let text = serde_json::to_string_pretty(&serde_json::json!({
+        "identity": identity, "config": cfg, "resolved": r, "extensions": extensions,
+    }))?;
+    sae_core::saelens::write_atomic(path, text.as_bytes())
+}
+
+fn start_fresh(
+    cfg: &TrainConfig,
+    r: &Resolved,
+    partial: &Path,
+    identity: &serde_json::Value,
+    source: &mut dyn BatchSource,
+) -> Result<Start> {
+    if partial.exists() {
+        bail!(
+            "{} holds an unfinished run; pass --resume to continue it, or delete it to start over",
+            partial.display()
+        );
+    }
+    std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;
+    let (trainer, scale, max_norm) = initialise(cfg, r, source)?;
+    write_config(&partial.join(CONFIG_FILE), identity, cfg, r, &[])?;
+    Ok(Start {
+        trainer,
+        scale,
+        max_norm,
+        step: 0,
+        tokens: 0,
+        rows_skipped: 0,
+        window: Window::default(),
+        log: Log::open(partial.join(LOG_FILE), Some(0))?,
+        seconds: 0.0,
+        extensions: Vec::new(),
+    })
+}
+
+fn start_resumed(
+    cfg: &TrainConfig,
+    r: &mut Resolved,
+    partial: &Path,
+    identity: &serde_json::Value,
+    source: &mut dyn BatchSource,
+) -> Result<Start> {
+    let (sae, state, progress) = checkpoint::read(partial)?.with_context(|| {
+        format!(
+            "--resume: no checkpoint in {}; start without --resume",
+            partial.display()
+        )
+    })?;
+    let old = read_json(&partial.join(CONFIG_FILE))?;
+    check_identity(&old, identity, "--resume", partial)?;
+    if let Ok(old_r) = serde_json::from_value::<Resolved>(old["resolved"].clone()) {
+        keep_warmups(r, &old_r);
+    }
+    let extensions: Vec<Extension> =
+        serde_json::from_value(old["extensions"].clone()).unwrap_or_default();
+    let mut trainer = SaeTrainer::new(sae, hyper_of(cfg));
+    trainer.load_state(&state)?;
+    match &progress.source_position {
+        Some(p) => source
+            .seek(p)
+            .context("--resume: restoring the data position")?,
+        None => eprintln!(
+            "note: this activation source cannot seek; the resumed run sees different batches"
+        ),
+    }
+    Ok(Start {
+        trainer,
+        scale: f32::from_bits(progress.scale_bits),
+        max_norm: f32::from_bits(progress.max_norm_bits),
+        step: progress.step,
+        tokens: progress.tokens,
+        rows_skipped: 0,
+        window: progress.window,
+        log: Log::open(partial.join(LOG_FILE), Some(progress.log_bytes))?,
+        seconds: progress.seconds,
+        extensions,
+    })
+}
+
+/// A finished run in `cfg.out` trained on: its weights, schedule and data stream; its
+/// optimiser state when it kept one (`--keep-state`), otherwise fresh Adam moments.
+fn start_extended(
+    cfg: &TrainConfig,
+    r: &mut Resolved,
+    partial: &Path,
+    identity: &serde_json::Value,
+    source: &mut dyn BatchSource,
+) -> Result<Start> {
+    let out = &cfg.out;
+    let summary_path = out.join(SUMMARY_FILE);
+    if !summary_path.is_file() {
+        bail!(
+            "--extend: {} holds no finished run (no {SUMMARY_FILE}); train it first, or drop --extend",
+            out.display()
+        );
+    }
+    if partial.exists() {
+        bail!(
+            "{} holds an unfinished run (an interrupted extension?); pass --resume to continue it, or delete it",
+            partial.display()
+        );
+    }
+    let old_summary: TrainSummary = serde_json::from_value(read_json(&summary_path)?)
+        .with_context(|| format!("{}: not a training summary", summary_path.display()))?;
+    let old = read_json(&out.join(CONFIG_FILE))?;
+    check_identity(&old, identity, "--extend", out)?;
+    let o = &old_summary.resolved;
+    if r.lr != o.lr || r.sparsity_coeff != o.sparsity_coeff {
+        bail!(
+            "--extend: {} was trained with lr {} and sparsity coefficient {}, now {} and {}; pass its --lr and --l1",
+            out.display(),
+            o.lr,
+            o.sparsity_coeff,
+            r.lr,
+            r.sparsity_coeff
+        );
+    }
+    if old["config"]["lr_decay_steps"].as_u64().unwrap_or(0) > 0 {
+        bail!(
+            "--extend: {} decayed its lr to 0 at its end (--lr-decay-steps), so it cannot be continued; train a longer run instead",
+            out.display()
+        );
+    }
+    if r.steps <= old_summary.steps {
+        bail!(
+            "--extend: {} has already trained {} steps ({} tokens); ask for more with --tokens or --steps",
+            out.display(),
+            old_summary.steps,
+            old_summary.tokens
+        );
+    }
+    keep_warmups(r, o);
+    let kept = checkpoint::read(out)?;
+    if let Some((_, _, p)) = &kept {
+        if p.step != old_summary.steps {
+            bail!(
+                "--extend: the checkpoint kept in {} is at step {}, the SAE at step {}; delete that checkpoint to extend without it",
+                checkpoint::dir(out).display(),
+                p.step,
+                old_summary.steps
+            );
+        }
+    }
+    let mut extensions = old_summary.extensions.clone();
+    extensions.push(Extension {
+        from_step: old_summary.steps,
+        from_tokens: old_summary.tokens,
+        optimizer_state_kept: kept.is_some(),
+    });
+    std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;
+    std::fs::copy(out.join(LOG_FILE), partial.join(LOG_FILE))
+        .with_context(|| format!("copying {}", out.join(LOG_FILE).display()))?;
+    write_config(&partial.join(CONFIG_FILE), identity, cfg, r, &extensions)?;
+    let scale = old_summary.scale;
+    let max_norm = old_summary.max_norm.unwrap_or(f32::INFINITY);
+    let (trainer, window, log_bytes) = match kept {
+        Some((sae, state, p)) => {
             let mut trainer = SaeTrainer::new(sae, hyper_of(cfg));
             trainer.load_state(&state)?;
-            match &progress.source_position {
-                Some(p) => source
-                    .seek(p)
-                    .context("--resume: restoring the data position")?,
+            match &p.source_position {
+                Some(pos) => source
+                    .seek(pos)
+                    .context("--extend: restoring the data position")?,
                 None => eprintln!(
-                "note: this activation source cannot seek; the resumed run sees different batches"
-            ),
+                    "note: this activation source cannot seek; the extension sees different batches"
+                ),
             }
-            let log = Log::open(partial.join(LOG_FILE), Some(progress.log_bytes))?;
-            let step = progress.step;
-            (
-                trainer,
-                f32::from_bits(progress.scale_bits),
-                f32::from_bits(progress.max_norm_bits),
-                progress.tokens,
-                progress.window,
-                log,
-                progress.seconds,
-                Some(step),
-            )
-        } else {
-            if partial.exists() {
-                bail!(
-                "{} holds an unfinished run; pass --resume to continue it, or delete it to start over",
-                partial.display()
-            );
+            (trainer, p.window, Some(p.log_bytes))
+        }
+        None => {
+            // The saved SAE has the input scale folded in; train at the training scale.
+            let mut sae = sae_core::saelens::load(out)?;
+            sae.fold_activation_scale(1.0 / scale);
+            // The stream read exactly the trained and the left-out rows.
+            if source
+                .seek_rows(old_summary.tokens + old_summary.rows_skipped)
+                .is_err()
+            {
+                eprintln!(
+                    "note: this activation source cannot seek; the extension sees different batches"
+                );
             }
-            std::fs::create_dir_all(&partial)
-                .with_context(|| format!("creating {}", partial.display()))?;
-            let (trainer, scale, max_norm) = initialise(cfg, &r, source)?;
-            let text = serde_json::to_string_pretty(&serde_json::json!({
-                "identity": identity, "config": cfg, "resolved": r,
-            }))?;
-            sae_core::saelens::write_atomic(&config_path, text.as_bytes())?;
-            let log = Log::open(partial.join(LOG_FILE), Some(0))?;
-            (
-                trainer,
-                scale,
-                max_norm,
-                0u64,
-                Window::default(),
-                log,
-                0.0,
-                None,
-            )
-        };
+            (SaeTrainer::new(sae, hyper_of(cfg)), Window::default(), None)
+        }
+    };
+    Ok(Start {
+        trainer,
+        scale,
+        max_norm,
+        step: old_summary.steps,
+        tokens: old_summary.tokens,
+        rows_skipped: old_summary.rows_skipped,
+        window,
+        log: Log::open(partial.join(LOG_FILE), log_bytes)?,
+        seconds: old_summary.seconds,
+        extensions,
+    })
+}
+
+fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary> {
+    let d_in = source.d_in();
+    let mut r = resolve(cfg, d_in, source.n_rows())?;
+    let partial = partial_dir(&cfg.out)?;
+    let identity = run_identity(cfg, &r);
+    if cfg.resume && cfg.extend {
+        bail!("give --resume (an unfinished run) or --extend (a finished one), not both");
+    }
+    let Start {
+        mut trainer,
+        scale,
+        max_norm,
+        step: start_step,
+        tokens: start_tokens,
+        rows_skipped,
+        mut window,
+        mut log,
+        seconds: seconds_before,
+        extensions,
+    } = if cfg.resume {
+        start_resumed(cfg, &mut r, &partial, &identity, source)?
+    } else if cfg.extend {
+        start_extended(cfg, &mut r, &partial, &identity, source)?
+    } else {
+        start_fresh(cfg, &r, &partial, &identity, source)?
+    };
+    let mut tokens = start_tokens;
+    // The run's step is the optimiser's, plus the steps trained before Adam's moments started
+    // (non-zero only in a run extended without its optimiser state).
+    let offset = start_step - trainer.steps_done();
     let mut filtered = crate::source::NormFilter::new(source, max_norm);
+    filtered.rows_skipped = rows_skipped;
     let source = &mut filtered;
 
     let bs = cfg.batch_size;
     let mut batch = vec![0.0f32; bs * d_in];
-    let start = trainer.steps_done();
-    let bar = progress_bar(cfg, r.steps, start);
+    let bar = progress_bar(cfg, r.steps, start_step);
     let t0 = Instant::now();
     let mut t_window = Instant::now();
     let mut tokens_window = 0u64;
     let mut last = StepStats::default();
     let log_every = cfg.log_every.max(1);
-    while trainer.steps_done() < r.steps {
-        let step = trainer.steps_done();
+    while offset + trainer.steps_done() < r.steps {
+        let step = offset + trainer.steps_done();
         source.next_batch(&mut batch, bs)?;
         if scale != 1.0 {
             batch.iter_mut().for_each(|v| *v *= scale);
         }
-        let lr = lr_at(&r, cfg.lr_decay_steps, step);
+        let lr = lr_at(&r, cfg.lr_decay_steps, step, trainer.steps_done());
         let coeff = sparsity_at(&r, step);
         let stats = trainer.step(&batch, bs, lr, coeff);
         if !stats.loss.is_finite() {
@@ -337,7 +555,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
         tokens += bs as u64;
         tokens_window += bs as u64;
         window.add(&stats);
-        let done = trainer.steps_done();
+        let done = offset + trainer.steps_done();
         if done % log_every == 0 || done == r.steps {
             let w = window.steps.max(1) as f64;
             let secs = t_window.elapsed().as_secs_f64();
@@ -363,7 +581,13 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
             tokens_window = 0;
         }
         bar.set_position(done);
-        if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < r.steps {
+        // The last step's checkpoint is written only to be kept (`--keep-state`).
+        let keep = if done == r.steps {
+            cfg.keep_state
+        } else {
+            cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0
+        };
+        if keep {
             let progress = Progress {
                 step: done,
                 tokens,
@@ -396,21 +620,21 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
         arch: cfg.arch.to_string(),
         d_in,
         d_sae: r.d_sae,
-        steps: trainer.steps_done(),
+        steps: offset + trainer.steps_done(),
         tokens,
         resolved: r.clone(),
         scale,
         max_norm: max_norm.is_finite().then_some(max_norm),
         rows_skipped: source.rows_skipped,
         seconds,
-        tokens_per_s: (tokens - resumed_at.map_or(0, |s| s * bs as u64)) as f64
-            / t0.elapsed().as_secs_f64().max(1e-9),
-        resumed_at_step: resumed_at,
+        tokens_per_s: (tokens - start_tokens) as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        resumed_at_step: (cfg.resume || cfg.extend).then_some(start_step),
+        extensions,
         last_step: last,
         final_metrics,
     };
     drop(log);
-    publish(&cfg.out, &partial, &sae, &summary)?;
+    publish(&cfg.out, &partial, &sae, &summary, cfg.keep_state)?;
     Ok(summary)
 }
 
@@ -456,7 +680,13 @@ fn evaluate(
 
 /// Builds the output directory beside `out` and swaps it in: an existing `out` is replaced
 /// only once the new one is complete. Removes the working directory afterwards.
-fn publish(out: &Path, partial: &Path, sae: &Sae, summary: &TrainSummary) -> Result<()> {
+fn publish(
+    out: &Path,
+    partial: &Path,
+    sae: &Sae,
+    summary: &TrainSummary,
+    keep_state: bool,
+) -> Result<()> {
     let name = out
         .file_name()
         .context("output has no directory name")?
@@ -472,6 +702,11 @@ fn publish(out: &Path, partial: &Path, sae: &Sae, summary: &TrainSummary) -> Res
             .with_context(|| format!("copying {}", CONFIG_FILE))?;
         let text = serde_json::to_string_pretty(summary)?;
         sae_core::saelens::write_atomic(&staging.join(SUMMARY_FILE), text.as_bytes())?;
+        if keep_state {
+            let from = checkpoint::dir(partial);
+            std::fs::rename(&from, checkpoint::dir(&staging))
+                .with_context(|| format!("keeping {}", from.display()))?;
+        }
         Ok(())
     })();
     if let Err(e) = built {

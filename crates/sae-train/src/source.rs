@@ -37,6 +37,12 @@ pub trait BatchSource: Send {
     fn seek(&mut self, _pos: &serde_json::Value) -> Result<()> {
         bail!("this activation source cannot seek")
     }
+
+    /// Go to where the stream is after its first `rows` rows (`sample` reads none of them):
+    /// how a run extended without its checkpoint finds its place.
+    fn seek_rows(&mut self, _rows: u64) -> Result<()> {
+        bail!("this activation source cannot seek")
+    }
 }
 
 /// Shuffled batches from `.safetensors`/`.npy` activation files.
@@ -98,6 +104,15 @@ impl BatchSource for StoreSource {
         self.stream.seek(p);
         Ok(())
     }
+
+    fn seek_rows(&mut self, rows: u64) -> Result<()> {
+        // The stream normalises an index past the end into (epoch, index).
+        self.stream.seek(StreamPosition {
+            epoch: 0,
+            index: rows,
+        });
+        Ok(())
+    }
 }
 
 /// Rows held in memory (tests, tools): sequential, wrapping around.
@@ -143,6 +158,11 @@ impl BatchSource for MemorySource {
         self.next = pos
             .as_u64()
             .ok_or_else(|| anyhow::anyhow!("bad position {pos}"))? as usize;
+        Ok(())
+    }
+
+    fn seek_rows(&mut self, rows: u64) -> Result<()> {
+        self.next = rows as usize;
         Ok(())
     }
 }
@@ -241,6 +261,9 @@ impl BatchSource for NormFilter<'_> {
     }
     fn seek(&mut self, pos: &serde_json::Value) -> Result<()> {
         self.inner.seek(pos)
+    }
+    fn seek_rows(&mut self, rows: u64) -> Result<()> {
+        self.inner.seek_rows(rows)
     }
 }
 

@@ -131,12 +131,17 @@ fn schedules_and_defaults() {
         (r.d_sae, r.lr, r.lr_warmup_steps, r.l1_warmup_steps),
         (512, 3e-4, 10, 0)
     );
-    assert!((lr_at(&r, 20, 0) - 3e-5).abs() < 1e-10);
-    assert!((lr_at(&r, 20, 9) - 3e-4).abs() < 1e-10);
-    assert_eq!(lr_at(&r, 20, 50), 3e-4);
-    assert!((lr_at(&r, 20, 80) - 3e-4).abs() < 1e-10);
-    assert!((lr_at(&r, 20, 90) - 1.5e-4).abs() < 1e-9);
-    assert!((lr_at(&r, 20, 99) - 1.5e-5).abs() < 1e-9);
+    assert!((lr_at(&r, 20, 0, 0) - 3e-5).abs() < 1e-10);
+    assert!((lr_at(&r, 20, 9, 9) - 3e-4).abs() < 1e-10);
+    assert_eq!(lr_at(&r, 20, 50, 50), 3e-4);
+    assert!((lr_at(&r, 20, 80, 80) - 3e-4).abs() < 1e-10);
+    assert!((lr_at(&r, 20, 90, 90) - 1.5e-4).abs() < 1e-9);
+    assert!((lr_at(&r, 20, 99, 99) - 1.5e-5).abs() < 1e-9);
+    // A fresh optimiser at step 50 (an extension without state) warms up again...
+    assert!((lr_at(&r, 20, 50, 0) - 3e-5).abs() < 1e-10);
+    assert!((lr_at(&r, 20, 54, 4) - 1.5e-4).abs() < 1e-9);
+    // ... and the decay, which counts the run's steps, still applies.
+    assert!((lr_at(&r, 20, 99, 0) - 1.5e-5).abs() < 1e-9);
     assert_eq!(sparsity_at(&r, 0), r.sparsity_coeff);
     let j = TrainConfig {
         arch: ArchKind::JumpRelu,
@@ -398,4 +403,176 @@ fn gated_recovers_features_without_shrinkage_relu_shrinks() {
     assert!((g.gamma - 1.0).abs() < 0.05, "gated gamma {}", g.gamma);
     assert!(r.gamma < 0.9, "relu gamma {}", r.gamma);
     assert!(g.fvu < 0.2, "gated FVU {}", g.fvu);
+}
+
+/// One 60-step run, and a 30-step run extended to 60 (across an epoch of the 3000-row store).
+fn extension_cfgs(acts: &Path, dir: &Path, arch: ArchKind) -> (TrainConfig, TrainConfig) {
+    let base = |name: &str| TrainConfig {
+        arch,
+        steps: Some(60),
+        // Fixed warm-ups: resolved from the step count, they would differ between the runs.
+        lr_warmup_steps: Some(10),
+        l1_warmup_steps: Some(6),
+        ..small_cfg(acts, &dir.join(format!("{name}-{arch}")))
+    };
+    (base("long"), base("extended"))
+}
+
+#[test]
+fn extending_a_run_with_its_kept_state_gives_the_bits_of_one_long_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let acts = synth(dir.path(), 12, 24, 3000, 3.0);
+    for arch in [ArchKind::Gated, ArchKind::Relu, ArchKind::JumpRelu] {
+        let (long, ext) = extension_cfgs(&acts, dir.path(), arch);
+        let sl = sae_train::run(&long).unwrap();
+        sae_train::run(&TrainConfig {
+            steps: Some(30),
+            keep_state: true,
+            ..ext.clone()
+        })
+        .unwrap();
+        assert!(ext.out.join("checkpoint").join("progress.json").is_file());
+        let se = sae_train::run(&TrainConfig {
+            extend: true,
+            keep_state: true,
+            ..ext.clone()
+        })
+        .unwrap();
+        assert_eq!((se.steps, se.tokens), (60, 3840));
+        assert_eq!(se.resumed_at_step, Some(30));
+        assert_eq!(
+            se.extensions,
+            vec![sae_train::run::Extension {
+                from_step: 30,
+                from_tokens: 1920,
+                optimizer_state_kept: true
+            }]
+        );
+        let w = |o: &Path| std::fs::read(o.join("sae_weights.safetensors")).unwrap();
+        assert_eq!(w(&long.out), w(&ext.out), "{arch}: extended weights differ");
+        assert_eq!(sl.final_metrics, se.final_metrics);
+        assert_eq!(
+            log_without_speed(&long.out.join("train_log.jsonl")),
+            log_without_speed(&ext.out.join("train_log.jsonl"))
+        );
+        // The kept checkpoint moved on with the run.
+        assert!(ext.out.join("checkpoint").join("progress.json").is_file());
+        let info = sae_train::info::describe(&ext.out).unwrap();
+        assert!(
+            info.contains("extended    from step 30 (1920 tokens), with its kept optimiser state"),
+            "{info}"
+        );
+        assert!(info.contains("kept state"), "{info}");
+        assert!(!sae_train::partial_dir(&ext.out).unwrap().exists());
+    }
+}
+
+#[test]
+fn extending_without_state_continues_the_data_and_warms_a_fresh_adam_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let acts = synth(dir.path(), 12, 24, 3000, 3.0);
+    let (long, ext) = extension_cfgs(&acts, dir.path(), ArchKind::Gated);
+    sae_train::run(&long).unwrap();
+    sae_train::run(&TrainConfig {
+        steps: Some(30),
+        ..ext.clone()
+    })
+    .unwrap();
+    assert!(!ext.out.join("checkpoint").exists());
+    let se = sae_train::run(&TrainConfig {
+        extend: true,
+        ..ext.clone()
+    })
+    .unwrap();
+    assert_eq!((se.steps, se.tokens), (60, 3840));
+    assert!(!se.extensions[0].optimizer_state_kept);
+    let info = sae_train::info::describe(&ext.out).unwrap();
+    assert!(info.contains("with fresh Adam moments"), "{info}");
+    let (l, e) = (
+        log_without_speed(&long.out.join("train_log.jsonl")),
+        log_without_speed(&ext.out.join("train_log.jsonl")),
+    );
+    // Up to step 30 the runs are the same; the log goes on with the run's step count.
+    assert_eq!(l[..6], e[..6]);
+    let steps: Vec<u64> = e.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=12).map(|i| 5 * i).collect::<Vec<_>>());
+    // Step 35 is the fresh Adam's 5th: lr 5/10 of the peak, where the long run is at the peak.
+    assert!(
+        (e[6]["lr"].as_f64().unwrap() - 5e-4).abs() < 1e-9,
+        "{}",
+        e[6]
+    );
+    assert!((l[6]["lr"].as_f64().unwrap() - 1e-3).abs() < 1e-9);
+    assert_eq!(e[11]["lr"], l[11]["lr"]);
+    // Same weights and batches at the start of the extension: its first steps, at a fraction
+    // of the lr, reconstruct about as well as the long run does there.
+    let (fe, fl) = (e[6]["fvu"].as_f64().unwrap(), l[6]["fvu"].as_f64().unwrap());
+    assert!((fe - fl).abs() < 0.25 * fl, "FVU at step 35: {fe} vs {fl}");
+}
+
+#[test]
+fn seek_rows_lands_where_reading_those_rows_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let acts = synth(dir.path(), 12, 24, 3000, 3.0);
+    let mut read = StoreSource::open(&acts, 3).unwrap();
+    let d = read.d_in();
+    let mut skip = vec![0.0f32; 64 * d];
+    for _ in 0..50 {
+        read.next_batch(&mut skip, 64).unwrap();
+    }
+    let mut jumped = StoreSource::open(&acts, 3).unwrap();
+    jumped.seek_rows(50 * 64).unwrap();
+    let (mut a, mut b) = (vec![0.0f32; 64 * d], vec![0.0f32; 64 * d]);
+    read.next_batch(&mut a, 64).unwrap();
+    jumped.next_batch(&mut b, 64).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(read.position(), jumped.position());
+}
+
+#[test]
+fn extend_refuses_what_it_cannot_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let acts = synth(dir.path(), 12, 24, 3000, 3.0);
+    let (_, ext) = extension_cfgs(&acts, dir.path(), ArchKind::Gated);
+    let err = |c: TrainConfig| sae_train::run(&c).unwrap_err().to_string();
+    let e = err(TrainConfig {
+        extend: true,
+        ..ext.clone()
+    });
+    assert!(e.contains("no finished run"), "{e}");
+    sae_train::run(&TrainConfig {
+        steps: Some(30),
+        ..ext.clone()
+    })
+    .unwrap();
+    let e = err(TrainConfig {
+        extend: true,
+        steps: Some(30),
+        ..ext.clone()
+    });
+    assert!(e.contains("already trained 30 steps"), "{e}");
+    let e = err(TrainConfig {
+        extend: true,
+        l1: Some(0.7),
+        ..ext.clone()
+    });
+    assert!(e.contains("--l1"), "{e}");
+    let e = err(TrainConfig {
+        extend: true,
+        d_sae: Some(96),
+        ..ext.clone()
+    });
+    assert!(e.contains("d_sae"), "{e}");
+    let e = err(TrainConfig {
+        extend: true,
+        resume: true,
+        ..ext.clone()
+    });
+    assert!(e.contains("not both"), "{e}");
+    // None of these touched the finished run.
+    assert!(!sae_train::partial_dir(&ext.out).unwrap().exists());
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ext.out.join("train_summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(s["steps"], 30);
 }
