@@ -326,6 +326,28 @@ fn start_fresh(
     })
 }
 
+/// A trainer with a checkpoint's weights and optimiser state, the stream at its position.
+fn restore(
+    cfg: &TrainConfig,
+    sae: Sae,
+    state: &Path,
+    progress: &Progress,
+    source: &mut dyn BatchSource,
+    flag: &str,
+) -> Result<SaeTrainer> {
+    let mut trainer = SaeTrainer::new(sae, hyper_of(cfg));
+    trainer.load_state(state)?;
+    match &progress.source_position {
+        Some(p) => source
+            .seek(p)
+            .with_context(|| format!("{flag}: restoring the data position"))?,
+        None => {
+            eprintln!("note: this activation source cannot seek; {flag} sees different batches")
+        }
+    }
+    Ok(trainer)
+}
+
 fn start_resumed(
     cfg: &TrainConfig,
     r: &mut Resolved,
@@ -346,18 +368,8 @@ fn start_resumed(
     }
     let extensions: Vec<Extension> =
         serde_json::from_value(old["extensions"].clone()).unwrap_or_default();
-    let mut trainer = SaeTrainer::new(sae, hyper_of(cfg));
-    trainer.load_state(&state)?;
-    match &progress.source_position {
-        Some(p) => source
-            .seek(p)
-            .context("--resume: restoring the data position")?,
-        None => eprintln!(
-            "note: this activation source cannot seek; the resumed run sees different batches"
-        ),
-    }
     Ok(Start {
-        trainer,
+        trainer: restore(cfg, sae, &state, &progress, source, "--resume")?,
         scale: f32::from_bits(progress.scale_bits),
         max_norm: f32::from_bits(progress.max_norm_bits),
         step: progress.step,
@@ -448,16 +460,7 @@ fn start_extended(
     let max_norm = old_summary.max_norm.unwrap_or(f32::INFINITY);
     let (trainer, window, log_bytes) = match kept {
         Some((sae, state, p)) => {
-            let mut trainer = SaeTrainer::new(sae, hyper_of(cfg));
-            trainer.load_state(&state)?;
-            match &p.source_position {
-                Some(pos) => source
-                    .seek(pos)
-                    .context("--extend: restoring the data position")?,
-                None => eprintln!(
-                    "note: this activation source cannot seek; the extension sees different batches"
-                ),
-            }
+            let trainer = restore(cfg, sae, &state, &p, source, "--extend")?;
             (trainer, p.window, Some(p.log_bytes))
         }
         None => {
