@@ -1,12 +1,14 @@
 //! sae-train: the training loop around `sae_core::SaeTrainer`.
 //!
 //! Schedules (lr warm-up and decay, sparsity warm-up), input normalisation to E||x||^2 = d_in
-//! (folded into the saved weights), b_dec initialisation, checkpoints and `--resume`, the
-//! JSONL log and progress bar, and the SAELens-layout output.
+//! (folded into the saved weights), b_dec initialisation, checkpoints, `--resume` (an unfinished
+//! run) and `--extend` (a finished one, trained on), the JSONL log and progress bar, and the
+//! SAELens-layout output.
 //!
 //! Output of a run with `out = runs/x`:
 //! * `runs/x/`: `cfg.json`, `sae_weights.safetensors` (SAELens), `train_log.jsonl`,
-//!   `train_config.json`, `train_summary.json`; swapped in whole when the run ends.
+//!   `train_config.json`, `train_summary.json`; swapped in whole when the run ends. With
+//!   `keep_state`, also `checkpoint/` (the final optimiser state, for an exact `--extend`).
 //! * `runs/x.partial/` while it runs: the log, the config and `checkpoint/`; removed at the end.
 
 pub mod checkpoint;
