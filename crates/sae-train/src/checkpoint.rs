@@ -47,6 +47,9 @@ pub struct Progress {
     #[serde(default = "no_norm_limit")]
     pub max_norm_bits: u32,
     pub source_position: Option<serde_json::Value>,
+    /// Rows the norm filter left out so far (with the position, where the stream is).
+    #[serde(default)]
+    pub rows_skipped: u64,
     /// Length of train_log.jsonl at this checkpoint (a resumed run truncates to it).
     pub log_bytes: u64,
     pub window: Window,

@@ -72,11 +72,12 @@ pub fn describe(dir: &Path) -> Result<String> {
                 }
             )?;
         }
-        if dir.join(crate::checkpoint::CHECKPOINT).is_dir() {
+        let kept = crate::checkpoint::dir(dir);
+        if kept.is_dir() {
             writeln!(
                 s,
                 "  kept state  {} (`sae train --extend` continues from it)",
-                dir.join(crate::checkpoint::CHECKPOINT).display()
+                kept.display()
             )?;
         }
         writeln!(

@@ -576,3 +576,31 @@ fn extend_refuses_what_it_cannot_continue() {
             .unwrap();
     assert_eq!(s["steps"], 30);
 }
+
+#[test]
+fn a_resumed_run_counts_the_rows_left_out_before_the_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let acts = synth(dir.path(), 12, 24, 3000, 3.0);
+    // A tight norm limit, so that rows are left out on both sides of the kill.
+    let cfg = |name: &str| TrainConfig {
+        max_norm_ratio: 1.5,
+        ..small_cfg(&acts, &dir.path().join(name))
+    };
+    let (a, b) = (cfg("a"), cfg("b"));
+    let sa = sae_train::run(&a).unwrap();
+    assert!(sa.rows_skipped > 0);
+    let mut killed = Killed {
+        inner: StoreSource::open(&acts, b.seed).unwrap(),
+        batches_left: 30,
+    };
+    sae_train::run_with_source(&b, &mut killed).unwrap_err();
+    let sb = sae_train::run(&TrainConfig {
+        resume: true,
+        ..b.clone()
+    })
+    .unwrap();
+    assert!(sb.resumed_at_step.is_some_and(|s| s > 0));
+    assert_eq!(sa.rows_skipped, sb.rows_skipped);
+    let w = |o: &Path| std::fs::read(o.join("sae_weights.safetensors")).unwrap();
+    assert_eq!(w(&a.out), w(&b.out));
+}
