@@ -1,0 +1,3 @@
+//! Bad-input cases: flags.
+
+#[allow(unused_imports)] use crate::harness::*;

@@ -1,0 +1,3 @@
+//! Bad-input cases: outputs.
+
+#[allow(unused_imports)] use crate::harness::*;

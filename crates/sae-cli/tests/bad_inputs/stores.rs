@@ -1,0 +1,3 @@
+//! Bad-input cases: stores.
+
+#[allow(unused_imports)] use crate::harness::*;
