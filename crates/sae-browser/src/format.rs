@@ -240,6 +240,23 @@ fn write_example(w: &mut impl Write, e: &Example, window: usize) -> Result<()> {
     Ok(())
 }
 
+/// The bytes an analysis of `d_sae` latents takes on disk at most (every latent with its full
+/// share of examples), for a free-space check before the scan; saturates instead of wrapping.
+pub fn max_analysis_bytes(d_sae: usize, cfg: &ScanConfig, n_logits: usize, vocab: usize) -> u64 {
+    let per_example =
+        (EXAMPLE_FIXED as u64).saturating_add(8u64.saturating_mul(cfg.window() as u64));
+    let examples = (cfg.top_k as u64)
+        .saturating_add(cfg.n_random as u64)
+        .saturating_mul(per_example);
+    let record = (FIXED_RECORD as u64)
+        .saturating_add(4u64.saturating_mul(cfg.hist_bins as u64))
+        .saturating_add(16u64.saturating_mul(n_logits as u64));
+    (d_sae as u64)
+        .saturating_mul(record.saturating_add(examples))
+        .saturating_add((vocab as u64).saturating_mul(24))
+        .saturating_add(1 << 16)
+}
+
 fn record_size(bins: usize, n_logits: usize) -> usize {
     FIXED_RECORD + 4 * bins + 16 * n_logits
 }

@@ -7,6 +7,7 @@ use sae_browser::format::Provenance;
 use sae_browser::server::start;
 use sae_browser::{Analysis, AnalyzeOptions, Browser, ModelSource, SaeTextEncoder, ScanConfig};
 use sae_lm::LanguageModel;
+use sae_output::{check_output, ensure_space, Input, OutputKind, OutputLock};
 use std::path::{Path, PathBuf};
 
 const DEFAULT_MODEL: &str = "smollm2-135m";
@@ -54,7 +55,8 @@ pub struct AnalyzeArgs {
     logits: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output directory (replaced atomically when it exists).
+    /// Output directory: new, empty, or an earlier analysis (replaced whole once the new one
+    /// is complete).
     #[arg(long, default_value = "analysis")]
     out: PathBuf,
 }
@@ -66,10 +68,25 @@ fn absolute(p: &Path) -> String {
         .to_string()
 }
 
+/// The most examples, top contexts or logits per latent an analysis stores.
+const MAX_EXAMPLES: usize = 10_000;
+
 pub fn analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
     if a.tokens == 0 {
         bail!("--tokens must be positive");
     }
+    // Sizes past these are typing mistakes, and each multiplies the output by d_sae.
+    for (flag, v, max) in [
+        ("--top-k", a.top_k, MAX_EXAMPLES),
+        ("--examples", a.examples, MAX_EXAMPLES),
+        ("--logits", a.logits, MAX_EXAMPLES),
+    ] {
+        if v > max {
+            bail!("{flag} {v} is more than anyone can read per latent; use at most {max}");
+        }
+    }
+    let sae_input = [Input::new("--sae", &a.sae)];
+    check_output(&a.out, OutputKind::Analysis, &sae_input, false)?;
     let sae = sae_core::saelens::load(&a.sae)
         .with_context(|| format!("loading the SAE from {}", a.sae.display()))?;
     let hook = match a.hook.clone().or_else(|| non_empty(&sae.meta.hook_name)) {
@@ -85,6 +102,13 @@ pub fn analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         .unwrap_or(128);
     if ctx < 2 {
         bail!("--ctx must be at least 2");
+    }
+    if a.left >= ctx || a.right >= ctx {
+        bail!(
+            "--left {} / --right {}: an example shows tokens of its own context, so each must be below the context length {ctx}",
+            a.left,
+            a.right
+        );
     }
     let model_spec = model_spec(a.model.as_deref(), &sae.meta.model_name);
     eprintln!("loading model {model_spec} ...");
@@ -123,6 +147,20 @@ pub fn analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         corpus: a.corpus.clone(),
         ..Provenance::default()
     };
+    let need = sae_browser::format::max_analysis_bytes(
+        sae.d_sae,
+        &opts.scan,
+        a.logits,
+        source.model.tokenizer().vocab_size(),
+    );
+    ensure_space(
+        &a.out,
+        need,
+        &format!("the analysis of {} latents", sae.d_sae),
+        "free space, or lower --top-k, --examples, --left/--right or --logits",
+    )?;
+    let _lock = OutputLock::acquire(&a.out)?;
+    check_output(&a.out, OutputKind::Analysis, &sae_input, false)?;
     let t0 = std::time::Instant::now();
     let meta = sae_browser::analyze(&source, &sae, &packed.tokens, ctx, &opts, &prov, &a.out)?;
     println!(

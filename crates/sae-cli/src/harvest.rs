@@ -1,9 +1,10 @@
-//! Subcommands owned by: sae-lm owner.
+//! `sae harvest` and `sae hooks`: the model's side of the pipeline.
 
 use anyhow::{bail, Context};
 use clap::Args;
 use sae_lm::harvest::{harvest as run_model, HarvestOptions};
 use sae_lm::LanguageModel;
+use sae_output::{check_output, ensure_space, mark, Input, OutputKind, OutputLock};
 use sae_store::writer::{Manifest, ShardWriter, StoreDtype};
 use std::io::Write;
 use std::path::PathBuf;
@@ -62,10 +63,35 @@ pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
     if args.tokens == 0 {
         bail!("--tokens must be positive");
     }
+    // A store may go only into a new or empty directory or a store of its own (which is
+    // resumed); never into the corpus it reads.
+    let corpus_path = PathBuf::from(args.corpus.split('#').next().unwrap_or_default());
+    let inputs: Vec<Input> = corpus_path
+        .exists()
+        .then(|| Input::new("--corpus", &corpus_path))
+        .into_iter()
+        .collect();
+    check_output(&args.out, OutputKind::Store, &inputs, false)?;
+    let _lock = OutputLock::acquire(&args.out)?;
+    check_output(&args.out, OutputKind::Store, &inputs, false)?;
     let t0 = Instant::now();
     let model = LanguageModel::load(&args.model)?;
     let hook = model.hook(&args.hook)?;
     let width = model.hook_width(hook);
+    let row_bytes = (width as u64)
+        .saturating_mul(match args.dtype {
+            StoreDtype::F32 => 4,
+            StoreDtype::Bf16 => 2,
+        })
+        .saturating_add(if args.store_tokens { 12 } else { 0 });
+    ensure_space(
+        &args.out,
+        (args.tokens as u64).saturating_mul(row_bytes),
+        &format!("{} tokens of width {width}", args.tokens),
+        "free space, store bf16 (--dtype bf16), or ask for fewer --tokens",
+    )?;
+    mark(&args.out, OutputKind::Store)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     eprintln!(
         "model {} loaded in {:.1}s; hook {} width {width}",
         model.name,

@@ -1,4 +1,4 @@
-//! Subcommands owned by the sae-train owner: train, info, synth, bench.
+//! `sae train`, `sae info`, `sae synth` and `sae bench`.
 
 use anyhow::{bail, Result};
 use clap::Args;

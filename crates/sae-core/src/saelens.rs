@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const CFG_FILE: &str = "cfg.json";
 pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
@@ -103,75 +103,26 @@ pub fn save(sae: &Sae, dir: &Path) -> anyhow::Result<()> {
     let cfg = serde_json::to_string_pretty(&cfg_json(sae))?;
 
     replace_dir_atomic(dir, |tmp| {
-        write_synced(&tmp.join(WEIGHTS_FILE), &bytes)?;
-        write_synced(&tmp.join(CFG_FILE), cfg.as_bytes())
+        sae_output::atomic::write_synced(&tmp.join(WEIGHTS_FILE), &bytes)?;
+        Ok(sae_output::atomic::write_synced(
+            &tmp.join(CFG_FILE),
+            cfg.as_bytes(),
+        )?)
     })
     .with_context(|| format!("writing SAE to {}", dir.display()))
 }
 
-/// Replace directory `dir` as a whole: `write` fills a temp directory beside it, which is then
-/// renamed into place; an existing `dir` is moved aside first and restored if the rename fails,
-/// so a failure at any point leaves the old directory intact.
+/// Replace directory `dir` as a whole (see [`sae_output::replace_dir`]).
 pub fn replace_dir_atomic(
     dir: &Path,
     write: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir
-        .file_name()
-        .with_context(|| format!("{}: not a directory name", dir.display()))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    let had_old = dir.exists();
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(dir, &old)
-            .with_context(|| format!("moving the previous {} aside", dir.display()))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, dir);
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(anyhow::Error::new(e).context(format!("renaming into {}", dir.display())));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
-    Ok(())
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
+    sae_output::replace_dir(dir, write)
 }
 
 /// Write a file atomically: a temporary sibling, then rename over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file name", path.display()))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    write_synced(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+    Ok(sae_output::write_atomic(path, bytes)?)
 }
 
 fn check_shapes(sae: &Sae) -> anyhow::Result<()> {

@@ -74,6 +74,17 @@ fn bar(mp: Option<&MultiProgress>, len: u64, prefix: &str) -> ProgressBar {
 /// `sae eval`: checks first (SAE files, hook, width), then the baseline and the SAE passes.
 pub fn run_eval(o: &EvalOptions) -> Result<EvalReport> {
     check_sae_dir(&o.sae)?;
+    let out = o.out.clone().unwrap_or_else(|| o.sae.join("eval"));
+    let check_out = || {
+        let sae = sae_output::Input {
+            flag: "--sae",
+            path: &o.sae,
+            allowed_child: Some("eval"),
+        };
+        sae_output::check_output(&out, sae_output::OutputKind::Eval, &[sae], false)
+    };
+    check_out()?;
+    let _lock = sae_output::OutputLock::acquire(&out)?;
     let sae = saelens::load(&o.sae)?;
     let hook = match (&o.hook, sae.meta.hook_name.as_str()) {
         (Some(h), _) => h.clone(),
@@ -111,7 +122,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalReport> {
         b.set_position(n0 + d as u64)
     })?;
     b.finish_and_clear();
-    let out = o.out.clone().unwrap_or_else(|| o.sae.join("eval"));
+    check_out()?;
     report::write_eval(&out, &r)?;
     eprintln!(
         "eval: {:.1}s in all; wrote {}",
@@ -170,6 +181,19 @@ fn training_step(run_dir: &Path) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(last).ok()?["step"].as_u64()
 }
 
+/// A sweep writes into an empty or new directory, or one of its own (finished runs in it are
+/// kept and reused); never the user's files or the activation store it trains on.
+fn check_sweep_out(o: &SweepOptions) -> Result<()> {
+    // The demo harvests its store into the sweep directory itself.
+    let own_store = o.acts == o.out.join("acts");
+    let inputs: Vec<sae_output::Input> = (!own_store)
+        .then(|| sae_output::Input::new("--acts", &o.acts))
+        .into_iter()
+        .collect();
+    sae_output::check_output(&o.out, sae_output::OutputKind::Sweep, &inputs, false)?;
+    Ok(())
+}
+
 /// `sae sweep`: the grid is checked (and the store, the model and the hook) before training.
 pub fn run_sweep(o: &SweepOptions) -> Result<SweepResult> {
     let runs = sweep::grid_per_arch(&o.archs, &o.l1, &o.l1_by_arch, &o.k)?;
@@ -181,6 +205,9 @@ pub fn run_grid(o: &SweepOptions, runs: &[RunSpec]) -> Result<SweepResult> {
     if runs.is_empty() {
         bail!("the sweep grid is empty");
     }
+    check_sweep_out(o)?;
+    let _lock = sae_output::OutputLock::acquire(&o.out)?;
+    check_sweep_out(o)?;
     let manifest = sae_store::writer::Manifest::read(&o.acts).with_context(|| {
         format!(
             "{} is not an activation store from `sae harvest`",
@@ -211,7 +238,8 @@ pub fn run_grid(o: &SweepOptions, runs: &[RunSpec]) -> Result<SweepResult> {
             o.model
         );
     }
-    std::fs::create_dir_all(o.out.join("runs"))
+    sae_output::mark(&o.out, sae_output::OutputKind::Sweep)
+        .and_then(|()| std::fs::create_dir_all(o.out.join("runs")))
         .with_context(|| format!("creating {}", o.out.display()))?;
     let data = EvalData::load(
         &model,
@@ -589,6 +617,9 @@ pub fn run_demo(out: &Path, quick: bool) -> Result<SweepResult> {
     let plan = DemoPlan::new(quick);
     let t0 = Instant::now();
     eprintln!("demo: {plan:?}");
+    sae_output::check_output(out, sae_output::OutputKind::Sweep, &[], false)?;
+    sae_output::mark(out, sae_output::OutputKind::Sweep)
+        .with_context(|| format!("creating {}", out.display()))?;
     let model = LanguageModel::load(DEMO_MODEL)?;
     let acts = out.join("acts");
     harvest_into(&model, &acts, DEMO_HOOK, DEMO_CORPUS, plan.harvest_tokens)?;

@@ -1,55 +1,14 @@
-//! Output directories (written whole, then renamed into place) and the `sae eval` report.
+//! The `sae eval` report, written whole and renamed into place.
 
 use crate::eval::EvalReport;
 use crate::plot;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-
-/// Build an output directory in a temporary sibling, then rename it over `out`, so a failed
-/// or interrupted run never leaves a half-written `out` (the previous one stays until the
-/// new one is complete).
-pub fn write_dir_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out
-        .file_name()
-        .with_context(|| format!("{}: not a directory name", out.display()))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing {}", out.display())));
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    let had_old = out.exists();
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(out, &old)
-            .with_context(|| format!("moving the previous {} aside", out.display()))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, out) {
-        if had_old {
-            let _ = std::fs::rename(&old, out);
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(anyhow::Error::new(e).context(format!("renaming into {}", out.display())));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
-    Ok(())
-}
+use std::path::Path;
 
 /// `eval.json`, `report.md` and `firing_hist.png` for one SAE into `out`.
 pub fn write_eval(out: &Path, r: &EvalReport) -> Result<()> {
-    write_dir_atomically(out, |dir| {
+    sae_output::replace_dir(out, |dir| -> Result<()> {
         std::fs::write(dir.join("eval.json"), serde_json::to_string_pretty(r)?)?;
         plot::firing_histogram(
             &dir.join("firing_hist.png"),

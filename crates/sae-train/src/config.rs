@@ -94,6 +94,8 @@ pub struct TrainConfig {
     /// Keep the final checkpoint (training-scale weights, optimiser state) in
     /// `<out>/checkpoint/`, so that `extend` can continue the run exactly.
     pub keep_state: bool,
+    /// Replace a trained SAE that `out` already holds (refused without it).
+    pub overwrite: bool,
     /// No progress bar.
     pub quiet: bool,
 }
@@ -139,6 +141,7 @@ impl Default for TrainConfig {
             resume: false,
             extend: false,
             keep_state: false,
+            overwrite: false,
             quiet: false,
         }
     }

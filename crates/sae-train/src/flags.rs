@@ -112,6 +112,9 @@ pub struct TrainFlags {
     /// Keep the final checkpoint (weights, optimiser state) in <out>/checkpoint/ for --extend.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub keep_state: Option<bool>,
+    /// Replace the trained SAE that --out already holds (without it, such an --out is refused).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite: Option<bool>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub quiet: Option<bool>,
 }
@@ -160,6 +163,7 @@ impl TrainFlags {
             resume,
             extend,
             keep_state,
+            overwrite,
             quiet
         );
         set_opt!(

@@ -8,6 +8,7 @@ use crate::source::{BatchSource, StoreSource};
 use anyhow::{bail, Context, Result};
 use sae_core::metrics::ReconMetrics;
 use sae_core::{Sae, SaeTrainer, StepStats, TrainHyper};
+use sae_output::{outdir::Input, OutputKind, OutputLock};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -80,6 +81,8 @@ pub fn partial_dir(out: &Path) -> Result<PathBuf> {
 
 /// Trains on the activation files of `cfg.acts`, or straight from `cfg.model` at `cfg.hook`.
 pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
+    // Before any data is read or a model loaded.
+    check_out(cfg)?;
     if let Some(acts) = &cfg.acts {
         if cfg.model.is_some() {
             bail!("give either --acts or --model, not both");
@@ -112,8 +115,26 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
     run_with_source(cfg, &mut source)
 }
 
+/// Whether `cfg.out` may receive a trained SAE: it holds nothing, or a trained SAE the user
+/// agreed to replace (`--overwrite`) or continues (`--extend`); never the user's own files or
+/// the activations it trains on.
+fn check_out(cfg: &TrainConfig) -> Result<()> {
+    let inputs: Vec<Input> = cfg.acts.iter().map(|a| Input::new("--acts", a)).collect();
+    sae_output::check_output(
+        &cfg.out,
+        OutputKind::Sae,
+        &inputs,
+        cfg.overwrite || cfg.extend,
+    )?;
+    Ok(())
+}
+
 /// Trains on any batch source (the store, a model, memory).
 pub fn run_with_source(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary> {
+    check_out(cfg)?;
+    // One writer per output; checked again under the lock, which the first check did not hold.
+    let _lock = OutputLock::acquire(&cfg.out)?;
+    check_out(cfg)?;
     match cfg.threads {
         Some(t) => {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
@@ -638,7 +659,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
         final_metrics,
     };
     drop(log);
-    publish(&cfg.out, &partial, &sae, &summary, cfg.keep_state)?;
+    publish(cfg, &partial, &sae, &summary)?;
     Ok(summary)
 }
 
@@ -683,56 +704,37 @@ fn evaluate(
 }
 
 /// Builds the output directory beside `out` and swaps it in: an existing `out` is replaced
-/// only once the new one is complete. Removes the working directory afterwards.
-fn publish(
-    out: &Path,
-    partial: &Path,
-    sae: &Sae,
-    summary: &TrainSummary,
-    keep_state: bool,
-) -> Result<()> {
-    let name = out
-        .file_name()
-        .context("output has no directory name")?
-        .to_string_lossy()
-        .to_string();
-    let staging = out.with_file_name(format!(".{name}.new-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let built = (|| -> Result<()> {
-        sae_core::saelens::save(sae, &staging)?;
+/// only once the new one is complete, and only if it may be (checked again here: the user may
+/// have put files there while the run trained). Removes the working directory afterwards.
+fn publish(cfg: &TrainConfig, partial: &Path, sae: &Sae, summary: &TrainSummary) -> Result<()> {
+    let out = &cfg.out;
+    if let Err(e) = check_out(cfg) {
+        // Training is not thrown away: the SAE goes into the run's own working directory.
+        let kept = partial.join("trained");
+        sae_core::saelens::save(sae, &kept)?;
+        let text = serde_json::to_string_pretty(summary)?;
+        sae_core::saelens::write_atomic(&kept.join(SUMMARY_FILE), text.as_bytes())?;
+        return Err(e.context(format!(
+            "--out changed while training; the trained SAE was saved to {} instead",
+            kept.display()
+        )));
+    }
+    sae_output::replace_dir(out, |staging| -> Result<()> {
+        sae_core::saelens::save(sae, staging)?;
         std::fs::copy(partial.join(LOG_FILE), staging.join(LOG_FILE))
             .with_context(|| format!("copying {}", LOG_FILE))?;
         std::fs::copy(partial.join(CONFIG_FILE), staging.join(CONFIG_FILE))
             .with_context(|| format!("copying {}", CONFIG_FILE))?;
         let text = serde_json::to_string_pretty(summary)?;
         sae_core::saelens::write_atomic(&staging.join(SUMMARY_FILE), text.as_bytes())?;
-        if keep_state {
+        if cfg.keep_state {
             let from = checkpoint::dir(partial);
-            std::fs::rename(&from, checkpoint::dir(&staging))
+            std::fs::rename(&from, checkpoint::dir(staging))
                 .with_context(|| format!("keeping {}", from.display()))?;
         }
         Ok(())
-    })();
-    if let Err(e) = built {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e.context(format!("writing the SAE to {}", out.display())));
-    }
-    let old = out.with_file_name(format!(".{name}.old-{}", std::process::id()));
-    let had_old = out.exists();
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(out, &old)
-            .with_context(|| format!("moving the previous {} aside", out.display()))?;
-    }
-    if let Err(e) = std::fs::rename(&staging, out) {
-        if had_old {
-            let _ = std::fs::rename(&old, out);
-        }
-        return Err(anyhow::Error::new(e).context(format!("renaming into {}", out.display())));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
+    })
+    .with_context(|| format!("writing the SAE to {}", out.display()))?;
     let _ = std::fs::remove_dir_all(partial);
     Ok(())
 }

@@ -1,3 +1,4 @@
 //! Bad-input cases: flags.
 
-#[allow(unused_imports)] use crate::harness::*;
+#[allow(unused_imports)]
+use crate::harness::*;

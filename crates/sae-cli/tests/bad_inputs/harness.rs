@@ -55,7 +55,10 @@ pub fn refused(args: &[&str], needles: &[&str], keep: &[&Path]) -> String {
     let before: Vec<_> = keep.iter().map(|p| snapshot(p)).collect();
     let out = sae(args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "should fail: sae {args:?}\nstderr: {err}");
+    assert!(
+        !out.status.success(),
+        "should fail: sae {args:?}\nstderr: {err}"
+    );
     assert!(
         !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
         "panic: sae {args:?}\n{err}"
