@@ -5,9 +5,9 @@ use crate::format::{logit_effect, write_analysis, AnalysisMeta, LogitEffect, Pro
 use crate::scan::{ScanConfig, ScanResult, Scanner};
 use crate::source::{check_widths, ActivationSource};
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use sae_core::Sae;
+use sae_output::Progress;
 use std::path::Path;
 
 /// How to run a scan.
@@ -32,18 +32,17 @@ impl Default for AnalyzeOptions {
     }
 }
 
-fn bar(len: u64, what: &str, show: bool) -> ProgressBar {
+fn bar(len: u64, what: &str, show: bool) -> Progress {
     if !show {
-        return ProgressBar::hidden();
+        return Progress::hidden();
     }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(&format!(
+    Progress::new(
+        len,
+        what,
+        &format!(
             "{what:>9} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {{msg}} (eta {{eta}})"
-        ))
-        .unwrap(),
-    );
-    pb
+        ),
+    )
 }
 
 /// Scans `tokens` (`[n_contexts, ctx]`, BOS first in each) through the source and the SAE.

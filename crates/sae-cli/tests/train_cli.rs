@@ -236,3 +236,61 @@ fn train_from_model_through_the_binary() {
     fails_with(&o, &["unknown hook", "sae hooks"]);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_log_gets_progress_lines_when_stderr_is_not_a_terminal() {
+    let dir = scratch("progress-lines");
+    let acts = dir.join("acts");
+    let out = sae(&[
+        "synth",
+        "--out",
+        s(&acts),
+        "--d-in",
+        "8",
+        "--n-features",
+        "16",
+        "--n-tokens",
+        "2000",
+    ]);
+    assert!(out.status.success());
+    let run = dir.join("run");
+    // stderr is a pipe here, as in a log file; a line at every chance (interval 0).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args([
+            "train",
+            "--acts",
+            s(&acts),
+            "--arch",
+            "relu",
+            "--d-sae",
+            "16",
+            "--steps",
+            "20",
+            "--batch-size",
+            "64",
+            "--log-every",
+            "5",
+            "--out",
+            s(&run),
+        ])
+        .env("SAE_PROGRESS_SECS", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("train step: "))
+        .collect();
+    assert!(lines.len() >= 4, "progress lines: {err}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("20/20 (100.0%)") && l.contains("tok/s loss")),
+        "a last line with the loss terms: {err}"
+    );
+    assert!(
+        !err.contains('\r') && !err.contains("\x1b["),
+        "no terminal drawing in a log"
+    );
+}

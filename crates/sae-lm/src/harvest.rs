@@ -4,7 +4,6 @@
 use crate::corpus::PackedContexts;
 use crate::model::LanguageModel;
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 
 pub struct HarvestOptions {
@@ -56,14 +55,13 @@ pub fn harvest(
         .max_rows
         .min(n_ctx.saturating_sub(opts.first_context) * rows_per_ctx);
     let bar = if opts.progress {
-        let bar = ProgressBar::new(total_rows as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} tokens  {per_sec}  eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
+        sae_output::Progress::new(
+            total_rows as u64,
+            "harvest tokens",
+            "{bar:40} {pos}/{len} tokens  {per_sec}  eta {eta}",
+        )
     } else {
-        ProgressBar::hidden()
+        sae_output::Progress::hidden()
     };
     let start = Instant::now();
     let mut rows_out = 0;

@@ -130,6 +130,29 @@ impl OutputLock {
         result.map(|()| OutputLock { path: lock })
     }
 
+    /// Like [`OutputLock::acquire`], but waits (up to `patience`) while another live process
+    /// holds the lock: for shared work such as filling a cache, which the other process may
+    /// be doing right now.
+    pub fn wait(out: &Path, patience: std::time::Duration) -> Result<OutputLock, LockError> {
+        let t0 = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            match Self::acquire(out) {
+                Err(LockError::Held { pid, .. }) if t0.elapsed() < patience => {
+                    if !said {
+                        eprintln!(
+                            "waiting for process {pid}, which is writing {}",
+                            out.display()
+                        );
+                        said = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                r => return r,
+            }
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -151,7 +151,9 @@ impl ShardWriter {
                 ..old
             }
         } else {
-            if std::fs::read_dir(dir)?.next().is_some() {
+            // Empty but for the mark of a store being built (`sae_output::mark`).
+            let mut entries = std::fs::read_dir(dir)?;
+            if entries.any(|e| e.map_or(true, |e| e.file_name() != sae_output::MARK_FILE)) {
                 bail!(
                     "{} exists and is not an activation store; use an empty or new --out",
                     dir.display()

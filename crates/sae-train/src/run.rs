@@ -81,12 +81,12 @@ pub fn partial_dir(out: &Path) -> Result<PathBuf> {
 
 /// Trains on the activation files of `cfg.acts`, or straight from `cfg.model` at `cfg.hook`.
 pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
+    if cfg.acts.is_some() && cfg.model.is_some() {
+        bail!("give either --acts or --model, not both");
+    }
     // Before any data is read or a model loaded.
     check_out(cfg)?;
     if let Some(acts) = &cfg.acts {
-        if cfg.model.is_some() {
-            bail!("give either --acts or --model, not both");
-        }
         let mut source = StoreSource::open(acts, cfg.seed)?;
         return run_with_source(cfg, &mut source);
     }
@@ -240,17 +240,14 @@ impl Log {
     }
 }
 
-fn progress_bar(cfg: &TrainConfig, steps: u64, start: u64) -> indicatif::ProgressBar {
+fn progress_bar(cfg: &TrainConfig, steps: u64, start: u64) -> sae_output::Progress {
     if cfg.quiet {
-        return indicatif::ProgressBar::hidden();
+        return sae_output::Progress::hidden();
     }
-    let bar = indicatif::ProgressBar::new(steps);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:25}] step {pos}/{len} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+    let bar = sae_output::Progress::new(
+        steps,
+        "train step",
+        "{elapsed_precise} [{bar:25}] step {pos}/{len} {msg}",
     );
     bar.set_position(start);
     bar

@@ -124,7 +124,12 @@ fn train_straight_from_the_model() {
     assert_eq!(cfg_json["metadata"]["model_name"], TINY);
     assert!(out.join("sae_weights.safetensors").is_file());
 
-    // Clear errors: no length, a bad hook, both sources.
+    // Clear errors: no length, a bad hook, both sources (into a new --out: the trained
+    // SAE in `out` would be refused first).
+    let cfg = TrainConfig {
+        out: tmp.path().join("sae2"),
+        ..cfg
+    };
     let err = sae_train::run(&TrainConfig {
         steps: None,
         ..cfg.clone()

@@ -314,18 +314,38 @@ fn same_seed_same_bits_and_output_replaced_whole() {
     };
     sae_train::run(&cfg).unwrap();
     let first = std::fs::read(out.join("sae_weights.safetensors")).unwrap();
+    // A trained SAE is replaced only with --overwrite, and never with the user's file in it.
+    let e = format!("{:#}", sae_train::run(&cfg).unwrap_err());
+    assert!(e.contains("--overwrite"), "{e}");
+    let cfg = TrainConfig {
+        overwrite: true,
+        ..cfg
+    };
     std::fs::write(out.join("marker"), "old").unwrap();
+    let e = format!("{:#}", sae_train::run(&cfg).unwrap_err());
+    assert!(e.contains("marker"), "{e}");
+    assert!(out.join("marker").exists());
+    std::fs::remove_file(out.join("marker")).unwrap();
     // A failing run leaves the existing output untouched.
     let mut killed = Killed {
         inner: StoreSource::open(&acts, 0).unwrap(),
         batches_left: 5,
     };
     sae_train::run_with_source(&cfg, &mut killed).unwrap_err();
-    assert!(out.join("marker").exists());
+    assert_eq!(
+        std::fs::read(out.join("sae_weights.safetensors")).unwrap(),
+        first
+    );
     std::fs::remove_dir_all(sae_train::partial_dir(&out).unwrap()).unwrap();
     // A finished one replaces it whole, with the same bits.
+    std::fs::write(out.join("train_log.jsonl"), "").unwrap();
     sae_train::run(&cfg).unwrap();
-    assert!(!out.join("marker").exists());
+    assert!(
+        std::fs::metadata(out.join("train_log.jsonl"))
+            .unwrap()
+            .len()
+            > 0
+    );
     assert_eq!(
         std::fs::read(out.join("sae_weights.safetensors")).unwrap(),
         first
