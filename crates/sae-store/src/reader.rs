@@ -100,7 +100,10 @@ impl ActivationFile {
         } else if is_safetensors(path) {
             safetensors_tensor(&file, len)?
         } else {
-            bail!("unknown file type (expected .safetensors or .npy)");
+            bail!(
+                "unknown file type (expected .safetensors or .npy); pass an activation store \
+                 directory or a .safetensors/.npy file"
+            );
         };
         if shape.len() != 2 {
             bail!("activation tensor has shape {shape:?}; expected 2 dimensions [n_tokens, d_in]");
@@ -230,7 +233,10 @@ impl ActivationFile {
 /// tensor. Returns dtype, shape and the byte offset of its data in the file.
 fn safetensors_tensor(file: &File, len: u64) -> Result<(Dtype, Vec<usize>, u64)> {
     let invalid = |why: String| {
-        anyhow::anyhow!("not a valid safetensors file ({why}); truncated or another format?")
+        anyhow::anyhow!(
+            "not a valid safetensors file ({why}); truncated or another format? Re-create it \
+             (re-harvest a store)"
+        )
     };
     if len < 8 {
         return Err(invalid(format!(
