@@ -1,5 +1,6 @@
-//! How much memory a new allocation can take, so that sizes given by a user or read from a file
-//! are refused with a message before an allocation aborts the process.
+//! How much memory a new allocation can take (and how much disk a new file), so that sizes
+//! given by a user or read from a file are refused with a message before an allocation aborts
+//! the process or a long write fills the disk.
 
 use anyhow::{bail, Result};
 
@@ -27,6 +28,12 @@ fn cgroup_headroom() -> Option<u64> {
     let max: u64 = read("memory.max")?.trim().parse().ok()?; // "max" (no limit) fails here
     let current: u64 = read("memory.current")?.trim().parse().ok()?;
     Some(max.saturating_sub(current))
+}
+
+/// Bytes free for an unprivileged user on the file system holding `dir`, when known.
+pub fn free_disk_bytes(dir: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    st.f_bavail.checked_mul(st.f_frsize)
 }
 
 /// `bytes` in the largest unit that keeps it at least 1.
@@ -84,6 +91,7 @@ mod tests {
         if cfg!(target_os = "linux") {
             assert!(available_bytes().unwrap() > 0);
         }
+        assert!(free_disk_bytes(&std::env::temp_dir()).is_some());
         assert!(check_fits(Some(1), "one byte", "").is_ok());
         let e = check_fits(Some(u64::MAX), "everything", "ask for less")
             .unwrap_err()

@@ -160,6 +160,33 @@ pub fn write_synthetic(out: &Path, cfg: &SynthConfig) -> Result<Manifest> {
     let name = out
         .file_name()
         .with_context(|| format!("{}: not a directory name", out.display()))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let stored = match cfg.dtype {
+        StoreDtype::F32 => 4,
+        StoreDtype::Bf16 => 2,
+    };
+    let size = |parts: &[usize]| crate::memory::product(parts).unwrap_or(u64::MAX);
+    let need = size(&[cfg.n_tokens, cfg.d_in, stored]).saturating_add(size(&[
+        cfg.n_features,
+        cfg.d_in,
+        4,
+    ]));
+    if let Some(free) = crate::memory::free_disk_bytes(parent) {
+        if need > free {
+            bail!(
+                "--n-tokens {} of --d-in {} need about {} of disk but only {} is free in {}; \
+                 ask for fewer tokens or choose another --out",
+                cfg.n_tokens,
+                cfg.d_in,
+                crate::memory::human(need),
+                crate::memory::human(free),
+                parent.display()
+            );
+        }
+    }
     let tmp = out.with_file_name(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),

@@ -670,6 +670,15 @@ fn synthetic_sizes_are_checked_before_anything_is_written() {
             &["of memory but only", "--rows-per-shard 1099511627776"],
         ),
     ];
+    let cases = cases.into_iter().chain([(
+        // 2^40 rows of width 2^10: 4 PiB on disk, a shard of the default size in memory.
+        SynthConfig {
+            n_tokens: 1 << 40,
+            d_in: 1 << 10,
+            ..base.clone()
+        },
+        &["need about 4.0 PiB of disk", "ask for fewer tokens"][..],
+    )]);
     for (cfg, needles) in cases {
         let e = write_synthetic(&out, &cfg).unwrap_err().to_string();
         for n in needles {

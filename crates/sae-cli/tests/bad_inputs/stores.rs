@@ -323,6 +323,12 @@ fn synth_sizes_that_cannot_fit() {
         ],
         &["of memory but only", "--rows-per-shard"],
     );
+    // More tokens than the disk holds (4 PiB); each shard alone fits in memory.
+    synth_refused(
+        "synth-disk",
+        &["--n-tokens", "17592186044416", "--d-in", "64"],
+        &["--n-tokens", "of disk but only", "ask for fewer tokens"],
+    );
     // Sizes whose byte count overflows 64 bits.
     synth_refused(
         "synth-overflow",
