@@ -412,6 +412,44 @@ mod tests {
     }
 
     #[test]
+    fn refuses_shards_that_cannot_be_buffered_before_creating_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("acts");
+        let huge = Manifest {
+            d_in: 1 << 20,
+            target_tokens: 1 << 40,
+            ..template(StoreDtype::F32)
+        };
+        let err = ShardWriter::open(&out, huge.clone(), 1 << 30)
+            .err()
+            .unwrap();
+        let e = err.to_string();
+        assert!(
+            e.contains("of memory but only") && e.contains("--shard-rows"),
+            "{e}"
+        );
+        assert!(!out.exists());
+        // Rows per shard beyond the rows asked for are never buffered.
+        let few = Manifest {
+            target_tokens: 10,
+            ..huge
+        };
+        assert!(ShardWriter::open(&out, few, 1 << 30).is_ok());
+        let err = ShardWriter::open(
+            &dir.path().join("zero"),
+            Manifest {
+                d_in: 0,
+                ..template(StoreDtype::F32)
+            },
+            4,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("width 0"), "{err}");
+        assert!(!dir.path().join("zero").exists());
+    }
+
+    #[test]
     fn bf16_shard() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = ShardWriter::open(dir.path(), template(StoreDtype::Bf16), 8).unwrap();
