@@ -17,6 +17,14 @@ fn parse_count(s: &str) -> Result<usize, String> {
         .map_err(|e| format!("'{s}' is not a count: {e}"))
 }
 
+/// A count of 1 or more.
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match parse_count(s)? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
 #[derive(Args)]
 pub struct HarvestArgs {
     /// "smollm2-135m" (fetched on first use), a .gguf file, a Hugging Face model directory, or
@@ -43,7 +51,7 @@ pub struct HarvestArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: StoreDtype,
     /// Contexts per forward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value = "16", value_parser = parse_positive)]
     pub batch: usize,
     /// Also store token ids and (context, position) of every row.
     #[arg(long)]
@@ -52,7 +60,7 @@ pub struct HarvestArgs {
     #[arg(long)]
     pub include_bos: bool,
     /// Rows per shard file (rounded down to whole contexts).
-    #[arg(long, value_parser = parse_count, default_value = "32768")]
+    #[arg(long, value_parser = parse_positive, default_value = "32768")]
     pub shard_rows: usize,
 }
 

@@ -40,26 +40,56 @@ pub fn info(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
+/// A size flag: a whole number, 1 or more.
+fn positive_size(s: &str) -> Result<usize, String> {
+    match s.replace('_', "").parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!(
+            "'{s}' is not a whole number from 1 to {} ({e})",
+            usize::MAX
+        )),
+    }
+}
+
+/// A mean count of active features: a number above 0 (at most --n-features, checked later).
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        Ok(_) => Err("must be a number above 0 and at most --n-features".into()),
+        Err(e) => Err(format!("'{s}' is not a number ({e})")),
+    }
+}
+
+/// A standard deviation: a finite number, 0 or more.
+fn non_negative(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        Ok(_) => Err("must be a finite number, 0 or more".into()),
+        Err(e) => Err(format!("'{s}' is not a number ({e})")),
+    }
+}
+
 #[derive(Args)]
 pub struct SynthArgs {
     /// Output directory (must not exist).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value = "64", value_parser = positive_size)]
     pub d_in: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value = "256", value_parser = positive_size)]
     pub n_features: usize,
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value = "200_000", value_parser = positive_size)]
     pub n_tokens: usize,
-    /// Mean number of active features per token.
-    #[arg(long, default_value_t = 5.0)]
+    /// Mean number of active features per token (above 0, at most --n-features).
+    #[arg(long, default_value = "5", value_parser = positive_rate)]
     pub l0: f64,
-    /// Standard deviation of the Gaussian noise per dimension.
-    #[arg(long, default_value_t = 0.01)]
+    /// Standard deviation of the Gaussian noise per dimension (0 or more).
+    #[arg(long, default_value = "0.01", value_parser = non_negative)]
     pub noise: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, default_value = "65_536", value_parser = positive_size)]
     pub rows_per_shard: usize,
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]

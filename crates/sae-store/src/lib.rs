@@ -12,10 +12,12 @@
 //!   keeps its finished shards and resumes after them.
 //!
 //! Reading (`reader`, `shuffle`): a file, or a directory (its manifest's shards, or without a
-//! manifest every `.safetensors`/`.npy` file sorted by name), memory-mapped, f32/f16/bf16
-//! converted to f32 per batch; batches follow a seeded permutation of all rows, epoch after
+//! manifest every `.safetensors`/`.npy` file sorted by name), read with positioned reads (a
+//! file changed by another process meanwhile is an error naming it), f32/f16/bf16 converted to
+//! f32 per batch; batches follow a seeded permutation of all rows, epoch after
 //! epoch. `synth` writes synthetic sets in this format plus `true_features.safetensors`.
 
+pub mod memory;
 pub mod npy;
 pub mod reader;
 pub mod shuffle;

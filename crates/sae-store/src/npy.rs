@@ -11,25 +11,41 @@ pub struct NpyHeader {
     pub data_offset: usize,
 }
 
-pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader> {
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+/// Bytes before the first that [`header_size`] needs to see.
+pub const PREFIX_LEN: usize = 12;
+
+/// Larger headers are refused: numpy writes a few hundred bytes, and the length field of a
+/// version 2 header could otherwise ask for 4 GiB.
+pub const MAX_HEADER_LEN: usize = 1 << 20;
+
+/// The size of the whole header (magic, version, length field and text), from the first
+/// [`PREFIX_LEN`] bytes of the file (or all of it when shorter), i.e. the offset of the data.
+pub fn header_size(prefix: &[u8]) -> Result<usize> {
+    if prefix.len() < 10 || &prefix[..6] != b"\x93NUMPY" {
         bail!("not a .npy file (bad magic bytes)");
     }
-    let major = bytes[6];
-    let (header_len, start) = match major {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+    let (header_len, start) = match prefix[6] {
+        1 => (u16::from_le_bytes([prefix[8], prefix[9]]) as usize, 10),
         2 | 3 => {
-            if bytes.len() < 12 {
+            if prefix.len() < 12 {
                 bail!("truncated .npy header");
             }
             (
-                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]) as usize,
                 12,
             )
         }
         v => bail!("unsupported .npy version {v}"),
     };
-    let end = start + header_len;
+    if header_len > MAX_HEADER_LEN {
+        bail!("the .npy header claims {header_len} bytes; a corrupt file or not an array header");
+    }
+    Ok(start + header_len)
+}
+
+pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader> {
+    let end = header_size(bytes)?;
+    let start = if bytes[6] == 1 { 10 } else { 12 };
     if bytes.len() < end {
         bail!("truncated .npy header");
     }

@@ -112,8 +112,9 @@ impl BatchStream {
 
     pub fn seek(&mut self, pos: StreamPosition) {
         let n = self.store.n_rows();
+        // Positions come from checkpoint files; a corrupt one must not overflow.
         self.pos = StreamPosition {
-            epoch: pos.epoch + pos.index / n,
+            epoch: pos.epoch.saturating_add(pos.index / n),
             index: pos.index % n,
         };
         self.perm = Permutation::new(n, epoch_key(self.seed, self.pos.epoch));
@@ -132,7 +133,7 @@ impl BatchStream {
             self.pos.index += 1;
             if self.pos.index == total {
                 self.seek(StreamPosition {
-                    epoch: self.pos.epoch + 1,
+                    epoch: self.pos.epoch.saturating_add(1),
                     index: 0,
                 });
             }

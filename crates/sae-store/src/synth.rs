@@ -41,6 +41,75 @@ impl Default for SynthConfig {
     }
 }
 
+impl SynthConfig {
+    /// Refuses sizes and rates that make no set, or one that cannot be built in memory; the
+    /// messages name the `sae synth` flag of each field.
+    pub fn validate(&self) -> Result<()> {
+        for (flag, v) in [
+            ("--d-in", self.d_in),
+            ("--n-features", self.n_features),
+            ("--n-tokens", self.n_tokens),
+            ("--rows-per-shard", self.rows_per_shard),
+        ] {
+            if v == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        if !(self.l0 > 0.0 && self.l0 <= self.n_features as f64) {
+            bail!(
+                "--l0 {} is out of range: the mean number of active features per row must be \
+                 above 0 and at most --n-features ({})",
+                self.l0,
+                self.n_features
+            );
+        }
+        if !(self.noise >= 0.0 && self.noise.is_finite()) {
+            bail!(
+                "--noise {} is out of range: the noise standard deviation must be a finite \
+                 number, 0 or more",
+                self.noise
+            );
+        }
+        let stored = match self.dtype {
+            StoreDtype::F32 => 4,
+            StoreDtype::Bf16 => 2,
+        };
+        if crate::memory::product(&[self.n_tokens, self.d_in, stored]).is_none() {
+            bail!(
+                "--n-tokens {} of --d-in {} is more than 2^64 bytes; ask for fewer tokens",
+                self.n_tokens,
+                self.d_in
+            );
+        }
+        // The directions and their serialized copy, one sampled chunk and the shard being
+        // written are in memory together.
+        let features = crate::memory::product(&[self.n_features, self.d_in, 4, 2]);
+        let chunk = crate::memory::product(&[SAMPLE_CHUNK.min(self.n_tokens), self.d_in, 4]);
+        let shard = crate::writer::shard_buffer_bytes(
+            self.d_in,
+            self.rows_per_shard.min(self.n_tokens),
+            self.dtype,
+            false,
+        );
+        let need = [features, chunk, shard]
+            .into_iter()
+            .try_fold(0u64, |acc, b| acc.checked_add(b?));
+        crate::memory::check_fits(
+            need,
+            &format!(
+                "a synthetic set of --d-in {} with --n-features {} and --rows-per-shard {}",
+                self.d_in,
+                self.n_features,
+                self.rows_per_shard.min(self.n_tokens)
+            ),
+            "lower --d-in, --n-features or --rows-per-shard",
+        )
+    }
+}
+
+/// Rows sampled at a time.
+const SAMPLE_CHUNK: usize = 4096;
+
 /// Feature magnitudes are uniform in this range: clearly present when active.
 const MAG_RANGE: std::ops::Range<f32> = 0.5..1.5;
 
@@ -81,12 +150,7 @@ pub fn sample_rows(rng: &mut ChaCha8Rng, dirs: &[f32], cfg: &SynthConfig, n: usi
 /// Writes the set into `out` (which must not exist yet): shards + manifest + true features.
 /// Everything goes to a temporary sibling first and is renamed into place at the end.
 pub fn write_synthetic(out: &Path, cfg: &SynthConfig) -> Result<Manifest> {
-    if cfg.d_in == 0 || cfg.n_features == 0 || cfg.n_tokens == 0 {
-        bail!("d_in, n_features and n_tokens must be positive");
-    }
-    if cfg.l0.is_nan() || cfg.l0 <= 0.0 || cfg.noise < 0.0 || !cfg.noise.is_finite() {
-        bail!("l0 must be positive and noise non-negative");
-    }
+    cfg.validate()?;
     if out.exists() {
         bail!(
             "{} already exists; choose another --out or delete it",
@@ -96,6 +160,33 @@ pub fn write_synthetic(out: &Path, cfg: &SynthConfig) -> Result<Manifest> {
     let name = out
         .file_name()
         .with_context(|| format!("{}: not a directory name", out.display()))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let stored = match cfg.dtype {
+        StoreDtype::F32 => 4,
+        StoreDtype::Bf16 => 2,
+    };
+    let size = |parts: &[usize]| crate::memory::product(parts).unwrap_or(u64::MAX);
+    let need = size(&[cfg.n_tokens, cfg.d_in, stored]).saturating_add(size(&[
+        cfg.n_features,
+        cfg.d_in,
+        4,
+    ]));
+    if let Some(free) = crate::memory::free_disk_bytes(parent) {
+        if need > free {
+            bail!(
+                "--n-tokens {} of --d-in {} need about {} of disk but only {} is free in {}; \
+                 ask for fewer tokens or choose another --out",
+                cfg.n_tokens,
+                cfg.d_in,
+                crate::memory::human(need),
+                crate::memory::human(free),
+                parent.display()
+            );
+        }
+    }
     let tmp = out.with_file_name(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -132,8 +223,8 @@ fn write_into(dir: &Path, cfg: &SynthConfig) -> Result<Manifest> {
         bos_excluded: false,
         has_tokens: false,
     };
-    let mut w = ShardWriter::open(dir, template, cfg.rows_per_shard.max(1))?;
-    let chunk = 4096;
+    let mut w = ShardWriter::open(dir, template, cfg.rows_per_shard)?;
+    let chunk = SAMPLE_CHUNK;
     let mut done = 0;
     while done < cfg.n_tokens {
         let n = chunk.min(cfg.n_tokens - done);

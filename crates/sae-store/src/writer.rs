@@ -65,8 +65,13 @@ impl Manifest {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid activation manifest", path.display()))
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a valid activation manifest; re-harvest the store, or delete the \
+                 manifest to read the directory's .safetensors/.npy files as they are",
+                path.display()
+            )
+        })
     }
 
     /// Same run (everything but progress)?
@@ -80,6 +85,24 @@ impl Manifest {
             && self.bos_excluded == other.bos_excluded
             && self.has_tokens == other.has_tokens
     }
+}
+
+/// Peak memory of writing a shard of `rows` rows: the f32 buffer, its bytes in the stored dtype
+/// and the serialized file, plus token ids and positions likewise. `None` on overflow.
+pub fn shard_buffer_bytes(
+    d_in: usize,
+    rows: usize,
+    dtype: StoreDtype,
+    has_tokens: bool,
+) -> Option<u64> {
+    let stored = match dtype {
+        StoreDtype::F32 => 4,
+        StoreDtype::Bf16 => 2,
+    };
+    let per_row = (d_in as u64)
+        .checked_mul(4 + 2 * stored)?
+        .checked_add(if has_tokens { 3 * 12 } else { 0 })?;
+    per_row.checked_mul(rows as u64)
 }
 
 pub struct ShardWriter {
@@ -125,6 +148,20 @@ impl ShardWriter {
         if rows_per_shard == 0 {
             bail!("rows per shard must be positive");
         }
+        if template.d_in == 0 {
+            bail!("{}: activations of width 0 cannot be stored", dir.display());
+        }
+        // The buffered shard is allocated as rows come in; refuse one that cannot fit now
+        // rather than abort when it fills.
+        let rows = match template.target_tokens {
+            0 => rows_per_shard,
+            t => rows_per_shard.min(t),
+        };
+        crate::memory::check_fits(
+            shard_buffer_bytes(template.d_in, rows, template.dtype, template.has_tokens),
+            &format!("a shard of {rows} rows of width {}", template.d_in),
+            "lower --shard-rows",
+        )?;
         std::fs::create_dir_all(dir).map_err(|e| io_context(e, "creating", dir))?;
         let manifest_path = dir.join(MANIFEST);
         let manifest = if manifest_path.exists() {
@@ -374,6 +411,44 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("not an activation store"), "{err}");
+    }
+
+    #[test]
+    fn refuses_shards_that_cannot_be_buffered_before_creating_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("acts");
+        let huge = Manifest {
+            d_in: 1 << 20,
+            target_tokens: 1 << 40,
+            ..template(StoreDtype::F32)
+        };
+        let err = ShardWriter::open(&out, huge.clone(), 1 << 30)
+            .err()
+            .unwrap();
+        let e = err.to_string();
+        assert!(
+            e.contains("of memory but only") && e.contains("--shard-rows"),
+            "{e}"
+        );
+        assert!(!out.exists());
+        // Rows per shard beyond the rows asked for are never buffered.
+        let few = Manifest {
+            target_tokens: 10,
+            ..huge
+        };
+        assert!(ShardWriter::open(&out, few, 1 << 30).is_ok());
+        let err = ShardWriter::open(
+            &dir.path().join("zero"),
+            Manifest {
+                d_in: 0,
+                ..template(StoreDtype::F32)
+            },
+            4,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("width 0"), "{err}");
+        assert!(!dir.path().join("zero").exists());
     }
 
     #[test]

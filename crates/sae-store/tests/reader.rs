@@ -325,3 +325,366 @@ fn synthetic_set_round_trips() {
     let e = write_synthetic(&out, &cfg).unwrap_err().to_string();
     assert!(e.contains("already exists"), "{e}");
 }
+
+fn small_store(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let cfg = SynthConfig {
+        d_in: 8,
+        n_features: 16,
+        n_tokens: 1000,
+        l0: 3.0,
+        rows_per_shard: 300,
+        ..Default::default()
+    };
+    write_synthetic(&out, &cfg).unwrap();
+    out
+}
+
+fn edit_manifest(store: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = store.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut m);
+    std::fs::write(&path, serde_json::to_string(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn shapes_whose_size_overflows_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2^62 * 2^62 * 4 wraps around to 0 in 64 bits: the size check must not wrap.
+    let big = 1usize << 62;
+    let path = dir.path().join("huge.npy");
+    std::fs::write(&path, npy::encode(Dtype::F32, big, big, &[0u8; 64])).unwrap();
+    let e = err_of(&path);
+    assert!(
+        e.contains("huge.npy") && e.contains("impossibly large"),
+        "{e}"
+    );
+    // Large but not overflowing: refused by the file's real length.
+    std::fs::write(&path, npy::encode(Dtype::F32, 1 << 40, 576, &[0u8; 64])).unwrap();
+    let e = err_of(&path);
+    assert!(e.contains("huge.npy") && e.contains("truncated"), "{e}");
+
+    // A version 2 header whose length field claims 4 GiB.
+    let mut bytes = b"\x93NUMPY\x02\x00".to_vec();
+    bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+    bytes.extend_from_slice(b"{'descr': '<f4'}");
+    std::fs::write(&path, &bytes).unwrap();
+    let e = err_of(&path);
+    assert!(e.contains("huge.npy") && e.contains("header claims"), "{e}");
+
+    // A safetensors header length past the end of the file, and a header whose shape
+    // overflows (the crate's own validation).
+    let st = dir.path().join("huge.safetensors");
+    let mut bytes = (u64::MAX - 3).to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    std::fs::write(&st, &bytes).unwrap();
+    let e = err_of(&st);
+    assert!(
+        e.contains("huge.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+    let header = format!(
+        r#"{{"activations":{{"dtype":"F32","shape":[{big},{big}],"data_offsets":[0,16]}}}}"#
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(&st, &bytes).unwrap();
+    let e = err_of(&st);
+    assert!(
+        e.contains("huge.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_shard_truncated_under_an_open_store_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = small_store(dir.path(), "s");
+    let store = ActivationStore::open(&out).unwrap();
+    let shard = out.join("shard_00001.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    // Cut the shard to its header and a few rows. With a memory-mapped reader, touching the
+    // lost pages raises SIGBUS and kills this test process.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(200)
+        .unwrap();
+    let mut out_row = vec![0.0; 8];
+    let e = format!("{:#}", store.read_row(599, &mut out_row).unwrap_err());
+    assert!(
+        e.contains("shard_00001.safetensors")
+            && e.contains("changed while it was being read")
+            && e.contains("now 200 bytes")
+            && e.contains(&format!("expected {len}")),
+        "{e}"
+    );
+    // Batches over all rows: the same error, whichever row comes first.
+    let mut stream = BatchStream::new(store, Order::Shuffled, 3);
+    let mut batch = vec![0.0; 1000 * 8];
+    let e = format!("{:#}", stream.next_batch(&mut batch, 1000).unwrap_err());
+    assert!(
+        e.contains("shard_00001.safetensors") && e.contains("changed while it was being read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_shard_rewritten_in_place_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = small_store(dir.path(), "s");
+    let store = ActivationStore::open(&out).unwrap();
+    let shard = out.join("shard_00000.safetensors");
+    // Same length, new contents, a later modification time.
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    let f = std::fs::File::options().write(true).open(&shard).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &bytes[last..], last as u64).unwrap();
+    // Coarse file-system clocks could leave the time as it was.
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    let rows: Vec<u64> = (0..10).collect();
+    let mut batch = vec![0.0; 10 * 8];
+    let e = format!("{:#}", store.read_rows(&rows, &mut batch).unwrap_err());
+    assert!(
+        e.contains("shard_00000.safetensors") && e.contains("modification time changed"),
+        "{e}"
+    );
+    // Rows of the other shards still read.
+    let rows: Vec<u64> = (300..310).collect();
+    store.read_rows(&rows, &mut batch).unwrap();
+}
+
+#[test]
+fn rows_past_the_end_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = small_store(dir.path(), "s");
+    let store = ActivationStore::open(&out).unwrap();
+    let mut row = vec![0.0; 8];
+    let e = store.read_row(1000, &mut row).unwrap_err().to_string();
+    assert!(e.contains("past the end"), "{e}");
+    let e = store.files()[0]
+        .read_row(300, &mut row)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shard_00000") && e.contains("past the end"),
+        "{e}"
+    );
+}
+
+#[test]
+fn stores_that_disagree_with_their_manifest_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = |name: &str, break_it: &dyn Fn(&Path), needles: &[&str]| {
+        let out = small_store(dir.path(), name);
+        break_it(&out);
+        let e = err_of(&out);
+        for n in needles {
+            assert!(e.contains(n), "{name}: lacks '{n}': {e}");
+        }
+    };
+    case(
+        "not_json",
+        &|s| std::fs::write(s.join("manifest.json"), "{ not json").unwrap(),
+        &[
+            "manifest.json",
+            "not a valid activation manifest",
+            "re-harvest",
+        ],
+    );
+    case(
+        "missing_shard",
+        &|s| std::fs::remove_file(s.join("shard_00002.safetensors")).unwrap(),
+        &["shard_00002.safetensors", "missing", "re-harvest"],
+    );
+    case(
+        "rows",
+        &|s| edit_manifest(s, |m| m["shards"][1]["n_rows"] = 299.into()),
+        &[
+            "shard_00001.safetensors",
+            "holds 300 rows",
+            "lists 299",
+            "re-harvest",
+        ],
+    );
+    case(
+        "dtype",
+        &|s| edit_manifest(s, |m| m["dtype"] = "bf16".into()),
+        &["shard_00000.safetensors", "F32", "Bf16", "re-harvest"],
+    );
+    case(
+        "d_in",
+        &|s| edit_manifest(s, |m| m["d_in"] = (u64::MAX / 2).into()),
+        &["manifest.json", "d_in", "re-harvest"],
+    );
+    case(
+        "n_tokens",
+        &|s| edit_manifest(s, |m| m["n_tokens"] = 5000.into()),
+        &["manifest.json", "n_tokens is 5000", "1000 rows"],
+    );
+    case(
+        "outside",
+        &|s| {
+            edit_manifest(s, |m| {
+                m["shards"][0]["file"] = "../s/shard_00000.safetensors".into()
+            })
+        },
+        &["manifest.json", "not a file name inside the store"],
+    );
+    case(
+        "no_shards",
+        &|s| edit_manifest(s, |m| m["shards"] = serde_json::json!([])),
+        &["manifest.json", "lists no shards", "resume"],
+    );
+    case(
+        "zero_rows",
+        &|s| {
+            let path = s.join("shard_00003.safetensors");
+            write_st(&path, Dtype::F32, 0, 8, &[], false);
+        },
+        &["shard_00003.safetensors", "holds no rows"],
+    );
+}
+
+#[test]
+fn an_sae_directory_is_not_taken_for_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cfg.json"), "{}").unwrap();
+    write_st(
+        &dir.path().join("sae_weights.safetensors"),
+        Dtype::F32,
+        2,
+        3,
+        &values(2, 3, 0),
+        false,
+    );
+    let e = err_of(dir.path());
+    assert!(e.contains("trained SAE, not activations"), "{e}");
+}
+
+#[test]
+fn synthetic_sizes_are_checked_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("synth");
+    let base = SynthConfig {
+        d_in: 8,
+        n_features: 16,
+        n_tokens: 100,
+        ..Default::default()
+    };
+    let cases: Vec<(SynthConfig, &[&str])> = vec![
+        (
+            SynthConfig {
+                d_in: 0,
+                ..base.clone()
+            },
+            &["--d-in", "at least 1"],
+        ),
+        (
+            SynthConfig {
+                n_features: 0,
+                ..base.clone()
+            },
+            &["--n-features"],
+        ),
+        (
+            SynthConfig {
+                n_tokens: 0,
+                ..base.clone()
+            },
+            &["--n-tokens"],
+        ),
+        (
+            SynthConfig {
+                rows_per_shard: 0,
+                ..base.clone()
+            },
+            &["--rows-per-shard"],
+        ),
+        (
+            SynthConfig {
+                l0: f64::NAN,
+                ..base.clone()
+            },
+            &["--l0 NaN", "at most --n-features (16)"],
+        ),
+        (
+            SynthConfig {
+                l0: 17.0,
+                ..base.clone()
+            },
+            &["--l0 17"],
+        ),
+        (
+            SynthConfig {
+                l0: -1.0,
+                ..base.clone()
+            },
+            &["--l0 -1"],
+        ),
+        (
+            SynthConfig {
+                noise: f32::NAN,
+                ..base.clone()
+            },
+            &["--noise NaN"],
+        ),
+        (
+            SynthConfig {
+                noise: -0.5,
+                ..base.clone()
+            },
+            &["--noise -0.5"],
+        ),
+        (
+            SynthConfig {
+                d_in: usize::MAX / 2,
+                ..base.clone()
+            },
+            &["more than 2^64 bytes"],
+        ),
+        (
+            SynthConfig {
+                d_in: 1 << 20,
+                n_features: 1 << 30,
+                l0: 1.0,
+                ..base.clone()
+            },
+            &[
+                "of memory but only",
+                "lower --d-in, --n-features or --rows-per-shard",
+            ],
+        ),
+        (
+            SynthConfig {
+                n_tokens: 1 << 40,
+                rows_per_shard: 1 << 40,
+                d_in: 1 << 20,
+                ..base.clone()
+            },
+            &["of memory but only", "--rows-per-shard 1099511627776"],
+        ),
+    ];
+    let cases = cases.into_iter().chain([(
+        // 2^40 rows of width 2^10: 4 PiB on disk, a shard of the default size in memory.
+        SynthConfig {
+            n_tokens: 1 << 40,
+            d_in: 1 << 10,
+            ..base.clone()
+        },
+        &["need about 4.0 PiB of disk", "ask for fewer tokens"][..],
+    )]);
+    for (cfg, needles) in cases {
+        let e = write_synthetic(&out, &cfg).unwrap_err().to_string();
+        for n in needles {
+            assert!(e.contains(n), "{cfg:?}: lacks '{n}': {e}");
+        }
+        assert!(!out.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
