@@ -567,11 +567,15 @@ fn start_resumed(
         } else {
             "run again without --resume (the fresh start replaces it)".into()
         };
+        let every = match old["config"]["checkpoint_every"].as_u64() {
+            Some(0) => " (it ran with --checkpoint-every 0, which writes none)".to_string(),
+            Some(n) => format!(" (one every {n} steps)"),
+            None => String::new(),
+        };
         bail!(
-            "--resume: {} holds no checkpoint: the run stopped before its first one (every \
-             --checkpoint-every {} steps), so nothing in it is worth keeping; {way}",
-            partial.display(),
-            old["config"]["checkpoint_every"]
+            "--resume: {} holds no checkpoint: the run stopped before its first one{every}, so \
+             nothing in it is worth keeping; {way}",
+            partial.display()
         );
     }
     check_identity(&old, identity, "--resume", partial)?;
