@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use sae_core::ArchKind;
 use sae_eval::pipeline::{self, EvalOptions, SweepOptions};
+use sae_train::config::{check_count, check_positive};
 use std::path::PathBuf;
 
 /// Parses counts like `200_000` or `200000`.
@@ -41,7 +42,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "python-docs")]
     pub corpus: String,
     /// Held-out tokens to evaluate on (BOS not counted).
-    #[arg(long, value_parser = parse_count, default_value = "200_000")]
+    #[arg(long, value_parser = parse_count, default_value = "200_000", allow_negative_numbers = true)]
     pub tokens: usize,
     /// Context length (BOS included).
     #[arg(long, default_value_t = 128)]
@@ -61,7 +62,26 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
 }
 
+/// Range checks of the `sae eval` flags, before the model or the text is loaded.
+fn check_eval_flags(a: &EvalArgs) -> Result<()> {
+    check_count("tokens", a.tokens as u64, "held-out tokens to evaluate on")?;
+    check_ctx("ctx", a.ctx)?;
+    check_count("batch", a.batch as u64, "contexts per forward pass")?;
+    Ok(())
+}
+
+fn check_ctx(field: &'static str, ctx: usize) -> Result<()> {
+    if ctx < 2 {
+        bail!(
+            "--{} must be at least 2 (BOS and one token); got {ctx}",
+            field
+        );
+    }
+    Ok(())
+}
+
 pub fn eval(a: EvalArgs) -> Result<()> {
+    check_eval_flags(&a)?;
     let r = pipeline::run_eval(&EvalOptions {
         sae: a.sae,
         model: a.model,
@@ -91,7 +111,7 @@ pub struct SweepArgs {
     pub arch: String,
     /// Sparsity coefficients for gated/relu/jumprelu (comma-separated), for every such
     /// architecture (`--l1 1,2,4`) or for one (`--l1 gated=1,2,4 --l1 relu=0.5,1`); repeatable.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub l1: Vec<String>,
     /// k values for topk/batchtopk (comma-separated).
     #[arg(long, default_value = "")]
@@ -108,7 +128,7 @@ pub struct SweepArgs {
     #[arg(long, default_value_t = 4096)]
     pub batch_size: usize,
     /// Peak learning rate for every run (default: each architecture's, see `sae train --help`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f32>,
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
@@ -119,7 +139,7 @@ pub struct SweepArgs {
     #[arg(long)]
     pub corpus: Option<String>,
     /// Held-out tokens for each evaluation.
-    #[arg(long, value_parser = parse_count, default_value = "50_000")]
+    #[arg(long, value_parser = parse_count, default_value = "50_000", allow_negative_numbers = true)]
     pub eval_tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub ctx: usize,
@@ -177,6 +197,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         print_result(&r, &a.out);
         return Ok(());
     }
+    check_sweep_flags(&a)?;
     let (l1, l1_by_arch) = parse_l1(&a.l1)?;
     let Some(acts) = a.acts else {
         bail!("--acts is required (the activation store to train on)");
@@ -205,6 +226,37 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         note: String::new(),
     })?;
     print_result(&r, &a.out);
+    Ok(())
+}
+
+/// Range checks of the `sae sweep` flags, before the store, the model or --out is touched
+/// (each run's own training settings are checked again by `sae_train`).
+fn check_sweep_flags(a: &SweepArgs) -> Result<()> {
+    if let Some(d) = a.d_sae {
+        check_count("d_sae", d as u64, "latents in the dictionary")?;
+    }
+    if let Some(s) = a.steps {
+        check_count("steps", s, "training steps per run")?;
+    }
+    if let Some(t) = a.tokens {
+        check_count("tokens", t as u64, "training tokens per run")?;
+    }
+    check_count("batch_size", a.batch_size as u64, "rows per training step")?;
+    if let Some(lr) = a.lr {
+        check_positive("lr", lr)?;
+    }
+    // No held-out tokens would evaluate nothing: every run's metrics would be 0/0.
+    check_count(
+        "eval_tokens",
+        a.eval_tokens as u64,
+        "held-out tokens for each evaluation",
+    )?;
+    check_ctx("ctx", a.ctx)?;
+    check_count(
+        "eval_batch",
+        a.eval_batch as u64,
+        "contexts per forward pass",
+    )?;
     Ok(())
 }
 

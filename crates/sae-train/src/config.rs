@@ -147,7 +147,161 @@ impl Default for TrainConfig {
     }
 }
 
+/// A setting outside its range: the config field, the rule it breaks and the value given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadSetting {
+    /// Field name (`adam_beta2`); the flag is the same with dashes (`--adam-beta2`).
+    pub field: &'static str,
+    pub rule: String,
+    pub got: String,
+}
+
+impl BadSetting {
+    pub fn flag(&self) -> String {
+        flag_name(self.field)
+    }
+}
+
+impl std::fmt::Display for BadSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} must be {}; got {}", self.flag(), self.rule, self.got)
+    }
+}
+
+impl std::error::Error for BadSetting {}
+
+/// The flag of a config field: `adam_beta2` -> `--adam-beta2`.
+pub fn flag_name(field: &str) -> String {
+    format!("--{}", field.replace('_', "-"))
+}
+
+fn bad(field: &'static str, rule: &str, got: impl std::fmt::Display) -> BadSetting {
+    BadSetting {
+        field,
+        rule: rule.to_string(),
+        got: got.to_string(),
+    }
+}
+
+/// A count that must be at least 1.
+pub fn check_count(field: &'static str, v: u64, what: &str) -> Result<(), BadSetting> {
+    if v == 0 {
+        return Err(bad(field, &format!("at least 1 ({what})"), v));
+    }
+    Ok(())
+}
+
+/// A finite number > 0.
+pub fn check_positive(field: &'static str, v: f32) -> Result<(), BadSetting> {
+    if !(v.is_finite() && v > 0.0) {
+        return Err(bad(field, "a positive number", v));
+    }
+    Ok(())
+}
+
+/// A finite number >= 0.
+pub fn check_non_negative(field: &'static str, v: f32) -> Result<(), BadSetting> {
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(bad(field, "a non-negative number", v));
+    }
+    Ok(())
+}
+
 impl TrainConfig {
+    /// Checks every setting against its own range (relations that need the data, such as
+    /// `k <= d_sae` or `lr_decay_steps <= steps`, are checked by `resolve`). Run before any
+    /// data is read or any directory created. The error is a `BadSetting` for a field out of
+    /// range.
+    pub fn validate(&self) -> Result<()> {
+        self.check_ranges()?;
+        if self.resume && self.extend {
+            bail!("give --resume (an unfinished run) or --extend (a finished one), not both");
+        }
+        Ok(())
+    }
+
+    fn check_ranges(&self) -> Result<(), BadSetting> {
+        let c = self;
+        // Where a field is unbounded its full range is valid: seed; checkpoint_every (0 = none);
+        // lr_decay_steps, lr_warmup_steps, l1_warmup_steps (0 = none, bounded by steps in
+        // `resolve`); k_aux (0 = d_in / 2, bounded by d_sae in `resolve`); acts, model, hook
+        // and corpus are checked when the source opens.
+        if c.out.file_name().is_none() {
+            return Err(bad(
+                "out",
+                "a directory path ending in a name (the run writes <name>.partial beside it)",
+                c.out.display(),
+            ));
+        }
+        if c.ctx < 2 {
+            return Err(bad("ctx", "at least 2 (BOS and one token)", c.ctx));
+        }
+        check_count(
+            "buffer_rows",
+            c.buffer_rows as u64,
+            "rows in the shuffle buffer",
+        )?;
+        if let Some(d) = c.d_sae {
+            check_count("d_sae", d as u64, "latents in the dictionary")?;
+        }
+        if let Some(v) = c.l1 {
+            check_non_negative("l1", v)?;
+        }
+        check_count("k", c.k as u64, "active latents per token")?;
+        if let Some(v) = c.lr {
+            check_positive("lr", v)?;
+        }
+        check_count("batch_size", c.batch_size as u64, "rows per step")?;
+        if let Some(s) = c.steps {
+            check_count("steps", s, "training steps")?;
+        }
+        if let Some(t) = c.tokens {
+            check_count("tokens", t, "training tokens")?;
+        }
+        for (field, v) in [("adam_beta1", c.adam_beta1), ("adam_beta2", c.adam_beta2)] {
+            // A decay of 1 never forgets its first moment; below 0 is no moving average.
+            if !(v.is_finite() && (0.0..1.0).contains(&v)) {
+                return Err(bad(field, "in [0, 1)", v));
+            }
+        }
+        // 0 would divide by zero for a parameter whose gradient has always been 0.
+        check_positive("adam_eps", c.adam_eps)?;
+        check_count(
+            "init_sample",
+            c.init_sample as u64,
+            "rows for b_dec and the input scale",
+        )?;
+        // At a ratio <= 1 at least half the rows (those above the median norm) would be left out.
+        if !(c.max_norm_ratio.is_finite() && (c.max_norm_ratio == 0.0 || c.max_norm_ratio > 1.0)) {
+            return Err(bad(
+                "max_norm_ratio",
+                "0 (keep every row) or above 1 (a multiple of the median norm)",
+                c.max_norm_ratio,
+            ));
+        }
+        check_count("dead_window_tokens", c.dead_window_tokens, "tokens")?;
+        check_non_negative("aux_coeff", c.aux_coeff)?;
+        check_positive("jumprelu_bandwidth", c.jumprelu_bandwidth)?;
+        if c.relu_decoder_norm_l1 && c.arch != ArchKind::Relu {
+            return Err(bad(
+                "relu_decoder_norm_l1",
+                "false unless --arch relu (it changes only the relu loss)",
+                format!("true with --arch {}", c.arch),
+            ));
+        }
+        check_count("log_every", c.log_every, "steps between log lines")?;
+        if let Some(t) = c.threads {
+            check_count("threads", t as u64, "leave it out to use every core")?;
+        }
+        // The final metrics of zero rows are 0/0: NaN in the summary, which no reader accepts.
+        check_count(
+            "eval_tokens",
+            c.eval_tokens as u64,
+            "rows of the final evaluation",
+        )?;
+        Ok(())
+    }
+
     /// Reads a `.toml` or `.json` config file (unknown keys are an error).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -175,16 +329,24 @@ pub struct Resolved {
 }
 
 pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Resolved> {
-    if cfg.batch_size == 0 {
-        bail!("--batch-size must be positive");
-    }
+    cfg.validate()?;
     let d_sae = cfg.d_sae.unwrap_or(8 * d_in);
     if d_sae == 0 {
-        bail!("--d-sae must be positive");
+        bail!("--d-sae must be at least 1 (the activations have d_in = 0)");
     }
     let topk = matches!(cfg.arch, ArchKind::TopK | ArchKind::BatchTopK);
-    if topk && (cfg.k == 0 || cfg.k > d_sae) {
-        bail!("--k must be between 1 and d_sae = {d_sae} for {}", cfg.arch);
+    if topk && cfg.k > d_sae {
+        bail!(
+            "--k must be between 1 and d_sae = {d_sae} for {}; got {}",
+            cfg.arch,
+            cfg.k
+        );
+    }
+    if topk && cfg.k_aux > d_sae {
+        bail!(
+            "--k-aux must be at most d_sae = {d_sae} (0 = d_in / 2); got {}",
+            cfg.k_aux
+        );
     }
     if topk && cfg.l1.is_some_and(|v| v != 0.0) {
         bail!(
@@ -207,12 +369,6 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
             _ => 0.1,
         })
     };
-    if !(lr.is_finite() && lr > 0.0) {
-        bail!("--lr must be a positive number");
-    }
-    if !(sparsity_coeff.is_finite() && sparsity_coeff >= 0.0) {
-        bail!("--l1 must be a non-negative number");
-    }
     let bs = cfg.batch_size as u64;
     let steps = match (cfg.steps, cfg.tokens, n_rows) {
         (Some(s), _, _) => s,

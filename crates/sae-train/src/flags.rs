@@ -1,8 +1,12 @@
 //! The `sae train` flags. Each is optional so that a `--config` file can supply it; a flag
 //! given on the command line overrides the file.
+//!
+//! Numeric flags accept a negative number after a space (`--lr -1`), so that it reaches the
+//! range check and its message ("--lr must be a positive number") instead of clap's
+//! "unexpected argument '-1'".
 
-use crate::config::{BDecInit, TrainConfig};
-use anyhow::{Context, Result};
+use crate::config::{BDecInit, BadSetting, TrainConfig};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use sae_core::ArchKind;
 use std::path::PathBuf;
@@ -31,10 +35,10 @@ pub struct TrainFlags {
     #[arg(long)]
     pub corpus: Option<String>,
     /// Context length for --model (BOS included).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub ctx: Option<usize>,
     /// Rows in the shuffle buffer for --model.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub buffer_rows: Option<usize>,
     /// Output directory (SAELens layout).
     #[arg(long)]
@@ -42,65 +46,65 @@ pub struct TrainFlags {
     /// gated, relu, topk, batchtopk or jumprelu.
     #[arg(long, value_parser = parse_arch)]
     pub arch: Option<ArchKind>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub d_sae: Option<usize>,
     /// Sparsity coefficient for relu/gated (L1) and jumprelu (L0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub l1: Option<f32>,
     /// Active latents per token for topk/batchtopk.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub k: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub tokens: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr_warmup_steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr_decay_steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub l1_warmup_steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub adam_beta1: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub adam_beta2: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub adam_eps: Option<f32>,
     #[arg(long, value_enum)]
     pub b_dec_init: Option<BDecInit>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub init_sample: Option<usize>,
     /// Normalise inputs to E||x||^2 = d_in (`--normalize false` to turn off).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub normalize: Option<bool>,
     /// Leave out rows with a norm over this multiple of the median norm (massive activations
     /// on a few tokens; 0 keeps every row) [default: 10].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_norm_ratio: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub dead_window_tokens: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub aux_coeff: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub k_aux: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub jumprelu_bandwidth: Option<f32>,
     /// ReLU with decoder-norm-weighted L1 and no unit-norm constraint.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub relu_decoder_norm_l1: Option<bool>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub checkpoint_every: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub log_every: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub threads: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub eval_tokens: Option<usize>,
     /// Continue from the last checkpoint of this --out.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -126,11 +130,20 @@ impl TrainFlags {
             Some(p) => TrainConfig::from_file(p).context("loading --config")?,
             None => TrainConfig::default(),
         };
+        // Fields given on the command line, so an out-of-range value is reported as the
+        // user wrote it: as a flag, or as a field of the config file.
+        let mut given: Vec<&str> = Vec::new();
         macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f {
+                c.$f = v.clone();
+                given.push(stringify!($f));
+            } )* };
         }
         macro_rules! set_opt {
-            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = Some(v.clone()); } )* };
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f {
+                c.$f = Some(v.clone());
+                given.push(stringify!($f));
+            } )* };
         }
         set!(corpus, ctx, buffer_rows);
         set_opt!(model, hook);
@@ -177,6 +190,21 @@ impl TrainFlags {
             l1_warmup_steps,
             threads
         );
+        if let Err(e) = c.validate() {
+            if let (Some(path), Some(b)) = (&self.config, e.downcast_ref::<BadSetting>()) {
+                if !given.contains(&b.field) {
+                    bail!(
+                        "{}: {} must be {} (flag {}); got {}",
+                        path.display(),
+                        b.field,
+                        b.rule,
+                        b.flag(),
+                        b.got
+                    );
+                }
+            }
+            return Err(e);
+        }
         Ok(c)
     }
 }

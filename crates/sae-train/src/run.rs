@@ -144,16 +144,87 @@ pub fn run_with_source(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Resul
     }
 }
 
-/// Fields that must match for `--resume` to continue a run.
+/// Fields that must match for `--resume` (and `--extend`) to continue a run: what it learns
+/// from (the data) and everything that shapes the SAE, its objective, its optimiser and its
+/// schedule, since a run continued under other values would be a mix of two runs that its
+/// saved config describes as one. Floats are kept as their shortest f32 text, so they compare
+/// equal after a JSON round trip.
+///
+/// Left out, because they may change on resume without changing what is learnt step by step:
+/// `steps`/`tokens` (a run may be lengthened or shortened; the warm-ups stay those it started
+/// with, and a linear decay follows the new end), `threads` (only the order of float sums, so
+/// the last bits), `quiet`, `log_every` and `checkpoint_every` (bookkeeping), `eval_tokens`
+/// (only the final evaluation), `keep_state` (only what is kept at the end), `out` (the same
+/// directory by construction), and `resume`/`extend` themselves. `init_sample`, `normalize`,
+/// `b_dec_init` and `max_norm_ratio` act only at the start, but a resumed run keeps the
+/// start's values, so a new value would be silently ignored: they are part of the identity.
 fn run_identity(cfg: &TrainConfig, r: &Resolved) -> serde_json::Value {
-    serde_json::json!({
+    let mut id = serde_json::json!({
         "arch": cfg.arch, "d_in": r.d_in, "d_sae": r.d_sae, "k": cfg.k, "batch_size": cfg.batch_size,
         "seed": cfg.seed, "normalize": cfg.normalize, "b_dec_init": cfg.b_dec_init,
-        // Floats as their shortest f32 text, so they compare equal after a JSON round trip.
         "adam_beta1": cfg.adam_beta1.to_string(), "adam_beta2": cfg.adam_beta2.to_string(),
         "adam_eps": cfg.adam_eps.to_string(),
         "relu_decoder_norm_l1": cfg.relu_decoder_norm_l1,
+        // The resolved values: a default and the same value given as a flag are one setting.
+        "lr": r.lr.to_string(), "sparsity_coeff": r.sparsity_coeff.to_string(),
+        // As given: the resolved warm-ups depend on the number of steps, which may change.
+        "lr_warmup_steps": cfg.lr_warmup_steps, "l1_warmup_steps": cfg.l1_warmup_steps,
+        "lr_decay_steps": cfg.lr_decay_steps,
+        "init_sample": cfg.init_sample, "max_norm_ratio": cfg.max_norm_ratio.to_string(),
+        "dead_window_tokens": cfg.dead_window_tokens, "aux_coeff": cfg.aux_coeff.to_string(),
+        "k_aux": cfg.k_aux, "jumprelu_bandwidth": cfg.jumprelu_bandwidth.to_string(),
+    });
+    if let (Some(obj), serde_json::Value::Object(data)) = (id.as_object_mut(), data_identity(cfg)) {
+        obj.extend(data);
+    }
+    id
+}
+
+/// The data a run learns from. Every key is always present (null where it does not apply),
+/// so that a key missing from a saved identity means a run recorded before it existed.
+/// A store: its canonical path, and its size and manifest, so that a store rewritten in
+/// place is told apart. A model: the model, hook, corpus, context and shuffle buffer, which
+/// together fix the stream. Another source (a library caller's) records nothing here.
+fn data_identity(cfg: &TrainConfig) -> serde_json::Value {
+    let (mut acts, mut acts_rows, mut acts_d_in, mut acts_manifest) = (None, None, None, None);
+    if let Some(path) = &cfg.acts {
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        // The store opened a moment ago to build the source; a failure here leaves its size out.
+        if let Ok(store) = sae_store::ActivationStore::open(&path) {
+            acts_rows = Some(store.n_rows());
+            acts_d_in = Some(store.d_in());
+            acts_manifest = store.manifest.as_ref().map(|m| {
+                format!(
+                    "model {}, hook {}, corpus {}, context {}, {} tokens, {:?}",
+                    m.model, m.hook, m.corpus, m.context_size, m.n_tokens, m.dtype
+                )
+            });
+        }
+        acts = Some(path.display().to_string());
+    }
+    let from_model = cfg.acts.is_none() && cfg.model.is_some();
+    serde_json::json!({
+        "acts": acts, "acts_rows": acts_rows, "acts_d_in": acts_d_in, "acts_manifest": acts_manifest,
+        "model": cfg.model.as_ref().filter(|_| from_model),
+        "hook": cfg.hook.as_ref().filter(|_| from_model),
+        "corpus": from_model.then_some(&cfg.corpus),
+        "ctx": from_model.then_some(cfg.ctx),
+        "buffer_rows": from_model.then_some(cfg.buffer_rows),
     })
+}
+
+/// How an identity key is named to the user: its flag and its --config field where it has
+/// them.
+fn identity_label(key: &str) -> String {
+    match key {
+        "d_in" => "d_in (the width of the activations)".into(),
+        "sparsity_coeff" => "--l1 (the sparsity coefficient)".into(),
+        "acts" => "--acts (the store's path)".into(),
+        "acts_rows" => "the rows in the --acts store".into(),
+        "acts_d_in" => "the width of the --acts store".into(),
+        "acts_manifest" => "the --acts store's manifest".into(),
+        _ => format!("{} ({key})", crate::config::flag_name(key)),
+    }
 }
 
 fn hyper_of(cfg: &TrainConfig) -> TrainHyper {
@@ -274,23 +345,68 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
-/// Fails unless every field of `identity` equals the one `dir` was started with.
+/// Identity keys an extension may change: a finished run trained on may decay its lr to 0
+/// at its new end (the run itself must not have decayed; `--extend` checks that).
+const EXTEND_MAY_CHANGE: &[&str] = &["lr_decay_steps"];
+
+/// Fails unless every field of `identity` equals the one `dir` was started with, naming each
+/// difference. A field that the saved identity lacks was recorded by an older version of
+/// this program: it is not compared (so those runs stay resumable), and a note says so.
 fn check_identity(
     old: &serde_json::Value,
     identity: &serde_json::Value,
     flag: &str,
     dir: &Path,
 ) -> Result<()> {
-    if let Some(obj) = identity.as_object() {
-        for (k, v) in obj {
-            if &old["identity"][k] != v {
-                bail!(
-                    "{flag}: {} was started with {k} = {}, now {k} = {v}; use the same settings or another --out",
-                    dir.display(),
-                    old["identity"][k]
-                );
-            }
+    let Some(old_id) = old.get("identity").and_then(|v| v.as_object()) else {
+        bail!(
+            "{flag}: {} records no run settings (no \"identity\" in its {CONFIG_FILE}), so this run \
+             cannot be checked against it; give another --out",
+            dir.display()
+        );
+    };
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "none".into(),
+        v => v.to_string(),
+    };
+    let (mut diffs, mut unrecorded) = (Vec::new(), Vec::new());
+    for (k, v) in identity.as_object().into_iter().flatten() {
+        if flag == "--extend" && EXTEND_MAY_CHANGE.contains(&k.as_str()) {
+            continue;
         }
+        match old_id.get(k) {
+            None => unrecorded.push(identity_label(k)),
+            Some(o) if o != v => diffs.push(format!(
+                "{} was {}, now {}",
+                identity_label(k),
+                text(o),
+                text(v)
+            )),
+            Some(_) => {}
+        }
+    }
+    if !diffs.is_empty() {
+        let fix = if flag == "--resume" {
+            format!(
+                "resume with the settings and data it was started with, or delete {} to start over",
+                dir.display()
+            )
+        } else {
+            "use the settings and data it was trained with, or give another --out".into()
+        };
+        bail!(
+            "{flag}: {} was started with other settings or data: {}; {fix}",
+            dir.display(),
+            diffs.join("; ")
+        );
+    }
+    if !unrecorded.is_empty() {
+        eprintln!(
+            "note: {flag}: {} was started by an older sae, which did not record {}; those are not checked",
+            dir.display(),
+            unrecorded.join(", ")
+        );
     }
     Ok(())
 }
@@ -314,6 +430,50 @@ fn write_config(
     sae_core::saelens::write_atomic(path, text.as_bytes())
 }
 
+/// The checkpoint `checkpoint::read` would restore, described ("a checkpoint at step 20"),
+/// or `None` when the run stopped before writing one.
+fn saved_checkpoint(partial: &Path) -> Option<String> {
+    [checkpoint::dir(partial), partial.join("checkpoint.old")]
+        .iter()
+        .map(|d| d.join("progress.json"))
+        .find(|p| p.exists())
+        .map(|p| {
+            match read_json(&p).ok().and_then(|v| v["step"].as_u64()) {
+                Some(step) => format!("a checkpoint at step {step}"),
+                // Unreadable: still not deleted automatically; --resume reports why.
+                None => format!("a checkpoint ({})", p.display()),
+            }
+        })
+}
+
+/// What a working directory without a checkpoint may hold: the config, the log, and a first
+/// checkpoint that was still being written.
+const NO_CHECKPOINT_FILES: &[&str] = &[
+    CONFIG_FILE,
+    LOG_FILE,
+    checkpoint::CHECKPOINT,
+    "checkpoint.new",
+    "checkpoint.old",
+];
+
+/// What to do after the loss became NaN or infinite. A checkpoint was trained with the same
+/// settings, and `--resume` must keep them, so resuming would only diverge again.
+fn after_divergence(partial: &Path, lr: f32) -> String {
+    match saved_checkpoint(partial) {
+        Some(ckpt) => format!(
+            "{} keeps {ckpt}, but resuming it with the same settings would diverge again: lower --lr \
+             (now {lr}) or check the activations, then delete {} and run again",
+            partial.display(),
+            partial.display()
+        ),
+        None => format!(
+            "No checkpoint was written yet, so nothing is kept: lower --lr (now {lr}) or check the \
+             activations and run again (without --resume; the fresh start replaces {})",
+            partial.display()
+        ),
+    }
+}
+
 fn start_fresh(
     cfg: &TrainConfig,
     r: &Resolved,
@@ -322,10 +482,37 @@ fn start_fresh(
     source: &mut dyn BatchSource,
 ) -> Result<Start> {
     if partial.exists() {
-        bail!(
-            "{} holds an unfinished run; pass --resume to continue it, or delete it to start over",
+        if let Some(ckpt) = saved_checkpoint(partial) {
+            bail!(
+                "{} holds an unfinished run with {ckpt}; pass --resume to continue it (with the \
+                 settings it was started with), or delete that directory to start over",
+                partial.display()
+            );
+        }
+        // A run that stopped before its first checkpoint: nothing in it can be resumed.
+        // Anything but our own files means the directory is not ours to remove.
+        let entries: Vec<String> = std::fs::read_dir(partial)
+            .with_context(|| format!("listing {}", partial.display()))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("listing {}", partial.display()))?;
+        if let Some(other) = entries
+            .iter()
+            .find(|e| !NO_CHECKPOINT_FILES.contains(&e.as_str()))
+        {
+            bail!(
+                "{} exists but is not the working directory of an sae train run (it holds {other}); \
+                 move it away or give another --out",
+                partial.display()
+            );
+        }
+        eprintln!(
+            "note: {} holds a run that stopped before its first checkpoint, so nothing in it is \
+             worth keeping; starting over",
             partial.display()
         );
+        std::fs::remove_dir_all(partial)
+            .with_context(|| format!("removing {}", partial.display()))?;
     }
     std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;
     let (trainer, scale, max_norm) = initialise(cfg, r, source)?;
@@ -373,19 +560,67 @@ fn start_resumed(
     identity: &serde_json::Value,
     source: &mut dyn BatchSource,
 ) -> Result<Start> {
+    if !partial.exists() {
+        if cfg.out.join(SUMMARY_FILE).is_file() {
+            bail!(
+                "--resume: there is no unfinished run in {}; {} is finished: train it on with \
+                 --extend and a larger --tokens/--steps, or drop --resume to train it again",
+                partial.display(),
+                cfg.out.display()
+            );
+        }
+        bail!(
+            "--resume: there is no unfinished run in {}; start without --resume",
+            partial.display()
+        );
+    }
+    let old = read_json(&partial.join(CONFIG_FILE))?;
+    if saved_checkpoint(partial).is_none() {
+        let extension = old["extensions"].as_array().is_some_and(|e| !e.is_empty());
+        let way = if extension {
+            format!(
+                "delete it and run again with --extend (the finished run in {} is untouched)",
+                cfg.out.display()
+            )
+        } else {
+            "run again without --resume (the fresh start replaces it)".into()
+        };
+        let every = match old["config"]["checkpoint_every"].as_u64() {
+            Some(0) => " (it ran with --checkpoint-every 0, which writes none)".to_string(),
+            Some(n) => format!(" (one every {n} steps)"),
+            None => String::new(),
+        };
+        bail!(
+            "--resume: {} holds no checkpoint: the run stopped before its first one{every}, so \
+             nothing in it is worth keeping; {way}",
+            partial.display()
+        );
+    }
+    check_identity(&old, identity, "--resume", partial)?;
     let (sae, state, progress) = checkpoint::read(partial)?.with_context(|| {
         format!(
-            "--resume: no checkpoint in {}; start without --resume",
+            "--resume: the checkpoint in {} could not be read; delete {} to start over",
+            checkpoint::dir(partial).display(),
             partial.display()
         )
     })?;
-    let old = read_json(&partial.join(CONFIG_FILE))?;
-    check_identity(&old, identity, "--resume", partial)?;
     if let Ok(old_r) = serde_json::from_value::<Resolved>(old["resolved"].clone()) {
         keep_warmups(r, &old_r);
     }
+    if r.steps < progress.step {
+        bail!(
+            "--resume: the checkpoint in {} is at step {}, past the {} steps now asked for; ask for \
+             at least {} steps with --steps (or --tokens)",
+            partial.display(),
+            progress.step,
+            r.steps,
+            progress.step
+        );
+    }
     let extensions: Vec<Extension> =
         serde_json::from_value(old["extensions"].clone()).unwrap_or_default();
+    // The published config describes how the run ended (its steps, threads, ...).
+    write_config(&partial.join(CONFIG_FILE), identity, cfg, r, &extensions)?;
     Ok(Start {
         trainer: restore(cfg, sae, &state, &progress, source, "--resume")?,
         scale: f32::from_bits(progress.scale_bits),
@@ -565,12 +800,11 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
         if !stats.loss.is_finite() {
             bar.abandon();
             bail!(
-                "step {step}: the loss is {} (mse {}, sparsity {}); training stopped. The last good checkpoint is in {}; \
-                 lower --lr (now {lr}) or check the activations, then rerun with --resume or delete that directory",
+                "step {step}: the loss is {} (mse {}, sparsity {}); training stopped. {}",
                 stats.loss,
                 stats.mse,
                 stats.sparsity_loss,
-                checkpoint::dir(&partial).display()
+                after_divergence(&partial, lr)
             );
         }
         tokens += bs as u64;
