@@ -514,8 +514,9 @@ fn start_fresh(
         std::fs::remove_dir_all(partial)
             .with_context(|| format!("removing {}", partial.display()))?;
     }
-    std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;
+    // The initialisation sample is read first, so bad data leaves no working directory.
     let (trainer, scale, max_norm) = initialise(cfg, r, source)?;
+    std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;
     write_config(&partial.join(CONFIG_FILE), identity, cfg, r, &[])?;
     Ok(Start {
         trainer,

@@ -462,7 +462,12 @@ fn a_run_that_stopped_before_its_first_checkpoint_has_a_way_forward() {
     assert_eq!(s.steps, 40);
     assert!(!partial.exists());
 
-    // Not if it holds anything the trainer did not write.
+    // Not if it holds anything the trainer did not write (the finished run in --out is
+    // replaced only with --overwrite).
+    let cfg = TrainConfig {
+        overwrite: true,
+        ..cfg
+    };
     kill_after(&cfg, 5);
     std::fs::write(partial.join("notes.txt"), "mine").unwrap();
     let e = sae_train::run(&cfg).unwrap_err().to_string();

@@ -2,7 +2,6 @@
 //! created; `--resume` refuses another run's settings or data; a run that stopped before its
 //! first checkpoint has a way forward.
 
-#[allow(unused_imports)]
 use crate::harness::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

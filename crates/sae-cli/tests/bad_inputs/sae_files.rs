@@ -1,4 +1,3 @@
 //! Bad-input cases: sae_files.
 
-#[allow(unused_imports)]
 use crate::harness::*;

@@ -1,4 +1,3 @@
 //! Bad-input cases: server.
 
-#[allow(unused_imports)]
 use crate::harness::*;
