@@ -483,7 +483,8 @@ struct Hosts {
     /// Bound to every address of this machine, which are not known here: any IP literal
     /// passes (DNS rebinding needs a name).
     any_ip: bool,
-    port: u16,
+    /// Where the page is, for the refusal messages.
+    page: String,
 }
 
 impl Hosts {
@@ -494,10 +495,16 @@ impl Hosts {
             .collect();
         names.extend(host_name(host));
         names.extend(host_name(&ip_authority(addr.ip())));
+        let any_ip = addr.ip().is_unspecified();
+        let shown = if any_ip {
+            "127.0.0.1".to_string()
+        } else {
+            ip_authority(addr.ip())
+        };
         Self {
             names,
-            any_ip: addr.ip().is_unspecified(),
-            port: addr.port(),
+            any_ip,
+            page: format!("http://{shown}:{}/", addr.port()),
         }
     }
 
@@ -556,7 +563,7 @@ fn host_name(authority: &str) -> Option<String> {
 
 /// Refuses requests for another host, and POSTs a browser sends from another origin.
 fn check_request(req: &Request, hosts: &Hosts) -> Result<(), Refusal> {
-    let open_at = format!("open the page at http://127.0.0.1:{}/", hosts.port);
+    let open_at = format!("open the page at {}", hosts.page);
     let host = match (req.header_count("host"), req.header("host")) {
         (0, _) if req.http11 => return Err(refuse(400, "an HTTP/1.1 request needs a Host header")),
         (0, _) => None,
