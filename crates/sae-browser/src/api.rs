@@ -243,18 +243,19 @@ impl Browser {
 
     /// `POST /api/encode` with `{"text": "..."}`.
     pub fn encode(&self, body: &[u8]) -> ApiResult {
-        let Some(enc) = &self.encoder else {
-            return Err(ApiError::new(
-                503,
-                "this server has no model loaded; start `sae serve` with the SAE and model available to use the text box",
-            ));
-        };
+        // A malformed request is the client's fault (400) whether or not a model is loaded.
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::new(400, format!("body must be JSON {{\"text\": ...}}: {e}")))?;
         let text = v
             .get("text")
             .and_then(|t| t.as_str())
             .ok_or_else(|| ApiError::new(400, "body must be JSON {\"text\": \"...\"}"))?;
+        let Some(enc) = &self.encoder else {
+            return Err(ApiError::new(
+                503,
+                "this server has no model loaded; start `sae serve` with the SAE and model available to use the text box",
+            ));
+        };
         if text.len() > self.max_text_bytes {
             return Err(ApiError::new(
                 413,

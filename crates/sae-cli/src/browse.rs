@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use clap::Args;
 use sae_browser::format::Provenance;
-use sae_browser::server::start;
+use sae_browser::server::{start_with, ServeOptions};
 use sae_browser::{Analysis, AnalyzeOptions, Browser, ModelSource, SaeTextEncoder, ScanConfig};
 use sae_lm::LanguageModel;
 use sae_output::{check_output, ensure_space, Input, OutputKind, OutputLock};
@@ -216,10 +216,49 @@ pub struct ServeArgs {
     /// Worker threads answering requests.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Seconds a client may take to send a request (and to read the answer); slower ones
+    /// are cut off with 408, so they cannot tie up the server.
+    #[arg(long, default_value_t = 10)]
+    request_timeout: u64,
+}
+
+/// Refuses an `--analysis` path that is not an analysis directory, saying what it is instead.
+fn check_analysis_dir(dir: &Path) -> anyhow::Result<()> {
+    let shown = dir.display();
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "--analysis {shown}: no such directory; make it with `sae analyze --sae SAE_DIR --out {shown}`"
+        ),
+        Err(e) => bail!("--analysis {shown}: cannot read it ({e})"),
+    };
+    if !meta.is_dir() {
+        bail!(
+            "--analysis {shown}: is a file, not a directory; pass the directory `sae analyze --out` wrote"
+        );
+    }
+    if dir.join(sae_browser::format::META_FILE).exists() {
+        return Ok(());
+    }
+    let fix = "run `sae analyze --sae SAE_DIR --out ANALYSIS_DIR` and pass --analysis ANALYSIS_DIR";
+    if dir.join("cfg.json").exists() {
+        bail!(
+            "--analysis {shown}: this is an SAE directory, not an analysis; run `sae analyze --sae {shown} --out ANALYSIS_DIR` and pass --analysis ANALYSIS_DIR"
+        );
+    }
+    if dir.join("manifest.json").exists() {
+        bail!("--analysis {shown}: this is an activation store, not an analysis; {fix}");
+    }
+    bail!("--analysis {shown}: not an analysis directory (it has no meta.json); {fix}")
 }
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let analysis = Analysis::open(&a.analysis)?;
+    if a.request_timeout == 0 {
+        bail!("--request-timeout must be at least 1 (seconds)");
+    }
+    check_analysis_dir(&a.analysis)?;
+    let analysis = Analysis::open(&a.analysis)
+        .with_context(|| format!("--analysis {}", a.analysis.display()))?;
     let encoder: Option<Box<dyn sae_browser::TextEncoder>> = if a.no_model {
         None
     } else {
@@ -248,7 +287,12 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let n = analysis.d_sae();
     let live = encoder.is_some();
-    let server = start(Browser::new(analysis, encoder), &a.host, a.port, a.threads)?;
+    let opts = ServeOptions {
+        threads: a.threads,
+        request_timeout: std::time::Duration::from_secs(a.request_timeout),
+        ..ServeOptions::default()
+    };
+    let server = start_with(Browser::new(analysis, encoder), &a.host, a.port, &opts)?;
     let addr = server.addr();
     if !addr.ip().is_loopback() {
         eprintln!("warning: listening on {addr}, reachable from other machines");
