@@ -503,12 +503,14 @@ pub fn load(dir: &Path) -> anyhow::Result<Sae> {
                     );
                 }
                 vec![v[0]; d_sae]
-            } else {
+            } else if has("log_threshold") {
                 used.push("log_threshold");
                 read("log_threshold", &[d_sae])?
                     .into_iter()
                     .map(f32::exp)
                     .collect()
+            } else {
+                return Err(tensor("threshold").unwrap_err());
             };
         }
         ArchKind::Relu | ArchKind::TopK => {}
