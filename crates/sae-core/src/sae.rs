@@ -41,6 +41,133 @@ pub struct Sae {
     pub meta: SaeMeta,
 }
 
+/// Why an SAE cannot be used: a size or hyper-parameter (a cfg.json key) or a tensor's values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Invalid {
+    /// `key` is the cfg.json key (`d_in`, `d_sae`, `k`).
+    Config { key: &'static str, msg: String },
+    /// `tensor` is the SAELens tensor name; `non_finite` when it holds NaN or infinite values.
+    Tensor {
+        tensor: &'static str,
+        msg: String,
+        non_finite: bool,
+    },
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Config { msg, .. } | Invalid::Tensor { msg, .. } => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+impl Sae {
+    /// `(SAELens tensor name, values, shape)` of every tensor this SAE's architecture uses.
+    pub fn tensors(&self) -> Vec<(&'static str, &[f32], Vec<usize>)> {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let enc_bias = if self.arch == ArchKind::Gated {
+            "b_gate"
+        } else {
+            "b_enc"
+        };
+        let mut t = vec![
+            ("W_enc", &self.w_enc[..], vec![d_in, d_sae]),
+            (enc_bias, &self.b_enc[..], vec![d_sae]),
+            ("W_dec", &self.w_dec[..], vec![d_sae, d_in]),
+            ("b_dec", &self.b_dec[..], vec![d_in]),
+        ];
+        match self.arch {
+            ArchKind::Gated => {
+                t.push(("r_mag", &self.r_mag[..], vec![d_sae]));
+                t.push(("b_mag", &self.b_mag[..], vec![d_sae]));
+            }
+            ArchKind::JumpRelu | ArchKind::BatchTopK => {
+                t.push(("threshold", &self.threshold[..], vec![d_sae]))
+            }
+            ArchKind::Relu | ArchKind::TopK => {}
+        }
+        t
+    }
+
+    /// Checks that this SAE can encode and decode: positive sizes, `1 <= k <= d_sae` for
+    /// TopK / BatchTopK, every tensor of the right length and finite, and thresholds `>= 0`
+    /// (JumpReLU trains `log(threshold)`; relu makes a negative one act as 0 anyway, so a
+    /// negative value means the file is not what it claims).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let config = |key, msg| Err(Invalid::Config { key, msg });
+        if self.d_in == 0 {
+            return config(
+                "d_in",
+                "d_in is 0; an SAE needs a positive input width".into(),
+            );
+        }
+        if self.d_sae == 0 {
+            return config(
+                "d_sae",
+                "d_sae is 0; an SAE needs at least one latent".into(),
+            );
+        }
+        if matches!(self.arch, ArchKind::TopK | ArchKind::BatchTopK) {
+            if self.k == 0 {
+                return config("k", format!("k is 0; a {} SAE needs k >= 1", self.arch));
+            }
+            if self.k > self.d_sae {
+                return config(
+                    "k",
+                    format!(
+                        "k = {} is more than d_sae = {}; a {} SAE keeps at most d_sae latents",
+                        self.k, self.d_sae, self.arch
+                    ),
+                );
+            }
+        }
+        for (tensor, data, shape) in self.tensors() {
+            let want = shape.iter().fold(1usize, |a, &d| a.saturating_mul(d));
+            if data.len() != want {
+                return Err(Invalid::Tensor {
+                    tensor,
+                    msg: format!(
+                        "{tensor} has {} values, expected {want} ({shape:?})",
+                        data.len()
+                    ),
+                    non_finite: false,
+                });
+            }
+            let nan = data.iter().filter(|v| v.is_nan()).count();
+            let inf = data.iter().filter(|v| v.is_infinite()).count();
+            if nan + inf > 0 {
+                let what = match (nan, inf) {
+                    (n, 0) => format!("{n} NaN values"),
+                    (0, i) => format!("{i} infinite values"),
+                    (n, i) => format!("{n} NaN and {i} infinite values"),
+                };
+                return Err(Invalid::Tensor {
+                    tensor,
+                    msg: format!("{tensor} holds {what}"),
+                    non_finite: true,
+                });
+            }
+        }
+        let negative = self.threshold.iter().filter(|t| **t < 0.0).count();
+        if negative > 0 {
+            let lowest = self.threshold.iter().cloned().fold(f32::INFINITY, f32::min);
+            return Err(Invalid::Tensor {
+                tensor: "threshold",
+                msg: format!(
+                    "threshold holds {negative} negative values (lowest {lowest}); a {} \
+                     threshold is >= 0",
+                    self.arch
+                ),
+                non_finite: false,
+            });
+        }
+        Ok(())
+    }
+}
+
 // CONTRACT (signatures relied on by sae-train, sae-eval and sae-browser).
 impl Sae {
     /// A freshly initialised SAE as its paper does it (see ../shared/reference/sae-methods.md):

@@ -13,7 +13,7 @@
 //! `hook_name` etc. at the top level and `activation_fn_str: "topk"` also load.
 
 use crate::arch::ArchKind;
-use crate::sae::{Sae, SaeMeta};
+use crate::sae::{Invalid, Sae, SaeMeta};
 use anyhow::{bail, Context};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde_json::{json, Value};
@@ -33,6 +33,12 @@ fn saelens_arch(a: ArchKind) -> &'static str {
     }
 }
 
+/// The SAELens cfg layout written here is SAELens 6.0's (`SAEConfig.to_dict` in
+/// sae_lens/saes/sae.py, unchanged through 6.18). SAELens 6 takes a cfg without
+/// `metadata.sae_lens_version >= 6.0.0` for a pre-6.0 file and keeps only top-level metadata
+/// keys, which would drop the nested hook, model, context size and dataset.
+const SAELENS_LAYOUT_VERSION: &str = "6.0.0";
+
 fn cfg_json(sae: &Sae) -> Value {
     let mut cfg = json!({
         "architecture": saelens_arch(sae.arch),
@@ -44,8 +50,11 @@ fn cfg_json(sae: &Sae) -> Value {
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
+            "sae_lens_version": SAELENS_LAYOUT_VERSION,
+            "sae_lens_training_version": SAELENS_LAYOUT_VERSION,
             "model_name": sae.meta.model_name,
             "hook_name": sae.meta.hook_name,
+            "hook_head_index": null,
             "context_size": sae.meta.context_size,
             "prepend_bos": sae.meta.prepend_bos,
             "dataset_path": sae.meta.dataset_path,
@@ -54,48 +63,36 @@ fn cfg_json(sae: &Sae) -> Value {
     });
     if sae.arch == ArchKind::TopK {
         cfg["k"] = json!(sae.k);
+        // Our TopK picks the k largest raw pre-activations.
+        cfg["rescale_acts_by_decoder_norm"] = json!(false);
     }
     cfg
 }
 
-/// `(name, data, shape)` of every tensor this SAE saves.
-fn tensors_of(sae: &Sae) -> Vec<(&'static str, &[f32], Vec<usize>)> {
-    let (d_in, d_sae) = (sae.d_in, sae.d_sae);
-    let enc_bias = if sae.arch == ArchKind::Gated {
-        "b_gate"
-    } else {
-        "b_enc"
-    };
-    let mut t = vec![
-        ("W_enc", &sae.w_enc[..], vec![d_in, d_sae]),
-        (enc_bias, &sae.b_enc[..], vec![d_sae]),
-        ("W_dec", &sae.w_dec[..], vec![d_sae, d_in]),
-        ("b_dec", &sae.b_dec[..], vec![d_in]),
-    ];
-    match sae.arch {
-        ArchKind::Gated => {
-            t.push(("r_mag", &sae.r_mag[..], vec![d_sae]));
-            t.push(("b_mag", &sae.b_mag[..], vec![d_sae]));
-        }
-        ArchKind::JumpRelu | ArchKind::BatchTopK => {
-            t.push(("threshold", &sae.threshold[..], vec![d_sae]))
-        }
-        _ => {}
-    }
-    t
-}
-
 /// Write `dir/cfg.json` and `dir/sae_weights.safetensors` atomically (temp dir, then rename).
 /// An existing `dir` is moved aside first and only deleted once the new one is in place.
+/// An SAE that fails [`Sae::validate`] is refused before anything is written.
 pub fn save(sae: &Sae, dir: &Path) -> anyhow::Result<()> {
-    check_shapes(sae).with_context(|| format!("refusing to save {}", dir.display()))?;
-    let tensors = tensors_of(sae);
-    let views = tensors
-        .iter()
+    match sae.validate() {
+        Ok(()) => {}
+        Err(
+            e @ Invalid::Tensor {
+                non_finite: true, ..
+            },
+        ) => bail!(
+            "refusing to save {}: {e}: training diverged; nothing was written there. Train \
+             again with a lower --lr, or from an earlier checkpoint",
+            dir.display()
+        ),
+        Err(e) => bail!("refusing to save {}: {e}", dir.display()),
+    }
+    let views = sae
+        .tensors()
+        .into_iter()
         .map(|(name, data, shape)| {
             Ok((
                 name.to_string(),
-                TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(data))?,
+                TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(data))?,
             ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -125,25 +122,203 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(sae_output::write_atomic(path, bytes)?)
 }
 
-fn check_shapes(sae: &Sae) -> anyhow::Result<()> {
-    let (d_in, d_sae) = (sae.d_in, sae.d_sae);
-    for (name, data, shape) in tensors_of(sae) {
-        let want: usize = shape.iter().product();
-        if data.len() != want {
-            bail!(
-                "tensor {name} has {} values, expected {want} ({shape:?})",
-                data.len()
-            );
-        }
-    }
-    if matches!(sae.arch, ArchKind::TopK | ArchKind::BatchTopK) && sae.k == 0 {
-        bail!("{} SAE with k = 0", sae.arch);
-    }
-    let _ = (d_in, d_sae);
-    Ok(())
+/// SAELens `architecture` values this loader reads (`batchtopk` is a SAELens training
+/// checkpoint; SAELens saves BatchTopK for inference as `jumprelu`).
+const SAELENS_ARCHS: &str = "standard, gated, jumprelu, topk, batchtopk";
+
+/// What cfg.json says about the math, once every key that changes it has been checked.
+#[derive(Debug, PartialEq)]
+struct CfgSpec {
+    arch: ArchKind,
+    /// `None` when cfg.json gives no k.
+    k: Option<usize>,
+    apply_b_dec_to_input: bool,
+    /// SAELens TopK `rescale_acts_by_decoder_norm`: folded into the weights on load.
+    rescale_by_decoder_norm: bool,
+    /// Pre-6.0 SAELens `finetuning_scaling_factor`: a per-latent scale on the codes before
+    /// decoding, folded into W_dec on load.
+    finetuning_scaling_factor: bool,
+    meta: SaeMeta,
 }
 
-/// Read an SAE in SAELens layout (ours or SAELens'), checking cfg against the weights.
+fn is_null(v: Option<&Value>) -> bool {
+    v.is_none_or(Value::is_null)
+}
+
+fn bool_key(cfg: &Value, key: &str, default: bool) -> Result<bool, String> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(format!("'{key}' is {v}, expected true or false")),
+    }
+}
+
+/// A k written as an integer, or as a float with no fraction (SAELens' BatchTopK k is a float).
+fn k_value(key: &str, v: &Value) -> Result<usize, String> {
+    v.as_u64()
+        .or_else(|| {
+            v.as_f64()
+                .filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < 1e15)
+                .map(|f| f as u64)
+        })
+        .map(|k| k as usize)
+        .ok_or_else(|| format!("'{key}' is {v}, expected a whole number of active latents"))
+}
+
+/// Reads every cfg.json key that changes what the SAE computes; refuses values we do not
+/// implement. Keys that only matter for training (l1_coefficient, jumprelu_bandwidth,
+/// aux_loss_coefficient, ...) or for where the file came from are not read here.
+fn parse_cfg(cfg: &Value) -> Result<CfgSpec, String> {
+    let ours = cfg.get("sae_core");
+    let saelens = match cfg.get("architecture") {
+        None | Some(Value::Null) => "standard",
+        Some(Value::String(a)) => a.as_str(),
+        Some(v) => {
+            return Err(format!(
+                "'architecture' is {v}, expected one of {SAELENS_ARCHS}"
+            ))
+        }
+    };
+    let act_fn_key = ["activation_fn_str", "activation_fn"]
+        .into_iter()
+        .find(|k| !is_null(cfg.get(*k)));
+    let act_fn = match act_fn_key {
+        None => None,
+        Some(key) => match cfg[key].as_str() {
+            Some(f @ ("relu" | "topk")) => Some(f),
+            _ => {
+                return Err(format!(
+                    "'{key}' = {} is not supported; only relu and topk activations load",
+                    cfg[key]
+                ))
+            }
+        },
+    };
+    let from_saelens = match (saelens, act_fn) {
+        ("standard", Some("topk")) | ("topk", _) => ArchKind::TopK,
+        ("standard", _) => ArchKind::Relu,
+        ("gated" | "jumprelu" | "batchtopk", Some("topk")) => {
+            return Err(format!(
+                "'architecture' = '{saelens}' with a topk activation is not an SAE we know; \
+                 expected architecture 'topk'"
+            ))
+        }
+        ("gated", _) => ArchKind::Gated,
+        ("jumprelu", _) => ArchKind::JumpRelu,
+        ("batchtopk", _) => ArchKind::BatchTopK,
+        (other, _) => {
+            return Err(format!(
+                "unknown architecture '{other}'; the architectures this loader knows are \
+                 {SAELENS_ARCHS} (SAELens names) and {} (ours, under sae_core)",
+                ArchKind::ALL.map(ArchKind::as_str).join(", ")
+            ))
+        }
+    };
+    let arch = match ours.and_then(|o| o.get("architecture")) {
+        None => from_saelens,
+        Some(a) => {
+            let a = a
+                .as_str()
+                .ok_or_else(|| format!("'sae_core.architecture' is {a}, expected a string"))?;
+            let a = a
+                .parse::<ArchKind>()
+                .map_err(|e| format!("sae_core.architecture: {e}"))?;
+            // Our files save BatchTopK as SAELens' jumprelu; anything else disagreeing means
+            // one of the two was edited, and SAELens would run the other architecture.
+            if saelens_arch(a) != saelens && !(a == ArchKind::BatchTopK && saelens == "batchtopk") {
+                return Err(format!(
+                    "'architecture' is '{saelens}' but sae_core.architecture is '{a}' (saved as \
+                     '{}'); set one to match the other",
+                    saelens_arch(a)
+                ));
+            }
+            a
+        }
+    };
+    let k_src = [
+        ours.and_then(|o| o.get("k")).map(|v| ("sae_core.k", v)),
+        cfg.get("k").map(|v| ("k", v)),
+        cfg.get("activation_fn_kwargs")
+            .and_then(|kw| kw.get("k"))
+            .map(|v| ("activation_fn_kwargs.k", v)),
+    ];
+    let k = match k_src.into_iter().flatten().find(|(_, v)| !v.is_null()) {
+        Some((key, v)) if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) => {
+            Some(k_value(key, v)?)
+        }
+        _ => None,
+    };
+    // SAELens itself runs `expected_average_only_in` as the identity at inference: its
+    // dataset-wide scale is folded into the weights when it saves. Pre-6.0 files wrote a
+    // bool for the same thing. The per-token normalisations would need run-time work.
+    match cfg.get("normalize_activations") {
+        None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+        Some(Value::String(n))
+            if matches!(n.as_str(), "none" | "" | "expected_average_only_in") => {}
+        Some(v) => {
+            return Err(format!(
+                "'normalize_activations' = {v} (a per-token normalisation) is not supported; \
+                 only 'none' and 'expected_average_only_in' SAEs can be loaded"
+            ))
+        }
+    }
+    match cfg.get("reshape_activations") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(r)) if r == "none" => {}
+        Some(v) => {
+            return Err(format!(
+                "'reshape_activations' = {v} is not supported; only SAEs on a flat hook \
+                 ('none') can be loaded"
+            ))
+        }
+    }
+    let apply_b_dec_to_input = bool_key(cfg, "apply_b_dec_to_input", true)?;
+    // SAELens reads the flag only for its TopK family.
+    let rescale_by_decoder_norm = bool_key(cfg, "rescale_acts_by_decoder_norm", false)?
+        && matches!(arch, ArchKind::TopK | ArchKind::BatchTopK);
+    let finetuning_scaling_factor = bool_key(cfg, "finetuning_scaling_factor", false)?;
+
+    let meta_src = cfg.get("metadata").filter(|m| m.is_object()).unwrap_or(cfg);
+    let field = |k: &str| {
+        meta_src
+            .get(k)
+            .filter(|v| !v.is_null())
+            .or_else(|| cfg.get(k).filter(|v| !v.is_null()))
+    };
+    for key in ["hook_head_index", "hook_point_head_index"] {
+        if let Some(v) = field(key) {
+            return Err(format!(
+                "'{key}' = {v}: an SAE on one attention head is not supported; only SAEs on a \
+                 whole hook can be loaded"
+            ));
+        }
+    }
+    let text = |k: &str| field(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let meta = SaeMeta {
+        model_name: text("model_name"),
+        hook_name: field("hook_name")
+            .or_else(|| field("hook_point"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .into(),
+        context_size: field("context_size").and_then(Value::as_u64).unwrap_or(0) as usize,
+        prepend_bos: field("prepend_bos")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+        dataset_path: text("dataset_path"),
+    };
+    Ok(CfgSpec {
+        arch,
+        k,
+        apply_b_dec_to_input,
+        rescale_by_decoder_norm,
+        finetuning_scaling_factor,
+        meta,
+    })
+}
+
+/// Read an SAE in SAELens layout (ours or SAELens'), checking cfg against the weights and the
+/// result with [`Sae::validate`]. Every error names the file and what is wrong with it.
 pub fn load(dir: &Path) -> anyhow::Result<Sae> {
     let cfg_path = dir.join(CFG_FILE);
     let w_path = dir.join(WEIGHTS_FILE);
@@ -153,9 +328,17 @@ pub fn load(dir: &Path) -> anyhow::Result<Sae> {
             cfg_path.display()
         )
     })?;
-    let cfg: Value = serde_json::from_str(&cfg_text)
-        .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
     let bad = |what: String| anyhow::anyhow!("{}: {what}", cfg_path.display());
+    let cfg: Value = serde_json::from_str(&cfg_text).map_err(|e| {
+        bad(format!(
+            "not valid JSON ({e}); restore it from where the SAE came from"
+        ))
+    })?;
+    if !cfg.is_object() {
+        return Err(bad(
+            "expected a JSON object with d_in, d_sae and architecture".into(),
+        ));
+    }
     let get_usize = |k: &str| -> anyhow::Result<usize> {
         cfg.get(k)
             .and_then(Value::as_u64)
@@ -164,99 +347,54 @@ pub fn load(dir: &Path) -> anyhow::Result<Sae> {
     };
     let d_in = get_usize("d_in")?;
     let d_sae = get_usize("d_sae")?;
-    let ours = cfg.get("sae_core");
-    let saelens_arch = cfg
-        .get("architecture")
-        .and_then(Value::as_str)
-        .unwrap_or("standard");
-    let act_fn = cfg.get("activation_fn_str").and_then(Value::as_str);
-    let mut k = cfg
-        .get("k")
-        .and_then(Value::as_u64)
-        .or_else(|| {
-            cfg.get("activation_fn_kwargs")
-                .and_then(|kw| kw.get("k"))
-                .and_then(Value::as_u64)
-        })
-        .unwrap_or(0) as usize;
-    let arch = if let Some(a) = ours
-        .and_then(|o| o.get("architecture"))
-        .and_then(Value::as_str)
-    {
-        if let Some(kk) = ours.and_then(|o| o.get("k")).and_then(Value::as_u64) {
-            k = kk as usize;
-        }
-        a.parse::<ArchKind>().map_err(|e| bad(e.to_string()))?
-    } else {
-        match (saelens_arch, act_fn) {
-            ("standard", Some("topk")) => ArchKind::TopK,
-            ("standard", _) => ArchKind::Relu,
-            ("gated", _) => ArchKind::Gated,
-            ("jumprelu", _) => ArchKind::JumpRelu,
-            ("topk", _) => ArchKind::TopK,
-            ("batchtopk", _) => ArchKind::BatchTopK,
-            (other, _) => {
-                return Err(bad(format!(
-                    "unsupported SAELens architecture '{other}' (supported: standard, gated, jumprelu, topk)"
-                )))
-            }
-        }
-    };
-    if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) && k == 0 {
-        return Err(bad(format!("a {arch} SAE needs a positive 'k'")));
-    }
-    // SAELens folds its dataset-wide scaling factor into the weights when it saves
-    // (`expected_average_only_in`); per-token normalisations would need run-time work.
-    if let Some(norm) = cfg.get("normalize_activations").and_then(Value::as_str) {
-        if !matches!(norm, "none" | "" | "expected_average_only_in") {
+    let spec = parse_cfg(&cfg).map_err(bad)?;
+    let arch = spec.arch;
+    let k = match spec.k {
+        Some(k) => k,
+        None if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) => {
             return Err(bad(format!(
-                "normalize_activations = '{norm}' (a per-token normalisation) is not supported; \
-                 only 'none' and 'expected_average_only_in' SAEs can be loaded"
-            )));
+                "no 'k'; a {arch} SAE needs k, the number of active latents per token"
+            )))
         }
-    }
-    let apply_b_dec_to_input = cfg
-        .get("apply_b_dec_to_input")
-        .and_then(Value::as_bool)
-        .unwrap_or(true);
-    let meta_src = cfg.get("metadata").unwrap_or(&cfg);
-    let field = |k: &str| meta_src.get(k).or_else(|| cfg.get(k));
-    let meta = SaeMeta {
-        model_name: field("model_name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .into(),
-        hook_name: field("hook_name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .into(),
-        context_size: field("context_size").and_then(Value::as_u64).unwrap_or(0) as usize,
-        prepend_bos: field("prepend_bos")
-            .and_then(Value::as_bool)
-            .unwrap_or(true),
-        dataset_path: field("dataset_path")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .into(),
+        None => 0,
     };
+    // Sizes and k before the weights, so a bad cfg.json is reported as such.
+    let sizes = Sae {
+        arch,
+        d_in,
+        d_sae,
+        k,
+        ..Sae::init(ArchKind::Relu, 0, 0, 0, 0)
+    };
+    if let Err(Invalid::Config { key, msg }) = sizes.validate() {
+        return Err(bad(format!("{msg}; fix '{key}' or load another SAE")));
+    }
 
     let bytes = std::fs::read(&w_path).with_context(|| format!("reading {}", w_path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", w_path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a valid safetensors file ({e}); it is damaged or truncated, copy it again \
+             or retrain the SAE",
+            w_path.display()
+        )
+    })?;
     let names: HashMap<String, ()> = st
         .names()
         .into_iter()
         .map(|n| (n.to_string(), ()))
         .collect();
-    let read = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<f32>> {
-        let t = st.tensor(name).map_err(|_| {
+    let tensor = |name: &str| {
+        st.tensor(name).map_err(|_| {
             anyhow::anyhow!(
                 "{}: no tensor '{name}', which a {arch} SAE ({}) needs; the file has {:?}",
                 w_path.display(),
                 cfg_path.display(),
                 sorted(&names)
             )
-        })?;
+        })
+    };
+    let read = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<f32>> {
+        let t = tensor(name)?;
         if t.shape() != shape {
             bail!(
                 "{}: tensor '{name}' has shape {:?} but {} says d_in = {d_in}, d_sae = {d_sae} (expected {shape:?})",
@@ -273,6 +411,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Sae> {
     } else {
         "b_enc"
     };
+    let mut used = vec!["W_enc", enc_bias, "W_dec", "b_dec"];
     let mut sae = Sae {
         arch,
         d_in,
@@ -284,32 +423,134 @@ pub fn load(dir: &Path) -> anyhow::Result<Sae> {
         r_mag: Vec::new(),
         b_mag: Vec::new(),
         threshold: Vec::new(),
-        k: if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) {
-            k
-        } else {
-            0
-        },
-        apply_b_dec_to_input,
-        meta,
+        k,
+        apply_b_dec_to_input: spec.apply_b_dec_to_input,
+        meta: spec.meta,
     };
     match arch {
         ArchKind::Gated => {
             sae.r_mag = read("r_mag", &[d_sae])?;
             sae.b_mag = read("b_mag", &[d_sae])?;
+            used.extend(["r_mag", "b_mag"]);
         }
         ArchKind::JumpRelu | ArchKind::BatchTopK => {
-            sae.threshold = if names.contains_key("threshold") {
+            let has = |n: &str| names.contains_key(n);
+            sae.threshold = if has("threshold") {
+                used.push("threshold");
                 read("threshold", &[d_sae])?
-            } else {
+            } else if arch == ArchKind::BatchTopK && !has("log_threshold") && has("topk_threshold")
+            {
+                // A SAELens BatchTopK training checkpoint: one threshold for every latent,
+                // broadcast as SAELens does when it saves one for inference.
+                used.push("topk_threshold");
+                let t = tensor("topk_threshold")?;
+                let v = to_f32(t.dtype(), t.data())
+                    .with_context(|| format!("{}: tensor 'topk_threshold'", w_path.display()))?;
+                if v.len() != 1 {
+                    bail!(
+                        "{}: tensor 'topk_threshold' has shape {:?}, expected one value",
+                        w_path.display(),
+                        t.shape()
+                    );
+                }
+                vec![v[0]; d_sae]
+            } else if has("log_threshold") {
+                used.push("log_threshold");
                 read("log_threshold", &[d_sae])?
                     .into_iter()
                     .map(f32::exp)
                     .collect()
+            } else {
+                return Err(tensor("threshold").unwrap_err());
             };
         }
-        _ => {}
+        ArchKind::Relu | ArchKind::TopK => {}
+    }
+    let scale_name = ["scaling_factor", "finetuning_scaling_factor"]
+        .into_iter()
+        .find(|n| names.contains_key(*n));
+    let finetuning_scale = match scale_name {
+        Some(name) => {
+            used.push(name);
+            let s = read(name, &[d_sae])?;
+            // As SAELens: a scale of all ones is a no-op left over from older versions.
+            if !spec.finetuning_scaling_factor && s.iter().any(|v| *v != 1.0) {
+                bail!(
+                    "{}: tensor '{name}' scales the codes but {} has no \
+                     'finetuning_scaling_factor: true'; set it if the scale belongs to the SAE",
+                    w_path.display(),
+                    cfg_path.display()
+                );
+            }
+            Some(s)
+        }
+        None if spec.finetuning_scaling_factor => {
+            return Err(tensor("scaling_factor").unwrap_err().context(format!(
+                "{} sets 'finetuning_scaling_factor'",
+                cfg_path.display()
+            )))
+        }
+        None => None,
+    };
+    let extra: Vec<&str> = sorted(&names)
+        .into_iter()
+        .filter(|n| !used.contains(n))
+        .collect();
+    if !extra.is_empty() {
+        bail!(
+            "{}: tensors {extra:?} are not part of a {arch} SAE, so {} names the wrong \
+             architecture or the weights belong to another SAE; fix 'architecture' or load \
+             another SAE",
+            w_path.display(),
+            cfg_path.display()
+        );
+    }
+    let broken = |e: Invalid| match e {
+        Invalid::Config { key, msg } => bad(format!("{msg}; fix '{key}' or load another SAE")),
+        Invalid::Tensor { msg, .. } => anyhow::anyhow!(
+            "{}: {msg}; the SAE is broken, retrain it or load another",
+            w_path.display()
+        ),
+    };
+    sae.validate().map_err(broken)?;
+    let folded = spec.rescale_by_decoder_norm || finetuning_scale.is_some();
+    if let Some(s) = finetuning_scale {
+        for (row, s) in sae.w_dec.chunks_mut(d_in).zip(s) {
+            row.iter_mut().for_each(|w| *w *= s);
+        }
+    }
+    if spec.rescale_by_decoder_norm {
+        fold_decoder_norms(&mut sae);
+    }
+    if folded {
+        sae.validate().map_err(broken)?;
     }
     Ok(sae)
+}
+
+/// SAELens' `rescale_acts_by_decoder_norm` (TopK family): it multiplies the pre-activations
+/// by the decoder row norms `n_j` before choosing the top k (BatchTopK: before its
+/// threshold), and divides the codes by `n_j` again before decoding. Scaling W_enc's column j
+/// and b_enc[j] by `n_j` and dividing W_dec's row j by it gives the same pre-activations,
+/// codes and reconstruction with plain TopK math (SAELens does the same fold when it saves a
+/// TopK SAE for inference). A zero row stays zero: that latent's pre-activation is then 0, so
+/// it never holds a positive code.
+fn fold_decoder_norms(sae: &mut Sae) {
+    let (d_in, d_sae) = (sae.d_in, sae.d_sae);
+    let norms: Vec<f32> = sae
+        .w_dec
+        .chunks(d_in)
+        .map(|row| row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() as f32)
+        .collect();
+    for (row, &n) in sae.w_dec.chunks_mut(d_in).zip(&norms) {
+        if n > 0.0 {
+            row.iter_mut().for_each(|w| *w /= n);
+        }
+    }
+    for row in sae.w_enc.chunks_mut(d_sae) {
+        row.iter_mut().zip(&norms).for_each(|(w, n)| *w *= n);
+    }
+    sae.b_enc.iter_mut().zip(&norms).for_each(|(b, n)| *b *= n);
 }
 
 fn sorted(names: &HashMap<String, ()>) -> Vec<&str> {

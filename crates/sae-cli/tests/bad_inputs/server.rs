@@ -2,7 +2,6 @@
 //! the running server, "refused" means an HTTP 4xx with a JSON error, and the server still
 //! answering afterwards.
 
-#[allow(unused_imports)]
 use crate::harness::*;
 
 use sae_browser::format::Provenance;

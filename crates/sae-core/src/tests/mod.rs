@@ -3,6 +3,7 @@
 
 mod files;
 mod grads;
+mod load_checks;
 mod misc;
 mod reference;
 
