@@ -14,4 +14,7 @@ pub use atomic::{replace_dir, write_atomic};
 pub use lock::{LockError, OutputLock};
 pub use outdir::{check_output, mark, Existing, Input, OutputError, OutputKind, MARK_FILE};
 pub use progress::{Progress, ProgressGroup};
-pub use space::{ensure_space, free_bytes, human_bytes, SpaceError};
+pub use space::{
+    available_memory, ensure_memory, ensure_space, free_bytes, human_bytes, product, MemoryError,
+    SpaceError,
+};

@@ -17,7 +17,6 @@
 //! f32 per batch; batches follow a seeded permutation of all rows, epoch after
 //! epoch. `synth` writes synthetic sets in this format plus `true_features.safetensors`.
 
-pub mod memory;
 pub mod npy;
 pub mod reader;
 pub mod shuffle;

@@ -74,7 +74,7 @@ impl SynthConfig {
             StoreDtype::F32 => 4,
             StoreDtype::Bf16 => 2,
         };
-        if crate::memory::product(&[self.n_tokens, self.d_in, stored]).is_none() {
+        if sae_output::product(&[self.n_tokens, self.d_in, stored]).is_none() {
             bail!(
                 "--n-tokens {} of --d-in {} is more than 2^64 bytes; ask for fewer tokens",
                 self.n_tokens,
@@ -83,8 +83,8 @@ impl SynthConfig {
         }
         // The directions and their serialized copy, one sampled chunk and the shard being
         // written are in memory together.
-        let features = crate::memory::product(&[self.n_features, self.d_in, 4, 2]);
-        let chunk = crate::memory::product(&[SAMPLE_CHUNK.min(self.n_tokens), self.d_in, 4]);
+        let features = sae_output::product(&[self.n_features, self.d_in, 4, 2]);
+        let chunk = sae_output::product(&[SAMPLE_CHUNK.min(self.n_tokens), self.d_in, 4]);
         let shard = crate::writer::shard_buffer_bytes(
             self.d_in,
             self.rows_per_shard.min(self.n_tokens),
@@ -94,7 +94,7 @@ impl SynthConfig {
         let need = [features, chunk, shard]
             .into_iter()
             .try_fold(0u64, |acc, b| acc.checked_add(b?));
-        crate::memory::check_fits(
+        sae_output::ensure_memory(
             need,
             &format!(
                 "a synthetic set of --d-in {} with --n-features {} and --rows-per-shard {}",
@@ -103,7 +103,8 @@ impl SynthConfig {
                 self.rows_per_shard.min(self.n_tokens)
             ),
             "lower --d-in, --n-features or --rows-per-shard",
-        )
+        )?;
+        Ok(())
     }
 }
 
@@ -168,25 +169,18 @@ pub fn write_synthetic(out: &Path, cfg: &SynthConfig) -> Result<Manifest> {
         StoreDtype::F32 => 4,
         StoreDtype::Bf16 => 2,
     };
-    let size = |parts: &[usize]| crate::memory::product(parts).unwrap_or(u64::MAX);
+    let size = |parts: &[usize]| sae_output::product(parts).unwrap_or(u64::MAX);
     let need = size(&[cfg.n_tokens, cfg.d_in, stored]).saturating_add(size(&[
         cfg.n_features,
         cfg.d_in,
         4,
     ]));
-    if let Some(free) = crate::memory::free_disk_bytes(parent) {
-        if need > free {
-            bail!(
-                "--n-tokens {} of --d-in {} need about {} of disk but only {} is free in {}; \
-                 ask for fewer tokens or choose another --out",
-                cfg.n_tokens,
-                cfg.d_in,
-                crate::memory::human(need),
-                crate::memory::human(free),
-                parent.display()
-            );
-        }
-    }
+    sae_output::ensure_space(
+        parent,
+        need,
+        &format!("--n-tokens {} of --d-in {}", cfg.n_tokens, cfg.d_in),
+        "ask for fewer tokens or choose another --out",
+    )?;
     let tmp = out.with_file_name(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),

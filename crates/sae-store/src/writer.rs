@@ -157,7 +157,7 @@ impl ShardWriter {
             0 => rows_per_shard,
             t => rows_per_shard.min(t),
         };
-        crate::memory::check_fits(
+        sae_output::ensure_memory(
             shard_buffer_bytes(template.d_in, rows, template.dtype, template.has_tokens),
             &format!("a shard of {rows} rows of width {}", template.d_in),
             "lower --shard-rows",
