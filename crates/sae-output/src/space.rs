@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-#[error("{what} needs about {} but {} has {} free; {fix}", human_bytes(*.need), .dir.display(), human_bytes(*.free))]
+#[error("{what} needs about {} of disk but {} has only {} free; {fix}", human_bytes(*.need), .dir.display(), human_bytes(*.free))]
 pub struct SpaceError {
     pub what: String,
     pub dir: PathBuf,

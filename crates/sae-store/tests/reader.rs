@@ -677,7 +677,7 @@ fn synthetic_sizes_are_checked_before_anything_is_written() {
             d_in: 1 << 10,
             ..base.clone()
         },
-        &["needs about 4.0 PiB but", "ask for fewer tokens"][..],
+        &["needs about 4.0 PiB of disk", "ask for fewer tokens"][..],
     )]);
     for (cfg, needles) in cases {
         let e = write_synthetic(&out, &cfg).unwrap_err().to_string();

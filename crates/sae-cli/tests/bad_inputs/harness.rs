@@ -53,6 +53,8 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
 /// holding every needle, and everything under each of `keep` byte-identical afterwards.
 pub fn refused(args: &[&str], needles: &[&str], keep: &[&Path]) -> String {
     let before: Vec<_> = keep.iter().map(|p| snapshot(p)).collect();
+    // One line per case, so `--nocapture` output counts them.
+    println!("bad-input case: sae {}", args.join(" "));
     let out = sae(args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(

@@ -147,6 +147,7 @@ impl Served {
 
     /// The answer is `status` with a JSON error holding `needle`, and the server still answers.
     fn assert_refused(&self, answer: (u16, String), status: u16, needle: &str) {
+        println!("bad-input case: HTTP request refused with {status}");
         let (got, body) = answer;
         assert_eq!(got, status, "{body}");
         let v: serde_json::Value =

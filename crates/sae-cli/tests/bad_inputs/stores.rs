@@ -326,7 +326,7 @@ fn synth_sizes_that_cannot_fit() {
     synth_refused(
         "synth-disk",
         &["--n-tokens", "17592186044416", "--d-in", "64"],
-        &["--n-tokens", "of disk but only", "ask for fewer tokens"],
+        &["--n-tokens", "of disk but", "ask for fewer tokens"],
     );
     // Sizes whose byte count overflows 64 bits.
     synth_refused(
