@@ -9,29 +9,12 @@ use std::sync::OnceLock;
 /// A tiny synthetic store (d_in 8, 4000 rows), written once per test process.
 fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
-    STORE.get_or_init(|| synth_store("flags-store", 0))
+    STORE.get_or_init(|| seeded_store("flags-store", 0))
 }
 
-fn synth_store(name: &str, seed: u64) -> PathBuf {
+fn seeded_store(name: &str, seed: u64) -> PathBuf {
     let acts = scratch(name).join("acts");
-    let out = sae(&[
-        "synth",
-        "--out",
-        s(&acts),
-        "--d-in",
-        "8",
-        "--n-features",
-        "16",
-        "--n-tokens",
-        "4000",
-        "--seed",
-        &seed.to_string(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    synth_store(&acts, 4000, &["--seed", &seed.to_string()]);
     acts
 }
 
@@ -281,7 +264,7 @@ fn resume_with_another_l1() {
 #[test]
 fn resume_with_another_store() {
     let (dir, out) = diverged_run("resume-store");
-    let other = synth_store("flags-other-store", 1);
+    let other = seeded_store("flags-other-store", 1);
     let mut args = train_args(
         &out,
         &[

@@ -80,3 +80,33 @@ pub fn refused(args: &[&str], needles: &[&str], keep: &[&Path]) -> String {
     }
     err
 }
+
+/// Runs `sae args`, which must succeed (the valid inputs the cases then spoil).
+pub fn ok(args: &[&str]) -> Output {
+    let out = sae(args);
+    assert!(
+        out.status.success(),
+        "sae {args:?} should succeed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A valid synthetic store at `acts` (d_in 8, 16 features) of `n_tokens` rows; `extra` flags
+/// go to `sae synth` as they are.
+pub fn synth_store(acts: &Path, n_tokens: usize, extra: &[&str]) {
+    let n = n_tokens.to_string();
+    let mut args = vec![
+        "synth",
+        "--out",
+        s(acts),
+        "--d-in",
+        "8",
+        "--n-features",
+        "16",
+        "--n-tokens",
+        &n,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+}

@@ -4,33 +4,11 @@
 
 use crate::harness::*;
 use std::path::{Path, PathBuf};
-use std::process::Output;
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "should succeed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// A tiny store at `<dir>/acts`.
 fn store(dir: &Path) -> PathBuf {
     let acts = dir.join("acts");
-    ok(sae(&[
-        "synth",
-        "--out",
-        s(&acts),
-        "--d-in",
-        "8",
-        "--n-features",
-        "16",
-        "--n-tokens",
-        "2000",
-        "--l0",
-        "2",
-    ]));
+    synth_store(&acts, 2000, &["--l0", "2"]);
     acts
 }
 
@@ -63,7 +41,7 @@ fn train_args<'a>(acts: &'a Path, out: &'a Path, l1: &'a str) -> Vec<&'a str> {
 fn store_and_run(dir: &Path) -> (PathBuf, PathBuf) {
     let acts = store(dir);
     let run = dir.join("run");
-    ok(sae(&train_args(&acts, &run, "1")));
+    ok(&train_args(&acts, &run, "1"));
     (acts, run)
 }
 
@@ -145,7 +123,7 @@ fn train_replaces_a_finished_run_only_with_overwrite() {
     let before = std::fs::read(run.join("train_config.json")).unwrap();
     let mut args = train_args(&acts, &run, "3");
     args.push("--overwrite");
-    ok(sae(&args));
+    ok(&args);
     let after = std::fs::read(run.join("train_config.json")).unwrap();
     assert_ne!(before, after, "--overwrite replaced the run");
     assert!(!d.join(".run.lock").exists(), "the lock went with the run");
@@ -179,7 +157,7 @@ fn a_second_writer_is_refused_while_the_first_lives_and_a_dead_ones_lock_is_take
     );
     holder.kill().unwrap();
     holder.wait().unwrap();
-    ok(sae(&train_args(&acts, &run, "1")));
+    ok(&train_args(&acts, &run, "1"));
     assert!(run.join("sae_weights.safetensors").is_file());
     assert!(!lock.exists());
 }

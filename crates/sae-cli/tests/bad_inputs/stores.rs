@@ -7,24 +7,7 @@ use std::path::{Path, PathBuf};
 /// A valid store of 2000 rows of width 8 in four shards of 500, written by `sae synth`.
 fn base_store(dir: &Path) -> PathBuf {
     let acts = dir.join("acts");
-    let out = sae(&[
-        "synth",
-        "--out",
-        s(&acts),
-        "--d-in",
-        "8",
-        "--n-features",
-        "16",
-        "--n-tokens",
-        "2000",
-        "--rows-per-shard",
-        "500",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    synth_store(&acts, 2000, &["--rows-per-shard", "500"]);
     acts
 }
 
