@@ -2,24 +2,13 @@
 //! file, the file and field); `--resume` refuses another run's settings or data, naming the
 //! difference; a working directory without a checkpoint has a way forward.
 
-use clap::Parser;
+mod common;
+use common::{flags, Killed};
 use sae_core::ArchKind;
 use sae_store::synth::{write_synthetic, SynthConfig};
 use sae_train::config::resolve;
-use sae_train::{BatchSource, StoreSource, TrainConfig, TrainFlags};
+use sae_train::{StoreSource, TrainConfig};
 use std::path::{Path, PathBuf};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    flags: TrainFlags,
-}
-
-fn flags(args: &[&str]) -> TrainFlags {
-    let mut v = vec!["train"];
-    v.extend_from_slice(args);
-    Cli::try_parse_from(v).unwrap().flags
-}
 
 fn synth(dir: &Path, name: &str, seed: u64) -> PathBuf {
     let out = dir.join(name);
@@ -210,37 +199,6 @@ fn a_config_file_value_out_of_range_names_the_file_and_field() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("run.json") && e.contains("log_every"), "{e}");
-}
-
-/// A store source that fails (like a kill) after a number of batches.
-struct Killed {
-    inner: StoreSource,
-    batches_left: usize,
-}
-
-impl BatchSource for Killed {
-    fn d_in(&self) -> usize {
-        self.inner.d_in()
-    }
-    fn next_batch(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
-        if self.batches_left == 0 {
-            anyhow::bail!("killed");
-        }
-        self.batches_left -= 1;
-        self.inner.next_batch(out, n)
-    }
-    fn sample(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
-        self.inner.sample(out, n)
-    }
-    fn n_rows(&self) -> Option<u64> {
-        self.inner.n_rows()
-    }
-    fn position(&self) -> Option<serde_json::Value> {
-        self.inner.position()
-    }
-    fn seek(&mut self, p: &serde_json::Value) -> anyhow::Result<()> {
-        self.inner.seek(p)
-    }
 }
 
 /// Runs `cfg` until it is killed after `batches` batches.

@@ -1,24 +1,14 @@
 //! Training loop: config file == flags, schedules, resume after a kill, NaN stop, output
 //! safety, and the acceptance test (gated recovers features without shrinkage).
 
+mod common;
 use clap::Parser;
+use common::{flags, Cli, Killed};
 use sae_core::ArchKind;
 use sae_store::synth::{read_true_features, write_synthetic, SynthConfig};
 use sae_train::config::{lr_at, resolve, sparsity_at};
-use sae_train::{BatchSource, StoreSource, TrainConfig, TrainFlags};
+use sae_train::{BatchSource, StoreSource, TrainConfig};
 use std::path::Path;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    flags: TrainFlags,
-}
-
-fn flags(args: &[&str]) -> TrainFlags {
-    let mut v = vec!["train"];
-    v.extend_from_slice(args);
-    Cli::try_parse_from(v).unwrap().flags
-}
 
 #[test]
 fn config_file_equals_flags_and_flags_override() {
@@ -210,37 +200,6 @@ fn small_cfg(acts: &Path, out: &Path) -> TrainConfig {
         quiet: true,
         threads: Some(2),
         ..Default::default()
-    }
-}
-
-/// A store source that fails (like a kill) after a number of batches.
-struct Killed {
-    inner: StoreSource,
-    batches_left: usize,
-}
-
-impl BatchSource for Killed {
-    fn d_in(&self) -> usize {
-        self.inner.d_in()
-    }
-    fn next_batch(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
-        if self.batches_left == 0 {
-            anyhow::bail!("killed");
-        }
-        self.batches_left -= 1;
-        self.inner.next_batch(out, n)
-    }
-    fn sample(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
-        self.inner.sample(out, n)
-    }
-    fn n_rows(&self) -> Option<u64> {
-        self.inner.n_rows()
-    }
-    fn position(&self) -> Option<serde_json::Value> {
-        self.inner.position()
-    }
-    fn seek(&mut self, p: &serde_json::Value) -> anyhow::Result<()> {
-        self.inner.seek(p)
     }
 }
 

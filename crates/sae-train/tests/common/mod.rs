@@ -1,0 +1,48 @@
+//! Helpers shared by the sae-train integration tests.
+#![allow(dead_code)]
+
+use clap::Parser;
+use sae_train::{BatchSource, StoreSource, TrainFlags};
+
+#[derive(Parser)]
+pub struct Cli {
+    #[command(flatten)]
+    pub flags: TrainFlags,
+}
+
+pub fn flags(args: &[&str]) -> TrainFlags {
+    let mut v = vec!["train"];
+    v.extend_from_slice(args);
+    Cli::try_parse_from(v).unwrap().flags
+}
+
+/// A store source that fails (like a kill) after a number of batches.
+pub struct Killed {
+    pub inner: StoreSource,
+    pub batches_left: usize,
+}
+
+impl BatchSource for Killed {
+    fn d_in(&self) -> usize {
+        self.inner.d_in()
+    }
+    fn next_batch(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
+        if self.batches_left == 0 {
+            anyhow::bail!("killed");
+        }
+        self.batches_left -= 1;
+        self.inner.next_batch(out, n)
+    }
+    fn sample(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
+        self.inner.sample(out, n)
+    }
+    fn n_rows(&self) -> Option<u64> {
+        self.inner.n_rows()
+    }
+    fn position(&self) -> Option<serde_json::Value> {
+        self.inner.position()
+    }
+    fn seek(&mut self, p: &serde_json::Value) -> anyhow::Result<()> {
+        self.inner.seek(p)
+    }
+}
