@@ -241,6 +241,17 @@ fn nothing_dead_changes_nothing_and_other_architectures_refuse() {
     assert_eq!(before.w_dec, after.w_dec);
     assert_eq!(before.w_enc, after.w_enc);
 
+    // Dead latents, but every sample row equals b_dec: no direction to give them.
+    let mut t = trained(ArchKind::Relu);
+    let b_dec = t.snapshot().b_dec;
+    let dead = t.dead_latents(STEPS * N as u64);
+    assert!(!dead.is_empty());
+    let r = t
+        .resample_dead(STEPS * N as u64, &b_dec.repeat(4), 4, 5, 9)
+        .unwrap();
+    assert!(r.latents.is_empty());
+    assert_eq!(t.dead_latents(STEPS * N as u64), dead);
+
     let sae = random_sae(ArchKind::TopK, D_IN, D_SAE, 4, 3);
     let mut t = SaeTrainer::new(sae, TrainHyper::default());
     let e = t.resample_dead(0, &sample(), 64, 5, 9).unwrap_err();

@@ -73,7 +73,8 @@ impl SaeTrainer {
     /// Resamples the latents dead over `window` tokens from the `n` rows of `x` (`[n, d_in]`,
     /// at the training scale), as described in the module documentation. The draw is seeded
     /// by `(seed, stream)`: give the run's seed and the step, so that a resumed run draws the
-    /// same rows. Live latents, `b_dec` and their optimiser state are not touched.
+    /// same rows. Live latents, `b_dec` and their optimiser state are not touched. Nothing
+    /// changes when no sample row has a non-zero, finite loss.
     pub fn resample_dead(
         &mut self,
         window: u64,
@@ -121,11 +122,9 @@ impl SaeTrainer {
                 keyed.push(((1.0 - u).ln() / w, b));
             }
         }
+        // No row the SAE gets wrong (or none with a direction): nothing to point a latent at.
         if keyed.is_empty() {
-            bail!(
-                "dead-latent resampling: none of the {n} sample rows has a non-zero finite \
-                 reconstruction error and a direction apart from b_dec"
-            );
+            return Ok(Resampled::default());
         }
         keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
 
