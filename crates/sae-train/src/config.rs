@@ -335,8 +335,8 @@ impl TrainConfig {
         if !matches!(c.arch, ArchKind::Relu | ArchKind::Gated) {
             return Err(bad(
                 "resample_steps",
-                "left out unless --arch relu or gated (resampling is for L1-trained SAEs; \
-                 topk and batchtopk revive dead latents with their AuxK loss)",
+                "left out unless --arch relu or gated (the architectures the Gated paper \
+                 resampled; topk and batchtopk revive dead latents with AuxK instead)",
                 format!("{} with --arch {}", list(), c.arch),
             ));
         }
