@@ -112,12 +112,15 @@ impl SaeTrainer {
             let u: f64 = rng.gen::<f64>();
             let w = e * e;
             // A row equal to b_dec has no direction to give.
-            let v = centre(
-                &x[b * d..(b + 1) * d],
-                &self.b_dec,
-                self.apply_b_dec_to_input,
-            );
-            let norm2: f64 = v.iter().map(|v| (*v as f64).powi(2)).sum();
+            let row = &x[b * d..(b + 1) * d];
+            let norm2: f64 = if self.apply_b_dec_to_input {
+                row.iter()
+                    .zip(&self.b_dec)
+                    .map(|(v, c)| ((v - c) as f64).powi(2))
+                    .sum()
+            } else {
+                row.iter().map(|v| (*v as f64).powi(2)).sum()
+            };
             if w > 0.0 && w.is_finite() && norm2 > 0.0 && norm2.is_finite() {
                 keyed.push(((1.0 - u).ln() / w, b));
             }
