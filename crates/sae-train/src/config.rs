@@ -69,6 +69,18 @@ pub struct TrainConfig {
     pub max_norm_ratio: f32,
     /// A latent is dead when it has not fired for this many tokens.
     pub dead_window_tokens: u64,
+    /// Relu/gated: resample dead latents after these steps (Bricken et al.'s neuron
+    /// resampling, as the Gated paper did at 25k/50k/75k/100k); empty = never.
+    pub resample_steps: Vec<u64>,
+    /// A latent is resampled when it has not fired for this many tokens; default
+    /// `dead_window_tokens`.
+    pub resample_window: Option<u64>,
+    /// Rows whose reconstruction error is scored to draw the new directions (the paper used
+    /// 819,200; the default is a sixth of that, a few dozen steps' work at batch 4096).
+    pub resample_sample: usize,
+    /// After a resampling the lr drops to 0.1x and returns to 1x along a cosine over this many
+    /// steps (0 = no drop).
+    pub resample_lr_warmup_steps: u64,
     /// TopK/BatchTopK AuxK coefficient and k_aux (0 = d_in / 2).
     pub aux_coeff: f32,
     pub k_aux: usize,
@@ -129,6 +141,10 @@ impl Default for TrainConfig {
             normalize: true,
             max_norm_ratio: 10.0,
             dead_window_tokens: 10_000_000,
+            resample_steps: Vec::new(),
+            resample_window: None,
+            resample_sample: 131_072,
+            resample_lr_warmup_steps: 1000,
             aux_coeff: 1.0 / 32.0,
             k_aux: 0,
             jumprelu_bandwidth: 0.001,
@@ -280,6 +296,7 @@ impl TrainConfig {
             ));
         }
         check_count("dead_window_tokens", c.dead_window_tokens, "tokens")?;
+        c.check_resampling()?;
         check_non_negative("aux_coeff", c.aux_coeff)?;
         check_positive("jumprelu_bandwidth", c.jumprelu_bandwidth)?;
         if c.relu_decoder_norm_l1 && c.arch != ArchKind::Relu {
@@ -300,6 +317,55 @@ impl TrainConfig {
             "rows of the final evaluation",
         )?;
         Ok(())
+    }
+
+    /// The resampling settings on their own (the end of the run is checked in `resolve`).
+    fn check_resampling(&self) -> Result<(), BadSetting> {
+        let c = self;
+        if c.resample_steps.is_empty() {
+            return Ok(());
+        }
+        let list = || {
+            c.resample_steps
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if !matches!(c.arch, ArchKind::Relu | ArchKind::Gated) {
+            return Err(bad(
+                "resample_steps",
+                "left out unless --arch relu or gated (the architectures the Gated paper \
+                 resampled; topk and batchtopk revive dead latents with AuxK instead)",
+                format!("{} with --arch {}", list(), c.arch),
+            ));
+        }
+        if c.resample_steps[0] == 0 || c.resample_steps.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad(
+                "resample_steps",
+                "increasing step numbers, each at least 1, separated by commas (e.g. \
+                 25000,50000,75000,100000)",
+                list(),
+            ));
+        }
+        if let Some(w) = c.resample_window {
+            check_count(
+                "resample_window",
+                w,
+                "tokens without firing that make a latent dead",
+            )?;
+        }
+        check_count(
+            "resample_sample",
+            c.resample_sample as u64,
+            "rows scored to draw new directions",
+        )?;
+        Ok(())
+    }
+
+    /// Tokens without firing after which a latent is resampled.
+    pub fn resample_window_tokens(&self) -> u64 {
+        self.resample_window.unwrap_or(self.dead_window_tokens)
     }
 
     /// Reads a `.toml` or `.json` config file (unknown keys are an error).
@@ -385,6 +451,15 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
             cfg.lr_decay_steps
         );
     }
+    if let Some(&last) = cfg.resample_steps.last() {
+        if last >= steps {
+            bail!(
+                "--resample-steps: step {last} is not before the end of the run ({steps} steps), \
+                 so nothing would train on what it resamples; give steps below {steps}, or train \
+                 longer with --steps or --tokens"
+            );
+        }
+    }
     let lr_warmup_steps = cfg.lr_warmup_steps.unwrap_or((steps / 10).min(1000));
     let l1_warmup_steps = cfg.l1_warmup_steps.unwrap_or(match cfg.arch {
         ArchKind::Relu if cfg.relu_decoder_norm_l1 => steps / 20,
@@ -416,6 +491,23 @@ pub fn lr_at(r: &Resolved, decay_steps: u64, step: u64, optimizer_step: u64) -> 
         f = f.min((r.steps - step) as f64 / decay_steps as f64);
     }
     (r.lr as f64 * f) as f32
+}
+
+/// Factor on the lr at `step` (0-based) after the resamplings at `resample_steps` (each
+/// after that many steps): as the Gated paper (App. D.1.1), 0.1 at the first step after a
+/// resampling, back to 1 along a cosine over `warmup` steps. Derived from the step alone, so
+/// a resumed run follows the same schedule.
+pub fn resample_lr_factor(resample_steps: &[u64], warmup: u64, step: u64) -> f64 {
+    let Some(&last) = resample_steps.iter().filter(|&&s| s <= step).max() else {
+        return 1.0;
+    };
+    let t = step - last;
+    if t >= warmup {
+        return 1.0;
+    }
+    // 1 at t = 0, 0 at t = warmup.
+    let c = 0.5 * (1.0 + (std::f64::consts::PI * t as f64 / warmup as f64).cos());
+    1.0 - 0.9 * c
 }
 
 /// Sparsity coefficient at `step`: linear warm-up from 0, then constant.

@@ -87,6 +87,25 @@ pub struct TrainFlags {
     pub max_norm_ratio: Option<f32>,
     #[arg(long, allow_negative_numbers = true)]
     pub dead_window_tokens: Option<u64>,
+    /// Relu/gated: resample dead latents after these steps, e.g. 25000,50000,75000,100000
+    /// (Bricken et al.; the lr then drops to 0.1x and returns over --resample-lr-warmup-steps).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 1,
+        allow_negative_numbers = true
+    )]
+    pub resample_steps: Option<Vec<u64>>,
+    /// Tokens without firing that make a latent dead for resampling [default:
+    /// --dead-window-tokens].
+    #[arg(long, allow_negative_numbers = true)]
+    pub resample_window: Option<u64>,
+    /// Rows scored to draw the resampled directions [default: 131072].
+    #[arg(long, allow_negative_numbers = true)]
+    pub resample_sample: Option<usize>,
+    /// Steps over which the lr returns from 0.1x to 1x after a resampling [default: 1000].
+    #[arg(long, allow_negative_numbers = true)]
+    pub resample_lr_warmup_steps: Option<u64>,
     #[arg(long, allow_negative_numbers = true)]
     pub aux_coeff: Option<f32>,
     #[arg(long, allow_negative_numbers = true)]
@@ -163,6 +182,9 @@ impl TrainFlags {
             normalize,
             max_norm_ratio,
             dead_window_tokens,
+            resample_steps,
+            resample_sample,
+            resample_lr_warmup_steps,
             aux_coeff,
             k_aux,
             jumprelu_bandwidth
@@ -188,6 +210,7 @@ impl TrainFlags {
             tokens,
             lr_warmup_steps,
             l1_warmup_steps,
+            resample_window,
             threads
         );
         if let Err(e) = c.validate() {

@@ -1,7 +1,9 @@
 //! The training loop.
 
 use crate::checkpoint::{self, Progress, Window};
-use crate::config::{lr_at, resolve, sparsity_at, BDecInit, Resolved, TrainConfig};
+use crate::config::{
+    lr_at, resample_lr_factor, resolve, sparsity_at, BDecInit, Resolved, TrainConfig,
+};
 use crate::init;
 use crate::model_source::{ModelSource, ModelSourceOptions};
 use crate::source::{BatchSource, StoreSource};
@@ -173,6 +175,9 @@ fn run_identity(cfg: &TrainConfig, r: &Resolved) -> serde_json::Value {
         "init_sample": cfg.init_sample, "max_norm_ratio": cfg.max_norm_ratio.to_string(),
         "dead_window_tokens": cfg.dead_window_tokens, "aux_coeff": cfg.aux_coeff.to_string(),
         "k_aux": cfg.k_aux, "jumprelu_bandwidth": cfg.jumprelu_bandwidth.to_string(),
+        "resample_steps": cfg.resample_steps, "resample_window": cfg.resample_window_tokens(),
+        "resample_sample": cfg.resample_sample,
+        "resample_lr_warmup_steps": cfg.resample_lr_warmup_steps,
     });
     if let (Some(obj), serde_json::Value::Object(data)) = (id.as_object_mut(), data_identity(cfg)) {
         obj.extend(data);
@@ -789,13 +794,19 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
     let mut tokens_window = 0u64;
     let mut last = StepStats::default();
     let log_every = cfg.log_every.max(1);
+    // The last resampling, shown after the progress message.
+    let mut resample_note = String::new();
     while offset + trainer.steps_done() < r.steps {
         let step = offset + trainer.steps_done();
         source.next_batch(&mut batch, bs)?;
         if scale != 1.0 {
             batch.iter_mut().for_each(|v| *v *= scale);
         }
-        let lr = lr_at(&r, cfg.lr_decay_steps, step, trainer.steps_done());
+        let mut lr = lr_at(&r, cfg.lr_decay_steps, step, trainer.steps_done());
+        if !cfg.resample_steps.is_empty() {
+            let f = resample_lr_factor(&cfg.resample_steps, cfg.resample_lr_warmup_steps, step);
+            lr = (lr as f64 * f) as f32;
+        }
         let coeff = sparsity_at(&r, step);
         let stats = trainer.step(&batch, bs, lr, coeff);
         if !stats.loss.is_finite() {
@@ -831,12 +842,29 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
                 window.l0 / w,
                 window.fvu / w,
                 stats.dead_latents
-            ));
+            ) + &resample_note);
             window = Window::default();
             t_window = Instant::now();
             tokens_window = 0;
         }
         bar.set_position(done);
+        // After the step and its log line, before its checkpoint: a checkpoint at this step
+        // holds the resampled weights, and a run resumed from an earlier one redoes the
+        // resampling with the same draw.
+        if cfg.resample_steps.binary_search(&done).is_ok() {
+            // The norm filter leaves massive rows out of the sample too (their loss would
+            // take every draw), but they are not rows of the training stream.
+            let skipped = source.rows_skipped;
+            let (dead, resampled) = resample(cfg, &mut trainer, source, scale, done)?;
+            source.rows_skipped = skipped;
+            log.write(&serde_json::json!({
+                "step": done, "tokens": tokens, "dead_latents": dead, "resampled_latents": resampled,
+            }))?;
+            resample_note = format!(" | resampled {resampled} dead latents at step {done}");
+            bar.set_message(format!(
+                "resampled {resampled} of {dead} dead latents at step {done}"
+            ));
+        }
         // The last step's checkpoint is written only to be kept (`--keep-state`).
         let keep = if done == r.steps {
             cfg.keep_state
@@ -893,6 +921,41 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
     drop(log);
     publish(cfg, &partial, &sae, &summary)?;
     Ok(summary)
+}
+
+/// Resamples the latents dead at `step` from the source's sample rows (at the training
+/// scale); returns how many were dead and how many got new weights. The draw is seeded by the
+/// run's seed and the step, and the sample does not move the training stream, so a resumed
+/// run repeats it exactly.
+fn resample(
+    cfg: &TrainConfig,
+    trainer: &mut SaeTrainer,
+    source: &mut dyn BatchSource,
+    scale: f32,
+    step: u64,
+) -> Result<(usize, usize)> {
+    let window = cfg.resample_window_tokens();
+    let dead = trainer.dead_latents(window).len();
+    if dead == 0 {
+        return Ok((0, 0));
+    }
+    let d = source.d_in();
+    let n = match source.n_rows() {
+        Some(rows) => (cfg.resample_sample as u64).min(rows) as usize,
+        None => cfg.resample_sample,
+    }
+    .max(1);
+    let mut x = vec![0.0f32; n * d];
+    source
+        .sample(&mut x, n)
+        .with_context(|| format!("step {step}: reading the --resample-sample rows"))?;
+    if scale != 1.0 {
+        x.iter_mut().for_each(|v| *v *= scale);
+    }
+    let r = trainer
+        .resample_dead(window, &x, n, cfg.seed, step)
+        .with_context(|| format!("step {step}: resampling dead latents (--resample-steps)"))?;
+    Ok((dead, r.latents.len()))
 }
 
 fn evaluate(

@@ -7,6 +7,7 @@ mod harness;
 
 mod flags;
 mod outputs;
+mod resample;
 mod sae_files;
 mod server;
 mod stores;

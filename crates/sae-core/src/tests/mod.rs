@@ -6,6 +6,7 @@ mod grads;
 mod load_checks;
 mod misc;
 mod reference;
+mod resample;
 
 use crate::{ArchKind, Sae};
 use rand::{Rng, SeedableRng};

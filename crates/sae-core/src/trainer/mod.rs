@@ -36,9 +36,12 @@
 //! (`v * beta2^missed`, equal to the dense update up to float rounding). With beta1 != 0
 //! every row is updated every step.
 
+mod resample;
 mod shared;
 mod state;
 mod step;
+
+pub use resample::{Resampled, RESAMPLE_ENCODER_SCALE};
 
 use step::{Buffers, DENSE_FRACTION, THRESHOLD_EMA_BETA};
 
