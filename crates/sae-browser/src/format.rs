@@ -17,7 +17,6 @@
 
 use crate::scan::{Example, ScanConfig, ScanResult};
 use anyhow::{bail, Context, Result};
-use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -286,13 +285,14 @@ impl LatentRecord {
     }
 }
 
-/// An analysis directory opened for reading (memory-mapped tables).
+/// An analysis directory opened for reading. The tables are read into memory, not mapped: a
+/// mapped file that someone truncates would kill the server with SIGBUS.
 pub struct Analysis {
     pub dir: PathBuf,
     pub meta: AnalysisMeta,
     pub vocab: Vec<String>,
-    latents: Mmap,
-    examples: Mmap,
+    latents: Vec<u8>,
+    examples: Vec<u8>,
     record: usize,
     window: usize,
     n_examples: u64,
@@ -311,15 +311,13 @@ fn le_f64(b: &[u8], at: usize) -> f64 {
     f64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-fn map(path: &Path) -> Result<Mmap> {
-    let f = File::open(path).with_context(|| {
+fn read_table(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| {
         format!(
-            "opening {} (is this an analysis directory written by `sae analyze`?)",
+            "reading {} (is this an analysis directory written by `sae analyze`?)",
             path.display()
         )
-    })?;
-    // Safety: the files are written once (temp dir + rename) and never modified in place.
-    unsafe { Mmap::map(&f) }.with_context(|| format!("memory-mapping {}", path.display()))
+    })
 }
 
 impl Analysis {
@@ -353,7 +351,7 @@ impl Analysis {
         .with_context(|| format!("{}: not a JSON list of strings", vocab_path.display()))?;
 
         let lat_path = dir.join(LATENTS_FILE);
-        let latents = map(&lat_path)?;
+        let latents = read_table(&lat_path)?;
         let bad = |p: &Path, what: String| {
             anyhow::anyhow!(
                 "{}: {what}; the analysis is damaged, re-run `sae analyze`",
@@ -385,7 +383,7 @@ impl Analysis {
         }
 
         let ex_path = dir.join(EXAMPLES_FILE);
-        let examples = map(&ex_path)?;
+        let examples = read_table(&ex_path)?;
         if examples.len() < EXAMPLES_HEADER || &examples[..8] != EXAMPLES_MAGIC {
             return Err(bad(&ex_path, "not an examples table".into()));
         }
