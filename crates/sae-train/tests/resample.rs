@@ -1,24 +1,13 @@
 //! Dead-latent resampling in training runs: the schedule and its checks, the lr drop and
 //! its cosine return, fewer dead latents, the log line, and resume through a resampling.
 
-use clap::Parser;
+mod common;
+use common::{flags, Killed};
 use sae_core::ArchKind;
 use sae_store::synth::{write_synthetic, SynthConfig};
 use sae_train::config::{resample_lr_factor, resolve};
-use sae_train::{BDecInit, BatchSource, MemorySource, StoreSource, TrainConfig, TrainFlags};
+use sae_train::{BDecInit, BatchSource, MemorySource, StoreSource, TrainConfig};
 use std::path::{Path, PathBuf};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    flags: TrainFlags,
-}
-
-fn flags(args: &[&str]) -> TrainFlags {
-    let mut v = vec!["train"];
-    v.extend_from_slice(args);
-    Cli::try_parse_from(v).unwrap().flags
-}
 
 fn synth(dir: &Path) -> PathBuf {
     let out = dir.join("acts");
@@ -160,37 +149,6 @@ fn the_schedule_is_checked_before_any_work() {
             e.contains("--resample-steps") && e.contains(last) && e.contains("100 steps"),
             "{e}"
         );
-    }
-}
-
-/// A source that fails (like a kill) after a number of batches.
-struct Killed {
-    inner: MemorySource,
-    batches_left: usize,
-}
-
-impl BatchSource for Killed {
-    fn d_in(&self) -> usize {
-        self.inner.d_in()
-    }
-    fn next_batch(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
-        if self.batches_left == 0 {
-            anyhow::bail!("killed");
-        }
-        self.batches_left -= 1;
-        self.inner.next_batch(out, n)
-    }
-    fn sample(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
-        self.inner.sample(out, n)
-    }
-    fn n_rows(&self) -> Option<u64> {
-        self.inner.n_rows()
-    }
-    fn position(&self) -> Option<serde_json::Value> {
-        self.inner.position()
-    }
-    fn seek(&mut self, p: &serde_json::Value) -> anyhow::Result<()> {
-        self.inner.seek(p)
     }
 }
 

@@ -17,12 +17,12 @@ pub fn flags(args: &[&str]) -> TrainFlags {
 }
 
 /// A store source that fails (like a kill) after a number of batches.
-pub struct Killed {
-    pub inner: StoreSource,
+pub struct Killed<S: BatchSource = StoreSource> {
+    pub inner: S,
     pub batches_left: usize,
 }
 
-impl BatchSource for Killed {
+impl<S: BatchSource> BatchSource for Killed<S> {
     fn d_in(&self) -> usize {
         self.inner.d_in()
     }
