@@ -405,3 +405,46 @@ pub fn encode_batch_topk(sae: &Sae, x: &[f32], n: usize) -> SparseCode {
     }
     code
 }
+
+/// Scores `sae` on `n` fresh samples of `bench` (rows `first_row..first_row + n`), in batches
+/// of `batch` (the last one shorter). BatchTopK is evaluated in its training form
+/// (`encode_batch_topk`), every other architecture with its inference encoder.
+pub fn evaluate_on_bench(
+    sae: &Sae,
+    bench: &sae_store::synthbench::SynthBench,
+    first_row: u64,
+    n: u64,
+    batch: usize,
+    progress: &sae_output::Progress,
+) -> Result<SynthMetrics> {
+    let d = bench.d_in();
+    if sae.d_in != d {
+        bail!(
+            "the SAE reads {} dimensions but the benchmark's samples have {d}",
+            sae.d_in
+        );
+    }
+    if batch == 0 || n == 0 {
+        bail!("the evaluation needs at least one sample and a batch of at least 1");
+    }
+    let mut eval = SynthEvaluator::new(&sae.w_dec, &bench.features, d)?;
+    let mut x = vec![0f32; batch * d];
+    let mut truth: Vec<SparseActs> = Vec::new();
+    let mut done = 0u64;
+    while done < n {
+        let rows = (n - done).min(batch as u64) as usize;
+        let x = &mut x[..rows * d];
+        truth.truncate(0);
+        bench.sample_batch(first_row + done, x, Some(&mut truth));
+        let codes = if sae.arch == sae_core::ArchKind::BatchTopK {
+            encode_batch_topk(sae, x, rows)
+        } else {
+            sae.encode(x, rows)
+        };
+        let recon = sae.decode(&codes);
+        eval.add_batch(x, &recon, &codes, &truth);
+        done += rows as u64;
+        progress.inc(rows as u64);
+    }
+    Ok(eval.finish())
+}
