@@ -171,6 +171,9 @@ pub struct SynthBench {
     pub std_magnitude: Vec<f32>,
     /// Copula factor F, `[n_features, rank]`.
     pub corr_factor: Vec<f32>,
+    /// F transposed, `[rank, n_features]`: F eps as `rank` contiguous axpys, which vectorise
+    /// (a 25-long dot product per feature does not).
+    corr_factor_t: Vec<f32>,
     /// sqrt(1 - |F_i|^2): the scale of each feature's own noise in its latent Gaussian.
     pub corr_sqrt_diag: Vec<f32>,
     /// Unit-norm feature directions, `[n_features, d_in]`.
@@ -189,6 +192,8 @@ pub const NO_PARENT: u32 = u32::MAX;
 pub struct RowScratch {
     pub dense: Vec<f32>,
     pub active: Vec<u32>,
+    /// The shared part F eps of the latent Gaussians.
+    shared: Vec<f32>,
 }
 
 /// One sample's non-zero true activations, ascending by feature.
@@ -219,6 +224,13 @@ impl SynthBench {
             .collect();
         let (corr_factor, corr_sqrt_diag) =
             low_rank_correlation(n, cfg.correlation_rank, cfg.correlation_scale, cfg.seed);
+        let rank = cfg.correlation_rank;
+        let mut corr_factor_t = vec![0f32; n * rank];
+        for i in 0..n {
+            for r in 0..rank {
+                corr_factor_t[r * n + i] = corr_factor[i * rank + r];
+            }
+        }
         let (features, bias) = directions_and_bias(&cfg);
         let mut key_rng = construction_rng(cfg.seed ^ SAMPLE_KEY_SALT, 0);
         let mut sample_key = [0u8; 32];
@@ -231,6 +243,7 @@ impl SynthBench {
             mean_magnitude,
             std_magnitude,
             corr_factor,
+            corr_factor_t,
             corr_sqrt_diag,
             features,
             bias,
@@ -272,18 +285,28 @@ impl SynthBench {
         RowScratch {
             dense: vec![0.0; self.cfg.n_features],
             active: Vec::new(),
+            shared: vec![0.0; self.cfg.n_features],
         }
     }
 
-    /// The latent Gaussians z = F eps + sqrt(d) * eta of one sample (unit variance each).
+    /// F eps for a fresh eps ~ N(0, I_rank), into `shared`.
+    fn shared_latent(&self, rng: &mut ChaCha8Rng, shared: &mut [f32]) {
+        let n = self.cfg.n_features;
+        shared.fill(0.0);
+        for r in 0..self.cfg.correlation_rank {
+            let e: f32 = StandardNormal.sample(rng);
+            let col = &self.corr_factor_t[r * n..(r + 1) * n];
+            shared.iter_mut().zip(col).for_each(|(z, f)| *z += e * f);
+        }
+    }
+
+    /// The latent Gaussians z = F eps + sqrt(d) * eta of one sample (unit variance each),
+    /// drawn exactly as `fire` draws them.
     pub fn latent_gaussians(&self, rng: &mut ChaCha8Rng, z: &mut [f32]) {
-        let rank = self.cfg.correlation_rank;
-        let eps: Vec<f32> = (0..rank).map(|_| StandardNormal.sample(rng)).collect();
+        self.shared_latent(rng, z);
         for (i, zi) in z.iter_mut().enumerate() {
-            let f = &self.corr_factor[i * rank..(i + 1) * rank];
-            let shared: f32 = f.iter().zip(&eps).map(|(a, b)| a * b).sum();
             let own: f32 = StandardNormal.sample(rng);
-            *zi = shared + self.corr_sqrt_diag[i] * own;
+            *zi += self.corr_sqrt_diag[i] * own;
         }
     }
 
@@ -291,14 +314,11 @@ impl SynthBench {
     /// ReLU(mu + sigma xi). Writes them into `s.dense` (zero on entry) and lists the fired
     /// features in `s.active`, ascending.
     pub fn fire(&self, rng: &mut ChaCha8Rng, s: &mut RowScratch) {
-        let rank = self.cfg.correlation_rank;
-        let eps: Vec<f32> = (0..rank).map(|_| StandardNormal.sample(rng)).collect();
+        self.shared_latent(rng, &mut s.shared);
         s.active.clear();
         for i in 0..self.cfg.n_features {
-            let f = &self.corr_factor[i * rank..(i + 1) * rank];
-            let shared: f32 = f.iter().zip(&eps).map(|(a, b)| a * b).sum();
             let own: f32 = StandardNormal.sample(rng);
-            if shared + self.corr_sqrt_diag[i] * own > self.threshold[i] {
+            if s.shared[i] + self.corr_sqrt_diag[i] * own > self.threshold[i] {
                 let xi: f32 = StandardNormal.sample(rng);
                 let a = (self.mean_magnitude[i] + self.std_magnitude[i] * xi).max(0.0);
                 s.dense[i] = a;
