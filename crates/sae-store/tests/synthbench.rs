@@ -210,9 +210,9 @@ fn sampling_statistics_of_the_16k_preset() {
 
     // True L0: the reference derives 34.50 / 25.17 analytically, ignoring the copula
     // correlations (which shift parent-child co-firing) and magnitudes clipped to 0. The
-    // standard error over 20k rows is about 0.08 (printed below); the tolerance 0.5 (1.5%) allows for the
-    // copula's shift while still catching a wrong compensation or hierarchy rule (e.g. no
-    // compensation gives 13.5 overall by the same analytic count).
+    // standard error over 20k rows is about 0.08 (printed below); the tolerance 0.5 (1.5%)
+    // allows for the copula's shift while still catching a wrong compensation or hierarchy
+    // rule (e.g. no compensation gives 13.5 overall by the same analytic count).
     let (l0_all, l0_4096) = (l0_all / ROWS as f64, l0_4096 / ROWS as f64);
     assert!((l0_all - 34.50).abs() < 0.5, "true L0 = {l0_all}");
     assert!(
