@@ -259,3 +259,19 @@ fn explained_variance_and_shrinkage_have_their_known_values() {
         m.explained_variance
     );
 }
+
+#[test]
+fn more_latents_than_features_match_each_feature_once() {
+    let b = small_bench(6);
+    let d = b.d_in();
+    let truth = &b.features[..64 * d];
+    // Every feature twice: 64 matched pairs with |cos| 1, half the latents share a best match.
+    let doubled: Vec<f32> = truth.iter().chain(truth.iter()).copied().collect();
+    let s = dictionary_scores(&doubled, truth, d).unwrap();
+    assert!((s.mcc - 1.0).abs() < 1e-6, "MCC {}", s.mcc);
+    assert!(
+        (s.uniqueness - 0.5).abs() < 1e-12,
+        "uniqueness {}",
+        s.uniqueness
+    );
+}
