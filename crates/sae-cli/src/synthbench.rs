@@ -308,7 +308,7 @@ fn write_results(a: &SynthBenchArgs, bench: &SynthBench, results: &[RunResult]) 
     Ok(())
 }
 
-/// Our runs, then the published rows (mean ± std over 5 seeds) of the architectures we ran.
+/// Our runs, then the published rows (mean ± std over 5 seeds) at the L0s asked for.
 fn table(a: &SynthBenchArgs, results: &[RunResult]) -> String {
     let mut s = String::from(
         "| SAE | L0 | F1 | MCC | Uniqueness | Var. explained | dead | shrinkage |\n\
@@ -328,11 +328,13 @@ fn table(a: &SynthBenchArgs, results: &[RunResult]) -> String {
             m.shrinkage
         );
     }
-    let ran: Vec<&str> = results
-        .iter()
-        .map(|r| published_name(&r.run.arch))
-        .collect();
-    let rows: Vec<&Published> = PUBLISHED.iter().filter(|p| ran.contains(&p.sae)).collect();
+    // The published rows at the L0s asked for, every published SAE (topk and gated have no
+    // row of their own; BatchTopK is the closest to topk).
+    let l0s: Vec<usize> =
+        a.l0.split(',')
+            .filter_map(|v| v.trim().replace('_', "").parse().ok())
+            .collect();
+    let rows: Vec<&Published> = PUBLISHED.iter().filter(|p| l0s.contains(&p.l0)).collect();
     if a.bench == PRESET_16K && !rows.is_empty() {
         for p in rows {
             s += &format!(
@@ -356,16 +358,6 @@ fn table(a: &SynthBenchArgs, results: &[RunResult]) -> String {
         );
     }
     s
-}
-
-/// The published row an architecture of ours is comparable with (none for topk and gated).
-fn published_name(arch: &str) -> &'static str {
-    match arch {
-        "batchtopk" => "BatchTopK",
-        "relu" => "Standard L1",
-        "jumprelu" => "JumpReLU",
-        _ => "",
-    }
 }
 
 struct Published {
