@@ -6,6 +6,7 @@
 mod browse;
 mod evaluate;
 mod harvest;
+mod synthbench;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ enum Command {
     Analyze(browse::AnalyzeArgs),
     /// Serve the feature browser for an analysis directory.
     Serve(browse::ServeArgs),
+    /// Train SAEs on the SynthSAEBench generator and score them against its true features.
+    Synthbench(synthbench::SynthBenchArgs),
 }
 
 fn main() {
@@ -61,6 +64,7 @@ fn main() {
         Command::Demo(a) => evaluate::demo(a),
         Command::Analyze(a) => browse::analyze(a),
         Command::Serve(a) => browse::serve(a),
+        Command::Synthbench(a) => synthbench::synthbench(a),
     };
     if let Err(e) = result {
         // One clear line (with its causes) and a non-zero exit; never a panic trace.

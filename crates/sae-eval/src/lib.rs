@@ -9,6 +9,7 @@ pub mod plot;
 pub mod report;
 pub mod splice;
 pub mod sweep;
+pub mod synthbench;
 
 pub use eval::{baseline, evaluate_sae, Baseline, EvalData, EvalReport};
 

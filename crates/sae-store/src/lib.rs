@@ -21,6 +21,7 @@ pub mod npy;
 pub mod reader;
 pub mod shuffle;
 pub mod synth;
+pub mod synthbench;
 pub mod writer;
 
 pub use reader::{ActivationFile, ActivationStore, Dtype};

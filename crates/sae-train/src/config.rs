@@ -23,6 +23,9 @@ pub enum BDecInit {
 pub struct TrainConfig {
     /// Activation file or directory (not needed when training from another source).
     pub acts: Option<PathBuf>,
+    /// Without `acts`: train on samples generated on the fly by this synthetic benchmark
+    /// (`synthsaebench-16k`, `synthsaebench-small`).
+    pub synth: Option<String>,
     /// Without `acts`: train straight from this model (see `sae_lm::LanguageModel::load`)...
     pub model: Option<String>,
     /// ... at this hook point ...
@@ -116,6 +119,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             acts: None,
+            synth: None,
             model: None,
             hook: None,
             corpus: "python-docs".into(),

@@ -23,6 +23,10 @@ pub struct TrainFlags {
     /// Activation file or directory (.safetensors / .npy shards).
     #[arg(long)]
     pub acts: Option<PathBuf>,
+    /// Train on samples generated on the fly by a synthetic benchmark instead of --acts:
+    /// synthsaebench-16k or synthsaebench-small; needs --steps or --tokens.
+    #[arg(long)]
+    pub synth: Option<String>,
     /// Train straight from this model instead of --acts ("smollm2-135m", a .gguf, a Hugging
     /// Face directory or repo id); needs --hook and --steps or --tokens.
     #[arg(long)]
@@ -165,7 +169,7 @@ impl TrainFlags {
             } )* };
         }
         set!(corpus, ctx, buffer_rows);
-        set_opt!(model, hook);
+        set_opt!(synth, model, hook);
         set!(
             out,
             arch,

@@ -86,8 +86,18 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
     if cfg.acts.is_some() && cfg.model.is_some() {
         bail!("give either --acts or --model, not both");
     }
+    if cfg.synth.is_some() && (cfg.acts.is_some() || cfg.model.is_some()) {
+        bail!("--synth generates its own data: give it without --acts and --model");
+    }
     // Before any data is read or a model loaded.
     check_out(cfg)?;
+    if let Some(preset) = &cfg.synth {
+        if cfg.steps.is_none() && cfg.tokens.is_none() {
+            bail!("training from --synth needs --steps or --tokens (the stream is endless)");
+        }
+        let mut source = crate::source::SynthBenchSource::preset(preset)?;
+        return run_with_source(cfg, &mut source);
+    }
     if let Some(acts) = &cfg.acts {
         let mut source = StoreSource::open(acts, cfg.seed)?;
         return run_with_source(cfg, &mut source);
@@ -215,6 +225,7 @@ fn data_identity(cfg: &TrainConfig) -> serde_json::Value {
         "corpus": from_model.then_some(&cfg.corpus),
         "ctx": from_model.then_some(cfg.ctx),
         "buffer_rows": from_model.then_some(cfg.buffer_rows),
+        "synth": cfg.synth,
     })
 }
 

@@ -115,6 +115,92 @@ impl BatchSource for StoreSource {
     }
 }
 
+/// Rows generated on the fly by a SynthSAEBench generator: nothing on disk, an endless
+/// stream in which row r is a pure function of (generator, r), so any position can be
+/// restored. `sample` draws from a separate range of rows, so the initialisation sample and
+/// the final evaluation never repeat training rows.
+pub struct SynthBenchSource {
+    bench: std::sync::Arc<sae_store::synthbench::SynthBench>,
+    preset: String,
+    next_row: u64,
+    next_sample_row: u64,
+}
+
+/// First row of the range `sample` draws from, far beyond any training run.
+const SYNTH_SAMPLE_ROWS: u64 = 1 << 62;
+
+impl SynthBenchSource {
+    /// Builds the generator of a preset (`sae_store::synthbench::PRESETS`).
+    pub fn preset(name: &str) -> Result<Self> {
+        let cfg = sae_store::synthbench::SynthBenchConfig::preset(name)
+            .map_err(|e| anyhow::anyhow!("--synth: {e}"))?;
+        let bench = sae_store::synthbench::SynthBench::new(cfg)?;
+        Ok(Self::new(std::sync::Arc::new(bench), name))
+    }
+
+    pub fn new(bench: std::sync::Arc<sae_store::synthbench::SynthBench>, preset: &str) -> Self {
+        SynthBenchSource {
+            bench,
+            preset: preset.to_string(),
+            next_row: 0,
+            next_sample_row: SYNTH_SAMPLE_ROWS,
+        }
+    }
+
+    pub fn bench(&self) -> &std::sync::Arc<sae_store::synthbench::SynthBench> {
+        &self.bench
+    }
+}
+
+impl BatchSource for SynthBenchSource {
+    fn d_in(&self) -> usize {
+        self.bench.d_in()
+    }
+
+    fn next_batch(&mut self, out: &mut [f32], n: usize) -> Result<()> {
+        self.bench
+            .sample_batch(self.next_row, &mut out[..n * self.d_in()], None);
+        self.next_row += n as u64;
+        Ok(())
+    }
+
+    fn sample(&mut self, out: &mut [f32], n: usize) -> Result<()> {
+        self.bench
+            .sample_batch(self.next_sample_row, &mut out[..n * self.d_in()], None);
+        self.next_sample_row += n as u64;
+        Ok(())
+    }
+
+    fn meta(&self) -> SaeMeta {
+        SaeMeta {
+            model_name: format!("synthetic:{}", self.preset),
+            dataset_path: format!("synthetic:{} seed {}", self.preset, self.bench.cfg.seed),
+            ..Default::default()
+        }
+    }
+
+    fn position(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({ "row": self.next_row, "sample_row": self.next_sample_row }))
+    }
+
+    fn seek(&mut self, pos: &serde_json::Value) -> Result<()> {
+        let (Some(row), Some(sample_row)) = (
+            pos.get("row").and_then(|v| v.as_u64()),
+            pos.get("sample_row").and_then(|v| v.as_u64()),
+        ) else {
+            bail!("a synthetic stream position needs \"row\" and \"sample_row\"; got {pos}");
+        };
+        self.next_row = row;
+        self.next_sample_row = sample_row;
+        Ok(())
+    }
+
+    fn seek_rows(&mut self, rows: u64) -> Result<()> {
+        self.next_row = rows;
+        Ok(())
+    }
+}
+
 /// Rows held in memory (tests, tools): sequential, wrapping around.
 pub struct MemorySource {
     pub data: Vec<f32>,
