@@ -55,6 +55,9 @@ pub struct Progress {
     pub window: Window,
     /// Seconds of training before this checkpoint.
     pub seconds: f64,
+    /// Steps whose resampling gave some latent a new direction; the lr drops after each.
+    #[serde(default)]
+    pub lr_drops: Vec<u64>,
 }
 
 fn no_norm_limit() -> u32 {

@@ -498,9 +498,10 @@ pub fn lr_at(r: &Resolved, decay_steps: u64, step: u64, optimizer_step: u64) -> 
 }
 
 /// Factor on the lr at `step` (0-based) after the resamplings at `resample_steps` (each
-/// after that many steps): as the Gated paper (App. D.1.1), 0.1 at the first step after a
-/// resampling, back to 1 along a cosine over `warmup` steps. Derived from the step alone, so
-/// a resumed run follows the same schedule.
+/// after that many steps; the training loop passes those that resampled some latent): as the
+/// Gated paper (App. D.1.1), 0.1 at the first step after a resampling, back to 1 along a
+/// cosine over `warmup` steps. The steps travel in the checkpoint, so a resumed run follows
+/// the same schedule.
 pub fn resample_lr_factor(resample_steps: &[u64], warmup: u64, step: u64) -> f64 {
     let Some(&last) = resample_steps.iter().filter(|&&s| s <= step).max() else {
         return 1.0;

@@ -353,6 +353,8 @@ struct Start {
     log: Log,
     seconds: f64,
     extensions: Vec<Extension>,
+    /// Steps whose resampling resampled latents (the lr drops after each).
+    lr_drops: Vec<u64>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -545,6 +547,7 @@ fn start_fresh(
         log: Log::open(partial.join(LOG_FILE), Some(0))?,
         seconds: 0.0,
         extensions: Vec::new(),
+        lr_drops: Vec::new(),
     })
 }
 
@@ -649,6 +652,7 @@ fn start_resumed(
         log: Log::open(partial.join(LOG_FILE), Some(progress.log_bytes))?,
         seconds: progress.seconds,
         extensions,
+        lr_drops: progress.lr_drops,
     })
 }
 
@@ -728,10 +732,10 @@ fn start_extended(
     write_config(&partial.join(CONFIG_FILE), identity, cfg, r, &extensions)?;
     let scale = old_summary.scale;
     let max_norm = old_summary.max_norm.unwrap_or(f32::INFINITY);
-    let (trainer, window, log_bytes) = match kept {
+    let (trainer, window, log_bytes, lr_drops) = match kept {
         Some((sae, state, p)) => {
             let trainer = restore(cfg, sae, &state, &p, source, "--extend")?;
-            (trainer, p.window, Some(p.log_bytes))
+            (trainer, p.window, Some(p.log_bytes), p.lr_drops)
         }
         None => {
             // The saved SAE has the input scale folded in; train at the training scale.
@@ -746,7 +750,9 @@ fn start_extended(
                     "note: this activation source cannot seek; the extension sees different batches"
                 );
             }
-            (SaeTrainer::new(sae, hyper_of(cfg)), Window::default(), None)
+            // A fresh Adam warms up anew; earlier lr drops are over.
+            let fresh = SaeTrainer::new(sae, hyper_of(cfg));
+            (fresh, Window::default(), None, Vec::new())
         }
     };
     Ok(Start {
@@ -760,6 +766,7 @@ fn start_extended(
         log: Log::open(partial.join(LOG_FILE), log_bytes)?,
         seconds: old_summary.seconds,
         extensions,
+        lr_drops,
     })
 }
 
@@ -782,6 +789,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
         mut log,
         seconds: seconds_before,
         extensions,
+        mut lr_drops,
     } = if cfg.resume {
         start_resumed(cfg, &mut r, &partial, &identity, source)?
     } else if cfg.extend {
@@ -814,8 +822,8 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
             batch.iter_mut().for_each(|v| *v *= scale);
         }
         let mut lr = lr_at(&r, cfg.lr_decay_steps, step, trainer.steps_done());
-        if !cfg.resample_steps.is_empty() {
-            let f = resample_lr_factor(&cfg.resample_steps, cfg.resample_lr_warmup_steps, step);
+        if !lr_drops.is_empty() {
+            let f = resample_lr_factor(&lr_drops, cfg.resample_lr_warmup_steps, step);
             lr = (lr as f64 * f) as f32;
         }
         let coeff = sparsity_at(&r, step);
@@ -868,6 +876,10 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
             let skipped = source.rows_skipped;
             let (dead, resampled) = resample(cfg, &mut trainer, source, scale, done)?;
             source.rows_skipped = skipped;
+            // A resampling that changed nothing leaves the lr alone.
+            if resampled > 0 {
+                lr_drops.push(done);
+            }
             log.write(&serde_json::json!({
                 "step": done, "tokens": tokens, "dead_latents": dead, "resampled_latents": resampled,
             }))?;
@@ -893,6 +905,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
                 log_bytes: log.len()?,
                 window: window.clone(),
                 seconds: seconds_before + t0.elapsed().as_secs_f64(),
+                lr_drops: lr_drops.clone(),
             };
             checkpoint::write(&partial, &trainer, &progress)?;
         }

@@ -171,7 +171,8 @@ fn resampling_revives_dead_latents_and_is_logged() {
     let acts = synth(dir.path());
     for arch in [ArchKind::Relu, ArchKind::Gated] {
         let with = dying_cfg(&dir.path().join(format!("with-{arch}")), arch);
-        // The same lr schedule, but no latent is ever dead long enough to be resampled.
+        // The same schedule, but no latent is ever dead long enough to be resampled (so
+        // nothing is, and the lr is never dropped).
         let plain = TrainConfig {
             out: dir.path().join(format!("plain-{arch}")),
             resample_window: Some(u64::MAX),
@@ -223,6 +224,8 @@ fn resampling_revives_dead_latents_and_is_logged() {
         assert_eq!(lr(&lw, 25), at(24));
         assert_eq!(lr(&lw, 30), 3e-3f32 as f64);
         assert_eq!(lr(&lw, 45), at(44));
+        // A resampling that resampled nothing leaves the lr alone.
+        assert_eq!(lr(&log(&plain.out), 25), 3e-3f32 as f64);
     }
 }
 
