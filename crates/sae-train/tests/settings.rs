@@ -26,25 +26,6 @@ fn synth(dir: &Path, name: &str, seed: u64) -> PathBuf {
     out
 }
 
-fn small_cfg(acts: &Path, out: &Path) -> TrainConfig {
-    TrainConfig {
-        acts: Some(acts.to_path_buf()),
-        out: out.to_path_buf(),
-        d_sae: Some(32),
-        batch_size: 64,
-        steps: Some(40),
-        checkpoint_every: 10,
-        log_every: 5,
-        l1: Some(0.5),
-        lr: Some(1e-3),
-        init_sample: 512,
-        eval_tokens: 512,
-        quiet: true,
-        threads: Some(2),
-        ..Default::default()
-    }
-}
-
 /// Each bad value with the flag its message must name.
 fn bad_configs() -> Vec<(TrainConfig, &'static str)> {
     let base = TrainConfig {
@@ -506,4 +487,8 @@ fn nan_loss_message_names_a_checkpoint_only_when_there_is_one() {
     .unwrap();
     let at = format!("checkpoint at step {}", ckpt["step"]);
     assert!(e.contains(&at) && e.contains("delete"), "{e}");
+}
+
+fn small_cfg(acts: &Path, out: &Path) -> TrainConfig {
+    common::small_cfg(acts, out, 32)
 }

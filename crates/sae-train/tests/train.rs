@@ -184,25 +184,6 @@ fn synth(
     out
 }
 
-fn small_cfg(acts: &Path, out: &Path) -> TrainConfig {
-    TrainConfig {
-        acts: Some(acts.to_path_buf()),
-        out: out.to_path_buf(),
-        d_sae: Some(48),
-        batch_size: 64,
-        steps: Some(40),
-        checkpoint_every: 10,
-        log_every: 5,
-        l1: Some(0.5),
-        lr: Some(1e-3),
-        init_sample: 512,
-        eval_tokens: 512,
-        quiet: true,
-        threads: Some(2),
-        ..Default::default()
-    }
-}
-
 fn log_without_speed(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -582,4 +563,8 @@ fn a_resumed_run_counts_the_rows_left_out_before_the_kill() {
     assert_eq!(sa.rows_skipped, sb.rows_skipped);
     let w = |o: &Path| std::fs::read(o.join("sae_weights.safetensors")).unwrap();
     assert_eq!(w(&a.out), w(&b.out));
+}
+
+fn small_cfg(acts: &Path, out: &Path) -> TrainConfig {
+    common::small_cfg(acts, out, 48)
 }

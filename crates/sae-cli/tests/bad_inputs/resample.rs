@@ -11,22 +11,7 @@ fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
     STORE.get_or_init(|| {
         let acts = scratch("resample-store").join("acts");
-        let out = sae(&[
-            "synth",
-            "--out",
-            s(&acts),
-            "--d-in",
-            "8",
-            "--n-features",
-            "16",
-            "--n-tokens",
-            "4000",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        synth_store(&acts, 4000, &[]);
         acts
     })
 }

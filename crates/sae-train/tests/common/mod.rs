@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use clap::Parser;
-use sae_train::{BatchSource, StoreSource, TrainFlags};
+use sae_train::{BatchSource, StoreSource, TrainConfig, TrainFlags};
+use std::path::Path;
 
 #[derive(Parser)]
 pub struct Cli {
@@ -44,5 +45,25 @@ impl<S: BatchSource> BatchSource for Killed<S> {
     }
     fn seek(&mut self, p: &serde_json::Value) -> anyhow::Result<()> {
         self.inner.seek(p)
+    }
+}
+
+/// A short run on `acts` (40 steps of 64, checkpoints every 10, 2 threads).
+pub fn small_cfg(acts: &Path, out: &Path, d_sae: usize) -> TrainConfig {
+    TrainConfig {
+        acts: Some(acts.to_path_buf()),
+        out: out.to_path_buf(),
+        d_sae: Some(d_sae),
+        batch_size: 64,
+        steps: Some(40),
+        checkpoint_every: 10,
+        log_every: 5,
+        l1: Some(0.5),
+        lr: Some(1e-3),
+        init_sample: 512,
+        eval_tokens: 512,
+        quiet: true,
+        threads: Some(2),
+        ..Default::default()
     }
 }
