@@ -50,7 +50,7 @@ impl ToyModel {
     pub fn sae(&self) -> Sae {
         let v = self.vocab.len();
         let d_sae = v + PAIRS.len() + 1;
-        let mut sae = Sae::init(ArchKind::Relu, v, d_sae, 0, 0);
+        let mut sae = Sae::init(ArchKind::RELU, v, d_sae, 0, 0);
         sae.w_enc.iter_mut().for_each(|w| *w = 0.0);
         sae.b_dec.iter_mut().for_each(|b| *b = 0.0);
         let mut set = |i: usize, j: usize, w: f32| sae.w_enc[i * d_sae + j] = w;
@@ -69,7 +69,7 @@ impl ToyModel {
             b_enc[v + k] = -2.5;
         }
         b_enc[d_sae - 1] = -1.0;
-        sae.b_enc = b_enc;
+        *sae.param_mut("b_enc") = b_enc;
         // Decoder rows: the normalised encoder columns.
         for j in 0..d_sae {
             let col: Vec<f32> = (0..v).map(|i| sae.w_enc[i * d_sae + j]).collect();

@@ -32,6 +32,8 @@ enum Command {
     Synth(train::SynthArgs),
     /// Benchmark training steps against the one-GEMM limit.
     Bench(train::BenchArgs),
+    /// List the SAE families: names, SAELens names, sparsity, defaults and options.
+    Archs,
     /// Run a language model over a corpus and store activations at a hook point.
     Harvest(harvest::HarvestArgs),
     /// List a model's hook points with their widths.
@@ -57,6 +59,10 @@ fn main() {
         Command::Info(a) => train::info(a),
         Command::Synth(a) => train::synth(a),
         Command::Bench(a) => train::bench(a),
+        Command::Archs => {
+            train::archs();
+            Ok(())
+        }
         Command::Harvest(a) => harvest::harvest(a),
         Command::Hooks(a) => harvest::hooks(a),
         Command::Eval(a) => evaluate::eval(a),

@@ -119,7 +119,7 @@ fn plan(a: &SynthBenchArgs) -> Result<Vec<Run>> {
             .ok()
             .filter(|v: &f32| v.is_finite() && *v > 0.0)
             .with_context(|| format!("--coeff {c}: the value must be a positive number"))?;
-        if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) {
+        if arch.uses_k() {
             bail!("--coeff {c}: {arch:?} reaches its L0 through k (--l0), not a coefficient");
         }
         coeffs.push((arch, v));
@@ -127,7 +127,7 @@ fn plan(a: &SynthBenchArgs) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
     for arch in archs {
         let name = arch.as_str();
-        if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) {
+        if arch.uses_k() {
             if l0s.is_empty() {
                 bail!("--l0 is empty: {name} needs a target L0, e.g. --l0 25");
             }
@@ -223,7 +223,7 @@ pub fn synthbench(a: SynthBenchArgs) -> Result<()> {
             lr_warmup_steps: Some(0),
             adam_beta1: 0.9,
             adam_beta2: 0.999,
-            normalize: arch == ArchKind::JumpRelu,
+            normalize: arch == ArchKind::JUMPRELU,
             max_norm_ratio: 0.0,
             eval_tokens: 4096,
             seed: a.seed,

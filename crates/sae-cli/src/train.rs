@@ -147,7 +147,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let archs = a
         .archs
         .iter()
-        .map(|s| s.parse::<ArchKind>())
+        .map(|s| s.parse::<ArchKind>().map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
     if a.d_sae.is_empty() || a.d_sae.contains(&0) || a.d_in == 0 || a.batch == 0 || a.l0 == 0 {
         bail!("--d-sae, --d-in, --batch and --l0 must be positive");
@@ -173,4 +173,28 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// `sae archs`: every registered family with what a user sets for it.
+pub fn archs() {
+    use sae_core::arch::Sparsity;
+    for a in ArchKind::all() {
+        let f = a.family();
+        let sparsity = match f.sparsity() {
+            Sparsity::K => "--k (active latents per token)".to_string(),
+            Sparsity::Penalty { default } => format!("--l1 (default {default})"),
+        };
+        println!("{}: {}", f.name(), f.about());
+        println!(
+            "  saved as SAELens '{}'; sparsity {sparsity}; lr default {} at d_sae 16384",
+            f.saelens_name(),
+            f.default_lr(16384)
+        );
+        if f.resamplable() {
+            println!("  dead-latent resampling: --resample-steps");
+        }
+        for o in f.options() {
+            println!("  --arch-opt {}=...  {}", o.name, o.help);
+        }
+    }
 }

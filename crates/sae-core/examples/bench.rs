@@ -7,9 +7,9 @@ fn main() -> anyhow::Result<()> {
     let archs: Vec<ArchKind> = match args.get(1) {
         Some(s) => s
             .split(',')
-            .map(|a| a.parse())
-            .collect::<anyhow::Result<_>>()?,
-        None => ArchKind::ALL.to_vec(),
+            .map(|a| a.parse::<ArchKind>())
+            .collect::<Result<_, _>>()?,
+        None => ArchKind::all().collect(),
     };
     let steps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
     let sizes: Vec<usize> = match args.get(3) {

@@ -9,7 +9,7 @@ fn main() -> anyhow::Result<()> {
         .get(1)
         .map(|s| s.parse())
         .transpose()?
-        .unwrap_or(ArchKind::Gated);
+        .unwrap_or(ArchKind::GATED);
     let d_sae: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(9216);
     let steps: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let (d_in, batch) = (576, 4096);

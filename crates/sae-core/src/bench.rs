@@ -67,11 +67,7 @@ fn bench_sae(arch: ArchKind, d_in: usize, d_sae: usize, l0: usize, sample: &[f32
     let keep = (l0 * n).min(pre.len() - 1);
     let (_, q, _) = pre.select_nth_unstable_by(keep, |a, b| b.total_cmp(a));
     let q = *q;
-    match arch {
-        ArchKind::Gated | ArchKind::Relu => sae.b_enc.fill(-q),
-        ArchKind::JumpRelu => sae.threshold.fill(q),
-        ArchKind::TopK | ArchKind::BatchTopK => {}
-    }
+    arch.family().set_sparsity(&mut sae, l0, q);
     sae
 }
 

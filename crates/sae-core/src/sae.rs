@@ -1,6 +1,6 @@
 //! The SAE parameters and inference (encode / decode).
 
-use crate::arch::ArchKind;
+use crate::arch::{ArchKind, RowCode, Settings};
 use crate::sparse::SparseCode;
 use rayon::prelude::*;
 
@@ -16,27 +16,23 @@ pub struct SaeMeta {
 
 /// A sparse autoencoder's weights in SAELens layout.
 ///
-/// * `w_enc`: `[d_in, d_sae]` row-major. For `Gated` this is W_gate.
-/// * `b_enc`: `[d_sae]`. For `Gated` this is b_gate.
+/// * `w_enc`: `[d_in, d_sae]` row-major (for Gated this is W_gate).
 /// * `w_dec`: `[d_sae, d_in]` row-major; row i is feature i's direction.
 /// * `b_dec`: `[d_in]`, subtracted from the input before encoding when
-///   `apply_b_dec_to_input` (always for the paper's architectures).
-/// * `r_mag`, `b_mag`: `[d_sae]`, Gated only (empty otherwise).
-/// * `threshold`: `[d_sae]`, JumpReLU and BatchTopK-at-inference (empty otherwise).
-/// * `k`: TopK / BatchTopK only (0 otherwise).
+///   `apply_b_dec_to_input`.
+/// * `params`: the family's per-latent parameters, `[d_sae]` each, in the order and with the
+///   names of `arch.family().latent_params()` (the first is the encoder bias).
+/// * `settings`: the family's saved settings (`k`, prefix widths, ...).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sae {
     pub arch: ArchKind,
     pub d_in: usize,
     pub d_sae: usize,
     pub w_enc: Vec<f32>,
-    pub b_enc: Vec<f32>,
     pub w_dec: Vec<f32>,
     pub b_dec: Vec<f32>,
-    pub r_mag: Vec<f32>,
-    pub b_mag: Vec<f32>,
-    pub threshold: Vec<f32>,
-    pub k: usize,
+    pub params: Vec<Vec<f32>>,
+    pub settings: Settings,
     pub apply_b_dec_to_input: bool,
     pub meta: SaeMeta,
 }
@@ -65,64 +61,74 @@ impl std::fmt::Display for Invalid {
 impl std::error::Error for Invalid {}
 
 impl Sae {
-    /// `(SAELens tensor name, values, shape)` of every tensor this SAE's architecture uses.
+    /// Parameter `name` of this SAE's family. Panics on a name the family does not have (a
+    /// programming error).
+    pub fn param(&self, name: &str) -> &[f32] {
+        let i = self.param_index(name);
+        &self.params[i]
+    }
+
+    pub fn param_mut(&mut self, name: &str) -> &mut Vec<f32> {
+        let i = self.param_index(name);
+        &mut self.params[i]
+    }
+
+    fn param_index(&self, name: &str) -> usize {
+        let names = self.arch.family().latent_params();
+        names
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or_else(|| panic!("a {} SAE has no parameter '{name}'", self.arch))
+    }
+
+    /// The encoder bias (the family's first parameter: b_enc, or b_gate for Gated).
+    pub fn enc_bias(&self) -> &[f32] {
+        &self.params[0]
+    }
+
+    /// Active latents per token for families whose sparsity is k (0 otherwise).
+    pub fn k(&self) -> usize {
+        crate::arch::setting_usize(&self.settings, "k")
+    }
+
+    /// `(SAELens tensor name, values, shape)` of every tensor this SAE's family uses.
     pub fn tensors(&self) -> Vec<(&'static str, &[f32], Vec<usize>)> {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
-        let enc_bias = if self.arch == ArchKind::Gated {
-            "b_gate"
-        } else {
-            "b_enc"
+        let names = self.arch.family().latent_params();
+        let param = |i: usize| {
+            (
+                names[i].name,
+                self.params.get(i).map(|v| &v[..]).unwrap_or(&[]),
+                vec![d_sae],
+            )
         };
         let mut t = vec![
             ("W_enc", &self.w_enc[..], vec![d_in, d_sae]),
-            (enc_bias, &self.b_enc[..], vec![d_sae]),
+            param(0),
             ("W_dec", &self.w_dec[..], vec![d_sae, d_in]),
             ("b_dec", &self.b_dec[..], vec![d_in]),
         ];
-        match self.arch {
-            ArchKind::Gated => {
-                t.push(("r_mag", &self.r_mag[..], vec![d_sae]));
-                t.push(("b_mag", &self.b_mag[..], vec![d_sae]));
-            }
-            ArchKind::JumpRelu | ArchKind::BatchTopK => {
-                t.push(("threshold", &self.threshold[..], vec![d_sae]))
-            }
-            ArchKind::Relu | ArchKind::TopK => {}
-        }
+        t.extend((1..names.len()).map(param));
         t
     }
 
-    /// Checks that this SAE can encode and decode: positive sizes, `1 <= k <= d_sae` for
-    /// TopK / BatchTopK, every tensor of the right length and finite, and thresholds `>= 0`
-    /// (JumpReLU trains `log(threshold)`; relu makes a negative one act as 0 anyway, so a
-    /// negative value means the file is not what it claims).
+    /// Checks that this SAE can encode and decode: positive sizes, one vector per family
+    /// parameter, every tensor of the right length and finite, then the family's own checks
+    /// (k in range, thresholds `>= 0`, ...).
     pub fn validate(&self) -> Result<(), Invalid> {
-        let config = |key, msg| Err(Invalid::Config { key, msg });
-        if self.d_in == 0 {
-            return config(
-                "d_in",
-                "d_in is 0; an SAE needs a positive input width".into(),
-            );
-        }
-        if self.d_sae == 0 {
-            return config(
-                "d_sae",
-                "d_sae is 0; an SAE needs at least one latent".into(),
-            );
-        }
-        if matches!(self.arch, ArchKind::TopK | ArchKind::BatchTopK) {
-            if self.k == 0 {
-                return config("k", format!("k is 0; a {} SAE needs k >= 1", self.arch));
-            }
-            if self.k > self.d_sae {
-                return config(
-                    "k",
-                    format!(
-                        "k = {} is more than d_sae = {}; a {} SAE keeps at most d_sae latents",
-                        self.k, self.d_sae, self.arch
-                    ),
-                );
-            }
+        self.validate_config()?;
+        let names = self.arch.family().latent_params();
+        if self.params.len() != names.len() {
+            return Err(Invalid::Tensor {
+                tensor: names.get(self.params.len()).map_or("params", |p| p.name),
+                msg: format!(
+                    "a {} SAE has {} per-latent parameters, this one {}",
+                    self.arch,
+                    names.len(),
+                    self.params.len()
+                ),
+                non_finite: false,
+            });
         }
         for (tensor, data, shape) in self.tensors() {
             let want = shape.iter().fold(1usize, |a, &d| a.saturating_mul(d));
@@ -151,29 +157,34 @@ impl Sae {
                 });
             }
         }
-        let negative = self.threshold.iter().filter(|t| **t < 0.0).count();
-        if negative > 0 {
-            let lowest = self.threshold.iter().cloned().fold(f32::INFINITY, f32::min);
-            return Err(Invalid::Tensor {
-                tensor: "threshold",
-                msg: format!(
-                    "threshold holds {negative} negative values (lowest {lowest}); a {} \
-                     threshold is >= 0",
-                    self.arch
-                ),
-                non_finite: false,
-            });
+        self.arch.family().validate_params(self)
+    }
+
+    /// Sizes and the family's settings (no tensor is read): what cfg.json alone decides.
+    pub fn validate_config(&self) -> Result<(), Invalid> {
+        let config = |key, msg| Err(Invalid::Config { key, msg });
+        if self.d_in == 0 {
+            return config(
+                "d_in",
+                "d_in is 0; an SAE needs a positive input width".into(),
+            );
         }
-        Ok(())
+        if self.d_sae == 0 {
+            return config(
+                "d_sae",
+                "d_sae is 0; an SAE needs at least one latent".into(),
+            );
+        }
+        self.arch.family().validate_settings(self)
     }
 }
 
 // CONTRACT (signatures relied on by sae-train, sae-eval and sae-browser).
 impl Sae {
     /// A freshly initialised SAE as its paper does it (see ../shared/reference/sae-methods.md):
-    /// W_dec rows are Gaussian directions normalised to unit norm, W_enc = W_dec^T, all biases
-    /// 0, r_mag 0 (W_mag = W_gate), JumpReLU threshold 0.001, BatchTopK threshold 0 until
-    /// trained. Deterministic for a seed (ChaCha8, serial).
+    /// W_dec rows are Gaussian directions normalised to unit norm, W_enc = W_dec^T, and the
+    /// family's per-latent parameters at their initial values; `k` is used by the families
+    /// whose sparsity is k. Deterministic for a seed (ChaCha8, serial).
     pub fn init(arch: ArchKind, d_in: usize, d_sae: usize, k: usize, seed: u64) -> Sae {
         use rand::SeedableRng;
         use rand_distr::{Distribution, StandardNormal};
@@ -197,29 +208,23 @@ impl Sae {
                 w_enc[i * d_sae + j] = w_dec[j * d_in + i];
             }
         }
-        let per_latent = |on: bool, v: f32| if on { vec![v; d_sae] } else { Vec::new() };
+        let family = arch.family();
+        let no_options = std::collections::BTreeMap::new();
         Sae {
             arch,
             d_in,
             d_sae,
             w_enc,
-            b_enc: vec![0.0; d_sae],
             w_dec,
             b_dec: vec![0.0; d_in],
-            r_mag: per_latent(arch == ArchKind::Gated, 0.0),
-            b_mag: per_latent(arch == ArchKind::Gated, 0.0),
-            threshold: match arch {
-                ArchKind::JumpRelu => vec![0.001; d_sae],
-                ArchKind::BatchTopK => vec![0.0; d_sae],
-                _ => Vec::new(),
-            },
-            k: if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) {
-                k
-            } else {
-                0
-            },
-            // JumpReLU eq 8 has no b_dec subtraction on the input.
-            apply_b_dec_to_input: arch != ArchKind::JumpRelu,
+            params: family
+                .latent_params()
+                .iter()
+                .map(|p| vec![p.init; d_sae])
+                .collect(),
+            // Settings the family cannot make from k alone are refused by `validate`.
+            settings: family.settings(k, d_sae, &no_options).unwrap_or_default(),
+            apply_b_dec_to_input: family.apply_b_dec_to_input(),
             meta: SaeMeta::default(),
         }
     }
@@ -229,10 +234,10 @@ impl Sae {
     /// scale 1 must give the clean loss, scale 0 the zero-ablation loss.
     pub fn scaled_identity(d_in: usize, scale: f32) -> Sae {
         let d_sae = 2 * d_in;
-        let mut sae = Sae::init(ArchKind::Relu, d_in, d_sae, 0, 0);
+        let mut sae = Sae::init(ArchKind::RELU, d_in, d_sae, 0, 0);
         sae.w_enc.fill(0.0);
         sae.w_dec.fill(0.0);
-        sae.b_enc.fill(0.0);
+        sae.params[0].fill(0.0);
         sae.b_dec.fill(0.0);
         for i in 0..d_in {
             sae.w_enc[i * d_sae + i] = 1.0;
@@ -248,9 +253,15 @@ impl Sae {
     pub fn encode(&self, x: &[f32], n: usize) -> SparseCode {
         let pre = self.pre_activations(x, n);
         let d_sae = self.d_sae;
+        let family = self.arch.family();
         let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
             .par_chunks(d_sae.max(1))
-            .map(|row| self.encode_row(row))
+            .map_init(RowCode::default, |code, row| {
+                code.idx.clear();
+                code.val.clear();
+                family.encode_row(self, row, code);
+                (code.idx.clone(), code.val.clone())
+            })
             .collect();
         let mut code = SparseCode {
             n_rows: n,
@@ -268,6 +279,15 @@ impl Sae {
         code
     }
 
+    /// Codes in the family's training form where it has one (BatchTopK: the k*n largest of
+    /// the batch), else as [`Sae::encode`].
+    pub fn encode_as_trained(&self, x: &[f32], n: usize) -> SparseCode {
+        self.arch
+            .family()
+            .encode_batch(self, x, n)
+            .unwrap_or_else(|| self.encode(x, n))
+    }
+
     /// `(x - b_dec) @ W_enc` (or `x @ W_enc` without `apply_b_dec_to_input`), `[n, d_sae]`.
     pub fn pre_activations(&self, x: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(x.len(), n * self.d_in, "encode: x has the wrong length");
@@ -281,53 +301,6 @@ impl Sae {
         let mut pre = vec![0.0; n * self.d_sae];
         crate::kernels::matmul(&xc, n, self.d_in, &self.w_enc, self.d_sae, &mut pre);
         pre
-    }
-
-    /// One row of inference-time codes from raw pre-activations.
-    fn encode_row(&self, pre: &[f32]) -> (Vec<u32>, Vec<f32>) {
-        let (mut idx, mut val) = (Vec::new(), Vec::new());
-        let mut push = |j: usize, v: f32| {
-            if v > 0.0 {
-                idx.push(j as u32);
-                val.push(v);
-            }
-        };
-        match self.arch {
-            ArchKind::Gated => {
-                for (j, &p) in pre.iter().enumerate() {
-                    if p + self.b_enc[j] > 0.0 {
-                        push(j, self.r_mag[j].exp() * p + self.b_mag[j]);
-                    }
-                }
-            }
-            ArchKind::Relu => {
-                for (j, &p) in pre.iter().enumerate() {
-                    push(j, p + self.b_enc[j]);
-                }
-            }
-            ArchKind::TopK => {
-                let mut scratch = Vec::new();
-                let cands = pre.iter().zip(&self.b_enc).enumerate();
-                crate::arch::top_k_into(
-                    self.k,
-                    cands.map(|(j, (&p, &b))| (p + b, j as u32)),
-                    &mut scratch,
-                );
-                for (v, j) in scratch {
-                    push(j as usize, v);
-                }
-            }
-            // SAELens JumpReLU: relu(pi) * 1[pi > threshold].
-            ArchKind::JumpRelu | ArchKind::BatchTopK => {
-                for (j, &p) in pre.iter().enumerate() {
-                    let pi = p + self.b_enc[j];
-                    if pi > self.threshold[j] {
-                        push(j, pi);
-                    }
-                }
-            }
-        }
-        (idx, val)
     }
 
     /// Fold a training-time input scale into the weights: the SAE was trained on `x * scale`
@@ -355,35 +328,5 @@ impl Sae {
                 }
             });
         out
-    }
-
-    /// A trained Gated SAE as the equivalent JumpReLU SAE (reference §1.2):
-    /// W_enc <- W_mag = exp(r_mag) * W_gate, b_enc <- b_mag,
-    /// threshold <- max(b_mag - exp(r_mag) * b_gate, 0).
-    pub fn gated_to_jumprelu(&self) -> anyhow::Result<Sae> {
-        if self.arch != ArchKind::Gated {
-            anyhow::bail!(
-                "only a gated SAE can be exported as JumpReLU (this one is {})",
-                self.arch
-            );
-        }
-        let scale: Vec<f32> = self.r_mag.iter().map(|r| r.exp()).collect();
-        let mut w_enc = self.w_enc.clone();
-        for row in w_enc.chunks_mut(self.d_sae) {
-            row.iter_mut().zip(&scale).for_each(|(w, s)| *w *= s);
-        }
-        let threshold = (0..self.d_sae)
-            .map(|j| (self.b_mag[j] - scale[j] * self.b_enc[j]).max(0.0))
-            .collect();
-        Ok(Sae {
-            arch: ArchKind::JumpRelu,
-            w_enc,
-            b_enc: self.b_mag.clone(),
-            r_mag: Vec::new(),
-            b_mag: Vec::new(),
-            threshold,
-            k: 0,
-            ..self.clone()
-        })
     }
 }

@@ -12,7 +12,7 @@
 //! BatchTopK with its k. cfg.json follows SAELens v6 (`metadata{...}`); older files with
 //! `hook_name` etc. at the top level and `activation_fn_str: "topk"` also load.
 
-use crate::arch::ArchKind;
+use crate::arch::{ArchKind, Settings, Stored};
 use crate::sae::{Invalid, Sae, SaeMeta};
 use anyhow::{bail, Context};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
@@ -23,16 +23,6 @@ use std::path::Path;
 pub const CFG_FILE: &str = "cfg.json";
 pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 
-/// The SAELens `architecture` string used on disk.
-fn saelens_arch(a: ArchKind) -> &'static str {
-    match a {
-        ArchKind::Relu => "standard",
-        ArchKind::Gated => "gated",
-        ArchKind::TopK => "topk",
-        ArchKind::JumpRelu | ArchKind::BatchTopK => "jumprelu",
-    }
-}
-
 /// The SAELens cfg layout written here is SAELens 6.0's (`SAEConfig.to_dict` in
 /// sae_lens/saes/sae.py, unchanged through 6.18). SAELens 6 takes a cfg without
 /// `metadata.sae_lens_version >= 6.0.0` for a pre-6.0 file and keeps only top-level metadata
@@ -41,7 +31,7 @@ const SAELENS_LAYOUT_VERSION: &str = "6.0.0";
 
 fn cfg_json(sae: &Sae) -> Value {
     let mut cfg = json!({
-        "architecture": saelens_arch(sae.arch),
+        "architecture": sae.arch.family().saelens_name(),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": "float32",
@@ -59,12 +49,15 @@ fn cfg_json(sae: &Sae) -> Value {
             "prepend_bos": sae.meta.prepend_bos,
             "dataset_path": sae.meta.dataset_path,
         },
-        "sae_core": { "architecture": sae.arch.as_str(), "k": sae.k },
     });
-    if sae.arch == ArchKind::TopK {
-        cfg["k"] = json!(sae.k);
-        // Our TopK picks the k largest raw pre-activations.
-        cfg["rescale_acts_by_decoder_norm"] = json!(false);
+    let mut ours = serde_json::Map::new();
+    ours.insert("architecture".into(), sae.arch.as_str().into());
+    for (key, v) in &sae.settings {
+        ours.insert(key.clone(), v.clone());
+    }
+    cfg["sae_core"] = Value::Object(ours);
+    if let Some(map) = cfg.as_object_mut() {
+        sae.arch.family().saelens_cfg(sae, map);
     }
     cfg
 }
@@ -122,16 +115,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(sae_output::write_atomic(path, bytes)?)
 }
 
-/// SAELens `architecture` values this loader reads (`batchtopk` is a SAELens training
-/// checkpoint; SAELens saves BatchTopK for inference as `jumprelu`).
-const SAELENS_ARCHS: &str = "standard, gated, jumprelu, topk, batchtopk";
+/// SAELens `architecture` values this loader reads, comma-separated (`batchtopk` is a
+/// SAELens training checkpoint; SAELens saves BatchTopK for inference as `jumprelu`).
+fn saelens_archs() -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for a in ArchKind::all() {
+        for n in a.family().saelens_reads() {
+            if !names.contains(n) {
+                names.push(n);
+            }
+        }
+    }
+    names.join(", ")
+}
 
 /// What cfg.json says about the math, once every key that changes it has been checked.
 #[derive(Debug, PartialEq)]
 struct CfgSpec {
     arch: ArchKind,
-    /// `None` when cfg.json gives no k.
-    k: Option<usize>,
+    /// The family's settings found in cfg.json (`k` also from SAELens' own keys).
+    settings: Settings,
     apply_b_dec_to_input: bool,
     /// SAELens TopK `rescale_acts_by_decoder_norm`: folded into the weights on load.
     rescale_by_decoder_norm: bool,
@@ -175,7 +178,8 @@ fn parse_cfg(cfg: &Value) -> Result<CfgSpec, String> {
         Some(Value::String(a)) => a.as_str(),
         Some(v) => {
             return Err(format!(
-                "'architecture' is {v}, expected one of {SAELENS_ARCHS}"
+                "'architecture' is {v}, expected one of {}",
+                saelens_archs()
             ))
         }
     };
@@ -194,28 +198,27 @@ fn parse_cfg(cfg: &Value) -> Result<CfgSpec, String> {
             }
         },
     };
-    let from_saelens = match (saelens, act_fn) {
-        ("standard", Some("topk")) | ("topk", _) => ArchKind::TopK,
-        ("standard", _) => ArchKind::Relu,
-        ("gated" | "jumprelu" | "batchtopk", Some("topk")) => {
+    // Old SAELens files say TopK with a topk activation on a standard SAE.
+    let saelens = match (saelens, act_fn) {
+        ("standard", Some("topk")) => "topk",
+        ("topk", _) | (_, None | Some("relu")) => saelens,
+        (other, _) => {
             return Err(format!(
-                "'architecture' = '{saelens}' with a topk activation is not an SAE we know; \
+                "'architecture' = '{other}' with a topk activation is not an SAE we know; \
                  expected architecture 'topk'"
             ))
         }
-        ("gated", _) => ArchKind::Gated,
-        ("jumprelu", _) => ArchKind::JumpRelu,
-        ("batchtopk", _) => ArchKind::BatchTopK,
-        (other, _) => {
-            return Err(format!(
-                "unknown architecture '{other}'; the architectures this loader knows are \
-                 {SAELENS_ARCHS} (SAELens names) and {} (ours, under sae_core)",
-                ArchKind::ALL.map(ArchKind::as_str).join(", ")
-            ))
-        }
     };
+    let from_saelens = ArchKind::all().find(|a| a.family().saelens_reads().contains(&saelens));
     let arch = match ours.and_then(|o| o.get("architecture")) {
-        None => from_saelens,
+        None => from_saelens.ok_or_else(|| {
+            format!(
+                "unknown architecture '{saelens}'; the architectures this loader knows are \
+                 {} (SAELens names) and {} (ours, under sae_core)",
+                saelens_archs(),
+                ArchKind::names()
+            )
+        })?,
         Some(a) => {
             let a = a
                 .as_str()
@@ -223,31 +226,39 @@ fn parse_cfg(cfg: &Value) -> Result<CfgSpec, String> {
             let a = a
                 .parse::<ArchKind>()
                 .map_err(|e| format!("sae_core.architecture: {e}"))?;
-            // Our files save BatchTopK as SAELens' jumprelu; anything else disagreeing means
-            // one of the two was edited, and SAELens would run the other architecture.
-            if saelens_arch(a) != saelens && !(a == ArchKind::BatchTopK && saelens == "batchtopk") {
+            // Our files may save a family as the SAELens one it runs as at inference; anything
+            // else disagreeing means one of the two was edited, and SAELens would run the
+            // other architecture.
+            let f = a.family();
+            if f.saelens_name() != saelens && !f.saelens_reads().contains(&saelens) {
                 return Err(format!(
                     "'architecture' is '{saelens}' but sae_core.architecture is '{a}' (saved as \
                      '{}'); set one to match the other",
-                    saelens_arch(a)
+                    f.saelens_name()
                 ));
             }
             a
         }
     };
-    let k_src = [
-        ours.and_then(|o| o.get("k")).map(|v| ("sae_core.k", v)),
-        cfg.get("k").map(|v| ("k", v)),
-        cfg.get("activation_fn_kwargs")
-            .and_then(|kw| kw.get("k"))
-            .map(|v| ("activation_fn_kwargs.k", v)),
-    ];
-    let k = match k_src.into_iter().flatten().find(|(_, v)| !v.is_null()) {
-        Some((key, v)) if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) => {
-            Some(k_value(key, v)?)
+    let family = arch.family();
+    let mut settings = Settings::new();
+    for &key in family.setting_keys() {
+        if let Some(v) = ours.and_then(|o| o.get(key)).filter(|v| !v.is_null()) {
+            settings.insert(key.to_string(), v.clone());
         }
-        _ => None,
-    };
+    }
+    if family.setting_keys().contains(&"k") {
+        let k_src = [
+            ours.and_then(|o| o.get("k")).map(|v| ("sae_core.k", v)),
+            cfg.get("k").map(|v| ("k", v)),
+            cfg.get("activation_fn_kwargs")
+                .and_then(|kw| kw.get("k"))
+                .map(|v| ("activation_fn_kwargs.k", v)),
+        ];
+        if let Some((key, v)) = k_src.into_iter().flatten().find(|(_, v)| !v.is_null()) {
+            settings.insert("k".into(), json!(k_value(key, v)?));
+        }
+    }
     // SAELens itself runs `expected_average_only_in` as the identity at inference: its
     // dataset-wide scale is folded into the weights when it saves. Pre-6.0 files wrote a
     // bool for the same thing. The per-token normalisations would need run-time work.
@@ -275,7 +286,7 @@ fn parse_cfg(cfg: &Value) -> Result<CfgSpec, String> {
     let apply_b_dec_to_input = bool_key(cfg, "apply_b_dec_to_input", true)?;
     // SAELens reads the flag only for its TopK family.
     let rescale_by_decoder_norm = bool_key(cfg, "rescale_acts_by_decoder_norm", false)?
-        && matches!(arch, ArchKind::TopK | ArchKind::BatchTopK);
+        && family.reads_decoder_norm_rescale();
     let finetuning_scaling_factor = bool_key(cfg, "finetuning_scaling_factor", false)?;
 
     let meta_src = cfg.get("metadata").filter(|m| m.is_object()).unwrap_or(cfg);
@@ -309,7 +320,7 @@ fn parse_cfg(cfg: &Value) -> Result<CfgSpec, String> {
     };
     Ok(CfgSpec {
         arch,
-        k,
+        settings,
         apply_b_dec_to_input,
         rescale_by_decoder_norm,
         finetuning_scaling_factor,
@@ -349,24 +360,26 @@ pub fn load(dir: &Path) -> anyhow::Result<Sae> {
     let d_sae = get_usize("d_sae")?;
     let spec = parse_cfg(&cfg).map_err(bad)?;
     let arch = spec.arch;
-    let k = match spec.k {
-        Some(k) => k,
-        None if matches!(arch, ArchKind::TopK | ArchKind::BatchTopK) => {
-            return Err(bad(format!(
-                "no 'k'; a {arch} SAE needs k, the number of active latents per token"
-            )))
-        }
-        None => 0,
-    };
-    // Sizes and k before the weights, so a bad cfg.json is reported as such.
-    let sizes = Sae {
+    let family = arch.family();
+    if family.setting_keys().contains(&"k") && !spec.settings.contains_key("k") {
+        return Err(bad(format!(
+            "no 'k'; a {arch} SAE needs k, the number of active latents per token"
+        )));
+    }
+    // Sizes and settings before the weights, so a bad cfg.json is reported as such.
+    let mut sae = Sae {
         arch,
         d_in,
         d_sae,
-        k,
-        ..Sae::init(ArchKind::Relu, 0, 0, 0, 0)
+        w_enc: Vec::new(),
+        w_dec: Vec::new(),
+        b_dec: Vec::new(),
+        params: Vec::new(),
+        settings: spec.settings,
+        apply_b_dec_to_input: spec.apply_b_dec_to_input,
+        meta: spec.meta,
     };
-    if let Err(Invalid::Config { key, msg }) = sizes.validate() {
+    if let Err(Invalid::Config { key, msg }) = sae.validate_config() {
         return Err(bad(format!("{msg}; fix '{key}' or load another SAE")));
     }
 
@@ -406,65 +419,36 @@ pub fn load(dir: &Path) -> anyhow::Result<Sae> {
         to_f32(t.dtype(), t.data())
             .with_context(|| format!("{}: tensor '{name}'", w_path.display()))
     };
-    let enc_bias = if arch == ArchKind::Gated {
-        "b_gate"
-    } else {
-        "b_enc"
-    };
-    let mut used = vec!["W_enc", enc_bias, "W_dec", "b_dec"];
-    let mut sae = Sae {
-        arch,
-        d_in,
-        d_sae,
-        w_enc: read("W_enc", &[d_in, d_sae])?,
-        b_enc: read(enc_bias, &[d_sae])?,
-        w_dec: read("W_dec", &[d_sae, d_in])?,
-        b_dec: read("b_dec", &[d_in])?,
-        r_mag: Vec::new(),
-        b_mag: Vec::new(),
-        threshold: Vec::new(),
-        k,
-        apply_b_dec_to_input: spec.apply_b_dec_to_input,
-        meta: spec.meta,
-    };
-    match arch {
-        ArchKind::Gated => {
-            sae.r_mag = read("r_mag", &[d_sae])?;
-            sae.b_mag = read("b_mag", &[d_sae])?;
-            used.extend(["r_mag", "b_mag"]);
-        }
-        ArchKind::JumpRelu | ArchKind::BatchTopK => {
-            let has = |n: &str| names.contains_key(n);
-            sae.threshold = if has("threshold") {
-                used.push("threshold");
-                read("threshold", &[d_sae])?
-            } else if arch == ArchKind::BatchTopK && !has("log_threshold") && has("topk_threshold")
-            {
-                // A SAELens BatchTopK training checkpoint: one threshold for every latent,
-                // broadcast as SAELens does when it saves one for inference.
-                used.push("topk_threshold");
-                let t = tensor("topk_threshold")?;
+    let mut used = vec!["W_enc", "W_dec", "b_dec"];
+    sae.w_enc = read("W_enc", &[d_in, d_sae])?;
+    sae.w_dec = read("W_dec", &[d_sae, d_in])?;
+    sae.b_dec = read("b_dec", &[d_in])?;
+    for p in family.latent_params() {
+        let sources = family.stored_as(p.name);
+        let Some(&(name, stored)) = sources.iter().find(|(n, _)| names.contains_key(*n)) else {
+            return Err(tensor(p.name).unwrap_err());
+        };
+        used.push(name);
+        let values = match stored {
+            Stored::AsIs => read(name, &[d_sae])?,
+            Stored::Log => read(name, &[d_sae])?.into_iter().map(f32::exp).collect(),
+            Stored::Broadcast => {
+                // One value for every latent, broadcast as SAELens does when it saves one
+                // for inference.
+                let t = tensor(name)?;
                 let v = to_f32(t.dtype(), t.data())
-                    .with_context(|| format!("{}: tensor 'topk_threshold'", w_path.display()))?;
+                    .with_context(|| format!("{}: tensor '{name}'", w_path.display()))?;
                 if v.len() != 1 {
                     bail!(
-                        "{}: tensor 'topk_threshold' has shape {:?}, expected one value",
+                        "{}: tensor '{name}' has shape {:?}, expected one value",
                         w_path.display(),
                         t.shape()
                     );
                 }
                 vec![v[0]; d_sae]
-            } else if has("log_threshold") {
-                used.push("log_threshold");
-                read("log_threshold", &[d_sae])?
-                    .into_iter()
-                    .map(f32::exp)
-                    .collect()
-            } else {
-                return Err(tensor("threshold").unwrap_err());
-            };
-        }
-        ArchKind::Relu | ArchKind::TopK => {}
+            }
+        };
+        sae.params.push(values);
     }
     let scale_name = ["scaling_factor", "finetuning_scaling_factor"]
         .into_iter()
@@ -550,7 +534,10 @@ fn fold_decoder_norms(sae: &mut Sae) {
     for row in sae.w_enc.chunks_mut(d_sae) {
         row.iter_mut().zip(&norms).for_each(|(w, n)| *w *= n);
     }
-    sae.b_enc.iter_mut().zip(&norms).for_each(|(b, n)| *b *= n);
+    sae.params[0]
+        .iter_mut()
+        .zip(&norms)
+        .for_each(|(b, n)| *b *= n);
 }
 
 fn sorted(names: &HashMap<String, ()>) -> Vec<&str> {

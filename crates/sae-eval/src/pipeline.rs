@@ -431,7 +431,7 @@ fn write_outputs(
     failed: &[(String, String)],
 ) -> Result<Option<sweep::Comparison>> {
     let has = |a: ArchKind| rows.iter().any(|r| r.run.arch == a);
-    let cmp = (has(ArchKind::Gated) && has(ArchKind::Relu))
+    let cmp = (has(ArchKind::GATED) && has(ArchKind::RELU))
         .then(|| sweep::compare(rows, "gated", "relu"));
     let json =
         serde_json::json!({ "setup": setup, "runs": rows, "failed": failed, "comparison": cmp });
@@ -618,11 +618,11 @@ pub fn run_demo(out: &Path, quick: bool) -> Result<SweepResult> {
     drop(model);
     let o = SweepOptions {
         acts,
-        archs: vec![ArchKind::Gated, ArchKind::Relu],
+        archs: vec![ArchKind::GATED, ArchKind::RELU],
         l1: Vec::new(),
         l1_by_arch: vec![
-            (ArchKind::Gated, plan.gated_l1.clone()),
-            (ArchKind::Relu, plan.relu_l1.clone()),
+            (ArchKind::GATED, plan.gated_l1.clone()),
+            (ArchKind::RELU, plan.relu_l1.clone()),
         ],
         k: Vec::new(),
         d_sae: Some(plan.d_sae),

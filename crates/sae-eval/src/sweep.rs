@@ -34,7 +34,7 @@ impl RunSpec {
 
 /// Whether an architecture's sparsity is set with `--l1` (else with `--k`).
 pub fn uses_l1(a: ArchKind) -> bool {
-    matches!(a, ArchKind::Gated | ArchKind::Relu | ArchKind::JumpRelu)
+    !a.uses_k()
 }
 
 /// The grid: `--l1` values for gated/relu/jumprelu, `--k` values for topk/batchtopk.
@@ -258,7 +258,7 @@ pub fn curve_shift(rows: &[SweepRow]) -> Vec<(String, f64, f64, f64)> {
 /// Architectures present, in a fixed order.
 fn archs_of(rows: &[SweepRow]) -> Vec<String> {
     let mut v: Vec<String> = Vec::new();
-    for a in ArchKind::ALL {
+    for a in ArchKind::all() {
         if rows.iter().any(|r| r.run.arch == a) {
             v.push(a.as_str().to_string());
         }

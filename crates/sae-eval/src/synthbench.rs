@@ -367,48 +367,9 @@ impl SynthEvaluator {
     }
 }
 
-/// Codes of `n` rows in BatchTopK's training form: the k*n largest positive `pre + b_enc`
-/// of the whole batch (entries equal to the cut-off kept), as the reference evaluates it.
-pub fn encode_batch_topk(sae: &Sae, x: &[f32], n: usize) -> SparseCode {
-    let d_sae = sae.d_sae;
-    let mut pre = sae.pre_activations(x, n);
-    pre.par_chunks_mut(d_sae.max(1)).for_each(|row| {
-        row.iter_mut().zip(&sae.b_enc).for_each(|(p, b)| *p += b);
-    });
-    let mut positive: Vec<f32> = pre.iter().copied().filter(|&v| v > 0.0).collect();
-    let want = sae.k * n;
-    let cutoff = if positive.len() > want && want > 0 {
-        let pos = positive.len() - want;
-        *positive
-            .select_nth_unstable_by(pos, |a, b| a.total_cmp(b))
-            .1
-    } else if want == 0 {
-        f32::INFINITY
-    } else {
-        f32::MIN_POSITIVE
-    };
-    let mut code = SparseCode {
-        n_rows: n,
-        d_sae,
-        row_ptr: vec![0],
-        idx: Vec::new(),
-        val: Vec::new(),
-    };
-    for row in pre.chunks(d_sae.max(1)) {
-        for (j, &v) in row.iter().enumerate() {
-            if v > 0.0 && v >= cutoff {
-                code.idx.push(j as u32);
-                code.val.push(v);
-            }
-        }
-        code.row_ptr.push(code.idx.len());
-    }
-    code
-}
-
 /// Scores `sae` on `n` fresh samples of `bench` (rows `first_row..first_row + n`), in batches
-/// of `batch` (the last one shorter). BatchTopK is evaluated in its training form
-/// (`encode_batch_topk`), every other architecture with its inference encoder.
+/// of `batch` (the last one shorter), each family in its training form where it has one
+/// (BatchTopK: batch selection; see `Sae::encode_as_trained`).
 pub fn evaluate_on_bench(
     sae: &Sae,
     bench: &sae_store::synthbench::SynthBench,
@@ -436,11 +397,7 @@ pub fn evaluate_on_bench(
         let x = &mut x[..rows * d];
         truth.truncate(0);
         bench.sample_batch(first_row + done, x, Some(&mut truth));
-        let codes = if sae.arch == sae_core::ArchKind::BatchTopK {
-            encode_batch_topk(sae, x, rows)
-        } else {
-            sae.encode(x, rows)
-        };
+        let codes = sae.encode_as_trained(x, rows);
         let recon = sae.decode(&codes);
         eval.add_batch(x, &recon, &codes, &truth);
         done += rows as u64;

@@ -68,7 +68,7 @@ fn interpolation_by_hand() {
 
 /// A ReLU SAE with d_sae = d_in, W_enc = I, W_dec = c I and no biases: x_hat = c x for x >= 0.
 fn scaled_identity_sae(d: usize, c: f32) -> Sae {
-    let mut sae = Sae::init(ArchKind::Relu, d, d, 0, 0);
+    let mut sae = Sae::init(ArchKind::RELU, d, d, 0, 0);
     sae.w_enc = vec![0.0; d * d];
     sae.w_dec = vec![0.0; d * d];
     for i in 0..d {

@@ -2,8 +2,10 @@
 //! holds the same fields as the flags (flag `--d-sae` = field `d_sae`); flags override it.
 
 use anyhow::{bail, Context, Result};
-use sae_core::ArchKind;
+use sae_core::arch::{Settings, Sparsity};
+use sae_core::{ArchKind, TrainHyper};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// How b_dec starts.
@@ -90,6 +92,8 @@ pub struct TrainConfig {
     pub jumprelu_bandwidth: f32,
     /// ReLU: decoder-norm-weighted L1 without the unit-norm constraint (April-update recipe).
     pub relu_decoder_norm_l1: bool,
+    /// The family's own options (`--arch-opt name=value`; `sae train --help` lists them).
+    pub arch_opt: BTreeMap<String, String>,
     /// Steps between checkpoints (0 = none).
     pub checkpoint_every: u64,
     /// Steps between lines of train_log.jsonl.
@@ -126,7 +130,7 @@ impl Default for TrainConfig {
             ctx: 128,
             buffer_rows: 65_536,
             out: PathBuf::from("runs/sae"),
-            arch: ArchKind::Gated,
+            arch: ArchKind::GATED,
             d_sae: None,
             l1: None,
             k: 32,
@@ -153,6 +157,7 @@ impl Default for TrainConfig {
             k_aux: 0,
             jumprelu_bandwidth: 0.001,
             relu_decoder_norm_l1: false,
+            arch_opt: BTreeMap::new(),
             checkpoint_every: 1000,
             log_every: 100,
             seed: 0,
@@ -303,12 +308,23 @@ impl TrainConfig {
         c.check_resampling()?;
         check_non_negative("aux_coeff", c.aux_coeff)?;
         check_positive("jumprelu_bandwidth", c.jumprelu_bandwidth)?;
-        if c.relu_decoder_norm_l1 && c.arch != ArchKind::Relu {
-            return Err(bad(
-                "relu_decoder_norm_l1",
-                "false unless --arch relu (it changes only the relu loss)",
-                format!("true with --arch {}", c.arch),
-            ));
+        let family = c.arch.family();
+        if let Err((field, rule)) = family.check_hyper(&c.hyper()) {
+            return Err(bad(field, &rule, format!("true with --arch {}", c.arch)));
+        }
+        let known = family.options();
+        if let Some(key) = c
+            .arch_opt
+            .keys()
+            .find(|k| !known.iter().any(|o| o.name == *k))
+        {
+            let listed = if known.is_empty() {
+                format!("left out: {} has no options of its own", c.arch)
+            } else {
+                let names: Vec<_> = known.iter().map(|o| o.name).collect();
+                format!("one of {} for --arch {}", names.join(", "), c.arch)
+            };
+            return Err(bad("arch_opt", &listed, key));
         }
         check_count("log_every", c.log_every, "steps between log lines")?;
         if let Some(t) = c.threads {
@@ -321,6 +337,20 @@ impl TrainConfig {
             "rows of the final evaluation",
         )?;
         Ok(())
+    }
+
+    /// The trainer's fixed hyperparameters.
+    pub fn hyper(&self) -> TrainHyper {
+        TrainHyper {
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_eps: self.adam_eps,
+            aux_coeff: self.aux_coeff,
+            k_aux: self.k_aux,
+            jumprelu_bandwidth: self.jumprelu_bandwidth,
+            dead_window_tokens: self.dead_window_tokens,
+            relu_decoder_norm_l1: self.relu_decoder_norm_l1,
+        }
     }
 
     /// The resampling settings on their own (the end of the run is checked in `resolve`).
@@ -336,7 +366,7 @@ impl TrainConfig {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        if !matches!(c.arch, ArchKind::Relu | ArchKind::Gated) {
+        if !c.arch.family().resamplable() {
             return Err(bad(
                 "resample_steps",
                 "left out unless --arch relu or gated (the architectures the Gated paper \
@@ -396,6 +426,9 @@ pub struct Resolved {
     pub steps: u64,
     pub lr_warmup_steps: u64,
     pub l1_warmup_steps: u64,
+    /// The family's settings saved with the SAE (k, prefix widths, ...).
+    #[serde(default)]
+    pub settings: Settings,
 }
 
 pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Resolved> {
@@ -404,7 +437,8 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
     if d_sae == 0 {
         bail!("--d-sae must be at least 1 (the activations have d_in = 0)");
     }
-    let topk = matches!(cfg.arch, ArchKind::TopK | ArchKind::BatchTopK);
+    let family = cfg.arch.family();
+    let topk = cfg.arch.uses_k();
     if topk && cfg.k > d_sae {
         bail!(
             "--k must be between 1 and d_sae = {d_sae} for {}; got {}",
@@ -424,20 +458,13 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
             cfg.arch
         );
     }
-    let lr = cfg.lr.unwrap_or(match cfg.arch {
-        ArchKind::Gated | ArchKind::Relu => 3e-4,
-        ArchKind::JumpRelu => 7e-5,
-        ArchKind::TopK | ArchKind::BatchTopK => 2e-4 / (d_sae as f32 / 16384.0).sqrt(),
-    });
-    let sparsity_coeff = if topk {
-        0.0
-    } else {
-        cfg.l1.unwrap_or(match cfg.arch {
-            // Good on the synthetic acceptance set (inputs normalised); sweep on real data.
-            ArchKind::Gated => 5.0,
-            ArchKind::Relu => 2.0,
-            _ => 0.1,
-        })
+    let settings = family
+        .settings(cfg.k, d_sae, &cfg.arch_opt)
+        .map_err(|e| anyhow::anyhow!("--arch-opt: {e}"))?;
+    let lr = cfg.lr.unwrap_or(family.default_lr(d_sae));
+    let sparsity_coeff = match family.sparsity() {
+        Sparsity::K => 0.0,
+        Sparsity::Penalty { default } => cfg.l1.unwrap_or(default),
     };
     let bs = cfg.batch_size as u64;
     let steps = match (cfg.steps, cfg.tokens, n_rows) {
@@ -465,11 +492,9 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
         }
     }
     let lr_warmup_steps = cfg.lr_warmup_steps.unwrap_or((steps / 10).min(1000));
-    let l1_warmup_steps = cfg.l1_warmup_steps.unwrap_or(match cfg.arch {
-        ArchKind::Relu if cfg.relu_decoder_norm_l1 => steps / 20,
-        ArchKind::JumpRelu => (steps / 10).min(10_000),
-        _ => 0,
-    });
+    let l1_warmup_steps = cfg
+        .l1_warmup_steps
+        .unwrap_or(family.default_sparsity_warmup(steps, &cfg.hyper()));
     Ok(Resolved {
         d_in,
         d_sae,
@@ -478,6 +503,7 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
         steps,
         lr_warmup_steps,
         l1_warmup_steps,
+        settings,
     })
 }
 

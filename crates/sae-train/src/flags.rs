@@ -47,7 +47,8 @@ pub struct TrainFlags {
     /// Output directory (SAELens layout).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// gated, relu, topk, batchtopk or jumprelu.
+    /// SAE family: gated, relu, topk, batchtopk, jumprelu, ... (`sae archs` lists every one
+    /// with its options).
     #[arg(long, value_parser = parse_arch)]
     pub arch: Option<ArchKind>,
     #[arg(long, allow_negative_numbers = true)]
@@ -116,6 +117,9 @@ pub struct TrainFlags {
     pub k_aux: Option<usize>,
     #[arg(long, allow_negative_numbers = true)]
     pub jumprelu_bandwidth: Option<f32>,
+    /// An option of the family itself, NAME=VALUE (repeatable; `sae archs` lists them).
+    #[arg(long = "arch-opt", value_name = "NAME=VALUE")]
+    pub arch_opt: Vec<String>,
     /// ReLU with decoder-norm-weighted L1 and no unit-norm constraint.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub relu_decoder_norm_l1: Option<bool>,
@@ -217,6 +221,16 @@ impl TrainFlags {
             resample_window,
             threads
         );
+        for opt in &self.arch_opt {
+            let Some((name, value)) = opt.split_once('=') else {
+                bail!(
+                    "--arch-opt {opt}: write NAME=VALUE (`sae archs` lists each family's options)"
+                );
+            };
+            c.arch_opt
+                .insert(name.trim().to_string(), value.trim().to_string());
+            given.push("arch_opt");
+        }
         if let Err(e) = c.validate() {
             if let (Some(path), Some(b)) = (&self.config, e.downcast_ref::<BadSetting>()) {
                 if !given.contains(&b.field) {

@@ -21,8 +21,8 @@ pub fn describe(dir: &Path) -> Result<String> {
         s,
         "  arch        {}{}",
         sae.arch,
-        if sae.k > 0 {
-            format!(" (k = {})", sae.k)
+        if sae.k() > 0 {
+            format!(" (k = {})", sae.k())
         } else {
             String::new()
         }

@@ -9,7 +9,7 @@ use crate::model_source::{ModelSource, ModelSourceOptions};
 use crate::source::{BatchSource, StoreSource};
 use anyhow::{bail, Context, Result};
 use sae_core::metrics::ReconMetrics;
-use sae_core::{Sae, SaeTrainer, StepStats, TrainHyper};
+use sae_core::{Sae, SaeTrainer, StepStats};
 use sae_output::{outdir::Input, OutputKind, OutputLock};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -243,19 +243,6 @@ fn identity_label(key: &str) -> String {
     }
 }
 
-fn hyper_of(cfg: &TrainConfig) -> TrainHyper {
-    TrainHyper {
-        adam_beta1: cfg.adam_beta1,
-        adam_beta2: cfg.adam_beta2,
-        adam_eps: cfg.adam_eps,
-        aux_coeff: cfg.aux_coeff,
-        k_aux: cfg.k_aux,
-        jumprelu_bandwidth: cfg.jumprelu_bandwidth,
-        dead_window_tokens: cfg.dead_window_tokens,
-        relu_decoder_norm_l1: cfg.relu_decoder_norm_l1,
-    }
-}
-
 /// A fresh SAE with b_dec from the data, and the input scale.
 fn initialise(
     cfg: &TrainConfig,
@@ -290,13 +277,14 @@ fn initialise(
     };
     sample.iter_mut().for_each(|v| *v *= scale);
     let mut sae = Sae::init(cfg.arch, d, r.d_sae, cfg.k, cfg.seed);
+    sae.settings = r.settings.clone();
     sae.meta = source.meta();
     sae.b_dec = match cfg.b_dec_init {
         BDecInit::GeometricMedian => init::geometric_median(&sample, d, 100),
         BDecInit::Mean => init::mean(&sample, d),
         BDecInit::Zero => vec![0.0; d],
     };
-    Ok((SaeTrainer::new(sae, hyper_of(cfg)), scale, max_norm))
+    Ok((SaeTrainer::new(sae, cfg.hyper()), scale, max_norm))
 }
 
 struct Log {
@@ -560,7 +548,7 @@ fn restore(
     source: &mut dyn BatchSource,
     flag: &str,
 ) -> Result<SaeTrainer> {
-    let mut trainer = SaeTrainer::new(sae, hyper_of(cfg));
+    let mut trainer = SaeTrainer::new(sae, cfg.hyper());
     trainer.load_state(state)?;
     match &progress.source_position {
         Some(p) => source
@@ -751,7 +739,7 @@ fn start_extended(
                 );
             }
             // A fresh Adam warms up anew; earlier lr drops are over.
-            let fresh = SaeTrainer::new(sae, hyper_of(cfg));
+            let fresh = SaeTrainer::new(sae, cfg.hyper());
             (fresh, Window::default(), None, Vec::new())
         }
     };

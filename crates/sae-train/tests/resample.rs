@@ -169,7 +169,7 @@ fn resample_lines(log: &[serde_json::Value]) -> Vec<(u64, u64, u64)> {
 fn resampling_revives_dead_latents_and_is_logged() {
     let dir = tempfile::tempdir().unwrap();
     let acts = synth(dir.path());
-    for arch in [ArchKind::Relu, ArchKind::Gated] {
+    for arch in [ArchKind::RELU, ArchKind::GATED] {
         let with = dying_cfg(&dir.path().join(format!("with-{arch}")), arch);
         // The same schedule, but no latent is ever dead long enough to be resampled (so
         // nothing is, and the lr is never dropped).
@@ -236,7 +236,7 @@ fn resampling_revives_dead_latents_and_is_logged() {
 fn resume_through_a_resampling_gives_the_same_bits() {
     let dir = tempfile::tempdir().unwrap();
     let acts = synth(dir.path());
-    for arch in [ArchKind::Relu, ArchKind::Gated] {
+    for arch in [ArchKind::RELU, ArchKind::GATED] {
         let a = dying_cfg(&dir.path().join(format!("a-{arch}")), arch);
         let sa = sae_train::run_with_source(&a, &mut offset_rows(&acts)).unwrap();
         let lines = resample_lines(&log(&a.out));

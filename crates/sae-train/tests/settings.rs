@@ -33,7 +33,7 @@ fn bad_configs() -> Vec<(TrainConfig, &'static str)> {
         ..Default::default()
     };
     let topk = TrainConfig {
-        arch: ArchKind::TopK,
+        arch: ArchKind::TOPK,
         ..base.clone()
     };
     let c = |f: fn(&mut TrainConfig)| {
@@ -97,7 +97,7 @@ fn every_range_check_names_its_flag() {
 #[test]
 fn range_checks_need_data_sizes_in_resolve() {
     let topk = TrainConfig {
-        arch: ArchKind::TopK,
+        arch: ArchKind::TOPK,
         steps: Some(10),
         d_sae: Some(16),
         ..Default::default()

@@ -43,7 +43,7 @@ fn trains_from_the_generator_without_a_store() {
     let cfg = TrainConfig {
         synth: Some("synthsaebench-small".into()),
         out: out.clone(),
-        arch: sae_core::ArchKind::TopK,
+        arch: sae_core::ArchKind::TOPK,
         k: 8,
         d_sae: Some(128),
         batch_size: 256,

@@ -134,7 +134,7 @@ fn schedules_and_defaults() {
     assert!((lr_at(&r, 20, 99, 0) - 1.5e-5).abs() < 1e-9);
     assert_eq!(sparsity_at(&r, 0), r.sparsity_coeff);
     let j = TrainConfig {
-        arch: ArchKind::JumpRelu,
+        arch: ArchKind::JUMPRELU,
         steps: Some(200),
         l1: Some(2.0),
         ..Default::default()
@@ -145,7 +145,7 @@ fn schedules_and_defaults() {
     assert_eq!(sparsity_at(&r, 25), 2.0);
     // One pass over the data by default; topk rejects --l1; no size and no steps is an error.
     let t = TrainConfig {
-        arch: ArchKind::TopK,
+        arch: ArchKind::TOPK,
         batch_size: 100,
         ..Default::default()
     };
@@ -200,15 +200,18 @@ fn log_without_speed(path: &Path) -> Vec<serde_json::Value> {
 fn resume_after_a_kill_gives_the_same_bits() {
     let dir = tempfile::tempdir().unwrap();
     let acts = synth(dir.path(), 12, 24, 3000, 3.0);
-    for arch in [ArchKind::Gated, ArchKind::TopK, ArchKind::JumpRelu] {
-        let k_or_l1 = |c: TrainConfig| match arch {
-            ArchKind::TopK => TrainConfig {
-                arch,
-                k: 4,
-                l1: None,
-                ..c
-            },
-            _ => TrainConfig { arch, ..c },
+    for arch in [ArchKind::GATED, ArchKind::TOPK, ArchKind::JUMPRELU] {
+        let k_or_l1 = |c: TrainConfig| {
+            if arch.uses_k() {
+                TrainConfig {
+                    arch,
+                    k: 4,
+                    l1: None,
+                    ..c
+                }
+            } else {
+                TrainConfig { arch, ..c }
+            }
         };
         let a = k_or_l1(small_cfg(&acts, &dir.path().join(format!("a-{arch}"))));
         let sa = sae_train::run(&a).unwrap();
@@ -299,7 +302,7 @@ fn same_seed_same_bits_and_output_replaced_whole() {
         assert!(out.join(f).exists(), "{f}");
     }
     let sae = sae_core::saelens::load(&out).unwrap();
-    assert_eq!((sae.arch, sae.d_in, sae.d_sae), (ArchKind::Gated, 12, 48));
+    assert_eq!((sae.arch, sae.d_in, sae.d_sae), (ArchKind::GATED, 12, 48));
     assert_eq!(sae.meta.model_name, "synthetic");
 }
 
@@ -333,7 +336,7 @@ fn gated_recovers_features_without_shrinkage_relu_shrinks() {
     let (truth, _, _) = read_true_features(&acts).unwrap();
     let mut results = Vec::new();
     // Each at its own sparsity coefficient (lambda is not comparable across architectures).
-    for (arch, l1) in [(ArchKind::Gated, 5.0), (ArchKind::Relu, 2.0)] {
+    for (arch, l1) in [(ArchKind::GATED, 5.0), (ArchKind::RELU, 2.0)] {
         let cfg = TrainConfig {
             acts: Some(acts.clone()),
             out: dir.path().join(arch.as_str()),
@@ -382,7 +385,7 @@ fn extension_cfgs(acts: &Path, dir: &Path, arch: ArchKind) -> (TrainConfig, Trai
 fn extending_a_run_with_its_kept_state_gives_the_bits_of_one_long_run() {
     let dir = tempfile::tempdir().unwrap();
     let acts = synth(dir.path(), 12, 24, 3000, 3.0);
-    for arch in [ArchKind::Gated, ArchKind::Relu, ArchKind::JumpRelu] {
+    for arch in [ArchKind::GATED, ArchKind::RELU, ArchKind::JUMPRELU] {
         let (long, ext) = extension_cfgs(&acts, dir.path(), arch);
         let sl = sae_train::run(&long).unwrap();
         sae_train::run(&TrainConfig {
@@ -431,7 +434,7 @@ fn extending_a_run_with_its_kept_state_gives_the_bits_of_one_long_run() {
 fn extending_without_state_continues_the_data_and_warms_a_fresh_adam_up() {
     let dir = tempfile::tempdir().unwrap();
     let acts = synth(dir.path(), 12, 24, 3000, 3.0);
-    let (long, ext) = extension_cfgs(&acts, dir.path(), ArchKind::Gated);
+    let (long, ext) = extension_cfgs(&acts, dir.path(), ArchKind::GATED);
     sae_train::run(&long).unwrap();
     sae_train::run(&TrainConfig {
         steps: Some(30),
@@ -493,7 +496,7 @@ fn seek_rows_lands_where_reading_those_rows_does() {
 fn extend_refuses_what_it_cannot_continue() {
     let dir = tempfile::tempdir().unwrap();
     let acts = synth(dir.path(), 12, 24, 3000, 3.0);
-    let (_, ext) = extension_cfgs(&acts, dir.path(), ArchKind::Gated);
+    let (_, ext) = extension_cfgs(&acts, dir.path(), ArchKind::GATED);
     let err = |c: TrainConfig| sae_train::run(&c).unwrap_err().to_string();
     let e = err(TrainConfig {
         extend: true,

@@ -238,7 +238,7 @@ fn unknown_architecture() {
         &[
             "cfg.json",
             "unknown architecture 'sparsemax'",
-            "standard, gated, jumprelu, topk, batchtopk",
+            "gated, standard, topk, batchtopk, jumprelu",
         ],
     );
 }

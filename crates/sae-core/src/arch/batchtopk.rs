@@ -2,18 +2,142 @@
 //! batch, AuxK as TopK. At inference a single threshold (estimated during training by the
 //! trainer, an EMA of each batch's selection threshold) gives JumpReLU behaviour.
 
-use super::topk::{auxk_backward, push_auxk};
-use super::{candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::topk::{auxk_backward, k_aux, k_settings, push_auxk, topk_lr};
+use super::{
+    candidates, encode_jumprelu_row, loosen, validate_k, validate_threshold, Arch, ArchKind,
+    AuxMode, Entry, EntryGrad, Family, LatentParam, RowCode, RowOut, Settings, Sparsity, StepCtx,
+    Stored,
+};
+use crate::sae::{Invalid, Sae};
+use crate::sparse::SparseCode;
+use crate::trainer::TrainHyper;
 use rayon::prelude::*;
+use std::collections::BTreeMap;
 
-pub struct BatchTopK {
-    pub k: usize,
-    pub k_aux: usize,
+/// The BatchTopK family; saved as SAELens saves it for inference, a `jumprelu` SAE whose
+/// threshold is the estimated global threshold.
+pub struct BatchTopK;
+
+impl ArchKind {
+    pub const BATCHTOPK: ArchKind = ArchKind(&BatchTopK);
 }
 
-impl Arch for BatchTopK {
+/// Parameters of a family trained by batch selection and run with a threshold.
+pub(crate) const B_ENC_THRESHOLD: &[LatentParam] = &[
+    LatentParam {
+        name: "b_enc",
+        init: 0.0,
+    },
+    LatentParam {
+        name: "threshold",
+        init: 0.0,
+    },
+];
+
+/// Where a batch-selected family's threshold may be stored: ours, SAELens' log form, or a
+/// SAELens BatchTopK training checkpoint's single `topk_threshold`.
+pub(crate) fn threshold_stored_as(name: &'static str) -> Vec<(&'static str, Stored)> {
+    match name {
+        "threshold" => vec![
+            ("threshold", Stored::AsIs),
+            ("log_threshold", Stored::Log),
+            ("topk_threshold", Stored::Broadcast),
+        ],
+        _ => vec![(name, Stored::AsIs)],
+    }
+}
+
+impl Family for BatchTopK {
+    fn name(&self) -> &'static str {
+        "batchtopk"
+    }
+    fn about(&self) -> &'static str {
+        "Bussmann et al. 2024: the k*B largest of the batch, a global threshold at inference"
+    }
+    fn saelens_name(&self) -> &'static str {
+        "jumprelu"
+    }
+    fn saelens_reads(&self) -> &'static [&'static str] {
+        &["batchtopk"]
+    }
+    fn setting_keys(&self) -> &'static [&'static str] {
+        &["k"]
+    }
+    fn latent_params(&self) -> &'static [LatentParam] {
+        B_ENC_THRESHOLD
+    }
+    fn stored_as(&self, name: &'static str) -> Vec<(&'static str, Stored)> {
+        threshold_stored_as(name)
+    }
+    fn sparsity(&self) -> Sparsity {
+        Sparsity::K
+    }
+    fn default_lr(&self, d_sae: usize) -> f32 {
+        topk_lr(d_sae)
+    }
+    fn reads_decoder_norm_rescale(&self) -> bool {
+        true
+    }
+    fn settings(
+        &self,
+        k: usize,
+        _d_sae: usize,
+        _opts: &BTreeMap<String, String>,
+    ) -> Result<Settings, String> {
+        Ok(k_settings(k))
+    }
+    fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
+        validate_k(sae)
+    }
+    fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
+        validate_threshold(sae, "threshold")
+    }
+    fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode) {
+        encode_jumprelu_row(sae, pre, out)
+    }
+    fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
+        sae.settings = k_settings(l0.clamp(1, sae.d_sae));
+    }
+    fn encode_batch(&self, sae: &Sae, x: &[f32], n: usize) -> Option<SparseCode> {
+        Some(encode_batch_top_k(sae, x, n))
+    }
+    fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
+        Box::new(BatchTopKRule {
+            kind: ArchKind::BATCHTOPK,
+            k: sae.k(),
+            k_aux: k_aux(hyper, sae.d_in),
+            heads: Vec::new(),
+        })
+    }
+}
+
+/// The BatchTopK training rule, with one reconstruction head or several nested ones.
+pub struct BatchTopKRule {
+    pub kind: ArchKind,
+    pub k: usize,
+    pub k_aux: usize,
+    /// Prefix widths whose reconstructions the loss sums (empty: the whole dictionary).
+    pub heads: Vec<usize>,
+}
+
+impl Arch for BatchTopKRule {
     fn kind(&self) -> ArchKind {
-        ArchKind::BatchTopK
+        self.kind
+    }
+    fn heads(&self) -> &[usize] {
+        &self.heads
+    }
+    fn trained_params(&self, sae: &Sae) -> Vec<Vec<f32>> {
+        vec![sae.param("b_enc").to_vec()]
+    }
+    fn saved_params(&self, trained: &[Vec<f32>], batch_threshold: f32) -> Vec<Vec<f32>> {
+        vec![trained[0].clone(), vec![batch_threshold; trained[0].len()]]
+    }
+    fn tracks_batch_threshold(&self) -> bool {
+        true
+    }
+    fn initial_batch_threshold(&self, sae: &Sae) -> f32 {
+        sae.param("threshold").first().copied().unwrap_or(0.0)
     }
     fn param_names(&self) -> &'static [&'static str] {
         &["b_enc"]
@@ -94,4 +218,45 @@ impl Arch for BatchTopK {
         let Entry { f, a, .. } = e;
         auxk_backward(f, a, df, da)
     }
+}
+
+/// Codes of `n` rows in BatchTopK's training form: the k*n largest positive `pre + b_enc`
+/// of the whole batch (entries equal to the cut-off kept), as the reference evaluates it.
+pub(crate) fn encode_batch_top_k(sae: &Sae, x: &[f32], n: usize) -> SparseCode {
+    let d_sae = sae.d_sae;
+    let mut pre = sae.pre_activations(x, n);
+    pre.par_chunks_mut(d_sae.max(1)).for_each(|row| {
+        row.iter_mut()
+            .zip(sae.param("b_enc"))
+            .for_each(|(p, b)| *p += b);
+    });
+    let mut positive: Vec<f32> = pre.iter().copied().filter(|&v| v > 0.0).collect();
+    let want = sae.k() * n;
+    let cutoff = if positive.len() > want && want > 0 {
+        let pos = positive.len() - want;
+        *positive
+            .select_nth_unstable_by(pos, |a, b| a.total_cmp(b))
+            .1
+    } else if want == 0 {
+        f32::INFINITY
+    } else {
+        f32::MIN_POSITIVE
+    };
+    let mut code = SparseCode {
+        n_rows: n,
+        d_sae,
+        row_ptr: vec![0],
+        idx: Vec::new(),
+        val: Vec::new(),
+    };
+    for row in pre.chunks(d_sae.max(1)) {
+        for (j, &v) in row.iter().enumerate() {
+            if v > 0.0 && v >= cutoff {
+                code.idx.push(j as u32);
+                code.val.push(v);
+            }
+        }
+        code.row_ptr.push(code.idx.len());
+    }
+    code
 }

@@ -2,18 +2,104 @@
 //! L0 penalty, straight-through estimators with a rectangle kernel of width `bandwidth` for the
 //! threshold. theta is stored as `log_threshold` (positive by construction).
 
-use super::{candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::{
+    candidates, encode_jumprelu_row, loosen, validate_threshold, Arch, ArchKind, AuxMode, Entry,
+    EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored,
+};
+use crate::sae::{Invalid, Sae};
+use crate::trainer::TrainHyper;
 
-pub struct JumpRelu {
+/// The JumpReLU family.
+pub struct JumpRelu;
+
+impl ArchKind {
+    pub const JUMPRELU: ArchKind = ArchKind(&JumpRelu);
+}
+
+/// The JumpReLU training rule (trains `log_threshold`).
+pub struct JumpReluRule {
     pub bandwidth: f32,
+}
+
+impl Family for JumpRelu {
+    fn name(&self) -> &'static str {
+        "jumprelu"
+    }
+    fn about(&self) -> &'static str {
+        "Rajamanoharan et al. 2024b: JumpReLU, L0 penalty through straight-through estimators"
+    }
+    fn saelens_name(&self) -> &'static str {
+        "jumprelu"
+    }
+    fn saelens_reads(&self) -> &'static [&'static str] {
+        &["jumprelu"]
+    }
+    fn latent_params(&self) -> &'static [LatentParam] {
+        &[
+            LatentParam {
+                name: "b_enc",
+                init: 0.0,
+            },
+            LatentParam {
+                name: "threshold",
+                init: 0.001,
+            },
+        ]
+    }
+    fn stored_as(&self, name: &'static str) -> Vec<(&'static str, Stored)> {
+        match name {
+            "threshold" => vec![("threshold", Stored::AsIs), ("log_threshold", Stored::Log)],
+            _ => vec![(name, Stored::AsIs)],
+        }
+    }
+    /// JumpReLU eq 8 has no b_dec subtraction on the input.
+    fn apply_b_dec_to_input(&self) -> bool {
+        false
+    }
+    fn sparsity(&self) -> Sparsity {
+        Sparsity::Penalty { default: 0.1 }
+    }
+    fn default_lr(&self, _d_sae: usize) -> f32 {
+        7e-5
+    }
+    /// The JumpReLU paper ramps its L0 coefficient over the first 10k steps.
+    fn default_sparsity_warmup(&self, steps: u64, _hyper: &TrainHyper) -> u64 {
+        (steps / 10).min(10_000)
+    }
+    fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
+        validate_threshold(sae, "threshold")
+    }
+    fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode) {
+        encode_jumprelu_row(sae, pre, out)
+    }
+    fn set_sparsity(&self, sae: &mut Sae, _l0: usize, cutoff: f32) {
+        sae.param_mut("threshold").fill(cutoff);
+    }
+    fn rule(&self, _sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
+        Box::new(JumpReluRule {
+            bandwidth: hyper.jumprelu_bandwidth,
+        })
+    }
 }
 
 const B_ENC: usize = 0;
 const LOG_THETA: usize = 1;
 
-impl Arch for JumpRelu {
+impl Arch for JumpReluRule {
     fn kind(&self) -> ArchKind {
-        ArchKind::JumpRelu
+        ArchKind::JUMPRELU
+    }
+    fn trained_params(&self, sae: &Sae) -> Vec<Vec<f32>> {
+        let log_t = sae
+            .param("threshold")
+            .iter()
+            .map(|t| t.max(1e-12).ln())
+            .collect();
+        vec![sae.param("b_enc").to_vec(), log_t]
+    }
+    fn saved_params(&self, trained: &[Vec<f32>], _batch_threshold: f32) -> Vec<Vec<f32>> {
+        let threshold = trained[LOG_THETA].iter().map(|l| l.exp()).collect();
+        vec![trained[B_ENC].clone(), threshold]
     }
     fn param_names(&self) -> &'static [&'static str] {
         &["b_enc", "log_threshold"]

@@ -1,19 +1,29 @@
-//! One module per SAE architecture behind one small trait.
+//! One file per SAE family, each owning the whole life of its family: name and SAELens name,
+//! per-latent parameters by name with their initial values, inference, the training rule,
+//! the tensor mapping for save/load, defaults and its own options. [`REGISTRY`] lists them;
+//! code outside this module asks the family instead of matching on it.
 //!
-//! The trainer owns the shared pieces (the dense encoder product, sparse decode, the residuals,
-//! the per-latent gradient pass and Adam). An [`Arch`] says only:
-//! * how one row of encoder pre-activations becomes sparse entries (`select_row`): each entry
-//!   carries `f` (its coefficient in the reconstruction) and `a` (its coefficient in the auxiliary
-//!   reconstruction, 0 when unused), plus the raw pre-activation for the backward pass;
-//! * how the loss gradients w.r.t. `f` and `a` of one entry become the gradient w.r.t. the
-//!   pre-activation and w.r.t. its own per-latent parameters (`entry_backward`).
+//! A family has two halves:
+//! * [`Family`]: everything about the saved SAE and its defaults;
+//! * [`Arch`]: the training rule, built by [`Family::rule`]. The trainer owns the shared pieces
+//!   (the dense encoder product, sparse decode, the residuals, the per-latent gradient pass and
+//!   Adam); a rule says only
+//!   * how one row of encoder pre-activations becomes sparse entries (`select_row`): each entry
+//!     carries `f` (its coefficient in the reconstruction) and `a` (its coefficient in the
+//!     auxiliary reconstruction, 0 when unused), plus the raw pre-activation for the backward
+//!     pass;
+//!   * how the loss gradients w.r.t. `f` and `a` of one entry become the gradient w.r.t. the
+//!     pre-activation and w.r.t. its own per-latent parameters (`entry_backward`);
+//!   * which reconstruction heads (nested prefixes of the dictionary) the loss sums.
 //!
 //! Every entry whose pre-activation gradient can be non-zero must be emitted, so the gradient
 //! w.r.t. the pre-activations is exactly sparse on the emitted entries.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
 
 mod batchtopk;
@@ -28,40 +38,204 @@ pub use jumprelu::JumpRelu;
 pub use relu::Relu;
 pub use topk::TopK;
 
-/// The SAE families this toolkit trains. The string forms are the `--arch` values and
-/// SAELens' `architecture` field where one exists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ArchKind {
-    /// Rajamanoharan et al. 2024: gate + magnitude paths tied by r_mag.
-    Gated,
-    /// The paper's baseline: ReLU + L1 with unit-norm decoder columns.
-    Relu,
-    /// Gao et al. 2024: TopK with the AuxK loss.
-    TopK,
-    /// Bussmann et al. 2024: top k*B over the batch, JumpReLU threshold at inference.
-    BatchTopK,
-    /// Rajamanoharan et al. 2024b: JumpReLU with STE and L0 penalty.
-    JumpRelu,
+/// Every family this toolkit trains and loads, in the order help texts list them.
+pub const REGISTRY: &[ArchKind] = &[
+    ArchKind::GATED,
+    ArchKind::RELU,
+    ArchKind::TOPK,
+    ArchKind::BATCHTOPK,
+    ArchKind::JUMPRELU,
+];
+
+/// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the
+/// `sae_core` block of cfg.json. Each family says which keys it reads.
+pub type Settings = BTreeMap<String, serde_json::Value>;
+
+/// A per-latent parameter of a family: its name (the SAELens tensor name) and initial value.
+#[derive(Clone, Copy, Debug)]
+pub struct LatentParam {
+    pub name: &'static str,
+    pub init: f32,
 }
 
-impl ArchKind {
-    pub const ALL: [ArchKind; 5] = [
-        ArchKind::Gated,
-        ArchKind::Relu,
-        ArchKind::TopK,
-        ArchKind::BatchTopK,
-        ArchKind::JumpRelu,
-    ];
+/// How a saved tensor becomes a parameter on load (SAELens files spell some parameters
+/// differently).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// The tensor is the parameter, `[d_sae]`.
+    AsIs,
+    /// The tensor holds the parameter's logarithm, `[d_sae]`.
+    Log,
+    /// The tensor holds one value for every latent (shape `[]` or `[1]`).
+    Broadcast,
+}
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ArchKind::Gated => "gated",
-            ArchKind::Relu => "relu",
-            ArchKind::TopK => "topk",
-            ArchKind::BatchTopK => "batchtopk",
-            ArchKind::JumpRelu => "jumprelu",
+/// What sets a family's sparsity.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sparsity {
+    /// A penalty with a coefficient (`--l1`); `default` suits inputs scaled to norm sqrt(d_in).
+    Penalty { default: f32 },
+    /// The number of active latents per token (`--k`); no coefficient.
+    K,
+}
+
+/// One family-specific option (`--arch-opt name=value`).
+#[derive(Clone, Copy, Debug)]
+pub struct OptionSpec {
+    pub name: &'static str,
+    pub help: &'static str,
+}
+
+/// Everything about one SAE family except its training rule's arithmetic.
+pub trait Family: Send + Sync + 'static {
+    /// Our name: the `--arch` value and `sae_core.architecture` in cfg.json.
+    fn name(&self) -> &'static str;
+    /// One line for help texts.
+    fn about(&self) -> &'static str;
+    /// SAELens' `architecture` written to cfg.json (a family SAELens runs the same way at
+    /// inference where SAELens has none of its own).
+    fn saelens_name(&self) -> &'static str;
+    /// SAELens `architecture` values read as this family when cfg.json has no `sae_core` block.
+    fn saelens_reads(&self) -> &'static [&'static str];
+    /// Keys of [`Settings`] this family saves and reads (under `sae_core` in cfg.json).
+    fn setting_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Per-latent parameters saved with the SAE, in order; the first is the encoder bias.
+    fn latent_params(&self) -> &'static [LatentParam];
+    /// Tensors that may hold parameter `name` on load, tried in order.
+    fn stored_as(&self, name: &'static str) -> Vec<(&'static str, Stored)> {
+        vec![(name, Stored::AsIs)]
+    }
+    /// Whether `b_dec` is subtracted from the input before encoding.
+    fn apply_b_dec_to_input(&self) -> bool {
+        true
+    }
+    fn sparsity(&self) -> Sparsity;
+    /// Peak learning rate when none is given.
+    fn default_lr(&self, d_sae: usize) -> f32;
+    /// Steps over which the sparsity coefficient ramps up when none is given.
+    fn default_sparsity_warmup(&self, _steps: u64, _hyper: &TrainHyper) -> u64 {
+        0
+    }
+    /// Whether dead-latent resampling (Bricken et al.) applies to this family.
+    fn resamplable(&self) -> bool {
+        false
+    }
+    /// Whether SAELens' `rescale_acts_by_decoder_norm` applies to this family's files.
+    fn reads_decoder_norm_rescale(&self) -> bool {
+        false
+    }
+    /// The options of `--arch-opt`.
+    fn options(&self) -> &'static [OptionSpec] {
+        &[]
+    }
+    /// Settings of a new SAE from `k` (ignored by penalty families) and `--arch-opt` values.
+    /// Errors name the option and what it should be.
+    fn settings(
+        &self,
+        _k: usize,
+        _d_sae: usize,
+        _opts: &BTreeMap<String, String>,
+    ) -> Result<Settings, String> {
+        Ok(Settings::new())
+    }
+    /// Training options that only this family may set (e.g. relu's decoder-norm L1).
+    fn check_hyper(&self, hyper: &TrainHyper) -> Result<(), (&'static str, String)> {
+        if hyper.relu_decoder_norm_l1 {
+            return Err((
+                "relu_decoder_norm_l1",
+                "false unless --arch relu (it changes only the relu loss)".into(),
+            ));
         }
+        Ok(())
+    }
+    /// Checks of the settings against the sizes (k in range, prefix widths, ...); reads no
+    /// tensor.
+    fn validate_settings(&self, _sae: &Sae) -> Result<(), Invalid> {
+        Ok(())
+    }
+    /// Checks of the parameters' values beyond finiteness (thresholds >= 0, ...).
+    fn validate_params(&self, _sae: &Sae) -> Result<(), Invalid> {
+        Ok(())
+    }
+    /// Extra top-level SAELens cfg.json keys.
+    fn saelens_cfg(&self, _sae: &Sae, _cfg: &mut serde_json::Map<String, serde_json::Value>) {}
+    /// Inference: the non-zero codes of one row of raw pre-activations `(x - b_dec) @ W_enc`.
+    fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode);
+    /// Codes of `n` rows of `x` in the family's training form where it differs from inference
+    /// (BatchTopK's batch selection); `None` where inference is the training form.
+    fn encode_batch(&self, _sae: &Sae, _x: &[f32], _n: usize) -> Option<crate::SparseCode> {
+        None
+    }
+    /// Parameters that make about `l0` latents fire per token when the `l0`-th largest raw
+    /// pre-activation is about `cutoff` (benchmarks set up trained-like sparsity this way).
+    fn set_sparsity(&self, sae: &mut Sae, l0: usize, cutoff: f32);
+    /// The training rule of an SAE of this family.
+    fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch>;
+}
+
+/// Codes of one row, reused across rows.
+#[derive(Default)]
+pub struct RowCode {
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+    pub scratch: Vec<(f32, u32)>,
+}
+
+impl RowCode {
+    /// Keeps positive values only.
+    #[inline]
+    pub fn push(&mut self, j: usize, v: f32) {
+        if v > 0.0 {
+            self.idx.push(j as u32);
+            self.val.push(v);
+        }
+    }
+}
+
+/// A registered family: a copyable handle compared by name.
+#[derive(Clone, Copy)]
+pub struct ArchKind(&'static dyn Family);
+
+impl ArchKind {
+    pub fn family(self) -> &'static dyn Family {
+        self.0
+    }
+    pub fn as_str(self) -> &'static str {
+        self.0.name()
+    }
+    /// Every registered family.
+    pub fn all() -> impl Iterator<Item = ArchKind> {
+        REGISTRY.iter().copied()
+    }
+    /// The registered names, comma-separated (for error messages and help).
+    pub fn names() -> String {
+        Self::all()
+            .map(ArchKind::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+    pub fn uses_k(self) -> bool {
+        self.0.sparsity() == Sparsity::K
+    }
+}
+
+impl PartialEq for ArchKind {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+impl Eq for ArchKind {}
+impl std::hash::Hash for ArchKind {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
+    }
+}
+
+impl fmt::Debug for ArchKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -71,17 +245,104 @@ impl fmt::Display for ArchKind {
     }
 }
 
+/// An unknown family name; the message lists the registered ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownArch(pub String);
+
+impl fmt::Display for UnknownArch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown architecture '{}': expected one of {}",
+            self.0,
+            ArchKind::names()
+        )
+    }
+}
+
+impl std::error::Error for UnknownArch {}
+
 impl FromStr for ArchKind {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        ArchKind::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s.to_ascii_lowercase())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "unknown architecture '{s}': expected one of gated, relu, topk, batchtopk, jumprelu"
-                )
-            })
+    type Err = UnknownArch;
+    fn from_str(s: &str) -> Result<Self, UnknownArch> {
+        let want = s.to_ascii_lowercase();
+        ArchKind::all()
+            .find(|a| a.as_str() == want)
+            .ok_or_else(|| UnknownArch(s.to_string()))
+    }
+}
+
+impl serde::Serialize for ArchKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ArchKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `settings["k"]` as a count (0 when absent).
+pub fn setting_usize(settings: &Settings, key: &str) -> usize {
+    settings
+        .get(key)
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0) as usize
+}
+
+/// Checks `1 <= k <= d_sae` for the families whose sparsity is k.
+pub(crate) fn validate_k(sae: &Sae) -> Result<(), Invalid> {
+    let k = sae.k();
+    let arch = sae.arch;
+    if k == 0 {
+        return Err(Invalid::Config {
+            key: "k",
+            msg: format!("k is 0 or missing; a {arch} SAE needs k >= 1"),
+        });
+    }
+    if k > sae.d_sae {
+        return Err(Invalid::Config {
+            key: "k",
+            msg: format!(
+                "k = {k} is more than d_sae = {}; a {arch} SAE keeps at most d_sae latents",
+                sae.d_sae
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that a threshold parameter is `>= 0` (training keeps it positive; a negative value
+/// means the file is not what it claims).
+pub(crate) fn validate_threshold(sae: &Sae, name: &'static str) -> Result<(), Invalid> {
+    let t = sae.param(name);
+    let negative = t.iter().filter(|t| **t < 0.0).count();
+    if negative > 0 {
+        let lowest = t.iter().cloned().fold(f32::INFINITY, f32::min);
+        return Err(Invalid::Tensor {
+            tensor: name,
+            msg: format!(
+                "{name} holds {negative} negative values (lowest {lowest}); a {} threshold \
+                 is >= 0",
+                sae.arch
+            ),
+            non_finite: false,
+        });
+    }
+    Ok(())
+}
+
+/// JumpReLU inference (SAELens): `relu(pi) * 1[pi > threshold]`, `pi = pre + b_enc`.
+pub(crate) fn encode_jumprelu_row(sae: &Sae, pre: &[f32], out: &mut RowCode) {
+    let (b_enc, threshold) = (sae.param("b_enc"), sae.param("threshold"));
+    for (j, &p) in pre.iter().enumerate() {
+        let pi = p + b_enc[j];
+        if pi > threshold[j] {
+            out.push(j, pi);
+        }
     }
 }
 
@@ -167,8 +428,36 @@ pub struct EntryGrad {
 /// One SAE architecture's forward selection and backward rule.
 pub trait Arch: Send + Sync {
     fn kind(&self) -> ArchKind;
-    /// Names of the per-latent parameters (SAELens tensor names where one exists).
+    /// Names of the per-latent parameters as trained (the optimiser state is saved by them).
     fn param_names(&self) -> &'static [&'static str];
+    /// The trained parameters of `sae` (in `param_names` order); the saved ones by default.
+    fn trained_params(&self, sae: &Sae) -> Vec<Vec<f32>> {
+        sae.params.clone()
+    }
+    /// The saved parameters from the trained ones; `batch_threshold` is the trainer's
+    /// estimate of the batch selection threshold (for rules that select per batch).
+    fn saved_params(&self, trained: &[Vec<f32>], _batch_threshold: f32) -> Vec<Vec<f32>> {
+        trained.to_vec()
+    }
+    /// Whether the trainer keeps an estimate of `prepare_batch`'s threshold for inference.
+    fn tracks_batch_threshold(&self) -> bool {
+        false
+    }
+    /// The first batch threshold estimate of `sae` (a resumed or loaded SAE's).
+    fn initial_batch_threshold(&self, _sae: &Sae) -> f32 {
+        0.0
+    }
+    /// Whether `StepCtx::dec_norm` must hold the decoder row norms.
+    fn needs_dec_norm(&self) -> bool {
+        false
+    }
+    /// Reconstruction heads: widths of the nested dictionary prefixes whose reconstructions
+    /// the loss sums, ascending and ending at d_sae. Empty means one head, the whole
+    /// dictionary. Entries of one row must come in ascending latent order when there are
+    /// several heads.
+    fn heads(&self) -> &[usize] {
+        &[]
+    }
     fn aux_mode(&self) -> AuxMode;
     /// Decoder rows kept at exactly unit norm (gradient projection + renormalisation).
     fn unit_norm_decoder(&self) -> bool {
@@ -209,26 +498,6 @@ pub(crate) fn candidates<'o>(ctx: &StepCtx, pre: &[f32], cands: &'o mut Vec<u32>
         crate::kernels::indices_above(pre, ctx.cutoff, cands);
     }
     cands
-}
-
-/// The architecture object for a trainer.
-pub fn make_arch(kind: ArchKind, k: usize, hyper: &TrainHyper, d_in: usize) -> Box<dyn Arch> {
-    let k_aux = if hyper.k_aux == 0 {
-        d_in / 2
-    } else {
-        hyper.k_aux
-    };
-    match kind {
-        ArchKind::Gated => Box::new(Gated),
-        ArchKind::Relu => Box::new(Relu {
-            decoder_norm_l1: hyper.relu_decoder_norm_l1,
-        }),
-        ArchKind::TopK => Box::new(TopK { k, k_aux }),
-        ArchKind::BatchTopK => Box::new(BatchTopK { k, k_aux }),
-        ArchKind::JumpRelu => Box::new(JumpRelu {
-            bandwidth: hyper.jumprelu_bandwidth,
-        }),
-    }
 }
 
 /// Indices and values of the `k` largest `vals[i]` among `cands` (ties: lower index first).

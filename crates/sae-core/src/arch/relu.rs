@@ -2,15 +2,86 @@
 //! With `decoder_norm_l1` (Anthropic April 2024 update): penalty `sum_j f_j ||d_j||` and no
 //! norm constraint.
 
-use super::{candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::{
+    candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam, RowCode,
+    RowOut, Sparsity, StepCtx,
+};
+use crate::sae::Sae;
+use crate::trainer::TrainHyper;
 
-pub struct Relu {
+/// The ReLU + L1 family (SAELens "standard").
+pub struct Relu;
+
+impl ArchKind {
+    pub const RELU: ArchKind = ArchKind(&Relu);
+}
+
+/// The ReLU + L1 training rule.
+pub struct ReluRule {
     pub decoder_norm_l1: bool,
 }
 
-impl Arch for Relu {
+impl Family for Relu {
+    fn name(&self) -> &'static str {
+        "relu"
+    }
+    fn about(&self) -> &'static str {
+        "the Gated paper's baseline: ReLU + L1 with unit-norm decoder rows"
+    }
+    fn saelens_name(&self) -> &'static str {
+        "standard"
+    }
+    fn saelens_reads(&self) -> &'static [&'static str] {
+        &["standard"]
+    }
+    fn latent_params(&self) -> &'static [LatentParam] {
+        &[LatentParam {
+            name: "b_enc",
+            init: 0.0,
+        }]
+    }
+    fn sparsity(&self) -> Sparsity {
+        Sparsity::Penalty { default: 2.0 }
+    }
+    fn default_lr(&self, _d_sae: usize) -> f32 {
+        3e-4
+    }
+    /// The April-update recipe warms its L1 up over the first 5% of steps.
+    fn default_sparsity_warmup(&self, steps: u64, hyper: &TrainHyper) -> u64 {
+        if hyper.relu_decoder_norm_l1 {
+            steps / 20
+        } else {
+            0
+        }
+    }
+    fn resamplable(&self) -> bool {
+        true
+    }
+    fn check_hyper(&self, _hyper: &TrainHyper) -> Result<(), (&'static str, String)> {
+        Ok(())
+    }
+    fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode) {
+        let b_enc = sae.param("b_enc");
+        for (j, &p) in pre.iter().enumerate() {
+            out.push(j, p + b_enc[j]);
+        }
+    }
+    fn set_sparsity(&self, sae: &mut Sae, _l0: usize, cutoff: f32) {
+        sae.param_mut("b_enc").fill(-cutoff);
+    }
+    fn rule(&self, _sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
+        Box::new(ReluRule {
+            decoder_norm_l1: hyper.relu_decoder_norm_l1,
+        })
+    }
+}
+
+impl Arch for ReluRule {
     fn kind(&self) -> ArchKind {
-        ArchKind::Relu
+        ArchKind::RELU
+    }
+    fn needs_dec_norm(&self) -> bool {
+        self.decoder_norm_l1
     }
     fn param_names(&self) -> &'static [&'static str] {
         &["b_enc"]

@@ -1,16 +1,123 @@
 //! TopK SAE (Gao et al. 2024): keep the k largest `pre + b_enc` of each row, ReLU on them,
 //! plus AuxK: the top `k_aux` dead latents reconstruct the (detached) residual.
 
-use super::{loosen, top_k_into, Arch, ArchKind, AuxMode, Entry, EntryGrad, RowOut, StepCtx};
+use super::{
+    loosen, top_k_into, validate_k, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
+    RowCode, RowOut, Settings, Sparsity, StepCtx,
+};
+use crate::sae::{Invalid, Sae};
+use crate::trainer::TrainHyper;
+use std::collections::BTreeMap;
 
-pub struct TopK {
+/// The TopK family.
+pub struct TopK;
+
+impl ArchKind {
+    pub const TOPK: ArchKind = ArchKind(&TopK);
+}
+
+/// The TopK training rule.
+pub struct TopKRule {
     pub k: usize,
     pub k_aux: usize,
 }
 
-impl Arch for TopK {
+/// The settings of a family whose sparsity is k.
+pub(crate) fn k_settings(k: usize) -> Settings {
+    Settings::from([("k".to_string(), serde_json::json!(k))])
+}
+
+/// AuxK's k_aux for a run: the option, or d_in / 2 (DL's top_k default).
+pub(crate) fn k_aux(hyper: &TrainHyper, d_in: usize) -> usize {
+    if hyper.k_aux == 0 {
+        d_in / 2
+    } else {
+        hyper.k_aux
+    }
+}
+
+/// The OpenAI TopK lr rule: 2e-4 at 16k latents, scaled by 1/sqrt(d_sae / 16384).
+pub(crate) fn topk_lr(d_sae: usize) -> f32 {
+    2e-4 / (d_sae as f32 / 16384.0).sqrt()
+}
+
+pub(crate) const B_ENC_ONLY: &[LatentParam] = &[LatentParam {
+    name: "b_enc",
+    init: 0.0,
+}];
+
+impl Family for TopK {
+    fn name(&self) -> &'static str {
+        "topk"
+    }
+    fn about(&self) -> &'static str {
+        "Gao et al. 2024: the k largest pre-activations per token, with the AuxK loss"
+    }
+    fn saelens_name(&self) -> &'static str {
+        "topk"
+    }
+    fn saelens_reads(&self) -> &'static [&'static str] {
+        &["topk"]
+    }
+    fn setting_keys(&self) -> &'static [&'static str] {
+        &["k"]
+    }
+    fn latent_params(&self) -> &'static [LatentParam] {
+        B_ENC_ONLY
+    }
+    fn sparsity(&self) -> Sparsity {
+        Sparsity::K
+    }
+    fn default_lr(&self, d_sae: usize) -> f32 {
+        topk_lr(d_sae)
+    }
+    fn reads_decoder_norm_rescale(&self) -> bool {
+        true
+    }
+    fn settings(
+        &self,
+        k: usize,
+        _d_sae: usize,
+        _opts: &BTreeMap<String, String>,
+    ) -> Result<Settings, String> {
+        Ok(k_settings(k))
+    }
+    fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
+        validate_k(sae)
+    }
+    fn saelens_cfg(&self, sae: &Sae, cfg: &mut serde_json::Map<String, serde_json::Value>) {
+        cfg.insert("k".into(), serde_json::json!(sae.k()));
+        // Our TopK picks the k largest raw pre-activations.
+        cfg.insert("rescale_acts_by_decoder_norm".into(), false.into());
+    }
+    fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode) {
+        let b_enc = sae.param("b_enc");
+        let mut scratch = std::mem::take(&mut out.scratch);
+        let cands = pre.iter().zip(b_enc).enumerate();
+        top_k_into(
+            sae.k(),
+            cands.map(|(j, (&p, &b))| (p + b, j as u32)),
+            &mut scratch,
+        );
+        for &(v, j) in &scratch {
+            out.push(j as usize, v);
+        }
+        out.scratch = scratch;
+    }
+    fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
+        sae.settings = k_settings(l0.clamp(1, sae.d_sae));
+    }
+    fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
+        Box::new(TopKRule {
+            k: sae.k(),
+            k_aux: k_aux(hyper, sae.d_in),
+        })
+    }
+}
+
+impl Arch for TopKRule {
     fn kind(&self) -> ArchKind {
-        ArchKind::TopK
+        ArchKind::TOPK
     }
     fn param_names(&self) -> &'static [&'static str] {
         &["b_enc"]

@@ -7,7 +7,7 @@ use crate::{ArchKind, Sae};
 #[test]
 fn round_trip_every_arch() {
     let dir = tempfile::tempdir().unwrap();
-    for arch in ArchKind::ALL {
+    for arch in ArchKind::all() {
         let mut sae = random_sae(arch, 6, 10, 3, 1);
         sae.meta.model_name = "pythia-70m".into();
         sae.meta.hook_name = "blocks.3.hook_resid_post".into();
@@ -39,8 +39,8 @@ fn round_trip_every_arch() {
 fn replacing_a_directory_is_clean() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("sae");
-    save(&random_sae(ArchKind::Relu, 4, 8, 0, 1), &p).unwrap();
-    let second = random_sae(ArchKind::TopK, 4, 8, 2, 2);
+    save(&random_sae(ArchKind::RELU, 4, 8, 0, 1), &p).unwrap();
+    let second = random_sae(ArchKind::TOPK, 4, 8, 2, 2);
     save(&second, &p).unwrap();
     assert_eq!(load(&p).unwrap(), second);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -50,7 +50,7 @@ fn replacing_a_directory_is_clean() {
     assert_eq!(leftovers, ["sae"]);
     // A failing save (wrong shapes) leaves the previous SAE in place.
     let mut bad = second.clone();
-    bad.b_enc.pop();
+    bad.params[0].pop();
     assert!(save(&bad, &p).is_err());
     assert_eq!(load(&p).unwrap(), second);
 }
@@ -59,7 +59,7 @@ fn replacing_a_directory_is_clean() {
 fn mismatched_cfg_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("sae");
-    save(&random_sae(ArchKind::Gated, 4, 8, 0, 1), &p).unwrap();
+    save(&random_sae(ArchKind::GATED, 4, 8, 0, 1), &p).unwrap();
     let cfg_path = p.join(CFG_FILE);
     let text = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(&cfg_path, text.replace("\"d_sae\": 8", "\"d_sae\": 9")).unwrap();
@@ -94,7 +94,7 @@ fn loads_older_saelens_files_in_half_precision() {
     use safetensors::{tensor::TensorView, Dtype};
     let dir = tempfile::tempdir().unwrap();
     let (d_in, d_sae) = (4, 6);
-    let sae = random_sae(ArchKind::TopK, d_in, d_sae, 2, 3);
+    let sae = random_sae(ArchKind::TOPK, d_in, d_sae, 2, 3);
     for (dtype, tag) in [(Dtype::F16, "float16"), (Dtype::BF16, "bfloat16")] {
         let enc = |v: &[f32]| -> Vec<u8> {
             v.iter()
@@ -106,7 +106,7 @@ fn loads_older_saelens_files_in_half_precision() {
         };
         let data = [
             ("W_enc", enc(&sae.w_enc), vec![d_in, d_sae]),
-            ("b_enc", enc(&sae.b_enc), vec![d_sae]),
+            ("b_enc", enc(sae.param("b_enc")), vec![d_sae]),
             ("W_dec", enc(&sae.w_dec), vec![d_sae, d_in]),
             ("b_dec", enc(&sae.b_dec), vec![d_in]),
         ];
@@ -130,8 +130,8 @@ fn loads_older_saelens_files_in_half_precision() {
         });
         std::fs::write(p.join(CFG_FILE), cfg.to_string()).unwrap();
         let got: Sae = load(&p).unwrap();
-        assert_eq!(got.arch, ArchKind::TopK);
-        assert_eq!(got.k, 2);
+        assert_eq!(got.arch, ArchKind::TOPK);
+        assert_eq!(got.k(), 2);
         assert_eq!(got.meta.hook_name, "blocks.8.hook_resid_pre");
         assert_eq!(got.meta.context_size, 128);
         let tol = if dtype == Dtype::F16 { 2e-3 } else { 1e-2 };
@@ -144,7 +144,7 @@ fn loads_older_saelens_files_in_half_precision() {
 #[test]
 fn exported_gated_saves_as_jumprelu() {
     let dir = tempfile::tempdir().unwrap();
-    let jr = random_sae(ArchKind::Gated, 4, 8, 0, 9)
+    let jr = random_sae(ArchKind::GATED, 4, 8, 0, 9)
         .gated_to_jumprelu()
         .unwrap();
     save(&jr, &dir.path().join("jr")).unwrap();

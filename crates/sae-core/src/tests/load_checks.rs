@@ -54,7 +54,7 @@ fn assert_has(err: &str, needles: &[&str]) {
 
 #[test]
 fn validate_names_each_problem() {
-    let good = random_sae(ArchKind::TopK, 4, 8, 3, 1);
+    let good = random_sae(ArchKind::TOPK, 4, 8, 3, 1);
     assert_eq!(good.validate(), Ok(()));
     let config_key = |s: &Sae| match s.validate() {
         Err(Invalid::Config { key, .. }) => key,
@@ -76,21 +76,21 @@ fn validate_names_each_problem() {
     );
     assert_eq!(
         config_key(&Sae {
-            k: 0,
+            settings: crate::arch::Settings::from([("k".into(), 0.into())]),
             ..good.clone()
         }),
         "k"
     );
     assert_eq!(
         config_key(&Sae {
-            k: 9,
+            settings: crate::arch::Settings::from([("k".into(), 9.into())]),
             ..good.clone()
         }),
         "k"
     );
     assert_eq!(
         Sae {
-            k: 8,
+            settings: crate::arch::Settings::from([("k".into(), 8.into())]),
             ..good.clone()
         }
         .validate(),
@@ -119,8 +119,8 @@ fn validate_names_each_problem() {
             ..
         })
     ));
-    let mut jr = random_sae(ArchKind::JumpRelu, 4, 8, 0, 2);
-    jr.threshold[3] = -0.25;
+    let mut jr = random_sae(ArchKind::JUMPRELU, 4, 8, 0, 2);
+    jr.param_mut("threshold")[3] = -0.25;
     match jr.validate() {
         Err(Invalid::Tensor {
             tensor: "threshold",
@@ -129,10 +129,10 @@ fn validate_names_each_problem() {
         }) => assert!(msg.contains("1 negative") && msg.contains("-0.25"), "{msg}"),
         other => panic!("{other:?}"),
     }
-    jr.threshold[3] = 0.0;
+    jr.param_mut("threshold")[3] = 0.0;
     assert_eq!(jr.validate(), Ok(()));
-    let mut gated = random_sae(ArchKind::Gated, 4, 8, 0, 3);
-    gated.b_enc[1] = f32::NEG_INFINITY;
+    let mut gated = random_sae(ArchKind::GATED, 4, 8, 0, 3);
+    gated.param_mut("b_gate")[1] = f32::NEG_INFINITY;
     assert!(matches!(
         gated.validate(),
         Err(Invalid::Tensor {
@@ -145,7 +145,7 @@ fn validate_names_each_problem() {
 #[test]
 fn broken_weights_are_refused_naming_file_and_tensor() {
     let root = tempfile::tempdir().unwrap();
-    let sae = random_sae(ArchKind::JumpRelu, 4, 8, 0, 4);
+    let sae = random_sae(ArchKind::JUMPRELU, 4, 8, 0, 4);
     let cfg = {
         let p = root.path().join("template");
         save(&sae, &p).unwrap();
@@ -227,7 +227,7 @@ fn broken_weights_are_refused_naming_file_and_tensor() {
 #[test]
 fn bad_sizes_and_k_in_cfg_are_refused_naming_the_key() {
     let root = tempfile::tempdir().unwrap();
-    let sae = random_sae(ArchKind::TopK, 4, 8, 3, 5);
+    let sae = random_sae(ArchKind::TOPK, 4, 8, 3, 5);
     let good = root.path().join("good");
     save(&sae, &good).unwrap();
     let cfg = cfg_of(&good);
@@ -256,7 +256,7 @@ fn bad_sizes_and_k_in_cfg_are_refused_naming_the_key() {
     let mut c = cfg.clone();
     c["sae_core"]["k"] = json!(3.0);
     write_dir(&p, &c, &tensors_of(&sae));
-    assert_eq!(load(&p).unwrap().k, 3);
+    assert_eq!(load(&p).unwrap().k(), 3);
 
     let p = root.path().join("not_json");
     write_dir(&p, &cfg, &tensors_of(&sae));
@@ -269,7 +269,7 @@ fn bad_sizes_and_k_in_cfg_are_refused_naming_the_key() {
 #[test]
 fn math_keys_we_do_not_implement_are_refused() {
     let root = tempfile::tempdir().unwrap();
-    let sae = random_sae(ArchKind::Relu, 4, 8, 0, 6);
+    let sae = random_sae(ArchKind::RELU, 4, 8, 0, 6);
     let base = json!({"architecture": "standard", "d_in": 4, "d_sae": 8,
         "metadata": {"sae_lens_version": "6.0.0", "hook_name": "blocks.1.hook_resid_post"}});
     let case = |name: &str, key: &str, v: Value| {
@@ -303,7 +303,7 @@ fn math_keys_we_do_not_implement_are_refused() {
         &err,
         &[
             "unknown architecture 'transcoder'",
-            "standard, gated, jumprelu, topk, batchtopk",
+            "gated, standard, topk, batchtopk, jumprelu",
             "relu",
         ],
     );
@@ -350,7 +350,7 @@ fn math_keys_we_do_not_implement_are_refused() {
 fn saving_non_finite_weights_is_refused_and_keeps_the_old_dir() {
     let root = tempfile::tempdir().unwrap();
     let p = root.path().join("sae");
-    let sae = random_sae(ArchKind::Gated, 4, 8, 0, 7);
+    let sae = random_sae(ArchKind::GATED, 4, 8, 0, 7);
     save(&sae, &p).unwrap();
     let before = std::fs::read(p.join(WEIGHTS_FILE)).unwrap();
     let mut diverged = sae.clone();
@@ -371,8 +371,8 @@ fn saving_non_finite_weights_is_refused_and_keeps_the_old_dir() {
     assert!(!fresh.exists());
     let leftovers = std::fs::read_dir(root.path()).unwrap().count();
     assert_eq!(leftovers, 1);
-    let mut k_big = random_sae(ArchKind::TopK, 4, 8, 3, 7);
-    k_big.k = 9;
+    let mut k_big = random_sae(ArchKind::TOPK, 4, 8, 3, 7);
+    k_big.settings.insert("k".into(), 9.into());
     assert!(format!("{:#}", save(&k_big, &fresh).unwrap_err()).contains("k = 9"));
 }
 
@@ -381,7 +381,7 @@ fn saving_non_finite_weights_is_refused_and_keeps_the_old_dir() {
 #[test]
 fn cfg_carries_saelens_6_metadata_and_old_files_still_load() {
     let root = tempfile::tempdir().unwrap();
-    let mut sae = random_sae(ArchKind::TopK, 4, 8, 3, 8);
+    let mut sae = random_sae(ArchKind::TOPK, 4, 8, 3, 8);
     sae.meta.model_name = "smollm2-135m".into();
     sae.meta.hook_name = "blocks.3.hook_resid_post".into();
     sae.meta.context_size = 128;
@@ -425,7 +425,7 @@ fn cfg_carries_saelens_6_metadata_and_old_files_still_load() {
 #[test]
 fn topk_decoder_norm_rescaling_is_folded_exactly() {
     let (d_in, d_sae, k, n) = (5, 12, 3, 40);
-    let mut sae = random_sae(ArchKind::TopK, d_in, d_sae, k, 9);
+    let mut sae = random_sae(ArchKind::TOPK, d_in, d_sae, k, 9);
     let mut rng = ChaCha8Rng::seed_from_u64(10);
     // Decoder rows far from unit norm, as in a SAELens training checkpoint.
     sae.w_dec = randn(&mut rng, d_sae * d_in)
@@ -446,7 +446,7 @@ fn topk_decoder_norm_rescaling_is_folded_exactly() {
         (0..d_in)
             .map(|i| (x[r * d_in + i] - sae.b_dec[i]) as f64 * sae.w_enc[i * d_sae + j] as f64)
             .sum::<f64>()
-            + sae.b_enc[j] as f64
+            + sae.params[0][j] as f64
     };
     let mut want_codes = vec![vec![0.0f64; d_sae]; n];
     let mut want_recon = vec![vec![0.0f64; d_in]; n];
@@ -518,7 +518,7 @@ fn topk_decoder_norm_rescaling_is_folded_exactly() {
     let p = root.path().join("btk");
     write_dir(&p, &cfg, &t);
     let btk = load(&p).unwrap();
-    assert_eq!(btk.threshold, vec![0.4; d_sae]);
+    assert_eq!(btk.param("threshold"), vec![0.4; d_sae]);
     let code = btk.encode(&x, n);
     for r in 0..n {
         let (idx, val) = code.row(r);
@@ -536,7 +536,7 @@ fn topk_decoder_norm_rescaling_is_folded_exactly() {
 #[test]
 fn finetuning_scaling_factor_is_folded_into_the_decoder() {
     let (d_in, d_sae) = (4, 6);
-    let sae = random_sae(ArchKind::Relu, d_in, d_sae, 0, 11);
+    let sae = random_sae(ArchKind::RELU, d_in, d_sae, 0, 11);
     let scale: Vec<f32> = (0..d_sae).map(|j| 0.5 + j as f32 * 0.25).collect();
     let mut t = tensors_of(&sae);
     t.push(("scaling_factor", scale.clone(), vec![d_sae]));

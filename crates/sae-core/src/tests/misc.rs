@@ -42,10 +42,10 @@ fn row_norms(w: &[f32], d: usize) -> Vec<f32> {
 fn training_lowers_loss_and_keeps_unit_norm_decoder() {
     let (d_in, d_sae, n) = (16, 48, 256);
     let (x, _) = synthetic(n, d_in, 12, 3);
-    for arch in ArchKind::ALL {
+    for arch in ArchKind::all() {
         let sae = Sae::init(arch, d_in, d_sae, 4, 5);
         let mut tr = SaeTrainer::new(sae, TrainHyper::default());
-        let lambda = if arch == ArchKind::JumpRelu {
+        let lambda = if arch == ArchKind::JUMPRELU {
             1e-3
         } else {
             0.05
@@ -77,7 +77,7 @@ fn decoder_norm_l1_variant_has_no_norm_constraint() {
         relu_decoder_norm_l1: true,
         ..TrainHyper::default()
     };
-    let mut tr = SaeTrainer::new(Sae::init(ArchKind::Relu, d_in, d_sae, 0, 1), hyper);
+    let mut tr = SaeTrainer::new(Sae::init(ArchKind::RELU, d_in, d_sae, 0, 1), hyper);
     for _ in 0..20 {
         tr.step(&x, n, 1e-2, 0.1);
     }
@@ -89,7 +89,7 @@ fn decoder_norm_l1_variant_has_no_norm_constraint() {
 fn same_seed_same_bits() {
     let (d_in, d_sae, n) = (16, 40, 96);
     let (x, _) = synthetic(n, d_in, 10, 8);
-    for arch in ArchKind::ALL {
+    for arch in ArchKind::all() {
         let run = || {
             let mut tr =
                 SaeTrainer::new(Sae::init(arch, d_in, d_sae, 3, 42), TrainHyper::default());
@@ -101,8 +101,8 @@ fn same_seed_same_bits() {
         assert_eq!(run(), run(), "{arch}");
     }
     assert_ne!(
-        Sae::init(ArchKind::Gated, 8, 8, 0, 1).w_dec,
-        Sae::init(ArchKind::Gated, 8, 8, 0, 2).w_dec
+        Sae::init(ArchKind::GATED, 8, 8, 0, 1).w_dec,
+        Sae::init(ArchKind::GATED, 8, 8, 0, 2).w_dec
     );
 }
 
@@ -112,7 +112,7 @@ fn non_finite_loss_leaves_state_untouched() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let mut x = randn(&mut rng, n * d_in);
     let mut tr = SaeTrainer::new(
-        random_sae(ArchKind::Gated, d_in, d_sae, 0, 3),
+        random_sae(ArchKind::GATED, d_in, d_sae, 0, 3),
         TrainHyper::default(),
     );
     tr.step(&x, n, 1e-3, 0.1);
@@ -129,7 +129,7 @@ fn resume_from_saved_state_is_exact() {
     let (d_in, d_sae, n) = (16, 40, 64);
     let (x, _) = synthetic(4 * n, d_in, 10, 9);
     let dir = tempfile::tempdir().unwrap();
-    for arch in ArchKind::ALL {
+    for arch in ArchKind::all() {
         let hyper = TrainHyper {
             dead_window_tokens: 128,
             ..TrainHyper::default()
@@ -154,10 +154,10 @@ fn resume_from_saved_state_is_exact() {
         assert_eq!(a.tokens_since_fired(), b.tokens_since_fired());
 
         // A state from another architecture is refused with a clear message.
-        let other = if arch == ArchKind::Relu {
-            ArchKind::Gated
+        let other = if arch == ArchKind::RELU {
+            ArchKind::GATED
         } else {
-            ArchKind::Relu
+            ArchKind::RELU
         };
         let mut c = SaeTrainer::new(Sae::init(other, d_in, d_sae, 3, 1), hyper);
         let err = c.load_state(&state).unwrap_err().to_string();
@@ -176,7 +176,7 @@ fn dead_latents_are_counted_and_auxk_is_active() {
         dead_window_tokens: 2 * n as u64,
         ..TrainHyper::default()
     };
-    let mut tr = SaeTrainer::new(Sae::init(ArchKind::TopK, d_in, d_sae, 2, 1), hyper);
+    let mut tr = SaeTrainer::new(Sae::init(ArchKind::TOPK, d_in, d_sae, 2, 1), hyper);
     let mut last = Default::default();
     for _ in 0..4 {
         last = tr.step(&x, n, 1e-4, 0.0);
@@ -197,7 +197,7 @@ fn batchtopk_mean_l0_is_k_and_threshold_is_learned() {
     let (d_in, d_sae, n, k) = (16, 64, 128, 5);
     let (x, _) = synthetic(n, d_in, 10, 5);
     let mut tr = SaeTrainer::new(
-        Sae::init(ArchKind::BatchTopK, d_in, d_sae, k, 1),
+        Sae::init(ArchKind::BATCHTOPK, d_in, d_sae, k, 1),
         TrainHyper::default(),
     );
     let st = tr.step(&x, n, 1e-3, 0.0);
@@ -206,7 +206,7 @@ fn batchtopk_mean_l0_is_k_and_threshold_is_learned() {
         tr.step(&x, n, 1e-3, 0.0);
     }
     let snap = tr.snapshot();
-    assert!(snap.threshold[0] > 0.0);
+    assert!(snap.param("threshold")[0] > 0.0);
     // At inference the threshold gives roughly k active latents per token.
     let l0 = snap.encode(&x, n).mean_l0();
     assert!(
@@ -223,10 +223,10 @@ fn encode_decode_matches_training_forward() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let x = randn(&mut rng, n * d_in);
     for arch in [
-        ArchKind::Gated,
-        ArchKind::Relu,
-        ArchKind::TopK,
-        ArchKind::JumpRelu,
+        ArchKind::GATED,
+        ArchKind::RELU,
+        ArchKind::TOPK,
+        ArchKind::JUMPRELU,
     ] {
         let sae = random_sae(arch, d_in, d_sae, 4, 3);
         let mut tr = SaeTrainer::new(sae.clone(), TrainHyper::default());
@@ -253,9 +253,9 @@ fn encode_decode_matches_training_forward() {
 #[test]
 fn gated_exports_as_equivalent_jumprelu() {
     let (d_in, d_sae, n) = (8, 30, 20);
-    let sae = random_sae(ArchKind::Gated, d_in, d_sae, 0, 6);
+    let sae = random_sae(ArchKind::GATED, d_in, d_sae, 0, 6);
     let jr = sae.gated_to_jumprelu().unwrap();
-    assert_eq!(jr.arch, ArchKind::JumpRelu);
+    assert_eq!(jr.arch, ArchKind::JUMPRELU);
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let x = randn(&mut rng, n * d_in);
     let (a, b) = (sae.encode(&x, n), jr.encode(&x, n));
@@ -265,7 +265,7 @@ fn gated_exports_as_equivalent_jumprelu() {
     for (u, v) in a.val.iter().zip(&b.val) {
         assert!((u - v).abs() < 1e-4 * u.abs().max(1.0));
     }
-    assert!(Sae::init(ArchKind::Relu, 4, 4, 0, 0)
+    assert!(Sae::init(ArchKind::RELU, 4, 4, 0, 0)
         .gated_to_jumprelu()
         .is_err());
 }
@@ -276,7 +276,7 @@ fn fold_activation_scale_maps_raw_to_raw() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let x = randn(&mut rng, n * d_in);
     let xs: Vec<f32> = x.iter().map(|v| v * s).collect();
-    for arch in ArchKind::ALL {
+    for arch in ArchKind::all() {
         let sae = random_sae(arch, d_in, d_sae, 4, 2);
         let want: Vec<f32> = sae
             .decode(&sae.encode(&xs, n))
@@ -342,7 +342,7 @@ fn mmcs_cases() {
 #[test]
 fn bench_rows_are_filled() {
     let rows = crate::bench::run_bench(
-        &[ArchKind::Gated, ArchKind::TopK],
+        &[ArchKind::GATED, ArchKind::TOPK],
         &[256],
         16,
         64,

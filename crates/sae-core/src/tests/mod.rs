@@ -29,13 +29,18 @@ pub(crate) fn random_sae(arch: ArchKind, d_in: usize, d_sae: usize, k: usize, se
         }
     };
     jitter(&mut sae.w_enc, 0.2);
-    jitter(&mut sae.b_enc, 0.3);
     jitter(&mut sae.b_dec, 0.2);
-    jitter(&mut sae.r_mag, 0.4);
-    jitter(&mut sae.b_mag, 0.3);
-    if arch == ArchKind::JumpRelu {
+    let names = arch.family().latent_params();
+    for (p, v) in names.iter().zip(sae.params.iter_mut()) {
+        match p.name {
+            "threshold" => {}
+            "r_mag" => jitter(v, 0.4),
+            _ => jitter(v, 0.3),
+        }
+    }
+    if arch == ArchKind::JUMPRELU {
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 2);
-        sae.threshold = (0..d_sae).map(|_| rng.gen_range(0.05..0.6)).collect();
+        *sae.param_mut("threshold") = (0..d_sae).map(|_| rng.gen_range(0.05..0.6)).collect();
     }
     sae
 }

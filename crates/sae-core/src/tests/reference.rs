@@ -76,7 +76,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
     }
     // BatchTopK: the (k*n)-th largest positive value over the batch.
     let mut batch_t = 0.0;
-    if c.arch == ArchKind::BatchTopK {
+    if c.arch == ArchKind::BATCHTOPK {
         let mut all: Vec<f64> = out
             .pre
             .iter()
@@ -96,8 +96,8 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
         let pre = &out.pre[b];
         let mut f = vec![0.0; m];
         let mut a = vec![0.0; m];
-        match c.arch {
-            ArchKind::Gated => {
+        match c.arch.as_str() {
+            "gated" => {
                 for j in 0..m {
                     let pg = pre[j] + p.lat[0][j];
                     let pm = p.lat[1][j].exp() * pre[j] + p.lat[2][j];
@@ -107,12 +107,12 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     }
                 }
             }
-            ArchKind::Relu => {
+            "relu" => {
                 for j in 0..m {
                     f[j] = (pre[j] + p.lat[0][j]).max(0.0);
                 }
             }
-            ArchKind::JumpRelu => {
+            "jumprelu" => {
                 for j in 0..m {
                     let pi = pre[j] + p.lat[0][j];
                     if pi > p.lat[1][j].exp() {
@@ -120,9 +120,9 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     }
                 }
             }
-            ArchKind::TopK | ArchKind::BatchTopK => {
+            "topk" | "batchtopk" => {
                 let vals: Vec<(f64, usize)> = (0..m).map(|j| (pre[j] + p.lat[0][j], j)).collect();
-                if c.arch == ArchKind::TopK {
+                if c.arch == ArchKind::TOPK {
                     for (v, j) in top_k(&vals, c.k) {
                         f[j] = v.max(0.0);
                     }
@@ -138,6 +138,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     a[j] = v.max(0.0);
                 }
             }
+            other => panic!("no dense reference for {other}"),
         }
         out.f.push(f);
         out.a.push(a);
@@ -189,7 +190,7 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
     let fw = forward(c, live, x, n);
     let nf = n as f64;
     let mut total = 0.0;
-    let auxk = matches!(c.arch, ArchKind::TopK | ArchKind::BatchTopK);
+    let auxk = c.arch.uses_k();
     let (e, denom) = if auxk {
         auxk_target(c, frozen, x, n)
     } else {
@@ -199,13 +200,13 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
         let xb = &x[b * d_in..(b + 1) * d_in];
         let xh = decode(c, &live.w_dec, Some(&live.b_dec), &fw.f[b]);
         total += sq(&xh, xb) / nf;
-        match c.arch {
-            ArchKind::Gated => {
+        match c.arch.as_str() {
+            "gated" => {
                 total += c.lambda * fw.a[b].iter().sum::<f64>() / nf;
                 let xa = decode(c, &frozen.w_dec, Some(&frozen.b_dec), &fw.a[b]);
                 total += sq(&xa, xb) / nf;
             }
-            ArchKind::Relu => {
+            "relu" => {
                 for j in 0..c.d_sae {
                     let w = if c.dnorm {
                         dotf(row(&live.w_dec, j, d_in), row(&live.w_dec, j, d_in)).sqrt()
@@ -215,16 +216,17 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
                     total += c.lambda * fw.f[b][j] * w / nf;
                 }
             }
-            ArchKind::JumpRelu => {
+            "jumprelu" => {
                 let l0 = fw.f[b].iter().filter(|v| **v != 0.0).count() as f64;
                 total += c.lambda * l0 / nf;
             }
-            ArchKind::TopK | ArchKind::BatchTopK => {
+            "topk" | "batchtopk" => {
                 if !c.dead.is_empty() && denom > 0.0 {
                     let eh = decode(c, &live.w_dec, None, &fw.a[b]);
                     total += c.alpha * sq(&eh, &e[b]) / denom;
                 }
             }
+            other => panic!("no dense reference for {other}"),
         }
     }
     total
@@ -242,7 +244,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
         b_dec: vec![0.0; d_in],
         lat: p.lat.iter().map(|v| vec![0.0; v.len()]).collect(),
     };
-    let auxk = matches!(c.arch, ArchKind::TopK | ArchKind::BatchTopK);
+    let auxk = c.arch.uses_k();
     let (e, denom) = if auxk {
         auxk_target(c, p, x, n)
     } else {
@@ -257,8 +259,8 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
             g.b_dec[i] += r[i];
         }
         // Gradient w.r.t. the residual of the auxiliary reconstruction.
-        let ra: Vec<f64> = match c.arch {
-            ArchKind::Gated => {
+        let ra: Vec<f64> = match c.arch.as_str() {
+            "gated" => {
                 let xa = decode(c, &p.w_dec, Some(&p.b_dec), &fw.a[b]);
                 (0..d_in).map(|i| 2.0 * (xa[i] - xb[i]) / nf).collect()
             }
@@ -283,8 +285,8 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                     g.w_dec[j * d_in + i] += a * ra[i];
                 }
             }
-            match c.arch {
-                ArchKind::Gated => {
+            match c.arch.as_str() {
+                "gated" => {
                     let pg = pre + p.lat[0][j];
                     let s = p.lat[1][j].exp();
                     let pm = s * pre + p.lat[2][j];
@@ -297,7 +299,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         g.lat[2][j] += g_mag;
                     }
                 }
-                ArchKind::Relu => {
+                "relu" => {
                     if f > 0.0 {
                         let nrm = dotf(d, d).sqrt();
                         let w = if c.dnorm { nrm } else { 1.0 };
@@ -310,7 +312,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         }
                     }
                 }
-                ArchKind::JumpRelu => {
+                "jumprelu" => {
                     let pi = pre + p.lat[0][j];
                     let theta = p.lat[1][j].exp();
                     if pi > theta {
@@ -323,7 +325,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         g.lat[1][j] += gt * theta;
                     }
                 }
-                ArchKind::TopK | ArchKind::BatchTopK => {
+                "topk" | "batchtopk" => {
                     if f > 0.0 {
                         dpre[j] += df;
                     }
@@ -332,6 +334,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                     }
                     g.lat[0][j] += dpre[j];
                 }
+                other => panic!("no dense reference for {other}"),
             }
         }
         for j in 0..m {

@@ -66,7 +66,7 @@ fn norm(v: &[f32]) -> f64 {
 fn trained(arch: ArchKind) -> SaeTrainer {
     let mut sae = random_sae(arch, D_IN, D_SAE, 4, 21);
     for j in SILENCED {
-        sae.b_enc[j] = -0.5;
+        sae.params[0][j] = -0.5;
     }
     let at_b_dec: Vec<f32> = sae.b_dec.repeat(N);
     let hyper = TrainHyper {
@@ -93,7 +93,7 @@ fn sample() -> Vec<f32> {
 
 #[test]
 fn resampling_sets_exactly_the_dead_latents_and_keeps_the_rest() {
-    for arch in [ArchKind::Relu, ArchKind::Gated] {
+    for arch in [ArchKind::RELU, ArchKind::GATED] {
         let mut t = trained(arch);
         let window = STEPS * N as u64;
         let dead = t.dead_latents(window);
@@ -133,14 +133,13 @@ fn resampling_sets_exactly_the_dead_latents_and_keeps_the_rest() {
             .sum::<f64>()
             / (D_SAE - dead.len()) as f64;
         let dec = |s: &Sae, j: usize| s.w_dec[j * D_IN..(j + 1) * D_IN].to_vec();
-        let per_latent: Vec<(&str, &Vec<f32>, &Vec<f32>)> = match arch {
-            ArchKind::Gated => vec![
-                ("b_gate", &before.b_enc, &after.b_enc),
-                ("r_mag", &before.r_mag, &after.r_mag),
-                ("b_mag", &before.b_mag, &after.b_mag),
-            ],
-            _ => vec![("b_enc", &before.b_enc, &after.b_enc)],
-        };
+        let per_latent: Vec<(&str, &Vec<f32>, &Vec<f32>)> = arch
+            .family()
+            .latent_params()
+            .iter()
+            .zip(before.params.iter().zip(&after.params))
+            .map(|(p, (b, a))| (p.name, b, a))
+            .collect();
         for j in 0..D_SAE {
             let Some(pos) = r.latents.iter().position(|&l| l as usize == j) else {
                 // A live latent: every bit as before, weights and optimiser state.
@@ -233,7 +232,7 @@ fn resampling_sets_exactly_the_dead_latents_and_keeps_the_rest() {
 
 #[test]
 fn nothing_dead_changes_nothing_and_other_architectures_refuse() {
-    let mut t = trained(ArchKind::Relu);
+    let mut t = trained(ArchKind::RELU);
     let before = t.snapshot();
     let r = t.resample_dead(u64::MAX, &sample(), 64, 5, 9).unwrap();
     assert!(r.latents.is_empty());
@@ -242,7 +241,7 @@ fn nothing_dead_changes_nothing_and_other_architectures_refuse() {
     assert_eq!(before.w_enc, after.w_enc);
 
     // Dead latents, but every sample row equals b_dec: no direction to give them.
-    let mut t = trained(ArchKind::Relu);
+    let mut t = trained(ArchKind::RELU);
     let b_dec = t.snapshot().b_dec;
     let dead = t.dead_latents(STEPS * N as u64);
     assert!(!dead.is_empty());
@@ -252,7 +251,7 @@ fn nothing_dead_changes_nothing_and_other_architectures_refuse() {
     assert!(r.latents.is_empty());
     assert_eq!(t.dead_latents(STEPS * N as u64), dead);
 
-    let sae = random_sae(ArchKind::TopK, D_IN, D_SAE, 4, 3);
+    let sae = random_sae(ArchKind::TOPK, D_IN, D_SAE, 4, 3);
     let mut t = SaeTrainer::new(sae, TrainHyper::default());
     let e = t.resample_dead(0, &sample(), 64, 5, 9).unwrap_err();
     assert!(e.to_string().contains("relu and gated"), "{e}");
@@ -262,7 +261,7 @@ fn nothing_dead_changes_nothing_and_other_architectures_refuse() {
 /// seeds, a row with about 9x the loss of the other is drawn first at the rate of e^2, not e.
 #[test]
 fn draws_follow_the_square_of_the_loss() {
-    let sae = random_sae(ArchKind::Relu, D_IN, D_SAE, 4, 3);
+    let sae = random_sae(ArchKind::RELU, D_IN, D_SAE, 4, 3);
     let hyper = TrainHyper {
         // Every latent counts as dead from the start.
         dead_window_tokens: 0,

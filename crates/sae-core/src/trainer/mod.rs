@@ -45,7 +45,7 @@ pub use resample::{Resampled, RESAMPLE_ENCODER_SCALE};
 
 use step::{Buffers, DENSE_FRACTION, THRESHOLD_EMA_BETA};
 
-use crate::arch::{make_arch, Arch, ArchKind};
+use crate::arch::{Arch, ArchKind, Settings};
 use crate::optim::Moments;
 use crate::sae::{Sae, SaeMeta};
 use rayon::prelude::*;
@@ -116,7 +116,7 @@ pub struct SaeTrainer {
     kind: ArchKind,
     d_in: usize,
     d_sae: usize,
-    k: usize,
+    settings: Settings,
     apply_b_dec_to_input: bool,
     meta: SaeMeta,
     hyper: TrainHyper,
@@ -154,26 +154,15 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 impl SaeTrainer {
     pub fn new(sae: Sae, hyper: TrainHyper) -> Self {
         let (d_in, d_sae) = (sae.d_in, sae.d_sae);
-        let arch = make_arch(sae.arch, sae.k, &hyper, d_in);
-        let params: Vec<Vec<f32>> = match sae.arch {
-            ArchKind::Gated => vec![sae.b_enc.clone(), sae.r_mag.clone(), sae.b_mag.clone()],
-            ArchKind::JumpRelu => {
-                let lt = sae.threshold.iter().map(|t| t.max(1e-12).ln()).collect();
-                vec![sae.b_enc.clone(), lt]
-            }
-            _ => vec![sae.b_enc.clone()],
-        };
-        let th = if sae.arch == ArchKind::BatchTopK {
-            sae.threshold.first().copied().unwrap_or(0.0)
-        } else {
-            0.0
-        };
+        let arch = sae.arch.family().rule(&sae, &hyper);
+        let params = arch.trained_params(&sae);
+        let th = arch.initial_batch_threshold(&sae);
         let b1 = hyper.adam_beta1;
         SaeTrainer {
             kind: sae.arch,
             d_in,
             d_sae,
-            k: sae.k,
+            settings: sae.settings,
             apply_b_dec_to_input: sae.apply_b_dec_to_input,
             w_enc_t: transpose(&sae.w_enc, d_in, d_sae),
             w_dec: sae.w_dec,
@@ -199,34 +188,23 @@ impl SaeTrainer {
     /// The current weights in SAELens layout.
     pub fn snapshot(&self) -> Sae {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
-        let mut sae = Sae {
+        Sae {
             arch: self.kind,
             d_in,
             d_sae,
             w_enc: transpose(&self.w_enc_t, d_sae, d_in),
-            b_enc: self.params[0].clone(),
             w_dec: self.w_dec.clone(),
             b_dec: self.b_dec.clone(),
-            r_mag: Vec::new(),
-            b_mag: Vec::new(),
-            threshold: Vec::new(),
-            k: self.k,
+            params: self
+                .arch
+                .saved_params(&self.params, self.inference_threshold()),
+            settings: self.settings.clone(),
             apply_b_dec_to_input: self.apply_b_dec_to_input,
             meta: self.meta.clone(),
-        };
-        match self.kind {
-            ArchKind::Gated => {
-                sae.r_mag = self.params[1].clone();
-                sae.b_mag = self.params[2].clone();
-            }
-            ArchKind::JumpRelu => sae.threshold = self.params[1].iter().map(|l| l.exp()).collect(),
-            ArchKind::BatchTopK => sae.threshold = vec![self.inference_threshold(); d_sae],
-            _ => {}
         }
-        sae
     }
 
-    /// BatchTopK's inference threshold estimated so far.
+    /// The inference threshold estimated so far (rules that select per batch).
     pub fn inference_threshold(&self) -> f32 {
         if self.steps == 0 {
             return self.last_batch_threshold;

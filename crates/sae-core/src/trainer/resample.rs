@@ -26,7 +26,6 @@
 //! and brings it back over the following steps (the caller's business).
 
 use super::SaeTrainer;
-use crate::ArchKind;
 use anyhow::bail;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -83,7 +82,7 @@ impl SaeTrainer {
         seed: u64,
         stream: u64,
     ) -> anyhow::Result<Resampled> {
-        if !matches!(self.kind, ArchKind::Relu | ArchKind::Gated) {
+        if !self.kind.family().resamplable() {
             bail!(
                 "dead-latent resampling is defined for relu and gated SAEs, not {}",
                 self.kind

@@ -8,7 +8,6 @@ use crate::kernels::{
     split_by_lengths,
 };
 use crate::optim::AdamStep;
-use crate::ArchKind;
 use rayon::prelude::*;
 
 /// BatchTopK inference threshold: bias-corrected EMA of each batch's selection threshold
@@ -143,7 +142,7 @@ impl SaeTrainer {
         prof.lap("gemm");
         // Per-step inputs of the architecture.
         buf.dec_norm.clear();
-        if self.kind == ArchKind::Relu && self.hyper.relu_decoder_norm_l1 {
+        if self.arch.needs_dec_norm() {
             buf.dec_norm.resize(d_sae, 0.0);
             let w_dec = &self.w_dec;
             buf.dec_norm
@@ -670,7 +669,7 @@ impl SaeTrainer {
                 {
                     ad.update(p, &mut m.m, &mut m.v, g);
                 }
-                if self.kind == ArchKind::BatchTopK {
+                if self.arch.tracks_batch_threshold() {
                     self.threshold_ema = THRESHOLD_EMA_BETA * self.threshold_ema
                         + (1.0 - THRESHOLD_EMA_BETA) * batch_threshold as f64;
                     self.last_batch_threshold = batch_threshold;
