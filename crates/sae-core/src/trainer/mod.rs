@@ -19,7 +19,8 @@
 //! 1. `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon).
 //! 2. The architecture turns each row of `pre` into sparse entries (row-parallel, with a
 //!    vectorised candidate prefilter).
-//! 3. Per row: sparse decode (and the auxiliary reconstruction), residuals, loss terms, and
+//! 3. Per row: sparse decode (and the auxiliary reconstruction), the residual of each
+//!    reconstruction head (nested dictionary prefixes, Matryoshka), loss terms, and
 //!    per entry `d_j . r_b` (and `d_j . r_aux_b`) while the rows `d_j` are still in cache.
 //! 4. Per latent, over a transposed index of the entries (so no write races): the
 //!    architecture's gradient w.r.t. each pre-activation and its own parameters, the W_dec and

@@ -89,11 +89,16 @@ struct ChunkOut {
 
 #[derive(Clone, Default)]
 struct RowStats {
+    /// Squared error of the whole dictionary's reconstruction, and of the other heads'.
     err2: f64,
+    heads2: f64,
     aux2: f64,
     x2: f64,
     l0: u64,
+    /// Sums over rows of the b_dec-gradient residual (all heads) and of the whole
+    /// dictionary's residual.
     resid_sum: Vec<f64>,
+    full_sum: Vec<f64>,
     x_sum: Vec<f64>,
 }
 
@@ -230,13 +235,25 @@ impl SaeTrainer {
 
         prof.lap("select");
         // 3. Decode and residuals: resid = x_hat - x; aux = aux reconstruction residual.
+        // With several reconstruction heads (nested prefixes of widths[0] < ... < d_sae) each
+        // row keeps one residual per head band q: R_q = sum over heads m >= q of
+        // (x_hat_m - x), the residual that latents of band q (widths[q-1] <= j < widths[q])
+        // reconstruct in every head containing them.
         let aux_mode = self.arch.aux_mode();
-        buf.resid.resize(n * d_in, 0.0);
+        let widths: Vec<usize> = match self.arch.heads() {
+            [] => vec![d_sae],
+            w => w.to_vec(),
+        };
+        let n_heads = widths.len();
+        let band_of = |j: usize| widths.partition_point(|&w| w <= j);
+        let rd = d_in * n_heads;
+        buf.resid.resize(n * rd, 0.0);
         buf.aux.resize(n * d_in, 0.0);
         buf.chunk_stats.resize(n_row_chunks, RowStats::default());
         // Early in training codes can be dense (half the latents fire at init); then GEMMs
         // on dense copies of the code beat the row-by-row sparse passes.
-        let dense = total as f64 > self.dense_fraction * (n * d_sae) as f64;
+        // The GEMM path decodes one head only.
+        let dense = n_heads == 1 && total as f64 > self.dense_fraction * (n * d_sae) as f64;
         if dense {
             buf.dense2.resize(n * d_sae, 0.0);
             scatter_code(&mut buf.pre, &buf.row_ptr, &buf.idx, &buf.f, d_sae, 1.0);
@@ -255,7 +272,7 @@ impl SaeTrainer {
                 .collect();
             let dot_pieces = split_by_lengths(&mut buf.dots, &lens);
             buf.resid
-                .par_chunks_mut(d_in * ROW_CHUNK)
+                .par_chunks_mut(rd * ROW_CHUNK)
                 .zip(buf.aux.par_chunks_mut(d_in * ROW_CHUNK))
                 .zip(buf.chunk_stats.par_iter_mut())
                 .zip(dot_pieces)
@@ -263,6 +280,7 @@ impl SaeTrainer {
                 .for_each(|(c, (((res, aux), st), dots))| {
                     let base = row_ptr[c * ROW_CHUNK];
                     st.err2 = 0.0;
+                    st.heads2 = 0.0;
                     st.aux2 = 0.0;
                     st.x2 = 0.0;
                     st.l0 = 0;
@@ -270,12 +288,17 @@ impl SaeTrainer {
                     st.resid_sum.resize(d_in, 0.0);
                     st.x_sum.clear();
                     st.x_sum.resize(d_in, 0.0);
-                    for (r, (res, aux)) in
-                        res.chunks_mut(d_in).zip(aux.chunks_mut(d_in)).enumerate()
+                    st.full_sum.clear();
+                    st.full_sum.resize(d_in, 0.0);
+                    let mut acc = vec![0f32; if n_heads > 1 { d_in } else { 0 }];
+                    for (r, (bands, aux)) in
+                        res.chunks_mut(rd).zip(aux.chunks_mut(d_in)).enumerate()
                     {
                         let b = c * ROW_CHUNK + r;
                         let xb = &x[b * d_in..(b + 1) * d_in];
                         let row_end = row_ptr[b + 1];
+                        // The last band's slice is the whole dictionary's residual.
+                        let (front, res) = bands.split_at_mut(rd - d_in);
                         if dense {
                             // x_hat and the aux reconstruction came from the GEMMs.
                             axpy(1.0, b_dec, res);
@@ -287,7 +310,8 @@ impl SaeTrainer {
                                 .filter(|f| **f != 0.0)
                                 .count() as u64;
                         } else {
-                            res.copy_from_slice(b_dec);
+                            front.fill(0.0);
+                            res.fill(0.0);
                             match aux_mode {
                                 AuxMode::None => {}
                                 AuxMode::FrozenDecoder => aux.copy_from_slice(b_dec),
@@ -302,21 +326,56 @@ impl SaeTrainer {
                             }
                             let (f, a) = (fv[e], av[e]);
                             st.l0 += (f != 0.0) as u64;
+                            // Band partial sums first; prefix sums of the bands below.
+                            let q = if n_heads == 1 { 0 } else { band_of(j) };
+                            let dst = if q + 1 == n_heads {
+                                &mut *res
+                            } else {
+                                &mut front[q * d_in..(q + 1) * d_in]
+                            };
                             if a == 0.0 {
                                 if f != 0.0 {
-                                    axpy(f, d, res);
+                                    axpy(f, d, dst);
                                 }
                             } else {
-                                axpy2(f, a, d, res, aux);
+                                axpy2(f, a, d, dst, aux);
                             }
+                        }
+                        if !dense && n_heads == 1 {
+                            axpy(1.0, b_dec, res);
+                        } else if !dense {
+                            // x_hat of head q = b_dec + bands 0..=q.
+                            acc.copy_from_slice(b_dec);
+                            for q in 0..n_heads - 1 {
+                                let band = &mut front[q * d_in..(q + 1) * d_in];
+                                axpy(1.0, &acc, band);
+                                acc.copy_from_slice(band);
+                            }
+                            axpy(1.0, &acc, res);
+                        }
+                        for q in 0..n_heads - 1 {
+                            let band = &mut front[q * d_in..(q + 1) * d_in];
+                            for i in 0..d_in {
+                                band[i] -= xb[i];
+                            }
+                            st.heads2 += dot(band, band) as f64;
                         }
                         for i in 0..d_in {
                             res[i] -= xb[i];
-                            st.resid_sum[i] += res[i] as f64;
+                            st.full_sum[i] += res[i] as f64;
                             st.x_sum[i] += xb[i] as f64;
                         }
                         st.err2 += dot(res, res) as f64;
                         st.x2 += dot(xb, xb) as f64;
+                        // Band q's residual: the sum of the head residuals from q up.
+                        for q in (0..n_heads - 1).rev() {
+                            let (lo, hi) = bands.split_at_mut((q + 1) * d_in);
+                            axpy(1.0, &hi[..d_in], &mut lo[q * d_in..]);
+                        }
+                        for (s, v) in st.resid_sum.iter_mut().zip(&bands[..d_in]) {
+                            *s += *v as f64;
+                        }
+                        let (front, res) = bands.split_at_mut(rd - d_in);
                         match aux_mode {
                             AuxMode::None => {}
                             // ||x - x_hat_frozen(relu(pi_gate))||^2
@@ -343,27 +402,36 @@ impl SaeTrainer {
                             if e + 1 < row_end {
                                 prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
                             }
+                            let q = if n_heads == 1 { 0 } else { band_of(j) };
+                            let rq = if q + 1 == n_heads {
+                                &*res
+                            } else {
+                                &front[q * d_in..(q + 1) * d_in]
+                            };
                             dots[e - base] = if aux_mode != AuxMode::None && av[e] != 0.0 {
-                                let (u, v) = dot2(d, res, aux);
+                                let (u, v) = dot2(d, rq, aux);
                                 [u, v]
                             } else {
-                                [dot(d, res), 0.0]
+                                [dot(d, rq), 0.0]
                             };
                         }
                     }
                 });
         }
         let nf = n as f64;
-        let (mut err2, mut aux2, mut x2, mut l0) = (0.0, 0.0, 0.0, 0u64);
+        let (mut err2, mut heads2, mut aux2, mut x2, mut l0) = (0.0, 0.0, 0.0, 0.0, 0u64);
         let mut resid_sum = vec![0.0f64; d_in];
+        let mut full_sum = vec![0.0f64; d_in];
         let mut x_sum = vec![0.0f64; d_in];
         for st in &buf.chunk_stats {
             err2 += st.err2;
+            heads2 += st.heads2;
             aux2 += st.aux2;
             x2 += st.x2;
             l0 += st.l0;
             for i in 0..d_in {
                 resid_sum[i] += st.resid_sum[i];
+                full_sum[i] += st.full_sum[i];
                 x_sum[i] += st.x_sum[i];
             }
         }
@@ -374,7 +442,7 @@ impl SaeTrainer {
             AuxMode::FrozenDecoder => (aux2 / nf, resid_scale),
             AuxMode::AuxK => {
                 // Var(e) * n with e = -res: sum ||e||^2 - n ||mean e||^2.
-                let denom = err2 - resid_sum.iter().map(|s| s * s).sum::<f64>() / nf;
+                let denom = err2 - full_sum.iter().map(|s| s * s).sum::<f64>() / nf;
                 let alpha = self.hyper.aux_coeff as f64;
                 if buf.dead.is_empty() || denom <= 0.0 || !denom.is_finite() {
                     (0.0, 0.0)
@@ -385,8 +453,10 @@ impl SaeTrainer {
         };
         let mse = err2 / nf;
         let sparsity_loss = sparsity_coeff as f64 * sparsity_sum / nf;
+        // The prefix heads' squared errors join the loss; `mse` and `fvu` stay those of the
+        // whole dictionary.
         let mut stats = StepStats {
-            loss: mse + sparsity_loss + aux_loss,
+            loss: mse + heads2 / nf + sparsity_loss + aux_loss,
             mse,
             sparsity_loss,
             aux_loss,
@@ -530,6 +600,7 @@ impl SaeTrainer {
                     let (g_dec, g_enc) = scratch.split_at_mut(d_in);
                     for j in c * LAT_CHUNK..((c + 1) * LAT_CHUNK).min(d_sae) {
                         let ents = &lat_ent[lat_ptr[j]..lat_ptr[j + 1]];
+                        let band = band_of(j);
                         // SAFETY: latent j belongs to this task only.
                         let (wd, we) = unsafe { (w_dec.row(j), w_enc.row(j)) };
                         let mut any_fired = false;
@@ -548,7 +619,11 @@ impl SaeTrainer {
                             if dense {
                             } else if let Some(nx) = ents.get(p + 1) {
                                 let nb = nx.row as usize * d_in;
-                                prefetch_rows(resid, nb, d_in);
+                                prefetch_rows(
+                                    resid,
+                                    (nx.row as usize * n_heads + band) * d_in,
+                                    d_in,
+                                );
                                 prefetch_rows(xc, nb, d_in);
                                 if aux_trains_dec {
                                     prefetch_rows(aux, nb, d_in);
@@ -573,7 +648,8 @@ impl SaeTrainer {
                             if dense {
                                 continue;
                             }
-                            let rb = &resid[b * d_in..(b + 1) * d_in];
+                            let rr = (b * n_heads + band) * d_in;
+                            let rb = &resid[rr..rr + d_in];
                             let xb = &xc[b * d_in..(b + 1) * d_in];
                             let ca = if aux_trains_dec { a * aux_scale } else { 0.0 };
                             if ca != 0.0 {
