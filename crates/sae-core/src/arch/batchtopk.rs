@@ -18,8 +18,11 @@ use std::collections::BTreeMap;
 /// threshold is the estimated global threshold.
 pub struct BatchTopK;
 
+/// This family's registry handle.
+pub(crate) const KIND: ArchKind = ArchKind(&BatchTopK);
+
 impl ArchKind {
-    pub const BATCHTOPK: ArchKind = ArchKind(&BatchTopK);
+    pub const BATCHTOPK: ArchKind = KIND;
 }
 
 /// Parameters of a family trained by batch selection and run with a threshold.

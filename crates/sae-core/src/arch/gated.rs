@@ -13,8 +13,11 @@ use crate::trainer::TrainHyper;
 /// The Gated family.
 pub struct Gated;
 
+/// This family's registry handle.
+pub(crate) const KIND: ArchKind = ArchKind(&Gated);
+
 impl ArchKind {
-    pub const GATED: ArchKind = ArchKind(&Gated);
+    pub const GATED: ArchKind = KIND;
 }
 
 /// The Gated training rule.

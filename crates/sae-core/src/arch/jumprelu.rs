@@ -12,8 +12,11 @@ use crate::trainer::TrainHyper;
 /// The JumpReLU family.
 pub struct JumpRelu;
 
+/// This family's registry handle.
+pub(crate) const KIND: ArchKind = ArchKind(&JumpRelu);
+
 impl ArchKind {
-    pub const JUMPRELU: ArchKind = ArchKind(&JumpRelu);
+    pub const JUMPRELU: ArchKind = KIND;
 }
 
 /// The JumpReLU training rule (trains `log_threshold`).

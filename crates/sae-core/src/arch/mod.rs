@@ -26,26 +26,17 @@ use std::str::FromStr;
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
 
-mod batchtopk;
-mod gated;
-mod jumprelu;
-mod relu;
-mod topk;
+/// Declares the family modules and [`REGISTRY`] from one list: adding a family is its file
+/// and its name here. Each module defines `KIND`, its registry handle.
+macro_rules! registry {
+    ($($family:ident),* $(,)?) => {
+        $(mod $family;)*
+        /// Every family this toolkit trains and loads, in the order help texts list them.
+        pub const REGISTRY: &[ArchKind] = &[$($family::KIND),*];
+    };
+}
 
-pub use batchtopk::BatchTopK;
-pub use gated::Gated;
-pub use jumprelu::JumpRelu;
-pub use relu::Relu;
-pub use topk::TopK;
-
-/// Every family this toolkit trains and loads, in the order help texts list them.
-pub const REGISTRY: &[ArchKind] = &[
-    ArchKind::GATED,
-    ArchKind::RELU,
-    ArchKind::TOPK,
-    ArchKind::BATCHTOPK,
-    ArchKind::JUMPRELU,
-];
+registry![gated, relu, topk, batchtopk, jumprelu];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the
 /// `sae_core` block of cfg.json. Each family says which keys it reads.

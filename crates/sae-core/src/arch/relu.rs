@@ -12,8 +12,11 @@ use crate::trainer::TrainHyper;
 /// The ReLU + L1 family (SAELens "standard").
 pub struct Relu;
 
+/// This family's registry handle.
+pub(crate) const KIND: ArchKind = ArchKind(&Relu);
+
 impl ArchKind {
-    pub const RELU: ArchKind = ArchKind(&Relu);
+    pub const RELU: ArchKind = KIND;
 }
 
 /// The ReLU + L1 training rule.

@@ -12,8 +12,11 @@ use std::collections::BTreeMap;
 /// The TopK family.
 pub struct TopK;
 
+/// This family's registry handle.
+pub(crate) const KIND: ArchKind = ArchKind(&TopK);
+
 impl ArchKind {
-    pub const TOPK: ArchKind = ArchKind(&TopK);
+    pub const TOPK: ArchKind = KIND;
 }
 
 /// The TopK training rule.
