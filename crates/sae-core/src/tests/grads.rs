@@ -50,7 +50,7 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
                 .map(|t| (*t as f64).ln())
                 .collect(),
         ],
-        "batchtopk" => vec![to64(sae.param("b_enc"))],
+        "batchtopk" | "matryoshka" => vec![to64(sae.param("b_enc"))],
         _ => sae.params.iter().map(|p| to64(p)).collect(),
     };
     let mut w_enc_t = vec![0.0; D_IN * D_SAE];
@@ -72,6 +72,11 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
             dnorm,
             apply_b_dec: sae.apply_b_dec_to_input,
             dead: (0..D_SAE).collect(),
+            widths: sae
+                .settings
+                .get("widths")
+                .and_then(|w| serde_json::from_value(w.clone()).ok())
+                .unwrap_or_default(),
         },
         params: RefParams {
             w_enc_t,

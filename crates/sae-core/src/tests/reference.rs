@@ -29,6 +29,26 @@ pub struct RefCfg {
     pub dnorm: bool,
     pub apply_b_dec: bool,
     pub dead: Vec<usize>,
+    /// Reconstruction heads: prefix widths ending at d_sae (empty: the whole dictionary).
+    pub widths: Vec<usize>,
+}
+
+impl RefCfg {
+    fn heads(&self) -> Vec<usize> {
+        if self.widths.is_empty() {
+            vec![self.d_sae]
+        } else {
+            self.widths.clone()
+        }
+    }
+}
+
+/// The code restricted to the first `w` latents.
+fn prefix(code: &[f64], w: usize) -> Vec<f64> {
+    code.iter()
+        .enumerate()
+        .map(|(j, v)| if j < w { *v } else { 0.0 })
+        .collect()
 }
 
 struct Fwd {
@@ -76,7 +96,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
     }
     // BatchTopK: the (k*n)-th largest positive value over the batch.
     let mut batch_t = 0.0;
-    if c.arch == ArchKind::BATCHTOPK {
+    if matches!(c.arch.as_str(), "batchtopk" | "matryoshka") {
         let mut all: Vec<f64> = out
             .pre
             .iter()
@@ -120,7 +140,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     }
                 }
             }
-            "topk" | "batchtopk" => {
+            "topk" | "batchtopk" | "matryoshka" => {
                 let vals: Vec<(f64, usize)> = (0..m).map(|j| (pre[j] + p.lat[0][j], j)).collect();
                 if c.arch == ArchKind::TOPK {
                     for (v, j) in top_k(&vals, c.k) {
@@ -198,8 +218,10 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
     };
     for b in 0..n {
         let xb = &x[b * d_in..(b + 1) * d_in];
-        let xh = decode(c, &live.w_dec, Some(&live.b_dec), &fw.f[b]);
-        total += sq(&xh, xb) / nf;
+        for w in c.heads() {
+            let xh = decode(c, &live.w_dec, Some(&live.b_dec), &prefix(&fw.f[b], w));
+            total += sq(&xh, xb) / nf;
+        }
         match c.arch.as_str() {
             "gated" => {
                 total += c.lambda * fw.a[b].iter().sum::<f64>() / nf;
@@ -220,7 +242,7 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
                 let l0 = fw.f[b].iter().filter(|v| **v != 0.0).count() as f64;
                 total += c.lambda * l0 / nf;
             }
-            "topk" | "batchtopk" => {
+            "topk" | "batchtopk" | "matryoshka" => {
                 if !c.dead.is_empty() && denom > 0.0 {
                     let eh = decode(c, &live.w_dec, None, &fw.a[b]);
                     total += c.alpha * sq(&eh, &e[b]) / denom;
@@ -253,10 +275,19 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
     let aux_on = auxk && !c.dead.is_empty() && denom > 0.0;
     for b in 0..n {
         let xb = &x[b * d_in..(b + 1) * d_in];
-        let xh = decode(c, &p.w_dec, Some(&p.b_dec), &fw.f[b]);
-        let r: Vec<f64> = (0..d_in).map(|i| 2.0 * (xh[i] - xb[i]) / nf).collect();
-        for i in 0..d_in {
-            g.b_dec[i] += r[i];
+        // d loss / d x_hat of each head.
+        let heads = c.heads();
+        let rs: Vec<Vec<f64>> = heads
+            .iter()
+            .map(|&w| {
+                let xh = decode(c, &p.w_dec, Some(&p.b_dec), &prefix(&fw.f[b], w));
+                (0..d_in).map(|i| 2.0 * (xh[i] - xb[i]) / nf).collect()
+            })
+            .collect();
+        for r in &rs {
+            for i in 0..d_in {
+                g.b_dec[i] += r[i];
+            }
         }
         // Gradient w.r.t. the residual of the auxiliary reconstruction.
         let ra: Vec<f64> = match c.arch.as_str() {
@@ -276,6 +307,15 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
         for j in 0..m {
             let d = row(&p.w_dec, j, d_in);
             let (f, a) = (fw.f[b][j], fw.a[b][j]);
+            // Latent j reconstructs in every head that contains it.
+            let mut r = vec![0.0; d_in];
+            for (q, &w) in heads.iter().enumerate() {
+                if j < w {
+                    for i in 0..d_in {
+                        r[i] += rs[q][i];
+                    }
+                }
+            }
             let df = dotf(d, &r);
             let da = dotf(d, &ra);
             let pre = fw.pre[b][j];
@@ -325,7 +365,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         g.lat[1][j] += gt * theta;
                     }
                 }
-                "topk" | "batchtopk" => {
+                "topk" | "batchtopk" | "matryoshka" => {
                     if f > 0.0 {
                         dpre[j] += df;
                     }
