@@ -280,7 +280,7 @@ fn math_keys_we_do_not_implement_are_refused() {
         load(&p).map_err(|e| format!("{e:#}"))
     };
     let refused = [
-        ("arch", "architecture", json!("matryoshka_batchtopk")),
+        ("arch", "architecture", json!("crosscoder")),
         ("norm", "normalize_activations", json!("layer_norm")),
         (
             "norm2",
