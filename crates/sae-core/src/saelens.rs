@@ -247,6 +247,7 @@ fn parse_cfg(cfg: &Value) -> Result<CfgSpec, String> {
             settings.insert(key.to_string(), v.clone());
         }
     }
+    family.settings_from_saelens(cfg, &mut settings);
     if family.setting_keys().contains(&"k") {
         let k_src = [
             ours.and_then(|o| o.get("k")).map(|v| ("sae_core.k", v)),

@@ -21,10 +21,15 @@ pub fn describe(dir: &Path) -> Result<String> {
         s,
         "  arch        {}{}",
         sae.arch,
-        if sae.k() > 0 {
-            format!(" (k = {})", sae.k())
-        } else {
+        if sae.settings.is_empty() {
             String::new()
+        } else {
+            let parts: Vec<String> = sae
+                .settings
+                .iter()
+                .map(|(key, v)| format!("{key} = {}", v.to_string().replace(',', ", ")))
+                .collect();
+            format!(" ({})", parts.join(", "))
         }
     )?;
     writeln!(s, "  d_in        {}", sae.d_in)?;

@@ -391,3 +391,91 @@ fn sweep_bad_flags() {
         assert!(!out.exists(), "{name}: created {}", out.display());
     }
 }
+
+#[test]
+fn unknown_family_lists_the_registered_ones() {
+    train_refused(
+        "arch-unknown",
+        &["--arch", "sparsemax"],
+        &[
+            "unknown architecture 'sparsemax'",
+            "gated, relu, topk, batchtopk, jumprelu, matryoshka",
+        ],
+    );
+}
+
+#[test]
+fn family_options_are_checked_before_any_work() {
+    let cases: [(&str, &[&str], &[&str]); 6] = [
+        (
+            "widths-order",
+            &[
+                "--arch",
+                "matryoshka",
+                "--k",
+                "2",
+                "--arch-opt",
+                "widths=8,4,16",
+            ],
+            &["--arch-opt", "widths [8, 4, 16] must be increasing"],
+        ),
+        (
+            "widths-end",
+            &[
+                "--arch",
+                "matryoshka",
+                "--k",
+                "2",
+                "--arch-opt",
+                "widths=4,8",
+            ],
+            &["--arch-opt", "must end at d_sae = 16"],
+        ),
+        (
+            "widths-text",
+            &[
+                "--arch",
+                "matryoshka",
+                "--k",
+                "2",
+                "--arch-opt",
+                "widths=4,x,16",
+            ],
+            &["--arch-opt", "'x' is not a count"],
+        ),
+        (
+            "opt-typo",
+            &[
+                "--arch",
+                "matryoshka",
+                "--k",
+                "2",
+                "--arch-opt",
+                "width=4,16",
+            ],
+            &["--arch-opt", "one of widths for --arch matryoshka", "width"],
+        ),
+        (
+            "opt-other-family",
+            &["--arch", "topk", "--k", "2", "--arch-opt", "widths=4,16"],
+            &["--arch-opt", "topk has no options of its own"],
+        ),
+        (
+            "opt-no-value",
+            &["--arch", "matryoshka", "--k", "2", "--arch-opt", "widths"],
+            &["--arch-opt widths", "NAME=VALUE"],
+        ),
+    ];
+    for (name, bad, needles) in cases {
+        train_refused(name, bad, needles);
+    }
+}
+
+#[test]
+fn matryoshka_k_larger_than_d_sae() {
+    train_refused(
+        "matryoshka-k",
+        &["--arch", "matryoshka", "--k", "17"],
+        &["--k must be between 1 and d_sae = 16 for matryoshka"],
+    );
+}

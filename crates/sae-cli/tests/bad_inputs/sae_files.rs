@@ -318,3 +318,21 @@ fn extend_from_a_broken_sae() {
         &[&dir, &valid().acts],
     );
 }
+
+#[test]
+fn matryoshka_prefixes_that_do_not_nest() {
+    let dir = copy_of_valid("matryoshka-widths");
+    edit_cfg(&dir, |c| {
+        c["architecture"] = "jumprelu".into();
+        c["sae_core"] =
+            serde_json::json!({"architecture": "matryoshka", "k": 3, "widths": [8, 4, 16]});
+    });
+    refused_on_load(
+        &dir,
+        &[
+            "cfg.json",
+            "widths [8, 4, 16] must be increasing",
+            "fix 'widths'",
+        ],
+    );
+}

@@ -86,6 +86,12 @@ impl Family for Matryoshka {
     fn setting_keys(&self) -> &'static [&'static str] {
         &["k", WIDTHS]
     }
+    /// SAELens' Matryoshka BatchTopK names its prefixes `matryoshka_widths`.
+    fn settings_from_saelens(&self, cfg: &serde_json::Value, settings: &mut Settings) {
+        if let Some(w) = cfg.get("matryoshka_widths").filter(|w| !w.is_null()) {
+            settings.entry(WIDTHS.into()).or_insert_with(|| w.clone());
+        }
+    }
     fn latent_params(&self) -> &'static [LatentParam] {
         B_ENC_THRESHOLD
     }

@@ -92,6 +92,8 @@ pub trait Family: Send + Sync + 'static {
     fn setting_keys(&self) -> &'static [&'static str] {
         &[]
     }
+    /// Settings read from SAELens' own cfg.json keys when our `sae_core` block lacks them.
+    fn settings_from_saelens(&self, _cfg: &serde_json::Value, _settings: &mut Settings) {}
     /// Per-latent parameters saved with the SAE, in order; the first is the encoder bias.
     fn latent_params(&self) -> &'static [LatentParam];
     /// Tensors that may hold parameter `name` on load, tried in order.

@@ -283,3 +283,11 @@ fn dense_and_sparse_steps_agree() {
         }
     }
 }
+
+#[test]
+fn matryoshka_gradients() {
+    let c = case(ArchKind::MATRYOSHKA, false, 7, false);
+    assert_eq!(c.cfg.widths, vec![2, 10, 20], "three heads at d_sae 20");
+    check_against_reference(ArchKind::MATRYOSHKA, false);
+    check_finite_differences(ArchKind::MATRYOSHKA, false);
+}

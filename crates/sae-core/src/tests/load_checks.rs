@@ -568,3 +568,34 @@ fn finetuning_scaling_factor_is_folded_into_the_decoder() {
     write_dir(&p, &cfg, &t);
     assert_eq!(load(&p).unwrap().w_dec, sae.w_dec);
 }
+
+/// A SAELens Matryoshka BatchTopK training checkpoint: prefixes from `matryoshka_widths`, one
+/// scalar threshold; bad prefixes are refused before the weights are read.
+#[test]
+fn saelens_matryoshka_checkpoint_loads() {
+    let (d_in, d_sae) = (4, 8);
+    let sae = random_sae(ArchKind::BATCHTOPK, d_in, d_sae, 2, 13);
+    let mut t: Vec<_> = tensors_of(&sae)
+        .into_iter()
+        .filter(|(n, _, _)| *n != "threshold")
+        .collect();
+    t.push(("topk_threshold", vec![0.3], vec![]));
+    let root = tempfile::tempdir().unwrap();
+    let p = root.path().join("m");
+    let cfg = json!({"architecture": "matryoshka_batchtopk", "d_in": d_in, "d_sae": d_sae,
+        "k": 2.0, "matryoshka_widths": [2, 4, 8]});
+    write_dir(&p, &cfg, &t);
+    let m = load(&p).unwrap();
+    assert_eq!(m.arch, ArchKind::MATRYOSHKA);
+    assert_eq!((m.k(), m.param("threshold")), (2, &vec![0.3; d_sae][..]));
+    assert_eq!(m.settings["widths"], json!([2, 4, 8]));
+    for (widths, needle) in [
+        (json!([4, 2, 8]), "increasing"),
+        (json!([2, 4]), "must end at d_sae = 8"),
+    ] {
+        let mut bad = cfg.clone();
+        bad["matryoshka_widths"] = widths;
+        write_dir(&p, &bad, &t);
+        assert_has(&load_err(&p), &[CFG_FILE, needle, "fix 'widths'"]);
+    }
+}
