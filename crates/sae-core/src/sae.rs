@@ -1,6 +1,6 @@
 //! The SAE parameters and inference (encode / decode).
 
-use crate::arch::{ArchKind, RowCode, Settings};
+use crate::arch::{ArchKind, Settings};
 use crate::sparse::SparseCode;
 use rayon::prelude::*;
 
@@ -81,11 +81,6 @@ impl Sae {
             .unwrap_or_else(|| panic!("a {} SAE has no parameter '{name}'", self.arch))
     }
 
-    /// The encoder bias (the family's first parameter: b_enc, or b_gate for Gated).
-    pub fn enc_bias(&self) -> &[f32] {
-        &self.params[0]
-    }
-
     /// Active latents per token for families whose sparsity is k (0 otherwise).
     pub fn k(&self) -> usize {
         crate::arch::setting_usize(&self.settings, "k")
@@ -102,12 +97,10 @@ impl Sae {
                 vec![d_sae],
             )
         };
-        let mut t = vec![
-            ("W_enc", &self.w_enc[..], vec![d_in, d_sae]),
-            param(0),
-            ("W_dec", &self.w_dec[..], vec![d_sae, d_in]),
-            ("b_dec", &self.b_dec[..], vec![d_in]),
-        ];
+        let mut t = vec![("W_enc", &self.w_enc[..], vec![d_in, d_sae])];
+        t.extend((0..names.len().min(1)).map(param));
+        t.push(("W_dec", &self.w_dec[..], vec![d_sae, d_in]));
+        t.push(("b_dec", &self.b_dec[..], vec![d_in]));
         t.extend((1..names.len()).map(param));
         t
     }
@@ -252,31 +245,7 @@ impl Sae {
     /// (BatchTopK uses its threshold here, like JumpReLU). Only non-zero values are stored.
     pub fn encode(&self, x: &[f32], n: usize) -> SparseCode {
         let pre = self.pre_activations(x, n);
-        let d_sae = self.d_sae;
-        let family = self.arch.family();
-        let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
-            .par_chunks(d_sae.max(1))
-            .map_init(RowCode::default, |code, row| {
-                code.idx.clear();
-                code.val.clear();
-                family.encode_row(self, row, code);
-                (code.idx.clone(), code.val.clone())
-            })
-            .collect();
-        let mut code = SparseCode {
-            n_rows: n,
-            d_sae,
-            row_ptr: Vec::with_capacity(n + 1),
-            idx: Vec::new(),
-            val: Vec::new(),
-        };
-        code.row_ptr.push(0);
-        for (i, v) in rows {
-            code.idx.extend_from_slice(&i);
-            code.val.extend_from_slice(&v);
-            code.row_ptr.push(code.idx.len());
-        }
-        code
+        self.arch.family().encode_pre(self, pre, n)
     }
 
     /// Codes in the family's training form where it has one (BatchTopK: the k*n largest of
@@ -304,13 +273,10 @@ impl Sae {
     }
 
     /// Fold a training-time input scale into the weights: the SAE was trained on `x * scale`
-    /// and afterwards takes raw `x` and reconstructs raw `x`. As SAELens does it: W_enc is
-    /// multiplied by `scale`, W_dec and b_dec divided by it, so the feature activations (and
-    /// thresholds, biases, r_mag) stay those of training.
+    /// and afterwards takes raw `x` and reconstructs raw `x` (each family says how; see
+    /// [`crate::arch::Family::fold_activation_scale`]).
     pub fn fold_activation_scale(&mut self, scale: f32) {
-        self.w_enc.iter_mut().for_each(|w| *w *= scale);
-        self.w_dec.iter_mut().for_each(|w| *w /= scale);
-        self.b_dec.iter_mut().for_each(|b| *b /= scale);
+        self.arch.family().fold_activation_scale(self, scale)
     }
 
     /// Reconstruction `[n, d_in]` of a sparse code: W_dec^T f + b_dec.

@@ -156,10 +156,47 @@ pub trait Family: Send + Sync + 'static {
     fn saelens_cfg(&self, _sae: &Sae, _cfg: &mut serde_json::Map<String, serde_json::Value>) {}
     /// Inference: the non-zero codes of one row of raw pre-activations `(x - b_dec) @ W_enc`.
     fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode);
+    /// Inference codes of `n` rows from their raw pre-activations (`[n, d_sae]`); row by row
+    /// with `encode_row` unless the family codes a batch at once.
+    fn encode_pre(&self, sae: &Sae, pre: Vec<f32>, n: usize) -> crate::SparseCode {
+        use rayon::prelude::*;
+        let d_sae = sae.d_sae;
+        let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
+            .par_chunks(d_sae.max(1))
+            .map_init(RowCode::default, |code, row| {
+                code.idx.clear();
+                code.val.clear();
+                self.encode_row(sae, row, code);
+                (code.idx.clone(), code.val.clone())
+            })
+            .collect();
+        let mut code = crate::SparseCode {
+            n_rows: n,
+            d_sae,
+            row_ptr: Vec::with_capacity(n + 1),
+            idx: Vec::new(),
+            val: Vec::new(),
+        };
+        code.row_ptr.push(0);
+        for (i, v) in rows {
+            code.idx.extend_from_slice(&i);
+            code.val.extend_from_slice(&v);
+            code.row_ptr.push(code.idx.len());
+        }
+        code
+    }
     /// Codes of `n` rows of `x` in the family's training form where it differs from inference
     /// (BatchTopK's batch selection); `None` where inference is the training form.
     fn encode_batch(&self, _sae: &Sae, _x: &[f32], _n: usize) -> Option<crate::SparseCode> {
         None
+    }
+    /// Fold a training-time input scale into the weights (see [`Sae::fold_activation_scale`]).
+    /// As SAELens: W_enc times `scale`, W_dec and b_dec divided by it, so feature activations
+    /// and per-latent parameters stay those of training.
+    fn fold_activation_scale(&self, sae: &mut Sae, scale: f32) {
+        sae.w_enc.iter_mut().for_each(|w| *w *= scale);
+        sae.w_dec.iter_mut().for_each(|w| *w /= scale);
+        sae.b_dec.iter_mut().for_each(|b| *b /= scale);
     }
     /// Parameters that make about `l0` latents fire per token when the `l0`-th largest raw
     /// pre-activation is about `cutoff` (benchmarks set up trained-like sparsity this way).
@@ -452,6 +489,12 @@ pub trait Arch: Send + Sync {
         &[]
     }
     fn aux_mode(&self) -> AuxMode;
+    /// Rules whose encoder selects against the residual (matching pursuit) return their
+    /// selection here; the trainer then runs its pursuit step instead of `select_row` and
+    /// `entry_backward`.
+    fn residual_select(&self) -> Option<&dyn ResidualSelect> {
+        None
+    }
     /// Decoder rows kept at exactly unit norm (gradient projection + renormalisation).
     fn unit_norm_decoder(&self) -> bool {
         true
@@ -475,6 +518,28 @@ pub trait Arch: Send + Sync {
         None
     }
 }
+
+/// An encoder that selects against the residual, step by step, with the dictionary as its
+/// encoder (the trainer's slot for matching pursuit).
+pub trait ResidualSelect: Sync {
+    /// The steps of every row: `(atom, coefficient)` in the order chosen. `corr` holds the
+    /// first correlations `r_0 W_dec^T` (`[n, d_sae]`) and is overwritten.
+    fn select(&self, w_dec: &[f32], d_in: usize, corr: &mut [f32], n: usize) -> Vec<Steps>;
+    /// Backward through one row's steps. `g` holds `dL/dr_k` on entry and `dL/dr_0` on exit;
+    /// `r` holds `r_k` on entry (overwritten). `atom_grads` gets `dL/dd_j` of each step,
+    /// `d_in` values per step, in step order.
+    fn row_backward(
+        &self,
+        w_dec: &[f32],
+        steps: &Steps,
+        r: &mut [f32],
+        g: &mut [f32],
+        atom_grads: &mut [f32],
+    );
+}
+
+/// The `(atom, coefficient)` chosen at each step of one row.
+pub type Steps = Vec<(u32, f32)>;
 
 /// Lower a cutoff slightly so that float rounding in `pre + b > t` versus `pre > t - b`
 /// can never drop a candidate.

@@ -38,6 +38,14 @@ pub(crate) fn random_sae(arch: ArchKind, d_in: usize, d_sae: usize, k: usize, se
             _ => jitter(v, 0.3),
         }
     }
+    if arch.as_str() == "mp" {
+        // Its encoder is its dictionary.
+        for j in 0..d_sae {
+            for i in 0..d_in {
+                sae.w_enc[i * d_sae + j] = sae.w_dec[j * d_in + i];
+            }
+        }
+    }
     if arch == ArchKind::JUMPRELU {
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 2);
         *sae.param_mut("threshold") = (0..d_sae).map(|_| rng.gen_range(0.05..0.6)).collect();

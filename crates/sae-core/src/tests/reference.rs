@@ -204,8 +204,90 @@ fn sq(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
+/// Matching pursuit, naively: every step correlates the residual with every atom of the
+/// dictionary (which is also the encoder). Per row: `(atom, coefficient, residual before the
+/// step)` of each step, and the final residual.
+#[allow(clippy::type_complexity)]
+fn mp_forward(
+    c: &RefCfg,
+    p: &RefParams,
+    x: &[f64],
+    n: usize,
+) -> Vec<(Vec<(usize, f64, Vec<f64>)>, Vec<f64>)> {
+    let d_in = c.d_in;
+    (0..n)
+        .map(|b| {
+            let mut r: Vec<f64> = (0..d_in).map(|i| x[b * d_in + i] - p.b_dec[i]).collect();
+            let mut steps = Vec::new();
+            for _ in 0..c.k {
+                let (mut best, mut bj) = (0.0, usize::MAX);
+                for j in 0..c.d_sae {
+                    let v = dotf(row(&p.w_dec, j, d_in), &r);
+                    if v > best {
+                        best = v;
+                        bj = j;
+                    }
+                }
+                if bj == usize::MAX {
+                    break;
+                }
+                steps.push((bj, best, r.clone()));
+                for i in 0..d_in {
+                    r[i] -= best * p.w_dec[bj * d_in + i];
+                }
+            }
+            (steps, r)
+        })
+        .collect()
+}
+
+/// The atoms each row's pursuit chose.
+#[allow(dead_code)]
+pub fn mp_steps(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Vec<Vec<usize>> {
+    mp_forward(c, p, x, n)
+        .into_iter()
+        .map(|(s, _)| s.into_iter().map(|t| t.0).collect())
+        .collect()
+}
+
+fn mp_loss(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> f64 {
+    let rows = mp_forward(c, p, x, n);
+    rows.iter().map(|(_, r)| dotf(r, r)).sum::<f64>() / n as f64
+}
+
+/// Backpropagation through the unrolled pursuit with the stored residuals.
+fn mp_grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
+    let d_in = c.d_in;
+    let mut g = RefParams {
+        w_enc_t: vec![0.0; c.d_sae * d_in],
+        w_dec: vec![0.0; c.d_sae * d_in],
+        b_dec: vec![0.0; d_in],
+        lat: Vec::new(),
+    };
+    for (steps, r) in mp_forward(c, p, x, n) {
+        let mut gr: Vec<f64> = r.iter().map(|v| 2.0 * v / n as f64).collect();
+        for (j, coef, r_before) in steps.iter().rev() {
+            let d = row(&p.w_dec, *j, d_in).to_vec();
+            let gc = -dotf(&gr, &d);
+            for i in 0..d_in {
+                g.w_dec[j * d_in + i] += -coef * gr[i] + gc * r_before[i];
+            }
+            for i in 0..d_in {
+                gr[i] += gc * d[i];
+            }
+        }
+        for i in 0..d_in {
+            g.b_dec[i] -= gr[i];
+        }
+    }
+    g
+}
+
 /// The full loss (mean over tokens), `frozen` supplying the stop-gradient copies.
 pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usize) -> f64 {
+    if c.arch.as_str() == "mp" {
+        return mp_loss(c, live, x, n);
+    }
     let d_in = c.d_in;
     let fw = forward(c, live, x, n);
     let nf = n as f64;
@@ -257,6 +339,9 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
 /// Hand-derived gradients of `loss(p, p)` w.r.t. the live parameters (the JumpReLU threshold
 /// gets the paper's straight-through pseudo-gradient).
 pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
+    if c.arch.as_str() == "mp" {
+        return mp_grads(c, p, x, n);
+    }
     let (d_in, m) = (c.d_in, c.d_sae);
     let nf = n as f64;
     let fw = forward(c, p, x, n);

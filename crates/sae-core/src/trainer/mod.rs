@@ -37,6 +37,7 @@
 //! (`v * beta2^missed`, equal to the dense update up to float rounding). With beta1 != 0
 //! every row is updated every step.
 
+mod pursuit;
 mod resample;
 mod shared;
 mod state;
@@ -113,7 +114,7 @@ pub struct Grads {
 /// Fields are private: the trainer keeps the encoder transposed (`[d_sae, d_in]`, one row per
 /// latent for the sparse gradient pass); `snapshot` returns the SAE in SAELens layout.
 pub struct SaeTrainer {
-    arch: Box<dyn Arch>,
+    arch: std::sync::Arc<dyn Arch>,
     kind: ArchKind,
     d_in: usize,
     d_sae: usize,
@@ -138,6 +139,8 @@ pub struct SaeTrainer {
     last_batch_threshold: f32,
     dense_fraction: f64,
     buf: Buffers,
+    /// The pursuit step's correlations (rules that select against the residual).
+    buf_pursuit: Vec<f32>,
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -155,7 +158,7 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 impl SaeTrainer {
     pub fn new(sae: Sae, hyper: TrainHyper) -> Self {
         let (d_in, d_sae) = (sae.d_in, sae.d_sae);
-        let arch = sae.arch.family().rule(&sae, &hyper);
+        let arch: std::sync::Arc<dyn Arch> = sae.arch.family().rule(&sae, &hyper).into();
         let params = arch.trained_params(&sae);
         let th = arch.initial_batch_threshold(&sae);
         let b1 = hyper.adam_beta1;
@@ -183,6 +186,7 @@ impl SaeTrainer {
             arch,
             hyper,
             buf: Buffers::default(),
+            buf_pursuit: Vec::new(),
         }
     }
 
@@ -239,7 +243,25 @@ impl SaeTrainer {
     /// it and NOTHING was changed: no update, no step counted. The caller should stop and keep
     /// its last checkpoint. Panics if `x.len() != n * d_in` (a programming error, not bad data).
     pub fn step(&mut self, x: &[f32], n: usize, lr: f32, sparsity_coeff: f32) -> StepStats {
-        self.run(x, n, sparsity_coeff, Mode::Apply(lr))
+        self.dispatch(x, n, sparsity_coeff, Mode::Apply(lr))
+    }
+
+    /// The step of this trainer's rule: the shared sparse step, or the pursuit step of rules
+    /// that select against the residual.
+    fn dispatch(&mut self, x: &[f32], n: usize, sparsity_coeff: f32, mode: Mode) -> StepStats {
+        if self.arch.residual_select().is_none() {
+            return self.run(x, n, sparsity_coeff, mode);
+        }
+        assert_eq!(
+            x.len(),
+            n * self.d_in,
+            "step: x has {} values, expected n * d_in",
+            x.len()
+        );
+        if n == 0 {
+            return StepStats::default();
+        }
+        self.run_pursuit(x, n, mode)
     }
 
     /// The raw gradients of the loss on this batch, without changing any state.
@@ -250,7 +272,7 @@ impl SaeTrainer {
             b_dec: vec![0.0; self.d_in],
             params: self.params.iter().map(|p| vec![0.0; p.len()]).collect(),
         };
-        let stats = self.run(x, n, sparsity_coeff, Mode::Collect(&mut g));
+        let stats = self.dispatch(x, n, sparsity_coeff, Mode::Collect(&mut g));
         (stats, g)
     }
 
