@@ -36,7 +36,7 @@ macro_rules! registry {
     };
 }
 
-registry![gated, relu, topk, batchtopk, jumprelu, matryoshka];
+registry![gated, relu, topk, batchtopk, jumprelu, matryoshka, mp];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the
 /// `sae_core` block of cfg.json. Each family says which keys it reads.
