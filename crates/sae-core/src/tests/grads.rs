@@ -295,3 +295,14 @@ fn matryoshka_gradients() {
     check_against_reference(ArchKind::MATRYOSHKA, false);
     check_finite_differences(ArchKind::MATRYOSHKA, false);
 }
+
+#[test]
+fn mp_gradients() {
+    check_against_reference(ArchKind::MP, false);
+    check_finite_differences(ArchKind::MP, false);
+    // Some rows must pick an atom twice or stop early for the test to cover those paths;
+    // at least the pursuit must have run its k steps on most rows.
+    let c = case(ArchKind::MP, false, 7, false);
+    let picks = super::reference::mp_steps(&c.cfg, &c.params, &c.x, N);
+    assert!(picks.iter().filter(|s| s.len() == K).count() > N / 2);
+}

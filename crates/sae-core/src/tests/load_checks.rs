@@ -599,3 +599,31 @@ fn saelens_matryoshka_checkpoint_loads() {
         assert_has(&load_err(&p), &[CFG_FILE, needle, "fix 'widths'"]);
     }
 }
+
+/// An mp SAE's encoder is its dictionary: a file where they differ, or that skips the b_dec
+/// centring its pursuit needs, is refused.
+#[test]
+fn mp_files_keep_the_encoder_tied() {
+    let (d_in, d_sae) = (4, 8);
+    let sae = random_sae(ArchKind::MP, d_in, d_sae, 3, 14);
+    let root = tempfile::tempdir().unwrap();
+    let p = root.path().join("mp");
+    crate::saelens::save(&sae, &p).unwrap();
+    assert_eq!(load(&p).unwrap(), sae);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join(CFG_FILE)).unwrap()).unwrap();
+    let mut t = tensors_of(&sae);
+    t.iter_mut().find(|(n, _, _)| *n == "W_enc").unwrap().1[5] += 0.5;
+    write_dir(&p, &cfg, &t);
+    assert_has(
+        &load_err(&p),
+        &[
+            WEIGHTS_FILE,
+            "W_enc differs from W_dec transposed in 1 places",
+        ],
+    );
+    let mut no_centring = cfg.clone();
+    no_centring["apply_b_dec_to_input"] = false.into();
+    write_dir(&p, &no_centring, &tensors_of(&sae));
+    assert_has(&load_err(&p), &[CFG_FILE, "apply_b_dec_to_input is false"]);
+}

@@ -242,7 +242,6 @@ fn mp_forward(
 }
 
 /// The atoms each row's pursuit chose.
-#[allow(dead_code)]
 pub fn mp_steps(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Vec<Vec<usize>> {
     mp_forward(c, p, x, n)
         .into_iter()
