@@ -121,12 +121,8 @@ pub fn synth(a: SynthArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Comma-separated architectures.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "gated,relu,topk,batchtopk,jumprelu"
-    )]
+    /// Comma-separated architectures [default: every family `sae archs` lists].
+    #[arg(long, value_delimiter = ',')]
     pub archs: Vec<String>,
     /// Comma-separated dictionary sizes.
     #[arg(long, value_delimiter = ',', default_value = "4608,9216")]
@@ -144,8 +140,12 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    let archs = a
-        .archs
+    let archs = if a.archs.is_empty() {
+        ArchKind::all().map(|k| k.as_str().to_string()).collect()
+    } else {
+        a.archs.clone()
+    };
+    let archs = archs
         .iter()
         .map(|s| s.parse::<ArchKind>().map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
