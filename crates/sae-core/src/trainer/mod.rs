@@ -38,7 +38,6 @@
 //! every row is updated every step.
 
 mod resample;
-mod shared;
 mod state;
 mod step;
 
