@@ -15,20 +15,23 @@
 //! the stats (with the NaN/Inf) WITHOUT applying the update and without counting the step, so
 //! the caller can stop and keep its last checkpoint.
 //!
-//! # One step (`step.rs`)
-//! 1. `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon).
-//! 2. The architecture turns each row of `pre` into sparse entries (row-parallel, with a
-//!    vectorised candidate prefilter).
-//! 3. Per row: sparse decode (and the auxiliary reconstruction), the residual of each
+//! # One step (`step.rs`, one method per phase)
+//! 1. `encode`: `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon).
+//! 2. `prepare_selection`, `select`: the architecture turns each row of `pre` into sparse
+//!    entries (row-parallel, with a vectorised candidate prefilter), flattened to CSR.
+//! 3. `decode`: per row, sparse decode (and the auxiliary reconstruction), the residual of each
 //!    reconstruction head (nested dictionary prefixes, Matryoshka), loss terms, and
 //!    per entry `d_j . r_b` (and `d_j . r_aux_b`) while the rows `d_j` are still in cache.
-//! 4. Per latent, over a transposed index of the entries (so no write races): the
-//!    architecture's gradient w.r.t. each pre-activation and its own parameters, the W_dec and
-//!    W_enc row gradients, fused with Adam, the unit-norm projection and renormalisation.
-//! 5. Dense Adam on the small vectors (b_dec, per-latent parameters).
+//! 4. `transpose_entries`: the entries indexed per latent.
+//! 5. `latent_pass`: per latent, over that index (each task owns a chunk of latents, so no
+//!    write races): the architecture's gradient w.r.t. each pre-activation and its own
+//!    parameters, the W_dec and W_enc row gradients, fused with Adam, the unit-norm
+//!    projection and renormalisation.
+//! 6. `dense_params`: dense Adam on the small vectors (b_dec, per-latent parameters) and
+//!    BatchTopK's threshold estimate.
 //!
 //! When more than 1/16 of the (token, latent) pairs are active (e.g. right after the paper's
-//! initialisation, where half the latents fire), steps 3-4 use GEMMs on dense copies of the
+//! initialisation, where half the latents fire), steps 3 and 5 use GEMMs on dense copies of the
 //! code instead; both paths are checked against the same dense reference in the tests.
 //!
 //! # Adam and sparsity
@@ -39,7 +42,6 @@
 
 mod pursuit;
 mod resample;
-mod shared;
 mod state;
 mod step;
 

@@ -1,8 +1,9 @@
-//! The body of one training step: selection, decode, gradients, Adam.
+//! The body of one training step, one method per phase over the reused `Buffers`:
+//! `encode`, `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
+//! `Buffers::transpose_entries`, `latent_pass` (gradients fused with Adam), `dense_params`.
 
-use super::shared::{SharedRows, SharedU64};
 use super::{Mode, SaeTrainer, StepStats};
-use crate::arch::{AuxMode, Entry, RowOut, StepCtx};
+use crate::arch::{Arch, AuxMode, Entry, RowOut, StepCtx};
 use crate::kernels::{
     acc2, acc3, axpy, axpy2, dot, dot2, matmul, matmul_tn, matmul_xt, prefetch_rows,
     split_by_lengths,
@@ -20,6 +21,8 @@ const LAT_CHUNK: usize = 32;
 /// Above this fraction of non-zero (token, latent) entries the step uses dense GEMMs for the
 /// decode and the gradients (a handful of GEMMs beat the sparse passes there).
 pub(super) const DENSE_FRACTION: f64 = 1.0 / 16.0;
+/// Per-latent parameters an architecture may train (`EntryGrad::params`).
+const MAX_LATENT_PARAMS: usize = 3;
 
 /// `dst[b, j] = scale * val[e]` for every entry (summing duplicates), zero elsewhere.
 fn scatter_code(
@@ -36,6 +39,20 @@ fn scatter_code(
             row[idx[e] as usize] += scale * val[e];
         }
     });
+}
+
+/// Reconstruction head widths: nested prefixes of the dictionary, ascending, the last one the
+/// whole dictionary (a single head for families without prefixes).
+fn head_widths(arch: &dyn Arch, d_sae: usize) -> Vec<usize> {
+    match arch.heads() {
+        [] => vec![d_sae],
+        w => w.to_vec(),
+    }
+}
+
+/// The band of latent `j`: band q holds `widths[q-1] <= j < widths[q]`.
+fn band_of(widths: &[usize], j: usize) -> usize {
+    widths.partition_point(|&w| w <= j)
 }
 
 /// Per-step buffers, reused across steps.
@@ -102,7 +119,55 @@ struct RowStats {
     x_sum: Vec<f64>,
 }
 
+/// The batch-wide inputs of selection.
+#[derive(Clone, Copy)]
+struct BatchSelection {
+    /// BatchTopK: this batch's selection threshold (from `Arch::prepare_batch`).
+    threshold: f32,
+    /// `Buffers::cutoff` holds the family's per-latent prefilter bounds.
+    cutoff: bool,
+}
+
+/// What selection leaves besides the entries (those are in `Buffers`, as CSR).
+struct Selected {
+    batch_threshold: f32,
+    /// Entries in the batch.
+    total: usize,
+    /// Unweighted sparsity penalty summed over the batch.
+    sparsity_sum: f64,
+}
+
+/// The loss of the batch and what the gradient phases need from the decode.
+struct Decoded {
+    /// The decode ran (and the gradients run) as GEMMs on dense copies of the code.
+    dense: bool,
+    stats: StepStats,
+    /// Loss derivative per unit of residual, and per unit of aux residual.
+    resid_scale: f32,
+    aux_scale: f32,
+    /// Sum over rows of the b_dec-gradient residual (all heads).
+    resid_sum: Vec<f64>,
+}
+
+/// What the gradient phases (the latent pass and the dense parameters) share.
+#[derive(Clone, Copy)]
+struct Backward {
+    n: usize,
+    sparsity_coeff: f32,
+    batch_threshold: f32,
+    resid_scale: f32,
+    aux_scale: f32,
+    /// AuxK's reconstruction trains the decoder rows (a dead latent fires in it).
+    aux_trains_dec: bool,
+    dense: bool,
+    /// Adam's constants for step `t` when applying; None when collecting gradients.
+    adam: Option<AdamStep>,
+    t: u64,
+}
+
 impl SaeTrainer {
+    /// One step on `n` rows of `x`: applied with Adam, or its gradients collected. Each phase
+    /// below leaves its results in `self.buf` for the next.
     pub(super) fn run(
         &mut self,
         x: &[f32],
@@ -110,21 +175,84 @@ impl SaeTrainer {
         sparsity_coeff: f32,
         mode: Mode,
     ) -> StepStats {
-        let (d_in, d_sae) = (self.d_in, self.d_sae);
         assert_eq!(
             x.len(),
-            n * d_in,
+            n * self.d_in,
             "step: x has {} values, expected n * d_in",
             x.len()
         );
         if n == 0 {
             return StepStats::default();
         }
-        let buf = &mut self.buf;
-        let n_row_chunks = n.div_ceil(ROW_CHUNK);
-
         let mut prof = Profiler::new();
-        // 1. Centre and the one dense product.
+        self.encode(x, n);
+        prof.lap("gemm");
+        let batch = self.prepare_selection(n, sparsity_coeff);
+        prof.lap("prep");
+        let sel = self.select(n, sparsity_coeff, batch);
+        prof.lap("select");
+        let dec = self.decode(x, n, sparsity_coeff, &sel);
+        if !dec.stats.loss.is_finite() {
+            // Nothing changes: the caller stops and keeps its last checkpoint.
+            return StepStats {
+                dead_latents: self.count_dead(),
+                ..dec.stats
+            };
+        }
+        if dec.dense {
+            self.dense_entry_dots(n, dec.aux_scale);
+        }
+        prof.lap("decode");
+        self.buf.transpose_entries(self.d_sae);
+        prof.lap("transpose");
+        let t = self.steps + 1;
+        let bw = Backward {
+            n,
+            sparsity_coeff,
+            batch_threshold: sel.batch_threshold,
+            resid_scale: dec.resid_scale,
+            aux_scale: dec.aux_scale,
+            aux_trains_dec: self.arch.aux_mode() == AuxMode::AuxK && dec.aux_scale != 0.0,
+            dense: dec.dense,
+            adam: match &mode {
+                Mode::Apply(lr) => Some(AdamStep::new(
+                    *lr,
+                    self.hyper.adam_beta1,
+                    self.hyper.adam_beta2,
+                    self.hyper.adam_eps,
+                    t,
+                )),
+                Mode::Collect(_) => None,
+            },
+            t,
+        };
+        if bw.dense {
+            self.dense_gradients(
+                n,
+                sparsity_coeff,
+                bw.resid_scale,
+                bw.aux_scale,
+                bw.aux_trains_dec,
+                bw.batch_threshold,
+            );
+        }
+        let mut mode = mode;
+        self.latent_pass(&bw, &mut mode);
+        prof.lap("latent");
+        self.dense_params(&bw, &dec.resid_sum, mode);
+        prof.lap("dense");
+        prof.report();
+        StepStats {
+            dead_latents: self.count_dead(),
+            ..dec.stats
+        }
+    }
+
+    /// Phase 1: centre (`xc = x - b_dec`, or `x` where the family does not) and the one dense
+    /// product `pre = xc W_enc`.
+    fn encode(&mut self, x: &[f32], n: usize) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let buf = &mut self.buf;
         buf.xc.resize(n * d_in, 0.0);
         if self.apply_b_dec_to_input {
             let b_dec = &self.b_dec;
@@ -143,9 +271,13 @@ impl SaeTrainer {
         }
         buf.pre.resize(n * d_sae, 0.0);
         matmul_xt(&buf.xc, n, d_in, &self.w_enc_t, d_sae, &mut buf.pre);
+    }
 
-        prof.lap("gemm");
-        // Per-step inputs of the architecture.
+    /// Phase 2a: the architecture's per-step inputs (decoder norms, dead latents), its
+    /// batch-wide threshold and its candidate prefilter.
+    fn prepare_selection(&mut self, n: usize, sparsity_coeff: f32) -> BatchSelection {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let buf = &mut self.buf;
         buf.dec_norm.clear();
         if self.arch.needs_dec_norm() {
             buf.dec_norm.resize(d_sae, 0.0);
@@ -164,7 +296,7 @@ impl SaeTrainer {
             buf.dead
                 .extend((0..d_sae as u32).filter(|&j| self.tokens_since_fired[j as usize] >= w));
         }
-        let mut ctx = StepCtx {
+        let ctx = StepCtx {
             n,
             d_sae,
             sparsity_coeff,
@@ -175,18 +307,30 @@ impl SaeTrainer {
             batch_threshold: self.last_batch_threshold,
             cutoff: &[],
         };
-        let batch_threshold = self.arch.prepare_batch(&ctx, &buf.pre);
-        ctx.batch_threshold = batch_threshold;
-        if self
+        let threshold = self.arch.prepare_batch(&ctx, &buf.pre);
+        let cutoff = self
             .arch
-            .prefilter(&self.params, batch_threshold, &mut buf.cutoff)
-        {
-            ctx.cutoff = &buf.cutoff;
-        }
+            .prefilter(&self.params, threshold, &mut buf.cutoff);
+        BatchSelection { threshold, cutoff }
+    }
 
-        prof.lap("prep");
-        // 2. Sparse selection, row-parallel into per-chunk buffers, then flattened to CSR.
-        buf.chunks.resize_with(n_row_chunks, ChunkOut::default);
+    /// Phase 2b: sparse selection, row-parallel into per-chunk buffers, then flattened to CSR.
+    fn select(&mut self, n: usize, sparsity_coeff: f32, batch: BatchSelection) -> Selected {
+        let d_sae = self.d_sae;
+        let buf = &mut self.buf;
+        let ctx = StepCtx {
+            n,
+            d_sae,
+            sparsity_coeff,
+            hyper: &self.hyper,
+            params: &self.params,
+            dec_norm: &buf.dec_norm,
+            dead: &buf.dead,
+            batch_threshold: batch.threshold,
+            cutoff: if batch.cutoff { &buf.cutoff } else { &[] },
+        };
+        buf.chunks
+            .resize_with(n.div_ceil(ROW_CHUNK), ChunkOut::default);
         let arch = &*self.arch;
         buf.pre
             .par_chunks(d_sae * ROW_CHUNK)
@@ -200,60 +344,42 @@ impl SaeTrainer {
                     ch.row_len.push(ch.out.idx.len() - before);
                 }
             });
-        let total: usize = buf.chunks.iter().map(|c| c.out.idx.len()).sum();
-        let mut sparsity_sum = 0.0f64;
-        buf.row_ptr.clear();
-        buf.row_ptr.push(0);
-        for (v, len) in [
-            (&mut buf.idx as &mut dyn ClearLen, total),
-            (&mut buf.f, total),
-            (&mut buf.a, total),
-            (&mut buf.pre_e, total),
-            (&mut buf.row_of, total),
-        ] {
-            v.clear_to(len);
+        let sparsity_sum = buf.flatten_entries();
+        Selected {
+            batch_threshold: batch.threshold,
+            total: buf.idx.len(),
+            sparsity_sum,
         }
-        {
-            let mut pos = 0;
-            let mut row = 0u32;
-            for ch in &buf.chunks {
-                let m = ch.out.idx.len();
-                buf.idx[pos..pos + m].copy_from_slice(&ch.out.idx);
-                buf.f[pos..pos + m].copy_from_slice(&ch.out.f);
-                buf.a[pos..pos + m].copy_from_slice(&ch.out.a);
-                buf.pre_e[pos..pos + m].copy_from_slice(&ch.out.pre);
-                for &l in &ch.row_len {
-                    let start = *buf.row_ptr.last().unwrap();
-                    buf.row_ptr.push(start + l);
-                    buf.row_of[start..start + l].fill(row);
-                    row += 1;
-                }
-                sparsity_sum += ch.out.sparsity;
-                pos += m;
-            }
-        }
+    }
 
-        prof.lap("select");
-        // 3. Decode and residuals: resid = x_hat - x; aux = aux reconstruction residual.
-        // With several reconstruction heads (nested prefixes of widths[0] < ... < d_sae) each
-        // row keeps one residual per head band q: R_q = sum over heads m >= q of
-        // (x_hat_m - x), the residual that latents of band q (widths[q-1] <= j < widths[q])
-        // reconstruct in every head containing them.
+    /// Phase 3: decode and residuals, then the loss.
+    fn decode(&mut self, x: &[f32], n: usize, sparsity_coeff: f32, sel: &Selected) -> Decoded {
+        let widths = head_widths(&*self.arch, self.d_sae);
+        // Early in training codes can be dense (half the latents fire at init); then GEMMs
+        // on dense copies of the code beat the row-by-row sparse passes.
+        // The GEMM path decodes one head only.
+        let dense =
+            widths.len() == 1 && sel.total as f64 > self.dense_fraction * (n * self.d_sae) as f64;
+        self.decode_rows(x, n, &widths, dense);
+        self.loss_stats(n, sparsity_coeff, sel.sparsity_sum, dense)
+    }
+
+    /// Per row: resid = x_hat - x; aux = aux reconstruction residual; per entry `d_j . r`.
+    /// With several reconstruction heads (nested prefixes of widths[0] < ... < d_sae) each
+    /// row keeps one residual per head band q: R_q = sum over heads m >= q of
+    /// (x_hat_m - x), the residual that latents of band q (widths[q-1] <= j < widths[q])
+    /// reconstruct in every head containing them.
+    fn decode_rows(&mut self, x: &[f32], n: usize, widths: &[usize], dense: bool) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let buf = &mut self.buf;
+        let n_row_chunks = n.div_ceil(ROW_CHUNK);
+        let total = buf.idx.len();
         let aux_mode = self.arch.aux_mode();
-        let widths: Vec<usize> = match self.arch.heads() {
-            [] => vec![d_sae],
-            w => w.to_vec(),
-        };
         let n_heads = widths.len();
-        let band_of = |j: usize| widths.partition_point(|&w| w <= j);
         let rd = d_in * n_heads;
         buf.resid.resize(n * rd, 0.0);
         buf.aux.resize(n * d_in, 0.0);
         buf.chunk_stats.resize(n_row_chunks, RowStats::default());
-        // Early in training codes can be dense (half the latents fire at init); then GEMMs
-        // on dense copies of the code beat the row-by-row sparse passes.
-        // The GEMM path decodes one head only.
-        let dense = n_heads == 1 && total as f64 > self.dense_fraction * (n * d_sae) as f64;
         if dense {
             buf.dense2.resize(n * d_sae, 0.0);
             scatter_code(&mut buf.pre, &buf.row_ptr, &buf.idx, &buf.f, d_sae, 1.0);
@@ -263,161 +389,163 @@ impl SaeTrainer {
                 matmul(&buf.dense2, n, d_sae, &self.w_dec, d_in, &mut buf.aux);
             }
         }
-        {
-            let (w_dec, b_dec) = (&self.w_dec, &self.b_dec);
-            let (row_ptr, idx, fv, av) = (&buf.row_ptr, &buf.idx, &buf.f, &buf.a);
-            buf.dots.resize(total, [0.0; 2]);
-            let lens: Vec<usize> = (0..n_row_chunks)
-                .map(|c| row_ptr[((c + 1) * ROW_CHUNK).min(n)] - row_ptr[c * ROW_CHUNK])
-                .collect();
-            let dot_pieces = split_by_lengths(&mut buf.dots, &lens);
-            buf.resid
-                .par_chunks_mut(rd * ROW_CHUNK)
-                .zip(buf.aux.par_chunks_mut(d_in * ROW_CHUNK))
-                .zip(buf.chunk_stats.par_iter_mut())
-                .zip(dot_pieces)
-                .enumerate()
-                .for_each(|(c, (((res, aux), st), dots))| {
-                    let base = row_ptr[c * ROW_CHUNK];
-                    st.err2 = 0.0;
-                    st.heads2 = 0.0;
-                    st.aux2 = 0.0;
-                    st.x2 = 0.0;
-                    st.l0 = 0;
-                    st.resid_sum.clear();
-                    st.resid_sum.resize(d_in, 0.0);
-                    st.x_sum.clear();
-                    st.x_sum.resize(d_in, 0.0);
-                    st.full_sum.clear();
-                    st.full_sum.resize(d_in, 0.0);
-                    let mut acc = vec![0f32; if n_heads > 1 { d_in } else { 0 }];
-                    for (r, (bands, aux)) in
-                        res.chunks_mut(rd).zip(aux.chunks_mut(d_in)).enumerate()
-                    {
-                        let b = c * ROW_CHUNK + r;
-                        let xb = &x[b * d_in..(b + 1) * d_in];
-                        let row_end = row_ptr[b + 1];
-                        // The last band's slice is the whole dictionary's residual.
-                        let (front, res) = bands.split_at_mut(rd - d_in);
-                        if dense {
-                            // x_hat and the aux reconstruction came from the GEMMs.
-                            axpy(1.0, b_dec, res);
-                            if aux_mode == AuxMode::FrozenDecoder {
-                                axpy(1.0, b_dec, aux);
-                            }
-                            st.l0 += fv[row_ptr[b]..row_end]
-                                .iter()
-                                .filter(|f| **f != 0.0)
-                                .count() as u64;
-                        } else {
-                            front.fill(0.0);
-                            res.fill(0.0);
-                            match aux_mode {
-                                AuxMode::None => {}
-                                AuxMode::FrozenDecoder => aux.copy_from_slice(b_dec),
-                                AuxMode::AuxK => aux.fill(0.0),
-                            }
+        let (w_dec, b_dec) = (&self.w_dec, &self.b_dec);
+        let (row_ptr, idx, fv, av) = (&buf.row_ptr, &buf.idx, &buf.f, &buf.a);
+        buf.dots.resize(total, [0.0; 2]);
+        let lens: Vec<usize> = (0..n_row_chunks)
+            .map(|c| row_ptr[((c + 1) * ROW_CHUNK).min(n)] - row_ptr[c * ROW_CHUNK])
+            .collect();
+        let dot_pieces = split_by_lengths(&mut buf.dots, &lens);
+        buf.resid
+            .par_chunks_mut(rd * ROW_CHUNK)
+            .zip(buf.aux.par_chunks_mut(d_in * ROW_CHUNK))
+            .zip(buf.chunk_stats.par_iter_mut())
+            .zip(dot_pieces)
+            .enumerate()
+            .for_each(|(c, (((res, aux), st), dots))| {
+                let base = row_ptr[c * ROW_CHUNK];
+                st.err2 = 0.0;
+                st.heads2 = 0.0;
+                st.aux2 = 0.0;
+                st.x2 = 0.0;
+                st.l0 = 0;
+                st.resid_sum.clear();
+                st.resid_sum.resize(d_in, 0.0);
+                st.x_sum.clear();
+                st.x_sum.resize(d_in, 0.0);
+                st.full_sum.clear();
+                st.full_sum.resize(d_in, 0.0);
+                let mut acc = vec![0f32; if n_heads > 1 { d_in } else { 0 }];
+                for (r, (bands, aux)) in res.chunks_mut(rd).zip(aux.chunks_mut(d_in)).enumerate() {
+                    let b = c * ROW_CHUNK + r;
+                    let xb = &x[b * d_in..(b + 1) * d_in];
+                    let row_end = row_ptr[b + 1];
+                    // The last band's slice is the whole dictionary's residual.
+                    let (front, res) = bands.split_at_mut(rd - d_in);
+                    if dense {
+                        // x_hat and the aux reconstruction came from the GEMMs.
+                        axpy(1.0, b_dec, res);
+                        if aux_mode == AuxMode::FrozenDecoder {
+                            axpy(1.0, b_dec, aux);
                         }
-                        for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
-                            let j = idx[e] as usize;
-                            let d = &w_dec[j * d_in..(j + 1) * d_in];
-                            if e + 1 < row_end {
-                                prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
-                            }
-                            let (f, a) = (fv[e], av[e]);
-                            st.l0 += (f != 0.0) as u64;
-                            // Band partial sums first; prefix sums of the bands below.
-                            let q = if n_heads == 1 { 0 } else { band_of(j) };
-                            let dst = if q + 1 == n_heads {
-                                &mut *res
-                            } else {
-                                &mut front[q * d_in..(q + 1) * d_in]
-                            };
-                            if a == 0.0 {
-                                if f != 0.0 {
-                                    axpy(f, d, dst);
-                                }
-                            } else {
-                                axpy2(f, a, d, dst, aux);
-                            }
-                        }
-                        if !dense && n_heads == 1 {
-                            axpy(1.0, b_dec, res);
-                        } else if !dense {
-                            // x_hat of head q = b_dec + bands 0..=q.
-                            acc.copy_from_slice(b_dec);
-                            for q in 0..n_heads - 1 {
-                                let band = &mut front[q * d_in..(q + 1) * d_in];
-                                axpy(1.0, &acc, band);
-                                acc.copy_from_slice(band);
-                            }
-                            axpy(1.0, &acc, res);
-                        }
-                        for q in 0..n_heads - 1 {
-                            let band = &mut front[q * d_in..(q + 1) * d_in];
-                            for i in 0..d_in {
-                                band[i] -= xb[i];
-                            }
-                            st.heads2 += dot(band, band) as f64;
-                        }
-                        for i in 0..d_in {
-                            res[i] -= xb[i];
-                            st.full_sum[i] += res[i] as f64;
-                            st.x_sum[i] += xb[i] as f64;
-                        }
-                        st.err2 += dot(res, res) as f64;
-                        st.x2 += dot(xb, xb) as f64;
-                        // Band q's residual: the sum of the head residuals from q up.
-                        for q in (0..n_heads - 1).rev() {
-                            let (lo, hi) = bands.split_at_mut((q + 1) * d_in);
-                            axpy(1.0, &hi[..d_in], &mut lo[q * d_in..]);
-                        }
-                        for (s, v) in st.resid_sum.iter_mut().zip(&bands[..d_in]) {
-                            *s += *v as f64;
-                        }
-                        let (front, res) = bands.split_at_mut(rd - d_in);
+                        st.l0 += fv[row_ptr[b]..row_end]
+                            .iter()
+                            .filter(|f| **f != 0.0)
+                            .count() as u64;
+                    } else {
+                        front.fill(0.0);
+                        res.fill(0.0);
                         match aux_mode {
                             AuxMode::None => {}
-                            // ||x - x_hat_frozen(relu(pi_gate))||^2
-                            AuxMode::FrozenDecoder => {
-                                for i in 0..d_in {
-                                    aux[i] -= xb[i];
-                                }
-                            }
-                            // e_hat - e with e = x - x_hat = -res
-                            AuxMode::AuxK => {
-                                for i in 0..d_in {
-                                    aux[i] += res[i];
-                                }
-                            }
-                        }
-                        if aux_mode != AuxMode::None {
-                            st.aux2 += dot(aux, aux) as f64;
-                        }
-                        // d_j . r_b and d_j . r_aux_b (unscaled): the rows d_j were just read
-                        // for this token and are still in cache.
-                        for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
-                            let j = idx[e] as usize;
-                            let d = &w_dec[j * d_in..(j + 1) * d_in];
-                            if e + 1 < row_end {
-                                prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
-                            }
-                            let q = if n_heads == 1 { 0 } else { band_of(j) };
-                            let rq = if q + 1 == n_heads {
-                                &*res
-                            } else {
-                                &front[q * d_in..(q + 1) * d_in]
-                            };
-                            dots[e - base] = if aux_mode != AuxMode::None && av[e] != 0.0 {
-                                let (u, v) = dot2(d, rq, aux);
-                                [u, v]
-                            } else {
-                                [dot(d, rq), 0.0]
-                            };
+                            AuxMode::FrozenDecoder => aux.copy_from_slice(b_dec),
+                            AuxMode::AuxK => aux.fill(0.0),
                         }
                     }
-                });
-        }
+                    for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
+                        let j = idx[e] as usize;
+                        let d = &w_dec[j * d_in..(j + 1) * d_in];
+                        if e + 1 < row_end {
+                            prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
+                        }
+                        let (f, a) = (fv[e], av[e]);
+                        st.l0 += (f != 0.0) as u64;
+                        // Band partial sums first; prefix sums of the bands below.
+                        let q = if n_heads == 1 { 0 } else { band_of(widths, j) };
+                        let dst = if q + 1 == n_heads {
+                            &mut *res
+                        } else {
+                            &mut front[q * d_in..(q + 1) * d_in]
+                        };
+                        if a == 0.0 {
+                            if f != 0.0 {
+                                axpy(f, d, dst);
+                            }
+                        } else {
+                            axpy2(f, a, d, dst, aux);
+                        }
+                    }
+                    if !dense && n_heads == 1 {
+                        axpy(1.0, b_dec, res);
+                    } else if !dense {
+                        // x_hat of head q = b_dec + bands 0..=q.
+                        acc.copy_from_slice(b_dec);
+                        for q in 0..n_heads - 1 {
+                            let band = &mut front[q * d_in..(q + 1) * d_in];
+                            axpy(1.0, &acc, band);
+                            acc.copy_from_slice(band);
+                        }
+                        axpy(1.0, &acc, res);
+                    }
+                    for q in 0..n_heads - 1 {
+                        let band = &mut front[q * d_in..(q + 1) * d_in];
+                        for i in 0..d_in {
+                            band[i] -= xb[i];
+                        }
+                        st.heads2 += dot(band, band) as f64;
+                    }
+                    for i in 0..d_in {
+                        res[i] -= xb[i];
+                        st.full_sum[i] += res[i] as f64;
+                        st.x_sum[i] += xb[i] as f64;
+                    }
+                    st.err2 += dot(res, res) as f64;
+                    st.x2 += dot(xb, xb) as f64;
+                    // Band q's residual: the sum of the head residuals from q up.
+                    for q in (0..n_heads - 1).rev() {
+                        let (lo, hi) = bands.split_at_mut((q + 1) * d_in);
+                        axpy(1.0, &hi[..d_in], &mut lo[q * d_in..]);
+                    }
+                    for (s, v) in st.resid_sum.iter_mut().zip(&bands[..d_in]) {
+                        *s += *v as f64;
+                    }
+                    let (front, res) = bands.split_at_mut(rd - d_in);
+                    match aux_mode {
+                        AuxMode::None => {}
+                        // ||x - x_hat_frozen(relu(pi_gate))||^2
+                        AuxMode::FrozenDecoder => {
+                            for i in 0..d_in {
+                                aux[i] -= xb[i];
+                            }
+                        }
+                        // e_hat - e with e = x - x_hat = -res
+                        AuxMode::AuxK => {
+                            for i in 0..d_in {
+                                aux[i] += res[i];
+                            }
+                        }
+                    }
+                    if aux_mode != AuxMode::None {
+                        st.aux2 += dot(aux, aux) as f64;
+                    }
+                    // d_j . r_b and d_j . r_aux_b (unscaled): the rows d_j were just read
+                    // for this token and are still in cache.
+                    for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
+                        let j = idx[e] as usize;
+                        let d = &w_dec[j * d_in..(j + 1) * d_in];
+                        if e + 1 < row_end {
+                            prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
+                        }
+                        let q = if n_heads == 1 { 0 } else { band_of(widths, j) };
+                        let rq = if q + 1 == n_heads {
+                            &*res
+                        } else {
+                            &front[q * d_in..(q + 1) * d_in]
+                        };
+                        dots[e - base] = if aux_mode != AuxMode::None && av[e] != 0.0 {
+                            let (u, v) = dot2(d, rq, aux);
+                            [u, v]
+                        } else {
+                            [dot(d, rq), 0.0]
+                        };
+                    }
+                }
+            });
+    }
+
+    /// The loss terms from the per-chunk row statistics (summed in chunk order).
+    fn loss_stats(&self, n: usize, sparsity_coeff: f32, sparsity_sum: f64, dense: bool) -> Decoded {
+        let d_in = self.d_in;
+        let buf = &self.buf;
         let nf = n as f64;
         let (mut err2, mut heads2, mut aux2, mut x2, mut l0) = (0.0, 0.0, 0.0, 0.0, 0u64);
         let mut resid_sum = vec![0.0f64; d_in];
@@ -437,7 +565,7 @@ impl SaeTrainer {
         }
         let x_var = x2 - x_sum.iter().map(|s| s * s).sum::<f64>() / nf;
         let resid_scale = (2.0 / nf) as f32;
-        let (aux_loss, aux_scale) = match aux_mode {
+        let (aux_loss, aux_scale) = match self.arch.aux_mode() {
             AuxMode::None => (0.0, 0.0),
             AuxMode::FrozenDecoder => (aux2 / nf, resid_scale),
             AuxMode::AuxK => {
@@ -455,7 +583,7 @@ impl SaeTrainer {
         let sparsity_loss = sparsity_coeff as f64 * sparsity_sum / nf;
         // The prefix heads' squared errors join the loss; `mse` and `fvu` stay those of the
         // whole dictionary.
-        let mut stats = StepStats {
+        let stats = StepStats {
             loss: mse + heads2 / nf + sparsity_loss + aux_loss,
             mse,
             sparsity_loss,
@@ -464,258 +592,141 @@ impl SaeTrainer {
             fvu: if x_var > 0.0 { err2 / x_var } else { f64::NAN },
             dead_latents: 0,
         };
-        if !stats.loss.is_finite() {
-            stats.dead_latents = self.count_dead();
-            return stats;
+        Decoded {
+            dense,
+            stats,
+            resid_scale,
+            aux_scale,
+            resid_sum,
         }
+    }
 
-        if dense {
-            // d_j . r_b for every (b, j) at once: R W_dec^T (and the same for the aux residual).
-            matmul_xt(&buf.resid, n, d_in, &self.w_dec, d_sae, &mut buf.pre);
-            let with_aux = aux_mode != AuxMode::None && aux_scale != 0.0;
-            if with_aux {
-                matmul_xt(&buf.aux, n, d_in, &self.w_dec, d_sae, &mut buf.dense2);
-            }
-            let (row_ptr, idx, dr, da) = (&buf.row_ptr, &buf.idx, &buf.pre, &buf.dense2);
-            let lens: Vec<usize> = (0..n).map(|b| row_ptr[b + 1] - row_ptr[b]).collect();
-            split_by_lengths(&mut buf.dots, &lens)
-                .into_par_iter()
-                .enumerate()
-                .for_each(|(b, dots)| {
-                    for (p, d) in dots.iter_mut().enumerate() {
-                        let k = b * d_sae + idx[row_ptr[b] + p] as usize;
-                        *d = [dr[k], if with_aux { da[k] } else { 0.0 }];
-                    }
-                });
-        }
-        prof.lap("decode");
-        // 5. Transposed index (entries per latent, in entry order: deterministic).
-        buf.lat_ptr.clear();
-        buf.lat_ptr.resize(d_sae + 1, 0);
-        for &j in &buf.idx {
-            buf.lat_ptr[j as usize + 1] += 1;
-        }
-        for j in 0..d_sae {
-            buf.lat_ptr[j + 1] += buf.lat_ptr[j];
-        }
-        buf.lat_fill.clear();
-        buf.lat_fill.extend_from_slice(&buf.lat_ptr[..d_sae]);
-        buf.lat_ent.resize(total, LatEntry::default());
-        for (e, &j) in buf.idx.iter().enumerate() {
-            let p = &mut buf.lat_fill[j as usize];
-            buf.lat_ent[*p] = LatEntry {
-                row: buf.row_of[e],
-                f: buf.f[e],
-                a: buf.a[e],
-                pre: buf.pre_e[e],
-                dot_r: buf.dots[e][0],
-                dot_a: buf.dots[e][1],
-            };
-            *p += 1;
-        }
-
-        prof.lap("transpose");
-        let aux_trains_dec = aux_mode == AuxMode::AuxK && aux_scale != 0.0;
-        if dense {
-            self.dense_gradients(
-                n,
-                sparsity_coeff,
-                resid_scale,
-                aux_scale,
-                aux_trains_dec,
-                batch_threshold,
-            );
-        }
+    /// Dense mode: `d_j . r_b` for every (b, j) at once, `R W_dec^T` (and the same for the aux
+    /// residual), gathered into the entries' dots.
+    fn dense_entry_dots(&mut self, n: usize, aux_scale: f32) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
-        let ctx = StepCtx {
-            n,
-            d_sae,
-            sparsity_coeff,
-            hyper: &self.hyper,
-            params: &self.params,
-            dec_norm: &buf.dec_norm,
-            dead: &buf.dead,
-            batch_threshold,
-            cutoff: &[],
-        };
-        let arch = &*self.arch;
-        // 6. Latent pass: W_dec / W_enc row gradients fused with Adam.
-        let t = self.steps + 1;
-        let n_lat_chunks = d_sae.div_ceil(LAT_CHUNK);
+        matmul_xt(&buf.resid, n, d_in, &self.w_dec, d_sae, &mut buf.pre);
+        let with_aux = self.arch.aux_mode() != AuxMode::None && aux_scale != 0.0;
+        if with_aux {
+            matmul_xt(&buf.aux, n, d_in, &self.w_dec, d_sae, &mut buf.dense2);
+        }
+        let (row_ptr, idx, dr, da) = (&buf.row_ptr, &buf.idx, &buf.pre, &buf.dense2);
+        let lens: Vec<usize> = (0..n).map(|b| row_ptr[b + 1] - row_ptr[b]).collect();
+        split_by_lengths(&mut buf.dots, &lens)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(b, dots)| {
+                for (p, d) in dots.iter_mut().enumerate() {
+                    let k = b * d_sae + idx[row_ptr[b] + p] as usize;
+                    *d = [dr[k], if with_aux { da[k] } else { 0.0 }];
+                }
+            });
+    }
+
+    /// Phase 5: per latent, the W_dec / W_enc row gradients fused with Adam (or copied out
+    /// when collecting). Every per-latent array is cut into chunks of `LAT_CHUNK` latents and
+    /// each task owns one chunk of each.
+    fn latent_pass(&mut self, bw: &Backward, mode: &mut Mode) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let n_chunks = d_sae.div_ceil(LAT_CHUNK);
+        let n_params = self.params.len();
+        assert!(
+            n_params <= MAX_LATENT_PARAMS,
+            "an architecture trains at most {MAX_LATENT_PARAMS} per-latent parameters"
+        );
+        let buf = &mut self.buf;
         buf.bdec_part.clear();
-        buf.bdec_part.resize(n_lat_chunks * d_in, 0.0);
-        buf.lat_scratch.resize(n_lat_chunks * 2 * d_in, 0.0);
-        buf.gparams.resize_with(self.params.len(), Vec::new);
+        buf.bdec_part.resize(n_chunks * d_in, 0.0);
+        buf.lat_scratch.resize(n_chunks * 2 * d_in, 0.0);
+        buf.gparams.resize_with(n_params, Vec::new);
         for g in buf.gparams.iter_mut() {
             g.clear();
             g.resize(d_sae, 0.0);
         }
-        let adam = match &mode {
-            Mode::Apply(lr) => Some(AdamStep::new(
-                *lr,
-                self.hyper.adam_beta1,
-                self.hyper.adam_beta2,
-                self.hyper.adam_eps,
-                t,
-            )),
-            Mode::Collect(_) => None,
+        let widths = head_widths(&*self.arch, d_sae);
+        let inputs = LatentInputs {
+            arch: &*self.arch,
+            ctx: StepCtx {
+                n: bw.n,
+                d_sae,
+                sparsity_coeff: bw.sparsity_coeff,
+                hyper: &self.hyper,
+                params: &self.params,
+                dec_norm: &buf.dec_norm,
+                dead: &buf.dead,
+                batch_threshold: bw.batch_threshold,
+                cutoff: &[],
+            },
+            bw: *bw,
+            d_in,
+            n_params,
+            widths: &widths,
+            dense_adam: self.hyper.adam_beta1 != 0.0,
+            unit_norm: self.arch.unit_norm_decoder(),
+            centre: self.apply_b_dec_to_input,
+            lat_ptr: &buf.lat_ptr,
+            lat_ent: &buf.lat_ent,
+            resid: &buf.resid,
+            aux: &buf.aux,
+            xc: &buf.xc,
+            dense_genc: &buf.genc,
+            dense_gdec: &buf.gdec,
         };
-        let dense_adam = self.hyper.adam_beta1 != 0.0;
-        let unit_norm = self.arch.unit_norm_decoder();
-        let centre = self.apply_b_dec_to_input;
-        let mut mode = mode;
-        let (grad_enc, grad_dec) = match &mut mode {
-            Mode::Collect(g) => (
-                SharedRows::new(&mut g.w_enc_t, d_in),
-                SharedRows::new(&mut g.w_dec, d_in),
-            ),
-            Mode::Apply(_) => (
-                SharedRows::new(&mut [], d_in),
-                SharedRows::new(&mut [], d_in),
-            ),
+        let (grad_enc, grad_dec): (&mut [f32], &mut [f32]) = match mode {
+            Mode::Collect(g) => (g.w_enc_t.as_mut_slice(), g.w_dec.as_mut_slice()),
+            Mode::Apply(_) => (&mut [], &mut []),
         };
-        {
-            let w_enc = SharedRows::new(&mut self.w_enc_t, d_in);
-            let w_dec = SharedRows::new(&mut self.w_dec, d_in);
-            let m_enc = SharedRows::new(&mut self.mom_enc.m, d_in);
-            let v_enc = SharedRows::new(&mut self.mom_enc.v, d_in);
-            let m_dec = SharedRows::new(&mut self.mom_dec.m, d_in);
-            let v_dec = SharedRows::new(&mut self.mom_dec.v, d_in);
-            let gparams: Vec<SharedRows> = buf
-                .gparams
-                .iter_mut()
-                .map(|g| SharedRows::new(g, 1))
-                .collect();
-            let last = SharedU64(self.last_update.as_mut_ptr());
-            let fired = SharedU64(self.tokens_since_fired.as_mut_ptr());
-            let (lat_ptr, lat_ent) = (&buf.lat_ptr, &buf.lat_ent);
-            let (resid, aux, xc) = (&buf.resid, &buf.aux, &buf.xc);
-            let (dense_genc, dense_gdec) = (&buf.genc, &buf.gdec);
-            let n_params = self.params.len();
-            buf.bdec_part
-                .par_chunks_mut(d_in)
-                .zip(buf.lat_scratch.par_chunks_mut(2 * d_in))
-                .enumerate()
-                .for_each(|(c, (part, scratch))| {
-                    let (g_dec, g_enc) = scratch.split_at_mut(d_in);
-                    for j in c * LAT_CHUNK..((c + 1) * LAT_CHUNK).min(d_sae) {
-                        let ents = &lat_ent[lat_ptr[j]..lat_ptr[j + 1]];
-                        let band = band_of(j);
-                        // SAFETY: latent j belongs to this task only.
-                        let (wd, we) = unsafe { (w_dec.row(j), w_enc.row(j)) };
-                        let mut any_fired = false;
-                        if ents.is_empty() && !dense_adam && adam.is_some() {
-                            unsafe { *fired.at(j) += n as u64 };
-                            continue;
-                        }
-                        g_dec.fill(0.0);
-                        g_enc.fill(0.0);
-                        let mut psum = [0.0f32; 3];
-                        let (mut colsum, mut sum_f) = (0.0f32, 0.0f32);
-                        for (p, le) in ents.iter().enumerate() {
-                            let b = le.row as usize;
-                            let (f, a) = (le.f, le.a);
-                            // Random rows: fetch the next entry's while this one computes.
-                            if dense {
-                            } else if let Some(nx) = ents.get(p + 1) {
-                                let nb = nx.row as usize * d_in;
-                                prefetch_rows(
-                                    resid,
-                                    (nx.row as usize * n_heads + band) * d_in,
-                                    d_in,
-                                );
-                                prefetch_rows(xc, nb, d_in);
-                                if aux_trains_dec {
-                                    prefetch_rows(aux, nb, d_in);
-                                }
-                            }
-                            if f != 0.0 {
-                                any_fired |= f > 0.0;
-                                sum_f += f;
-                            }
-                            let ent = Entry {
-                                j,
-                                pre: le.pre,
-                                f,
-                                a,
-                            };
-                            let (df, da) = (resid_scale * le.dot_r, aux_scale * le.dot_a);
-                            let eg = arch.entry_backward(&ctx, ent, df, da);
-                            colsum += eg.gpre;
-                            for (s, g) in psum.iter_mut().zip(&eg.params).take(n_params) {
-                                *s += g;
-                            }
-                            if dense {
-                                continue;
-                            }
-                            let rr = (b * n_heads + band) * d_in;
-                            let rb = &resid[rr..rr + d_in];
-                            let xb = &xc[b * d_in..(b + 1) * d_in];
-                            let ca = if aux_trains_dec { a * aux_scale } else { 0.0 };
-                            if ca != 0.0 {
-                                let ab = &aux[b * d_in..(b + 1) * d_in];
-                                acc3(f * resid_scale, rb, ca, ab, g_dec, eg.gpre, xb, g_enc);
-                            } else {
-                                acc2(f * resid_scale, rb, g_dec, eg.gpre, xb, g_enc);
-                            }
-                        }
-                        if dense {
-                            g_dec.copy_from_slice(&dense_gdec[j * d_in..(j + 1) * d_in]);
-                            g_enc.copy_from_slice(&dense_genc[j * d_in..(j + 1) * d_in]);
-                        }
-                        if let Some(coef) = arch.dec_row_extra(&ctx, j, sum_f) {
-                            let nrm = dot(wd, wd).sqrt();
-                            if nrm > 0.0 {
-                                axpy(coef / nrm, wd, g_dec);
-                            }
-                        }
-                        // d loss / d b_dec through the centring x - b_dec (old encoder row).
-                        if centre && colsum != 0.0 {
-                            axpy(-colsum, we, part);
-                        }
-                        for (k, gp) in gparams.iter().enumerate() {
-                            unsafe { gp.row(j)[0] = psum[k] };
-                        }
-                        if adam.is_some() {
-                            unsafe {
-                                let tf = fired.at(j);
-                                *tf = if any_fired { 0 } else { *tf + n as u64 };
-                            }
-                        }
-                        match &adam {
-                            None => unsafe {
-                                grad_dec.row(j).copy_from_slice(g_dec);
-                                grad_enc.row(j).copy_from_slice(g_enc);
-                            },
-                            Some(ad) => unsafe {
-                                let lu = last.at(j);
-                                let missed = t - *lu - 1;
-                                *lu = t;
-                                let (ve, vd) = (v_enc.row(j), v_dec.row(j));
-                                ad.catch_up(ve, missed);
-                                ad.catch_up(vd, missed);
-                                ad.update(we, m_enc.row(j), ve, g_enc);
-                                if unit_norm {
-                                    // Remove the component along d_j (|d_j| = 1).
-                                    let along = dot(g_dec, wd);
-                                    axpy(-along, wd, g_dec);
-                                }
-                                ad.update(wd, m_dec.row(j), vd, g_dec);
-                                if unit_norm {
-                                    let nrm = dot(wd, wd).sqrt();
-                                    if nrm > 0.0 {
-                                        let inv = 1.0 / nrm;
-                                        wd.iter_mut().for_each(|v| *v *= inv);
-                                    }
-                                }
-                            },
-                        }
-                    }
-                });
-        }
+        let rows = LAT_CHUNK * d_in;
+        let mut w_enc = latent_chunks(&mut self.w_enc_t, rows, n_chunks);
+        let mut w_dec = latent_chunks(&mut self.w_dec, rows, n_chunks);
+        let mut m_enc = latent_chunks(&mut self.mom_enc.m, rows, n_chunks);
+        let mut v_enc = latent_chunks(&mut self.mom_enc.v, rows, n_chunks);
+        let mut m_dec = latent_chunks(&mut self.mom_dec.m, rows, n_chunks);
+        let mut v_dec = latent_chunks(&mut self.mom_dec.v, rows, n_chunks);
+        let mut grad_enc = latent_chunks(grad_enc, rows, n_chunks);
+        let mut grad_dec = latent_chunks(grad_dec, rows, n_chunks);
+        let mut last_update = latent_chunks(&mut self.last_update, LAT_CHUNK, n_chunks);
+        let mut since_fired = latent_chunks(&mut self.tokens_since_fired, LAT_CHUNK, n_chunks);
+        let mut gparams: Vec<_> = buf
+            .gparams
+            .iter_mut()
+            .map(|g| latent_chunks(g, LAT_CHUNK, n_chunks))
+            .collect();
+        let mut bdec_part = buf.bdec_part.chunks_mut(d_in);
+        let mut scratch = buf.lat_scratch.chunks_mut(2 * d_in);
+        let tasks: Vec<LatentChunk> = (0..n_chunks)
+            .map(|c| LatentChunk {
+                first: c * LAT_CHUNK,
+                w_enc: w_enc.next().unwrap(),
+                w_dec: w_dec.next().unwrap(),
+                m_enc: m_enc.next().unwrap(),
+                v_enc: v_enc.next().unwrap(),
+                m_dec: m_dec.next().unwrap(),
+                v_dec: v_dec.next().unwrap(),
+                grad_enc: grad_enc.next().unwrap(),
+                grad_dec: grad_dec.next().unwrap(),
+                last_update: last_update.next().unwrap(),
+                since_fired: since_fired.next().unwrap(),
+                gparams: std::array::from_fn(|k| match gparams.get_mut(k) {
+                    Some(it) => it.next().unwrap(),
+                    None => &mut [],
+                }),
+                bdec_part: bdec_part.next().unwrap(),
+                scratch: scratch.next().unwrap(),
+            })
+            .collect();
+        tasks
+            .into_par_iter()
+            .for_each(|task| inputs.latent_chunk(task));
+    }
 
-        prof.lap("latent");
-        // 7. Small dense parameters: b_dec and the per-latent vectors.
+    /// Phase 6: the small dense parameters: b_dec, the per-latent vectors and BatchTopK's
+    /// inference threshold EMA (or the gradients copied out when collecting).
+    fn dense_params(&mut self, bw: &Backward, resid_sum: &[f64], mode: Mode) {
+        let d_in = self.d_in;
+        let nf = bw.n as f64;
+        let buf = &mut self.buf;
         let mut g_bdec: Vec<f32> = resid_sum.iter().map(|s| (*s * 2.0 / nf) as f32).collect();
         for part in buf.bdec_part.chunks(d_in) {
             for i in 0..d_in {
@@ -730,7 +741,7 @@ impl SaeTrainer {
                 }
             }
             Mode::Apply(_) => {
-                let ad = adam.unwrap();
+                let ad = bw.adam.expect("applying a step needs its Adam constants");
                 ad.update(
                     &mut self.b_dec,
                     &mut self.mom_bdec.m,
@@ -747,16 +758,12 @@ impl SaeTrainer {
                 }
                 if self.arch.tracks_batch_threshold() {
                     self.threshold_ema = THRESHOLD_EMA_BETA * self.threshold_ema
-                        + (1.0 - THRESHOLD_EMA_BETA) * batch_threshold as f64;
-                    self.last_batch_threshold = batch_threshold;
+                        + (1.0 - THRESHOLD_EMA_BETA) * bw.batch_threshold as f64;
+                    self.last_batch_threshold = bw.batch_threshold;
                 }
-                self.steps = t;
+                self.steps = bw.t;
             }
         }
-        prof.lap("dense");
-        prof.report();
-        stats.dead_latents = self.count_dead();
-        stats
     }
 
     /// Dense mode: W_enc and W_dec gradients as GEMMs on dense copies of the per-entry
@@ -835,6 +842,308 @@ impl SaeTrainer {
             );
             matmul_tn(&buf.pre, n, d_sae, &buf.aux, d_in, &mut buf.gdec, true);
         }
+    }
+}
+
+impl Buffers {
+    /// The per-chunk selections as one CSR (`row_ptr`, `idx`, `f`, `a`, `pre_e`, `row_of`),
+    /// in row order; returns the summed sparsity penalty.
+    fn flatten_entries(&mut self) -> f64 {
+        let total: usize = self.chunks.iter().map(|c| c.out.idx.len()).sum();
+        let mut sparsity_sum = 0.0f64;
+        self.row_ptr.clear();
+        self.row_ptr.push(0);
+        for (v, len) in [
+            (&mut self.idx as &mut dyn ClearLen, total),
+            (&mut self.f, total),
+            (&mut self.a, total),
+            (&mut self.pre_e, total),
+            (&mut self.row_of, total),
+        ] {
+            v.clear_to(len);
+        }
+        let mut pos = 0;
+        let mut row = 0u32;
+        for ch in &self.chunks {
+            let m = ch.out.idx.len();
+            self.idx[pos..pos + m].copy_from_slice(&ch.out.idx);
+            self.f[pos..pos + m].copy_from_slice(&ch.out.f);
+            self.a[pos..pos + m].copy_from_slice(&ch.out.a);
+            self.pre_e[pos..pos + m].copy_from_slice(&ch.out.pre);
+            for &l in &ch.row_len {
+                let start = *self.row_ptr.last().unwrap();
+                self.row_ptr.push(start + l);
+                self.row_of[start..start + l].fill(row);
+                row += 1;
+            }
+            sparsity_sum += ch.out.sparsity;
+            pos += m;
+        }
+        sparsity_sum
+    }
+
+    /// Phase 4: the entries per latent (`lat_ptr`, `lat_ent`), each latent's in entry order
+    /// (deterministic).
+    fn transpose_entries(&mut self, d_sae: usize) {
+        self.lat_ptr.clear();
+        self.lat_ptr.resize(d_sae + 1, 0);
+        for &j in &self.idx {
+            self.lat_ptr[j as usize + 1] += 1;
+        }
+        for j in 0..d_sae {
+            self.lat_ptr[j + 1] += self.lat_ptr[j];
+        }
+        self.lat_fill.clear();
+        self.lat_fill.extend_from_slice(&self.lat_ptr[..d_sae]);
+        self.lat_ent.resize(self.idx.len(), LatEntry::default());
+        for (e, &j) in self.idx.iter().enumerate() {
+            let p = &mut self.lat_fill[j as usize];
+            self.lat_ent[*p] = LatEntry {
+                row: self.row_of[e],
+                f: self.f[e],
+                a: self.a[e],
+                pre: self.pre_e[e],
+                dot_r: self.dots[e][0],
+                dot_a: self.dots[e][1],
+            };
+            *p += 1;
+        }
+    }
+}
+
+/// `v` cut into `n_chunks` chunks of `len` (the last may be shorter). An empty `v` (Adam's
+/// first moments with beta1 = 0, the gradient outputs when applying) gives every chunk an
+/// empty slice.
+fn latent_chunks<T>(v: &mut [T], len: usize, n_chunks: usize) -> std::vec::IntoIter<&mut [T]> {
+    let chunks: Vec<&mut [T]> = if v.is_empty() {
+        (0..n_chunks).map(|_| Default::default()).collect()
+    } else {
+        v.chunks_mut(len).collect()
+    };
+    assert_eq!(
+        chunks.len(),
+        n_chunks,
+        "a per-latent array of the wrong length"
+    );
+    chunks.into_iter()
+}
+
+/// Row `l` of a chunk of `d`-long rows, or an empty slice for an absent array.
+fn row_in(v: &mut [f32], l: usize, d: usize) -> &mut [f32] {
+    if v.is_empty() {
+        &mut []
+    } else {
+        &mut v[l * d..(l + 1) * d]
+    }
+}
+
+/// One task of the latent pass: latents `first..first + LAT_CHUNK` (fewer in the last chunk)
+/// and its own rows of every per-latent array.
+struct LatentChunk<'a> {
+    first: usize,
+    w_enc: &'a mut [f32],
+    w_dec: &'a mut [f32],
+    /// Adam's moments (`m_*` empty when beta1 = 0).
+    m_enc: &'a mut [f32],
+    v_enc: &'a mut [f32],
+    m_dec: &'a mut [f32],
+    v_dec: &'a mut [f32],
+    /// Collect mode's gradient outputs (empty when applying).
+    grad_enc: &'a mut [f32],
+    grad_dec: &'a mut [f32],
+    last_update: &'a mut [u64],
+    since_fired: &'a mut [u64],
+    /// Gradients of the per-latent parameters (empty past the architecture's count).
+    gparams: [&'a mut [f32]; MAX_LATENT_PARAMS],
+    /// This chunk's share of the b_dec gradient.
+    bdec_part: &'a mut [f32],
+    /// Two `d_in` rows: the current latent's W_dec and W_enc row gradients.
+    scratch: &'a mut [f32],
+}
+
+/// What every task of the latent pass reads.
+struct LatentInputs<'a> {
+    arch: &'a dyn Arch,
+    ctx: StepCtx<'a>,
+    bw: Backward,
+    d_in: usize,
+    n_params: usize,
+    widths: &'a [usize],
+    /// Adam with momentum updates every row every step.
+    dense_adam: bool,
+    unit_norm: bool,
+    /// The encoder sees `x - b_dec`, so b_dec gets a gradient through it.
+    centre: bool,
+    lat_ptr: &'a [usize],
+    lat_ent: &'a [LatEntry],
+    resid: &'a [f32],
+    aux: &'a [f32],
+    xc: &'a [f32],
+    dense_genc: &'a [f32],
+    dense_gdec: &'a [f32],
+}
+
+/// One latent's sums over its entries.
+struct LatentSums {
+    /// Some entry fired (f > 0).
+    any_fired: bool,
+    /// Gradients of the per-latent parameters.
+    psum: [f32; MAX_LATENT_PARAMS],
+    /// Sum of the pre-activation gradients (the b_dec gradient through the centring).
+    colsum: f32,
+    sum_f: f32,
+}
+
+impl LatentInputs<'_> {
+    fn latent_chunk(&self, task: LatentChunk) {
+        let LatentChunk {
+            first,
+            w_enc,
+            w_dec,
+            m_enc,
+            v_enc,
+            m_dec,
+            v_dec,
+            grad_enc,
+            grad_dec,
+            last_update,
+            since_fired,
+            mut gparams,
+            bdec_part,
+            scratch,
+        } = task;
+        let (d_in, n, bw) = (self.d_in, self.bw.n, &self.bw);
+        let (g_dec, g_enc) = scratch.split_at_mut(d_in);
+        for l in 0..since_fired.len() {
+            let j = first + l;
+            let ents = &self.lat_ent[self.lat_ptr[j]..self.lat_ptr[j + 1]];
+            if ents.is_empty() && !self.dense_adam && bw.adam.is_some() {
+                since_fired[l] += n as u64;
+                continue;
+            }
+            let rows = l * d_in..(l + 1) * d_in;
+            let (wd, we) = (&mut w_dec[rows.clone()], &mut w_enc[rows.clone()]);
+            g_dec.fill(0.0);
+            g_enc.fill(0.0);
+            let sums = self.entry_gradients(j, ents, g_dec, g_enc);
+            if bw.dense {
+                g_dec.copy_from_slice(&self.dense_gdec[j * d_in..(j + 1) * d_in]);
+                g_enc.copy_from_slice(&self.dense_genc[j * d_in..(j + 1) * d_in]);
+            }
+            if let Some(coef) = self.arch.dec_row_extra(&self.ctx, j, sums.sum_f) {
+                let nrm = dot(wd, wd).sqrt();
+                if nrm > 0.0 {
+                    axpy(coef / nrm, wd, g_dec);
+                }
+            }
+            // d loss / d b_dec through the centring x - b_dec (old encoder row).
+            if self.centre && sums.colsum != 0.0 {
+                axpy(-sums.colsum, we, bdec_part);
+            }
+            for (gp, s) in gparams.iter_mut().zip(sums.psum).take(self.n_params) {
+                gp[l] = s;
+            }
+            if bw.adam.is_some() {
+                let tf = &mut since_fired[l];
+                *tf = if sums.any_fired { 0 } else { *tf + n as u64 };
+            }
+            match &bw.adam {
+                None => {
+                    grad_dec[rows.clone()].copy_from_slice(g_dec);
+                    grad_enc[rows].copy_from_slice(g_enc);
+                }
+                Some(ad) => {
+                    let lu = &mut last_update[l];
+                    let missed = bw.t - *lu - 1;
+                    *lu = bw.t;
+                    let (ve, vd) = (&mut v_enc[rows.clone()], &mut v_dec[rows]);
+                    ad.catch_up(ve, missed);
+                    ad.catch_up(vd, missed);
+                    ad.update(we, row_in(m_enc, l, d_in), ve, g_enc);
+                    if self.unit_norm {
+                        // Remove the component along d_j (|d_j| = 1).
+                        let along = dot(g_dec, wd);
+                        axpy(-along, wd, g_dec);
+                    }
+                    ad.update(wd, row_in(m_dec, l, d_in), vd, g_dec);
+                    if self.unit_norm {
+                        let nrm = dot(wd, wd).sqrt();
+                        if nrm > 0.0 {
+                            let inv = 1.0 / nrm;
+                            wd.iter_mut().for_each(|v| *v *= inv);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Latent `j`'s entries: the architecture's backward rule per entry, and (sparse path)
+    /// the W_dec / W_enc row gradients accumulated into `g_dec` / `g_enc`.
+    fn entry_gradients(
+        &self,
+        j: usize,
+        ents: &[LatEntry],
+        g_dec: &mut [f32],
+        g_enc: &mut [f32],
+    ) -> LatentSums {
+        let (d_in, bw) = (self.d_in, &self.bw);
+        let n_heads = self.widths.len();
+        let band = band_of(self.widths, j);
+        let mut sums = LatentSums {
+            any_fired: false,
+            psum: [0.0; MAX_LATENT_PARAMS],
+            colsum: 0.0,
+            sum_f: 0.0,
+        };
+        for (p, le) in ents.iter().enumerate() {
+            let b = le.row as usize;
+            let (f, a) = (le.f, le.a);
+            // Random rows: fetch the next entry's while this one computes.
+            if bw.dense {
+            } else if let Some(nx) = ents.get(p + 1) {
+                let nb = nx.row as usize * d_in;
+                prefetch_rows(self.resid, (nx.row as usize * n_heads + band) * d_in, d_in);
+                prefetch_rows(self.xc, nb, d_in);
+                if bw.aux_trains_dec {
+                    prefetch_rows(self.aux, nb, d_in);
+                }
+            }
+            if f != 0.0 {
+                sums.any_fired |= f > 0.0;
+                sums.sum_f += f;
+            }
+            let ent = Entry {
+                j,
+                pre: le.pre,
+                f,
+                a,
+            };
+            let (df, da) = (bw.resid_scale * le.dot_r, bw.aux_scale * le.dot_a);
+            let eg = self.arch.entry_backward(&self.ctx, ent, df, da);
+            sums.colsum += eg.gpre;
+            for (s, g) in sums.psum.iter_mut().zip(&eg.params).take(self.n_params) {
+                *s += g;
+            }
+            if bw.dense {
+                continue;
+            }
+            let rr = (b * n_heads + band) * d_in;
+            let rb = &self.resid[rr..rr + d_in];
+            let xb = &self.xc[b * d_in..(b + 1) * d_in];
+            let ca = if bw.aux_trains_dec {
+                a * bw.aux_scale
+            } else {
+                0.0
+            };
+            if ca != 0.0 {
+                let ab = &self.aux[b * d_in..(b + 1) * d_in];
+                acc3(f * bw.resid_scale, rb, ca, ab, g_dec, eg.gpre, xb, g_enc);
+            } else {
+                acc2(f * bw.resid_scale, rb, g_dec, eg.gpre, xb, g_enc);
+            }
+        }
+        sums
     }
 }
 
