@@ -30,7 +30,7 @@ use crate::trainer::TrainHyper;
 /// and its name here. Each module defines `KIND`, its registry handle.
 macro_rules! registry {
     ($($family:ident),* $(,)?) => {
-        $(mod $family;)*
+        $(pub(crate) mod $family;)*
         /// Every family this toolkit trains and loads, in the order help texts list them.
         pub const REGISTRY: &[ArchKind] = &[$($family::KIND),*];
     };

@@ -189,9 +189,18 @@ impl ResidualSelect for MpRule {
     }
 }
 
+/// Above this many latents the full Gram matrix (d_sae^2 floats) is not built; the pursuit
+/// then computes Gram rows on demand, in rounds over the batch.
+const FULL_GRAM_MAX_LATENTS: usize = 8192;
+
 /// Matching pursuit over `n` rows at once, `k` steps each, from the first correlations
 /// `corr` (`[n, d_sae]`, overwritten). Ties go to the lower atom index; a row whose best
 /// correlation is not positive stops (its residual can no longer shrink).
+///
+/// When a batch may use most atoms (`n k >= d_sae`) and the Gram matrix is small enough, it
+/// is built in one product and each block of rows runs all its steps while its correlations
+/// stay in cache; otherwise the batch runs its steps in rounds and builds each chosen atom's
+/// Gram row once. Both give the same steps.
 pub(crate) fn pursue(
     w_dec: &[f32],
     d_in: usize,
@@ -200,38 +209,69 @@ pub(crate) fn pursue(
     n: usize,
     k: usize,
 ) -> Vec<Steps> {
+    if n * k >= d_sae && d_sae <= FULL_GRAM_MAX_LATENTS {
+        pursue_full_gram(w_dec, d_in, d_sae, corr, n, k)
+    } else {
+        pursue_in_rounds(w_dec, d_in, d_sae, corr, n, k)
+    }
+}
+
+/// Rows per task of the full-Gram pursuit: their correlations stay in L2 across the steps.
+const ROWS_PER_BLOCK: usize = 4;
+
+pub(crate) fn pursue_full_gram(
+    w_dec: &[f32],
+    d_in: usize,
+    d_sae: usize,
+    corr: &mut [f32],
+    n: usize,
+    k: usize,
+) -> Vec<Steps> {
+    let mut gram = vec![0f32; d_sae * d_sae];
+    matmul_xt(w_dec, d_sae, d_in, w_dec, d_sae, &mut gram);
+    let gram = &gram;
     let mut steps: Vec<Steps> = vec![Vec::with_capacity(k); n];
-    let mut done = vec![false; n];
+    corr.par_chunks_mut(d_sae.max(1) * ROWS_PER_BLOCK)
+        .zip(steps.par_chunks_mut(ROWS_PER_BLOCK))
+        .for_each(|(block, st)| {
+            for (c, st) in block.chunks_mut(d_sae.max(1)).zip(st) {
+                let mut next = argmax_positive(c);
+                for t in 0..k {
+                    let Some((j, v)) = next else {
+                        break;
+                    };
+                    st.push((j, v));
+                    let g = &gram[j as usize * d_sae..(j as usize + 1) * d_sae];
+                    next = update_and_argmax(c, -v, g, t + 1 < k);
+                }
+            }
+        });
+    steps
+}
+
+pub(crate) fn pursue_in_rounds(
+    w_dec: &[f32],
+    d_in: usize,
+    d_sae: usize,
+    corr: &mut [f32],
+    n: usize,
+    k: usize,
+) -> Vec<Steps> {
+    let mut steps: Vec<Steps> = vec![Vec::with_capacity(k); n];
     // Gram rows computed so far: `slot[j]` indexes `gram` (d_sae values per row).
     let mut slot = vec![u32::MAX; d_sae];
     let mut gram: Vec<f32> = Vec::new();
-    let mut chosen = vec![(0u32, 0f32); n];
-    for _ in 0..k {
-        chosen
-            .par_iter_mut()
-            .zip(corr.par_chunks(d_sae.max(1)))
-            .zip(done.par_iter_mut())
-            .for_each(|((ch, c), stop)| {
-                if *stop {
-                    return;
-                }
-                let (mut best, mut bj) = (0f32, u32::MAX);
-                for (j, &v) in c.iter().enumerate() {
-                    if v > best {
-                        best = v;
-                        bj = j as u32;
-                    }
-                }
-                if bj == u32::MAX {
-                    *stop = true;
-                } else {
-                    *ch = (bj, best);
-                }
-            });
+    // The first choice of each row; later choices come out of the update pass, so each round
+    // streams the correlations once.
+    let mut chosen: Vec<Option<(u32, f32)>> = corr
+        .par_chunks(d_sae.max(1))
+        .map(argmax_positive)
+        .collect();
+    for round in 0..k {
         // Gram rows of the atoms chosen for the first time, in one product.
         let mut new: Vec<u32> = Vec::new();
-        for (b, &(j, _)) in chosen.iter().enumerate() {
-            if !done[b] && slot[j as usize] == u32::MAX {
+        for &(j, _) in chosen.iter().flatten() {
+            if slot[j as usize] == u32::MAX {
                 slot[j as usize] = u32::MAX - 1;
                 new.push(j);
             }
@@ -255,21 +295,91 @@ pub(crate) fn pursue(
                 slot[j as usize] = (first + i) as u32;
             }
         }
-        let gram = &gram;
-        let slot = &slot;
+        let (gram, slot) = (&gram, &slot);
+        let last = round + 1 == k;
         corr.par_chunks_mut(d_sae.max(1))
             .zip(steps.par_iter_mut())
-            .zip(chosen.par_iter().zip(done.par_iter()))
-            .for_each(|((c, st), (&(j, v), &stop))| {
-                if stop {
+            .zip(chosen.par_iter_mut())
+            .for_each(|((c, st), ch)| {
+                let Some((j, v)) = *ch else {
                     return;
-                }
-                let s = slot[j as usize] as usize;
-                axpy(-v, &gram[s * d_sae..(s + 1) * d_sae], c);
+                };
                 st.push((j, v));
+                let s = slot[j as usize] as usize;
+                *ch = update_and_argmax(c, -v, &gram[s * d_sae..(s + 1) * d_sae], !last);
             });
     }
     steps
+}
+
+/// The largest positive value of `c` and its index (ties: the lower index); `None` when no
+/// value is positive.
+fn argmax_positive(c: &[f32]) -> Option<(u32, f32)> {
+    let mut best = Best::default();
+    for (blk, cb) in c.chunks(BLOCK).enumerate() {
+        best.offer(cb, blk * BLOCK);
+    }
+    best.found()
+}
+
+/// `c += a g`, and (when `search`) the argmax of the result as [`argmax_positive`], block by
+/// block so that each block is searched while it is still in L1.
+fn update_and_argmax(c: &mut [f32], a: f32, g: &[f32], search: bool) -> Option<(u32, f32)> {
+    let mut best = Best::default();
+    for (blk, (cb, gb)) in c.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).enumerate() {
+        axpy(a, gb, cb);
+        if search {
+            best.offer(cb, blk * BLOCK);
+        }
+    }
+    best.found()
+}
+
+const BLOCK: usize = 256;
+
+/// A running argmax over blocks: each block's maximum is found with 8 independent lanes (it
+/// vectorises); only a block that beats the best so far is searched for its index.
+struct Best {
+    value: f32,
+    index: u32,
+}
+
+impl Default for Best {
+    fn default() -> Self {
+        Best {
+            value: 0.0,
+            index: u32::MAX,
+        }
+    }
+}
+
+impl Best {
+    #[inline]
+    fn offer(&mut self, block: &[f32], offset: usize) {
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut it = block.chunks_exact(8);
+        for ch in &mut it {
+            for l in 0..8 {
+                lanes[l] = if ch[l] > lanes[l] { ch[l] } else { lanes[l] };
+            }
+        }
+        let mut m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        for &v in it.remainder() {
+            if v > m {
+                m = v;
+            }
+        }
+        if m > self.value {
+            // The first index holding the block's maximum: the lowest index among ties.
+            let i = block.iter().position(|&v| v == m).unwrap_or(0);
+            self.value = m;
+            self.index = (offset + i) as u32;
+        }
+    }
+
+    fn found(&self) -> Option<(u32, f32)> {
+        (self.index != u32::MAX).then_some((self.index, self.value))
+    }
 }
 
 /// The codes `z` of pursued rows: each atom's coefficients summed, sorted by atom.

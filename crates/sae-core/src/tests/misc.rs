@@ -457,3 +457,27 @@ fn mp_pursuit_matches_the_naive_one() {
         }
     }
 }
+
+/// The two pursuit schedules (full Gram matrix with row blocks; Gram rows on demand in
+/// rounds) choose the same atoms with the same coefficients.
+#[test]
+fn mp_pursuit_schedules_agree() {
+    use crate::arch::mp::{pursue_full_gram, pursue_in_rounds};
+    let (d_in, d_sae, n, k) = (16, 64, 50, 7);
+    let sae = random_sae(ArchKind::MP, d_in, d_sae, k, 15);
+    let x = randn(&mut ChaCha8Rng::seed_from_u64(16), n * d_in);
+    let pre = sae.pre_activations(&x, n);
+    let full = pursue_full_gram(&sae.w_dec, d_in, d_sae, &mut pre.clone(), n, k);
+    let rounds = pursue_in_rounds(&sae.w_dec, d_in, d_sae, &mut pre.clone(), n, k);
+    assert_eq!(full.len(), n);
+    for (r, (a, b)) in full.iter().zip(&rounds).enumerate() {
+        assert_eq!(a.len(), b.len(), "row {r}");
+        for ((ja, va), (jb, vb)) in a.iter().zip(b) {
+            assert_eq!(ja, jb, "row {r}");
+            assert!(
+                (va - vb).abs() <= 1e-5 * va.abs().max(1.0),
+                "row {r}: {va} vs {vb}"
+            );
+        }
+    }
+}

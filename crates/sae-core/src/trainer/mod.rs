@@ -141,8 +141,10 @@ pub struct SaeTrainer {
     last_batch_threshold: f32,
     dense_fraction: f64,
     buf: Buffers,
-    /// The pursuit step's correlations (rules that select against the residual).
+    /// The pursuit step's correlations and per-step atom gradients (rules that select
+    /// against the residual).
     buf_pursuit: Vec<f32>,
+    buf_atom_grads: Vec<f32>,
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -189,6 +191,7 @@ impl SaeTrainer {
             hyper,
             buf: Buffers::default(),
             buf_pursuit: Vec::new(),
+            buf_atom_grads: Vec::new(),
         }
     }
 

@@ -1159,21 +1159,21 @@ impl<T: Copy + Default> ClearLen for Vec<T> {
 }
 
 /// Phase timings printed to stderr when `SAE_CORE_PROFILE` is set (a development aid).
-struct Profiler {
+pub(super) struct Profiler {
     on: bool,
     last: std::time::Instant,
     laps: Vec<(&'static str, f64)>,
 }
 
 impl Profiler {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Profiler {
             on: std::env::var_os("SAE_CORE_PROFILE").is_some(),
             last: std::time::Instant::now(),
             laps: Vec::new(),
         }
     }
-    fn lap(&mut self, name: &'static str) {
+    pub(super) fn lap(&mut self, name: &'static str) {
         if self.on {
             let now = std::time::Instant::now();
             self.laps
@@ -1181,7 +1181,7 @@ impl Profiler {
             self.last = now;
         }
     }
-    fn report(&self) {
+    pub(super) fn report(&self) {
         if self.on {
             let parts: Vec<String> = self
                 .laps
