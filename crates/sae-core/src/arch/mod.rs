@@ -36,7 +36,16 @@ macro_rules! registry {
     };
 }
 
-registry![gated, relu, topk, batchtopk, jumprelu, matryoshka, mp];
+registry![
+    gated,
+    relu,
+    topk,
+    batchtopk,
+    jumprelu,
+    matryoshka,
+    mp,
+    mutualchoice
+];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the
 /// `sae_core` block of cfg.json. Each family says which keys it reads.

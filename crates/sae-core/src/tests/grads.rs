@@ -50,7 +50,7 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
                 .map(|t| (*t as f64).ln())
                 .collect(),
         ],
-        "batchtopk" | "matryoshka" => vec![to64(sae.param("b_enc"))],
+        "batchtopk" | "matryoshka" | "mutualchoice" => vec![to64(sae.param("b_enc"))],
         _ => sae.params.iter().map(|p| to64(p)).collect(),
     };
     let mut w_enc_t = vec![0.0; D_IN * D_SAE];
@@ -241,6 +241,12 @@ fn topk_gradients() {
 fn batchtopk_gradients() {
     check_against_reference(ArchKind::BATCHTOPK, false);
     check_finite_differences(ArchKind::BATCHTOPK, false);
+}
+
+#[test]
+fn mutualchoice_gradients() {
+    check_against_reference(ArchKind::MUTUALCHOICE, false);
+    check_finite_differences(ArchKind::MUTUALCHOICE, false);
 }
 
 #[test]

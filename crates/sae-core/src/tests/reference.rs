@@ -96,7 +96,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
     }
     // BatchTopK: the (k*n)-th largest positive value over the batch.
     let mut batch_t = 0.0;
-    if matches!(c.arch.as_str(), "batchtopk" | "matryoshka") {
+    if matches!(c.arch.as_str(), "batchtopk" | "matryoshka" | "mutualchoice") {
         let mut all: Vec<f64> = out
             .pre
             .iter()
@@ -140,7 +140,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     }
                 }
             }
-            "topk" | "batchtopk" | "matryoshka" => {
+            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
                 let vals: Vec<(f64, usize)> = (0..m).map(|j| (pre[j] + p.lat[0][j], j)).collect();
                 if c.arch == ArchKind::TOPK {
                     for (v, j) in top_k(&vals, c.k) {
@@ -323,7 +323,7 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
                 let l0 = fw.f[b].iter().filter(|v| **v != 0.0).count() as f64;
                 total += c.lambda * l0 / nf;
             }
-            "topk" | "batchtopk" | "matryoshka" => {
+            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
                 if !c.dead.is_empty() && denom > 0.0 {
                     let eh = decode(c, &live.w_dec, None, &fw.a[b]);
                     total += c.alpha * sq(&eh, &e[b]) / denom;
@@ -449,7 +449,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         g.lat[1][j] += gt * theta;
                     }
                 }
-                "topk" | "batchtopk" | "matryoshka" => {
+                "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
                     if f > 0.0 {
                         dpre[j] += df;
                     }
