@@ -44,7 +44,8 @@ registry![
     jumprelu,
     matryoshka,
     mp,
-    mutualchoice
+    mutualchoice,
+    featurechoice
 ];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the

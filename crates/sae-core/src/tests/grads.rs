@@ -250,6 +250,12 @@ fn mutualchoice_gradients() {
 }
 
 #[test]
+fn featurechoice_gradients() {
+    check_against_reference(ArchKind::FEATURECHOICE, false);
+    check_finite_differences(ArchKind::FEATURECHOICE, false);
+}
+
+#[test]
 fn jumprelu_gradients() {
     check_against_reference(ArchKind::JUMPRELU, false);
     check_finite_differences(ArchKind::JUMPRELU, false);
