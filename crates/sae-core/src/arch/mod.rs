@@ -45,7 +45,8 @@ registry![
     matryoshka,
     mp,
     mutualchoice,
-    featurechoice
+    featurechoice,
+    gba
 ];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the

@@ -169,7 +169,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     }
                 }
             }
-            "relu" => {
+            "relu" | "gba" => {
                 for j in 0..m {
                     f[j] = (pre[j] + p.lat[0][j]).max(0.0);
                 }
@@ -380,7 +380,7 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
                 }
             }
             // No sparsity penalty.
-            "featurechoice" => {}
+            "featurechoice" | "gba" => {}
             other => panic!("no dense reference for {other}"),
         }
     }
@@ -515,6 +515,12 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                     if f > 0.0 {
                         dpre[j] = df;
                         g.lat[0][j] += df;
+                    }
+                }
+                // The bias is set outside gradient descent: no gradient.
+                "gba" => {
+                    if f > 0.0 {
+                        dpre[j] = df;
                     }
                 }
                 other => panic!("no dense reference for {other}"),
