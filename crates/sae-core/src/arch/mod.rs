@@ -36,7 +36,18 @@ macro_rules! registry {
     };
 }
 
-registry![gated, relu, topk, batchtopk, jumprelu, matryoshka, mp];
+registry![
+    gated,
+    relu,
+    topk,
+    batchtopk,
+    jumprelu,
+    matryoshka,
+    mp,
+    mutualchoice,
+    featurechoice,
+    gba
+];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the
 /// `sae_core` block of cfg.json. Each family says which keys it reads.
@@ -399,12 +410,26 @@ pub struct StepCtx<'a> {
     pub params: &'a [Vec<f32>],
     /// Decoder row norms (only filled for the decoder-norm-weighted L1 ReLU).
     pub dec_norm: &'a [f32],
-    /// Latents dead at the start of this step (AuxK), ascending.
+    /// Latents the auxiliary reconstruction may use this step (AuxK), ascending: those of
+    /// `Arch::aux_latents`, the dead ones unless the rule says otherwise.
     pub dead: &'a [u32],
     /// BatchTopK: this batch's selection threshold (from `prepare_batch`).
     pub batch_threshold: f32,
     /// Per-latent lower bounds from `Arch::prefilter` (empty when the arch has none).
     pub cutoff: &'a [f32],
+    /// Per-latent values of this batch from `Arch::prepare_latents` (empty when the arch has
+    /// none).
+    pub latent_batch: &'a [f32],
+}
+
+/// What `Arch::after_step` may read: the step just applied.
+pub struct AfterStep<'a> {
+    /// The step's number (1 for the first).
+    pub t: u64,
+    /// Tokens in the batch.
+    pub n: usize,
+    /// This batch's per-latent values from `Arch::prepare_latents`.
+    pub latent_batch: &'a [f32],
 }
 
 /// Entries of one row, appended by `select_row`.
@@ -503,6 +528,24 @@ pub trait Arch: Send + Sync {
     fn prepare_batch(&self, _ctx: &StepCtx, _pre: &[f32]) -> f32 {
         0.0
     }
+    /// Batch-level work per latent before `select_row` (column-wise selections): fills `out`
+    /// with one value per latent, read back as `StepCtx::latent_batch`. Returns false when
+    /// the rule has none.
+    fn prepare_latents(&self, _ctx: &StepCtx, _pre: &[f32], _out: &mut Vec<f32>) -> bool {
+        false
+    }
+    /// The latents the auxiliary reconstruction (AuxK) may use this step, ascending, given
+    /// how many tokens ago each last fired: by default the dead ones (no firing in
+    /// `dead_window_tokens`).
+    fn aux_latents(&self, since_fired: &[u64], hyper: &TrainHyper, out: &mut Vec<u32>) {
+        out.clear();
+        let w = hyper.dead_window_tokens;
+        out.extend((0..since_fired.len() as u32).filter(|&j| since_fired[j as usize] >= w));
+    }
+    /// Per-latent parameters set outside gradient descent, after each applied step (their
+    /// gradients are zero, so Adam leaves them alone). Not called when only collecting
+    /// gradients.
+    fn after_step(&self, _step: &AfterStep, _params: &mut [Vec<f32>]) {}
     /// Per-latent values `c_j` such that only latents with `pre_j > c_j` can be selected
     /// (a vectorised prefilter; `select_row` still applies its exact test). Returns false
     /// when the arch has no such bound. `batch_value` is what `prepare_batch` returned.

@@ -75,6 +75,32 @@ fn top_k(vals: &[(f64, usize)], k: usize) -> Vec<(f64, usize)> {
     v
 }
 
+/// Feature Choice's capacities for a batch of `n`: shares `n k (j+1)^-a / sum_i (i+1)^-a`
+/// with the exponent a new SAE gets, rounded by largest remainder (ties: lower index) to sum
+/// to `k n`, then at least one token each.
+fn zipf_capacities(c: &RefCfg, n: usize) -> Vec<usize> {
+    let settings = c
+        .arch
+        .family()
+        .settings(c.k, c.d_sae, &Default::default())
+        .unwrap();
+    let a = settings["zipf_exponent"].as_f64().unwrap();
+    let w: Vec<f64> = (1..=c.d_sae).map(|r| (r as f64).powf(-a)).collect();
+    let total: f64 = w.iter().sum();
+    let shares: Vec<f64> = w.iter().map(|v| (c.k * n) as f64 * v / total).collect();
+    let mut caps: Vec<usize> = shares.iter().map(|s| s.floor() as usize).collect();
+    let mut by_remainder: Vec<usize> = (0..c.d_sae).collect();
+    by_remainder.sort_by(|&i, &j| {
+        let (ri, rj) = (shares[i].fract(), shares[j].fract());
+        rj.partial_cmp(&ri).unwrap().then(i.cmp(&j))
+    });
+    let left = c.k * n - caps.iter().sum::<usize>();
+    for &j in &by_remainder[..left] {
+        caps[j] += 1;
+    }
+    caps.iter().map(|&m| m.max(1)).collect()
+}
+
 fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
     let (d_in, m) = (c.d_in, c.d_sae);
     let mut out = Fwd {
@@ -96,7 +122,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
     }
     // BatchTopK: the (k*n)-th largest positive value over the batch.
     let mut batch_t = 0.0;
-    if matches!(c.arch.as_str(), "batchtopk" | "matryoshka") {
+    if matches!(c.arch.as_str(), "batchtopk" | "matryoshka" | "mutualchoice") {
         let mut all: Vec<f64> = out
             .pre
             .iter()
@@ -111,6 +137,22 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
         } else {
             *all.last().unwrap_or(&0.0)
         };
+    }
+    // Feature Choice: each latent's cut-off, its capacity-th largest positive value over the
+    // batch (capacities from the exponent a new SAE gets).
+    let mut column_cut = vec![f64::INFINITY; m];
+    if c.arch.as_str() == "featurechoice" {
+        let caps = zipf_capacities(c, n);
+        for j in 0..m {
+            let mut col: Vec<f64> = (0..n)
+                .map(|b| out.pre[b][j] + p.lat[0][j])
+                .filter(|v| *v > 0.0)
+                .collect();
+            col.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            if let Some(v) = col.get(caps[j].min(col.len()).wrapping_sub(1)) {
+                column_cut[j] = *v;
+            }
+        }
     }
     for b in 0..n {
         let pre = &out.pre[b];
@@ -127,7 +169,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     }
                 }
             }
-            "relu" => {
+            "relu" | "gba" => {
                 for j in 0..m {
                     f[j] = (pre[j] + p.lat[0][j]).max(0.0);
                 }
@@ -140,7 +182,7 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     }
                 }
             }
-            "topk" | "batchtopk" | "matryoshka" => {
+            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
                 let vals: Vec<(f64, usize)> = (0..m).map(|j| (pre[j] + p.lat[0][j], j)).collect();
                 if c.arch == ArchKind::TOPK {
                     for (v, j) in top_k(&vals, c.k) {
@@ -156,6 +198,14 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                 let dead_vals: Vec<(f64, usize)> = c.dead.iter().map(|&j| vals[j]).collect();
                 for (v, j) in top_k(&dead_vals, c.k_aux) {
                     a[j] = v.max(0.0);
+                }
+            }
+            "featurechoice" => {
+                for j in 0..m {
+                    let v = pre[j] + p.lat[0][j];
+                    if v > 0.0 && v >= column_cut[j] {
+                        f[j] = v;
+                    }
                 }
             }
             other => panic!("no dense reference for {other}"),
@@ -323,12 +373,14 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
                 let l0 = fw.f[b].iter().filter(|v| **v != 0.0).count() as f64;
                 total += c.lambda * l0 / nf;
             }
-            "topk" | "batchtopk" | "matryoshka" => {
+            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
                 if !c.dead.is_empty() && denom > 0.0 {
                     let eh = decode(c, &live.w_dec, None, &fw.a[b]);
                     total += c.alpha * sq(&eh, &e[b]) / denom;
                 }
             }
+            // No sparsity penalty.
+            "featurechoice" | "gba" => {}
             other => panic!("no dense reference for {other}"),
         }
     }
@@ -449,7 +501,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         g.lat[1][j] += gt * theta;
                     }
                 }
-                "topk" | "batchtopk" | "matryoshka" => {
+                "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
                     if f > 0.0 {
                         dpre[j] += df;
                     }
@@ -457,6 +509,19 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         dpre[j] += da;
                     }
                     g.lat[0][j] += dpre[j];
+                }
+                // The threshold is an inference estimate: no gradient.
+                "featurechoice" => {
+                    if f > 0.0 {
+                        dpre[j] = df;
+                        g.lat[0][j] += df;
+                    }
+                }
+                // The bias is set outside gradient descent: no gradient.
+                "gba" => {
+                    if f > 0.0 {
+                        dpre[j] = df;
+                    }
                 }
                 other => panic!("no dense reference for {other}"),
             }

@@ -3,7 +3,7 @@
 //! `Buffers::transpose_entries`, `latent_pass` (gradients fused with Adam), `dense_params`.
 
 use super::{Mode, SaeTrainer, StepStats};
-use crate::arch::{Arch, AuxMode, Entry, RowOut, StepCtx};
+use crate::arch::{AfterStep, Arch, AuxMode, Entry, RowOut, StepCtx};
 use crate::kernels::{
     acc2, acc3, axpy, axpy2, dot, dot2, matmul, matmul_tn, matmul_xt, prefetch_rows,
     split_by_lengths,
@@ -83,6 +83,7 @@ pub(super) struct Buffers {
     dec_norm: Vec<f32>,
     dead: Vec<u32>,
     cutoff: Vec<f32>,
+    latent_batch: Vec<f32>,
     gparams: Vec<Vec<f32>>,
 }
 
@@ -292,9 +293,8 @@ impl SaeTrainer {
         }
         buf.dead.clear();
         if self.arch.aux_mode() == AuxMode::AuxK {
-            let w = self.hyper.dead_window_tokens;
-            buf.dead
-                .extend((0..d_sae as u32).filter(|&j| self.tokens_since_fired[j as usize] >= w));
+            self.arch
+                .aux_latents(&self.tokens_since_fired, &self.hyper, &mut buf.dead);
         }
         let ctx = StepCtx {
             n,
@@ -306,8 +306,15 @@ impl SaeTrainer {
             dead: &buf.dead,
             batch_threshold: self.last_batch_threshold,
             cutoff: &[],
+            latent_batch: &[],
         };
         let threshold = self.arch.prepare_batch(&ctx, &buf.pre);
+        if !self
+            .arch
+            .prepare_latents(&ctx, &buf.pre, &mut buf.latent_batch)
+        {
+            buf.latent_batch.clear();
+        }
         let cutoff = self
             .arch
             .prefilter(&self.params, threshold, &mut buf.cutoff);
@@ -328,6 +335,7 @@ impl SaeTrainer {
             dead: &buf.dead,
             batch_threshold: batch.threshold,
             cutoff: if batch.cutoff { &buf.cutoff } else { &[] },
+            latent_batch: &buf.latent_batch,
         };
         buf.chunks
             .resize_with(n.div_ceil(ROW_CHUNK), ChunkOut::default);
@@ -657,6 +665,7 @@ impl SaeTrainer {
                 dead: &buf.dead,
                 batch_threshold: bw.batch_threshold,
                 cutoff: &[],
+                latent_batch: &buf.latent_batch,
             },
             bw: *bw,
             d_in,
@@ -756,6 +765,12 @@ impl SaeTrainer {
                 {
                     ad.update(p, &mut m.m, &mut m.v, g);
                 }
+                let step = AfterStep {
+                    t: bw.t,
+                    n: bw.n,
+                    latent_batch: &buf.latent_batch,
+                };
+                self.arch.after_step(&step, &mut self.params);
                 if self.arch.tracks_batch_threshold() {
                     self.threshold_ema = THRESHOLD_EMA_BETA * self.threshold_ema
                         + (1.0 - THRESHOLD_EMA_BETA) * bw.batch_threshold as f64;
@@ -789,6 +804,7 @@ impl SaeTrainer {
             dead: &buf.dead,
             batch_threshold,
             cutoff: &[],
+            latent_batch: &buf.latent_batch,
         };
         // Gpre[b, j], row by row.
         let (row_ptr, idx, fv, av, pre_e, dots, arch) = (
