@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Harvest speed: Hugging Face transformers (PyTorch CPU, f32) vs `sae harvest`, same run.
+"""Harvest speed: Hugging Face transformers (PyTorch CPU) vs `sae harvest`, same run.
 
 Both run SmolLM2-135M-Instruct (the Q4_1 GGUF dequantised to f32) over 128-token contexts and
 stop at layer 15 (blocks.15.hook_resid_post); tokens/s counts stored rows (127 per context,
 BOS left out), as `sae harvest` does.
 
-    /tmp/lmvenv/bin/python tools/bench_hf_harvest.py /tmp/smol/gguf target/release/sae \
-        [--tokens 200000] [--batch 16]
+    /work/venv-hf/bin/python tools/bench_hf_harvest.py ~/.cache/sae/smollm2-135m \
+        target/release/sae [--tokens 200000] [--batch 16] [--bf16] [--before OLD_SAE_BIN]
 
-(venv setup: see tools/make_lm_fixture.py). The HF side times forward passes only (after one
+MODEL_DIR is any folder holding the GGUF (the cache `sae` fills on first use will do); the venv
+needs torch, transformers and gguf from pip. The HF side times forward passes only (after one
 warm-up batch), on random token ids; ours is the tokens/s `sae harvest` prints (model forward +
-shard writing, after model load and tokenization).
+shard writing, after model load and tokenization). --bf16 adds transformers with bf16 weights
+and `sae harvest --compute bf16`; --before adds another `sae` binary (f32) for a before/after.
 """
 import argparse
 import re
@@ -19,17 +21,23 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GgufConfig
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYER = 15
 CTX = 128
 
 
-def bench_hf(model_dir, n_tokens, batch):
+def bench_hf(model_dir, n_tokens, batch, dtype):
     torch.set_grad_enabled(False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF, dtype=torch.float32)
+    # Recent transformers keep GGUF weights in their quantized blocks (matmuls dequantize on
+    # the fly) unless told otherwise; the comparison is with a plain dense model.
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, gguf_file=GGUF, dtype=dtype, quantization_config=GgufConfig(dequantize=True))
     model.eval()
+    proj = model.model.layers[0].mlp.gate_proj
+    if type(proj) is not torch.nn.Linear or proj.weight.dtype != dtype:
+        raise SystemExit(f"transformers did not load a dense {dtype} model: {type(proj)}, {proj.weight.dtype}")
     body = model.model
     body.layers = body.layers[: LAYER + 1]  # stop at the hooked layer
     gen = torch.Generator().manual_seed(0)
@@ -46,12 +54,12 @@ def bench_hf(model_dir, n_tokens, batch):
     return rows / seconds, rows, seconds
 
 
-def bench_ours(sae_bin, n_tokens, batch):
+def bench_ours(sae_bin, n_tokens, batch, extra=()):
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run(
             [sae_bin, "harvest", "--model", "smollm2-135m", "--hook", f"blocks.{LAYER}.hook_resid_post",
              "--corpus", "python-docs", "--tokens", str(n_tokens), "--ctx", str(CTX), "--batch", str(batch),
-             "--out", out + "/acts"],
+             "--out", out + "/acts", *extra],
             capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit("sae harvest failed:\n" + proc.stderr)
@@ -65,13 +73,27 @@ def main():
     ap.add_argument("sae_bin")
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--bf16", action="store_true", help="also bf16 on both sides")
+    ap.add_argument("--before", help="another sae binary to time (f32), e.g. an older build")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    hf, hf_rows, hf_s = bench_hf(a.model_dir, a.tokens, a.batch)
-    print(f"transformers: {hf_rows} tokens in {hf_s:.1f}s = {hf:.0f} tokens/s")
+    with open("/proc/loadavg") as f:
+        print(f"load average at start: {f.read().split()[:3]}")
+    hf, hf_rows, hf_s = bench_hf(a.model_dir, a.tokens, a.batch, torch.float32)
+    print(f"transformers f32: {hf_rows} tokens in {hf_s:.1f}s = {hf:.0f} tokens/s")
+    if a.bf16:
+        r, rows, s = bench_hf(a.model_dir, a.tokens, a.batch, torch.bfloat16)
+        print(f"transformers bf16: {rows} tokens in {s:.1f}s = {r:.0f} tokens/s ({r / hf:.2f}x f32)")
     ours, rows, s = bench_ours(a.sae_bin, a.tokens, a.batch)
-    print(f"sae harvest:  {rows} tokens in {s:.1f}s = {ours:.0f} tokens/s")
-    print(f"ratio: {ours / hf:.2f}x transformers")
+    print(f"sae harvest f32:  {rows} tokens in {s:.1f}s = {ours:.0f} tokens/s = {ours / hf:.2f}x transformers f32")
+    if a.bf16:
+        r, rows, s = bench_ours(a.sae_bin, a.tokens, a.batch, ("--compute", "bf16"))
+        print(f"sae harvest --compute bf16: {rows} tokens in {s:.1f}s = {r:.0f} tokens/s = {r / hf:.2f}x transformers f32")
+    if a.before:
+        r, rows, s = bench_ours(a.before, a.tokens, a.batch)
+        print(f"{a.before} f32: {rows} tokens in {s:.1f}s = {r:.0f} tokens/s = {r / hf:.2f}x transformers f32")
+    with open("/proc/loadavg") as f:
+        print(f"load average at end: {f.read().split()[:3]}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
 
 /// A `[k, n]` weight matrix rounded to bf16, packed as panels of `NR` columns; within a panel,
 /// one row of `NR` u32 per pair of consecutive k (zero-padded past `k` and `n`).
-pub(crate) struct PackedBf16 {
+pub struct PackedBf16 {
     k: usize,
     n: usize,
     k_pairs: usize,
@@ -43,7 +43,7 @@ pub(crate) struct PackedBf16 {
 
 impl PackedBf16 {
     /// `w` is `[k, n]` row-major f32.
-    pub(crate) fn pack(w: &[f32], k: usize, n: usize) -> Self {
+    pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n);
         let k_pairs = k.div_ceil(2);
         let panels = n.div_ceil(NR);
@@ -91,7 +91,7 @@ impl SharedMut {
 /// `out[r, j] (+)= sum_i a[r, i] * w[i, j]` for `m` rows, with `a` (row stride `a_rs`, first
 /// `w.k` columns used) rounded to bf16. `a_pairs` is scratch for the rounded rows.
 /// Panics unless `available()`.
-pub(crate) fn matmul(
+pub fn matmul(
     m: usize,
     a: &[f32],
     a_rs: usize,
@@ -115,11 +115,8 @@ pub(crate) fn matmul(
         .enumerate()
         .for_each(|(blk, rows)| {
             for (i, dst) in rows.chunks_exact_mut(kp).enumerate() {
-                let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
-                for (j, d) in dst.iter_mut().enumerate() {
-                    let hi = if 2 * j + 1 < k { src[2 * j + 1] } else { 0.0 };
-                    *d = pair(src[2 * j], hi);
-                }
+                // SAFETY: `available()` was checked above.
+                unsafe { round_row(&a[(blk * ROW_BLOCK + i) * a_rs..][..k], dst) };
             }
         });
     let panels = w.n.div_ceil(NR);
@@ -144,6 +141,33 @@ pub(crate) fn matmul(
             r += rows;
         }
     });
+}
+
+/// `src` rounded to bf16 into `dst` as pairs (`dst.len() == src.len().div_ceil(2)`), 32
+/// values per instruction; the same round-to-nearest-even as `pair`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(dst.len(), src.len().div_ceil(2));
+    let whole = src.len() / 32;
+    for i in 0..whole {
+        let s = src.as_ptr().add(32 * i);
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+            _mm512_loadu_ps(s.add(16)),
+            _mm512_loadu_ps(s),
+        ));
+        _mm512_storeu_si512(dst.as_mut_ptr().add(16 * i) as *mut __m512i, v);
+    }
+    for (j, d) in dst.iter_mut().enumerate().skip(16 * whole) {
+        let hi = src.get(2 * j + 1).copied().unwrap_or(0.0);
+        *d = pair(src[2 * j], hi);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn round_row(_src: &[f32], _dst: &mut [u32]) {
+    unreachable!("bf16 products are x86_64 only");
 }
 
 #[cfg(target_arch = "x86_64")]

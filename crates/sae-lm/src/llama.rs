@@ -8,6 +8,7 @@ use crate::hooks::{Hook, HookKind, HookMode};
 use crate::kernels;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Mutex;
 
 #[derive(Clone, Debug)]
 pub struct LlamaConfig {
@@ -109,6 +110,22 @@ pub struct Llama {
     sin: Vec<f32>,
     /// The blocks' weights rounded to bf16 when the products run in bf16.
     bf16_blocks: Option<Vec<Bf16Block>>,
+    /// Kept between passes: fresh buffers of this size cost a page fault per 4 KiB.
+    buffers: Mutex<Buffers>,
+}
+
+/// A forward pass's intermediate rows (all but the residual stream, which it returns).
+#[derive(Default)]
+struct Buffers {
+    /// Normalised residual stream.
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    z: Vec<f32>,
+    gate_up: Vec<f32>,
+    /// A block output a hook wants on its own.
+    out: Vec<f32>,
+    /// Activations rounded to bf16.
+    scratch: Vec<u32>,
 }
 
 /// A block's four products' weights in bf16, packed (same matrices as `Block`).
@@ -175,6 +192,7 @@ impl Llama {
             cos,
             sin,
             bf16_blocks: None,
+            buffers: Mutex::default(),
         })
     }
 
@@ -273,13 +291,23 @@ impl Llama {
         let eps = c.rms_eps as f32;
         let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
         let mut x = values(&self.embed.index_select(&ids, 0)?)?;
-        let mut h = vec![0f32; rows * d];
-        let mut qkv = vec![0f32; rows * qkv_width];
-        let mut z = vec![0f32; rows * z_width];
-        let mut gate_up = vec![0f32; rows * 2 * dm];
-        let mut scratch = Vec::new();
-        // Only allocated when an output hook needs the block output on its own.
-        let mut out = Vec::new();
+        // The buffers of the last pass, unless another thread is running one now.
+        let mut kept = self.buffers.try_lock().ok();
+        let mut fresh = Buffers::default();
+        let Buffers {
+            h,
+            qkv,
+            z,
+            gate_up,
+            out,
+            scratch,
+        } = kept.as_deref_mut().unwrap_or(&mut fresh);
+        let (mut h, mut qkv, mut z, mut gate_up, mut out) = (h, qkv, z, gate_up, out);
+        // Every element is written before it is read, so old contents do not matter.
+        h.resize(rows * d, 0.0);
+        qkv.resize(rows * qkv_width, 0.0);
+        z.resize(rows * z_width, 0.0);
+        gate_up.resize(rows * 2 * dm, 0.0);
         let done = |v: Vec<f32>, width: usize| -> Result<Tensor> {
             Ok(Tensor::from_vec(v, (rows, width), &Device::Cpu)?)
         };
@@ -295,7 +323,7 @@ impl Llama {
                     .for_each(|row| row.copy_from_slice(bias));
             }
             let biased = b.b_qkv.is_some();
-            let s = &mut scratch;
+            let s = &mut *scratch;
             self.product(l, Weight::Qkv, rows, &h, d, &mut qkv, qkv_width, biased, s);
             kernels::rope_in_place(
                 &mut qkv,
@@ -318,7 +346,7 @@ impl Llama {
                 &mut z,
             );
             if at(HookKind::AttnZ) && mode.apply_in_place(&mut z)? {
-                return done(z, z_width);
+                return done(z.clone(), z_width);
             }
             // The output projection adds straight into the residual stream unless the hook
             // wants it on its own.
@@ -326,9 +354,9 @@ impl Llama {
                 out.resize(rows * d, 0.0);
                 self.product(l, Weight::O, rows, &z, z_width, &mut out, d, false, s);
                 if mode.apply_in_place(&mut out)? {
-                    return done(out, d);
+                    return done(out.clone(), d);
                 }
-                x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+                x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
             } else {
                 self.product(l, Weight::O, rows, &z, z_width, &mut x, d, true, s);
             }
@@ -360,9 +388,9 @@ impl Llama {
                     s,
                 );
                 if mode.apply_in_place(&mut out)? {
-                    return done(out, d);
+                    return done(out.clone(), d);
                 }
-                x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+                x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
             } else {
                 self.product(l, Weight::Down, rows, &gate_up, 2 * dm, &mut x, d, true, s);
             }
