@@ -110,8 +110,9 @@ pub struct Llama {
     sin: Vec<f32>,
     /// The blocks' weights rounded to bf16 when the products run in bf16.
     bf16_blocks: Option<Vec<Bf16Block>>,
-    /// Kept between passes: fresh buffers of this size cost a page fault per 4 KiB.
-    buffers: Mutex<Buffers>,
+    /// Kept between passes: fresh buffers this size cost a page fault per 4 KiB. Boxed so
+    /// `Net`'s variants stay of similar size.
+    buffers: Box<Mutex<Buffers>>,
 }
 
 /// A forward pass's intermediate rows (all but the residual stream, which it returns).
@@ -192,7 +193,7 @@ impl Llama {
             cos,
             sin,
             bf16_blocks: None,
-            buffers: Mutex::default(),
+            buffers: Box::default(),
         })
     }
 
@@ -302,7 +303,6 @@ impl Llama {
             out,
             scratch,
         } = kept.as_deref_mut().unwrap_or(&mut fresh);
-        let (mut h, mut qkv, mut z, mut gate_up, mut out) = (h, qkv, z, gate_up, out);
         // Every element is written before it is read, so old contents do not matter.
         h.resize(rows * d, 0.0);
         qkv.resize(rows * qkv_width, 0.0);
@@ -316,7 +316,7 @@ impl Llama {
             if at(HookKind::ResidPre) && mode.apply_in_place(&mut x)? {
                 return done(x, d);
             }
-            kernels::rms_norm(&x, &b.attn_norm, eps, &mut h);
+            kernels::rms_norm(&x, &b.attn_norm, eps, h);
             // Biases go in first; the product then adds onto them.
             if let Some(bias) = &b.b_qkv {
                 qkv.chunks_exact_mut(qkv_width)
@@ -324,9 +324,9 @@ impl Llama {
             }
             let biased = b.b_qkv.is_some();
             let s = &mut *scratch;
-            self.product(l, Weight::Qkv, rows, &h, d, &mut qkv, qkv_width, biased, s);
+            self.product(l, Weight::Qkv, rows, h, d, qkv, qkv_width, biased, s);
             kernels::rope_in_place(
-                &mut qkv,
+                qkv,
                 qkv_width,
                 ctx,
                 c.n_heads + c.n_kv_heads,
@@ -335,64 +335,35 @@ impl Llama {
                 &self.sin,
                 c.interleaved_rope,
             );
-            kernels::causal_attention(
-                &qkv,
-                qkv_width,
-                batch,
-                ctx,
-                c.n_heads,
-                c.n_kv_heads,
-                dh,
-                &mut z,
-            );
-            if at(HookKind::AttnZ) && mode.apply_in_place(&mut z)? {
+            kernels::causal_attention(qkv, qkv_width, batch, ctx, c.n_heads, c.n_kv_heads, dh, z);
+            if at(HookKind::AttnZ) && mode.apply_in_place(z)? {
                 return done(z.clone(), z_width);
             }
             // The output projection adds straight into the residual stream unless the hook
             // wants it on its own.
             if at(HookKind::AttnOut) {
                 out.resize(rows * d, 0.0);
-                self.product(l, Weight::O, rows, &z, z_width, &mut out, d, false, s);
-                if mode.apply_in_place(&mut out)? {
+                self.product(l, Weight::O, rows, z, z_width, out, d, false, s);
+                if mode.apply_in_place(out)? {
                     return done(out.clone(), d);
                 }
                 x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
             } else {
-                self.product(l, Weight::O, rows, &z, z_width, &mut x, d, true, s);
+                self.product(l, Weight::O, rows, z, z_width, &mut x, d, true, s);
             }
-            kernels::rms_norm(&x, &b.mlp_norm, eps, &mut h);
-            self.product(
-                l,
-                Weight::GateUp,
-                rows,
-                &h,
-                d,
-                &mut gate_up,
-                2 * dm,
-                false,
-                s,
-            );
-            kernels::silu_gate_in_place(&mut gate_up, dm);
+            kernels::rms_norm(&x, &b.mlp_norm, eps, h);
+            self.product(l, Weight::GateUp, rows, h, d, gate_up, 2 * dm, false, s);
+            kernels::silu_gate_in_place(gate_up, dm);
             // The down projection reads the gated half of each row in place.
             if at(HookKind::MlpOut) {
                 out.resize(rows * d, 0.0);
-                self.product(
-                    l,
-                    Weight::Down,
-                    rows,
-                    &gate_up,
-                    2 * dm,
-                    &mut out,
-                    d,
-                    false,
-                    s,
-                );
-                if mode.apply_in_place(&mut out)? {
+                self.product(l, Weight::Down, rows, gate_up, 2 * dm, out, d, false, s);
+                if mode.apply_in_place(out)? {
                     return done(out.clone(), d);
                 }
                 x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
             } else {
-                self.product(l, Weight::Down, rows, &gate_up, 2 * dm, &mut x, d, true, s);
+                self.product(l, Weight::Down, rows, gate_up, 2 * dm, &mut x, d, true, s);
             }
             if at(HookKind::ResidPost) && mode.apply_in_place(&mut x)? {
                 return done(x, d);
