@@ -123,7 +123,7 @@ struct Buffers {
     qkv: Vec<f32>,
     z: Vec<f32>,
     gate_up: Vec<f32>,
-    /// A block output a hook wants on its own.
+    /// A block output (attention or MLP) before it is added to the residual stream.
     out: Vec<f32>,
     /// Activations rounded to bf16.
     scratch: Vec<u32>,
@@ -339,32 +339,23 @@ impl Llama {
             if at(HookKind::AttnZ) && mode.apply_in_place(z)? {
                 return done(z.clone(), z_width);
             }
-            // The output projection adds straight into the residual stream unless the hook
-            // wants it on its own.
-            if at(HookKind::AttnOut) {
-                out.resize(rows * d, 0.0);
-                self.product(l, Weight::O, rows, z, z_width, out, d, false, s);
-                if mode.apply_in_place(out)? {
-                    return done(out.clone(), d);
-                }
-                x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
-            } else {
-                self.product(l, Weight::O, rows, z, z_width, &mut x, d, true, s);
+            // Each block output goes to a buffer of its own and is then added to the residual
+            // stream, hooked or not, so an identity splice changes no rounding.
+            out.resize(rows * d, 0.0);
+            self.product(l, Weight::O, rows, z, z_width, out, d, false, s);
+            if at(HookKind::AttnOut) && mode.apply_in_place(out)? {
+                return done(out.clone(), d);
             }
+            kernels::add_in_place(&mut x, out);
             kernels::rms_norm(&x, &b.mlp_norm, eps, h);
             self.product(l, Weight::GateUp, rows, h, d, gate_up, 2 * dm, false, s);
             kernels::silu_gate_in_place(gate_up, dm);
             // The down projection reads the gated half of each row in place.
-            if at(HookKind::MlpOut) {
-                out.resize(rows * d, 0.0);
-                self.product(l, Weight::Down, rows, gate_up, 2 * dm, out, d, false, s);
-                if mode.apply_in_place(out)? {
-                    return done(out.clone(), d);
-                }
-                x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
-            } else {
-                self.product(l, Weight::Down, rows, gate_up, 2 * dm, &mut x, d, true, s);
+            self.product(l, Weight::Down, rows, gate_up, 2 * dm, out, d, false, s);
+            if at(HookKind::MlpOut) && mode.apply_in_place(out)? {
+                return done(out.clone(), d);
             }
+            kernels::add_in_place(&mut x, out);
             if at(HookKind::ResidPost) && mode.apply_in_place(&mut x)? {
                 return done(x, d);
             }
