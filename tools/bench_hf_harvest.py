@@ -6,15 +6,17 @@ stop at layer 15 (blocks.15.hook_resid_post); tokens/s counts stored rows (127 p
 BOS left out), as `sae harvest` does.
 
     /work/venv-hf/bin/python tools/bench_hf_harvest.py ~/.cache/sae/smollm2-135m \
-        target/release/sae [--tokens 200000] [--batch 16] [--bf16] [--before OLD_SAE_BIN]
+        target/release/sae [--tokens 200000] [--batch 16] [--bf16] [--before OLD_SAE_BIN] [--threads N]
 
 MODEL_DIR is any folder holding the GGUF (the cache `sae` fills on first use will do); the venv
 needs torch, transformers and gguf from pip. The HF side times forward passes only (after one
 warm-up batch), on random token ids; ours is the tokens/s `sae harvest` prints (model forward +
 shard writing, after model load and tokenization). --bf16 adds transformers with bf16 weights
 and `sae harvest --compute bf16`; --before adds another `sae` binary (f32) for a before/after.
+Both sides use the same number of threads (torch's, else --threads; RAYON_NUM_THREADS for ours).
 """
 import argparse
+import os
 import re
 import subprocess
 import tempfile
@@ -60,7 +62,7 @@ def bench_ours(sae_bin, n_tokens, batch, extra=()):
             [sae_bin, "harvest", "--model", "smollm2-135m", "--hook", f"blocks.{LAYER}.hook_resid_post",
              "--corpus", "python-docs", "--tokens", str(n_tokens), "--ctx", str(CTX), "--batch", str(batch),
              "--out", out + "/acts", *extra],
-            capture_output=True, text=True)
+            capture_output=True, text=True, env=os.environ | {"RAYON_NUM_THREADS": str(torch.get_num_threads())})
         if proc.returncode != 0:
             raise SystemExit("sae harvest failed:\n" + proc.stderr)
         m = re.search(r"harvested (\d+) tokens .* in ([\d.]+)s: (\d+) tokens/s", proc.stdout)
@@ -75,7 +77,10 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--bf16", action="store_true", help="also bf16 on both sides")
     ap.add_argument("--before", help="another sae binary to time (f32), e.g. an older build")
+    ap.add_argument("--threads", type=int, help="threads on both sides (default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with open("/proc/loadavg") as f:
         print(f"load average at start: {f.read().split()[:3]}")
