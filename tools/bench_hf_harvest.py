@@ -6,7 +6,7 @@ stop at layer 15 (blocks.15.hook_resid_post); tokens/s counts stored rows (127 p
 BOS left out), as `sae harvest` does.
 
     /work/venv-hf/bin/python tools/bench_hf_harvest.py ~/.cache/sae/smollm2-135m \
-        target/release/sae [--tokens 200000] [--batch 16] [--bf16] [--before OLD_SAE_BIN] [--threads N]
+        target/release/sae [--tokens 200000] [--batch 16] [--bf16] [--before OLD_SAE_BIN] [--threads N] [--rounds N]
 
 MODEL_DIR is any folder holding the GGUF (the cache `sae` fills on first use will do); the venv
 needs torch, transformers and gguf from pip. The HF side times forward passes only (after one
@@ -14,6 +14,8 @@ warm-up batch), on random token ids; ours is the tokens/s `sae harvest` prints (
 shard writing, after model load and tokenization). --bf16 adds transformers with bf16 weights
 and `sae harvest --compute bf16`; --before adds another `sae` binary (f32) for a before/after.
 Both sides use the same number of threads (torch's, else --threads; RAYON_NUM_THREADS for ours).
+--rounds N times every configuration N times, interleaved, and reports the best of each: on a
+machine others are using, the best is the run least slowed by them.
 """
 import argparse
 import os
@@ -30,7 +32,7 @@ LAYER = 15
 CTX = 128
 
 
-def bench_hf(model_dir, n_tokens, batch, dtype):
+def load_hf(model_dir, dtype):
     torch.set_grad_enabled(False)
     # Recent transformers keep GGUF weights in their quantized blocks (matmuls dequantize on
     # the fly) unless told otherwise; the comparison is with a plain dense model.
@@ -42,9 +44,13 @@ def bench_hf(model_dir, n_tokens, batch, dtype):
         raise SystemExit(f"transformers did not load a dense {dtype} model: {type(proj)}, {proj.weight.dtype}")
     body = model.model
     body.layers = body.layers[: LAYER + 1]  # stop at the hooked layer
+    return body
+
+
+def bench_hf(body, n_tokens, batch):
     gen = torch.Generator().manual_seed(0)
     n_batches = max(1, n_tokens // (batch * (CTX - 1)))
-    ids = torch.randint(3, model.config.vocab_size, (n_batches + 1, batch, CTX), generator=gen)
+    ids = torch.randint(3, body.config.vocab_size, (n_batches + 1, batch, CTX), generator=gen)
     with torch.inference_mode():
         body(ids[0])  # warm-up
         start = time.perf_counter()
@@ -53,7 +59,7 @@ def bench_hf(model_dir, n_tokens, batch, dtype):
             _ = out.hidden_states[LAYER + 1][:, 1:].contiguous()  # layer-15 resid_post, no BOS
         seconds = time.perf_counter() - start
     rows = n_batches * batch * (CTX - 1)
-    return rows / seconds, rows, seconds
+    return rows / seconds
 
 
 def bench_ours(sae_bin, n_tokens, batch, extra=()):
@@ -66,7 +72,12 @@ def bench_ours(sae_bin, n_tokens, batch, extra=()):
         if proc.returncode != 0:
             raise SystemExit("sae harvest failed:\n" + proc.stderr)
         m = re.search(r"harvested (\d+) tokens .* in ([\d.]+)s: (\d+) tokens/s", proc.stdout)
-        return float(m.group(3)), int(m.group(1)), float(m.group(2))
+        return float(m.group(3))
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def main():
@@ -78,27 +89,29 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="also bf16 on both sides")
     ap.add_argument("--before", help="another sae binary to time (f32), e.g. an older build")
     ap.add_argument("--threads", type=int, help="threads on both sides (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every configuration this many times, interleaved (a busy machine)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    with open("/proc/loadavg") as f:
-        print(f"load average at start: {f.read().split()[:3]}")
-    hf, hf_rows, hf_s = bench_hf(a.model_dir, a.tokens, a.batch, torch.float32)
-    print(f"transformers f32: {hf_rows} tokens in {hf_s:.1f}s = {hf:.0f} tokens/s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {loadavg()}")
+    runs = {"transformers f32": lambda body=load_hf(a.model_dir, torch.float32): bench_hf(body, a.tokens, a.batch)}
     if a.bf16:
-        r, rows, s = bench_hf(a.model_dir, a.tokens, a.batch, torch.bfloat16)
-        print(f"transformers bf16: {rows} tokens in {s:.1f}s = {r:.0f} tokens/s ({r / hf:.2f}x f32)")
-    ours, rows, s = bench_ours(a.sae_bin, a.tokens, a.batch)
-    print(f"sae harvest f32:  {rows} tokens in {s:.1f}s = {ours:.0f} tokens/s = {ours / hf:.2f}x transformers f32")
+        runs["transformers bf16"] = lambda body=load_hf(a.model_dir, torch.bfloat16): bench_hf(body, a.tokens, a.batch)
+    runs["sae harvest f32"] = lambda: bench_ours(a.sae_bin, a.tokens, a.batch)
     if a.bf16:
-        r, rows, s = bench_ours(a.sae_bin, a.tokens, a.batch, ("--compute", "bf16"))
-        print(f"sae harvest --compute bf16: {rows} tokens in {s:.1f}s = {r:.0f} tokens/s = {r / hf:.2f}x transformers f32")
+        runs["sae harvest --compute bf16"] = lambda: bench_ours(a.sae_bin, a.tokens, a.batch, ("--compute", "bf16"))
     if a.before:
-        r, rows, s = bench_ours(a.before, a.tokens, a.batch)
-        print(f"{a.before} f32: {rows} tokens in {s:.1f}s = {r:.0f} tokens/s = {r / hf:.2f}x transformers f32")
-    with open("/proc/loadavg") as f:
-        print(f"load average at end: {f.read().split()[:3]}")
+        runs[f"{a.before} f32"] = lambda: bench_ours(a.before, a.tokens, a.batch)
+    rates = {name: [] for name in runs}
+    for r in range(a.rounds):
+        for name, run in runs.items():
+            rates[name].append(run())
+            print(f"round {r + 1}: {name}: {rates[name][-1]:.0f} tokens/s (load average {loadavg()})", flush=True)
+    best_hf = max(rates["transformers f32"])
+    print(f"best of {a.rounds} round(s), about {a.tokens} tokens each:")
+    for name, rs in rates.items():
+        print(f"  {name}: {max(rs):.0f} tokens/s = {max(rs) / best_hf:.2f}x transformers f32")
 
 
 if __name__ == "__main__":
