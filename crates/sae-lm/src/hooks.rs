@@ -91,4 +91,17 @@ impl HookMode<'_> {
             }
         }
     }
+
+    /// The same on a row-major buffer the forward pass owns: `true` means stop (capture),
+    /// a splice edits `values` in place.
+    pub fn apply_in_place(&mut self, values: &mut [f32]) -> Result<bool> {
+        match self {
+            HookMode::Capture => Ok(true),
+            HookMode::Pass => Ok(false),
+            HookMode::Splice(f) => {
+                f(values)?;
+                Ok(false)
+            }
+        }
+    }
 }

@@ -1,11 +1,13 @@
 //! The model side of the pipeline: corpus -> tokenizer -> language model with hook points.
 
+pub mod bf16;
 pub mod corpus;
 pub mod fetch;
 pub mod gpt2;
 pub mod harvest;
 pub mod hooks;
 pub mod hub;
+mod kernels;
 pub mod llama;
 pub mod loader;
 pub mod model;

@@ -1,10 +1,14 @@
 //! Llama-family forward pass (SmolLM2, Llama, Qwen2 style): RMSNorm, RoPE, grouped-query
-//! attention, SiLU-gated MLP. Weights are f32, stored transposed (`[in, out]`) so every
-//! projection is one `x.matmul(w)` over all batch rows at once.
+//! attention, SiLU-gated MLP, in f32 on the CPU. Weights are stored transposed (`[in, out]`)
+//! and fused at load (q|k|v into one matrix, gate|up into another), so a block is four
+//! products over all rows of the batch; every buffer is allocated once per forward pass.
 
+use crate::bf16::PackedBf16;
 use crate::hooks::{Hook, HookKind, HookMode};
+use crate::kernels;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Mutex;
 
 #[derive(Clone, Debug)]
 pub struct LlamaConfig {
@@ -23,6 +27,7 @@ pub struct LlamaConfig {
     pub interleaved_rope: bool,
 }
 
+/// One block's weights as loaded, projections transposed to `[in, out]`.
 pub struct LlamaLayer {
     pub attn_norm: Tensor,
     pub wq: Tensor,
@@ -38,16 +43,107 @@ pub struct LlamaLayer {
     pub w_down: Tensor,
 }
 
+/// A block's weights as the forward pass reads them: row-major f32, fused.
+struct Block {
+    attn_norm: Vec<f32>,
+    /// `[d_model, (n_heads + 2 * n_kv_heads) * d_head]`: columns q | k | v.
+    w_qkv: Vec<f32>,
+    /// q | k | v biases (Qwen2), same column order.
+    b_qkv: Option<Vec<f32>>,
+    /// `[n_heads * d_head, d_model]`.
+    wo: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    /// `[d_model, 2 * d_mlp]`: columns gate | up.
+    w_gate_up: Vec<f32>,
+    /// `[d_mlp, d_model]`.
+    w_down: Vec<f32>,
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl Block {
+    fn fuse(layer: LlamaLayer, cfg: &LlamaConfig) -> Result<Self> {
+        let (d, dh) = (cfg.d_model, cfg.d_head);
+        let expect = |t: &Tensor, dims: (usize, usize), what: &str| -> Result<()> {
+            if t.dims2()? != dims {
+                bail!("{what} has shape {:?}, expected {dims:?}", t.dims());
+            }
+            Ok(())
+        };
+        expect(&layer.wq, (d, cfg.n_heads * dh), "q projection")?;
+        expect(&layer.wk, (d, cfg.n_kv_heads * dh), "k projection")?;
+        expect(&layer.wv, (d, cfg.n_kv_heads * dh), "v projection")?;
+        expect(&layer.wo, (cfg.n_heads * dh, d), "output projection")?;
+        expect(&layer.w_gate, (d, cfg.d_mlp), "gate projection")?;
+        expect(&layer.w_up, (d, cfg.d_mlp), "up projection")?;
+        expect(&layer.w_down, (cfg.d_mlp, d), "down projection")?;
+        let w_qkv = Tensor::cat(&[&layer.wq, &layer.wk, &layer.wv], 1)?;
+        let b_qkv = match (&layer.bq, &layer.bk, &layer.bv) {
+            (Some(q), Some(k), Some(v)) => Some(values(&Tensor::cat(&[q, k, v], 0)?)?),
+            (None, None, None) => None,
+            _ => bail!("q, k and v biases must be all present or all absent"),
+        };
+        Ok(Self {
+            attn_norm: values(&layer.attn_norm)?,
+            w_qkv: values(&w_qkv)?,
+            b_qkv,
+            wo: values(&layer.wo)?,
+            mlp_norm: values(&layer.mlp_norm)?,
+            w_gate_up: values(&Tensor::cat(&[&layer.w_gate, &layer.w_up], 1)?)?,
+            w_down: values(&layer.w_down)?,
+        })
+    }
+}
+
 pub struct Llama {
     pub cfg: LlamaConfig,
     /// `[vocab, d_model]`.
-    pub embed: Tensor,
-    pub layers: Vec<LlamaLayer>,
-    pub final_norm: Tensor,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: Tensor,
     /// `[d_model, vocab]`.
-    pub unembed: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    unembed: Tensor,
+    /// `[positions, d_head / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// The blocks' weights rounded to bf16 when the products run in bf16.
+    bf16_blocks: Option<Vec<Bf16Block>>,
+    /// Kept between passes: fresh buffers this size cost a page fault per 4 KiB. Boxed so
+    /// `Net`'s variants stay of similar size.
+    buffers: Box<Mutex<Buffers>>,
+}
+
+/// A forward pass's intermediate rows (all but the residual stream, which it returns).
+#[derive(Default)]
+struct Buffers {
+    /// Normalised residual stream.
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    z: Vec<f32>,
+    gate_up: Vec<f32>,
+    /// A block output (attention or MLP) before it is added to the residual stream.
+    out: Vec<f32>,
+    /// Activations rounded to bf16.
+    scratch: Vec<u32>,
+}
+
+/// A block's four products' weights in bf16, packed (same matrices as `Block`).
+struct Bf16Block {
+    w_qkv: PackedBf16,
+    wo: PackedBf16,
+    w_gate_up: PackedBf16,
+    w_down: PackedBf16,
+}
+
+/// Which of a block's weight matrices a product uses.
+#[derive(Clone, Copy)]
+enum Weight {
+    Qkv,
+    O,
+    GateUp,
+    Down,
 }
 
 impl Llama {
@@ -72,17 +168,103 @@ impl Llama {
                 sin.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (n_pos, half), &Device::Cpu)?;
-        let sin = Tensor::from_vec(sin, (n_pos, half), &Device::Cpu)?;
+        if cfg.n_kv_heads == 0
+            || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads)
+            || !cfg.d_head.is_multiple_of(2)
+        {
+            bail!(
+                "unsupported attention shape: {} heads, {} kv heads, head width {}",
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                cfg.d_head
+            );
+        }
+        let blocks = layers
+            .into_iter()
+            .enumerate()
+            .map(|(l, layer)| Block::fuse(layer, &cfg).map_err(|e| e.context(format!("layer {l}"))))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg,
             embed,
-            layers,
+            blocks,
             final_norm,
             unembed,
             cos,
             sin,
+            bf16_blocks: None,
+            buffers: Box::default(),
         })
+    }
+
+    /// Runs the four weight products of every block in bf16 (weights rounded once, here;
+    /// activations rounded per product; sums in f32) or back in f32. Attention, norms and
+    /// the residual stream stay f32 either way.
+    pub fn set_bf16_products(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.bf16_blocks = None;
+            return Ok(());
+        }
+        if !crate::bf16::available() {
+            bail!("bf16 products need a CPU with AVX512-BF16, which this one lacks");
+        }
+        let c = &self.cfg;
+        let (d, qkv, z) = (
+            c.d_model,
+            (c.n_heads + 2 * c.n_kv_heads) * c.d_head,
+            c.n_heads * c.d_head,
+        );
+        self.bf16_blocks = Some(
+            self.blocks
+                .iter()
+                .map(|b| Bf16Block {
+                    w_qkv: PackedBf16::pack(&b.w_qkv, d, qkv),
+                    wo: PackedBf16::pack(&b.wo, z, d),
+                    w_gate_up: PackedBf16::pack(&b.w_gate_up, d, 2 * c.d_mlp),
+                    w_down: PackedBf16::pack(&b.w_down, c.d_mlp, d),
+                })
+                .collect(),
+        );
+        Ok(())
+    }
+
+    /// `out (+)= a[.., ..k] @ w` over `rows` rows of `a` (row stride `a_rs`), with block
+    /// `l`'s weight `which`, in f32 or bf16 as set.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        l: usize,
+        which: Weight,
+        rows: usize,
+        a: &[f32],
+        a_rs: usize,
+        out: &mut [f32],
+        out_rs: usize,
+        accumulate: bool,
+        scratch: &mut Vec<u32>,
+    ) {
+        if let Some(blocks) = &self.bf16_blocks {
+            let b = &blocks[l];
+            let w = match which {
+                Weight::Qkv => &b.w_qkv,
+                Weight::O => &b.wo,
+                Weight::GateUp => &b.w_gate_up,
+                Weight::Down => &b.w_down,
+            };
+            crate::bf16::matmul(rows, a, a_rs, w, out, out_rs, accumulate, scratch);
+            return;
+        }
+        let c = &self.cfg;
+        let b = &self.blocks[l];
+        let (d, z) = (c.d_model, c.n_heads * c.d_head);
+        let (w, k, n) = match which {
+            Weight::Qkv => (&b.w_qkv, d, (c.n_heads + 2 * c.n_kv_heads) * c.d_head),
+            Weight::O => (&b.wo, z, d),
+            Weight::GateUp => (&b.w_gate_up, d, 2 * c.d_mlp),
+            Weight::Down => (&b.w_down, c.d_mlp, d),
+        };
+        let par = kernels::parallelism();
+        kernels::matmul(rows, k, n, a, a_rs, w, out, out_rs, accumulate, par);
     }
 
     /// Runs the blocks over `tokens` (`[batch * ctx]`). With `HookMode::Capture` it returns
@@ -96,121 +278,89 @@ impl Llama {
         hook: Option<Hook>,
         mode: &mut HookMode<'_>,
     ) -> Result<Tensor> {
-        if ctx > self.cfg.max_positions {
+        let c = &self.cfg;
+        if ctx > c.max_positions {
             bail!(
                 "context length {ctx} exceeds the model's {} positions",
-                self.cfg.max_positions
+                c.max_positions
             );
         }
+        let rows = batch * ctx;
+        let (d, dh, dm) = (c.d_model, c.d_head, c.d_mlp);
+        let qkv_width = (c.n_heads + 2 * c.n_kv_heads) * dh;
+        let z_width = c.n_heads * dh;
+        let eps = c.rms_eps as f32;
         let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let cos = self.cos.narrow(0, 0, ctx)?;
-        let sin = self.sin.narrow(0, 0, ctx)?;
-        let mask = causal_mask(ctx)?;
-        for (l, layer) in self.layers.iter().enumerate() {
+        let mut x = values(&self.embed.index_select(&ids, 0)?)?;
+        // The buffers of the last pass, unless another thread is running one now.
+        let mut kept = self.buffers.try_lock().ok();
+        let mut fresh = Buffers::default();
+        let Buffers {
+            h,
+            qkv,
+            z,
+            gate_up,
+            out,
+            scratch,
+        } = kept.as_deref_mut().unwrap_or(&mut fresh);
+        // Every element is written before it is read, so old contents do not matter.
+        h.resize(rows * d, 0.0);
+        qkv.resize(rows * qkv_width, 0.0);
+        z.resize(rows * z_width, 0.0);
+        gate_up.resize(rows * 2 * dm, 0.0);
+        let done = |v: Vec<f32>, width: usize| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (rows, width), &Device::Cpu)?)
+        };
+        for (l, b) in self.blocks.iter().enumerate() {
             let at = |kind: HookKind| hook.is_some_and(|h| h.layer == l && h.kind == kind);
-            if at(HookKind::ResidPre) {
-                match mode.apply(&x)? {
-                    Some(t) => x = t,
-                    None => return Ok(x),
-                }
+            if at(HookKind::ResidPre) && mode.apply_in_place(&mut x)? {
+                return done(x, d);
             }
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
-            let mut z = self.attention(layer, &h, batch, ctx, &cos, &sin, &mask)?;
-            if at(HookKind::AttnZ) {
-                match mode.apply(&z)? {
-                    Some(t) => z = t,
-                    None => return Ok(z),
-                }
+            kernels::rms_norm(&x, &b.attn_norm, eps, h);
+            // Biases go in first; the product then adds onto them.
+            if let Some(bias) = &b.b_qkv {
+                qkv.chunks_exact_mut(qkv_width)
+                    .for_each(|row| row.copy_from_slice(bias));
             }
-            let mut attn_out = z.matmul(&layer.wo)?;
-            if at(HookKind::AttnOut) {
-                match mode.apply(&attn_out)? {
-                    Some(t) => attn_out = t,
-                    None => return Ok(attn_out),
-                }
+            let biased = b.b_qkv.is_some();
+            let s = &mut *scratch;
+            self.product(l, Weight::Qkv, rows, h, d, qkv, qkv_width, biased, s);
+            kernels::rope_in_place(
+                qkv,
+                qkv_width,
+                ctx,
+                c.n_heads + c.n_kv_heads,
+                dh,
+                &self.cos,
+                &self.sin,
+                c.interleaved_rope,
+            );
+            kernels::causal_attention(qkv, qkv_width, batch, ctx, c.n_heads, c.n_kv_heads, dh, z);
+            if at(HookKind::AttnZ) && mode.apply_in_place(z)? {
+                return done(z.clone(), z_width);
             }
-            x = (x + attn_out)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, self.cfg.rms_eps as f32)?;
-            let act = (h.matmul(&layer.w_gate)?.silu()? * h.matmul(&layer.w_up)?)?;
-            let mut mlp_out = act.matmul(&layer.w_down)?;
-            if at(HookKind::MlpOut) {
-                match mode.apply(&mlp_out)? {
-                    Some(t) => mlp_out = t,
-                    None => return Ok(mlp_out),
-                }
+            // Each block output goes to a buffer of its own and is then added to the residual
+            // stream, hooked or not, so an identity splice changes no rounding.
+            out.resize(rows * d, 0.0);
+            self.product(l, Weight::O, rows, z, z_width, out, d, false, s);
+            if at(HookKind::AttnOut) && mode.apply_in_place(out)? {
+                return done(out.clone(), d);
             }
-            x = (x + mlp_out)?;
-            if at(HookKind::ResidPost) {
-                match mode.apply(&x)? {
-                    Some(t) => x = t,
-                    None => return Ok(x),
-                }
+            kernels::add_in_place(&mut x, out);
+            kernels::rms_norm(&x, &b.mlp_norm, eps, h);
+            self.product(l, Weight::GateUp, rows, h, d, gate_up, 2 * dm, false, s);
+            kernels::silu_gate_in_place(gate_up, dm);
+            // The down projection reads the gated half of each row in place.
+            self.product(l, Weight::Down, rows, gate_up, 2 * dm, out, d, false, s);
+            if at(HookKind::MlpOut) && mode.apply_in_place(out)? {
+                return done(out.clone(), d);
+            }
+            kernels::add_in_place(&mut x, out);
+            if at(HookKind::ResidPost) && mode.apply_in_place(&mut x)? {
+                return done(x, d);
             }
         }
-        Ok(x)
-    }
-
-    /// Attention up to the per-head outputs `z`: `[batch * ctx, n_heads * d_head]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: &LlamaLayer,
-        h: &Tensor,
-        batch: usize,
-        ctx: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-    ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let proj = |w: &Tensor, b: &Option<Tensor>| -> Result<Tensor> {
-            let y = h.matmul(w)?;
-            Ok(match b {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            })
-        };
-        // [batch, heads, ctx, d_head]
-        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(y.reshape((batch, ctx, heads, c.d_head))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(proj(&layer.wq, &layer.bq)?, c.n_heads)?;
-        let k = split(proj(&layer.wk, &layer.bk)?, c.n_kv_heads)?;
-        let v = split(proj(&layer.wv, &layer.bv)?, c.n_kv_heads)?;
-        let (q, k) = if c.interleaved_rope {
-            (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            )
-        } else {
-            (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            )
-        };
-        // Grouped-query attention without copying k/v: the query heads sharing one kv head are
-        // consecutive, so view q as [batch, kv_heads, group * ctx, d_head].
-        let group = c.n_heads / c.n_kv_heads;
-        let q = (q * (1.0 / (c.d_head as f64).sqrt()))?.reshape((
-            batch,
-            c.n_kv_heads,
-            group * ctx,
-            c.d_head,
-        ))?;
-        let scores = q.matmul(&k.t()?)?; // [batch, kv, group * ctx, ctx]
-        let scores = scores
-            .reshape((batch, c.n_heads, ctx, ctx))?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let probs = probs.reshape((batch, c.n_kv_heads, group * ctx, ctx))?;
-        let out = probs.matmul(&v)?; // [batch, kv, group * ctx, d_head]
-        let out = out
-            .reshape((batch, c.n_heads, ctx, c.d_head))?
-            .transpose(1, 2)?;
-        Ok(out.reshape((batch * ctx, c.n_heads * c.d_head))?)
+        done(x, d)
     }
 
     /// Logits `[rows, vocab]` from final residuals `[rows, d_model]`.
@@ -242,4 +392,190 @@ pub(crate) fn causal_mask(ctx: usize) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(m, (ctx, ctx), &Device::Cpu)?.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fused forward pass against a plain one built from candle ops (unfused weights,
+    //! per-head tensors, a masked full softmax), on random weights with q/k/v biases, grouped
+    //! kv heads and both RoPE layouts, at every hook.
+    use super::*;
+
+    fn cfg(interleaved_rope: bool) -> LlamaConfig {
+        LlamaConfig {
+            d_model: 24,
+            n_layers: 2,
+            n_heads: 6,
+            n_kv_heads: 2,
+            d_head: 4,
+            d_mlp: 40,
+            vocab_size: 50,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            max_positions: 16,
+            interleaved_rope,
+        }
+    }
+
+    /// Deterministic values in [-scale, scale) (a 64-bit LCG), as a candle tensor.
+    fn random(seed: &mut u64, dims: &[usize], scale: f32) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn layers(c: &LlamaConfig, seed: u64) -> Vec<LlamaLayer> {
+        let mut s = seed;
+        let (d, dh, q, kv) = (c.d_model, c.d_head, c.n_heads, c.n_kv_heads);
+        (0..c.n_layers)
+            .map(|_| LlamaLayer {
+                attn_norm: (random(&mut s, &[d], 0.5) + 1.0).unwrap(),
+                wq: random(&mut s, &[d, q * dh], 0.4),
+                wk: random(&mut s, &[d, kv * dh], 0.4),
+                wv: random(&mut s, &[d, kv * dh], 0.4),
+                bq: Some(random(&mut s, &[q * dh], 0.3)),
+                bk: Some(random(&mut s, &[kv * dh], 0.3)),
+                bv: Some(random(&mut s, &[kv * dh], 0.3)),
+                wo: random(&mut s, &[q * dh, d], 0.4),
+                mlp_norm: (random(&mut s, &[d], 0.5) + 1.0).unwrap(),
+                w_gate: random(&mut s, &[d, c.d_mlp], 0.4),
+                w_up: random(&mut s, &[d, c.d_mlp], 0.4),
+                w_down: random(&mut s, &[c.d_mlp, d], 0.3),
+            })
+            .collect()
+    }
+
+    /// Every hook's activation, in the order (layer, HookKind::ALL), from candle ops.
+    fn reference(
+        m: &Llama,
+        layers: &[LlamaLayer],
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Vec<Vec<f32>> {
+        let c = &m.cfg;
+        let (dh, half) = (c.d_head, c.d_head / 2);
+        let cos = Tensor::from_slice(&m.cos[..t * half], (t, half), &Device::Cpu).unwrap();
+        let sin = Tensor::from_slice(&m.sin[..t * half], (t, half), &Device::Cpu).unwrap();
+        let mask = causal_mask(t).unwrap();
+        let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu).unwrap();
+        let mut x = m.embed.index_select(&ids, 0).unwrap();
+        let mut out = Vec::new();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let eps = c.rms_eps as f32;
+        for layer in layers {
+            out.push(flat(&x));
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps).unwrap();
+            let proj = |w: &Tensor, bias: &Option<Tensor>, heads: usize| {
+                let y = h
+                    .matmul(w)
+                    .unwrap()
+                    .broadcast_add(bias.as_ref().unwrap())
+                    .unwrap();
+                y.reshape((b, t, heads, dh))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let q = proj(&layer.wq, &layer.bq, c.n_heads);
+            let k = proj(&layer.wk, &layer.bk, c.n_kv_heads);
+            let v = proj(&layer.wv, &layer.bv, c.n_kv_heads);
+            let rope = |x: &Tensor| {
+                if c.interleaved_rope {
+                    candle_nn::rotary_emb::rope_i(x, &cos, &sin).unwrap()
+                } else {
+                    candle_nn::rotary_emb::rope(x, &cos, &sin).unwrap()
+                }
+            };
+            let (q, k) = (rope(&q), rope(&k));
+            // Each query head with its own copy of its kv head.
+            let group = c.n_heads / c.n_kv_heads;
+            let expand = |x: &Tensor| {
+                let heads: Vec<Tensor> = (0..c.n_heads)
+                    .map(|hd| x.narrow(1, hd / group, 1).unwrap())
+                    .collect();
+                Tensor::cat(&heads, 1).unwrap()
+            };
+            let (k, v) = (expand(&k), expand(&v));
+            let scores = (q.matmul(&k.t().unwrap()).unwrap() / (dh as f64).sqrt())
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            let z = probs
+                .matmul(&v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b * t, c.n_heads * dh))
+                .unwrap();
+            out.push(flat(&z));
+            let attn_out = z.matmul(&layer.wo).unwrap();
+            out.push(flat(&attn_out));
+            x = (x + attn_out).unwrap();
+            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps).unwrap();
+            let act = (h.matmul(&layer.w_gate).unwrap().silu().unwrap()
+                * h.matmul(&layer.w_up).unwrap())
+            .unwrap();
+            let mlp_out = act.matmul(&layer.w_down).unwrap();
+            out.push(flat(&mlp_out));
+            x = (x + mlp_out).unwrap();
+            out.push(flat(&x));
+        }
+        out
+    }
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    #[test]
+    fn fused_forward_matches_candle_ops_at_every_hook() {
+        for interleaved in [true, false] {
+            let c = cfg(interleaved);
+            let mut s = 7;
+            let embed = random(&mut s, &[c.vocab_size, c.d_model], 1.0);
+            let norm = Tensor::ones(c.d_model, DType::F32, &Device::Cpu).unwrap();
+            let unembed = embed.t().unwrap().contiguous().unwrap();
+            let m = Llama::new(c.clone(), embed, layers(&c, 11), norm, unembed).unwrap();
+            let (batch, ctx) = (3, 9);
+            let tokens: Vec<u32> = (0..batch * ctx).map(|i| (i * 17 % 50) as u32).collect();
+            let want = reference(&m, &layers(&c, 11), &tokens, batch, ctx);
+            let mut i = 0;
+            for layer in 0..c.n_layers {
+                for kind in HookKind::ALL {
+                    let hook = Hook { layer, kind };
+                    let got = m
+                        .forward(&tokens, batch, ctx, Some(hook), &mut HookMode::Capture)
+                        .unwrap();
+                    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let e = rel_err(&got, &want[i]);
+                    assert!(
+                        e < 1e-5,
+                        "{} (interleaved {interleaved}): rel err {e:.2e}",
+                        hook.name()
+                    );
+                    i += 1;
+                }
+            }
+            // With no hook the pass runs to the end: the last block's output.
+            let all = m
+                .forward(&tokens, batch, ctx, None, &mut HookMode::Pass)
+                .unwrap();
+            let all = all.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(rel_err(&all, &want[i - 1]) < 1e-5);
+        }
+    }
 }

@@ -151,6 +151,18 @@ impl LanguageModel {
             net,
         })
     }
+    /// Runs the weight products in bf16 (`true`) or f32 (the default; see
+    /// `Llama::set_bf16_products`). Llama-family models on CPUs with AVX512-BF16 only.
+    pub fn set_bf16_products(&mut self, on: bool) -> anyhow::Result<()> {
+        match &mut self.net {
+            Net::Llama(m) => m.set_bf16_products(on),
+            Net::Gpt2(_) if on => bail!(
+                "bf16 products are implemented for Llama-family models only, not GPT-2; \
+                 compute in f32"
+            ),
+            Net::Gpt2(_) => Ok(()),
+        }
+    }
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }

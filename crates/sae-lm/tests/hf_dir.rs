@@ -351,3 +351,40 @@ fn hf_dir_refuses_variants_it_does_not_compute() {
     // The unedited copy loads.
     assert!(LanguageModel::load(&variant(&tmp.path().join("e"), |_| {}, &[])).is_ok());
 }
+
+#[test]
+fn bf16_products_stay_near_transformers_and_gpt2_refuses_them() {
+    let e = format!(
+        "{:#}",
+        LanguageModel::load(fixtures().join("tiny-gpt2").to_str().unwrap())
+            .unwrap()
+            .set_bf16_products(true)
+            .unwrap_err()
+    );
+    assert!(e.contains("Llama-family models only"), "{e}");
+    let mut m = LanguageModel::load(tiny_dir().to_str().unwrap()).unwrap();
+    if !sae_lm::bf16::available() {
+        assert!(m.set_bf16_products(true).is_err());
+        return;
+    }
+    m.set_bf16_products(true).unwrap();
+    let (tokens, batch, ctx) = contexts();
+    for (name, want) in llama().reference["hooks"].as_object().unwrap() {
+        let want = floats(&want["values"]);
+        let got = m.activations(&tokens, batch, ctx, name).unwrap();
+        let f32_err = rel_err(
+            &model().activations(&tokens, batch, ctx, name).unwrap(),
+            &want,
+        );
+        let e = rel_err(&got, &want);
+        eprintln!("{name}: bf16 rel err {e:.2e} (f32 {f32_err:.2e})");
+        // bf16 keeps 8 significant bits: ~0.4% per rounding, well short of 1e-3 matches.
+        assert!(e <= 3e-2 && e > 10.0 * f32_err, "{name}: rel err {e:.2e}");
+    }
+    m.set_bf16_products(false).unwrap();
+    let name = "blocks.2.hook_resid_post";
+    assert_eq!(
+        m.activations(&tokens, batch, ctx, name).unwrap(),
+        model().activations(&tokens, batch, ctx, name).unwrap()
+    );
+}

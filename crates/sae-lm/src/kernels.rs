@@ -1,0 +1,380 @@
+//! f32 CPU kernels of the Llama forward pass, on row-major slices: products through `gemm`
+//! (strided, so head slices and fused-weight halves are read in place, no copies), and the
+//! row-wise steps (RMSNorm, RoPE, causal softmax, SiLU gating) in parallel over rows.
+
+#![allow(clippy::too_many_arguments)]
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+/// Rows per rayon task in the row-wise kernels: enough work to amortise the task.
+const ROW_CHUNK: usize = 16;
+
+pub(crate) fn parallelism() -> Parallelism {
+    let t = rayon::current_num_threads();
+    if t <= 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(t)
+    }
+}
+
+/// `out[r, j] (+)= sum_i a[r, i] * b[i, j]` for `m` rows. `a` has row stride `a_rs` (its
+/// first `k` columns are used), `b` is `[k, n]` contiguous, `out` has row stride `out_rs`.
+/// With `accumulate` the product is added to what `out` holds.
+pub(crate) fn matmul(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(k <= a_rs && n <= out_rs);
+    assert!(a.len() >= (m - 1) * a_rs + k);
+    assert_eq!(b.len(), k * n);
+    assert!(out.len() >= (m - 1) * out_rs + n);
+    // SAFETY: the asserts above keep every strided access inside the slices.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            a_rs as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// RMSNorm of each `d`-wide row of `x` into `out`, scaled by `weight`, computed as candle's
+/// `rms_norm` does (f32 sum of squares, divide by the root, then scale).
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    assert_eq!(x.len(), out.len());
+    out.par_chunks_mut(d * ROW_CHUNK)
+        .zip(x.par_chunks(d * ROW_CHUNK))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let sum2: f32 = x.iter().map(|v| v * v).sum();
+                let m = (sum2 / d as f32 + eps).sqrt();
+                for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
+                    *o = v / m * w;
+                }
+            }
+        });
+}
+
+/// Rotates the first `n_rot_heads` heads (`d_head` wide) of each row of `qkv` (row stride
+/// `width`) in place; row `r` is at position `r % ctx`. `cos`/`sin` are `[positions, d_head/2]`.
+/// Interleaved pairs `(2i, 2i+1)` (GGUF's permuted q/k) or split halves `(i, i + d_head/2)`.
+pub(crate) fn rope_in_place(
+    qkv: &mut [f32],
+    width: usize,
+    ctx: usize,
+    n_rot_heads: usize,
+    d_head: usize,
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) {
+    let half = d_head / 2;
+    assert!(n_rot_heads * d_head <= width);
+    assert!(cos.len() >= ctx * half && sin.len() >= ctx * half);
+    qkv.par_chunks_mut(width * ROW_CHUNK)
+        .enumerate()
+        .for_each(|(chunk, rows)| {
+            for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+                let pos = (chunk * ROW_CHUNK + i) % ctx;
+                let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                for head in row[..n_rot_heads * d_head].chunks_exact_mut(d_head) {
+                    if interleaved {
+                        for (j, pair) in head.chunks_exact_mut(2).enumerate() {
+                            let (a, b) = (pair[0], pair[1]);
+                            pair[0] = a * cos[j] - b * sin[j];
+                            pair[1] = a * sin[j] + b * cos[j];
+                        }
+                    } else {
+                        let (lo, hi) = head.split_at_mut(half);
+                        for j in 0..half {
+                            let (a, b) = (lo[j], hi[j]);
+                            lo[j] = a * cos[j] - b * sin[j];
+                            hi[j] = a * sin[j] + b * cos[j];
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// `x += y`, elementwise, in parallel.
+pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
+    assert_eq!(x.len(), y.len());
+    const CHUNK: usize = 1 << 14;
+    x.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks(CHUNK))
+        .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
+}
+
+/// A pointer that rayon tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used for writes to regions no two tasks share (see `causal_attention`).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method so closures capture the wrapper, not the bare pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Causal grouped-query attention for `batch` contexts of `ctx` rows. Each row of `qkv`
+/// (stride `width`) holds `n_heads` query heads, then `n_kv_heads` key heads, then
+/// `n_kv_heads` value heads, all `d_head` wide, RoPE already applied. Writes the per-head
+/// outputs to `z` (`[batch * ctx, n_heads * d_head]`). One task per (context, query head).
+pub(crate) fn causal_attention(
+    qkv: &[f32],
+    width: usize,
+    batch: usize,
+    ctx: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    d_head: usize,
+    z: &mut [f32],
+) {
+    let z_width = n_heads * d_head;
+    assert!((n_heads + 2 * n_kv_heads) * d_head <= width);
+    assert!(n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads));
+    assert!(qkv.len() >= batch * ctx * width);
+    assert_eq!(z.len(), batch * ctx * z_width);
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (d_head as f32).sqrt();
+    let z_ptr = SharedMut(z.as_mut_ptr());
+    (0..batch * n_heads).into_par_iter().for_each_init(
+        || vec![0f32; ctx * ctx],
+        |scores, task| {
+            let (b, h) = (task / n_heads, task % n_heads);
+            let kv = h / group;
+            let base = b * ctx * width;
+            let q = &qkv[base + h * d_head..];
+            let k = &qkv[base + (n_heads + kv) * d_head..];
+            let v = &qkv[base + (n_heads + n_kv_heads + kv) * d_head..];
+            // SAFETY: `scores` is ctx x ctx; q and k rows are d_head wide at stride `width`
+            // within this context's rows (asserted above); k is read transposed.
+            unsafe {
+                gemm(
+                    ctx,
+                    ctx,
+                    d_head,
+                    scores.as_mut_ptr(),
+                    1,
+                    ctx as isize,
+                    false,
+                    q.as_ptr(),
+                    1,
+                    width as isize,
+                    k.as_ptr(),
+                    width as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for (i, row) in scores.chunks_exact_mut(ctx).enumerate() {
+                let (seen, future) = row.split_at_mut(i + 1);
+                softmax(seen);
+                future.fill(0.0);
+            }
+            // SAFETY: this task alone writes columns h*d_head..(h+1)*d_head of the rows of
+            // context b in z (z is batch*ctx x z_width, asserted above); v as q above.
+            unsafe {
+                gemm(
+                    ctx,
+                    d_head,
+                    ctx,
+                    z_ptr.get().add(b * ctx * z_width + h * d_head),
+                    1,
+                    z_width as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    ctx as isize,
+                    v.as_ptr(),
+                    1,
+                    width as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        },
+    );
+}
+
+/// SwiGLU in place on rows of `gate | up` (each `d_mlp` wide): the gate half becomes
+/// `silu(gate) * up`, which the down projection then reads with row stride `2 * d_mlp`.
+pub(crate) fn silu_gate_in_place(gate_up: &mut [f32], d_mlp: usize) {
+    gate_up
+        .par_chunks_mut(2 * d_mlp * ROW_CHUNK)
+        .for_each(|rows| {
+            for row in rows.chunks_exact_mut(2 * d_mlp) {
+                let (gate, up) = row.split_at_mut(d_mlp);
+                with_avx512!(silu_gate(gate, up));
+            }
+        });
+}
+
+/// Runs a call to an `#[inline(always)]` function inside a function compiled for AVX-512
+/// where the CPU has it, so its loops are vectorised 16 wide; plainly elsewhere.
+macro_rules! with_avx512 {
+    ($f:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn wide<T>(f: impl FnOnce() -> T) -> T {
+                f()
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                unsafe { wide(|| $f($($arg),*)) }
+            } else {
+                $f($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $f($($arg),*)
+        }
+    }};
+}
+use with_avx512;
+
+#[inline(always)]
+fn silu_gate(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp(-*g)) * u;
+    }
+}
+
+/// Softmax of `row` in place.
+fn softmax(row: &mut [f32]) {
+    with_avx512!(softmax_inline(row))
+}
+
+#[inline(always)]
+fn softmax_inline(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    row.iter_mut().for_each(|s| *s = exp(*s - max));
+    // Sixteen running sums, so the sum vectorises (f32 addition is not reassociated).
+    let mut lanes = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, &v)| *l += v);
+    }
+    let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// `e^x` in f32 without branches or calls, so loops over it vectorise: x = n ln2 + r with
+/// |r| <= ln2/2, e^r by Cephes' expf polynomial (about 1 ulp), times 2^n built in the exponent
+/// bits. Inputs are clamped to where 2^n stays a normal float, so below about -87.3 it
+/// returns 1.2e-38 rather than a subnormal or 0.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm() {
+        let mut worst = 0f32;
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst:.2e}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1.3e-38 && exp(-1000.0) > 0.0);
+    }
+
+    #[test]
+    fn softmax_and_silu_match_scalar_formulas() {
+        let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin() * 9.0).collect();
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let sum: f32 = row.iter().map(|s| (s - max).exp()).sum();
+        let want: Vec<f32> = row.iter().map(|s| (s - max).exp() / sum).collect();
+        softmax(&mut row);
+        for (g, w) in row.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * w.max(1e-3), "{g} vs {w}");
+        }
+        let d = 21;
+        let mut gate_up: Vec<f32> = (0..3 * 2 * d)
+            .map(|i| (i as f32 * 0.37).cos() * 6.0)
+            .collect();
+        let want: Vec<f32> = gate_up
+            .chunks(2 * d)
+            .flat_map(|r| {
+                (0..d)
+                    .map(|i| r[i] / (1.0 + (-r[i]).exp()) * r[d + i])
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        silu_gate_in_place(&mut gate_up, d);
+        let got: Vec<f32> = gate_up
+            .chunks(2 * d)
+            .flat_map(|r| r[..d].to_vec())
+            .collect();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+}
