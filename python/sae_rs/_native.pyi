@@ -1,13 +1,16 @@
 """Type stubs for the Rust extension module (see src/lib.rs). Use the wrappers in sae_rs."""
 
 from os import PathLike
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = ["NativeSae", "train", "check_train_config", "architectures"]
+
 _F32 = npt.NDArray[np.float32]
 
+@final
 class NativeSae:
     @staticmethod
     def load(path: Union[str, PathLike[str]]) -> NativeSae: ...
