@@ -214,3 +214,28 @@ def test_with_params_checks_names_and_shapes():
         sae.with_params(W_dec=np.zeros((8, 32)))
     with pytest.raises(ValueError, match="arch"):
         sae_rs.SAE.init("nope", D_IN, D_SAE)
+
+
+def test_encode_releases_the_gil(rng):
+    import threading
+    import time
+
+    sae = sae_rs.SAE.init("relu", 256, 4096)
+    x = rng.normal(size=(2048, 256)).astype(np.float32)
+    started = threading.Event()
+
+    def work():
+        started.set()
+        for _ in range(3):
+            sae.encode(x)
+
+    t = threading.Thread(target=work)
+    t.start()
+    started.wait()
+    ticks = 0
+    # With the GIL held through each encode this loop would barely run until the thread ends.
+    while t.is_alive():
+        time.sleep(0.001)
+        ticks += 1
+    t.join()
+    assert ticks > 50
