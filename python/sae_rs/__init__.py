@@ -295,6 +295,19 @@ class SAE:
         arr, from_torch, was_1d = _as_rows(f, self.d_sae, "f", "d_sae")
         return _give_back(self._native.decode(arr), from_torch, was_1d)
 
+    def metrics(self, x) -> Dict[str, Any]:
+        """Reconstruction metrics on activations ``x`` ``[n, d_in]`` (``n >= 2``), as ``sae
+        eval`` reports them without the language model: ``l0`` (mean active latents), ``mse``
+        (mean over rows of the squared error summed over d_in), ``fvu`` (that over the total
+        variance), ``gamma`` (E||x_hat||^2 / E[x_hat . x]; 1 = no shrinkage) and
+        ``fire_counts`` (rows each latent fired on)."""
+        arr, _, _ = _as_rows(x, self.d_in, "x", "d_in")
+        if arr.shape[0] < 2:
+            raise ValueError(f"metrics need at least 2 rows (a variance); got {arr.shape[0]}")
+        l0, mse, fvu, gamma, fires = self._native.metrics(arr)
+        return {"n_tokens": arr.shape[0], "l0": l0, "mse": mse, "fvu": fvu, "gamma": gamma,
+                "fire_counts": fires}
+
     def reconstruct(self, x):
         """``decode(encode(x))``, through the sparse code."""
         arr, from_torch, was_1d = _as_rows(x, self.d_in, "x", "d_in")

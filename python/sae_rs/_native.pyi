@@ -30,6 +30,9 @@ class NativeSae:
     def encode_sparse(
         self, x: _F32
     ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], _F32]: ...
+    def metrics(
+        self, x: _F32
+    ) -> Tuple[float, float, float, float, npt.NDArray[np.uint64]]: ...
     def decode(self, f: _F32) -> _F32: ...
     def decode_sparse(
         self,

@@ -314,6 +314,33 @@ impl NativeSae {
         ))
     }
 
+    /// Reconstruction metrics of `x` `[n, d_in]`: `(l0, mse, fvu, gamma, fire counts [d_sae])`
+    /// as `sae eval` and the training summary compute them, `CHUNK_ROWS` rows at a time.
+    #[allow(clippy::type_complexity)]
+    fn metrics<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<(f64, f64, f64, f64, Bound<'py, PyArray1<u64>>)> {
+        let (data, _) = rows(&x, self.sae.d_in, "x", "d_in")?;
+        let sae = &self.sae;
+        let m = without_gil(py, || {
+            let mut m = sae_core::metrics::ReconMetrics::new(sae.d_in, sae.d_sae);
+            for xs in data.chunks(CHUNK_ROWS * sae.d_in) {
+                let code = sae.encode(xs, xs.len() / sae.d_in);
+                m.add(xs, &sae.decode(&code), &code);
+            }
+            m
+        })?;
+        Ok((
+            m.l0(),
+            m.mse(),
+            m.fvu(),
+            m.gamma(),
+            m.fire_counts().to_vec().into_pyarray(py),
+        ))
+    }
+
     /// Reconstructions `[n, d_in]` of dense codes `f` `[n, d_sae]`.
     fn decode<'py>(
         &self,

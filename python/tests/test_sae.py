@@ -239,3 +239,20 @@ def test_encode_releases_the_gil(rng):
         ticks += 1
     t.join()
     assert ticks > 50
+
+
+def test_metrics_match_numpy(rng):
+    sae = random_sae("jumprelu")
+    x = rng.normal(size=(5000, D_IN)).astype(np.float32)
+    m = sae.metrics(x)
+    f = sae.encode(x).astype(np.float64)
+    x_hat = f @ sae.W_dec.astype(np.float64) + sae.b_dec
+    err = ((x - x_hat) ** 2).sum(1).mean()
+    assert m["n_tokens"] == 5000
+    assert m["l0"] == pytest.approx(np.count_nonzero(f) / 5000)
+    assert m["mse"] == pytest.approx(err, rel=1e-4)
+    assert m["fvu"] == pytest.approx(err / x.astype(np.float64).var(0).sum(), rel=1e-4)
+    assert m["gamma"] == pytest.approx((x_hat ** 2).sum() / (x_hat * x).sum(), rel=1e-4)
+    np.testing.assert_array_equal(m["fire_counts"], np.count_nonzero(f, axis=0))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        sae.metrics(x[:1])
