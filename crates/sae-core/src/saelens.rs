@@ -29,7 +29,8 @@ pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 /// keys, which would drop the nested hook, model, context size and dataset.
 const SAELENS_LAYOUT_VERSION: &str = "6.0.0";
 
-fn cfg_json(sae: &Sae) -> Value {
+/// The cfg.json that [`save`] writes for `sae` (SAELens keys plus our `sae_core` block).
+pub fn cfg_json(sae: &Sae) -> Value {
     let mut cfg = json!({
         "architecture": sae.arch.family().saelens_name(),
         "d_in": sae.d_in,
