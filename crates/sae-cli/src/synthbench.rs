@@ -889,3 +889,53 @@ mod tests {
         stored.sample(&mut b, 16).unwrap();
     }
 }
+
+#[cfg(test)]
+mod refusals {
+    use super::*;
+
+    fn args(out: &Path, samples: u64, stream: bool) -> SynthBenchArgs {
+        SynthBenchArgs {
+            bench: PRESET_16K.into(),
+            samples,
+            archs: "topk".into(),
+            l0: "25".into(),
+            coeff: Vec::new(),
+            d_sae: 4096,
+            batch_size: 1024,
+            lr: 3e-4,
+            eval_samples: 1000,
+            ortho_steps: None,
+            seed: 0,
+            stream,
+            out: out.to_path_buf(),
+            quiet: true,
+        }
+    }
+
+    /// Training rows that cannot fit in memory are refused before the generator is built,
+    /// naming the flags to change; the streamed mode does not hold them.
+    #[test]
+    fn too_many_samples_are_refused_up_front() {
+        let out =
+            std::env::temp_dir().join(format!("sae-synthbench-refusal-{}", std::process::id()));
+        let e = format!("{:#}", synthbench(args(&out, 1 << 50, false)).unwrap_err());
+        assert!(
+            e.contains("of memory") && e.contains("--samples") && e.contains("--stream"),
+            "{e}"
+        );
+        assert!(!out.exists());
+        // Overflowing sizes too.
+        let e = format!(
+            "{:#}",
+            synthbench(args(&out, u64::MAX / 2, false)).unwrap_err()
+        );
+        assert!(e.contains("--samples"), "{e}");
+        // One batch leaves no half-way SAE.
+        let e = format!("{:#}", synthbench(args(&out, 1024, false)).unwrap_err());
+        assert!(e.contains("2048 samples"), "{e}");
+        assert!(!out.exists());
+        let need = memory_needed(1 << 50, 0, 0, 768, 64).unwrap();
+        assert!(need > 1 << 60);
+    }
+}
