@@ -405,3 +405,74 @@ pub fn evaluate_on_bench(
     }
     Ok(eval.finish())
 }
+
+/// Scores `sae` on rows generated beforehand (`x`, `[n, d]`, and each row's true
+/// activations), in batches of `batch` as `evaluate_on_bench` does: the same rows can score
+/// many SAEs without generating them again.
+pub fn evaluate_on_rows(
+    sae: &Sae,
+    features: &[f32],
+    x: &[f32],
+    truth: &[SparseActs],
+    batch: usize,
+    progress: &sae_output::Progress,
+) -> Result<SynthMetrics> {
+    let d = sae.d_in;
+    if d == 0 || x.len() != truth.len() * d {
+        bail!(
+            "the evaluation rows hold {} values for {} samples, not {} dimensions each",
+            x.len(),
+            truth.len(),
+            d
+        );
+    }
+    if features.len() % d != 0 {
+        bail!("the true directions do not have {d} dimensions like the SAE");
+    }
+    if batch == 0 || truth.is_empty() {
+        bail!("the evaluation needs at least one sample and a batch of at least 1");
+    }
+    let mut eval = SynthEvaluator::new(&sae.w_dec, features, d)?;
+    for (xb, tb) in x.chunks(batch * d).zip(truth.chunks(batch)) {
+        let codes = sae.encode_as_trained(xb, tb.len());
+        let recon = sae.decode(&codes);
+        eval.add_batch(xb, &recon, &codes, tb);
+        progress.inc(tb.len() as u64);
+    }
+    Ok(eval.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sae_core::ArchKind;
+    use sae_store::synthbench::{SynthBench, SynthBenchConfig};
+
+    /// Rows generated once and scored later give what scoring while generating gives,
+    /// whatever the batching of the tail.
+    #[test]
+    fn stored_rows_score_as_generated_rows() {
+        let bench = SynthBench::new(SynthBenchConfig {
+            ortho_steps: 5,
+            ..SynthBenchConfig::synthsaebench_small()
+        })
+        .unwrap();
+        let d = bench.d_in();
+        let sae = Sae::init(ArchKind::BATCHTOPK, d, 96, 6, 3);
+        let (first, n, batch) = (1000u64, 1100usize, 256usize);
+        let hidden = sae_output::Progress::hidden();
+        let live = evaluate_on_bench(&sae, &bench, first, n as u64, batch, &hidden).unwrap();
+        let mut x = vec![0f32; n * d];
+        let mut truth = Vec::new();
+        bench.sample_batch(first, &mut x, Some(&mut truth));
+        let stored = evaluate_on_rows(&sae, &bench.features, &x, &truth, batch, &hidden).unwrap();
+        assert_eq!(live, stored);
+        assert_eq!(stored.n_samples, n as u64);
+        // Another batching changes BatchTopK's selection (not its mean L0), so the
+        // comparison above can fail.
+        let other = evaluate_on_rows(&sae, &bench.features, &x, &truth, 100, &hidden).unwrap();
+        assert_ne!(other.explained_variance, stored.explained_variance);
+        let e = evaluate_on_rows(&sae, &bench.features, &x[..d * 10], &truth, batch, &hidden);
+        assert!(e.is_err());
+    }
+}
