@@ -426,7 +426,7 @@ pub fn evaluate_on_rows(
             d
         );
     }
-    if features.len() % d != 0 {
+    if !features.len().is_multiple_of(d) {
         bail!("the true directions do not have {d} dimensions like the SAE");
     }
     if batch == 0 || truth.is_empty() {
