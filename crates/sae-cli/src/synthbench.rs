@@ -1,5 +1,6 @@
-//! `sae synthbench`: train SAEs straight from the SynthSAEBench generator, score them against
-//! its ground-truth features, and print the scores beside the published ones.
+//! `sae synthbench`: train SAEs on rows of the SynthSAEBench generator (made once and shared by
+//! every SAE, or streamed), score them against its ground-truth features, half-way and at the
+//! end, and print the scores beside the published ones.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -36,7 +37,7 @@ pub struct SynthBenchArgs {
     /// Training samples per SAE (the published runs use 200M).
     #[arg(long, value_parser = parse_count)]
     pub samples: u64,
-    /// Architectures (comma-separated): gated, relu, topk, batchtopk, jumprelu.
+    /// Architectures (comma-separated; `sae archs` lists them).
     #[arg(long, default_value = "batchtopk")]
     pub archs: String,
     /// Target L0s (comma-separated); topk/batchtopk train one SAE per value with k = L0.
