@@ -358,7 +358,7 @@ fn sweep_one(
                     std::thread::sleep(std::time::Duration::from_millis(500));
                 }
             });
-            b.set_length(o.steps.unwrap_or(0).max(1));
+            b.set_length(steps.unwrap_or(0).max(1));
             let r = sae_train::run(&cfg);
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             r
