@@ -2,17 +2,16 @@
 //! batch, AuxK as TopK. At inference a single threshold (estimated during training by the
 //! trainer, an EMA of each batch's selection threshold) gives JumpReLU behaviour.
 
-use super::topk::{auxk_backward, k_aux, k_settings, push_auxk, topk_lr};
+use super::topk::{auxk_backward, k_aux, push_auxk, topk_lr};
 use super::{
-    candidates, encode_jumprelu_row, loosen, validate_k, validate_threshold, Arch, ArchKind,
-    AuxMode, Entry, EntryGrad, Family, LatentParam, RowCode, RowOut, Settings, Sparsity, StepCtx,
+    candidates, encode_jumprelu_row, loosen, validate_threshold, Arch, ArchKind,
+    AuxMode, Entry, EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx,
     Stored,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
 use crate::trainer::TrainHyper;
 use rayon::prelude::*;
-use std::collections::BTreeMap;
 
 /// The BatchTopK family; saved as SAELens saves it for inference, a `jumprelu` SAE whose
 /// threshold is the estimated global threshold.
@@ -63,9 +62,6 @@ impl Family for BatchTopK {
     fn saelens_reads(&self) -> &'static [&'static str] {
         &["batchtopk"]
     }
-    fn setting_keys(&self) -> &'static [&'static str] {
-        &["k"]
-    }
     fn latent_params(&self) -> &'static [LatentParam] {
         B_ENC_THRESHOLD
     }
@@ -81,25 +77,11 @@ impl Family for BatchTopK {
     fn reads_decoder_norm_rescale(&self) -> bool {
         true
     }
-    fn settings(
-        &self,
-        k: usize,
-        _d_sae: usize,
-        _opts: &BTreeMap<String, String>,
-    ) -> Result<Settings, String> {
-        Ok(k_settings(k))
-    }
-    fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
-        validate_k(sae)
-    }
     fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
         validate_threshold(sae, "threshold")
     }
     fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode) {
         encode_jumprelu_row(sae, pre, out)
-    }
-    fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
-        sae.settings = k_settings(l0.clamp(1, sae.d_sae));
     }
     fn encode_batch(&self, sae: &Sae, x: &[f32], n: usize) -> Option<SparseCode> {
         Some(encode_batch_top_k(sae, x, n))

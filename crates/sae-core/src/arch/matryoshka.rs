@@ -161,10 +161,6 @@ impl Family for Matryoshka {
     fn encode_batch(&self, sae: &Sae, x: &[f32], n: usize) -> Option<SparseCode> {
         Some(encode_batch_top_k(sae, x, n))
     }
-    fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
-        sae.settings
-            .insert("k".into(), json!(l0.clamp(1, sae.d_sae)));
-    }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
         Box::new(BatchTopKRule {
             kind: ArchKind::MATRYOSHKA,

@@ -99,9 +99,13 @@ pub trait Family: Send + Sync + 'static {
     fn saelens_name(&self) -> &'static str;
     /// SAELens `architecture` values read as this family when cfg.json has no `sae_core` block.
     fn saelens_reads(&self) -> &'static [&'static str];
-    /// Keys of [`Settings`] this family saves and reads (under `sae_core` in cfg.json).
+    /// Keys of [`Settings`] this family saves and reads (under `sae_core` in cfg.json):
+    /// `k` for the families whose sparsity is k.
     fn setting_keys(&self) -> &'static [&'static str] {
-        &[]
+        match self.sparsity() {
+            Sparsity::K => &["k"],
+            Sparsity::Penalty { .. } => &[],
+        }
     }
     /// Settings read from SAELens' own cfg.json keys when our `sae_core` block lacks them.
     fn settings_from_saelens(&self, _cfg: &serde_json::Value, _settings: &mut Settings) {}
@@ -138,11 +142,14 @@ pub trait Family: Send + Sync + 'static {
     /// Errors name the option and what it should be.
     fn settings(
         &self,
-        _k: usize,
+        k: usize,
         _d_sae: usize,
         _opts: &BTreeMap<String, String>,
     ) -> Result<Settings, String> {
-        Ok(Settings::new())
+        Ok(match self.sparsity() {
+            Sparsity::K => Settings::from([("k".to_string(), serde_json::json!(k))]),
+            Sparsity::Penalty { .. } => Settings::new(),
+        })
     }
     /// Training options that only this family may set (e.g. relu's decoder-norm L1).
     fn check_hyper(&self, hyper: &TrainHyper) -> Result<(), (&'static str, String)> {
@@ -156,8 +163,11 @@ pub trait Family: Send + Sync + 'static {
     }
     /// Checks of the settings against the sizes (k in range, prefix widths, ...); reads no
     /// tensor.
-    fn validate_settings(&self, _sae: &Sae) -> Result<(), Invalid> {
-        Ok(())
+    fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
+        match self.sparsity() {
+            Sparsity::K => validate_k(sae),
+            Sparsity::Penalty { .. } => Ok(()),
+        }
     }
     /// Checks of the parameters' values beyond finiteness (thresholds >= 0, ...).
     fn validate_params(&self, _sae: &Sae) -> Result<(), Invalid> {
@@ -211,7 +221,14 @@ pub trait Family: Send + Sync + 'static {
     }
     /// Parameters that make about `l0` latents fire per token when the `l0`-th largest raw
     /// pre-activation is about `cutoff` (benchmarks set up trained-like sparsity this way).
-    fn set_sparsity(&self, sae: &mut Sae, l0: usize, cutoff: f32);
+    /// By default k = `l0` for the families whose sparsity is k; penalty families move their
+    /// biases or thresholds instead and override this.
+    fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
+        if self.sparsity() == Sparsity::K {
+            sae.settings
+                .insert("k".into(), serde_json::json!(l0.clamp(1, sae.d_sae)));
+        }
+    }
     /// The training rule of an SAE of this family.
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch>;
 }

@@ -16,17 +16,15 @@
 //! one product for the first correlations plus one Gram row per distinct chosen atom, instead
 //! of one product per step.
 
-use super::topk::k_settings;
 use super::{
     validate_k, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
-    ResidualSelect, RowCode, RowOut, Settings, Sparsity, StepCtx, Steps,
+    ResidualSelect, RowCode, RowOut, Sparsity, StepCtx, Steps,
 };
 use crate::kernels::{axpy, dot, matmul_xt};
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
 use crate::trainer::TrainHyper;
 use rayon::prelude::*;
-use std::collections::BTreeMap;
 
 /// The MP-SAE family.
 pub struct MatchingPursuit;
@@ -52,9 +50,6 @@ impl Family for MatchingPursuit {
     fn saelens_reads(&self) -> &'static [&'static str] {
         &["mp"]
     }
-    fn setting_keys(&self) -> &'static [&'static str] {
-        &["k"]
-    }
     fn latent_params(&self) -> &'static [LatentParam] {
         &[]
     }
@@ -64,14 +59,6 @@ impl Family for MatchingPursuit {
     /// EleutherAI's replication trained at 1e-3 (the official code's 3e-2 was for toy data).
     fn default_lr(&self, _d_sae: usize) -> f32 {
         1e-3
-    }
-    fn settings(
-        &self,
-        k: usize,
-        _d_sae: usize,
-        _opts: &BTreeMap<String, String>,
-    ) -> Result<Settings, String> {
-        Ok(k_settings(k))
     }
     fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
         if !sae.apply_b_dec_to_input {
@@ -120,9 +107,6 @@ impl Family for MatchingPursuit {
     /// b_dec scales; codes of raw inputs are those of training divided by `scale`.
     fn fold_activation_scale(&self, sae: &mut Sae, scale: f32) {
         sae.b_dec.iter_mut().for_each(|b| *b /= scale);
-    }
-    fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
-        sae.settings = k_settings(l0.clamp(1, sae.d_sae));
     }
     fn rule(&self, sae: &Sae, _hyper: &TrainHyper) -> Box<dyn Arch> {
         Box::new(MpRule { k: sae.k() })

@@ -8,15 +8,14 @@
 //! SAELens `jumprelu` SAE.
 
 use super::batchtopk::{encode_batch_top_k, threshold_stored_as, BatchTopKRule, B_ENC_THRESHOLD};
-use super::topk::{k_aux, k_settings, topk_lr};
+use super::topk::{k_aux, topk_lr};
 use super::{
-    encode_jumprelu_row, validate_k, validate_threshold, Arch, ArchKind, AuxMode, Entry,
-    EntryGrad, Family, LatentParam, RowCode, RowOut, Settings, Sparsity, StepCtx, Stored,
+    encode_jumprelu_row, validate_threshold, Arch, ArchKind, AuxMode, Entry,
+    EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
 use crate::trainer::TrainHyper;
-use std::collections::BTreeMap;
 
 /// The Mutual Choice family.
 pub struct MutualChoice;
@@ -46,9 +45,6 @@ impl Family for MutualChoice {
     fn saelens_reads(&self) -> &'static [&'static str] {
         &[]
     }
-    fn setting_keys(&self) -> &'static [&'static str] {
-        &["k"]
-    }
     fn latent_params(&self) -> &'static [LatentParam] {
         B_ENC_THRESHOLD
     }
@@ -64,17 +60,6 @@ impl Family for MutualChoice {
     fn reads_decoder_norm_rescale(&self) -> bool {
         true
     }
-    fn settings(
-        &self,
-        k: usize,
-        _d_sae: usize,
-        _opts: &BTreeMap<String, String>,
-    ) -> Result<Settings, String> {
-        Ok(k_settings(k))
-    }
-    fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
-        validate_k(sae)
-    }
     fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
         validate_threshold(sae, "threshold")
     }
@@ -83,9 +68,6 @@ impl Family for MutualChoice {
     }
     fn encode_batch(&self, sae: &Sae, x: &[f32], n: usize) -> Option<SparseCode> {
         Some(encode_batch_top_k(sae, x, n))
-    }
-    fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
-        sae.settings = k_settings(l0.clamp(1, sae.d_sae));
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
         Box::new(MutualChoiceRule {

@@ -2,12 +2,11 @@
 //! plus AuxK: the top `k_aux` dead latents reconstruct the (detached) residual.
 
 use super::{
-    loosen, top_k_into, validate_k, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
-    RowCode, RowOut, Settings, Sparsity, StepCtx,
+    loosen, top_k_into, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
+    RowCode, RowOut, Sparsity, StepCtx,
 };
-use crate::sae::{Invalid, Sae};
+use crate::sae::Sae;
 use crate::trainer::TrainHyper;
-use std::collections::BTreeMap;
 
 /// The TopK family.
 pub struct TopK;
@@ -23,11 +22,6 @@ impl ArchKind {
 pub struct TopKRule {
     pub k: usize,
     pub k_aux: usize,
-}
-
-/// The settings of a family whose sparsity is k.
-pub(crate) fn k_settings(k: usize) -> Settings {
-    Settings::from([("k".to_string(), serde_json::json!(k))])
 }
 
 /// AuxK's k_aux for a run: the option, or d_in / 2 (DL's top_k default).
@@ -62,9 +56,6 @@ impl Family for TopK {
     fn saelens_reads(&self) -> &'static [&'static str] {
         &["topk"]
     }
-    fn setting_keys(&self) -> &'static [&'static str] {
-        &["k"]
-    }
     fn latent_params(&self) -> &'static [LatentParam] {
         B_ENC_ONLY
     }
@@ -76,17 +67,6 @@ impl Family for TopK {
     }
     fn reads_decoder_norm_rescale(&self) -> bool {
         true
-    }
-    fn settings(
-        &self,
-        k: usize,
-        _d_sae: usize,
-        _opts: &BTreeMap<String, String>,
-    ) -> Result<Settings, String> {
-        Ok(k_settings(k))
-    }
-    fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
-        validate_k(sae)
     }
     fn saelens_cfg(&self, sae: &Sae, cfg: &mut serde_json::Map<String, serde_json::Value>) {
         cfg.insert("k".into(), serde_json::json!(sae.k()));
@@ -106,9 +86,6 @@ impl Family for TopK {
             out.push(j as usize, v);
         }
         out.scratch = scratch;
-    }
-    fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
-        sae.settings = k_settings(l0.clamp(1, sae.d_sae));
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
         Box::new(TopKRule {
