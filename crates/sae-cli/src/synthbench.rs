@@ -154,18 +154,14 @@ impl BatchSource for GeneratedSource {
     }
 
     fn position(&self) -> Option<serde_json::Value> {
-        Some(serde_json::json!({ "row": self.next_row, "sample_row": self.next_sample_row }))
+        Some(sae_train::source::generated_position(
+            self.next_row,
+            self.next_sample_row,
+        ))
     }
 
     fn seek(&mut self, pos: &serde_json::Value) -> Result<()> {
-        let (Some(row), Some(sample_row)) = (
-            pos.get("row").and_then(|v| v.as_u64()),
-            pos.get("sample_row").and_then(|v| v.as_u64()),
-        ) else {
-            bail!("a generated-rows position needs \"row\" and \"sample_row\"; got {pos}");
-        };
-        self.next_row = row;
-        self.next_sample_row = sample_row;
+        (self.next_row, self.next_sample_row) = sae_train::source::parse_generated_position(pos)?;
         Ok(())
     }
 

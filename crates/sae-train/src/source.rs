@@ -180,18 +180,11 @@ impl BatchSource for SynthBenchSource {
     }
 
     fn position(&self) -> Option<serde_json::Value> {
-        Some(serde_json::json!({ "row": self.next_row, "sample_row": self.next_sample_row }))
+        Some(generated_position(self.next_row, self.next_sample_row))
     }
 
     fn seek(&mut self, pos: &serde_json::Value) -> Result<()> {
-        let (Some(row), Some(sample_row)) = (
-            pos.get("row").and_then(|v| v.as_u64()),
-            pos.get("sample_row").and_then(|v| v.as_u64()),
-        ) else {
-            bail!("a synthetic stream position needs \"row\" and \"sample_row\"; got {pos}");
-        };
-        self.next_row = row;
-        self.next_sample_row = sample_row;
+        (self.next_row, self.next_sample_row) = parse_generated_position(pos)?;
         Ok(())
     }
 
@@ -362,6 +355,23 @@ pub fn norm_limit(sample: &[f32], d: usize, ratio: f32) -> f32 {
     let mid = norms.len() / 2;
     let (_, median, _) = norms.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
     *median * ratio
+}
+
+/// The checkpoint position of a source of generated rows: the next training row and the next
+/// row of the trainer's own sample range.
+pub fn generated_position(row: u64, sample_row: u64) -> serde_json::Value {
+    serde_json::json!({ "row": row, "sample_row": sample_row })
+}
+
+/// `(row, sample_row)` of a [`generated_position`].
+pub fn parse_generated_position(pos: &serde_json::Value) -> Result<(u64, u64)> {
+    match (
+        pos.get("row").and_then(|v| v.as_u64()),
+        pos.get("sample_row").and_then(|v| v.as_u64()),
+    ) {
+        (Some(row), Some(sample_row)) => Ok((row, sample_row)),
+        _ => bail!("a generated-rows position needs \"row\" and \"sample_row\"; got {pos}"),
+    }
 }
 
 #[cfg(test)]
