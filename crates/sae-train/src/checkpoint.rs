@@ -58,6 +58,9 @@ pub struct Progress {
     /// Steps whose resampling gave some latent a new direction; the lr drops after each.
     #[serde(default)]
     pub lr_drops: Vec<u64>,
+    /// The sparsity-coefficient controller of a run with `--target-l0`.
+    #[serde(default)]
+    pub l0_target: Option<crate::l0_target::L0Target>,
 }
 
 fn no_norm_limit() -> u32 {

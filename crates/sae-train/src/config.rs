@@ -61,6 +61,13 @@ pub struct TrainConfig {
     /// Linear sparsity-coefficient warm-up from 0; default 0 for gated/relu (paper), steps / 20
     /// for relu with the decoder-norm L1 (April update), min(10000, steps / 10) for jumprelu.
     pub l1_warmup_steps: Option<u64>,
+    /// Penalty families: steer the sparsity coefficient toward this training L0, as a
+    /// multiplier on the scheduled coefficient adjusted every step after the sparsity
+    /// warm-up (SynthSAEBench's autotuner; see `l0_target`).
+    pub target_l0: Option<f64>,
+    /// Largest relative change of that multiplier per step; default 8 / (steps after the
+    /// warm-up), within [3e-4, 1e-2].
+    pub target_l0_rate: Option<f64>,
     pub adam_beta1: f32,
     pub adam_beta2: f32,
     pub adam_eps: f32,
@@ -141,6 +148,8 @@ impl Default for TrainConfig {
             lr_warmup_steps: None,
             lr_decay_steps: 0,
             l1_warmup_steps: None,
+            target_l0: None,
+            target_l0_rate: None,
             adam_beta1: 0.0,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
@@ -306,6 +315,7 @@ impl TrainConfig {
         }
         check_count("dead_window_tokens", c.dead_window_tokens, "tokens")?;
         c.check_resampling()?;
+        c.check_l0_target()?;
         check_non_negative("aux_coeff", c.aux_coeff)?;
         check_positive("jumprelu_bandwidth", c.jumprelu_bandwidth)?;
         let family = c.arch.family();
@@ -397,6 +407,42 @@ impl TrainConfig {
         Ok(())
     }
 
+    fn check_l0_target(&self) -> Result<(), BadSetting> {
+        let c = self;
+        if let Some(t) = c.target_l0 {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(bad("target_l0", "a positive number of active latents", t));
+            }
+            if c.arch.uses_k() {
+                return Err(bad(
+                    "target_l0",
+                    &format!(
+                        "left out for --arch {}, which reaches its L0 through --k",
+                        c.arch
+                    ),
+                    t,
+                ));
+            }
+        }
+        if let Some(r) = c.target_l0_rate {
+            if c.target_l0.is_none() {
+                return Err(bad(
+                    "target_l0_rate",
+                    "left out without --target-l0, which it tunes",
+                    r,
+                ));
+            }
+            if !(r.is_finite() && r > 0.0 && r < 1.0) {
+                return Err(bad(
+                    "target_l0_rate",
+                    "in (0, 1): the largest relative change of the coefficient per step",
+                    r,
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Tokens without firing after which a latent is resampled.
     pub fn resample_window_tokens(&self) -> u64 {
         self.resample_window.unwrap_or(self.dead_window_tokens)
@@ -426,6 +472,9 @@ pub struct Resolved {
     pub steps: u64,
     pub lr_warmup_steps: u64,
     pub l1_warmup_steps: u64,
+    /// With `target_l0`: the largest relative change of the coefficient per step.
+    #[serde(default)]
+    pub target_l0_rate: Option<f64>,
     /// The family's settings saved with the SAE (k, prefix widths, ...).
     #[serde(default)]
     pub settings: Settings,
@@ -495,6 +544,11 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
     let l1_warmup_steps = cfg
         .l1_warmup_steps
         .unwrap_or(family.default_sparsity_warmup(steps, &cfg.hyper()));
+    let target_l0_rate = cfg.target_l0.map(|_| {
+        cfg.target_l0_rate.unwrap_or_else(|| {
+            crate::l0_target::default_rate(steps.saturating_sub(l1_warmup_steps))
+        })
+    });
     Ok(Resolved {
         d_in,
         d_sae,
@@ -503,6 +557,7 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
         steps,
         lr_warmup_steps,
         l1_warmup_steps,
+        target_l0_rate,
         settings,
     })
 }

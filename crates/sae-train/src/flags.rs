@@ -73,6 +73,14 @@ pub struct TrainFlags {
     pub lr_decay_steps: Option<u64>,
     #[arg(long, allow_negative_numbers = true)]
     pub l1_warmup_steps: Option<u64>,
+    /// relu, gated, jumprelu: steer the sparsity coefficient toward this training L0 (a
+    /// multiplier on --l1, adjusted every step after the sparsity warm-up).
+    #[arg(long, allow_negative_numbers = true)]
+    pub target_l0: Option<f64>,
+    /// Largest relative change of the coefficient per step under --target-l0 (default
+    /// 8 / steps after the warm-up, within [3e-4, 1e-2]).
+    #[arg(long, allow_negative_numbers = true)]
+    pub target_l0_rate: Option<f64>,
     #[arg(long, allow_negative_numbers = true)]
     pub adam_beta1: Option<f32>,
     #[arg(long, allow_negative_numbers = true)]
@@ -218,6 +226,8 @@ impl TrainFlags {
             tokens,
             lr_warmup_steps,
             l1_warmup_steps,
+            target_l0,
+            target_l0_rate,
             resample_window,
             threads
         );

@@ -16,6 +16,7 @@ pub mod config;
 pub mod flags;
 pub mod info;
 pub mod init;
+pub mod l0_target;
 pub mod model_source;
 pub mod run;
 pub mod source;

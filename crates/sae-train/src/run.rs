@@ -5,6 +5,7 @@ use crate::config::{
     lr_at, resample_lr_factor, resolve, sparsity_at, BDecInit, Resolved, TrainConfig,
 };
 use crate::init;
+use crate::l0_target::L0Target;
 use crate::model_source::{ModelSource, ModelSourceOptions};
 use crate::source::{BatchSource, StoreSource};
 use anyhow::{bail, Context, Result};
@@ -59,6 +60,10 @@ pub struct TrainSummary {
     /// Each time this run was extended (`--extend`) after it had finished.
     #[serde(default)]
     pub extensions: Vec<Extension>,
+    /// With `--target-l0`: the coefficient controller at the end (its `multiplier` times
+    /// `resolved.sparsity_coeff` is the last coefficient).
+    #[serde(default)]
+    pub l0_target: Option<L0Target>,
     pub last_step: StepStats,
     pub final_metrics: FinalMetrics,
 }
@@ -181,6 +186,7 @@ fn run_identity(cfg: &TrainConfig, r: &Resolved) -> serde_json::Value {
         "lr": r.lr.to_string(), "sparsity_coeff": r.sparsity_coeff.to_string(),
         // As given: the resolved warm-ups depend on the number of steps, which may change.
         "lr_warmup_steps": cfg.lr_warmup_steps, "l1_warmup_steps": cfg.l1_warmup_steps,
+        "target_l0": cfg.target_l0, "target_l0_rate": cfg.target_l0_rate,
         "lr_decay_steps": cfg.lr_decay_steps,
         "init_sample": cfg.init_sample, "max_norm_ratio": cfg.max_norm_ratio.to_string(),
         "dead_window_tokens": cfg.dead_window_tokens, "aux_coeff": cfg.aux_coeff.to_string(),
@@ -343,6 +349,7 @@ struct Start {
     extensions: Vec<Extension>,
     /// Steps whose resampling resampled latents (the lr drops after each).
     lr_drops: Vec<u64>,
+    l0_target: Option<L0Target>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -421,6 +428,16 @@ fn check_identity(
 fn keep_warmups(r: &mut Resolved, old: &Resolved) {
     r.lr_warmup_steps = old.lr_warmup_steps;
     r.l1_warmup_steps = old.l1_warmup_steps;
+    if old.target_l0_rate.is_some() {
+        r.target_l0_rate = old.target_l0_rate;
+    }
+}
+
+/// A fresh coefficient controller for a run that asked for one.
+fn new_l0_target(cfg: &TrainConfig, r: &Resolved) -> Option<L0Target> {
+    let target = cfg.target_l0?;
+    let rate = r.target_l0_rate?;
+    Some(L0Target::new(target, rate, r.l1_warmup_steps))
 }
 
 fn write_config(
@@ -536,6 +553,7 @@ fn start_fresh(
         seconds: 0.0,
         extensions: Vec::new(),
         lr_drops: Vec::new(),
+        l0_target: new_l0_target(cfg, r),
     })
 }
 
@@ -640,6 +658,7 @@ fn start_resumed(
         log: Log::open(partial.join(LOG_FILE), Some(progress.log_bytes))?,
         seconds: progress.seconds,
         extensions,
+        l0_target: progress.l0_target.or_else(|| new_l0_target(cfg, r)),
         lr_drops: progress.lr_drops,
     })
 }
@@ -720,10 +739,16 @@ fn start_extended(
     write_config(&partial.join(CONFIG_FILE), identity, cfg, r, &extensions)?;
     let scale = old_summary.scale;
     let max_norm = old_summary.max_norm.unwrap_or(f32::INFINITY);
-    let (trainer, window, log_bytes, lr_drops) = match kept {
+    let (trainer, window, log_bytes, lr_drops, l0_target) = match kept {
         Some((sae, state, p)) => {
             let trainer = restore(cfg, sae, &state, &p, source, "--extend")?;
-            (trainer, p.window, Some(p.log_bytes), p.lr_drops)
+            (
+                trainer,
+                p.window,
+                Some(p.log_bytes),
+                p.lr_drops,
+                p.l0_target,
+            )
         }
         None => {
             // The saved SAE has the input scale folded in; train at the training scale.
@@ -740,9 +765,17 @@ fn start_extended(
             }
             // A fresh Adam warms up anew; earlier lr drops are over.
             let fresh = SaeTrainer::new(sae, cfg.hyper());
-            (fresh, Window::default(), None, Vec::new())
+            // The controller goes on from where the run ended (its summary keeps it).
+            (
+                fresh,
+                Window::default(),
+                None,
+                Vec::new(),
+                old_summary.l0_target.clone(),
+            )
         }
     };
+    let l0_target = l0_target.or_else(|| new_l0_target(cfg, r));
     Ok(Start {
         trainer,
         scale,
@@ -755,6 +788,7 @@ fn start_extended(
         seconds: old_summary.seconds,
         extensions,
         lr_drops,
+        l0_target,
     })
 }
 
@@ -778,6 +812,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
         seconds: seconds_before,
         extensions,
         mut lr_drops,
+        mut l0_target,
     } = if cfg.resume {
         start_resumed(cfg, &mut r, &partial, &identity, source)?
     } else if cfg.extend {
@@ -814,7 +849,10 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
             let f = resample_lr_factor(&lr_drops, cfg.resample_lr_warmup_steps, step);
             lr = (lr as f64 * f) as f32;
         }
-        let coeff = sparsity_at(&r, step);
+        let scheduled = sparsity_at(&r, step);
+        let coeff = l0_target
+            .as_ref()
+            .map_or(scheduled, |t| t.coefficient(scheduled));
         let stats = trainer.step(&batch, bs, lr, coeff);
         if !stats.loss.is_finite() {
             bar.abandon();
@@ -825,6 +863,9 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
                 stats.sparsity_loss,
                 after_divergence(&partial, lr)
             );
+        }
+        if let Some(t) = l0_target.as_mut() {
+            t.observe(step, stats.l0);
         }
         tokens += bs as u64;
         tokens_window += bs as u64;
@@ -894,6 +935,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
                 window: window.clone(),
                 seconds: seconds_before + t0.elapsed().as_secs_f64(),
                 lr_drops: lr_drops.clone(),
+                l0_target: l0_target.clone(),
             };
             checkpoint::write(&partial, &trainer, &progress)?;
         }
@@ -927,6 +969,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
         tokens_per_s: (tokens - start_tokens) as f64 / t0.elapsed().as_secs_f64().max(1e-9),
         resumed_at_step: (cfg.resume || cfg.extend).then_some(start_step),
         extensions,
+        l0_target,
         last_step: last,
         final_metrics,
     };

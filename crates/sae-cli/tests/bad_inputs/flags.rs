@@ -479,3 +479,27 @@ fn matryoshka_k_larger_than_d_sae() {
         &["--k must be between 1 and d_sae = 16 for matryoshka"],
     );
 }
+
+#[test]
+fn target_l0_on_a_k_family_negative_or_without_its_target() {
+    train_refused(
+        "target-l0-topk",
+        &["--arch", "topk", "--k", "4", "--target-l0", "4"],
+        &["--target-l0", "reaches its L0 through --k"],
+    );
+    train_refused(
+        "target-l0-neg",
+        &["--target-l0", "-5"],
+        &["--target-l0 must be a positive number"],
+    );
+    train_refused(
+        "target-l0-rate-alone",
+        &["--target-l0-rate", "0.01"],
+        &["--target-l0-rate", "without --target-l0"],
+    );
+    train_refused(
+        "target-l0-rate-big",
+        &["--target-l0", "5", "--target-l0-rate", "2"],
+        &["--target-l0-rate must be in (0, 1)"],
+    );
+}
