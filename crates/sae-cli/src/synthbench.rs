@@ -40,11 +40,13 @@ pub struct SynthBenchArgs {
     /// Architectures (comma-separated; `sae archs` lists them).
     #[arg(long, default_value = "batchtopk")]
     pub archs: String,
-    /// Target L0s (comma-separated); topk/batchtopk train one SAE per value with k = L0.
+    /// Target L0s (comma-separated): one SAE per value and family, the k families with
+    /// k = L0, the penalty families (relu, gated, jumprelu) steered toward it by the
+    /// coefficient controller of `sae train --target-l0`.
     #[arg(long, default_value = "25,20")]
     pub l0: String,
-    /// Sparsity coefficient for relu, gated or jumprelu, as ARCH=VALUE (repeatable, one SAE
-    /// each). There is no autotuner: the L0 they reach is measured and reported.
+    /// A fixed sparsity coefficient for relu, gated or jumprelu instead of a target L0, as
+    /// ARCH=VALUE (repeatable, one SAE each); the L0 it reaches is measured and reported.
     #[arg(long)]
     pub coeff: Vec<String>,
     #[arg(long, value_parser = parse_count, default_value = "4096")]
@@ -78,12 +80,14 @@ fn parse_count(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("'{s}' is not a count: {e}"))
 }
 
-/// One SAE to train: its architecture and either k or a sparsity coefficient.
+/// One SAE to train: its architecture and either k, a target L0 for its coefficient, or a
+/// fixed coefficient.
 #[derive(Clone, Debug, serde::Serialize)]
 struct Run {
     name: String,
     arch: String,
     k: Option<usize>,
+    target_l0: Option<usize>,
     coeff: Option<f32>,
 }
 
@@ -279,42 +283,48 @@ fn plan(a: &SynthBenchArgs) -> Result<Vec<Run>> {
         }
         coeffs.push((arch, v));
     }
+    if l0s.is_empty()
+        && archs
+            .iter()
+            .any(|a| a.uses_k() || !coeffs.iter().any(|c| c.0 == *a))
+    {
+        bail!("--l0 is empty: give the target L0s, e.g. --l0 25,20");
+    }
+    // L0 first, so that an interrupted benchmark has every family at the first L0.
     let mut runs = Vec::new();
-    for arch in archs {
-        let name = arch.as_str();
-        if arch.uses_k() {
-            if l0s.is_empty() {
-                bail!("--l0 is empty: {name} needs a target L0, e.g. --l0 25");
-            }
-            for &k in &l0s {
+    for &l0 in &l0s {
+        for &arch in &archs {
+            let name = arch.as_str();
+            if arch.uses_k() {
                 runs.push(Run {
-                    name: format!("{name}_k{k}"),
+                    name: format!("{name}_k{l0}"),
                     arch: name.into(),
-                    k: Some(k),
+                    k: Some(l0),
+                    target_l0: None,
+                    coeff: None,
+                });
+            } else if !coeffs.iter().any(|c| c.0 == arch) {
+                runs.push(Run {
+                    name: format!("{name}_l0_{l0}"),
+                    arch: name.into(),
+                    k: None,
+                    target_l0: Some(l0),
                     coeff: None,
                 });
             }
-        } else {
-            let mine: Vec<f32> = coeffs
-                .iter()
-                .filter(|(a, _)| *a == arch)
-                .map(|(_, v)| *v)
-                .collect();
-            if mine.is_empty() {
-                bail!(
-                    "{name} has no sparsity coefficient: give --coeff {name}=VALUE (there is no \
-                     autotuner to reach an L0)"
-                );
-            }
-            for v in mine {
-                runs.push(Run {
-                    name: format!("{name}_c{v}"),
-                    arch: name.into(),
-                    k: None,
-                    coeff: Some(v),
-                });
-            }
         }
+    }
+    for (arch, v) in coeffs {
+        if !archs.contains(&arch) {
+            bail!("--coeff {arch}={v}: {arch} is not in --archs");
+        }
+        runs.push(Run {
+            name: format!("{}_c{v}", arch.as_str()),
+            arch: arch.as_str().into(),
+            k: None,
+            target_l0: None,
+            coeff: Some(v),
+        });
     }
     Ok(runs)
 }
@@ -358,6 +368,11 @@ pub fn synthbench(a: SynthBenchArgs) -> Result<()> {
     }
     let samples = steps * a.batch_size;
     let half_samples = steps / 2 * a.batch_size;
+    // Every run's settings are checked before any work.
+    let configs: Vec<TrainConfig> = runs
+        .iter()
+        .map(|run| run_config(&a, run, cfg.d_in, samples))
+        .collect::<Result<_>>()?;
     let d = cfg.d_in as u64;
     let defaults = TrainConfig::default();
     let sample_rows = (defaults.init_sample + 2 * defaults.eval_tokens) as u64;
@@ -448,91 +463,128 @@ pub fn synthbench(a: SynthBenchArgs) -> Result<()> {
     };
 
     let mut results = Vec::new();
-    for run in &runs {
-        let dir = a.out.join("runs").join(&run.name);
-        let arch: ArchKind = run.arch.parse()?;
-        let mut tc = TrainConfig {
-            synth: Some(a.bench.clone()),
-            out: dir.clone(),
-            arch,
-            d_sae: Some(a.d_sae as usize),
-            k: run.k.unwrap_or(defaults.k),
-            l1: run.coeff,
-            lr: Some(a.lr),
-            batch_size: a.batch_size as usize,
-            tokens: Some(samples),
-            // The published protocol: constant lr without warm-up, Adam(0.9, 0.999), every
-            // row kept, a latent dead after 1000 steps without firing; only JumpReLU
-            // normalises its inputs (folded into the saved weights).
-            lr_warmup_steps: Some(0),
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            normalize: arch == ArchKind::JUMPRELU,
-            max_norm_ratio: 0.0,
-            dead_window_tokens: 1000 * a.batch_size,
-            eval_tokens: 4096,
-            checkpoint_every: 0,
-            seed: a.seed,
-            // The runs directory belongs to this benchmark output, checked above.
-            overwrite: true,
-            quiet: a.quiet,
-            ..TrainConfig::default()
-        };
-        // The sparsity warm-up of the full run, kept by its first half (which would
-        // otherwise resolve one of its own length).
-        let full = sae_train::config::resolve(&tc, bench.d_in(), None)
-            .with_context(|| format!("settings of run {}", run.name))?;
-        tc.l1_warmup_steps = Some(full.l1_warmup_steps);
-        let mut source: Box<dyn BatchSource> = match &rows {
-            Some(rows) => Box::new(GeneratedSource {
-                rows: rows.clone(),
-                meta: SynthBenchSource::new(bench.clone(), &a.bench).meta(),
-                next_row: 0,
-                next_sample_row: 0,
-            }),
-            None => Box::new(SynthBenchSource::new(bench.clone(), &a.bench)),
-        };
-        // The first half keeps its optimiser state, so the second continues it exactly.
-        let first = TrainConfig {
-            tokens: Some(half_samples),
-            keep_state: true,
-            ..tc.clone()
-        };
-        sae_train::run_with_source(&first, source.as_mut())
-            .with_context(|| format!("training {} (first half)", run.name))?;
-        let half_sae = sae_core::saelens::load(&dir)?;
-        let half_dir = a.out.join(HALF_DIR).join(&run.name);
-        sae_core::saelens::save(&half_sae, &half_dir)?;
-        let half_metrics = score(
+    let mut failed: Vec<(String, String)> = Vec::new();
+    for (run, tc) in runs.iter().zip(configs) {
+        let dir = tc.out.clone();
+        let outcome = (|| -> Result<RunResult> {
+            let mut source: Box<dyn BatchSource> = match &rows {
+                Some(rows) => Box::new(GeneratedSource {
+                    rows: rows.clone(),
+                    meta: SynthBenchSource::new(bench.clone(), &a.bench).meta(),
+                    next_row: 0,
+                    next_sample_row: 0,
+                }),
+                None => Box::new(SynthBenchSource::new(bench.clone(), &a.bench)),
+            };
+            // The first half keeps its optimiser state, so the second continues it exactly.
+            let first = TrainConfig {
+                tokens: Some(half_samples),
+                keep_state: true,
+                ..tc.clone()
+            };
+            sae_train::run_with_source(&first, source.as_mut())
+                .with_context(|| format!("training {} (first half)", run.name))?;
+            let half_sae = sae_core::saelens::load(&dir)?;
+            let half_dir = a.out.join(HALF_DIR).join(&run.name);
+            sae_core::saelens::save(&half_sae, &half_dir)?;
+            let half_metrics = score(
+                &a,
+                &bench,
+                &eval,
+                &half_sae,
+                &format!("{} (half)", run.name),
+            )?;
+            let second = TrainConfig {
+                extend: true,
+                overwrite: false,
+                ..tc
+            };
+            let summary = sae_train::run_with_source(&second, source.as_mut())
+                .with_context(|| format!("training {} (second half)", run.name))?;
+            let sae = sae_core::saelens::load(&dir)?;
+            let metrics = score(&a, &bench, &eval, &sae, &run.name)?;
+            Ok(RunResult {
+                run: run.clone(),
+                samples: summary.tokens,
+                half_samples,
+                train_seconds: summary.seconds,
+                metrics,
+                half_metrics,
+            })
+        })();
+        match outcome {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                // One family failing (e.g. diverging) leaves the others to run.
+                eprintln!("{}: failed: {e:#}", run.name);
+                failed.push((run.name.clone(), format!("{e:#}")));
+            }
+        }
+        // Written after every run, so an interrupted benchmark keeps what it finished.
+        write_results(
             &a,
             &bench,
-            &eval,
-            &half_sae,
-            &format!("{} (half)", run.name),
+            &setup,
+            &results,
+            &failed,
+            wall.elapsed().as_secs_f64(),
         )?;
-        let second = TrainConfig {
-            extend: true,
-            overwrite: false,
-            ..tc
-        };
-        let summary = sae_train::run_with_source(&second, source.as_mut())
-            .with_context(|| format!("training {} (second half)", run.name))?;
-        let sae = sae_core::saelens::load(&dir)?;
-        let metrics = score(&a, &bench, &eval, &sae, &run.name)?;
-        results.push(RunResult {
-            run: run.clone(),
-            samples: summary.tokens,
-            half_samples,
-            train_seconds: summary.seconds,
-            metrics,
-            half_metrics,
-        });
-        // Written after every run, so an interrupted benchmark keeps what it finished.
-        write_results(&a, &bench, &setup, &results, wall.elapsed().as_secs_f64())?;
     }
-    println!("{}", table(&a, &setup, &results));
+    println!("{}", table(&a, &setup, &results, &failed));
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// A run's training settings, resolved as its full length would resolve them (each half
+/// keeps the full run's warm-up and controller rate).
+fn run_config(a: &SynthBenchArgs, run: &Run, d_in: usize, samples: u64) -> Result<TrainConfig> {
+    let defaults = TrainConfig::default();
+    let dir = a.out.join("runs").join(&run.name);
+    let arch: ArchKind = run.arch.parse()?;
+    let mut tc = TrainConfig {
+        synth: Some(a.bench.clone()),
+        out: dir.clone(),
+        arch,
+        d_sae: Some(a.d_sae as usize),
+        k: run.k.unwrap_or(defaults.k),
+        l1: run.coeff,
+        target_l0: run.target_l0.map(|v| v as f64),
+        lr: Some(a.lr),
+        batch_size: a.batch_size as usize,
+        tokens: Some(samples),
+        // The published protocol: constant lr without warm-up, Adam(0.9, 0.999), every
+        // row kept, a latent dead after 1000 steps without firing; only JumpReLU
+        // normalises its inputs (folded into the saved weights).
+        lr_warmup_steps: Some(0),
+        adam_beta1: 0.9,
+        adam_beta2: 0.999,
+        normalize: arch == ArchKind::JUMPRELU,
+        // The benchmark's JumpReLU recipe (L0 through the step STE) uses bandwidth 1 at this
+        // input scale (E||x|| = sqrt(d_in)). Our default 0.001 is the JumpReLU paper's for
+        // inputs of unit mean squared norm; here no pre-activation lies that close to a
+        // threshold, the thresholds get no gradient, and the coefficient changes nothing.
+        jumprelu_bandwidth: if arch == ArchKind::JUMPRELU {
+            1.0
+        } else {
+            defaults.jumprelu_bandwidth
+        },
+        max_norm_ratio: 0.0,
+        dead_window_tokens: 1000 * a.batch_size,
+        eval_tokens: 4096,
+        checkpoint_every: 0,
+        seed: a.seed,
+        // The runs directory belongs to this benchmark output, checked above.
+        overwrite: true,
+        quiet: a.quiet,
+        ..TrainConfig::default()
+    };
+    // The sparsity warm-up of the full run, kept by its first half (which would
+    // otherwise resolve one of its own length).
+    let full = sae_train::config::resolve(&tc, d_in, None)
+        .with_context(|| format!("settings of run {}", run.name))?;
+    tc.l1_warmup_steps = Some(full.l1_warmup_steps);
+    tc.target_l0_rate = full.target_l0_rate;
+    Ok(tc)
 }
 
 /// What every run shares.
@@ -577,6 +629,7 @@ fn write_results(
     bench: &SynthBench,
     setup: &Setup,
     results: &[RunResult],
+    failed: &[(String, String)],
     wall_seconds: f64,
 ) -> Result<()> {
     let json = serde_json::json!({
@@ -594,6 +647,7 @@ fn write_results(
         "lr": a.lr,
         "seed": a.seed,
         "runs": results,
+        "failed": failed.iter().map(|(n, e)| serde_json::json!({"run": n, "error": e})).collect::<Vec<_>>(),
         "published": PUBLISHED.iter().map(|p| serde_json::json!({
             "sae": p.sae, "l0": p.l0, "f1": p.f1, "mcc": p.mcc,
             "uniqueness": p.uniqueness, "explained_variance": p.explained_variance,
@@ -620,7 +674,7 @@ fn write_results(
         a.batch_size,
         a.lr,
         wall_seconds,
-        table(a, setup, results)
+        table(a, setup, results, failed)
     );
     sae_output::write_atomic(&a.out.join("report.md"), md.as_bytes())
         .with_context(|| format!("writing {}", a.out.join("report.md").display()))?;
@@ -629,7 +683,12 @@ fn write_results(
 
 /// Our runs, then the published rows (mean ± std over 5 seeds) at the L0s asked for, then
 /// each metric's change over the last doubling of samples.
-fn table(a: &SynthBenchArgs, setup: &Setup, results: &[RunResult]) -> String {
+fn table(
+    a: &SynthBenchArgs,
+    setup: &Setup,
+    results: &[RunResult],
+    failed: &[(String, String)],
+) -> String {
     let mut s = String::from(
         "| SAE | L0 | F1 | MCC | Uniqueness | Var. explained | dead | shrinkage |\n\
          |---|---|---|---|---|---|---|---|\n",
@@ -646,6 +705,12 @@ fn table(a: &SynthBenchArgs, setup: &Setup, results: &[RunResult]) -> String {
             m.explained_variance,
             m.dead_latents,
             m.shrinkage
+        );
+    }
+    for (name, e) in failed {
+        s += &format!(
+            "| {name} (ours) | failed: {} | | | | | | |\n",
+            e.replace('|', "/")
         );
     }
     // The published rows at the L0s asked for, every published SAE (topk and gated have no

@@ -33,13 +33,22 @@ fn trains_scores_and_reports() {
     let out = dir.join("bench");
     let o = small(
         s(&out),
-        &["--archs", "topk,relu", "--l0", "6", "--coeff", "relu=2"],
+        &[
+            "--archs",
+            "topk,relu,gated",
+            "--l0",
+            "6",
+            "--coeff",
+            "relu=2",
+        ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
-        stdout.contains("topk_k6 (ours)") && stdout.contains("relu_c2 (ours)"),
+        stdout.contains("topk_k6 (ours)")
+            && stdout.contains("relu_c2 (ours)")
+            && stdout.contains("gated_l0_6 (ours)"),
         "{stdout}"
     );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
@@ -48,7 +57,18 @@ fn trains_scores_and_reports() {
         serde_json::from_str(&std::fs::read_to_string(out.join("runs/synthbench.json")).unwrap())
             .unwrap();
     let runs = json["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2);
+    assert_eq!(runs.len(), 3);
+    // The penalty family without --coeff is steered toward the L0 by the controller.
+    let gated = runs.iter().find(|r| r["name"] == "gated_l0_6").unwrap();
+    assert_eq!(gated["target_l0"].as_u64(), Some(6));
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("runs/gated_l0_6/train_summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        summary["l0_target"]["multiplier"].as_f64().is_some(),
+        "{summary}"
+    );
     for r in runs {
         let m = &r["metrics"];
         for key in ["mcc", "uniqueness", "f1", "explained_variance"] {
@@ -68,8 +88,15 @@ fn refuses_bad_settings_before_any_work() {
     let dir = scratch("synthbench-bad");
     let out = dir.join("bench");
     fails_with(
-        &small(s(&out), &["--archs", "relu"]),
-        &["relu has no sparsity coefficient", "--coeff relu="],
+        &small(s(&out), &["--archs", "relu", "--l0", ","]),
+        &["--l0 is empty"],
+    );
+    fails_with(
+        &small(
+            s(&out),
+            &["--archs", "topk", "--l0", "4", "--coeff", "relu=2"],
+        ),
+        &["--coeff relu=2", "not in --archs"],
     );
     fails_with(&small(s(&out), &["--archs", "nope"]), &["--archs"]);
     fails_with(
