@@ -375,3 +375,66 @@ fn bad_configs_are_refused() {
     };
     assert!(SynthBench::new(too_deep).is_err());
 }
+
+/// `sample_acts` (children drawn only under active parents) against the two-step form that
+/// draws every latent Gaussian: the same distribution (different rows of one seed, so
+/// independent samples), and the hierarchy invariants on every row.
+#[test]
+fn level_by_level_sampling_has_the_two_step_distribution() {
+    let b = bench16k_fast();
+    let n = b.n_features();
+    let mut s = b.scratch();
+    let mut acts = Vec::new();
+    let rows = 20_000u64;
+    let mut counts = [vec![0u64; n], vec![0u64; n]];
+    let mut l0 = [0f64; 2];
+    for row in 0..rows {
+        b.sample_acts(row, &mut s, &mut acts);
+        assert!(
+            acts.windows(2).all(|w| w[0].0 < w[1].0),
+            "row {row}: not ascending"
+        );
+        let on = |f: u32| acts.binary_search_by_key(&f, |a| a.0).is_ok();
+        for &(f, a) in &acts {
+            assert!(a > 0.0);
+            let p = b.parent[f as usize];
+            assert!(p == NO_PARENT || on(p), "row {row}: {f} under inactive {p}");
+            let kids = b.children(f as usize).filter(|&c| on(c as u32)).count();
+            assert!(kids <= 1, "row {row}: {f} has {kids} active children");
+            counts[0][f as usize] += 1;
+        }
+        l0[0] += acts.len() as f64;
+        // Rows of the two-step form far from the ones above.
+        b.sample_acts_two_step(row + (1 << 40), &mut s, &mut acts);
+        for &(f, _) in &acts {
+            counts[1][f as usize] += 1;
+        }
+        l0[1] += acts.len() as f64;
+    }
+    let (a, c) = (l0[0] / rows as f64, l0[1] / rows as f64);
+    // The L0's standard error over 20k rows is about 0.08 per form.
+    assert!((a - c).abs() < 0.4, "L0 {a} level by level, {c} two-step");
+    // Per feature, a two-sample test of the firing rates; among 16384 features a |z| above
+    // 5.5 has probability ~1e-3 in total when both rates are equal.
+    let mut worst = (0usize, 0f64);
+    for i in 0..n {
+        let (x, y) = (counts[0][i] as f64, counts[1][i] as f64);
+        if x + y == 0.0 {
+            continue;
+        }
+        let z = (x - y) / (x + y).sqrt();
+        if z.abs() > worst.1 {
+            worst = (i, z.abs());
+        }
+    }
+    assert!(
+        worst.1 < 5.5,
+        "feature {} fires at another rate: z = {}",
+        worst.0,
+        worst.1
+    );
+    eprintln!(
+        "L0 {a:.3} level by level, {c:.3} two-step; worst |z| {:.2}",
+        worst.1
+    );
+}
