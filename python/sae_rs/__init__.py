@@ -436,8 +436,9 @@ def harvest(
 
     ``progress``: True shows a tqdm bar (a plain line without tqdm), False nothing, a
     callable gets ``(rows, tokens)`` about every 0.2 s. The forward passes run without the
-    GIL. Ctrl-C stops after the current batch and raises KeyboardInterrupt; a store keeps
-    the shards written so far and the same call resumes it.
+    GIL. Ctrl-C stops after the current batch (loading the model and reading the corpus are
+    not cut short) and raises KeyboardInterrupt; a store keeps the shards written so far and
+    the same call resumes it.
 
     Raises ValueError for a bad setting or an unknown hook (the message lists the valid
     ones), FileNotFoundError for a missing model or corpus.

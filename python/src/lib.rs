@@ -901,6 +901,21 @@ fn check_model_spec(spec: &str) -> PyResult<()> {
     Ok(())
 }
 
+/// `FileNotFoundError` for a corpus path that does not exist (`PATH#FIELD` names a field of
+/// PATH).
+fn check_corpus_spec(spec: &str) -> PyResult<()> {
+    let base = spec.rsplit_once('#').map_or(spec, |(base, _)| base);
+    let known = |s: &str| s == sae_lm::corpus::PYTHON_DOCS || std::path::Path::new(s).exists();
+    if !known(spec) && !known(base) {
+        return Err(PyFileNotFoundError::new_err(format!(
+            "corpus '{spec}' not found: give '{}', a directory of .txt/.jsonl/.parquet files, \
+             or one such file",
+            sae_lm::corpus::PYTHON_DOCS
+        )));
+    }
+    Ok(())
+}
+
 /// The progress report of harvest and evaluate: `progress(done, total)`.
 fn report_done_total(
     progress: &Option<Py<PyAny>>,
@@ -970,6 +985,7 @@ fn harvest<'py>(
         .parse()
         .map_err(|e| PyValueError::new_err(format!("dtype: {e:#}")))?;
     check_model_spec(&model)?;
+    check_corpus_spec(&corpus)?;
     match out {
         None => {
             let settings = sae_lm::harvest_store::MemoryHarvest {
@@ -1097,6 +1113,7 @@ fn evaluate(
         })?,
     };
     check_model_spec(&model)?;
+    check_corpus_spec(&corpus)?;
     let max_norm = sae_dir
         .as_deref()
         .and_then(sae_eval::eval::trained_max_norm);

@@ -117,6 +117,8 @@ def test_harvest_bad_inputs(corpus, tmp_path):
         harvest(corpus, hook="blocks.9.hook_resid_post")
     with pytest.raises(FileNotFoundError, match="no-such-model.gguf"):
         harvest(corpus, model=tmp_path / "no-such-model.gguf")
+    with pytest.raises(FileNotFoundError, match="corpus .*no-such.txt' not found"):
+        harvest(tmp_path / "no-such.txt")
     for bad in (0, -5):
         with pytest.raises(ValueError, match="tokens must be at least 1"):
             harvest(corpus, tokens=bad)
@@ -206,6 +208,8 @@ def test_evaluate_bad_inputs(corpus, tmp_path):
         evaluate(sae, corpus, hook="blocks.7.hook_resid_post")
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         evaluate(sae, corpus, model=tmp_path / "missing.gguf")
+    with pytest.raises(FileNotFoundError, match="no-such.txt"):
+        evaluate(sae, tmp_path / "no-such.txt")
     with pytest.raises(ValueError, match="tokens must be at least 1"):
         evaluate(sae, corpus, tokens=0)
     with pytest.raises(ValueError, match="skip_tokens"):
