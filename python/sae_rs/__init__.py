@@ -14,6 +14,13 @@ Train one::
                        out="runs/x")
     sae.train_log                  # list of dicts, one per logged step
 
+Harvest activations from a language model and evaluate an SAE with the model's loss::
+
+    x = sae_rs.harvest(model="smollm2-135m", hook="blocks.15.hook_resid_post",
+                       corpus="python-docs", tokens=100_000)       # float32 [100000, 576]
+    sae_rs.harvest(hook="blocks.15.hook_resid_post", tokens=2_000_000, out="acts")
+    sae_rs.evaluate(sae, corpus="python-docs", tokens=50_000)      # the eval.json dict
+
 Inputs are read in place when they are C-contiguous float32 (numpy, or a CPU torch tensor,
 which gives back a torch tensor); results are handed over without a copy. Long work runs
 with the GIL released.
@@ -27,14 +34,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _native
 
 __version__ = "0.1.0"
-__all__ = ["SAE", "SparseCode", "train", "architectures", "__version__"]
+__all__ = ["SAE", "SparseCode", "train", "harvest", "evaluate", "hooks", "architectures",
+           "__version__"]
+
+_DEFAULT_MODEL = "smollm2-135m"
+_DEFAULT_CORPUS = "python-docs"
 
 _TRAIN_BATCH_DEFAULT = 4096
 
@@ -319,32 +330,203 @@ class SAE:
 class _Progress:
     """tqdm when it is installed, else one line rewritten in place."""
 
-    def __init__(self, total: Optional[int]):
+    def __init__(self, total: Optional[int], desc: str = "train", unit: str = "tok"):
         self.total = total
+        self.desc = desc
+        self.unit = unit
         self.t0 = time.monotonic()
         self.last = 0
         try:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="train")
+            self.bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc)
         except ImportError:
             self.bar = None
 
-    def __call__(self, rows: int) -> None:
+    def __call__(self, done: int, total: Optional[int] = None) -> None:
+        if total and total != self.total:
+            self.total = total
+            if self.bar is not None:
+                self.bar.total = total
+                self.bar.refresh()
         if self.bar is not None:
-            self.bar.update(rows - self.last)
+            self.bar.update(done - self.last)
         else:
             secs = max(time.monotonic() - self.t0, 1e-9)
-            of = f"/{self.total:,} ({100 * rows / self.total:.0f}%)" if self.total else ""
-            print(f"\rtrain: {rows:,}{of} tokens, {rows / secs:,.0f} tok/s", end="",
-                  file=sys.stderr, flush=True)
-        self.last = rows
+            of = f"/{self.total:,} ({100 * done / self.total:.0f}%)" if self.total else ""
+            print(f"\r{self.desc}: {done:,}{of} {self.unit}, {done / secs:,.0f} {self.unit}/s",
+                  end="", file=sys.stderr, flush=True)
+        self.last = done
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         else:
             print(file=sys.stderr, flush=True)
+
+
+def _count(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int of at least ``minimum``, or ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}; got {value}")
+    return int(value)
+
+
+def _model_spec(model: Union[str, os.PathLike]) -> str:
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be {_DEFAULT_MODEL!r}, a .gguf path, a Hugging Face model directory or "
+            f"a cached repo id; got {type(model).__name__}"
+        )
+    return os.fspath(model)
+
+
+def _reporter(progress: Union[bool, Callable[..., None]], total: Optional[int], desc: str,
+              unit: str):
+    """``(callback for the native call, bar to close or None)``."""
+    bar = _Progress(total, desc, unit) if progress is True else None
+    return (progress if callable(progress) else bar), bar
+
+
+def hooks(model: Union[str, os.PathLike] = _DEFAULT_MODEL) -> List[Tuple[str, int]]:
+    """``(hook name, width)`` of every hook point of ``model``, as ``sae hooks`` prints them."""
+    return [(name, width) for name, width in _native.hooks(_model_spec(model))]
+
+
+def harvest(
+    model: Union[str, os.PathLike] = _DEFAULT_MODEL,
+    hook: Optional[str] = None,
+    corpus: Union[str, os.PathLike] = _DEFAULT_CORPUS,
+    tokens: Optional[int] = None,
+    out: Optional[Union[str, os.PathLike]] = None,
+    *,
+    ctx: int = 128,
+    batch: int = 16,
+    compute: str = "f32",
+    dtype: str = "f32",
+    store_tokens: bool = False,
+    include_bos: bool = False,
+    shard_rows: int = 32768,
+    threads: Optional[int] = None,
+    progress: Union[bool, Callable[[int, int], None]] = True,
+) -> Union[np.ndarray, Dict[str, Any]]:
+    """Runs the language model over ``corpus`` and takes ``tokens`` activation rows at
+    ``hook``, as ``sae harvest`` does.
+
+    ``model``: ``"smollm2-135m"`` (fetched on first use, as the CLI does), a ``.gguf`` file,
+    a Hugging Face model directory, or a repo id in the local hub cache. ``hook``: e.g.
+    ``"blocks.15.hook_resid_post"`` (:func:`hooks` lists them). ``corpus``:
+    ``"python-docs"``, a directory of .txt/.jsonl/.parquet files or one such file
+    (``PATH#NAME`` reads that field/column).
+
+    Without ``out`` it returns a float32 numpy array ``[tokens, width]`` (fewer rows when the
+    corpus is shorter), in corpus order: the rows the store would hold. With ``out`` it
+    writes an activation store there exactly as ``sae harvest --out`` does (a new or empty
+    directory, or an unfinished store of its own, which is resumed; anything else is
+    refused and left untouched) and returns a summary dict (``out``, ``tokens`` in the
+    store, ``harvested`` by this call, ``tokens_per_second``, ``shards``...).
+
+    The other keywords are the CLI's flags: ``ctx`` (context length, BOS included),
+    ``batch`` (contexts per forward pass), ``compute`` (``"f32"`` or ``"bf16"`` weight
+    products), and for stores only ``dtype`` (``"f32"``/``"bf16"``), ``store_tokens``,
+    ``shard_rows``; ``include_bos`` keeps the BOS rows. ``threads``: worker threads for the
+    forward pass (default: all cores, or ``RAYON_NUM_THREADS``).
+
+    ``progress``: True shows a tqdm bar (a plain line without tqdm), False nothing, a
+    callable gets ``(rows, tokens)`` about every 0.2 s. The forward passes run without the
+    GIL. Ctrl-C stops after the current batch (loading the model and reading the corpus are
+    not cut short) and raises KeyboardInterrupt; a store keeps the shards written so far and
+    the same call resumes it.
+
+    Raises ValueError for a bad setting or an unknown hook (the message lists the valid
+    ones), FileNotFoundError for a missing model or corpus.
+    """
+    if hook is None:
+        raise ValueError("hook is required, e.g. hook='blocks.15.hook_resid_post' "
+                         "(sae_rs.hooks(model) lists them)")
+    if tokens is None:
+        raise ValueError("tokens is required: the activation rows to take")
+    tokens = _count(tokens, "tokens")
+    if out is None:
+        for name, value, default in (("dtype", dtype, "f32"), ("store_tokens", store_tokens, False),
+                                     ("shard_rows", shard_rows, 32768)):
+            if value != default:
+                raise ValueError(f"{name} applies to a store only; pass out=DIR as well")
+    callback, bar = _reporter(progress, tokens, "harvest", "tok")
+    try:
+        result = _native.harvest(
+            _model_spec(model), str(hook), os.fspath(corpus), tokens,
+            None if out is None else os.fspath(out), _count(ctx, "ctx", 2), _count(batch, "batch"),
+            compute, dtype, bool(store_tokens), bool(include_bos), _count(shard_rows, "shard_rows"),
+            None if threads is None else _count(threads, "threads"), callback,
+        )
+    except KeyboardInterrupt:
+        if out is None:
+            raise KeyboardInterrupt("harvest stopped; nothing was returned") from None
+        raise KeyboardInterrupt(
+            f"harvest stopped: {os.fspath(out)} keeps the shards written so far; the same call "
+            "resumes it") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if out is None:
+        return result
+    return json.loads(result)
+
+
+def evaluate(
+    sae: Union["SAE", str, os.PathLike],
+    model: Union[str, os.PathLike] = _DEFAULT_MODEL,
+    hook: Optional[str] = None,
+    corpus: Union[str, os.PathLike] = _DEFAULT_CORPUS,
+    tokens: int = 200_000,
+    *,
+    ctx: int = 128,
+    batch: int = 8,
+    skip_tokens: Optional[int] = None,
+    out: Optional[Union[str, os.PathLike]] = None,
+    threads: Optional[int] = None,
+    progress: Union[bool, Callable[[int, int], None]] = True,
+) -> Dict[str, Any]:
+    """Evaluates ``sae`` (an :class:`SAE` or the path of one) on ``tokens`` held-out tokens
+    of ``corpus`` with ``model``'s own loss, as ``sae eval`` does, and returns the dict
+    ``sae eval`` writes to ``eval.json``: ``l0``, ``mse``, ``fvu``, ``gamma``, ``ce_clean``,
+    ``ce_sae``, ``ce_zero``, ``ce_mean_ablation``, ``delta_lm_loss``, ``loss_recovered``,
+    ``loss_recovered_vs_mean``, ``firing`` (dead/dense latents and the histogram),
+    ``n_tokens``, ``n_contexts``, ``skip_tokens``, ``max_norm``, ``n_unspliced``...
+
+    ``hook``: default the SAE's (cfg.json). ``skip_tokens``: corpus tokens skipped first;
+    default the size of the store the SAE was trained on (so the text is held out), and
+    ValueError when that cannot be told (pass 0 if it was trained on other text). ``out``:
+    also write ``eval.json``, the firing histogram and ``report.md`` there, with the CLI's
+    checks (nothing is written by default). ``ctx``, ``batch``, ``threads``, ``progress``
+    (a callable gets ``(forward passes, total)``) as in :func:`harvest`. Ctrl-C stops after
+    the current forward pass and raises KeyboardInterrupt.
+    """
+    if isinstance(sae, (str, os.PathLike)):
+        sae = SAE.load(sae)
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae must be an SAE or the path of one; got {type(sae).__name__}")
+    name = str(sae.path) if sae.path is not None else repr(sae)
+    tokens = _count(tokens, "tokens")
+    callback, bar = _reporter(progress, None, "eval", "pass")
+    try:
+        report = _native.evaluate(
+            sae._native, name, None if sae.path is None else str(sae.path), _model_spec(model),
+            os.fspath(corpus), tokens, _count(ctx, "ctx", 2), _count(batch, "batch"),
+            None if hook is None else str(hook),
+            None if skip_tokens is None else _count(skip_tokens, "skip_tokens", 0),
+            None if out is None else os.fspath(out),
+            None if threads is None else _count(threads, "threads"), callback,
+        )
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("evaluation stopped; nothing was written") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    return json.loads(report)
 
 
 def _json_default(v: Any):
@@ -371,9 +553,21 @@ def train(
     """Trains an SAE as ``sae train`` does and returns it (loaded from ``out``).
 
     ``acts``: a float32 ``[n, d_in]`` numpy array or CPU torch tensor (read in place, in
-    order, wrapping around), an iterable of such batches (concatenated first: a copy), or
-    the path of an activation store (files or directory written by ``sae harvest``,
+    order, wrapping around), an iterable or iterator of such batches, or the path of an
+    activation store (files or directory written by ``sae harvest`` or :func:`harvest`,
     shuffled). Leave it out with ``synth="synthsaebench-small"``.
+
+    Batches from an iterable are streamed: training pulls the next batch (taking the GIL
+    only for that) when it needs more rows, and keeps only the rows not yet trained on, so
+    the data never has to fit in memory. Give ``tokens`` or ``steps``. The rows are used in
+    the order given (shuffle them yourself); the initialisation sample
+    (``init_sample`` rows, 32768 by default) and the final evaluation sample
+    (``eval_tokens`` rows) are read ahead of training without being skipped. If the
+    iterator runs out before ``tokens`` (or ``steps x batch_size``) rows, training stops
+    with ValueError saying how many rows it gave; nothing is saved to ``out``, and the last
+    checkpoint (if one was written) stays in ``<out>.partial`` for ``resume=True`` with a
+    new iterator. An exception raised by the iterator stops training and is raised as it
+    is.
 
     Every other keyword is a field of the Rust ``TrainConfig`` (the ``sae train`` flags with
     underscores: ``batch_size``, ``lr``, ``seed``, ``checkpoint_every``, ``resume``,
@@ -395,6 +589,7 @@ def train(
     cfg.update(config)
 
     array = None
+    batches = None
     if isinstance(acts, (str, os.PathLike)):
         cfg["acts"] = os.fspath(acts)
     elif acts is not None:
@@ -406,14 +601,12 @@ def train(
                     "acts must be a float32 [n, d_in] array, an iterable of them, or a path; "
                     f"got {type(acts).__name__}"
                 )
-            batches = [_as_rows(b, _width(b), "acts batch", "d_in")[0] for b in acts]
-            if not batches:
-                raise ValueError("acts is an empty iterable")
-            widths = {b.shape[1] for b in batches}
-            if len(widths) != 1:
-                raise ValueError(f"acts batches must share one width d_in; got {sorted(widths)}")
-            acts = np.concatenate(batches)
-        array, _, _ = _as_rows(acts, _width(acts), "acts", "d_in")
+            if tokens is None and steps is None:
+                raise ValueError("acts is an iterable of batches: give tokens or steps (its "
+                                 "length is not known in advance)")
+            batches = _checked_batches(iter(acts))
+        else:
+            array, _, _ = _as_rows(acts, _width(acts), "acts", "d_in")
 
     config_json = json.dumps(cfg, default=_json_default)
     _native.check_train_config(config_json)
@@ -425,10 +618,9 @@ def train(
         total = int(steps) * int(cfg.get("batch_size", _TRAIN_BATCH_DEFAULT))
     elif array is not None and not cfg.get("resume") and not cfg.get("extend"):
         total = array.shape[0]
-    bar = _Progress(total) if progress is True else None
-    report = progress if callable(progress) else bar
+    report, bar = _reporter(progress, total, "train", "tok")
     try:
-        _native.train(config_json, array, report)
+        _native.train(config_json, array, report, batches)
     except KeyboardInterrupt:
         partial = Path(os.fspath(out) + ".partial")
         saved = [partial / d / "progress.json" for d in ("checkpoint", "checkpoint.old")]
@@ -452,3 +644,9 @@ def _width(x: Any) -> int:
             f"acts must have shape [n, d_in]; got {list(shape) if shape is not None else type(x).__name__}"
         )
     return int(shape[1])
+
+
+def _checked_batches(batches: Iterator[Any]) -> Iterator[np.ndarray]:
+    """Each batch as a C-contiguous float32 ``[n, d_in]`` numpy array, lazily."""
+    for b in batches:
+        yield _as_rows(b, _width(b), "acts batch", "d_in")[0]

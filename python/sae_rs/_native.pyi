@@ -1,12 +1,20 @@
 """Type stubs for the Rust extension module (see src/lib.rs). Use the wrappers in sae_rs."""
 
 from os import PathLike
-from typing import Callable, List, Optional, Tuple, Union, final
+from typing import Callable, Iterator, List, Optional, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["NativeSae", "train", "check_train_config", "architectures"]
+__all__ = [
+    "NativeSae",
+    "train",
+    "check_train_config",
+    "architectures",
+    "harvest",
+    "evaluate",
+    "hooks",
+]
 
 _F32 = npt.NDArray[np.float32]
 
@@ -45,6 +53,39 @@ def train(
     config_json: str,
     acts: Optional[_F32] = None,
     progress: Optional[Callable[[int], object]] = None,
+    batches: Optional[Iterator[_F32]] = None,
 ) -> str: ...
 def check_train_config(config_json: str) -> None: ...
 def architectures() -> List[str]: ...
+def harvest(
+    model: str,
+    hook: str,
+    corpus: str,
+    tokens: int,
+    out: Optional[str] = None,
+    ctx: int = 128,
+    batch: int = 16,
+    compute: str = "f32",
+    dtype: str = "f32",
+    store_tokens: bool = False,
+    include_bos: bool = False,
+    shard_rows: int = 32768,
+    threads: Optional[int] = None,
+    progress: Optional[Callable[[int, int], object]] = None,
+) -> Union[_F32, str]: ...
+def evaluate(
+    sae: NativeSae,
+    sae_name: str,
+    sae_dir: Optional[str],
+    model: str,
+    corpus: str,
+    tokens: int,
+    ctx: int = 128,
+    batch: int = 8,
+    hook: Optional[str] = None,
+    skip_tokens: Optional[int] = None,
+    out: Optional[str] = None,
+    threads: Optional[int] = None,
+    progress: Optional[Callable[[int, int], object]] = None,
+) -> str: ...
+def hooks(model: str) -> List[Tuple[str, int]]: ...

@@ -455,15 +455,107 @@ impl BatchSource for SliceSource<'_> {
     }
 }
 
-const STOPPED: &str = "training stopped from Python";
+const STOPPED: &str = "stopped from Python";
+
+/// Counters shared between a job on its own thread and the Python thread watching it.
+#[derive(Default)]
+struct Watch {
+    /// Units of work done (training rows, harvested rows, forward passes).
+    done: AtomicU64,
+    /// The units the job expects to do, once it knows (0 before).
+    total: AtomicU64,
+    /// Set by the watcher: the job should stop at its next check, with an error.
+    stop: AtomicBool,
+    finished: AtomicBool,
+}
+
+impl Watch {
+    /// An error when the watcher asked the job to stop.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.stop.load(Ordering::Relaxed) {
+            anyhow::bail!(STOPPED);
+        }
+        Ok(())
+    }
+}
+
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Runs `job` on its own thread (in a rayon pool of `threads` workers when given) while
+/// this thread waits without the GIL; about every 0.2 s it checks for Ctrl-C and calls
+/// `report`. A KeyboardInterrupt or an exception from `report` sets `watch.stop` (the job
+/// ends at its next check) and is returned instead of the job's result; `report` is called
+/// once more after a job that was not stopped.
+fn run_watched<T: Send>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    mut report: impl FnMut(Python<'_>, &Watch) -> PyResult<()>,
+    job: impl FnOnce(&Watch) -> T + Send,
+) -> PyResult<T> {
+    let pool = match threads {
+        None => None,
+        Some(0) => return Err(PyValueError::new_err("threads must be at least 1")),
+        Some(n) => Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| PyRuntimeError::new_err(format!("starting {n} threads: {e}")))?,
+        ),
+    };
+    let watch = Watch::default();
+    let mut pending: Option<PyErr> = None;
+    let result = std::thread::scope(|s| {
+        let job = s.spawn(|| {
+            // Set on return and on panic alike, so the wait below always ends.
+            let _done = SetOnDrop(&watch.finished);
+            match &pool {
+                Some(pool) => pool.install(|| job(&watch)),
+                None => job(&watch),
+            }
+        });
+        loop {
+            py.detach(|| {
+                for _ in 0..20 {
+                    if watch.finished.load(Ordering::Acquire) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            if watch.finished.load(Ordering::Acquire) {
+                break;
+            }
+            if pending.is_some() {
+                continue;
+            }
+            if let Err(e) = py.check_signals().and_then(|_| report(py, &watch)) {
+                watch.stop.store(true, Ordering::Relaxed);
+                pending = Some(e);
+            }
+        }
+        // The job may still be dropping values that take the GIL.
+        py.detach(|| job.join())
+    });
+    let value = result.map_err(panic_message)?;
+    if let Some(e) = pending {
+        return Err(e);
+    }
+    report(py, &watch)?;
+    Ok(value)
+}
 
 /// A source that counts the training rows it hands out and refuses the next batch once
-/// `stop` is set: the training loop then ends with an error before its next step, leaving
-/// the last checkpoint in `<out>.partial` for `resume`.
+/// the watcher asks to stop: the training loop then ends with an error before its next
+/// step, leaving the last checkpoint in `<out>.partial` for `resume`.
 struct Watched<'a> {
     inner: &'a mut dyn BatchSource,
-    rows: &'a AtomicU64,
-    stop: &'a AtomicBool,
+    watch: &'a Watch,
 }
 
 impl BatchSource for Watched<'_> {
@@ -471,17 +563,13 @@ impl BatchSource for Watched<'_> {
         self.inner.d_in()
     }
     fn next_batch(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
-        if self.stop.load(Ordering::Relaxed) {
-            anyhow::bail!(STOPPED);
-        }
+        self.watch.check()?;
         self.inner.next_batch(out, n)?;
-        self.rows.fetch_add(n as u64, Ordering::Relaxed);
+        self.watch.done.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
     fn sample(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
-        if self.stop.load(Ordering::Relaxed) {
-            anyhow::bail!(STOPPED);
-        }
+        self.watch.check()?;
         self.inner.sample(out, n)
     }
     fn n_rows(&self) -> Option<u64> {
@@ -501,11 +589,145 @@ impl BatchSource for Watched<'_> {
     }
 }
 
-struct SetOnDrop<'a>(&'a AtomicBool);
+/// Why an [`IterSource`] could not give a batch.
+enum IterFailure {
+    /// The iterator ended after this many rows.
+    Ended(u64),
+    /// The iterator (or its batch) raised, or gave something that is not a batch.
+    Raised(PyErr),
+}
 
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+/// Batches pulled from a Python iterator as training asks for rows: the GIL is taken only
+/// to call `next` and copy the batch. Rows are handed out in order. `sample` peeks at the
+/// rows ahead without consuming them (as the training loop expects), and once the iterator
+/// has ended it gives the rows it still holds and the last sample again.
+struct IterSource {
+    iter: Py<PyAny>,
+    d_in: usize,
+    /// Rows pulled and not yet trained on start at row `head`.
+    pending: Vec<f32>,
+    head: usize,
+    last_sample: Vec<f32>,
+    pulled: u64,
+    ended: bool,
+    failure: Option<IterFailure>,
+}
+
+const ITER_FAILED: &str = "the acts iterator gave no more batches";
+
+impl IterSource {
+    /// Pulls the first batch, which sets `d_in`.
+    fn new(py: Python<'_>, iter: Py<PyAny>) -> PyResult<Self> {
+        let mut source = IterSource {
+            iter,
+            d_in: 0,
+            pending: Vec::new(),
+            head: 0,
+            last_sample: Vec::new(),
+            pulled: 0,
+            ended: false,
+            failure: None,
+        };
+        if !source.pull_with(py).map_err(|f| match f {
+            IterFailure::Raised(e) => e,
+            IterFailure::Ended(_) => PyValueError::new_err("acts is an empty iterator"),
+        })? {
+            return Err(PyValueError::new_err("acts is an empty iterator"));
+        }
+        Ok(source)
+    }
+
+    fn pending_rows(&self) -> usize {
+        self.pending.len() / self.d_in.max(1) - self.head
+    }
+
+    /// Appends the iterator's next batch; `Ok(false)` when it has ended.
+    fn pull_with(&mut self, py: Python<'_>) -> Result<bool, IterFailure> {
+        if self.ended {
+            return Ok(false);
+        }
+        let item = match self.iter.bind(py).call_method0("__next__") {
+            Ok(item) => item,
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
+                self.ended = true;
+                return Ok(false);
+            }
+            Err(e) => return Err(IterFailure::Raised(e)),
+        };
+        let batch: PyReadonlyArray2<'_, f32> = item.extract().map_err(|_| {
+            IterFailure::Raised(PyValueError::new_err(format!(
+                "acts batch {} is not a float32 [n, d_in] array",
+                self.pulled
+            )))
+        })?;
+        let width = batch.shape()[1];
+        if self.d_in == 0 {
+            if width == 0 {
+                return Err(IterFailure::Raised(PyValueError::new_err(
+                    "acts batches must have d_in >= 1 columns",
+                )));
+            }
+            self.d_in = width;
+        }
+        let (data, n) =
+            rows(&batch, self.d_in, "acts batch", "d_in").map_err(IterFailure::Raised)?;
+        // Rows already trained on are dropped before the buffer grows.
+        if self.head > 0 {
+            self.pending.drain(..self.head * self.d_in);
+            self.head = 0;
+        }
+        self.pending.extend_from_slice(data);
+        self.pulled += n as u64;
+        Ok(true)
+    }
+
+    /// One more batch, taking the GIL; a failure is kept for the caller of `train`.
+    fn pull(&mut self) -> anyhow::Result<bool> {
+        match Python::attach(|py| self.pull_with(py)) {
+            Ok(more) => Ok(more),
+            Err(f) => {
+                self.failure = Some(f);
+                anyhow::bail!(ITER_FAILED)
+            }
+        }
+    }
+}
+
+impl BatchSource for IterSource {
+    fn d_in(&self) -> usize {
+        self.d_in
+    }
+
+    fn next_batch(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
+        while self.pending_rows() < n {
+            if !self.pull()? {
+                self.failure = Some(IterFailure::Ended(self.pulled));
+                anyhow::bail!(ITER_FAILED);
+            }
+        }
+        let d = self.d_in;
+        out[..n * d].copy_from_slice(&self.pending[self.head * d..(self.head + n) * d]);
+        self.head += n;
+        Ok(())
+    }
+
+    fn sample(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
+        while self.pending_rows() < n && self.pull()? {}
+        let d = self.d_in;
+        let ahead = &self.pending[self.head * d..];
+        if ahead.len() >= n * d {
+            out[..n * d].copy_from_slice(&ahead[..n * d]);
+        } else {
+            let rows: Vec<&[f32]> = ahead.chunks(d).chain(self.last_sample.chunks(d)).collect();
+            if rows.is_empty() {
+                anyhow::bail!("the acts iterator has no rows left to sample");
+            }
+            for (i, o) in out[..n * d].chunks_mut(d).enumerate() {
+                o.copy_from_slice(rows[i % rows.len()]);
+            }
+        }
+        self.last_sample = out[..n * d].to_vec();
+        Ok(())
     }
 }
 
@@ -524,26 +746,50 @@ fn check_train_config(config_json: &str) -> PyResult<()> {
     parse_config(config_json).map(|_| ())
 }
 
-/// Trains an SAE as `sae train` does, on `acts` (a `[n, d_in]` array, read in place) or on
-/// the config's `acts` path or `synth` preset. Returns the run summary as JSON text.
+/// Trains an SAE as `sae train` does, on `acts` (a `[n, d_in]` array, read in place), on
+/// `batches` (an iterator of `[n, d_in]` float32 arrays, pulled as training needs rows), or
+/// on the config's `acts` path or `synth` preset. Returns the run summary as JSON text.
 ///
 /// Training runs on its own thread; this thread waits without the GIL, checks for Ctrl-C
 /// and calls `progress(rows_so_far)` about every 0.2 s. A KeyboardInterrupt (or an exception
-/// from `progress`) stops training before its next step and is raised here.
+/// from `progress`) stops training before its next step and is raised here. An iterator
+/// that ends before training does raises ValueError; one that raises has its exception
+/// raised here.
 #[pyfunction]
-#[pyo3(signature = (config_json, acts = None, progress = None))]
+#[pyo3(signature = (config_json, acts = None, progress = None, batches = None))]
 fn train(
     py: Python<'_>,
     config_json: &str,
     acts: Option<PyReadonlyArray2<'_, f32>>,
     progress: Option<Py<PyAny>>,
+    batches: Option<Py<PyAny>>,
 ) -> PyResult<String> {
     let cfg = parse_config(config_json)?;
     let mut slice_source;
     let mut store_source;
     let mut synth_source;
-    let inner: &mut dyn BatchSource = match &acts {
-        Some(array) => {
+    let mut iter_source = None;
+    let inner: &mut dyn BatchSource = match (&acts, batches) {
+        (Some(_), Some(_)) => {
+            return Err(PyValueError::new_err(
+                "give acts (an array) or batches (an iterator), not both",
+            ))
+        }
+        (None, Some(iter)) => {
+            if cfg.acts.is_some() || cfg.synth.is_some() || cfg.model.is_some() {
+                return Err(PyValueError::new_err(
+                    "acts is an iterator: leave out the config's acts, synth and model",
+                ));
+            }
+            if cfg.steps.is_none() && cfg.tokens.is_none() {
+                return Err(PyValueError::new_err(
+                    "training on an iterator of batches needs steps or tokens (its length is \
+                     not known in advance)",
+                ));
+            }
+            iter_source.insert(IterSource::new(py, iter)?)
+        }
+        (Some(array), None) => {
             if cfg.acts.is_some() || cfg.synth.is_some() || cfg.model.is_some() {
                 return Err(PyValueError::new_err(
                     "acts is an array: leave out the config's acts, synth and model",
@@ -563,12 +809,11 @@ fn train(
             };
             &mut slice_source
         }
-        None => {
+        (None, None) => {
             if cfg.model.is_some() {
                 return Err(PyValueError::new_err(
-                    "training straight from a model is not offered here; run `sae train \
-                     --model M --hook H`, or harvest with `sae harvest` and pass the directory \
-                     as acts",
+                    "training straight from a model is not offered here; harvest with \
+                     sae_rs.harvest(..., out=DIR) and pass DIR as acts",
                 ));
             }
             match (&cfg.acts, &cfg.synth) {
@@ -602,65 +847,330 @@ fn train(
         }
     };
 
-    let rows_done = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    let mut source = Watched {
-        inner,
-        rows: &rows_done,
-        stop: &stop,
-    };
-    let mut pending: Option<PyErr> = None;
-    let finished = AtomicBool::new(false);
-    let result = std::thread::scope(|s| {
-        let job = s.spawn(|| {
-            // Set on return and on panic alike, so the wait below always ends.
-            let _done = SetOnDrop(&finished);
-            sae_train::run_with_source(&cfg, &mut source)
-        });
-        loop {
-            py.detach(|| {
-                for _ in 0..20 {
-                    if finished.load(Ordering::Acquire) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            });
-            if finished.load(Ordering::Acquire) {
-                break;
-            }
-            if pending.is_some() {
-                continue;
-            }
-            if let Err(e) = py.check_signals() {
-                stop.store(true, Ordering::Relaxed);
-                pending = Some(e);
-            } else if let Some(cb) = &progress {
-                if let Err(e) = cb.call1(py, (rows_done.load(Ordering::Relaxed),)) {
-                    stop.store(true, Ordering::Relaxed);
-                    pending = Some(e);
-                }
-            }
+    let report = |py: Python<'_>, w: &Watch| -> PyResult<()> {
+        if let Some(cb) = &progress {
+            cb.call1(py, (w.done.load(Ordering::Relaxed),))?;
         }
-        job.join()
+        Ok(())
+    };
+    let summary = run_watched(py, None, report, |watch| {
+        let mut source = Watched { inner, watch };
+        sae_train::run_with_source(&cfg, &mut source)
     });
-    let summary = result.map_err(panic_message)?;
-    if let Some(e) = pending {
-        return Err(e);
-    }
-    let summary = summary.map_err(|e| {
+    let failure = iter_source.as_mut().and_then(|s| s.failure.take());
+    let summary = summary?.map_err(|e| {
         let msg = format!("{e:#}");
-        let from_config = e.chain().any(|c| c.is::<sae_train::config::BadSetting>());
-        if from_config {
-            PyValueError::new_err(msg)
-        } else {
-            PyRuntimeError::new_err(msg)
+        match failure {
+            Some(IterFailure::Raised(err)) => err,
+            Some(IterFailure::Ended(rows)) => PyValueError::new_err(format!(
+                "the acts iterator ended after {rows} rows, before training had the rows it \
+                 needs ({}); nothing was saved to {}; give a longer iterator or fewer \
+                 tokens/steps (the last checkpoint, if any, is in {}.partial: resume=True \
+                 continues it on a new iterator)",
+                match (cfg.tokens, cfg.steps) {
+                    (Some(t), _) => format!("tokens={t}"),
+                    (None, Some(s)) => format!("steps={s} x batch_size={}", cfg.batch_size),
+                    (None, None) => "tokens".into(),
+                },
+                cfg.out.display(),
+                cfg.out.display()
+            )),
+            None if e.chain().any(|c| c.is::<sae_train::config::BadSetting>()) => {
+                PyValueError::new_err(msg)
+            }
+            None => PyRuntimeError::new_err(msg),
         }
     })?;
-    if let Some(cb) = &progress {
-        cb.call1(py, (rows_done.load(Ordering::Relaxed),))?;
-    }
     serde_json::to_string(&summary).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// `FileNotFoundError` for a model path that does not exist (the default model's name and
+/// Hugging Face repo ids are resolved by the loader).
+fn check_model_spec(spec: &str) -> PyResult<()> {
+    let path = std::path::Path::new(spec);
+    if spec != sae_lm::fetch::DEFAULT_MODEL
+        && !path.exists()
+        && !sae_lm::hub::looks_like_repo_id(spec)
+    {
+        return Err(PyFileNotFoundError::new_err(format!(
+            "model '{spec}' not found: use '{}', a path to a .gguf file or a Hugging Face model \
+             directory, or a Hugging Face repo id (org/name) in the local hub cache",
+            sae_lm::fetch::DEFAULT_MODEL
+        )));
+    }
+    Ok(())
+}
+
+/// `FileNotFoundError` for a corpus path that does not exist (`PATH#FIELD` names a field of
+/// PATH).
+fn check_corpus_spec(spec: &str) -> PyResult<()> {
+    let base = spec.rsplit_once('#').map_or(spec, |(base, _)| base);
+    let known = |s: &str| s == sae_lm::corpus::PYTHON_DOCS || std::path::Path::new(s).exists();
+    if !known(spec) && !known(base) {
+        return Err(PyFileNotFoundError::new_err(format!(
+            "corpus '{spec}' not found: give '{}', a directory of .txt/.jsonl/.parquet files, \
+             or one such file",
+            sae_lm::corpus::PYTHON_DOCS
+        )));
+    }
+    Ok(())
+}
+
+/// The progress report of harvest and evaluate: `progress(done, total)`.
+fn report_done_total(
+    progress: &Option<Py<PyAny>>,
+) -> impl FnMut(Python<'_>, &Watch) -> PyResult<()> + '_ {
+    move |py, w| {
+        if let Some(cb) = progress {
+            cb.call1(
+                py,
+                (
+                    w.done.load(Ordering::Relaxed),
+                    w.total.load(Ordering::Relaxed),
+                ),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `sae harvest` from Python. Without `out`, the rows `[tokens, width]` as float32 (what the
+/// store would hold with dtype f32); with `out`, the store is written (or resumed) as the
+/// CLI does and a JSON summary is returned. `progress(rows, tokens)` about every 0.2 s.
+#[pyfunction]
+#[pyo3(signature = (model, hook, corpus, tokens, out = None, ctx = 128, batch = 16,
+    compute = "f32", dtype = "f32", store_tokens = false, include_bos = false,
+    shard_rows = 32768, threads = None, progress = None))]
+#[allow(clippy::too_many_arguments)]
+fn harvest<'py>(
+    py: Python<'py>,
+    model: String,
+    hook: String,
+    corpus: String,
+    tokens: usize,
+    out: Option<PathBuf>,
+    ctx: usize,
+    batch: usize,
+    compute: &str,
+    dtype: &str,
+    store_tokens: bool,
+    include_bos: bool,
+    shard_rows: usize,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if tokens == 0 {
+        return Err(PyValueError::new_err("tokens must be at least 1"));
+    }
+    if ctx < 2 {
+        return Err(PyValueError::new_err(format!(
+            "ctx must be at least 2 (BOS and one token); got {ctx}"
+        )));
+    }
+    if batch == 0 || shard_rows == 0 {
+        return Err(PyValueError::new_err(
+            "batch and shard_rows must be at least 1",
+        ));
+    }
+    let bf16_compute = match compute {
+        "f32" => false,
+        "bf16" => true,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "compute must be 'f32' or 'bf16'; got '{other}'"
+            )))
+        }
+    };
+    let dtype: sae_store::writer::StoreDtype = dtype
+        .parse()
+        .map_err(|e| PyValueError::new_err(format!("dtype: {e:#}")))?;
+    check_model_spec(&model)?;
+    check_corpus_spec(&corpus)?;
+    match out {
+        None => {
+            let settings = sae_lm::harvest_store::MemoryHarvest {
+                model,
+                hook,
+                corpus,
+                tokens,
+                ctx,
+                batch,
+                bf16_compute,
+                include_bos,
+                progress: false,
+            };
+            let result = run_watched(py, threads, report_done_total(&progress), |w| {
+                w.total.store(tokens as u64, Ordering::Relaxed);
+                sae_lm::harvest_store::harvest_to_memory(&settings, &mut |rows| {
+                    w.done.store(rows as u64, Ordering::Relaxed);
+                    w.check()
+                })
+            })?;
+            let (acts, width, _) = result.map_err(input_error)?;
+            let n = acts.len() / width;
+            Ok(to_matrix(py, acts, n, width).into_any())
+        }
+        Some(out) => {
+            let settings = sae_lm::harvest_store::StoreHarvest {
+                model,
+                hook,
+                corpus,
+                tokens,
+                out,
+                ctx,
+                dtype,
+                batch,
+                bf16_compute,
+                store_tokens,
+                include_bos,
+                shard_rows,
+                progress: false,
+            };
+            let result = run_watched(py, threads, report_done_total(&progress), |w| {
+                w.total.store(tokens as u64, Ordering::Relaxed);
+                sae_lm::harvest_store::harvest_to_store(&settings, &mut |rows| {
+                    w.done.store(rows as u64, Ordering::Relaxed);
+                    w.check()
+                })
+            })?;
+            let r = result.map_err(input_error)?;
+            let m = &r.manifest;
+            let summary = serde_json::json!({
+                "out": settings.out,
+                "tokens": m.n_tokens,
+                "harvested": r.stats.as_ref().map_or(0, |s| s.rows),
+                "seconds": r.stats.as_ref().map_or(0.0, |s| s.seconds),
+                "tokens_per_second": r.stats.as_ref().map_or(0.0, |s| s.tokens_per_second()),
+                "shards": m.shards.len(),
+                "dtype": m.dtype,
+                "d_in": m.d_in,
+                "model": m.model,
+                "hook": m.hook,
+                "corpus": m.corpus,
+                "context_size": m.context_size,
+                "complete": m.complete,
+            });
+            Ok(pyo3::types::PyString::new(py, &summary.to_string()).into_any())
+        }
+    }
+}
+
+/// `sae eval` from Python on a loaded SAE: the report `sae eval` writes to eval.json, as
+/// JSON text. `sae_dir` (where the SAE was loaded from, if anywhere) gives the norm limit
+/// it was trained with and keeps `out` from being inside it except as its `eval` folder.
+/// With `out`, eval.json, the firing histogram and report.md are written there as the CLI
+/// does. `progress(passes, total)` about every 0.2 s.
+#[pyfunction]
+#[pyo3(signature = (sae, sae_name, sae_dir, model, corpus, tokens, ctx = 128, batch = 8,
+    hook = None, skip_tokens = None, out = None, threads = None, progress = None))]
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    py: Python<'_>,
+    sae: &NativeSae,
+    sae_name: String,
+    sae_dir: Option<PathBuf>,
+    model: String,
+    corpus: String,
+    tokens: usize,
+    ctx: usize,
+    batch: usize,
+    hook: Option<String>,
+    skip_tokens: Option<usize>,
+    out: Option<PathBuf>,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    if tokens == 0 {
+        return Err(PyValueError::new_err("tokens must be at least 1"));
+    }
+    if ctx < 2 {
+        return Err(PyValueError::new_err(format!(
+            "ctx must be at least 2 (BOS and one token); got {ctx}"
+        )));
+    }
+    if batch == 0 {
+        return Err(PyValueError::new_err("batch must be at least 1"));
+    }
+    let sae = &sae.sae;
+    let hook = match (hook, sae.meta.hook_name.as_str()) {
+        (Some(h), _) => h,
+        (None, "") => {
+            return Err(PyValueError::new_err(format!(
+                "{sae_name}: its cfg.json names no hook; pass hook="
+            )))
+        }
+        (None, h) => h.to_string(),
+    };
+    let skip = match skip_tokens {
+        Some(s) => s,
+        None => sae_eval::pipeline::training_tokens(sae, &corpus).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "cannot tell which text SAE {sae_name} was trained on (no activation store at \
+                 '{}'); pass skip_tokens=N to skip the first N corpus tokens (0 if it was \
+                 trained on other text)",
+                sae.meta.dataset_path
+            ))
+        })?,
+    };
+    check_model_spec(&model)?;
+    check_corpus_spec(&corpus)?;
+    let max_norm = sae_dir
+        .as_deref()
+        .and_then(sae_eval::eval::trained_max_norm);
+    let inputs: Vec<sae_output::Input> = sae_dir
+        .iter()
+        .map(|d| sae_output::Input {
+            flag: "sae",
+            path: d,
+            allowed_child: Some("eval"),
+        })
+        .collect();
+    let check_out = |out: &std::path::Path| {
+        sae_output::check_output(out, sae_output::OutputKind::Eval, &inputs, false)
+    };
+    let result = run_watched(py, threads, report_done_total(&progress), |w| {
+        let _lock = match &out {
+            Some(out) => {
+                check_out(out)?;
+                Some(sae_output::OutputLock::acquire(out)?)
+            }
+            None => None,
+        };
+        let model = sae_lm::LanguageModel::load(&model)?;
+        sae_eval::eval::check_sae_fits(sae, &sae_name, &model, &hook)?;
+        let data =
+            sae_eval::eval::EvalData::load(&model, &corpus, &hook, tokens, ctx, batch, skip)?;
+        let r = sae_eval::pipeline::evaluate_on(
+            &model,
+            sae,
+            &sae_name,
+            max_norm,
+            &data,
+            &mut |d, t| {
+                w.done.store(d as u64, Ordering::Relaxed);
+                w.total.store(t as u64, Ordering::Relaxed);
+                w.check()
+            },
+        )?;
+        if let Some(out) = &out {
+            check_out(out)?;
+            sae_eval::report::write_eval(out, &r)?;
+        }
+        anyhow::Ok(r)
+    })?;
+    let r = result.map_err(input_error)?;
+    serde_json::to_string(&r).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// `(name, width)` of every hook point of `model` (what `sae hooks` prints).
+#[pyfunction]
+fn hooks(py: Python<'_>, model: String) -> PyResult<Vec<(String, usize)>> {
+    check_model_spec(&model)?;
+    let m = without_gil(py, || sae_lm::LanguageModel::load(&model))?.map_err(input_error)?;
+    Ok(m.hook_points()
+        .into_iter()
+        .map(|h| (h.name, h.width))
+        .collect())
 }
 
 /// The registered SAE families (`arch` values).
@@ -675,5 +1185,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(train, m)?)?;
     m.add_function(wrap_pyfunction!(check_train_config, m)?)?;
     m.add_function(wrap_pyfunction!(architectures, m)?)?;
+    m.add_function(wrap_pyfunction!(harvest, m)?)?;
+    m.add_function(wrap_pyfunction!(evaluate, m)?)?;
+    m.add_function(wrap_pyfunction!(hooks, m)?)?;
     Ok(())
 }

@@ -133,11 +133,12 @@ pub struct Baseline {
     pub mean_act: Vec<f32>,
 }
 
-/// Clean, zero-ablated and mean-ablated CE. `progress(done, total)` after each forward pass.
+/// Clean, zero-ablated and mean-ablated CE. `progress(done, total)` after each forward pass;
+/// an error from it stops the passes and is returned.
 pub fn baseline(
     model: &LanguageModel,
     data: &EvalData,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Baseline> {
     let (ctx, width) = (data.ctx, data.width);
     let total = 3 * data.n_batches();
@@ -157,7 +158,7 @@ pub fn baseline(
         let l = splice::spliced_loss(model, toks, b, ctx, &data.hook, width, &mut observe)?;
         clean.add_contexts(&l, ctx);
         done += 1;
-        progress(done, total);
+        progress(done, total)?;
         let l = splice::spliced_loss(
             model,
             toks,
@@ -169,7 +170,7 @@ pub fn baseline(
         )?;
         zero.add_contexts(&l, ctx);
         done += 1;
-        progress(done, total);
+        progress(done, total)?;
     }
     let mean_act: Vec<f32> = sum
         .iter()
@@ -180,7 +181,7 @@ pub fn baseline(
         let l = splice::spliced_loss(model, toks, b, ctx, &data.hook, width, &mut f)?;
         mean_ab.add_contexts(&l, ctx);
         done += 1;
-        progress(done, total);
+        progress(done, total)?;
     }
     Ok(Baseline {
         ce_clean: clean.mean(),
@@ -246,7 +247,7 @@ pub fn evaluate_sae(
     data: &EvalData,
     base: &Baseline,
     max_norm: Option<f32>,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<EvalReport> {
     if sae.d_in != data.width {
         bail!(
@@ -299,7 +300,7 @@ pub fn evaluate_sae(
             &mut reconstruct,
         )?;
         ce.add_contexts(&l, ctx);
-        progress(i + 1, total);
+        progress(i + 1, total)?;
     }
     let ce_sae = ce.mean();
     Ok(EvalReport {

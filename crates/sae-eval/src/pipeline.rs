@@ -48,7 +48,7 @@ fn check_sae_dir(dir: &Path) -> Result<()> {
 
 /// Stream tokens the SAE's training text covered: the `n_tokens` of the activation store
 /// named in its cfg.json (`dataset_path`), when that store was harvested from `corpus`.
-fn training_tokens(sae: &sae_core::Sae, corpus: &str) -> Option<usize> {
+pub fn training_tokens(sae: &sae_core::Sae, corpus: &str) -> Option<usize> {
     let m = sae_store::writer::Manifest::read(Path::new(&sae.meta.dataset_path)).ok()?;
     if m.corpus != corpus {
         return Some(0);
@@ -108,12 +108,11 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalReport> {
         t0.elapsed().as_secs_f64()
     );
     let b = bar(None, 4 * data.n_batches() as u64, "forward passes");
-    let base = eval::baseline(&model, &data, &mut |d, _| b.set_position(d as u64))?;
     let name = o.sae.display().to_string();
-    let n0 = 3 * data.n_batches() as u64;
     let max_norm = eval::trained_max_norm(&o.sae);
-    let r = eval::evaluate_sae(&model, &sae, &name, &data, &base, max_norm, &mut |d, _| {
-        b.set_position(n0 + d as u64)
+    let r = evaluate_on(&model, &sae, &name, max_norm, &data, &mut |d, _| {
+        b.set_position(d as u64);
+        Ok(())
     })?;
     b.finish_and_clear();
     check_out()?;
@@ -124,6 +123,27 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalReport> {
         out.display()
     );
     Ok(r)
+}
+
+/// The passes of `sae eval` on packed held-out text: the baseline (clean, zero- and
+/// mean-ablated) then the spliced pass, `4 x data.n_batches()` forward passes in all.
+/// `progress(done, total)` before the first pass and after each; an error from it stops the
+/// evaluation and is returned. Writes nothing.
+pub fn evaluate_on(
+    model: &LanguageModel,
+    sae: &sae_core::Sae,
+    sae_name: &str,
+    max_norm: Option<f32>,
+    data: &EvalData,
+    progress: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<EvalReport> {
+    let total = 4 * data.n_batches();
+    progress(0, total)?;
+    let base = eval::baseline(model, data, &mut |d, _| progress(d, total))?;
+    let n0 = 3 * data.n_batches();
+    eval::evaluate_sae(model, sae, sae_name, data, &base, max_norm, &mut |d, _| {
+        progress(n0 + d, total)
+    })
 }
 
 /// Options of `sae sweep`.
@@ -263,7 +283,10 @@ pub fn run_grid(o: &SweepOptions, runs: &[RunSpec]) -> Result<SweepResult> {
             b
         })
         .collect();
-    let base = eval::baseline(&model, &data, &mut |d, _| base_bar.set_position(d as u64))?;
+    let base = eval::baseline(&model, &data, &mut |d, _| {
+        base_bar.set_position(d as u64);
+        Ok(())
+    })?;
     base_bar.finish_with_message(format!(
         "clean {:.4}, zero-ablated {:.4}, mean-ablated {:.4}",
         base.ce_clean, base.ce_zero, base.ce_mean_ablation
@@ -382,6 +405,7 @@ fn sweep_one(
         eval::trained_max_norm(&dir),
         &mut |d, _| {
             b.set_message(format!("evaluating {d}/{n}"));
+            Ok(())
         },
     )?;
     report::write_eval(&dir.join("eval"), &r)?;

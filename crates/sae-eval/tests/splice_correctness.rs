@@ -50,7 +50,7 @@ fn data() -> EvalData {
 
 fn baseline(d: &EvalData) -> &'static Baseline {
     static BASE: OnceLock<Baseline> = OnceLock::new();
-    BASE.get_or_init(|| eval::baseline(model(), d, &mut |_, _| {}).unwrap())
+    BASE.get_or_init(|| eval::baseline(model(), d, &mut |_, _| Ok(())).unwrap())
 }
 
 fn zero_sae(d_in: usize, b_dec: Option<&[f32]>) -> Sae {
@@ -70,7 +70,7 @@ fn evaluate(d: &EvalData, sae: &Sae, max_norm: Option<f32>) -> eval::EvalReport 
         d,
         baseline(d),
         max_norm,
-        &mut |_, _| {},
+        &mut |_, _| Ok(()),
     )
     .unwrap()
 }

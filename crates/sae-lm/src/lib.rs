@@ -5,6 +5,7 @@ pub mod corpus;
 pub mod fetch;
 pub mod gpt2;
 pub mod harvest;
+pub mod harvest_store;
 pub mod hooks;
 pub mod hub;
 mod kernels;
