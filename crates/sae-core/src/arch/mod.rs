@@ -46,7 +46,8 @@ registry![
     mp,
     mutualchoice,
     featurechoice,
-    gba
+    gba,
+    vsae
 ];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the
