@@ -432,6 +432,8 @@ fn mp_pursuit_matches_the_naive_one() {
         apply_b_dec: true,
         dead: Vec::new(),
         widths: Vec::new(),
+        beta: 0.0,
+        noise_seed: 0,
     };
     let p = RefParams {
         w_enc_t: Vec::new(),
@@ -489,4 +491,39 @@ fn mp_pursuit_schedules_agree() {
             );
         }
     }
+}
+
+/// vSAE's training noise is drawn from (seed, step, row) alone: a step on 1 or 4 threads
+/// sees the same noise (equal losses up to the products' rounding), another seed other noise.
+#[test]
+fn training_noise_is_the_same_on_any_thread_count() {
+    let (d_in, d_sae, n) = (16, 64, 100);
+    let (x, _) = synthetic(n, d_in, 10, 4);
+    let x: Vec<f32> = x.iter().map(|v| 4.0 * v).collect();
+    let sae = Sae::init(ArchKind::VSAE, d_in, d_sae, 4, 2);
+    let run = |threads: usize, seed: u64| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let hyper = TrainHyper {
+                seed,
+                ..TrainHyper::default()
+            };
+            let mut t = SaeTrainer::new(sae.clone(), hyper);
+            t.step(&x, n, 1e-3, 0.0);
+            t.step(&x, n, 1e-3, 0.0)
+        })
+    };
+    let (one, four, other) = (run(1, 7), run(4, 7), run(4, 8));
+    assert!(
+        (one.loss - four.loss).abs() < 1e-5 * one.loss,
+        "{one:?} vs {four:?}"
+    );
+    assert_eq!(one.l0, four.l0);
+    assert!(
+        (one.loss - other.loss).abs() > 1e-3 * one.loss,
+        "{one:?} vs {other:?}"
+    );
 }
