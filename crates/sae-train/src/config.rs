@@ -360,6 +360,7 @@ impl TrainConfig {
             jumprelu_bandwidth: self.jumprelu_bandwidth,
             dead_window_tokens: self.dead_window_tokens,
             relu_decoder_norm_l1: self.relu_decoder_norm_l1,
+            seed: self.seed,
         }
     }
 

@@ -200,7 +200,12 @@ fn log_without_speed(path: &Path) -> Vec<serde_json::Value> {
 fn resume_after_a_kill_gives_the_same_bits() {
     let dir = tempfile::tempdir().unwrap();
     let acts = synth(dir.path(), 12, 24, 3000, 3.0);
-    for arch in [ArchKind::GATED, ArchKind::TOPK, ArchKind::JUMPRELU] {
+    for arch in [
+        ArchKind::GATED,
+        ArchKind::TOPK,
+        ArchKind::JUMPRELU,
+        ArchKind::VSAE,
+    ] {
         let k_or_l1 = |c: TrainConfig| {
             if arch.uses_k() {
                 TrainConfig {

@@ -11,3 +11,4 @@ mod resample;
 mod sae_files;
 mod server;
 mod stores;
+mod vsae;

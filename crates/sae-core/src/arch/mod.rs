@@ -46,7 +46,8 @@ registry![
     mp,
     mutualchoice,
     featurechoice,
-    gba
+    gba,
+    vsae
 ];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the
@@ -577,6 +578,31 @@ pub trait Arch: Send + Sync {
     fn dec_row_extra(&self, _ctx: &StepCtx, _j: usize, _sum_f: f32) -> Option<f32> {
         None
     }
+    /// Standard deviation of Gaussian noise added in training to every raw pre-activation
+    /// before selection (`prepare_batch`, `prefilter` and `select_row` all see the noisy
+    /// values, and so do the entries' `pre`); None for none. Inference adds none. The noise
+    /// of a row depends only on `TrainHyper::seed`, the step and the row's index in the
+    /// batch (`trainer::noise`). Applies to the shared step, not to `residual_select` rules.
+    fn pre_noise(&self) -> Option<f32> {
+        None
+    }
+    /// A penalty on every pre-activation of every row, not only the selected entries (a
+    /// prior on the encoder's output). Its gradient w.r.t. the pre-activations is dense, so
+    /// its W_enc gradient costs one more dense product per step. Applies to the shared step.
+    fn dense_penalty(&self) -> Option<&dyn DensePenalty> {
+        None
+    }
+}
+
+/// A loss term on every pre-activation of a row (see [`Arch::dense_penalty`]); the trainer
+/// averages it over the batch and adds it to the loss (reported as `sparsity_loss`).
+pub trait DensePenalty: Sync {
+    /// The penalty of one row of raw pre-activations (before any training noise), with its
+    /// coefficient; writes its gradient w.r.t. each pre-activation into `grad`.
+    fn row(&self, params: &[Vec<f32>], pre: &[f32], grad: &mut [f32]) -> f64;
+    /// Gradients of the penalty w.r.t. latent `j`'s per-latent parameters (in
+    /// `Arch::param_names` order) given `sum_b d penalty / d pre_bj`.
+    fn param_grads(&self, j: usize, colsum: f32) -> [f32; 3];
 }
 
 /// An encoder that selects against the residual, step by step, with the dictionary as its

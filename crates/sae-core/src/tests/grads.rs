@@ -34,6 +34,7 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
         dead_window_tokens: 0,
         k_aux: 3,
         relu_decoder_norm_l1: dnorm,
+        seed: 99,
         ..TrainHyper::default()
     };
     let lambda = 0.7f32;
@@ -77,6 +78,12 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
                 .get("widths")
                 .and_then(|w| serde_json::from_value(w.clone()).ok())
                 .unwrap_or_default(),
+            beta: sae
+                .settings
+                .get("beta")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0),
+            noise_seed: hyper.seed,
         },
         params: RefParams {
             w_enc_t,
@@ -264,6 +271,17 @@ fn featurechoice_gradients() {
 fn gba_gradients() {
     check_against_reference(ArchKind::GBA, false);
     check_finite_differences(ArchKind::GBA, false);
+}
+
+#[test]
+fn vsae_gradients() {
+    check_against_reference(ArchKind::VSAE, false);
+    check_finite_differences(ArchKind::VSAE, false);
+    // The KL term must be on (beta > 0) and reach latents outside the selection.
+    let c = case(ArchKind::VSAE, false, 7, false);
+    assert!(c.cfg.beta > 0.0);
+    let r = grads(&c.cfg, &c.params, &c.x, N);
+    assert!(r.lat[0].iter().all(|v| v.abs() > 0.0));
 }
 
 #[test]

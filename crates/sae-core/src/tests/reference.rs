@@ -31,6 +31,9 @@ pub struct RefCfg {
     pub dead: Vec<usize>,
     /// Reconstruction heads: prefix widths ending at d_sae (empty: the whole dictionary).
     pub widths: Vec<usize>,
+    /// vSAE: the KL coefficient, and the seed of the training noise (step 1's is used).
+    pub beta: f64,
+    pub noise_seed: u64,
 }
 
 impl RefCfg {
@@ -182,9 +185,22 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     }
                 }
             }
-            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
-                let vals: Vec<(f64, usize)> = (0..m).map(|j| (pre[j] + p.lat[0][j], j)).collect();
-                if c.arch == ArchKind::TOPK {
+            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" | "vsae" => {
+                // vSAE selects on mu + eps, the noise of the trainer's first step.
+                let mut eps = vec![0.0f32; m];
+                if c.arch.as_str() == "vsae" {
+                    crate::trainer::noise::add_gaussian_row(
+                        c.noise_seed,
+                        1,
+                        b as u64,
+                        1.0,
+                        &mut eps,
+                    );
+                }
+                let vals: Vec<(f64, usize)> = (0..m)
+                    .map(|j| (pre[j] + p.lat[0][j] + eps[j] as f64, j))
+                    .collect();
+                if matches!(c.arch.as_str(), "topk" | "vsae") {
                     for (v, j) in top_k(&vals, c.k) {
                         f[j] = v.max(0.0);
                     }
@@ -373,10 +389,17 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
                 let l0 = fw.f[b].iter().filter(|v| **v != 0.0).count() as f64;
                 total += c.lambda * l0 / nf;
             }
-            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
+            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" | "vsae" => {
                 if !c.dead.is_empty() && denom > 0.0 {
                     let eh = decode(c, &live.w_dec, None, &fw.a[b]);
                     total += c.alpha * sq(&eh, &e[b]) / denom;
+                }
+                // KL(N(mu, I) || N(0, I)) over every latent, mu without the noise.
+                if c.arch.as_str() == "vsae" {
+                    for j in 0..c.d_sae {
+                        let mu = fw.pre[b][j] + live.lat[0][j];
+                        total += c.beta * 0.5 * mu * mu / nf;
+                    }
                 }
             }
             // No sparsity penalty.
@@ -501,12 +524,15 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         g.lat[1][j] += gt * theta;
                     }
                 }
-                "topk" | "batchtopk" | "matryoshka" | "mutualchoice" => {
+                "topk" | "batchtopk" | "matryoshka" | "mutualchoice" | "vsae" => {
                     if f > 0.0 {
                         dpre[j] += df;
                     }
                     if a > 0.0 {
                         dpre[j] += da;
+                    }
+                    if c.arch.as_str() == "vsae" {
+                        dpre[j] += c.beta * (pre + p.lat[0][j]) / nf;
                     }
                     g.lat[0][j] += dpre[j];
                 }

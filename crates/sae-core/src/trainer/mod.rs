@@ -17,6 +17,10 @@
 //!
 //! # One step (`step.rs`, one method per phase)
 //! 1. `encode`: `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon).
+//!    Rules with a dense penalty (`Arch::dense_penalty`) then get its value and gradient on
+//!    every pre-activation, and rules with training noise (`Arch::pre_noise`) get the noise
+//!    added to `pre`, drawn from (seed, step, row) alone. The penalty's W_enc gradient is one
+//!    more product, `Gpen^T xc` (folded into the dense path's encoder product).
 //! 2. `prepare_selection`, `select`: the architecture turns each row of `pre` into sparse
 //!    entries (row-parallel, with a vectorised candidate prefilter), flattened to CSR.
 //! 3. `decode`: per row, sparse decode (and the auxiliary reconstruction), the residual of each
@@ -40,6 +44,7 @@
 //! (`v * beta2^missed`, equal to the dense update up to float rounding). With beta1 != 0
 //! every row is updated every step.
 
+pub(crate) mod noise;
 mod pursuit;
 mod resample;
 mod state;
@@ -71,6 +76,10 @@ pub struct TrainHyper {
     /// ReLU variant: Anthropic April-update decoder-norm-weighted L1 without the unit-norm
     /// constraint.
     pub relu_decoder_norm_l1: bool,
+    /// Seeds the training-time noise of rules that add any (`Arch::pre_noise`), with the
+    /// step and the row.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl Default for TrainHyper {
@@ -86,6 +95,7 @@ impl Default for TrainHyper {
             jumprelu_bandwidth: 0.001,
             dead_window_tokens: 10_000_000,
             relu_decoder_norm_l1: false,
+            seed: 0,
         }
     }
 }

@@ -1,9 +1,10 @@
 //! The body of one training step, one method per phase over the reused `Buffers`:
-//! `encode`, `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
+//! `encode`, `dense_penalty` and `add_pre_noise` (rules with a dense penalty or training
+//! noise), `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
 //! `Buffers::transpose_entries`, `latent_pass` (gradients fused with Adam), `dense_params`.
 
-use super::{Mode, SaeTrainer, StepStats};
-use crate::arch::{AfterStep, Arch, AuxMode, Entry, RowOut, StepCtx};
+use super::{noise, Mode, SaeTrainer, StepStats};
+use crate::arch::{AfterStep, Arch, AuxMode, DensePenalty, Entry, RowOut, StepCtx};
 use crate::kernels::{
     acc2, acc3, axpy, axpy2, dot, dot2, matmul, matmul_tn, matmul_xt, prefetch_rows,
     split_by_lengths,
@@ -85,6 +86,13 @@ pub(super) struct Buffers {
     cutoff: Vec<f32>,
     latent_batch: Vec<f32>,
     gparams: Vec<Vec<f32>>,
+    /// Dense penalty (empty without one): its gradient w.r.t. every pre-activation, batch
+    /// mean included (`[n, d_sae]`), per row chunk its value, per latent its column sum,
+    /// and on the sparse path its W_enc gradient (`[d_sae, d_in]`).
+    gpen: Vec<f32>,
+    pen_parts: Vec<f64>,
+    pen_colsum: Vec<f32>,
+    pen_genc: Vec<f32>,
 }
 
 /// An entry as the latent pass reads it (sorted by latent).
@@ -136,6 +144,8 @@ struct Selected {
     total: usize,
     /// Unweighted sparsity penalty summed over the batch.
     sparsity_sum: f64,
+    /// The dense penalty (with its coefficient) summed over the batch.
+    penalty_sum: f64,
 }
 
 /// The loss of the batch and what the gradient phases need from the decode.
@@ -188,9 +198,14 @@ impl SaeTrainer {
         let mut prof = Profiler::new();
         self.encode(x, n);
         prof.lap("gemm");
+        // The penalty reads the pre-activations before the noise is added to them.
+        let penalty_sum = self.dense_penalty(n);
+        self.add_pre_noise(n);
+        prof.lap("penalty+noise");
         let batch = self.prepare_selection(n, sparsity_coeff);
         prof.lap("prep");
-        let sel = self.select(n, sparsity_coeff, batch);
+        let mut sel = self.select(n, sparsity_coeff, batch);
+        sel.penalty_sum = penalty_sum;
         prof.lap("select");
         let dec = self.decode(x, n, sparsity_coeff, &sel);
         if !dec.stats.loss.is_finite() {
@@ -236,6 +251,20 @@ impl SaeTrainer {
                 bw.aux_trains_dec,
                 bw.batch_threshold,
             );
+        } else if !self.buf.gpen.is_empty() {
+            // The dense penalty's W_enc gradient: the one product its dense gradient forces
+            // (the dense path folds it into its own encoder product instead).
+            let buf = &mut self.buf;
+            buf.pen_genc.resize(self.d_sae * self.d_in, 0.0);
+            matmul_tn(
+                &buf.gpen,
+                n,
+                self.d_sae,
+                &buf.xc,
+                self.d_in,
+                &mut buf.pen_genc,
+                false,
+            );
         }
         let mut mode = mode;
         self.latent_pass(&bw, &mut mode);
@@ -272,6 +301,67 @@ impl SaeTrainer {
         }
         buf.pre.resize(n * d_sae, 0.0);
         matmul_xt(&buf.xc, n, d_in, &self.w_enc_t, d_sae, &mut buf.pre);
+    }
+
+    /// Phase 1b: the rule's dense penalty on the (noise-free) pre-activations: per row its
+    /// value and its gradient (times 1/n, the batch mean) into `gpen`, then the gradient's
+    /// column sums. Returns the penalty summed over the batch (0 without one).
+    fn dense_penalty(&mut self, n: usize) -> f64 {
+        let d_sae = self.d_sae;
+        let buf = &mut self.buf;
+        let Some(pen) = self.arch.dense_penalty() else {
+            buf.gpen.clear();
+            buf.pen_colsum.clear();
+            return 0.0;
+        };
+        buf.gpen.resize(n * d_sae, 0.0);
+        buf.pen_parts.clear();
+        buf.pen_parts.resize(n.div_ceil(ROW_CHUNK), 0.0);
+        let (params, inv_n) = (&self.params, 1.0 / n as f32);
+        buf.gpen
+            .par_chunks_mut(d_sae * ROW_CHUNK)
+            .zip(buf.pre.par_chunks(d_sae * ROW_CHUNK))
+            .zip(buf.pen_parts.par_iter_mut())
+            .for_each(|((grads, pres), part)| {
+                *part = 0.0;
+                for (g, p) in grads.chunks_mut(d_sae).zip(pres.chunks(d_sae)) {
+                    *part += pen.row(params, p, g);
+                    g.iter_mut().for_each(|v| *v *= inv_n);
+                }
+            });
+        buf.pen_colsum.clear();
+        buf.pen_colsum.resize(d_sae, 0.0);
+        let gpen = &buf.gpen;
+        buf.pen_colsum
+            .par_chunks_mut(LAT_CHUNK)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                let first = c * LAT_CHUNK;
+                for row in gpen.chunks(d_sae) {
+                    for (d, v) in dst.iter_mut().zip(&row[first..]) {
+                        *d += v;
+                    }
+                }
+            });
+        buf.pen_parts.iter().sum()
+    }
+
+    /// Phase 1c: the rule's training noise, added to `pre` in place (row `b` of step `t`
+    /// draws from `(seed, t, b)` alone: the same bits on any thread count and after a resume).
+    fn add_pre_noise(&mut self, n: usize) {
+        let Some(std) = self.arch.pre_noise() else {
+            return;
+        };
+        let (d_sae, seed, t) = (self.d_sae, self.hyper.seed, self.steps + 1);
+        self.buf.pre[..n * d_sae]
+            .par_chunks_mut(d_sae * ROW_CHUNK)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for (r, row) in rows.chunks_mut(d_sae).enumerate() {
+                    let b = (c * ROW_CHUNK + r) as u64;
+                    noise::add_gaussian_row(seed, t, b, std, row);
+                }
+            });
     }
 
     /// Phase 2a: the architecture's per-step inputs (decoder norms, dead latents), its
@@ -357,6 +447,7 @@ impl SaeTrainer {
             batch_threshold: batch.threshold,
             total: buf.idx.len(),
             sparsity_sum,
+            penalty_sum: 0.0,
         }
     }
 
@@ -369,7 +460,7 @@ impl SaeTrainer {
         let dense =
             widths.len() == 1 && sel.total as f64 > self.dense_fraction * (n * self.d_sae) as f64;
         self.decode_rows(x, n, &widths, dense);
-        self.loss_stats(n, sparsity_coeff, sel.sparsity_sum, dense)
+        self.loss_stats(n, sparsity_coeff, sel, dense)
     }
 
     /// Per row: resid = x_hat - x; aux = aux reconstruction residual; per entry `d_j . r`.
@@ -551,7 +642,7 @@ impl SaeTrainer {
     }
 
     /// The loss terms from the per-chunk row statistics (summed in chunk order).
-    fn loss_stats(&self, n: usize, sparsity_coeff: f32, sparsity_sum: f64, dense: bool) -> Decoded {
+    fn loss_stats(&self, n: usize, sparsity_coeff: f32, sel: &Selected, dense: bool) -> Decoded {
         let d_in = self.d_in;
         let buf = &self.buf;
         let nf = n as f64;
@@ -588,7 +679,7 @@ impl SaeTrainer {
             }
         };
         let mse = err2 / nf;
-        let sparsity_loss = sparsity_coeff as f64 * sparsity_sum / nf;
+        let sparsity_loss = (sparsity_coeff as f64 * sel.sparsity_sum + sel.penalty_sum) / nf;
         // The prefix heads' squared errors join the loss; `mse` and `fvu` stay those of the
         // whole dictionary.
         let stats = StepStats {
@@ -681,6 +772,12 @@ impl SaeTrainer {
             xc: &buf.xc,
             dense_genc: &buf.genc,
             dense_gdec: &buf.gdec,
+            penalty: match buf.pen_colsum.is_empty() {
+                true => None,
+                false => self.arch.dense_penalty(),
+            },
+            pen_colsum: &buf.pen_colsum,
+            pen_genc: &buf.pen_genc,
         };
         let (grad_enc, grad_dec): (&mut [f32], &mut [f32]) = match mode {
             Mode::Collect(g) => (g.w_enc_t.as_mut_slice(), g.w_dec.as_mut_slice()),
@@ -807,7 +904,7 @@ impl SaeTrainer {
             latent_batch: &buf.latent_batch,
         };
         // Gpre[b, j], row by row.
-        let (row_ptr, idx, fv, av, pre_e, dots, arch) = (
+        let (row_ptr, idx, fv, av, pre_e, dots, arch, gpen) = (
             &buf.row_ptr,
             &buf.idx,
             &buf.f,
@@ -815,12 +912,18 @@ impl SaeTrainer {
             &buf.pre_e,
             &buf.dots,
             &*self.arch,
+            &buf.gpen,
         );
         buf.pre
             .par_chunks_mut(d_sae)
             .enumerate()
             .for_each(|(b, row)| {
-                row.fill(0.0);
+                // A dense penalty's gradient joins the entries' in the one encoder product.
+                if gpen.is_empty() {
+                    row.fill(0.0);
+                } else {
+                    row.copy_from_slice(&gpen[b * d_sae..(b + 1) * d_sae]);
+                }
                 for e in row_ptr[b]..row_ptr[b + 1] {
                     let j = idx[e] as usize;
                     let ent = Entry {
@@ -997,6 +1100,11 @@ struct LatentInputs<'a> {
     xc: &'a [f32],
     dense_genc: &'a [f32],
     dense_gdec: &'a [f32],
+    /// The rule's dense penalty, its gradient's column sums and (sparse path) its W_enc
+    /// gradient; every latent then has a gradient every step.
+    penalty: Option<&'a dyn DensePenalty>,
+    pen_colsum: &'a [f32],
+    pen_genc: &'a [f32],
 }
 
 /// One latent's sums over its entries.
@@ -1033,7 +1141,7 @@ impl LatentInputs<'_> {
         for l in 0..since_fired.len() {
             let j = first + l;
             let ents = &self.lat_ent[self.lat_ptr[j]..self.lat_ptr[j + 1]];
-            if ents.is_empty() && !self.dense_adam && bw.adam.is_some() {
+            if ents.is_empty() && !self.dense_adam && bw.adam.is_some() && self.penalty.is_none() {
                 since_fired[l] += n as u64;
                 continue;
             }
@@ -1041,10 +1149,21 @@ impl LatentInputs<'_> {
             let (wd, we) = (&mut w_dec[rows.clone()], &mut w_enc[rows.clone()]);
             g_dec.fill(0.0);
             g_enc.fill(0.0);
-            let sums = self.entry_gradients(j, ents, g_dec, g_enc);
+            let mut sums = self.entry_gradients(j, ents, g_dec, g_enc);
             if bw.dense {
                 g_dec.copy_from_slice(&self.dense_gdec[j * d_in..(j + 1) * d_in]);
                 g_enc.copy_from_slice(&self.dense_genc[j * d_in..(j + 1) * d_in]);
+            }
+            if let Some(pen) = self.penalty {
+                let cs = self.pen_colsum[j];
+                // The dense path's encoder product already holds the penalty's part.
+                if !bw.dense {
+                    axpy(1.0, &self.pen_genc[j * d_in..(j + 1) * d_in], g_enc);
+                }
+                sums.colsum += cs;
+                for (s, g) in sums.psum.iter_mut().zip(pen.param_grads(j, cs)) {
+                    *s += g;
+                }
             }
             if let Some(coef) = self.arch.dec_row_extra(&self.ctx, j, sums.sum_f) {
                 let nrm = dot(wd, wd).sqrt();
