@@ -1013,7 +1013,7 @@ fn harvest<'py>(
         Some(out) => {
             let settings = sae_lm::harvest_store::StoreHarvest {
                 model,
-                hook,
+                hooks: vec![hook],
                 corpus,
                 tokens,
                 out,
@@ -1034,7 +1034,7 @@ fn harvest<'py>(
                 })
             })?;
             let r = result.map_err(input_error)?;
-            let m = &r.manifest;
+            let m = &r.stores[0].manifest;
             let summary = serde_json::json!({
                 "out": settings.out,
                 "tokens": m.n_tokens,

@@ -28,9 +28,11 @@ pub struct HarvestArgs {
     /// a Hugging Face repo id (org/name[@rev]) in the local hub cache.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    /// Hook point, e.g. blocks.15.hook_resid_post (`sae hooks` lists them).
-    #[arg(long)]
-    pub hook: String,
+    /// Hook point, e.g. blocks.15.hook_resid_post (`sae hooks` lists them). Several hooks
+    /// (repeat the flag, or give a comma list) share one forward pass per batch, which stops
+    /// after the deepest of them; each gets its own store in --out/<hook>/.
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub hook: Vec<String>,
     /// "python-docs", a directory of .txt/.jsonl/.parquet files, or one such file; PATH#NAME
     /// reads the .jsonl field / .parquet column NAME instead of "text".
     #[arg(long, default_value = "python-docs")]
@@ -38,7 +40,8 @@ pub struct HarvestArgs {
     /// Activation rows (tokens) to store.
     #[arg(long, value_parser = parse_count, default_value = "2_000_000")]
     pub tokens: usize,
-    /// Output directory (created; an unfinished run there is resumed).
+    /// Output directory (created; an unfinished run there is resumed). With several hooks, the
+    /// folder of their stores: one store per hook in <out>/<hook>/.
     #[arg(long)]
     pub out: PathBuf,
     /// Context length (BOS included).
@@ -69,7 +72,7 @@ pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
     let r = harvest_to_store(
         &StoreHarvest {
             model: args.model,
-            hook: args.hook.clone(),
+            hooks: args.hook.clone(),
             corpus: args.corpus,
             tokens: args.tokens,
             out: args.out.clone(),
@@ -87,17 +90,39 @@ pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
     let Some(stats) = r.stats else {
         return Ok(());
     };
+    if let [one] = &r.stores[..] {
+        println!(
+            "harvested {} tokens at {} in {:.1}s: {:.0} tokens/s; store {} holds {} tokens in {} shards ({:?}, compute {})",
+            stats.rows,
+            one.hook,
+            stats.seconds,
+            stats.tokens_per_second(),
+            one.out.display(),
+            one.manifest.n_tokens,
+            one.manifest.shards.len(),
+            one.manifest.dtype,
+            args.compute
+        );
+        return Ok(());
+    }
     println!(
-        "harvested {} tokens at {} in {:.1}s: {:.0} tokens/s; store {} holds {} tokens in {} shards ({:?})",
+        "harvested {} tokens at {} hooks (one forward pass per batch) in {:.1}s: {:.0} tokens/s (compute {})",
         stats.rows,
-        args.hook,
+        r.stores.len(),
         stats.seconds,
         stats.tokens_per_second(),
-        args.out.display(),
-        r.manifest.n_tokens,
-        r.manifest.shards.len(),
-        r.manifest.dtype
+        args.compute
     );
+    for st in &r.stores {
+        println!(
+            "  {}: store {} holds {} tokens in {} shards ({:?})",
+            st.hook,
+            st.out.display(),
+            st.manifest.n_tokens,
+            st.manifest.shards.len(),
+            st.manifest.dtype
+        );
+    }
     Ok(())
 }
 

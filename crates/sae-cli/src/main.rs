@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Train an SAE on stored activations (or straight from a model).
     Train(Box<train::TrainArgs>),
-    /// Print what is in an SAE directory.
+    /// Print what is in an SAE directory, an activation store, or a folder of them (one per hook).
     Info(train::InfoArgs),
     /// Write a synthetic activation set with known ground-truth features.
     Synth(train::SynthArgs),

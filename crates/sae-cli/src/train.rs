@@ -1,11 +1,11 @@
 //! `sae train`, `sae info`, `sae synth` and `sae bench`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use sae_core::ArchKind;
 use sae_store::synth::{write_synthetic, SynthConfig};
-use sae_store::writer::StoreDtype;
-use std::path::PathBuf;
+use sae_store::writer::{Manifest, StoreDtype, MANIFEST};
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -15,7 +15,25 @@ pub struct TrainArgs {
 
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.flags.to_config()?;
-    let s = sae_train::run(&cfg)?;
+    let start = std::time::Instant::now();
+    let summaries = sae_train::run_hooks(&cfg)?;
+    for s in &summaries {
+        print_summary(s, summaries.len() > 1);
+    }
+    if summaries.len() > 1 {
+        println!(
+            "trained {} SAEs from one forward pass per batch in {:.1} s wall",
+            summaries.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn print_summary(s: &sae_train::TrainSummary, with_hook: bool) {
+    if with_hook {
+        println!("{}:", s.out_dir.display());
+    }
     let f = &s.final_metrics;
     println!(
         "trained {} SAE d_in {} d_sae {}: {} steps, {} tokens in {:.1} s ({:.0} tokens/s)",
@@ -26,18 +44,92 @@ pub fn train(args: TrainArgs) -> Result<()> {
         f.eval_tokens, f.l0, f.fvu, f.mse, f.gamma, f.dead_latents
     );
     println!("saved to {}", s.out_dir.display());
-    Ok(())
 }
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// SAE directory (cfg.json + sae_weights.safetensors).
+    /// SAE directory (cfg.json + sae_weights.safetensors), activation store (manifest.json),
+    /// or a folder of them, one per hook (`--hook A,B` with `sae harvest` or `sae train`).
     pub dir: PathBuf,
 }
 
 pub fn info(args: InfoArgs) -> Result<()> {
-    print!("{}", sae_train::info::describe(&args.dir)?);
+    let dir = &args.dir;
+    let is_sae = |d: &Path| d.join("cfg.json").is_file();
+    let is_store = |d: &Path| d.join(MANIFEST).is_file();
+    if is_sae(dir) || !dir.is_dir() {
+        print!("{}", sae_train::info::describe(dir)?);
+        return Ok(());
+    }
+    if is_store(dir) {
+        print!("{}", describe_store(dir)?);
+        return Ok(());
+    }
+    let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && (is_sae(p) || is_store(p)))
+        .collect();
+    if subs.is_empty() {
+        // The SAE reader's message says what an SAE directory should hold.
+        print!("{}", sae_train::info::describe(dir)?);
+        return Ok(());
+    }
+    subs.sort();
+    for sub in subs {
+        if is_sae(&sub) {
+            print!("{}", sae_train::info::describe(&sub)?);
+        } else {
+            print!("{}", describe_store(&sub)?);
+        }
+    }
     Ok(())
+}
+
+/// What an activation store's manifest records.
+fn describe_store(dir: &Path) -> Result<String> {
+    use std::fmt::Write;
+    let m = Manifest::read(dir)?;
+    let mut s = String::new();
+    writeln!(s, "{} (activation store)", dir.display())?;
+    writeln!(s, "  model       {}", m.model)?;
+    writeln!(s, "  hook        {}", m.hook)?;
+    writeln!(s, "  d_in        {}", m.d_in)?;
+    writeln!(
+        s,
+        "  context     {}{}",
+        m.context_size,
+        if m.bos_excluded {
+            " (BOS rows left out)"
+        } else {
+            ""
+        }
+    )?;
+    writeln!(s, "  corpus      {}", m.corpus)?;
+    writeln!(
+        s,
+        "  tokens      {} of {} asked for{}, in {} shards",
+        m.n_tokens,
+        m.target_tokens,
+        if m.complete {
+            ""
+        } else {
+            " (unfinished: rerun the same harvest to resume)"
+        },
+        m.shards.len()
+    )?;
+    writeln!(s, "  dtype       {:?}", m.dtype)?;
+    writeln!(
+        s,
+        "  compute     {}",
+        m.compute.as_deref().unwrap_or("not recorded")
+    )?;
+    writeln!(
+        s,
+        "  token ids   {}",
+        if m.has_tokens { "stored" } else { "not stored" }
+    )?;
+    Ok(s)
 }
 
 /// A size flag: a whole number, 1 or more.

@@ -601,6 +601,7 @@ fn harvest_into(
         target_tokens: n,
         bos_excluded: true,
         has_tokens: false,
+        compute: Some("f32".into()),
     };
     let mut writer = ShardWriter::open(dir, template, 256 * rows_per_ctx)?;
     let done = writer.rows_done();

@@ -149,7 +149,7 @@ impl Gpt2 {
         tokens: &[u32],
         batch: usize,
         ctx: usize,
-        hook: Option<Hook>,
+        hooks: &[Hook],
         mode: &mut HookMode<'_>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
@@ -166,7 +166,7 @@ impl Gpt2 {
         let d_head = c.d_model / c.n_heads;
         let eps = c.eps as f32;
         for (l, layer) in self.layers.iter().enumerate() {
-            let at = |kind: HookKind| hook.is_some_and(|h| h.layer == l && h.kind == kind);
+            let at = |kind: HookKind| hooks.iter().any(|h| h.layer == l && h.kind == kind);
             macro_rules! hook_point {
                 ($t:ident, $kind:expr) => {
                     if at($kind) {

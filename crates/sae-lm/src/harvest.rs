@@ -1,7 +1,9 @@
 //! Running the model over packed contexts and handing activation rows to a sink (a shard
-//! writer for `sae harvest`, a shuffle buffer for training straight from the model).
+//! writer for `sae harvest`, a shuffle buffer for training straight from the model). Several
+//! hooks share one forward pass per batch, which stops after the deepest of them.
 
 use crate::corpus::PackedContexts;
+use crate::hooks::Hook;
 use crate::model::LanguageModel;
 use anyhow::Result;
 use std::time::Instant;
@@ -20,6 +22,7 @@ pub struct HarvestOptions {
 
 /// Rows handed to the sink: activations `[n, width]`, the token at each row, and (context
 /// index, position in context) of each row.
+#[derive(Clone, Copy)]
 pub struct Rows<'a> {
     pub acts: &'a [f32],
     pub tokens: &'a [u32],
@@ -46,8 +49,21 @@ pub fn harvest(
     opts: &HarvestOptions,
     mut sink: impl FnMut(Rows<'_>) -> Result<()>,
 ) -> Result<HarvestStats> {
+    let hook = model.hook(hook)?;
+    harvest_hooks(model, contexts, &[hook], opts, |rows| sink(rows[0]))
+}
+
+/// [`harvest`] at several hooks from one forward pass per batch: `sink` gets one [`Rows`]
+/// per hook, in the order of `hooks` (distinct), all for the same tokens.
+pub fn harvest_hooks(
+    model: &LanguageModel,
+    contexts: &PackedContexts,
+    hooks: &[Hook],
+    opts: &HarvestOptions,
+    mut sink: impl FnMut(&[Rows<'_>]) -> Result<()>,
+) -> Result<HarvestStats> {
     let ctx = contexts.ctx;
-    let width = model.hook_width(model.hook(hook)?);
+    let widths: Vec<usize> = hooks.iter().map(|&h| model.hook_width(h)).collect();
     let first_pos = if opts.include_bos { 0 } else { 1 };
     let rows_per_ctx = ctx - first_pos;
     let n_ctx = contexts.n_contexts();
@@ -66,12 +82,13 @@ pub fn harvest(
     let start = Instant::now();
     let mut rows_out = 0;
     let mut c = opts.first_context;
-    let (mut acts, mut toks, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+    let mut acts: Vec<Vec<f32>> = vec![Vec::new(); hooks.len()];
+    let (mut toks, mut pos) = (Vec::new(), Vec::new());
     while c < n_ctx && rows_out < total_rows {
         let b = opts.batch.max(1).min(n_ctx - c);
         let tokens = &contexts.tokens[c * ctx..(c + b) * ctx];
-        let all = model.activations(tokens, b, ctx, hook)?;
-        acts.clear();
+        let all = model.activations_at(tokens, b, ctx, hooks)?;
+        acts.iter_mut().for_each(Vec::clear);
         toks.clear();
         pos.clear();
         'rows: for i in 0..b {
@@ -80,17 +97,23 @@ pub fn harvest(
                     break 'rows;
                 }
                 let row = i * ctx + p;
-                acts.extend_from_slice(&all[row * width..(row + 1) * width]);
+                for ((out, hook_acts), &width) in acts.iter_mut().zip(&all).zip(&widths) {
+                    out.extend_from_slice(&hook_acts[row * width..(row + 1) * width]);
+                }
                 toks.push(tokens[row]);
                 pos.push(((c + i) as u32, p as u32));
             }
         }
         rows_out += toks.len();
-        sink(Rows {
-            acts: &acts,
-            tokens: &toks,
-            positions: &pos,
-        })?;
+        let rows: Vec<Rows<'_>> = acts
+            .iter()
+            .map(|a| Rows {
+                acts: a,
+                tokens: &toks,
+                positions: &pos,
+            })
+            .collect();
+        sink(&rows)?;
         bar.inc(toks.len() as u64);
         c += b;
     }

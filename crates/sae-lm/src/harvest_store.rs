@@ -1,14 +1,18 @@
-//! `sae harvest` as a library call: the model's activations at one hook, written to an
-//! activation store (resumed when the store is unfinished) or collected in memory. The
-//! binary and the Python package both call these, so they refuse and write the same things.
+//! `sae harvest` as a library call: the model's activations at one or several hooks (one
+//! forward pass per batch for all of them), written to activation stores (resumed when
+//! unfinished) or collected in memory. The binary and the Python package both call these, so
+//! they refuse and write the same things.
 
 use crate::corpus::PackedContexts;
-use crate::harvest::{harvest, HarvestOptions, HarvestStats};
+use crate::harvest::{harvest, harvest_hooks, HarvestOptions, HarvestStats};
+use crate::Hook;
 use crate::LanguageModel;
 use anyhow::{bail, Context, Result};
-use sae_output::{check_output, ensure_space, mark, Input, OutputKind, OutputLock};
+use sae_output::{
+    check_output, check_output_folder, ensure_space, mark, Input, OutputKind, OutputLock,
+};
 use sae_store::writer::{Manifest, ShardWriter, StoreDtype};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The settings of `sae harvest`.
@@ -16,10 +20,13 @@ use std::time::Instant;
 pub struct StoreHarvest {
     /// Model name or path, as `LanguageModel::load` takes it.
     pub model: String,
-    pub hook: String,
+    /// Hook points (distinct). Several share one forward pass per batch, which stops after
+    /// the deepest of them.
+    pub hooks: Vec<String>,
     pub corpus: String,
     /// Activation rows (tokens) to store.
     pub tokens: usize,
+    /// The store for one hook; for several, the folder of their stores (`<out>/<hook>/`).
     pub out: PathBuf,
     /// Context length, BOS included.
     pub ctx: usize,
@@ -38,11 +45,17 @@ pub struct StoreHarvest {
     pub progress: bool,
 }
 
-/// What a harvest into a store did.
+/// What a harvest into stores did.
 pub struct StoreHarvestResult {
-    /// `None` when the store already held the tokens asked for (nothing was run).
+    /// `None` when the stores already held the tokens asked for (nothing was run).
     pub stats: Option<HarvestStats>,
-    /// The store's manifest after the run.
+    /// Each hook's store and its manifest after the run, in the order of the hooks.
+    pub stores: Vec<HookStore>,
+}
+
+pub struct HookStore {
+    pub hook: String,
+    pub out: PathBuf,
     pub manifest: Manifest,
 }
 
@@ -106,16 +119,75 @@ pub fn pack_for_rows(
     Ok(contexts)
 }
 
-/// `sae harvest`: checks `out` (a new or empty directory, or an unfinished store of its own,
-/// which is resumed; never the corpus), locks it, runs the model and writes the store.
-/// `after_rows(rows)` is called with the rows the store holds after each batch is written;
-/// an error from it stops the run with the shards written so far kept (a later call resumes
-/// after them).
+/// The subfolder of a hook's store: its name, which must be a plain folder name (checked
+/// before any hook is looked up in the model, so before anything is written).
+pub fn store_folder_name(hook: &str) -> Result<&str> {
+    if hook.contains(['/', '\\']) || hook == "." || hook == ".." {
+        bail!(
+            "--hook '{hook}' is not a hook name (like blocks.5.hook_resid_post; `sae hooks` \
+             lists them)"
+        );
+    }
+    Ok(hook)
+}
+
+/// The hooks given (each once) and the store each goes to: `out` itself for one hook,
+/// `out/<hook>/` for several.
+fn hook_outputs(hooks: &[String], out: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let hooks: Vec<String> = hooks.iter().map(|h| h.trim().to_string()).collect();
+    if hooks.is_empty() {
+        bail!("--hook: give at least one hook, e.g. blocks.5.hook_resid_post");
+    }
+    for (i, h) in hooks.iter().enumerate() {
+        if h.is_empty() {
+            bail!(
+                "--hook: an empty hook name in '{}'; give names like blocks.5.hook_resid_post, \
+                 separated by commas",
+                hooks.join(",")
+            );
+        }
+        if hooks[..i].contains(h) {
+            bail!("--hook {h} is given twice; give each hook once");
+        }
+    }
+    if let [hook] = &hooks[..] {
+        return Ok(vec![(hook.clone(), out.to_path_buf())]);
+    }
+    check_output_folder(out)?;
+    hooks
+        .into_iter()
+        .map(|h| {
+            let dir = out.join(store_folder_name(&h)?);
+            Ok((h, dir))
+        })
+        .collect()
+}
+
+/// `sae harvest`: checks every store's folder (a new or empty directory, or an unfinished
+/// store of its own, which is resumed; never the corpus), locks them, runs the model once per
+/// batch for all hooks and writes the stores. `after_rows(rows)` is called with the rows the
+/// stores hold after each batch is written; an error from it stops the run with the shards
+/// written so far kept (a later call resumes after them). With several hooks, a refused or
+/// failed run leaves no folder it created and left empty.
 pub fn harvest_to_store(
     a: &StoreHarvest,
     after_rows: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<StoreHarvestResult> {
+    let folder_existed = a.out.exists();
+    let result = harvest_into(a, after_rows);
+    if result.is_err() && !folder_existed && a.hooks.len() > 1 {
+        // `remove_dir` removes only an empty folder.
+        let _ = std::fs::remove_dir(&a.out);
+    }
+    result
+}
+
+fn harvest_into(
+    a: &StoreHarvest,
+    after_rows: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<StoreHarvestResult> {
     check_counts(a.ctx, a.tokens)?;
+    let outputs = hook_outputs(&a.hooks, &a.out)?;
     // A store may go only into a new or empty directory or a store of its own (which is
     // resumed); never into the corpus it reads.
     let corpus_path = PathBuf::from(a.corpus.split('#').next().unwrap_or_default());
@@ -124,68 +196,132 @@ pub fn harvest_to_store(
         .then(|| Input::new("--corpus", &corpus_path))
         .into_iter()
         .collect();
-    check_output(&a.out, OutputKind::Store, &inputs, false)?;
-    let _lock = OutputLock::acquire(&a.out)?;
-    check_output(&a.out, OutputKind::Store, &inputs, false)?;
+    for (_, out) in &outputs {
+        check_output(out, OutputKind::Store, &inputs, false)?;
+    }
+    let mut locks = Vec::new();
+    for (_, out) in &outputs {
+        locks.push(OutputLock::acquire(out)?);
+        check_output(out, OutputKind::Store, &inputs, false)?;
+    }
     let t0 = Instant::now();
-    let (model, width) = open_model(&a.model, &a.hook, a.bf16_compute)?;
-    let row_bytes = (width as u64)
-        .saturating_mul(match a.dtype {
-            StoreDtype::F32 => 4,
-            StoreDtype::Bf16 => 2,
-        })
-        .saturating_add(if a.store_tokens { 12 } else { 0 });
+    let mut model = LanguageModel::load(&a.model)?;
+    model
+        .set_bf16_products(a.bf16_compute)
+        .context("--compute bf16 is not available here; use --compute f32")?;
+    let mut hooks: Vec<Hook> = Vec::new();
+    for (name, _) in &outputs {
+        let hook = model.hook(name)?;
+        if let Some(j) = hooks.iter().position(|h| *h == hook) {
+            bail!(
+                "--hook {name} and --hook {} are the same hook; give each hook once",
+                outputs[j].0
+            );
+        }
+        hooks.push(hook);
+    }
+    let widths: Vec<usize> = hooks.iter().map(|&h| model.hook_width(h)).collect();
+    let bytes_per_value = match a.dtype {
+        StoreDtype::F32 => 4,
+        StoreDtype::Bf16 => 2,
+    };
+    let token_bytes = if a.store_tokens { 12 } else { 0 };
+    let row_bytes = widths.iter().fold(0u64, |sum, &w| {
+        sum.saturating_add((w as u64).saturating_mul(bytes_per_value))
+            .saturating_add(token_bytes)
+    });
+    let width_text = if widths.windows(2).all(|w| w[0] == w[1]) {
+        format!("width {}", widths[0])
+    } else {
+        format!("widths {widths:?}")
+    };
     ensure_space(
         &a.out,
         (a.tokens as u64).saturating_mul(row_bytes),
-        &format!("{} tokens of width {width}", a.tokens),
+        &match outputs.len() {
+            1 => format!("{} tokens of {width_text}", a.tokens),
+            n => format!("{} tokens of {width_text} at {n} hooks", a.tokens),
+        },
         "free space, store bf16 (--dtype bf16), or ask for fewer --tokens",
     )?;
-    mark(&a.out, OutputKind::Store).with_context(|| format!("creating {}", a.out.display()))?;
+    for (_, out) in &outputs {
+        mark(out, OutputKind::Store).with_context(|| format!("creating {}", out.display()))?;
+    }
+    let names: Vec<&str> = outputs.iter().map(|(h, _)| h.as_str()).collect();
     eprintln!(
-        "model {} loaded in {:.1}s; hook {} width {width}",
+        "model {} loaded in {:.1}s; {} {} {width_text}",
         model.name,
         t0.elapsed().as_secs_f64(),
-        a.hook
+        if names.len() == 1 { "hook" } else { "hooks" },
+        names.join(", ")
     );
 
     let rows_per_ctx = rows_per_context(a.ctx, a.include_bos);
     let rows_per_shard = (a.shard_rows / rows_per_ctx).max(1) * rows_per_ctx;
-    let template = Manifest {
-        model: a.model.clone(),
-        hook: a.hook.clone(),
-        d_in: width,
-        context_size: a.ctx,
-        n_tokens: 0,
-        corpus: a.corpus.clone(),
-        dtype: a.dtype,
-        shards: Vec::new(),
-        complete: false,
-        target_tokens: a.tokens,
-        bos_excluded: !a.include_bos,
-        has_tokens: a.store_tokens,
+    let compute = if a.bf16_compute { "bf16" } else { "f32" };
+    let mut writers = Vec::new();
+    for ((name, out), &width) in outputs.iter().zip(&widths) {
+        let template = Manifest {
+            model: a.model.clone(),
+            hook: name.clone(),
+            d_in: width,
+            context_size: a.ctx,
+            n_tokens: 0,
+            corpus: a.corpus.clone(),
+            dtype: a.dtype,
+            shards: Vec::new(),
+            complete: false,
+            target_tokens: a.tokens,
+            bos_excluded: !a.include_bos,
+            has_tokens: a.store_tokens,
+            compute: Some(compute.to_string()),
+        };
+        writers.push(ShardWriter::open(out, template, rows_per_shard)?);
+    }
+    let finish = |writers: Vec<ShardWriter>| -> Result<Vec<HookStore>> {
+        writers
+            .into_iter()
+            .zip(&outputs)
+            .map(|(w, (hook, out))| {
+                Ok(HookStore {
+                    hook: hook.clone(),
+                    out: out.clone(),
+                    manifest: w.finish()?,
+                })
+            })
+            .collect()
     };
-    let mut writer = ShardWriter::open(&a.out, template, rows_per_shard)?;
-    let done = writer.rows_done();
+    // The stores of one run fill shard by shard together, but a run stopped while writing
+    // them may leave some a shard ahead: resume from the one furthest behind, and leave out
+    // of each store the rows it already holds.
+    let done_each: Vec<usize> = writers.iter().map(|w| w.rows_done()).collect();
+    let done = done_each.iter().copied().min().unwrap_or(0);
     if done >= a.tokens {
-        eprintln!(
-            "{} already holds {done} tokens; nothing to do",
-            a.out.display()
-        );
-        let manifest = writer.finish()?;
+        for (w, (_, out)) in writers.iter().zip(&outputs) {
+            eprintln!(
+                "{} already holds {} tokens; nothing to do",
+                out.display(),
+                w.rows_done()
+            );
+        }
         return Ok(StoreHarvestResult {
             stats: None,
-            manifest,
+            stores: finish(writers)?,
         });
     }
     // Shards hold whole contexts, so a resumed run restarts at a context boundary.
     let first_context = done / rows_per_ctx;
-    if done > 0 {
+    if done_each.iter().any(|&d| d > 0) {
+        let shards: Vec<String> = writers
+            .iter()
+            .map(|w| w.manifest().shards.len().to_string())
+            .collect();
         eprintln!(
             "resuming after {done} stored tokens ({} shards)",
-            writer.manifest().shards.len()
+            shards.join(", ")
         );
     }
+    let mut ahead: Vec<usize> = done_each.iter().map(|&d| d - done).collect();
     let contexts = pack_for_rows(&model, &a.corpus, a.ctx, a.include_bos, a.tokens)?;
     let opts = HarvestOptions {
         batch: a.batch,
@@ -195,15 +331,22 @@ pub fn harvest_to_store(
         progress: a.progress,
     };
     let mut held = done;
-    let stats = harvest(&model, &contexts, &a.hook, &opts, |rows| {
-        writer.push(rows.acts, rows.tokens, rows.positions)?;
-        held += rows.tokens.len();
+    let stats = harvest_hooks(&model, &contexts, &hooks, &opts, |rows| {
+        for (((writer, r), skip), &width) in
+            writers.iter_mut().zip(rows).zip(&mut ahead).zip(&widths)
+        {
+            let n = (*skip).min(r.tokens.len());
+            *skip -= n;
+            if n < r.tokens.len() {
+                writer.push(&r.acts[n * width..], &r.tokens[n..], &r.positions[n..])?;
+            }
+        }
+        held += rows.first().map_or(0, |r| r.tokens.len());
         after_rows(held)
     })?;
-    let manifest = writer.finish()?;
     Ok(StoreHarvestResult {
         stats: Some(stats),
-        manifest,
+        stores: finish(writers)?,
     })
 }
 

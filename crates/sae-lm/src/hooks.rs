@@ -14,6 +14,7 @@ pub enum HookKind {
 }
 
 impl HookKind {
+    /// In the order the forward pass reaches them within a block.
     pub const ALL: [HookKind; 5] = [
         HookKind::ResidPre,
         HookKind::AttnZ,
@@ -41,6 +42,12 @@ pub struct Hook {
 }
 
 impl Hook {
+    /// Where the forward pass reaches this hook: earlier hooks sort first.
+    pub fn forward_order(&self) -> (usize, usize) {
+        let kind = HookKind::ALL.iter().position(|k| *k == self.kind);
+        (self.layer, kind.unwrap_or(0))
+    }
+
     pub fn name(&self) -> String {
         format!("blocks.{}.{}", self.layer, self.kind.suffix())
     }
@@ -72,6 +79,12 @@ pub enum HookMode<'a> {
     Splice(SpliceFn<'a>),
     /// Nothing (no hook).
     Pass,
+    /// Copy the activation at each hook point reached into `rows` (in the order the forward
+    /// pass reaches them) and stop once `remaining` more have been copied.
+    Record {
+        rows: &'a mut Vec<Vec<f32>>,
+        remaining: usize,
+    },
 }
 
 impl HookMode<'_> {
@@ -80,6 +93,11 @@ impl HookMode<'_> {
         match self {
             HookMode::Capture => Ok(None),
             HookMode::Pass => Ok(Some(t.clone())),
+            HookMode::Record { rows, remaining } => {
+                rows.push(t.flatten_all()?.to_vec1::<f32>()?);
+                *remaining = remaining.saturating_sub(1);
+                Ok((*remaining > 0).then(|| t.clone()))
+            }
             HookMode::Splice(f) => {
                 let shape = t.shape().clone();
                 let mut values = t.flatten_all()?.to_vec1::<f32>()?;
@@ -98,6 +116,11 @@ impl HookMode<'_> {
         match self {
             HookMode::Capture => Ok(true),
             HookMode::Pass => Ok(false),
+            HookMode::Record { rows, remaining } => {
+                rows.push(values.to_vec());
+                *remaining = remaining.saturating_sub(1);
+                Ok(*remaining == 0)
+            }
             HookMode::Splice(f) => {
                 f(values)?;
                 Ok(false)

@@ -268,14 +268,15 @@ impl Llama {
     }
 
     /// Runs the blocks over `tokens` (`[batch * ctx]`). With `HookMode::Capture` it returns
-    /// the hook's activation as soon as it is computed; otherwise the final residual stream
-    /// (after the last block, before the final norm), splicing at the hook if asked.
+    /// the hook's activation as soon as it is computed (`HookMode::Record`: copies each
+    /// hook's and stops after the last); otherwise the final residual stream (after the last
+    /// block, before the final norm), splicing at the hooks if asked.
     pub fn forward(
         &self,
         tokens: &[u32],
         batch: usize,
         ctx: usize,
-        hook: Option<Hook>,
+        hooks: &[Hook],
         mode: &mut HookMode<'_>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
@@ -312,7 +313,7 @@ impl Llama {
             Ok(Tensor::from_vec(v, (rows, width), &Device::Cpu)?)
         };
         for (l, b) in self.blocks.iter().enumerate() {
-            let at = |kind: HookKind| hook.is_some_and(|h| h.layer == l && h.kind == kind);
+            let at = |kind: HookKind| hooks.iter().any(|h| h.layer == l && h.kind == kind);
             if at(HookKind::ResidPre) && mode.apply_in_place(&mut x)? {
                 return done(x, d);
             }
@@ -542,6 +543,56 @@ mod tests {
     }
 
     #[test]
+    fn recording_several_hooks_gives_each_hooks_single_capture() {
+        let c = cfg(false);
+        let mut s = 3;
+        let embed = random(&mut s, &[c.vocab_size, c.d_model], 1.0);
+        let norm = Tensor::ones(c.d_model, DType::F32, &Device::Cpu).unwrap();
+        let unembed = embed.t().unwrap().contiguous().unwrap();
+        let m = Llama::new(c.clone(), embed, layers(&c, 5), norm, unembed).unwrap();
+        let (batch, ctx) = (2, 7);
+        let tokens: Vec<u32> = (0..batch * ctx).map(|i| (i * 13 % 50) as u32).collect();
+        let single = |hook: Hook| {
+            let t = m
+                .forward(&tokens, batch, ctx, &[hook], &mut HookMode::Capture)
+                .unwrap();
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        // Out of forward order, with a z hook of another width among them.
+        let last = c.n_layers - 1;
+        let hooks = [
+            Hook {
+                layer: last,
+                kind: HookKind::ResidPost,
+            },
+            Hook {
+                layer: 0,
+                kind: HookKind::AttnZ,
+            },
+            Hook {
+                layer: 0,
+                kind: HookKind::ResidPost,
+            },
+            Hook {
+                layer: last,
+                kind: HookKind::MlpOut,
+            },
+        ];
+        let mut rows = Vec::new();
+        let mut mode = HookMode::Record {
+            rows: &mut rows,
+            remaining: hooks.len(),
+        };
+        m.forward(&tokens, batch, ctx, &hooks, &mut mode).unwrap();
+        let mut by_order = hooks.to_vec();
+        by_order.sort_by_key(|h| h.forward_order());
+        assert_eq!(rows.len(), hooks.len());
+        for (h, got) in by_order.iter().zip(&rows) {
+            assert!(*got == single(*h), "{}: recorded values differ", h.name());
+        }
+    }
+
+    #[test]
     fn fused_forward_matches_candle_ops_at_every_hook() {
         for interleaved in [true, false] {
             let c = cfg(interleaved);
@@ -558,7 +609,7 @@ mod tests {
                 for kind in HookKind::ALL {
                     let hook = Hook { layer, kind };
                     let got = m
-                        .forward(&tokens, batch, ctx, Some(hook), &mut HookMode::Capture)
+                        .forward(&tokens, batch, ctx, &[hook], &mut HookMode::Capture)
                         .unwrap();
                     let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                     let e = rel_err(&got, &want[i]);
@@ -572,7 +623,7 @@ mod tests {
             }
             // With no hook the pass runs to the end: the last block's output.
             let all = m
-                .forward(&tokens, batch, ctx, None, &mut HookMode::Pass)
+                .forward(&tokens, batch, ctx, &[], &mut HookMode::Pass)
                 .unwrap();
             let all = all.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(rel_err(&all, &want[i - 1]) < 1e-5);

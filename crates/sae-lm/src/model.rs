@@ -60,12 +60,12 @@ impl Net {
         tokens: &[u32],
         batch: usize,
         ctx: usize,
-        hook: Option<Hook>,
+        hooks: &[Hook],
         mode: &mut HookMode<'_>,
     ) -> anyhow::Result<Tensor> {
         match self {
-            Net::Llama(m) => m.forward(tokens, batch, ctx, hook, mode),
-            Net::Gpt2(m) => m.forward(tokens, batch, ctx, hook, mode),
+            Net::Llama(m) => m.forward(tokens, batch, ctx, hooks, mode),
+            Net::Gpt2(m) => m.forward(tokens, batch, ctx, hooks, mode),
         }
     }
     fn logits(&self, resid: &Tensor) -> anyhow::Result<Tensor> {
@@ -191,8 +191,45 @@ impl LanguageModel {
         let hook = self.hook(hook)?;
         let t = self
             .net
-            .forward(tokens, batch, ctx, Some(hook), &mut HookMode::Capture)?;
+            .forward(tokens, batch, ctx, &[hook], &mut HookMode::Capture)?;
         Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    }
+    /// Activations at each of `hooks` (distinct) from one forward pass that stops after the
+    /// deepest of them: one `[batch * ctx, width]` buffer per hook, in the order given.
+    pub fn activations_at(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        ctx: usize,
+        hooks: &[Hook],
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.check_tokens(tokens, batch, ctx)?;
+        for (i, h) in hooks.iter().enumerate() {
+            if hooks[..i].contains(h) {
+                bail!("hook {} is given twice", h.name());
+            }
+        }
+        let mut rows = Vec::with_capacity(hooks.len());
+        let mut mode = HookMode::Record {
+            rows: &mut rows,
+            remaining: hooks.len(),
+        };
+        self.net.forward(tokens, batch, ctx, hooks, &mut mode)?;
+        if rows.len() != hooks.len() {
+            bail!(
+                "the forward pass reached {} of {} hooks",
+                rows.len(),
+                hooks.len()
+            );
+        }
+        // `rows` is in forward order; hand each buffer back to its hook's place.
+        let mut order: Vec<usize> = (0..hooks.len()).collect();
+        order.sort_by_key(|&i| hooks[i].forward_order());
+        let mut out = vec![Vec::new(); hooks.len()];
+        for (slot, values) in order.into_iter().zip(rows) {
+            out[slot] = values;
+        }
+        Ok(out)
     }
     /// Next-token cross-entropy per position, `[batch * (ctx - 1)]` (position t predicts t+1),
     /// optionally with the activation at `hook` replaced by `splice` during the forward pass.
@@ -208,11 +245,11 @@ impl LanguageModel {
             Some((name, f)) => {
                 let hook = self.hook(name)?;
                 self.net
-                    .forward(tokens, batch, ctx, Some(hook), &mut HookMode::Splice(f))?
+                    .forward(tokens, batch, ctx, &[hook], &mut HookMode::Splice(f))?
             }
             None => self
                 .net
-                .forward(tokens, batch, ctx, None, &mut HookMode::Pass)?,
+                .forward(tokens, batch, ctx, &[], &mut HookMode::Pass)?,
         };
         self.loss_from_resid(&resid, tokens, batch, ctx)
     }

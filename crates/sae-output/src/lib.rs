@@ -12,7 +12,9 @@ pub mod space;
 
 pub use atomic::{replace_dir, write_atomic};
 pub use lock::{LockError, OutputLock};
-pub use outdir::{check_output, mark, Existing, Input, OutputError, OutputKind, MARK_FILE};
+pub use outdir::{
+    check_output, check_output_folder, mark, Existing, Input, OutputError, OutputKind, MARK_FILE,
+};
 pub use progress::{Progress, ProgressGroup};
 pub use space::{
     available_memory, ensure_memory, ensure_space, free_bytes, human_bytes, product, MemoryError,

@@ -199,6 +199,14 @@ pub enum OutputError {
         flag: &'static str,
         input: PathBuf,
     },
+    #[error(
+        "--out {path} is itself {found} (it has {marker}), so it cannot be the folder of several outputs; nothing was changed. Choose another --out"
+    )]
+    FolderIsOutput {
+        path: PathBuf,
+        found: &'static str,
+        marker: &'static str,
+    },
     #[error("--out {path}: {source}")]
     Io {
         path: PathBuf,
@@ -364,6 +372,36 @@ pub fn check_output(
     Ok(Existing::Same)
 }
 
+/// Checks `dir` as the folder of several outputs, one per subfolder (`dir/<name>/`, e.g. one
+/// store per hook). It may be absent, or a directory that is not itself an output (whose own
+/// files would be mixed with the subfolders). What else it holds is left alone: only the
+/// subfolders are written, each checked on its own with [`check_output`].
+pub fn check_output_folder(dir: &Path) -> Result<(), OutputError> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(OutputError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(OutputError::NotADirectory {
+                path: dir.to_path_buf(),
+            })
+        }
+        Ok(_) => {}
+    }
+    match ALL.iter().find(|k| k.holds(dir)) {
+        Some(k) => Err(OutputError::FolderIsOutput {
+            path: dir.to_path_buf(),
+            found: k.describe(),
+            marker: k.markers()[0],
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +504,20 @@ mod tests {
         );
         let e = check_output(t.path(), OutputKind::Store, &[], false).unwrap_err();
         assert!(e.to_string().contains("a sweep"), "{e}");
+    }
+
+    #[test]
+    fn a_folder_of_outputs_may_hold_anything_but_be_no_output_itself() {
+        let t = dir_with(&["notes.txt", "blocks.1.hook_resid_post/manifest.json"]);
+        assert!(check_output_folder(t.path()).is_ok());
+        assert!(check_output_folder(&t.path().join("new")).is_ok());
+        let t = dir_with(&["manifest.json", "shard_00000.safetensors"]);
+        let e = check_output_folder(t.path()).unwrap_err();
+        assert!(matches!(e, OutputError::FolderIsOutput { .. }), "{e}");
+        assert!(e.to_string().contains("an activation store"), "{e}");
+        let t = dir_with(&["f"]);
+        let e = check_output_folder(&t.path().join("f")).unwrap_err();
+        assert!(matches!(e, OutputError::NotADirectory { .. }), "{e}");
     }
 
     #[test]

@@ -216,6 +216,7 @@ fn write_into(dir: &Path, cfg: &SynthConfig) -> Result<Manifest> {
         target_tokens: cfg.n_tokens,
         bos_excluded: false,
         has_tokens: false,
+        compute: None,
     };
     let mut w = ShardWriter::open(dir, template, cfg.rows_per_shard)?;
     let chunk = SAMPLE_CHUNK;

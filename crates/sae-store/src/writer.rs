@@ -58,6 +58,10 @@ pub struct Manifest {
     pub bos_excluded: bool,
     #[serde(default)]
     pub has_tokens: bool,
+    /// Precision of the model's weight products when harvested (`f32` or `bf16`); absent for
+    /// stores written without a model, and for stores harvested before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<String>,
 }
 
 impl Manifest {
@@ -84,6 +88,8 @@ impl Manifest {
             && self.dtype == other.dtype
             && self.bos_excluded == other.bos_excluded
             && self.has_tokens == other.has_tokens
+            // A store harvested before the precision was recorded may be resumed either way.
+            && (self.compute.is_none() || other.compute.is_none() || self.compute == other.compute)
     }
 }
 
@@ -168,13 +174,14 @@ impl ShardWriter {
             let old = Manifest::read(dir)?;
             if !old.same_run(&template) {
                 bail!(
-                    "{} holds activations of another run (model {}, hook {}, corpus {}, dtype {:?}); \
+                    "{} holds activations of another run (model {}, hook {}, corpus {}, dtype {:?}, compute {}); \
                      use another --out or delete it",
                     dir.display(),
                     old.model,
                     old.hook,
                     old.corpus,
-                    old.dtype
+                    old.dtype,
+                    old.compute.as_deref().unwrap_or("not recorded")
                 );
             }
             for s in &old.shards {
@@ -348,6 +355,7 @@ mod tests {
             target_tokens: 10,
             bos_excluded: true,
             has_tokens: true,
+            compute: Some("f32".into()),
         }
     }
 
@@ -406,6 +414,19 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("another run"), "{err}");
+        // Activations from bf16 products are not continued with f32 ones, nor the reverse;
+        // a store that did not record its precision may be continued.
+        let bf16_products = Manifest {
+            compute: Some("bf16".into()),
+            ..template(StoreDtype::F32)
+        };
+        let err = ShardWriter::open(&out, bf16_products, 4).err().unwrap();
+        assert!(err.to_string().contains("compute f32"), "{err}");
+        let unrecorded = Manifest {
+            compute: None,
+            ..template(StoreDtype::F32)
+        };
+        assert!(ShardWriter::open(&out, unrecorded, 4).is_ok());
         std::fs::write(dir.path().join("x.txt"), "hi").unwrap();
         let err = ShardWriter::open(dir.path(), template(StoreDtype::F32), 4)
             .err()

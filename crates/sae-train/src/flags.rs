@@ -31,9 +31,10 @@ pub struct TrainFlags {
     /// Face directory or repo id); needs --hook and --steps or --tokens.
     #[arg(long)]
     pub model: Option<String>,
-    /// Hook point for --model, e.g. blocks.15.hook_resid_post.
-    #[arg(long)]
-    pub hook: Option<String>,
+    /// Hook point for --model, e.g. blocks.15.hook_resid_post. Several (a comma list, or the
+    /// flag repeated) train one SAE each, into --out/<hook>/, from one forward pass per batch.
+    #[arg(long, value_delimiter = ',')]
+    pub hook: Vec<String>,
     /// Corpus for --model: "python-docs", a directory or file of .txt/.jsonl/.parquet
     /// (PATH#NAME reads field/column NAME instead of "text").
     #[arg(long)]
@@ -181,7 +182,11 @@ impl TrainFlags {
             } )* };
         }
         set!(corpus, ctx, buffer_rows);
-        set_opt!(synth, model, hook);
+        set_opt!(synth, model);
+        if !self.hook.is_empty() {
+            c.hook = Some(self.hook.join(","));
+            given.push("hook");
+        }
         set!(
             out,
             arch,

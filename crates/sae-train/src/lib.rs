@@ -10,6 +10,9 @@
 //!   `train_config.json`, `train_summary.json`; swapped in whole when the run ends. With
 //!   `keep_state`, also `checkpoint/` (the final optimiser state, for an exact `--extend`).
 //! * `runs/x.partial/` while it runs: the log, the config and `checkpoint/`; removed at the end.
+//!
+//! With several hooks (`hook = "A,B"`, training from a model), `runs/x/A/` and `runs/x/B/`,
+//! each laid out as above.
 
 pub mod checkpoint;
 pub mod config;
@@ -24,5 +27,7 @@ pub mod source;
 pub use config::{BDecInit, Resolved, TrainConfig};
 pub use flags::TrainFlags;
 pub use model_source::{ModelSource, ModelSourceOptions};
-pub use run::{partial_dir, run, run_with_source, FinalMetrics, TrainSummary};
+pub use run::{
+    hook_list, partial_dir, run, run_hooks, run_with_source, FinalMetrics, TrainSummary,
+};
 pub use source::{BatchSource, MemorySource, StoreSource};

@@ -1,13 +1,14 @@
 //! Training straight from a language model: a background thread runs the model over the corpus
 //! and sends activation rows; the trainer draws its batches at random from a buffer of them, so
-//! rows of one context are spread over many batches.
+//! rows of one context are spread over many batches. Several hooks share the thread and its
+//! forward passes, each with a source of its own.
 
 use crate::source::BatchSource;
 use anyhow::{bail, Result};
 use sae_core::sae::SaeMeta;
-use sae_lm::harvest::{harvest, HarvestOptions};
-use sae_lm::LanguageModel;
-use std::sync::mpsc::{sync_channel, Receiver};
+use sae_lm::harvest::{harvest_hooks, HarvestOptions};
+use sae_lm::{Hook, LanguageModel};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 pub struct ModelSourceOptions {
     pub model: String,
@@ -39,68 +40,56 @@ pub struct ModelSource {
 impl ModelSource {
     /// Loads the model (so a bad model or hook fails here) and starts the producer thread.
     pub fn start(o: ModelSourceOptions) -> Result<Self> {
+        let hook = o.hook.clone();
+        let mut sources = Self::start_hooks(o, &[hook])?;
+        Ok(sources.remove(0))
+    }
+
+    /// One source per hook of `hooks` (distinct; `o.hook` is not used), all fed by one thread
+    /// that runs the model once per batch, stopping after the deepest hook. Each source sees
+    /// exactly the rows and batches that [`ModelSource::start`] at its hook would give.
+    pub fn start_hooks(o: ModelSourceOptions, hooks: &[String]) -> Result<Vec<Self>> {
         if o.ctx < 2 {
             bail!("--ctx must be at least 2");
         }
         let model = LanguageModel::load(&o.model)?;
-        let d_in = model.hook_width(model.hook(&o.hook)?);
-        let meta = SaeMeta {
-            model_name: o.model.clone(),
-            hook_name: o.hook.clone(),
-            context_size: o.ctx,
-            prepend_bos: true,
-            dataset_path: o.corpus.clone(),
-        };
-        // A few forward passes in flight: the model keeps working while the trainer steps.
-        let (tx, rx) = sync_channel::<Result<Vec<f32>>>(4);
-        std::thread::spawn(move || {
-            let contexts =
-                match sae_lm::corpus::pack_corpus(&o.corpus, model.tokenizer(), o.ctx, o.tokens, 0)
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.context(format!("reading corpus '{}'", o.corpus))));
-                        return;
-                    }
-                };
-            let opts = HarvestOptions {
-                batch: o.batch_contexts.max(1),
-                include_bos: false,
-                max_rows: usize::MAX,
-                first_context: 0,
-                progress: false,
-            };
-            let mut warned = false;
-            loop {
-                // Ends with an error once the receiver is gone (training over).
-                let res = harvest(&model, &contexts, &o.hook, &opts, |rows| {
-                    tx.send(Ok(rows.acts.to_vec()))
-                        .map_err(|_| anyhow::anyhow!("training ended"))
-                });
-                if let Err(e) = res {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-                if !warned {
-                    eprintln!(
-                        "note: corpus '{}' used up ({} contexts); training repeats it",
-                        o.corpus,
-                        contexts.n_contexts()
-                    );
-                    warned = true;
-                }
+        let mut parsed: Vec<Hook> = Vec::new();
+        for name in hooks {
+            let hook = model.hook(name)?;
+            if let Some(j) = parsed.iter().position(|h| *h == hook) {
+                bail!(
+                    "--hook {name} and {} are the same hook; give each hook once",
+                    hooks[j]
+                );
             }
-        });
-        Ok(ModelSource {
-            d_in,
-            meta,
-            rx,
-            incoming: Vec::new(),
-            incoming_at: 0,
-            buffer: Vec::with_capacity(o.buffer_rows.max(1) * d_in),
-            buffer_rows: o.buffer_rows.max(1),
-            rng: o.seed ^ 0x9e37_79b9_7f4a_7c15,
-        })
+            parsed.push(hook);
+        }
+        let mut senders = Vec::new();
+        let mut sources = Vec::new();
+        for (name, &hook) in hooks.iter().zip(&parsed) {
+            let d_in = model.hook_width(hook);
+            // A few forward passes in flight: the model keeps working while the trainer steps.
+            let (tx, rx) = sync_channel::<Result<Vec<f32>>>(4);
+            senders.push(tx);
+            sources.push(ModelSource {
+                d_in,
+                meta: SaeMeta {
+                    model_name: o.model.clone(),
+                    hook_name: name.clone(),
+                    context_size: o.ctx,
+                    prepend_bos: true,
+                    dataset_path: o.corpus.clone(),
+                },
+                rx,
+                incoming: Vec::new(),
+                incoming_at: 0,
+                buffer: Vec::with_capacity(o.buffer_rows.max(1) * d_in),
+                buffer_rows: o.buffer_rows.max(1),
+                rng: o.seed ^ 0x9e37_79b9_7f4a_7c15,
+            });
+        }
+        std::thread::spawn(move || produce(model, parsed, senders, o));
+        Ok(sources)
     }
 
     /// Offset in `incoming` of the next row from the model.
@@ -150,5 +139,60 @@ impl BatchSource for ModelSource {
 
     fn meta(&self) -> SaeMeta {
         self.meta.clone()
+    }
+}
+
+/// The producer thread: runs the model over the corpus (repeating it as long as any source is
+/// read) and sends each hook's rows to its source. A source dropped (its training over) is
+/// no longer fed; the thread ends when none is left.
+fn produce(
+    model: LanguageModel,
+    hooks: Vec<Hook>,
+    senders: Vec<SyncSender<Result<Vec<f32>>>>,
+    o: ModelSourceOptions,
+) {
+    let send_error = |e: anyhow::Error| {
+        for tx in &senders {
+            let _ = tx.send(Err(anyhow::anyhow!("{e:#}")));
+        }
+    };
+    let contexts =
+        match sae_lm::corpus::pack_corpus(&o.corpus, model.tokenizer(), o.ctx, o.tokens, 0) {
+            Ok(c) => c,
+            Err(e) => return send_error(e.context(format!("reading corpus '{}'", o.corpus))),
+        };
+    let opts = HarvestOptions {
+        batch: o.batch_contexts.max(1),
+        include_bos: false,
+        max_rows: usize::MAX,
+        first_context: 0,
+        progress: false,
+    };
+    let mut open = vec![true; senders.len()];
+    let mut warned = false;
+    loop {
+        // Ends with an error once every receiver is gone (training over).
+        let res = harvest_hooks(&model, &contexts, &hooks, &opts, |rows| {
+            for ((tx, r), open) in senders.iter().zip(rows).zip(&mut open) {
+                if *open && tx.send(Ok(r.acts.to_vec())).is_err() {
+                    *open = false;
+                }
+            }
+            if !open.contains(&true) {
+                bail!("training ended");
+            }
+            Ok(())
+        });
+        if let Err(e) = res {
+            return send_error(e);
+        }
+        if !warned {
+            eprintln!(
+                "note: corpus '{}' used up ({} contexts); training repeats it",
+                o.corpus,
+                contexts.n_contexts()
+            );
+            warned = true;
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::source::{BatchSource, StoreSource};
 use anyhow::{bail, Context, Result};
 use sae_core::metrics::ReconMetrics;
 use sae_core::{Sae, SaeTrainer, StepStats};
-use sae_output::{outdir::Input, OutputKind, OutputLock};
+use sae_output::{outdir::Input, OutputKind, OutputLock, ProgressGroup};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -86,13 +86,12 @@ pub fn partial_dir(out: &Path) -> Result<PathBuf> {
     Ok(out.with_file_name(format!("{}.partial", name.to_string_lossy())))
 }
 
-/// Trains on the activation files of `cfg.acts`, or straight from `cfg.model` at `cfg.hook`.
+/// Trains on the activation files of `cfg.acts`, or straight from `cfg.model` at `cfg.hook`
+/// (one hook; [`run_hooks`] trains several).
 pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
-    if cfg.acts.is_some() && cfg.model.is_some() {
-        bail!("give either --acts or --model, not both");
-    }
-    if cfg.synth.is_some() && (cfg.acts.is_some() || cfg.model.is_some()) {
-        bail!("--synth generates its own data: give it without --acts and --model");
+    check_sources(cfg)?;
+    if hook_list(cfg)?.len() > 1 {
+        bail!("several hooks in --hook train one SAE each: use run_hooks");
     }
     // Before any data is read or a model loaded.
     check_out(cfg)?;
@@ -110,26 +109,142 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
     let (Some(model), Some(hook)) = (&cfg.model, &cfg.hook) else {
         bail!("no activations given: pass --acts DIR_OR_FILE, or --model M --hook H --corpus C");
     };
-    let (steps, tokens) = (cfg.steps, cfg.tokens);
-    let rows = match (steps, tokens) {
+    let mut source = ModelSource::start(model_source_options(cfg, model, hook)?)?;
+    run_with_source(cfg, &mut source)
+}
+
+/// The sources given may be used together.
+fn check_sources(cfg: &TrainConfig) -> Result<()> {
+    if cfg.acts.is_some() && cfg.model.is_some() {
+        bail!("give either --acts or --model, not both");
+    }
+    if cfg.synth.is_some() && (cfg.acts.is_some() || cfg.model.is_some()) {
+        bail!("--synth generates its own data: give it without --acts and --model");
+    }
+    Ok(())
+}
+
+/// The hooks of `cfg.hook`: one, or several separated by commas, each once (none without it).
+pub fn hook_list(cfg: &TrainConfig) -> Result<Vec<String>> {
+    let Some(text) = &cfg.hook else {
+        return Ok(Vec::new());
+    };
+    let hooks: Vec<String> = text.split(',').map(|h| h.trim().to_string()).collect();
+    for (i, h) in hooks.iter().enumerate() {
+        if h.is_empty() {
+            bail!("--hook {text}: an empty hook name; give names like blocks.5.hook_resid_post, separated by commas");
+        }
+        if hooks[..i].contains(h) {
+            bail!("--hook {h} is given twice; give each hook once");
+        }
+        if hooks.len() > 1 && (h.contains(['/', '\\']) || h == "." || h == "..") {
+            bail!("--hook '{h}' is not a hook name (like blocks.5.hook_resid_post; `sae hooks` lists them)");
+        }
+    }
+    Ok(hooks)
+}
+
+/// The model stream for `cfg`, long enough for training, the initialisation sample, the final
+/// evaluation and what sits in the buffer, without repeating.
+fn model_source_options(cfg: &TrainConfig, model: &str, hook: &str) -> Result<ModelSourceOptions> {
+    let rows = match (cfg.steps, cfg.tokens) {
         (Some(s), _) => s.saturating_mul(cfg.batch_size as u64),
         (None, Some(t)) => t,
         (None, None) => bail!("training from --model needs --steps or --tokens"),
     };
-    // The corpus should cover training, the initialisation sample, the final evaluation and
-    // what sits in the buffer, without repeating.
     let need = rows as usize + cfg.init_sample + cfg.eval_tokens + cfg.buffer_rows;
-    let mut source = ModelSource::start(ModelSourceOptions {
-        model: model.clone(),
-        hook: hook.clone(),
+    Ok(ModelSourceOptions {
+        model: model.to_string(),
+        hook: hook.to_string(),
         corpus: cfg.corpus.clone(),
         ctx: cfg.ctx,
         tokens: need,
         buffer_rows: cfg.buffer_rows,
         batch_contexts: 16,
         seed: cfg.seed,
-    })?;
-    run_with_source(cfg, &mut source)
+    })
+}
+
+/// Trains one SAE per hook of `cfg.hook`. One hook (or none: `--acts`, `--synth`) is [`run`].
+/// Several train straight from `cfg.model`, each into `cfg.out/<hook>/` with a trainer of its
+/// own: one forward pass per batch, stopping after the deepest hook, feeds all of them, and
+/// the trainers run in threads of their own that share one thread pool. Each SAE is the one
+/// that [`run`] at its hook alone with the same settings gives. A run that fails does not stop
+/// the others; the error names it.
+pub fn run_hooks(cfg: &TrainConfig) -> Result<Vec<TrainSummary>> {
+    check_sources(cfg)?;
+    let hooks = hook_list(cfg)?;
+    if hooks.len() <= 1 {
+        return Ok(vec![run(cfg)?]);
+    }
+    let Some(model) = &cfg.model else {
+        bail!(
+            "several hooks in --hook train straight from a model: give --model (and --corpus), \
+             or train on one store at a time with --acts"
+        );
+    };
+    // Before the model is loaded.
+    sae_output::check_output_folder(&cfg.out)?;
+    let runs: Vec<TrainConfig> = hooks
+        .iter()
+        .map(|h| TrainConfig {
+            hook: Some(h.clone()),
+            out: cfg.out.join(h),
+            ..cfg.clone()
+        })
+        .collect();
+    for r in &runs {
+        check_out(r)?;
+    }
+    let sources = ModelSource::start_hooks(model_source_options(cfg, model, &hooks[0])?, &hooks)?;
+    let pool = match cfg.threads {
+        Some(t) => Some(rayon::ThreadPoolBuilder::new().num_threads(t).build()?),
+        None => None,
+    };
+    let bars = (!cfg.quiet).then(ProgressGroup::new);
+    let results: Vec<Result<TrainSummary>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = runs
+            .iter()
+            .zip(sources)
+            .map(|(r, mut source)| {
+                let (bars, pool) = (bars.as_ref(), pool.as_ref());
+                scope.spawn(move || run_locked(r, &mut source, bars, pool))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the training thread panicked")))
+            })
+            .collect()
+    });
+    let mut summaries = Vec::new();
+    let mut failed = Vec::new();
+    for (h, r) in hooks.iter().zip(results) {
+        match r {
+            Ok(s) => summaries.push(s),
+            Err(e) => failed.push(format!("{h}: {e:#}")),
+        }
+    }
+    if !failed.is_empty() {
+        let saved: Vec<String> = summaries
+            .iter()
+            .map(|s| s.out_dir.display().to_string())
+            .collect();
+        bail!(
+            "training failed at {} of {} hooks:\n  {}\n{}",
+            failed.len(),
+            hooks.len(),
+            failed.join("\n  "),
+            if saved.is_empty() {
+                "no SAE was saved".to_string()
+            } else {
+                format!("the others were saved: {}", saved.join(", "))
+            }
+        );
+    }
+    Ok(summaries)
 }
 
 /// Whether `cfg.out` may receive a trained SAE: it holds nothing, or a trained SAE the user
@@ -148,16 +263,28 @@ fn check_out(cfg: &TrainConfig) -> Result<()> {
 
 /// Trains on any batch source (the store, a model, memory).
 pub fn run_with_source(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary> {
+    run_locked(cfg, source, None, None)
+}
+
+/// [`run_with_source`], its progress drawn in `bars` (one of several runs) and its work done
+/// in `pool` when given (shared by several runs; otherwise `cfg.threads` or the global pool).
+fn run_locked(
+    cfg: &TrainConfig,
+    source: &mut dyn BatchSource,
+    bars: Option<&ProgressGroup>,
+    pool: Option<&rayon::ThreadPool>,
+) -> Result<TrainSummary> {
     check_out(cfg)?;
     // One writer per output; checked again under the lock, which the first check did not hold.
     let _lock = OutputLock::acquire(&cfg.out)?;
     check_out(cfg)?;
-    match cfg.threads {
-        Some(t) => {
+    match (pool, cfg.threads) {
+        (Some(pool), _) => pool.install(|| train(cfg, source, bars)),
+        (None, Some(t)) => {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
-            pool.install(|| train(cfg, source))
+            pool.install(|| train(cfg, source, bars))
         }
-        None => train(cfg, source),
+        (None, None) => train(cfg, source, bars),
     }
 }
 
@@ -321,15 +448,27 @@ impl Log {
     }
 }
 
-fn progress_bar(cfg: &TrainConfig, steps: u64, start: u64) -> sae_output::Progress {
+fn progress_bar(
+    cfg: &TrainConfig,
+    steps: u64,
+    start: u64,
+    bars: Option<&ProgressGroup>,
+) -> sae_output::Progress {
     if cfg.quiet {
         return sae_output::Progress::hidden();
     }
-    let bar = sae_output::Progress::new(
-        steps,
-        "train step",
-        "{elapsed_precise} [{bar:25}] step {pos}/{len} {msg}",
-    );
+    let bar = match (bars, &cfg.hook) {
+        (Some(group), Some(hook)) => group.add(
+            steps,
+            &format!("train step {hook}"),
+            &format!("{hook:>26} {{elapsed_precise}} [{{bar:25}}] step {{pos}}/{{len}} {{msg}}"),
+        ),
+        _ => sae_output::Progress::new(
+            steps,
+            "train step",
+            "{elapsed_precise} [{bar:25}] step {pos}/{len} {msg}",
+        ),
+    };
     bar.set_position(start);
     bar
 }
@@ -792,7 +931,11 @@ fn start_extended(
     })
 }
 
-fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary> {
+fn train(
+    cfg: &TrainConfig,
+    source: &mut dyn BatchSource,
+    bars: Option<&ProgressGroup>,
+) -> Result<TrainSummary> {
     let d_in = source.d_in();
     let mut r = resolve(cfg, d_in, source.n_rows())?;
     let partial = partial_dir(&cfg.out)?;
@@ -830,7 +973,7 @@ fn train(cfg: &TrainConfig, source: &mut dyn BatchSource) -> Result<TrainSummary
 
     let bs = cfg.batch_size;
     let mut batch = vec![0.0f32; bs * d_in];
-    let bar = progress_bar(cfg, r.steps, start_step);
+    let bar = progress_bar(cfg, r.steps, start_step, bars);
     let t0 = Instant::now();
     let mut t_window = Instant::now();
     let mut tokens_window = 0u64;

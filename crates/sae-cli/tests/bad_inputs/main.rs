@@ -6,6 +6,7 @@
 mod harness;
 
 mod flags;
+mod multihook;
 mod outputs;
 mod resample;
 mod sae_files;
