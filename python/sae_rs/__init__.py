@@ -263,6 +263,17 @@ class SAE:
         with open(self.path / "train_log.jsonl") as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    def train_log_frame(self) -> Any:
+        """``train_log`` as a pandas DataFrame, one row per logged step (needs pandas)."""
+        try:
+            import pandas
+        except ImportError as e:
+            raise ImportError(
+                "train_log_frame needs pandas (pip install pandas); train_log gives the same "
+                "lines as a list of dicts"
+            ) from e
+        return pandas.DataFrame(self.train_log)
+
     @property
     def train_summary(self) -> Optional[Dict[str, Any]]:
         """``train_summary.json`` next to the weights, if there is one."""

@@ -40,6 +40,21 @@ def test_train_on_an_array_returns_the_sae_and_its_log(tmp_path):
     x_hat = sae.reconstruct(acts[:256])
     fvu = ((x_hat - acts[:256]) ** 2).sum() / ((acts[:256] - acts[:256].mean(0)) ** 2).sum()
     assert fvu < 0.5
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install pandas"):
+            sae.train_log_frame()
+    else:
+        frame = sae.train_log_frame()
+        assert list(frame["step"]) == [r["step"] for r in log]
+
+
+def test_train_target_l0_steers_a_penalty_family(tmp_path):
+    acts = sparse_data()
+    sae = sae_rs.train(acts, arch="relu", d_sae=64, l1=0.1, target_l0=6, steps=300,
+                       l1_warmup_steps=20, lr=3e-3, out=tmp_path / "t", progress=False, **FAST)
+    assert sae.train_summary["l0_target"]["target"] == 6
 
 
 @pytest.mark.parametrize("arch,extra", [("gated", dict(l1=1.0)), ("topk", dict(k=4)),
