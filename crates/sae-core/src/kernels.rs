@@ -49,6 +49,65 @@ pub fn matmul_xt(x: &[f32], n: usize, d_in: usize, w_t: &[f32], d_sae: usize, ou
     }
 }
 
+/// Rows per block of [`gram`]: each block computes its rows from its own diagonal on.
+const GRAM_BLOCK: usize = 256;
+
+/// The Gram matrix `out[i, j] = w[i] . w[j]` of the `m` rows of `w` (`[m, d]`), `out`
+/// `[m, m]`. It is symmetric, so each block of rows is computed from its diagonal on (about
+/// half of the full product's work) and the lower triangle is copied from the upper one.
+pub fn gram(w: &[f32], m: usize, d: usize, out: &mut [f32]) {
+    assert_eq!(w.len(), m * d);
+    assert_eq!(out.len(), m * m);
+    if m == 0 {
+        return;
+    }
+    for i0 in (0..m).step_by(GRAM_BLOCK) {
+        let rows = GRAM_BLOCK.min(m - i0);
+        let cols = m - i0;
+        // SAFETY: rows i0..i0+rows of `out` from column i0 on, and rows i0.. of `w`, all
+        // inside the slices asserted above.
+        unsafe {
+            gemm(
+                rows,
+                cols,
+                d,
+                out.as_mut_ptr().add(i0 * m + i0),
+                1,
+                m as isize,
+                false,
+                w.as_ptr().add(i0 * d),
+                1,
+                d as isize,
+                w.as_ptr().add(i0 * d),
+                d as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism(),
+            )
+        }
+    }
+    mirror_upper(out, m);
+}
+
+/// Copies the upper triangle of the square `[m, m]` matrix onto the lower one, in tiles so
+/// that both sides stay in cache.
+fn mirror_upper(a: &mut [f32], m: usize) {
+    const T: usize = 64;
+    for bi in (0..m).step_by(T) {
+        for bj in (0..=bi).step_by(T) {
+            for i in bi..(bi + T).min(m) {
+                for j in bj..(bj + T).min(i) {
+                    a[i * m + j] = a[j * m + i];
+                }
+            }
+        }
+    }
+}
+
 /// `out[b, j] = sum_i x[b, i] * w[i, j]` with `w` in SAELens layout `[d_in, d_sae]`.
 pub fn matmul(x: &[f32], n: usize, d_in: usize, w: &[f32], d_sae: usize, out: &mut [f32]) {
     assert_eq!(x.len(), n * d_in);

@@ -609,8 +609,16 @@ pub trait DensePenalty: Sync {
 /// encoder (the trainer's slot for matching pursuit).
 pub trait ResidualSelect: Sync {
     /// The steps of every row: `(atom, coefficient)` in the order chosen. `corr` holds the
-    /// first correlations `r_0 W_dec^T` (`[n, d_sae]`) and is overwritten.
-    fn select(&self, w_dec: &[f32], d_in: usize, corr: &mut [f32], n: usize) -> Vec<Steps>;
+    /// first correlations `r_0 W_dec^T` (`[n, d_sae]`) and is overwritten. `scratch` is the
+    /// rule's working space, kept by the trainer between steps.
+    fn select(
+        &self,
+        w_dec: &[f32],
+        d_in: usize,
+        corr: &mut [f32],
+        n: usize,
+        scratch: &mut Vec<f32>,
+    ) -> Vec<Steps>;
     /// Backward through one row's steps. `g` holds `dL/dr_k` on entry and `dL/dr_0` on exit;
     /// `r` holds `r_k` on entry (overwritten). `atom_grads` gets `dL/dd_j` of each step,
     /// `d_in` values per step, in step order.

@@ -478,7 +478,7 @@ fn mp_pursuit_schedules_agree() {
     let sae = random_sae(ArchKind::MP, d_in, d_sae, k, 15);
     let x = randn(&mut ChaCha8Rng::seed_from_u64(16), n * d_in);
     let pre = sae.pre_activations(&x, n);
-    let full = pursue_full_gram(&sae.w_dec, d_in, d_sae, &mut pre.clone(), n, k);
+    let full = pursue_full_gram(&sae.w_dec, d_in, d_sae, &mut pre.clone(), n, k, &mut vec![]);
     let rounds = pursue_in_rounds(&sae.w_dec, d_in, d_sae, &mut pre.clone(), n, k);
     assert_eq!(full.len(), n);
     for (r, (a, b)) in full.iter().zip(&rounds).enumerate() {
@@ -488,6 +488,32 @@ fn mp_pursuit_schedules_agree() {
             assert!(
                 (va - vb).abs() <= 1e-5 * va.abs().max(1.0),
                 "row {r}: {va} vs {vb}"
+            );
+        }
+    }
+}
+
+/// The symmetric Gram product equals the plain product `W W^T` and is exactly symmetric,
+/// across several row blocks and a partial last one.
+#[test]
+fn gram_matches_the_full_product() {
+    let (m, d) = (600, 37);
+    let w = randn(&mut ChaCha8Rng::seed_from_u64(17), m * d);
+    let mut full = vec![0f32; m * m];
+    crate::kernels::matmul_xt(&w, m, d, &w, m, &mut full);
+    let mut half = vec![f32::NAN; m * m];
+    crate::kernels::gram(&w, m, d, &mut half);
+    for i in 0..m {
+        for j in 0..m {
+            let (a, b) = (full[i * m + j], half[i * m + j]);
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "({i}, {j}): {a} vs {b}"
+            );
+            assert_eq!(
+                half[i * m + j].to_bits(),
+                half[j * m + i].to_bits(),
+                "({i}, {j})"
             );
         }
     }

@@ -154,6 +154,8 @@ pub struct SaeTrainer {
     /// The pursuit step's correlations and per-step atom gradients (rules that select
     /// against the residual).
     buf_pursuit: Vec<f32>,
+    /// Working space of a residual-selecting rule (matching pursuit's Gram matrix).
+    buf_select: Vec<f32>,
     buf_atom_grads: Vec<f32>,
 }
 
@@ -201,6 +203,7 @@ impl SaeTrainer {
             hyper,
             buf: Buffers::default(),
             buf_pursuit: Vec::new(),
+            buf_select: Vec::new(),
             buf_atom_grads: Vec::new(),
         }
     }

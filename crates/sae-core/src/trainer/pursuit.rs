@@ -4,8 +4,9 @@
 //! sums each atom's gradients over the steps that chose it.
 //!
 //! Cost per step: the product (n x d_in x d_sae), one Gram row per distinct chosen atom
-//! (at most d_sae x d_in x d_sae, in the rule's selection), k correlation updates of d_sae
-//! values per row, and O(k d_in) per row for the decode and the backward pass.
+//! (at most the Gram matrix's upper triangle, d_sae^2 d_in / 2, in the rule's selection), k
+//! correlation updates of d_sae values per row, and O(k d_in) per row for the decode and the
+//! backward pass.
 
 use super::{Mode, SaeTrainer, StepStats};
 use crate::arch::Steps;
@@ -49,7 +50,7 @@ impl SaeTrainer {
         matmul_xt(&xc, n, d_in, &self.w_dec, d_sae, &mut corr);
         // 2. The pursuit.
         prof.lap("gemm");
-        let steps: Vec<Steps> = sel.select(&self.w_dec, d_in, &mut corr, n);
+        let steps: Vec<Steps> = sel.select(&self.w_dec, d_in, &mut corr, n, &mut self.buf_select);
         prof.lap("pursuit");
         self.buf_pursuit = corr;
         // 3. Per row: the final residual r_k = x - b_dec - sum c_t d_t, the loss, and the
