@@ -50,7 +50,7 @@ pub fn matmul_xt(x: &[f32], n: usize, d_in: usize, w_t: &[f32], d_sae: usize, ou
 }
 
 /// Rows per block of [`gram`]: each block computes its rows from its own diagonal on.
-const GRAM_BLOCK: usize = 256;
+const GRAM_BLOCK: usize = 1024;
 
 /// The Gram matrix `out[i, j] = w[i] . w[j]` of the `m` rows of `w` (`[m, d]`), `out`
 /// `[m, m]`. It is symmetric, so each block of rows is computed from its diagonal on (about
