@@ -56,13 +56,20 @@ const GRAM_BLOCK: usize = 1024;
 /// `[m, m]`. It is symmetric, so each block of rows is computed from its diagonal on (about
 /// half of the full product's work) and the lower triangle is copied from the upper one.
 pub fn gram(w: &[f32], m: usize, d: usize, out: &mut [f32]) {
+    gram_in_blocks(w, m, d, out, GRAM_BLOCK)
+}
+
+/// [`gram`] with `block` rows per block.
+#[doc(hidden)]
+pub fn gram_in_blocks(w: &[f32], m: usize, d: usize, out: &mut [f32], block: usize) {
+    assert!(block > 0);
     assert_eq!(w.len(), m * d);
     assert_eq!(out.len(), m * m);
     if m == 0 {
         return;
     }
-    for i0 in (0..m).step_by(GRAM_BLOCK) {
-        let rows = GRAM_BLOCK.min(m - i0);
+    for i0 in (0..m).step_by(block) {
+        let rows = block.min(m - i0);
         let cols = m - i0;
         // SAFETY: rows i0..i0+rows of `out` from column i0 on, and rows i0.. of `w`, all
         // inside the slices asserted above.

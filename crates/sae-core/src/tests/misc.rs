@@ -494,27 +494,29 @@ fn mp_pursuit_schedules_agree() {
 }
 
 /// The symmetric Gram product equals the plain product `W W^T` and is exactly symmetric,
-/// across several row blocks and a partial last one.
+/// with several row blocks and a partial last one, and with one block.
 #[test]
 fn gram_matches_the_full_product() {
     let (m, d) = (600, 37);
     let w = randn(&mut ChaCha8Rng::seed_from_u64(17), m * d);
     let mut full = vec![0f32; m * m];
     crate::kernels::matmul_xt(&w, m, d, &w, m, &mut full);
-    let mut half = vec![f32::NAN; m * m];
-    crate::kernels::gram(&w, m, d, &mut half);
-    for i in 0..m {
-        for j in 0..m {
-            let (a, b) = (full[i * m + j], half[i * m + j]);
-            assert!(
-                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
-                "({i}, {j}): {a} vs {b}"
-            );
-            assert_eq!(
-                half[i * m + j].to_bits(),
-                half[j * m + i].to_bits(),
-                "({i}, {j})"
-            );
+    for block in [64, 1024] {
+        let mut half = vec![f32::NAN; m * m];
+        crate::kernels::gram_in_blocks(&w, m, d, &mut half, block);
+        for i in 0..m {
+            for j in 0..m {
+                let (a, b) = (full[i * m + j], half[i * m + j]);
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "({i}, {j}): {a} vs {b}"
+                );
+                assert_eq!(
+                    half[i * m + j].to_bits(),
+                    half[j * m + i].to_bits(),
+                    "({i}, {j})"
+                );
+            }
         }
     }
 }
