@@ -176,8 +176,11 @@ fn flatten_recorded(config_path: &Path, flat: &[(&str, serde_json::Value)]) {
 fn a_run_recorded_with_flat_option_fields_resumes_to_the_same_bits() {
     let dir = tempfile::tempdir().unwrap();
     let acts = synth(dir.path());
+    // A family, the older flags of the run, its options as the flat fields recorded them,
+    // and another value of one of them.
     type Flat = Vec<(&'static str, serde_json::Value)>;
-    let runs: Vec<(ArchKind, fn(&mut TrainConfig), Flat, fn(&mut TrainConfig))> = vec![
+    type Run = (ArchKind, fn(&mut TrainConfig), Flat, fn(&mut TrainConfig));
+    let runs: Vec<Run> = vec![
         (
             ArchKind::TOPK,
             |c| {
