@@ -54,7 +54,8 @@ pub(crate) const AUXK_OPTIONS: &[TrainOption] = &[
     TrainOption {
         name: "k_aux",
         value: OptValue::Count,
-        help: "latents per token in the AuxK reconstruction of the residual, at most d_sae                (default 0: d_in / 2)",
+        help: "latents per token in the AuxK reconstruction of the residual, at most d_sae \
+               (default 0: d_in / 2)",
     },
     TrainOption {
         name: "aux_coeff",
