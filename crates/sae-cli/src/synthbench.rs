@@ -11,6 +11,7 @@ use sae_output::{check_output, OutputKind, OutputLock, Progress};
 use sae_store::synthbench::{SparseActs, SynthBench, SynthBenchConfig, PRESET_16K};
 use sae_train::source::{BatchSource, SynthBenchSource};
 use sae_train::TrainConfig;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -563,10 +564,10 @@ fn run_config(a: &SynthBenchArgs, run: &Run, d_in: usize, samples: u64) -> Resul
         // input scale (E||x|| = sqrt(d_in)). Our default 0.001 is the JumpReLU paper's for
         // inputs of unit mean squared norm; here no pre-activation lies that close to a
         // threshold, the thresholds get no gradient, and the coefficient changes nothing.
-        jumprelu_bandwidth: if arch == ArchKind::JUMPRELU {
-            1.0
+        arch_opt: if arch == ArchKind::JUMPRELU {
+            BTreeMap::from([("bandwidth".to_string(), "1".to_string())])
         } else {
-            defaults.jumprelu_bandwidth
+            BTreeMap::new()
         },
         max_norm_ratio: 0.0,
         dead_window_tokens: 1000 * a.batch_size,

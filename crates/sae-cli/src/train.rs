@@ -288,5 +288,8 @@ pub fn archs() {
         for o in f.options() {
             println!("  --arch-opt {}=...  {}", o.name, o.help);
         }
+        for o in f.train_options() {
+            println!("  --arch-opt {}=...  {} [training only]", o.name, o.help);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! holds the same fields as the flags (flag `--d-sae` = field `d_sae`); flags override it.
 
 use anyhow::{bail, Context, Result};
-use sae_core::arch::{Settings, Sparsity};
+use sae_core::arch::{Settings, Sparsity, TrainOpts};
 use sae_core::{ArchKind, TrainHyper};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -93,13 +93,15 @@ pub struct TrainConfig {
     /// After a resampling the lr drops to 0.1x and returns to 1x along a cosine over this many
     /// steps (0 = no drop).
     pub resample_lr_warmup_steps: u64,
-    /// TopK/BatchTopK AuxK coefficient and k_aux (0 = d_in / 2).
-    pub aux_coeff: f32,
-    pub k_aux: usize,
-    pub jumprelu_bandwidth: f32,
-    /// ReLU: decoder-norm-weighted L1 without the unit-norm constraint (April-update recipe).
-    pub relu_decoder_norm_l1: bool,
-    /// The family's own options (`--arch-opt name=value`; `sae train --help` lists them).
+    /// The AuxK families' `--arch-opt aux_coeff` and `k_aux` under their older names (see
+    /// [`OPTION_ALIASES`]).
+    pub aux_coeff: Option<f32>,
+    pub k_aux: Option<usize>,
+    /// JumpReLU's `--arch-opt bandwidth`.
+    pub jumprelu_bandwidth: Option<f32>,
+    /// ReLU's `--arch-opt decoder_norm_l1`.
+    pub relu_decoder_norm_l1: Option<bool>,
+    /// The family's own options (`--arch-opt name=value`; `sae archs` lists them).
     pub arch_opt: BTreeMap<String, String>,
     /// Steps between checkpoints (0 = none).
     pub checkpoint_every: u64,
@@ -162,10 +164,10 @@ impl Default for TrainConfig {
             resample_window: None,
             resample_sample: 131_072,
             resample_lr_warmup_steps: 1000,
-            aux_coeff: 1.0 / 32.0,
-            k_aux: 0,
-            jumprelu_bandwidth: 0.001,
-            relu_decoder_norm_l1: false,
+            aux_coeff: None,
+            k_aux: None,
+            jumprelu_bandwidth: None,
+            relu_decoder_norm_l1: None,
             arch_opt: BTreeMap::new(),
             checkpoint_every: 1000,
             log_every: 100,
@@ -179,6 +181,44 @@ impl Default for TrainConfig {
             quiet: false,
         }
     }
+}
+
+/// Flags (and config fields) older than `--arch-opt` that set a family's training option:
+/// (field, option). A run's identity records such an option under the field's name, as it did
+/// before the option moved into its family, so that those runs still resume.
+pub const OPTION_ALIASES: &[(&str, &str)] = &[
+    ("k_aux", "k_aux"),
+    ("aux_coeff", "aux_coeff"),
+    ("jumprelu_bandwidth", "bandwidth"),
+    ("relu_decoder_norm_l1", "decoder_norm_l1"),
+];
+
+/// The families that have training option `option`, as "a, b or c".
+fn families_with(option: &str) -> String {
+    let names: Vec<&str> = ArchKind::all()
+        .filter(|a| a.family().train_options().iter().any(|o| o.name == option))
+        .map(ArchKind::as_str)
+        .collect();
+    match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "none".into(),
+    }
+}
+
+/// The default of training option `option` (of the first family that has it).
+fn option_default(option: &str) -> Option<serde_json::Value> {
+    ArchKind::all().find_map(|a| {
+        let f = a.family();
+        f.train_options()
+            .iter()
+            .any(|o| o.name == option)
+            .then(|| {
+                f.train_opts(usize::MAX, &BTreeMap::new())
+                    .ok()
+                    .and_then(|o| o.get(option).cloned())
+            })?
+    })
 }
 
 /// A setting outside its range: the config field, the rule it breaks and the value given.
@@ -316,22 +356,24 @@ impl TrainConfig {
         check_count("dead_window_tokens", c.dead_window_tokens, "tokens")?;
         c.check_resampling()?;
         c.check_l0_target()?;
-        check_non_negative("aux_coeff", c.aux_coeff)?;
-        check_positive("jumprelu_bandwidth", c.jumprelu_bandwidth)?;
-        let family = c.arch.family();
-        if let Err((field, rule)) = family.check_hyper(&c.hyper()) {
-            return Err(bad(field, &rule, format!("true with --arch {}", c.arch)));
+        if let Some(v) = c.aux_coeff {
+            check_non_negative("aux_coeff", v)?;
         }
-        let known = family.options();
-        if let Some(key) = c
-            .arch_opt
-            .keys()
-            .find(|k| !known.iter().any(|o| o.name == *k))
-        {
-            let listed = if known.is_empty() {
+        if let Some(v) = c.jumprelu_bandwidth {
+            check_positive("jumprelu_bandwidth", v)?;
+        }
+        c.check_option_aliases()?;
+        let family = c.arch.family();
+        let names: Vec<&str> = family
+            .options()
+            .iter()
+            .map(|o| o.name)
+            .chain(family.train_options().iter().map(|o| o.name))
+            .collect();
+        if let Some(key) = c.arch_opt.keys().find(|k| !names.contains(&k.as_str())) {
+            let listed = if names.is_empty() {
                 format!("left out: {} has no options of its own", c.arch)
             } else {
-                let names: Vec<_> = known.iter().map(|o| o.name).collect();
                 format!("one of {} for --arch {}", names.join(", "), c.arch)
             };
             return Err(bad("arch_opt", &listed, key));
@@ -349,19 +391,94 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The trainer's fixed hyperparameters.
-    pub fn hyper(&self) -> TrainHyper {
+    /// The trainer's fixed hyperparameters, with the family's resolved training options.
+    pub fn hyper(&self, r: &Resolved) -> TrainHyper {
+        self.hyper_with(r.arch_opts.clone())
+    }
+
+    fn hyper_with(&self, arch_opts: TrainOpts) -> TrainHyper {
         TrainHyper {
             adam_beta1: self.adam_beta1,
             adam_beta2: self.adam_beta2,
             adam_eps: self.adam_eps,
-            aux_coeff: self.aux_coeff,
-            k_aux: self.k_aux,
-            jumprelu_bandwidth: self.jumprelu_bandwidth,
             dead_window_tokens: self.dead_window_tokens,
-            relu_decoder_norm_l1: self.relu_decoder_norm_l1,
+            arch_opts,
             seed: self.seed,
         }
+    }
+
+    /// The older flags given, as (field, option, value text).
+    fn option_alias_values(&self) -> Vec<(&'static str, &'static str, String)> {
+        let given = [
+            self.k_aux.map(|v| v.to_string()),
+            self.aux_coeff.map(|v| v.to_string()),
+            self.jumprelu_bandwidth.map(|v| v.to_string()),
+            self.relu_decoder_norm_l1.map(|v| v.to_string()),
+        ];
+        OPTION_ALIASES
+            .iter()
+            .zip(given)
+            .filter_map(|(&(field, option), text)| Some((field, option, text?)))
+            .collect()
+    }
+
+    /// An older flag for a family without its option is refused unless it holds the
+    /// option's default (config files that list every field keep loading); one that
+    /// disagrees with `--arch-opt` is refused.
+    fn check_option_aliases(&self) -> Result<(), BadSetting> {
+        let family = self.arch.family();
+        for (field, option, text) in self.option_alias_values() {
+            let spec = family.train_options().iter().find(|o| o.name == option);
+            let Some(spec) = spec else {
+                let is_default = ArchKind::all()
+                    .flat_map(|a| a.family().train_options())
+                    .find(|o| o.name == option)
+                    .and_then(|o| o.parse(&text).ok())
+                    .is_some_and(|v| Some(v) == option_default(option));
+                if is_default {
+                    continue;
+                }
+                return Err(bad(
+                    field,
+                    &format!(
+                        "left out unless --arch is {} (the families with option {option}, \
+                         also set by --arch-opt {option}=...)",
+                        families_with(option)
+                    ),
+                    format!("{text} with --arch {}", self.arch),
+                ));
+            };
+            if let Some(other) = self.arch_opt.get(option) {
+                if spec.parse(other) != spec.parse(&text) {
+                    return Err(bad(
+                        field,
+                        &format!("left out or equal to --arch-opt {option}={other}"),
+                        text,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The family's training options, defaults filled in, from `--arch-opt` and the older
+    /// flags; errors name the flag that gave the value.
+    pub fn train_opts(&self, d_sae: usize) -> Result<TrainOpts> {
+        let family = self.arch.family();
+        let mut given = self.arch_opt.clone();
+        for (field, option, text) in self.option_alias_values() {
+            if !family.train_options().iter().any(|o| o.name == option) {
+                continue;
+            }
+            let one = BTreeMap::from([(option.to_string(), text.clone())]);
+            family
+                .train_opts(d_sae, &one)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", flag_name(field)))?;
+            given.insert(option.to_string(), text);
+        }
+        family
+            .train_opts(d_sae, &given)
+            .map_err(|e| anyhow::anyhow!("--arch-opt: {e}"))
     }
 
     /// The resampling settings on their own (the end of the run is checked in `resolve`).
@@ -479,6 +596,9 @@ pub struct Resolved {
     /// The family's settings saved with the SAE (k, prefix widths, ...).
     #[serde(default)]
     pub settings: Settings,
+    /// The family's training options (k_aux, bandwidth, ...), defaults filled in.
+    #[serde(default)]
+    pub arch_opts: TrainOpts,
 }
 
 pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Resolved> {
@@ -496,12 +616,6 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
             cfg.k
         );
     }
-    if topk && cfg.k_aux > d_sae {
-        bail!(
-            "--k-aux must be at most d_sae = {d_sae} (0 = d_in / 2); got {}",
-            cfg.k_aux
-        );
-    }
     if topk && cfg.l1.is_some_and(|v| v != 0.0) {
         bail!(
             "{} has no sparsity coefficient; set its sparsity with --k instead of --l1",
@@ -511,6 +625,7 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
     let settings = family
         .settings(cfg.k, d_sae, &cfg.arch_opt)
         .map_err(|e| anyhow::anyhow!("--arch-opt: {e}"))?;
+    let arch_opts = cfg.train_opts(d_sae)?;
     let lr = cfg.lr.unwrap_or(family.default_lr(d_sae));
     let sparsity_coeff = match family.sparsity() {
         Sparsity::K => 0.0,
@@ -544,7 +659,7 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
     let lr_warmup_steps = cfg.lr_warmup_steps.unwrap_or((steps / 10).min(1000));
     let l1_warmup_steps = cfg
         .l1_warmup_steps
-        .unwrap_or(family.default_sparsity_warmup(steps, &cfg.hyper()));
+        .unwrap_or(family.default_sparsity_warmup(steps, &cfg.hyper_with(arch_opts.clone())));
     let target_l0_rate = cfg.target_l0.map(|_| {
         cfg.target_l0_rate.unwrap_or_else(|| {
             crate::l0_target::default_rate(steps.saturating_sub(l1_warmup_steps))
@@ -560,6 +675,7 @@ pub fn resolve(cfg: &TrainConfig, d_in: usize, n_rows: Option<u64>) -> Result<Re
         l1_warmup_steps,
         target_l0_rate,
         settings,
+        arch_opts,
     })
 }
 

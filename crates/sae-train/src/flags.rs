@@ -120,16 +120,20 @@ pub struct TrainFlags {
     /// Steps over which the lr returns from 0.1x to 1x after a resampling [default: 1000].
     #[arg(long, allow_negative_numbers = true)]
     pub resample_lr_warmup_steps: Option<u64>,
+    /// Same as --arch-opt aux_coeff=X (the AuxK families: topk, batchtopk, ...).
     #[arg(long, allow_negative_numbers = true)]
     pub aux_coeff: Option<f32>,
+    /// Same as --arch-opt k_aux=N (the AuxK families: topk, batchtopk, ...).
     #[arg(long, allow_negative_numbers = true)]
     pub k_aux: Option<usize>,
+    /// Same as --arch-opt bandwidth=X (jumprelu).
     #[arg(long, allow_negative_numbers = true)]
     pub jumprelu_bandwidth: Option<f32>,
     /// An option of the family itself, NAME=VALUE (repeatable; `sae archs` lists them).
     #[arg(long = "arch-opt", value_name = "NAME=VALUE")]
     pub arch_opt: Vec<String>,
-    /// ReLU with decoder-norm-weighted L1 and no unit-norm constraint.
+    /// Same as --arch-opt decoder_norm_l1=true (relu): decoder-norm-weighted L1 and no
+    /// unit-norm constraint.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub relu_decoder_norm_l1: Option<bool>,
     #[arg(long, allow_negative_numbers = true)]
@@ -205,13 +209,9 @@ impl TrainFlags {
             dead_window_tokens,
             resample_steps,
             resample_sample,
-            resample_lr_warmup_steps,
-            aux_coeff,
-            k_aux,
-            jumprelu_bandwidth
+            resample_lr_warmup_steps
         );
         set!(
-            relu_decoder_norm_l1,
             checkpoint_every,
             log_every,
             seed,
@@ -234,7 +234,11 @@ impl TrainFlags {
             target_l0,
             target_l0_rate,
             resample_window,
-            threads
+            threads,
+            aux_coeff,
+            k_aux,
+            jumprelu_bandwidth,
+            relu_decoder_norm_l1
         );
         for opt in &self.arch_opt {
             let Some((name, value)) = opt.split_once('=') else {

@@ -308,7 +308,6 @@ fn run_identity(cfg: &TrainConfig, r: &Resolved) -> serde_json::Value {
         "seed": cfg.seed, "normalize": cfg.normalize, "b_dec_init": cfg.b_dec_init,
         "adam_beta1": cfg.adam_beta1.to_string(), "adam_beta2": cfg.adam_beta2.to_string(),
         "adam_eps": cfg.adam_eps.to_string(),
-        "relu_decoder_norm_l1": cfg.relu_decoder_norm_l1,
         // The resolved values: a default and the same value given as a flag are one setting.
         "lr": r.lr.to_string(), "sparsity_coeff": r.sparsity_coeff.to_string(),
         // As given: the resolved warm-ups depend on the number of steps, which may change.
@@ -316,8 +315,7 @@ fn run_identity(cfg: &TrainConfig, r: &Resolved) -> serde_json::Value {
         "target_l0": cfg.target_l0, "target_l0_rate": cfg.target_l0_rate,
         "lr_decay_steps": cfg.lr_decay_steps,
         "init_sample": cfg.init_sample, "max_norm_ratio": cfg.max_norm_ratio.to_string(),
-        "dead_window_tokens": cfg.dead_window_tokens, "aux_coeff": cfg.aux_coeff.to_string(),
-        "k_aux": cfg.k_aux, "jumprelu_bandwidth": cfg.jumprelu_bandwidth.to_string(),
+        "dead_window_tokens": cfg.dead_window_tokens,
         "resample_steps": cfg.resample_steps, "resample_window": cfg.resample_window_tokens(),
         "resample_sample": cfg.resample_sample,
         "resample_lr_warmup_steps": cfg.resample_lr_warmup_steps,
@@ -325,7 +323,33 @@ fn run_identity(cfg: &TrainConfig, r: &Resolved) -> serde_json::Value {
     if let (Some(obj), serde_json::Value::Object(data)) = (id.as_object_mut(), data_identity(cfg)) {
         obj.extend(data);
     }
+    if let Some(obj) = id.as_object_mut() {
+        obj.extend(arch_opts_identity(&r.arch_opts));
+    }
     id
+}
+
+/// The family's training options in a run's identity: under the name of the flag that set
+/// each before `--arch-opt` did (`jumprelu_bandwidth`; see `OPTION_ALIASES`), so that runs
+/// recorded then compare equal, and `arch_opt.NAME` for the others. Numbers with a fraction
+/// are kept as their shortest f32 text, as the other floats.
+fn arch_opts_identity(
+    opts: &sae_core::arch::TrainOpts,
+) -> impl Iterator<Item = (String, serde_json::Value)> + '_ {
+    opts.iter().map(|(name, v)| {
+        let key = match crate::config::OPTION_ALIASES
+            .iter()
+            .find(|(_, option)| option == name)
+        {
+            Some((field, _)) => field.to_string(),
+            None => format!("arch_opt.{name}"),
+        };
+        let value = match v.as_f64() {
+            Some(x) if v.is_f64() => serde_json::Value::from((x as f32).to_string()),
+            _ => v.clone(),
+        };
+        (key, value)
+    })
 }
 
 /// The data a run learns from. Every key is always present (null where it does not apply),
@@ -372,6 +396,15 @@ fn identity_label(key: &str) -> String {
         "acts_rows" => "the rows in the --acts store".into(),
         "acts_d_in" => "the width of the --acts store".into(),
         "acts_manifest" => "the --acts store's manifest".into(),
+        _ if key.starts_with("arch_opt.") => format!("--arch-opt {}", &key["arch_opt.".len()..]),
+        _ if crate::config::OPTION_ALIASES.iter().any(|(f, _)| *f == key) => {
+            let (_, option) = crate::config::OPTION_ALIASES
+                .iter()
+                .find(|(f, _)| *f == key)
+                .copied()
+                .unwrap_or_default();
+            format!("{} (--arch-opt {option})", crate::config::flag_name(key))
+        }
         _ => format!("{} ({key})", crate::config::flag_name(key)),
     }
 }
@@ -417,7 +450,7 @@ fn initialise(
         BDecInit::Mean => init::mean(&sample, d),
         BDecInit::Zero => vec![0.0; d],
     };
-    Ok((SaeTrainer::new(sae, cfg.hyper()), scale, max_norm))
+    Ok((SaeTrainer::new(sae, cfg.hyper(r)), scale, max_norm))
 }
 
 struct Log {
@@ -699,13 +732,14 @@ fn start_fresh(
 /// A trainer with a checkpoint's weights and optimiser state, the stream at its position.
 fn restore(
     cfg: &TrainConfig,
+    r: &Resolved,
     sae: Sae,
     state: &Path,
     progress: &Progress,
     source: &mut dyn BatchSource,
     flag: &str,
 ) -> Result<SaeTrainer> {
-    let mut trainer = SaeTrainer::new(sae, cfg.hyper());
+    let mut trainer = SaeTrainer::new(sae, cfg.hyper(r));
     trainer.load_state(state)?;
     match &progress.source_position {
         Some(p) => source
@@ -787,7 +821,7 @@ fn start_resumed(
     // The published config describes how the run ended (its steps, threads, ...).
     write_config(&partial.join(CONFIG_FILE), identity, cfg, r, &extensions)?;
     Ok(Start {
-        trainer: restore(cfg, sae, &state, &progress, source, "--resume")?,
+        trainer: restore(cfg, r, sae, &state, &progress, source, "--resume")?,
         scale: f32::from_bits(progress.scale_bits),
         max_norm: f32::from_bits(progress.max_norm_bits),
         step: progress.step,
@@ -880,7 +914,7 @@ fn start_extended(
     let max_norm = old_summary.max_norm.unwrap_or(f32::INFINITY);
     let (trainer, window, log_bytes, lr_drops, l0_target) = match kept {
         Some((sae, state, p)) => {
-            let trainer = restore(cfg, sae, &state, &p, source, "--extend")?;
+            let trainer = restore(cfg, r, sae, &state, &p, source, "--extend")?;
             (
                 trainer,
                 p.window,
@@ -903,7 +937,7 @@ fn start_extended(
                 );
             }
             // A fresh Adam warms up anew; earlier lr drops are over.
-            let fresh = SaeTrainer::new(sae, cfg.hyper());
+            let fresh = SaeTrainer::new(sae, cfg.hyper(r));
             // The controller goes on from where the run ended (its summary keeps it).
             (
                 fresh,

@@ -37,7 +37,7 @@ fn cfg(acts: &Path, out: &Path, arch: ArchKind, target: Option<f64>) -> TrainCon
         lr: Some(3e-3),
         // With the default 0.001 almost no pre-activation of this small set lies within a
         // bandwidth of a threshold, so no coefficient moves JumpReLU's L0 in 2000 steps.
-        jumprelu_bandwidth: 0.05,
+        jumprelu_bandwidth: (arch == ArchKind::JUMPRELU).then_some(0.05),
         ..common::small_cfg(acts, out, 64)
     }
 }

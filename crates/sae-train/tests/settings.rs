@@ -49,13 +49,19 @@ fn bad_configs() -> Vec<(TrainConfig, &'static str)> {
         (c(|c| c.adam_eps = -1e-8), "--adam-eps"),
         (c(|c| c.adam_eps = f32::NAN), "--adam-eps"),
         (c(|c| c.adam_eps = 0.0), "--adam-eps"),
-        (c(|c| c.jumprelu_bandwidth = 0.0), "--jumprelu-bandwidth"),
-        (c(|c| c.jumprelu_bandwidth = -1.0), "--jumprelu-bandwidth"),
+        (
+            c(|c| c.jumprelu_bandwidth = Some(0.0)),
+            "--jumprelu-bandwidth",
+        ),
+        (
+            c(|c| c.jumprelu_bandwidth = Some(-1.0)),
+            "--jumprelu-bandwidth",
+        ),
         (c(|c| c.init_sample = 0), "--init-sample"),
         (c(|c| c.l1 = Some(f32::NAN)), "--l1"),
         (c(|c| c.l1 = Some(-1.0)), "--l1"),
-        (c(|c| c.aux_coeff = -1.0), "--aux-coeff"),
-        (c(|c| c.aux_coeff = f32::NAN), "--aux-coeff"),
+        (c(|c| c.aux_coeff = Some(-1.0)), "--aux-coeff"),
+        (c(|c| c.aux_coeff = Some(f32::NAN)), "--aux-coeff"),
         (c(|c| c.lr = Some(-1.0)), "--lr"),
         (c(|c| c.lr = Some(0.0)), "--lr"),
         (c(|c| c.lr = Some(f32::INFINITY)), "--lr"),
@@ -75,7 +81,7 @@ fn bad_configs() -> Vec<(TrainConfig, &'static str)> {
         (c(|c| c.buffer_rows = 0), "--buffer-rows"),
         (c(|c| c.out = PathBuf::from("/")), "--out"),
         (
-            c(|c| c.relu_decoder_norm_l1 = true),
+            c(|c| c.relu_decoder_norm_l1 = Some(true)),
             "--relu-decoder-norm-l1",
         ),
     ]
@@ -118,7 +124,7 @@ fn range_checks_need_data_sizes_in_resolve() {
     );
     let e = resolve(
         &TrainConfig {
-            k_aux: 17,
+            k_aux: Some(17),
             k: 4,
             ..topk
         },

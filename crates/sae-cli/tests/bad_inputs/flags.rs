@@ -453,12 +453,16 @@ fn family_options_are_checked_before_any_work() {
                 "--arch-opt",
                 "width=4,16",
             ],
-            &["--arch-opt", "one of widths for --arch matryoshka", "width"],
+            &[
+                "--arch-opt",
+                "one of widths, k_aux, aux_coeff for --arch matryoshka",
+                "width",
+            ],
         ),
         (
             "opt-other-family",
-            &["--arch", "topk", "--k", "2", "--arch-opt", "widths=4,16"],
-            &["--arch-opt", "topk has no options of its own"],
+            &["--arch", "mp", "--k", "2", "--arch-opt", "widths=4,16"],
+            &["--arch-opt", "mp has no options of its own"],
         ),
         (
             "opt-no-value",

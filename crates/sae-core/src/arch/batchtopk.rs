@@ -2,16 +2,17 @@
 //! batch, AuxK as TopK. At inference a single threshold (estimated during training by the
 //! trainer, an EMA of each batch's selection threshold) gives JumpReLU behaviour.
 
-use super::topk::{auxk_backward, k_aux, push_auxk, topk_lr};
+use super::topk::{auxk_backward, auxk_train_opts, push_auxk, topk_lr, AuxKOpts, AUXK_OPTIONS};
 use super::{
     candidates, encode_jumprelu_row, loosen, validate_threshold, Arch, ArchKind,
     AuxMode, Entry, EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx,
-    Stored,
+    Stored, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
 use crate::trainer::TrainHyper;
 use rayon::prelude::*;
+use std::collections::BTreeMap;
 
 /// The BatchTopK family; saved as SAELens saves it for inference, a `jumprelu` SAE whose
 /// threshold is the estimated global threshold.
@@ -77,6 +78,16 @@ impl Family for BatchTopK {
     fn reads_decoder_norm_rescale(&self) -> bool {
         true
     }
+    fn train_options(&self) -> &'static [TrainOption] {
+        AUXK_OPTIONS
+    }
+    fn train_opts(
+        &self,
+        d_sae: usize,
+        opts: &BTreeMap<String, String>,
+    ) -> Result<TrainOpts, String> {
+        auxk_train_opts(d_sae, opts)
+    }
     fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
         validate_threshold(sae, "threshold")
     }
@@ -87,12 +98,7 @@ impl Family for BatchTopK {
         Some(encode_batch_top_k(sae, x, n))
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
-        Box::new(BatchTopKRule {
-            kind: ArchKind::BATCHTOPK,
-            k: sae.k(),
-            k_aux: k_aux(hyper, sae.d_in),
-            heads: Vec::new(),
-        })
+        Box::new(BatchTopKRule::new(ArchKind::BATCHTOPK, sae, hyper, Vec::new()))
     }
 }
 
@@ -101,8 +107,23 @@ pub struct BatchTopKRule {
     pub kind: ArchKind,
     pub k: usize,
     pub k_aux: usize,
+    pub aux_coeff: f32,
     /// Prefix widths whose reconstructions the loss sums (empty: the whole dictionary).
     pub heads: Vec<usize>,
+}
+
+impl BatchTopKRule {
+    /// The rule of `sae` for family `kind`, with the run's AuxK options.
+    pub(crate) fn new(kind: ArchKind, sae: &Sae, hyper: &TrainHyper, heads: Vec<usize>) -> Self {
+        let aux = AuxKOpts::of(hyper);
+        BatchTopKRule {
+            kind,
+            k: sae.k(),
+            k_aux: aux.k_aux(sae.d_in),
+            aux_coeff: aux.aux_coeff,
+            heads,
+        }
+    }
 }
 
 impl Arch for BatchTopKRule {
@@ -129,6 +150,9 @@ impl Arch for BatchTopKRule {
     }
     fn aux_mode(&self) -> AuxMode {
         AuxMode::AuxK
+    }
+    fn aux_coeff(&self) -> f32 {
+        self.aux_coeff
     }
 
     /// The (k*B)-th largest positive `pre + b_enc` of the batch; entries `>=` it are kept

@@ -3,11 +3,13 @@
 //! threshold. theta is stored as `log_threshold` (positive by construction).
 
 use super::{
-    candidates, encode_jumprelu_row, loosen, validate_threshold, Arch, ArchKind, AuxMode, Entry,
-    EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored,
+    candidates, encode_jumprelu_row, loosen, parse_train_opts, train_opts_from, train_opts_of,
+    validate_threshold, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
+    OptValue, RowCode, RowOut, Sparsity, StepCtx, Stored, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
+use std::collections::BTreeMap;
 
 /// The JumpReLU family.
 pub struct JumpRelu;
@@ -23,6 +25,28 @@ impl ArchKind {
 pub struct JumpReluRule {
     pub bandwidth: f32,
 }
+
+/// JumpReLU's training options.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct JumpReluOpts {
+    /// Width of the straight-through estimators' rectangle kernel.
+    pub bandwidth: f32,
+}
+
+impl Default for JumpReluOpts {
+    /// The JumpReLU paper's 0.001, for inputs of unit mean squared norm.
+    fn default() -> Self {
+        JumpReluOpts { bandwidth: 0.001 }
+    }
+}
+
+const OPTIONS: &[TrainOption] = &[TrainOption {
+    name: "bandwidth",
+    value: OptValue::Number,
+    help: "width of the straight-through estimators' rectangle kernel around each threshold, \
+           > 0 (default 0.001, the paper's for inputs of unit mean squared norm)",
+}];
 
 impl Family for JumpRelu {
     fn name(&self) -> &'static str {
@@ -69,6 +93,23 @@ impl Family for JumpRelu {
     fn default_sparsity_warmup(&self, steps: u64, _hyper: &TrainHyper) -> u64 {
         (steps / 10).min(10_000)
     }
+    fn train_options(&self) -> &'static [TrainOption] {
+        OPTIONS
+    }
+    fn train_opts(
+        &self,
+        _d_sae: usize,
+        opts: &BTreeMap<String, String>,
+    ) -> Result<TrainOpts, String> {
+        let o: JumpReluOpts = parse_train_opts(OPTIONS, opts)?;
+        if o.bandwidth <= 0.0 {
+            return Err(format!(
+                "bandwidth = {}; the kernel width must be > 0 (default 0.001)",
+                o.bandwidth
+            ));
+        }
+        Ok(train_opts_from(&o))
+    }
     fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
         validate_threshold(sae, "threshold")
     }
@@ -79,8 +120,9 @@ impl Family for JumpRelu {
         sae.param_mut("threshold").fill(cutoff);
     }
     fn rule(&self, _sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
+        let o: JumpReluOpts = train_opts_of(hyper);
         Box::new(JumpReluRule {
-            bandwidth: hyper.jumprelu_bandwidth,
+            bandwidth: o.bandwidth,
         })
     }
 }

@@ -7,10 +7,10 @@
 //! Inference is BatchTopK's: a global threshold, saved as a SAELens `jumprelu` SAE.
 
 use super::batchtopk::{encode_batch_top_k, threshold_stored_as, BatchTopKRule, B_ENC_THRESHOLD};
-use super::topk::{k_aux, topk_lr};
+use super::topk::{auxk_train_opts, topk_lr, AUXK_OPTIONS};
 use super::{
     encode_jumprelu_row, validate_k, validate_threshold, Arch, ArchKind, Family, LatentParam,
-    OptionSpec, RowCode, Settings, Sparsity, Stored,
+    OptionSpec, RowCode, Settings, Sparsity, Stored, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
@@ -107,6 +107,16 @@ impl Family for Matryoshka {
     fn reads_decoder_norm_rescale(&self) -> bool {
         true
     }
+    fn train_options(&self) -> &'static [TrainOption] {
+        AUXK_OPTIONS
+    }
+    fn train_opts(
+        &self,
+        d_sae: usize,
+        opts: &BTreeMap<String, String>,
+    ) -> Result<TrainOpts, String> {
+        auxk_train_opts(d_sae, opts)
+    }
     fn options(&self) -> &'static [OptionSpec] {
         &[OptionSpec {
             name: WIDTHS,
@@ -162,11 +172,11 @@ impl Family for Matryoshka {
         Some(encode_batch_top_k(sae, x, n))
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
-        Box::new(BatchTopKRule {
-            kind: ArchKind::MATRYOSHKA,
-            k: sae.k(),
-            k_aux: k_aux(hyper, sae.d_in),
-            heads: widths_of(&sae.settings).unwrap_or_else(|| vec![sae.d_sae]),
-        })
+        Box::new(BatchTopKRule::new(
+            ArchKind::MATRYOSHKA,
+            sae,
+            hyper,
+            widths_of(&sae.settings).unwrap_or_else(|| vec![sae.d_sae]),
+        ))
     }
 }

@@ -89,6 +89,102 @@ pub struct OptionSpec {
     pub help: &'static str,
 }
 
+/// A family's training options, resolved (defaults filled in), by name: the family's own small
+/// serde struct as JSON, carried by [`TrainHyper::arch_opts`]. They shape training only, so
+/// unlike [`Settings`] they are not saved with the SAE.
+pub type TrainOpts = BTreeMap<String, serde_json::Value>;
+
+/// What the text of a training option holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptValue {
+    /// A whole number >= 0.
+    Count,
+    /// A finite number (parsed as f32 directly, so `x=0.05` gives the bits of `0.05f32`).
+    Number,
+    /// `true` or `false`.
+    Flag,
+}
+
+/// One training option of a family (`--arch-opt name=value`), not saved with the SAE.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainOption {
+    pub name: &'static str,
+    pub value: OptValue,
+    pub help: &'static str,
+}
+
+impl TrainOption {
+    /// The option's JSON value from its text; the error names the option and what to write.
+    pub fn parse(&self, text: &str) -> Result<serde_json::Value, String> {
+        let (name, text) = (self.name, text.trim());
+        match self.value {
+            OptValue::Count => text
+                .parse::<u64>()
+                .map(serde_json::Value::from)
+                .map_err(|_| {
+                    format!("{name}: '{text}' is not a whole number >= 0; write e.g. {name}=64")
+                }),
+            OptValue::Number => match text.parse::<f32>() {
+                Ok(v) if v.is_finite() => Ok(serde_json::Value::from(v)),
+                _ => Err(format!(
+                    "{name}: '{text}' is not a finite number; write e.g. {name}=0.05"
+                )),
+            },
+            OptValue::Flag => text
+                .parse::<bool>()
+                .map(serde_json::Value::from)
+                .map_err(|_| {
+                    format!(
+                        "{name}: '{text}' is not true or false; write {name}=true or {name}=false"
+                    )
+                }),
+        }
+    }
+}
+
+/// `T` with the options of `specs` that `given` holds set from their text, the rest at
+/// `T`'s defaults (keys of `given` outside `specs` are left to the caller).
+pub(crate) fn parse_train_opts<T>(
+    specs: &[TrainOption],
+    given: &BTreeMap<String, String>,
+) -> Result<T, String>
+where
+    T: Default + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let mut opts = train_opts_from(&T::default());
+    for spec in specs {
+        if let Some(text) = given.get(spec.name) {
+            opts.insert(spec.name.to_string(), spec.parse(text)?);
+        }
+    }
+    serde_json::from_value(serde_json::Value::Object(opts.into_iter().collect()))
+        .map_err(|e| format!("training options: {e}"))
+}
+
+/// The JSON form of a family's options struct.
+pub(crate) fn train_opts_from<T: serde::Serialize>(opts: &T) -> TrainOpts {
+    match serde_json::to_value(opts) {
+        Ok(serde_json::Value::Object(map)) => map.into_iter().collect(),
+        _ => TrainOpts::new(),
+    }
+}
+
+/// A family's options struct from `hyper.arch_opts` (defaults for the missing ones; keys of
+/// other families are ignored). `arch_opts` comes from [`Family::train_opts`], which checked
+/// it; a value of the wrong type is a programming error of the caller that built it.
+pub(crate) fn train_opts_of<T>(hyper: &TrainHyper) -> T
+where
+    T: Default + serde::de::DeserializeOwned,
+{
+    if hyper.arch_opts.is_empty() {
+        return T::default();
+    }
+    let map = hyper.arch_opts.clone().into_iter().collect();
+    serde_json::from_value(serde_json::Value::Object(map)).unwrap_or_else(|e| {
+        panic!("TrainHyper::arch_opts does not fit the family's options ({e}); build them with Family::train_opts")
+    })
+}
+
 /// Everything about one SAE family except its training rule's arithmetic.
 pub trait Family: Send + Sync + 'static {
     /// Our name: the `--arch` value and `sae_core.architecture` in cfg.json.
@@ -152,15 +248,19 @@ pub trait Family: Send + Sync + 'static {
             Sparsity::Penalty { .. } => Settings::new(),
         })
     }
-    /// Training options that only this family may set (e.g. relu's decoder-norm L1).
-    fn check_hyper(&self, hyper: &TrainHyper) -> Result<(), (&'static str, String)> {
-        if hyper.relu_decoder_norm_l1 {
-            return Err((
-                "relu_decoder_norm_l1",
-                "false unless --arch relu (it changes only the relu loss)".into(),
-            ));
-        }
-        Ok(())
+    /// The training options of `--arch-opt` (read by the rule, not saved with the SAE).
+    fn train_options(&self) -> &'static [TrainOption] {
+        &[]
+    }
+    /// The resolved training options (every one of `train_options`, defaults filled in)
+    /// from `--arch-opt` values; keys that are not training options are ignored. Errors name
+    /// the option and what it should be.
+    fn train_opts(
+        &self,
+        _d_sae: usize,
+        _opts: &BTreeMap<String, String>,
+    ) -> Result<TrainOpts, String> {
+        Ok(TrainOpts::new())
     }
     /// Checks of the settings against the sizes (k in range, prefix widths, ...); reads no
     /// tensor.
@@ -532,6 +632,11 @@ pub trait Arch: Send + Sync {
         &[]
     }
     fn aux_mode(&self) -> AuxMode;
+    /// The AuxK loss coefficient (`AuxMode::AuxK`): the family's `aux_coeff` option, 1/32 by
+    /// default.
+    fn aux_coeff(&self) -> f32 {
+        topk::AuxKOpts::default().aux_coeff
+    }
     /// Rules whose encoder selects against the residual (matching pursuit) return their
     /// selection here; the trainer then runs its pursuit step instead of `select_row` and
     /// `entry_backward`.

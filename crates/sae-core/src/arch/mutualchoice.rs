@@ -8,14 +8,16 @@
 //! SAELens `jumprelu` SAE.
 
 use super::batchtopk::{encode_batch_top_k, threshold_stored_as, BatchTopKRule, B_ENC_THRESHOLD};
-use super::topk::{k_aux, topk_lr};
+use super::topk::{auxk_train_opts, topk_lr, AUXK_OPTIONS};
 use super::{
     encode_jumprelu_row, validate_threshold, Arch, ArchKind, AuxMode, Entry,
-    EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored,
+    EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored, TrainOption,
+    TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
 use crate::trainer::TrainHyper;
+use std::collections::BTreeMap;
 
 /// The Mutual Choice family.
 pub struct MutualChoice;
@@ -60,6 +62,16 @@ impl Family for MutualChoice {
     fn reads_decoder_norm_rescale(&self) -> bool {
         true
     }
+    fn train_options(&self) -> &'static [TrainOption] {
+        AUXK_OPTIONS
+    }
+    fn train_opts(
+        &self,
+        d_sae: usize,
+        opts: &BTreeMap<String, String>,
+    ) -> Result<TrainOpts, String> {
+        auxk_train_opts(d_sae, opts)
+    }
     fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
         validate_threshold(sae, "threshold")
     }
@@ -71,12 +83,7 @@ impl Family for MutualChoice {
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
         Box::new(MutualChoiceRule {
-            batch: BatchTopKRule {
-                kind: ArchKind::MUTUALCHOICE,
-                k: sae.k(),
-                k_aux: k_aux(hyper, sae.d_in),
-                heads: Vec::new(),
-            },
+            batch: BatchTopKRule::new(ArchKind::MUTUALCHOICE, sae, hyper, Vec::new()),
         })
     }
 }
@@ -131,6 +138,9 @@ impl Arch for MutualChoiceRule {
     }
     fn aux_mode(&self) -> AuxMode {
         AuxMode::AuxK
+    }
+    fn aux_coeff(&self) -> f32 {
+        self.batch.aux_coeff
     }
     fn aux_latents(&self, since_fired: &[u64], hyper: &TrainHyper, out: &mut Vec<u32>) {
         *out = zipf_aux_latents(self.batch.k, since_fired, hyper.dead_window_tokens);

@@ -3,11 +3,13 @@
 //! norm constraint.
 
 use super::{
-    candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam, RowCode,
-    RowOut, Sparsity, StepCtx,
+    candidates, loosen, parse_train_opts, train_opts_from, train_opts_of, Arch, ArchKind,
+    AuxMode, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut, Sparsity, StepCtx,
+    TrainOption, TrainOpts,
 };
 use crate::sae::Sae;
 use crate::trainer::TrainHyper;
+use std::collections::BTreeMap;
 
 /// The ReLU + L1 family (SAELens "standard").
 pub struct Relu;
@@ -23,6 +25,21 @@ impl ArchKind {
 pub struct ReluRule {
     pub decoder_norm_l1: bool,
 }
+
+/// ReLU's training options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ReluOpts {
+    /// The April-update recipe: L1 weighted by the decoder row norms, no unit-norm constraint.
+    pub decoder_norm_l1: bool,
+}
+
+const OPTIONS: &[TrainOption] = &[TrainOption {
+    name: "decoder_norm_l1",
+    value: OptValue::Flag,
+    help: "true: Anthropic's April 2024 update, L1 weighted by the decoder row norms and no \
+           unit-norm constraint; its L1 warms up over 5% of the steps (default false)",
+}];
 
 impl Family for Relu {
     fn name(&self) -> &'static str {
@@ -51,7 +68,7 @@ impl Family for Relu {
     }
     /// The April-update recipe warms its L1 up over the first 5% of steps.
     fn default_sparsity_warmup(&self, steps: u64, hyper: &TrainHyper) -> u64 {
-        if hyper.relu_decoder_norm_l1 {
+        if train_opts_of::<ReluOpts>(hyper).decoder_norm_l1 {
             steps / 20
         } else {
             0
@@ -60,8 +77,15 @@ impl Family for Relu {
     fn resamplable(&self) -> bool {
         true
     }
-    fn check_hyper(&self, _hyper: &TrainHyper) -> Result<(), (&'static str, String)> {
-        Ok(())
+    fn train_options(&self) -> &'static [TrainOption] {
+        OPTIONS
+    }
+    fn train_opts(
+        &self,
+        _d_sae: usize,
+        opts: &BTreeMap<String, String>,
+    ) -> Result<TrainOpts, String> {
+        Ok(train_opts_from(&parse_train_opts::<ReluOpts>(OPTIONS, opts)?))
     }
     fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode) {
         let b_enc = sae.param("b_enc");
@@ -74,7 +98,7 @@ impl Family for Relu {
     }
     fn rule(&self, _sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
         Box::new(ReluRule {
-            decoder_norm_l1: hyper.relu_decoder_norm_l1,
+            decoder_norm_l1: train_opts_of::<ReluOpts>(hyper).decoder_norm_l1,
         })
     }
 }

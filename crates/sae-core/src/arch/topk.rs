@@ -2,11 +2,13 @@
 //! plus AuxK: the top `k_aux` dead latents reconstruct the (detached) residual.
 
 use super::{
-    loosen, top_k_into, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
-    RowCode, RowOut, Sparsity, StepCtx,
+    loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch, ArchKind,
+    AuxMode, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut, Sparsity, StepCtx,
+    TrainOption, TrainOpts,
 };
 use crate::sae::Sae;
 use crate::trainer::TrainHyper;
+use std::collections::BTreeMap;
 
 /// The TopK family.
 pub struct TopK;
@@ -22,15 +24,80 @@ impl ArchKind {
 pub struct TopKRule {
     pub k: usize,
     pub k_aux: usize,
+    pub aux_coeff: f32,
 }
 
-/// AuxK's k_aux for a run: the option, or d_in / 2 (DL's top_k default).
-pub(crate) fn k_aux(hyper: &TrainHyper, d_in: usize) -> usize {
-    if hyper.k_aux == 0 {
-        d_in / 2
-    } else {
-        hyper.k_aux
+/// The training options of the families with the AuxK loss (topk and those that reuse its
+/// loss: batchtopk, matryoshka, mutualchoice, vsae).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AuxKOpts {
+    /// Latents per token in the auxiliary reconstruction; 0 means d_in / 2 (DL's top_k
+    /// default).
+    pub k_aux: usize,
+    /// The AuxK loss coefficient.
+    pub aux_coeff: f32,
+}
+
+impl Default for AuxKOpts {
+    /// Gao et al.: coefficient 1/32; k_aux d_in / 2 as their reference code.
+    fn default() -> Self {
+        AuxKOpts {
+            k_aux: 0,
+            aux_coeff: 1.0 / 32.0,
+        }
     }
+}
+
+/// `--arch-opt` options of the AuxK families.
+pub(crate) const AUXK_OPTIONS: &[TrainOption] = &[
+    TrainOption {
+        name: "k_aux",
+        value: OptValue::Count,
+        help: "latents per token in the AuxK reconstruction of the residual, at most d_sae \
+               (default 0: d_in / 2)",
+    },
+    TrainOption {
+        name: "aux_coeff",
+        value: OptValue::Number,
+        help: "coefficient of the AuxK loss, >= 0 (default 1/32; 0: no AuxK loss)",
+    },
+];
+
+impl AuxKOpts {
+    /// The options of a run (defaults where `hyper` has none).
+    pub(crate) fn of(hyper: &TrainHyper) -> Self {
+        train_opts_of(hyper)
+    }
+    /// k_aux for inputs of width `d_in`.
+    pub(crate) fn k_aux(&self, d_in: usize) -> usize {
+        if self.k_aux == 0 {
+            d_in / 2
+        } else {
+            self.k_aux
+        }
+    }
+}
+
+/// `Family::train_opts` of the AuxK families.
+pub(crate) fn auxk_train_opts(
+    d_sae: usize,
+    opts: &BTreeMap<String, String>,
+) -> Result<TrainOpts, String> {
+    let o: AuxKOpts = parse_train_opts(AUXK_OPTIONS, opts)?;
+    if o.aux_coeff < 0.0 {
+        return Err(format!(
+            "aux_coeff = {}; the AuxK coefficient must be >= 0 (0: no AuxK loss; default 1/32)",
+            o.aux_coeff
+        ));
+    }
+    if o.k_aux > d_sae {
+        return Err(format!(
+            "k_aux = {} is more than d_sae = {d_sae}; give at most d_sae (0 = d_in / 2)",
+            o.k_aux
+        ));
+    }
+    Ok(train_opts_from(&o))
 }
 
 /// The OpenAI TopK lr rule: 2e-4 at 16k latents, scaled by 1/sqrt(d_sae / 16384).
@@ -68,6 +135,16 @@ impl Family for TopK {
     fn reads_decoder_norm_rescale(&self) -> bool {
         true
     }
+    fn train_options(&self) -> &'static [TrainOption] {
+        AUXK_OPTIONS
+    }
+    fn train_opts(
+        &self,
+        d_sae: usize,
+        opts: &BTreeMap<String, String>,
+    ) -> Result<TrainOpts, String> {
+        auxk_train_opts(d_sae, opts)
+    }
     fn saelens_cfg(&self, sae: &Sae, cfg: &mut serde_json::Map<String, serde_json::Value>) {
         cfg.insert("k".into(), serde_json::json!(sae.k()));
         // Our TopK picks the k largest raw pre-activations.
@@ -88,9 +165,11 @@ impl Family for TopK {
         out.scratch = scratch;
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
+        let aux = AuxKOpts::of(hyper);
         Box::new(TopKRule {
             k: sae.k(),
-            k_aux: k_aux(hyper, sae.d_in),
+            k_aux: aux.k_aux(sae.d_in),
+            aux_coeff: aux.aux_coeff,
         })
     }
 }
@@ -104,6 +183,9 @@ impl Arch for TopKRule {
     }
     fn aux_mode(&self) -> AuxMode {
         AuxMode::AuxK
+    }
+    fn aux_coeff(&self) -> f32 {
+        self.aux_coeff
     }
 
     /// A value that most rows' k-th largest `pre + b_enc` exceeds, from a sample of rows:

@@ -12,10 +12,10 @@
 //! Inference uses the mean, no noise: the k largest `mu` with ReLU, exactly TopK, so files are
 //! SAELens `topk` SAEs (SAELens' TopK also applies ReLU to the kept values).
 
-use super::topk::{k_aux, topk_lr, TopK, TopKRule, B_ENC_ONLY};
+use super::topk::{auxk_train_opts, topk_lr, AuxKOpts, TopK, TopKRule, AUXK_OPTIONS, B_ENC_ONLY};
 use super::{
     validate_k, Arch, ArchKind, AuxMode, DensePenalty, Entry, EntryGrad, Family, LatentParam,
-    OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx,
+    OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
@@ -82,6 +82,16 @@ impl Family for Vsae {
     fn reads_decoder_norm_rescale(&self) -> bool {
         true
     }
+    fn train_options(&self) -> &'static [TrainOption] {
+        AUXK_OPTIONS
+    }
+    fn train_opts(
+        &self,
+        d_sae: usize,
+        opts: &BTreeMap<String, String>,
+    ) -> Result<TrainOpts, String> {
+        auxk_train_opts(d_sae, opts)
+    }
     fn options(&self) -> &'static [OptionSpec] {
         &[OptionSpec {
             name: BETA,
@@ -137,10 +147,12 @@ impl Family for Vsae {
             .or_insert(json!(DEFAULT_BETA));
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
+        let aux = AuxKOpts::of(hyper);
         Box::new(VsaeRule {
             topk: TopKRule {
                 k: sae.k(),
-                k_aux: k_aux(hyper, sae.d_in),
+                k_aux: aux.k_aux(sae.d_in),
+                aux_coeff: aux.aux_coeff,
             },
             beta: beta_of(&sae.settings).unwrap_or(DEFAULT_BETA) as f32,
         })
@@ -162,6 +174,9 @@ impl Arch for VsaeRule {
     }
     fn aux_mode(&self) -> AuxMode {
         AuxMode::AuxK
+    }
+    fn aux_coeff(&self) -> f32 {
+        self.topk.aux_coeff
     }
     fn pre_noise(&self) -> Option<f32> {
         Some(NOISE_STD)

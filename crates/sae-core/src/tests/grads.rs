@@ -2,14 +2,19 @@
 
 use super::reference::{grads, loss, RefCfg, RefParams};
 use super::{randn, random_sae};
+use crate::arch::topk::AuxKOpts;
+use crate::arch::TrainOpts;
 use crate::{ArchKind, SaeTrainer, TrainHyper};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde_json::json;
 
 const D_IN: usize = 8;
 const D_SAE: usize = 20;
 const N: usize = 12;
 const K: usize = 4;
+/// JumpReLU's kernel width in these tests: wide, so that some entries fall inside it.
+const BANDWIDTH: f32 = 0.3;
 
 fn to64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -28,12 +33,15 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 10);
     let x = randn(&mut rng, N * D_IN);
     let hyper = TrainHyper {
-        // A wide kernel so that some JumpReLU entries fall inside it.
-        jumprelu_bandwidth: 0.3,
         // Every latent counts as dead, so AuxK is exercised.
         dead_window_tokens: 0,
-        k_aux: 3,
-        relu_decoder_norm_l1: dnorm,
+        // A wide kernel so that some JumpReLU entries fall inside it; each family reads its
+        // own options.
+        arch_opts: TrainOpts::from([
+            ("bandwidth".to_string(), json!(BANDWIDTH)),
+            ("k_aux".to_string(), json!(3)),
+            ("decoder_norm_l1".to_string(), json!(dnorm)),
+        ]),
         seed: 99,
         ..TrainHyper::default()
     };
@@ -68,8 +76,8 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
             k: K,
             k_aux: 3,
             lambda: lambda as f64,
-            alpha: hyper.aux_coeff as f64,
-            bandwidth: hyper.jumprelu_bandwidth as f64,
+            alpha: AuxKOpts::default().aux_coeff as f64,
+            bandwidth: BANDWIDTH as f64,
             dnorm,
             apply_b_dec: sae.apply_b_dec_to_input,
             dead: (0..D_SAE).collect(),
@@ -303,7 +311,7 @@ fn dense_and_sparse_steps_agree() {
         let x = randn(&mut rng, N * D_IN);
         let hyper = TrainHyper {
             dead_window_tokens: 0,
-            jumprelu_bandwidth: 0.3,
+            arch_opts: TrainOpts::from([("bandwidth".to_string(), json!(BANDWIDTH))]),
             ..TrainHyper::default()
         };
         let run = |fraction: f64| {

@@ -83,7 +83,10 @@ fn decoder_norm_l1_variant_has_no_norm_constraint() {
     let (d_in, d_sae, n) = (16, 32, 128);
     let (x, _) = synthetic(n, d_in, 10, 4);
     let hyper = TrainHyper {
-        relu_decoder_norm_l1: true,
+        arch_opts: crate::arch::TrainOpts::from([(
+            "decoder_norm_l1".to_string(),
+            serde_json::json!(true),
+        )]),
         ..TrainHyper::default()
     };
     let mut tr = SaeTrainer::new(Sae::init(ArchKind::RELU, d_in, d_sae, 0, 1), hyper);

@@ -54,7 +54,7 @@ pub use resample::{Resampled, RESAMPLE_ENCODER_SCALE};
 
 use step::{Buffers, DENSE_FRACTION, THRESHOLD_EMA_BETA};
 
-use crate::arch::{Arch, ArchKind, Settings};
+use crate::arch::{Arch, ArchKind, Settings, TrainOpts};
 use crate::optim::Moments;
 use crate::sae::{Sae, SaeMeta};
 use rayon::prelude::*;
@@ -66,16 +66,12 @@ pub struct TrainHyper {
     pub adam_beta1: f32,
     pub adam_beta2: f32,
     pub adam_eps: f32,
-    /// TopK/BatchTopK: AuxK coefficient (1/32) and k_aux (0 means d_in / 2).
-    pub aux_coeff: f32,
-    pub k_aux: usize,
-    /// JumpReLU STE rectangle-kernel bandwidth.
-    pub jumprelu_bandwidth: f32,
     /// A latent is dead when it has not fired in this many tokens.
     pub dead_window_tokens: u64,
-    /// ReLU variant: Anthropic April-update decoder-norm-weighted L1 without the unit-norm
-    /// constraint.
-    pub relu_decoder_norm_l1: bool,
+    /// The family's own training options (AuxK's `k_aux`, JumpReLU's `bandwidth`, ...), from
+    /// `Family::train_opts`; the family's defaults for those missing.
+    #[serde(default)]
+    pub arch_opts: TrainOpts,
     /// Seeds the training-time noise of rules that add any (`Arch::pre_noise`), with the
     /// step and the row.
     #[serde(default)]
@@ -83,18 +79,15 @@ pub struct TrainHyper {
 }
 
 impl Default for TrainHyper {
-    /// The papers' values: Adam (0, 0.999) (Gated App D.1.1), eps 1e-8, AuxK 1/32 with
-    /// k_aux = d_in/2 (DL top_k), bandwidth 0.001 (JumpReLU paper), dead after 10M tokens (OAI).
+    /// The papers' values: Adam (0, 0.999) (Gated App D.1.1), eps 1e-8, dead after 10M tokens
+    /// (OAI); each family's own defaults.
     fn default() -> Self {
         TrainHyper {
             adam_beta1: 0.0,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
-            aux_coeff: 1.0 / 32.0,
-            k_aux: 0,
-            jumprelu_bandwidth: 0.001,
             dead_window_tokens: 10_000_000,
-            relu_decoder_norm_l1: false,
+            arch_opts: TrainOpts::new(),
             seed: 0,
         }
     }

@@ -670,7 +670,7 @@ impl SaeTrainer {
             AuxMode::AuxK => {
                 // Var(e) * n with e = -res: sum ||e||^2 - n ||mean e||^2.
                 let denom = err2 - full_sum.iter().map(|s| s * s).sum::<f64>() / nf;
-                let alpha = self.hyper.aux_coeff as f64;
+                let alpha = self.arch.aux_coeff() as f64;
                 if buf.dead.is_empty() || denom <= 0.0 || !denom.is_finite() {
                     (0.0, 0.0)
                 } else {
