@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use sae_core::arch::{Settings, Sparsity};
-use sae_core::{ArchKind, TrainHyper};
+use sae_core::{ArchKind, Precision, TrainHyper};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -108,6 +108,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Rayon threads (results are bit-for-bit reproducible for a given count); default all.
     pub threads: Option<usize>,
+    /// Precision of the encoder product: f32, or bf16 (a bf16 copy of W_enc times the
+    /// bf16-rounded inputs, f32 sums; weights, gradients and Adam stay f32).
+    pub precision: Precision,
     /// Rows of the final evaluation (sampled from the activations).
     pub eval_tokens: usize,
     /// Continue from the last checkpoint in `<out>.partial`.
@@ -171,6 +174,7 @@ impl Default for TrainConfig {
             log_every: 100,
             seed: 0,
             threads: None,
+            precision: Precision::F32,
             eval_tokens: 16_384,
             resume: false,
             extend: false,
@@ -361,6 +365,7 @@ impl TrainConfig {
             dead_window_tokens: self.dead_window_tokens,
             relu_decoder_norm_l1: self.relu_decoder_norm_l1,
             seed: self.seed,
+            precision: self.precision,
         }
     }
 

@@ -6,6 +6,7 @@
 mod harness;
 
 mod flags;
+mod mixprec;
 mod multihook;
 mod outputs;
 mod resample;
