@@ -323,6 +323,16 @@ impl TrainConfig {
         check_non_negative("aux_coeff", c.aux_coeff)?;
         check_positive("jumprelu_bandwidth", c.jumprelu_bandwidth)?;
         let family = c.arch.family();
+        if c.precision != Precision::F32 && !family.has_encoder_product() {
+            return Err(bad(
+                "precision",
+                &format!(
+                    "f32 for --arch {} (its pursuit step has no encoder product to run in bf16)",
+                    c.arch
+                ),
+                c.precision,
+            ));
+        }
         if let Err((field, rule)) = family.check_hyper(&c.hyper()) {
             return Err(bad(field, &rule, format!("true with --arch {}", c.arch)));
         }

@@ -67,6 +67,31 @@ fn unknown_precision() {
     assert!(!out.exists());
 }
 
+/// A family without an encoder product has nothing to run in bf16.
+#[test]
+fn bf16_for_a_pursuit_family() {
+    let dir = scratch("mixprec-mp");
+    let out = dir.join("run");
+    refused(
+        &train_args(
+            &out,
+            &[
+                "--steps",
+                "5",
+                "--arch",
+                "mp",
+                "--k",
+                "2",
+                "--precision",
+                "bf16",
+            ],
+        ),
+        &["--precision", "f32 for --arch mp", "got bf16"],
+        &[store(), &dir],
+    );
+    assert!(!out.exists());
+}
+
 #[test]
 fn config_file_with_an_unknown_precision() {
     let dir = scratch("mixprec-config");
