@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use sae_core::sae::SaeMeta;
-use sae_core::ArchKind;
+use sae_core::{ArchKind, Precision};
 use sae_eval::synthbench::{evaluate_on_rows, SynthMetrics};
 use sae_output::{check_output, OutputKind, OutputLock, Progress};
 use sae_store::synthbench::{SparseActs, SynthBench, SynthBenchConfig, PRESET_16K};
@@ -64,6 +64,9 @@ pub struct SynthBenchArgs {
     pub ortho_steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Encoder product of every SAE's training: f32 or bf16 (`sae train --precision`).
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    pub precision: Precision,
     /// Generate each SAE's training rows while it trains (no memory for them, but every SAE
     /// waits on the generator) instead of once, in memory, for all SAEs.
     #[arg(long)]
@@ -73,6 +76,10 @@ pub struct SynthBenchArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub quiet: bool,
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    s.parse()
 }
 
 fn parse_count(s: &str) -> Result<u64, String> {
@@ -574,6 +581,7 @@ fn run_config(a: &SynthBenchArgs, run: &Run, d_in: usize, samples: u64) -> Resul
         eval_tokens: 4096,
         checkpoint_every: 0,
         seed: a.seed,
+        precision: a.precision,
         // The runs directory belongs to this benchmark output, checked above.
         overwrite: true,
         quiet: a.quiet,
@@ -970,6 +978,7 @@ mod refusals {
             eval_samples: 1000,
             ortho_steps: None,
             seed: 0,
+            precision: Precision::F32,
             stream,
             out: out.to_path_buf(),
             quiet: true,

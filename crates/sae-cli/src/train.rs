@@ -229,6 +229,9 @@ pub struct BenchArgs {
     /// Active latents per token the benchmark SAEs are set up for (k of topk).
     #[arg(long, default_value_t = sae_core::bench::BENCH_L0)]
     pub l0: usize,
+    /// Encoder product in f32 or bf16 (as `sae train --precision`).
+    #[arg(long, default_value = "f32", value_parser = |s: &str| s.parse::<sae_core::Precision>())]
+    pub precision: sae_core::Precision,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -245,16 +248,26 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("--d-sae, --d-in, --batch and --l0 must be positive");
     }
     println!(
-        "sae bench: d_in {}, batch {}, L0 about {}, {} timed steps, {} threads",
+        "sae bench: d_in {}, batch {}, L0 about {}, {} timed steps, {} threads, {} encoder product",
         a.d_in,
         a.batch,
         a.l0,
         a.steps,
-        rayon_threads()
+        rayon_threads(),
+        a.precision
     );
     println!("{}", sae_core::bench::BenchRow::header());
     for &d_sae in &a.d_sae {
-        for row in sae_core::bench::run_bench(&archs, &[d_sae], a.d_in, a.batch, a.steps, a.l0) {
+        let rows = sae_core::bench::run_bench_in(
+            &archs,
+            &[d_sae],
+            a.d_in,
+            a.batch,
+            a.steps,
+            a.l0,
+            a.precision,
+        );
+        for row in rows {
             println!("{row}");
         }
     }

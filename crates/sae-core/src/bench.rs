@@ -1,7 +1,8 @@
 //! Training-throughput benchmark: full steps vs the one-GEMM limit, same threads, same run.
 
+use crate::bf16::EncoderBf16;
 use crate::kernels::matmul_xt;
-use crate::{ArchKind, Sae, SaeTrainer, TrainHyper};
+use crate::{ArchKind, Precision, Sae, SaeTrainer, TrainHyper};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -20,12 +21,14 @@ pub struct BenchRow {
     pub batch: usize,
     /// Median tokens/s of full training steps.
     pub tokens_per_s: f64,
-    /// Median tokens/s of the dense encoder product alone (the one-GEMM limit).
+    /// Median tokens/s of the dense encoder product alone (the one-GEMM limit), in the
+    /// steps' precision (bf16: the packing of W_enc included).
     pub limit_tokens_per_s: f64,
     pub ratio: f64,
     /// Mean L0 during the timed steps.
     pub l0: f64,
     pub threads: usize,
+    pub precision: Precision,
 }
 
 impl BenchRow {
@@ -83,6 +86,19 @@ pub fn run_bench(
     steps: usize,
     l0: usize,
 ) -> Vec<BenchRow> {
+    run_bench_in(archs, d_sae_list, d_in, batch, steps, l0, Precision::F32)
+}
+
+/// [`run_bench`] with the encoder product (of the steps and of the limit) in `precision`.
+pub fn run_bench_in(
+    archs: &[ArchKind],
+    d_sae_list: &[usize],
+    d_in: usize,
+    batch: usize,
+    steps: usize,
+    l0: usize,
+    precision: Precision,
+) -> Vec<BenchRow> {
     let steps = steps.max(1);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let n_batches = 3;
@@ -105,13 +121,21 @@ pub fn run_bench(
                 l0.clamp(1, d_sae),
                 &data[..batch.min(1024) * d_in],
             );
-            let mut trainer = SaeTrainer::new(sae, TrainHyper::default());
+            let hyper = TrainHyper {
+                precision,
+                ..TrainHyper::default()
+            };
+            let mut trainer = SaeTrainer::new(sae, hyper);
+            let mut enc_bf16 = EncoderBf16::default();
             let (mut times, mut gemm_times) = (Vec::new(), Vec::new());
             let mut l0_mean = 0.0;
             for s in 0..steps + 2 {
                 let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
                 let t0 = Instant::now();
-                matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out);
+                match precision {
+                    Precision::F32 => matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
+                    Precision::Bf16 => enc_bf16.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
+                }
                 let t1 = Instant::now();
                 let st = trainer.step(x, batch, 1e-5, 1e-3);
                 if s >= 2 {
@@ -132,6 +156,7 @@ pub fn run_bench(
                 ratio: tps / limit,
                 l0: l0_mean,
                 threads: rayon::current_num_threads(),
+                precision,
             });
         }
     }

@@ -22,6 +22,7 @@
 
 pub mod arch;
 pub mod bench;
+pub mod bf16;
 pub mod kernels;
 pub mod metrics;
 pub mod optim;
@@ -31,6 +32,7 @@ pub mod sparse;
 pub mod trainer;
 
 pub use arch::ArchKind;
+pub use bf16::Precision;
 pub use sae::Sae;
 pub use sparse::SparseCode;
 pub use trainer::{SaeTrainer, StepStats, TrainHyper};

@@ -1,6 +1,6 @@
 //! The model side of the pipeline: corpus -> tokenizer -> language model with hook points.
 
-pub mod bf16;
+pub use sae_core::bf16;
 pub mod corpus;
 pub mod fetch;
 pub mod gpt2;

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use sae_core::arch::{Settings, Sparsity, TrainOpts};
-use sae_core::{ArchKind, TrainHyper};
+use sae_core::{ArchKind, Precision, TrainHyper};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -110,6 +110,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Rayon threads (results are bit-for-bit reproducible for a given count); default all.
     pub threads: Option<usize>,
+    /// Precision of the encoder product: f32, or bf16 (a bf16 copy of W_enc times the
+    /// bf16-rounded inputs, f32 sums; weights, gradients and Adam stay f32).
+    pub precision: Precision,
     /// Rows of the final evaluation (sampled from the activations).
     pub eval_tokens: usize,
     /// Continue from the last checkpoint in `<out>.partial`.
@@ -173,6 +176,7 @@ impl Default for TrainConfig {
             log_every: 100,
             seed: 0,
             threads: None,
+            precision: Precision::F32,
             eval_tokens: 16_384,
             resume: false,
             extend: false,
@@ -364,6 +368,16 @@ impl TrainConfig {
         }
         c.check_option_aliases()?;
         let family = c.arch.family();
+        if c.precision != Precision::F32 && !family.has_encoder_product() {
+            return Err(bad(
+                "precision",
+                &format!(
+                    "f32 for --arch {} (its pursuit step has no encoder product to run in bf16)",
+                    c.arch
+                ),
+                c.precision,
+            ));
+        }
         let names: Vec<&str> = family
             .options()
             .iter()
@@ -404,6 +418,7 @@ impl TrainConfig {
             dead_window_tokens: self.dead_window_tokens,
             arch_opts,
             seed: self.seed,
+            precision: self.precision,
         }
     }
 

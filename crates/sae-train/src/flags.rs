@@ -8,8 +8,12 @@
 use crate::config::{BDecInit, BadSetting, TrainConfig};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use sae_core::ArchKind;
+use sae_core::{ArchKind, Precision};
 use std::path::PathBuf;
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    s.parse()
+}
 
 fn parse_arch(s: &str) -> Result<ArchKind, String> {
     s.parse::<ArchKind>().map_err(|e| e.to_string())
@@ -144,6 +148,10 @@ pub struct TrainFlags {
     pub seed: Option<u64>,
     #[arg(long, allow_negative_numbers = true)]
     pub threads: Option<usize>,
+    /// Encoder product in f32 [default] or bf16 (bf16 copy of W_enc, f32 sums and Adam;
+    /// fast with AVX512-BF16, slower than f32 without it).
+    #[arg(long, value_parser = parse_precision)]
+    pub precision: Option<Precision>,
     #[arg(long, allow_negative_numbers = true)]
     pub eval_tokens: Option<usize>,
     /// Continue from the last checkpoint of this --out.
@@ -240,6 +248,7 @@ impl TrainFlags {
             jumprelu_bandwidth,
             relu_decoder_norm_l1
         );
+        set!(precision);
         for opt in &self.arch_opt {
             let Some((name, value)) = opt.split_once('=') else {
                 bail!(

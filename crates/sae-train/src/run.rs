@@ -278,6 +278,12 @@ fn run_locked(
     // One writer per output; checked again under the lock, which the first check did not hold.
     let _lock = OutputLock::acquire(&cfg.out)?;
     check_out(cfg)?;
+    if cfg.precision == sae_core::Precision::Bf16 && !sae_core::bf16::available() && !cfg.quiet {
+        eprintln!(
+            "note: --precision bf16: this CPU has no AVX512-BF16, so the bf16 product runs \
+             widened to f32 (the same results, slower than --precision f32)"
+        );
+    }
     match (pool, cfg.threads) {
         (Some(pool), _) => pool.install(|| train(cfg, source, bars)),
         (None, Some(t)) => {
@@ -308,6 +314,7 @@ fn run_identity(cfg: &TrainConfig, r: &Resolved) -> serde_json::Value {
         "seed": cfg.seed, "normalize": cfg.normalize, "b_dec_init": cfg.b_dec_init,
         "adam_beta1": cfg.adam_beta1.to_string(), "adam_beta2": cfg.adam_beta2.to_string(),
         "adam_eps": cfg.adam_eps.to_string(),
+        "precision": cfg.precision,
         // The resolved values: a default and the same value given as a flag are one setting.
         "lr": r.lr.to_string(), "sparsity_coeff": r.sparsity_coeff.to_string(),
         // As given: the resolved warm-ups depend on the number of steps, which may change.

@@ -7,6 +7,7 @@ mod harness;
 
 mod flags;
 mod knobs;
+mod mixprec;
 mod multihook;
 mod outputs;
 mod resample;

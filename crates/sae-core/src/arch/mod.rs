@@ -223,6 +223,11 @@ pub trait Family: Send + Sync + 'static {
     fn default_sparsity_warmup(&self, _steps: u64, _hyper: &TrainHyper) -> u64 {
         0
     }
+    /// Whether training computes `(x - b_dec) W_enc`, the product `TrainHyper::precision`
+    /// sets (rules that pursue the residual do not).
+    fn has_encoder_product(&self) -> bool {
+        true
+    }
     /// Whether dead-latent resampling (Bricken et al.) applies to this family.
     fn resamplable(&self) -> bool {
         false

@@ -112,6 +112,9 @@ impl Family for MatchingPursuit {
     fn fold_activation_scale(&self, sae: &mut Sae, scale: f32) {
         sae.b_dec.iter_mut().for_each(|b| *b /= scale);
     }
+    fn has_encoder_product(&self) -> bool {
+        false
+    }
     fn rule(&self, sae: &Sae, _hyper: &TrainHyper) -> Box<dyn Arch> {
         Box::new(MpRule { k: sae.k() })
     }

@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 /// Sparse non-negative combinations of `n_feat` random unit directions (+ small noise).
-fn synthetic(n: usize, d_in: usize, n_feat: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn synthetic(n: usize, d_in: usize, n_feat: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     use rand::Rng;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut dirs = randn(&mut rng, n_feat * d_in);

@@ -5,6 +5,7 @@ mod files;
 mod grads;
 mod load_checks;
 mod misc;
+mod precision;
 mod reference;
 mod resample;
 

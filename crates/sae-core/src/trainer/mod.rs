@@ -16,7 +16,8 @@
 //! the caller can stop and keep its last checkpoint.
 //!
 //! # One step (`step.rs`, one method per phase)
-//! 1. `encode`: `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon).
+//! 1. `encode`: `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon;
+//!    or with `TrainHyper::precision` bf16, a bf16 copy of W_enc packed afresh each step).
 //!    Rules with a dense penalty (`Arch::dense_penalty`) then get its value and gradient on
 //!    every pre-activation, and rules with training noise (`Arch::pre_noise`) get the noise
 //!    added to `pre`, drawn from (seed, step, row) alone. The penalty's W_enc gradient is one
@@ -55,6 +56,7 @@ pub use resample::{Resampled, RESAMPLE_ENCODER_SCALE};
 use step::{Buffers, DENSE_FRACTION, THRESHOLD_EMA_BETA};
 
 use crate::arch::{Arch, ArchKind, Settings, TrainOpts};
+use crate::bf16::Precision;
 use crate::optim::Moments;
 use crate::sae::{Sae, SaeMeta};
 use rayon::prelude::*;
@@ -76,6 +78,9 @@ pub struct TrainHyper {
     /// step and the row.
     #[serde(default)]
     pub seed: u64,
+    /// Precision of the encoder product (`bf16::Precision`; f32 unless asked).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainHyper {
@@ -89,6 +94,7 @@ impl Default for TrainHyper {
             dead_window_tokens: 10_000_000,
             arch_opts: TrainOpts::new(),
             seed: 0,
+            precision: Precision::F32,
         }
     }
 }

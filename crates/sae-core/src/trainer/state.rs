@@ -59,6 +59,7 @@ impl SaeTrainer {
                 format!("{:e}", self.last_batch_threshold),
             ),
             ("adam_beta1", self.hyper.adam_beta1.to_string()),
+            ("precision", self.hyper.precision.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -92,8 +93,11 @@ impl SaeTrainer {
             ("d_sae", self.d_sae.to_string()),
             ("adam_beta1", self.hyper.adam_beta1.to_string()),
         ];
-        for (k, want) in expect {
-            let got = get(k)?;
+        // States saved before the precision was recorded were trained in f32.
+        let precision = meta.get("precision").map_or("f32", |p| p.as_str());
+        let expect_precision = [("precision", self.hyper.precision.to_string())];
+        for (k, want) in expect.into_iter().chain(expect_precision) {
+            let got = if k == "precision" { precision } else { get(k)? };
             if *got != want {
                 bail!(
                     "{}: optimiser state has {k} = {got} but the SAE being trained has {want}; \

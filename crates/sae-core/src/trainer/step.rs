@@ -5,6 +5,7 @@
 
 use super::{noise, Mode, SaeTrainer, StepStats};
 use crate::arch::{AfterStep, Arch, AuxMode, DensePenalty, Entry, RowOut, StepCtx};
+use crate::bf16::Precision;
 use crate::kernels::{
     acc2, acc3, axpy, axpy2, dot, dot2, matmul, matmul_tn, matmul_xt, prefetch_rows,
     split_by_lengths,
@@ -93,6 +94,8 @@ pub(super) struct Buffers {
     pen_parts: Vec<f64>,
     pen_colsum: Vec<f32>,
     pen_genc: Vec<f32>,
+    /// The bf16 copy of W_enc (`Precision::Bf16`).
+    enc_bf16: crate::bf16::EncoderBf16,
 }
 
 /// An entry as the latent pass reads it (sorted by latent).
@@ -300,7 +303,14 @@ impl SaeTrainer {
             buf.xc.copy_from_slice(x);
         }
         buf.pre.resize(n * d_sae, 0.0);
-        matmul_xt(&buf.xc, n, d_in, &self.w_enc_t, d_sae, &mut buf.pre);
+        match self.hyper.precision {
+            Precision::F32 => matmul_xt(&buf.xc, n, d_in, &self.w_enc_t, d_sae, &mut buf.pre),
+            Precision::Bf16 => {
+                let w = &self.w_enc_t;
+                buf.enc_bf16
+                    .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre)
+            }
+        }
     }
 
     /// Phase 1b: the rule's dense penalty on the (noise-free) pre-activations: per row its

@@ -1,0 +1,724 @@
+//! bf16 matrix products with f32 sums, for the LM forward (`--dtype bf16`) and the SAE
+//! encoder product (`--precision bf16`). Weights are rounded to bf16 and packed once per use
+//! (per load, or per training step); activations are rounded per product; sums stay f32.
+//!
+//! Two paths, picked at run time (`Bf16Path::best`) or forced (`matmul_on`, for tests):
+//! * `Avx512Bf16`: `vdpbf16ps`, 32 bf16 multiply-adds into 16 f32 sums per instruction.
+//! * `Widen`: the same packed operands widened to f32 (a shift) and summed in the same order,
+//!   compiled for AVX2+FMA where present, else plain. It runs on every CPU and gives the
+//!   `vdpbf16ps` bits (bf16 products are exact in f32, so each step is one rounding either
+//!   way; `paths_agree_bit_for_bit` checks it), so a bf16 run is reproducible across the
+//!   two kinds of machine. It is slower than the f32 `gemm` product: it exists for
+//!   correctness and reproducibility, not speed.
+//!
+//! Rounding is to nearest even with subnormals flushed to zero (`to_bf16`), which is what
+//! the AVX512-BF16 conversions and `vdpbf16ps` do; NaN stays NaN.
+//! There is no AMX path: none could be tested here.
+
+#![allow(clippy::too_many_arguments)]
+
+use rayon::prelude::*;
+
+/// Output columns per packed panel: three 16-lane registers.
+const NR: usize = 48;
+/// Rows per register tile (8 x 3 accumulators of the 32 registers).
+const MR: usize = 8;
+/// Rows per rayon task; its activation rows stay in L2 across the panels it visits.
+const ROW_BLOCK: usize = 64;
+
+/// How a bf16 product is computed (see the module notes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Path {
+    Avx512Bf16,
+    Widen,
+}
+
+impl Bf16Path {
+    /// The fastest path this CPU runs.
+    pub fn best() -> Self {
+        if available() {
+            Bf16Path::Avx512Bf16
+        } else {
+            Bf16Path::Widen
+        }
+    }
+
+    /// Every path this CPU runs, fastest first.
+    pub fn all_available() -> Vec<Self> {
+        [Bf16Path::Avx512Bf16, Bf16Path::Widen]
+            .into_iter()
+            .filter(|p| p.runs_here())
+            .collect()
+    }
+
+    pub fn runs_here(self) -> bool {
+        match self {
+            Bf16Path::Avx512Bf16 => available(),
+            Bf16Path::Widen => true,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Path::Avx512Bf16 => "avx512-bf16",
+            Bf16Path::Widen => "widened to f32",
+        }
+    }
+}
+
+/// Whether this CPU has AVX512-BF16 (`vdpbf16ps`), the fast path.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `v` rounded to bf16 bits: nearest, ties to even; subnormals flushed to (signed) zero as
+/// the AVX512-BF16 instructions do, so that both paths see the same operands.
+#[inline(always)]
+pub fn to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x0040) as u16;
+    }
+    if b & 0x7f80_0000 == 0 {
+        return ((b >> 16) & 0x8000) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+#[inline(always)]
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Two bf16 values in one u32, the first in the low half (the order `vdpbf16ps` pairs them).
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
+}
+
+/// A `[k, n]` weight matrix rounded to bf16, packed as panels of `NR` columns; within a panel,
+/// one row of `NR` u32 per pair of consecutive k (zero-padded past `k` and `n`).
+pub struct PackedBf16 {
+    k: usize,
+    n: usize,
+    k_pairs: usize,
+    data: Vec<u32>,
+}
+
+impl PackedBf16 {
+    /// `w` is `[k, n]` row-major f32.
+    pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n);
+        let mut p = Self::empty(k, n);
+        p.data
+            .par_chunks_mut(p.k_pairs * NR)
+            .enumerate()
+            .for_each(|(panel_i, panel)| {
+                for (kp, row) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (c, v) in row.iter_mut().enumerate() {
+                        let col = panel_i * NR + c;
+                        if col >= n {
+                            break;
+                        }
+                        let hi = if 2 * kp + 1 < k {
+                            w[(2 * kp + 1) * n + col]
+                        } else {
+                            0.0
+                        };
+                        *v = pair(w[2 * kp * n + col], hi);
+                    }
+                }
+            });
+        p
+    }
+
+    /// `w_t` is the transpose, `[n, k]` row-major (the trainer's encoder layout).
+    pub fn pack_transposed(w_t: &[f32], k: usize, n: usize) -> Self {
+        let mut p = Self::empty(k, n);
+        p.repack_transposed(w_t);
+        p
+    }
+
+    /// Packs `w_t` (`[n, k]`, the shape this was made for) into the existing buffer.
+    pub fn repack_transposed(&mut self, w_t: &[f32]) {
+        let (k, n, kp) = (self.k, self.n, self.k_pairs);
+        assert_eq!(w_t.len(), k * n);
+        self.data
+            .par_chunks_mut(kp * NR)
+            .enumerate()
+            .for_each(|(panel_i, panel)| {
+                for c in 0..NR {
+                    let col = panel_i * NR + c;
+                    if col >= n {
+                        break;
+                    }
+                    let src = &w_t[col * k..][..k];
+                    let mut pairs = src.chunks_exact(2);
+                    for (j, two) in (&mut pairs).enumerate() {
+                        panel[j * NR + c] = pair(two[0], two[1]);
+                    }
+                    if let [last] = pairs.remainder() {
+                        panel[(kp - 1) * NR + c] = pair(*last, 0.0);
+                    }
+                }
+            });
+    }
+
+    fn empty(k: usize, n: usize) -> Self {
+        let k_pairs = k.div_ceil(2);
+        Self {
+            k,
+            n,
+            k_pairs,
+            data: vec![0u32; n.div_ceil(NR) * k_pairs * NR],
+        }
+    }
+
+    /// Inner dimension and output columns.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: tasks write disjoint (row block, panel) tiles of the output (see `matmul_on`).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method so closures capture the wrapper, not the bare pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `matmul_on` with the fastest path this CPU runs.
+pub fn matmul(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    w: &PackedBf16,
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+    a_pairs: &mut Vec<u32>,
+) {
+    matmul_on(
+        Bf16Path::best(),
+        m,
+        a,
+        a_rs,
+        w,
+        out,
+        out_rs,
+        accumulate,
+        a_pairs,
+    )
+}
+
+/// `out[r, j] (+)= sum_i a[r, i] * w[i, j]` for `m` rows, with `a` (row stride `a_rs`, first
+/// `w.k` columns used) rounded to bf16. `a_pairs` is scratch for the rounded rows. Every
+/// output element is summed by one task in a fixed order: the result does not depend on the
+/// thread count. Panics unless `path.runs_here()`.
+pub fn matmul_on(
+    path: Bf16Path,
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    w: &PackedBf16,
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+    a_pairs: &mut Vec<u32>,
+) {
+    assert!(
+        path.runs_here(),
+        "bf16 path {} needs AVX512-BF16",
+        path.name()
+    );
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    let (k, kp) = (w.k, w.k_pairs);
+    assert!(k <= a_rs && a.len() >= (m - 1) * a_rs + k);
+    assert!(w.n <= out_rs && out.len() >= (m - 1) * out_rs + w.n);
+    a_pairs.clear();
+    a_pairs.resize(m * kp, 0);
+    a_pairs
+        .par_chunks_mut(kp * ROW_BLOCK)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (i, dst) in rows.chunks_exact_mut(kp).enumerate() {
+                let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
+                match path {
+                    // SAFETY: `runs_here()` was checked above.
+                    Bf16Path::Avx512Bf16 => unsafe { round_row(src, dst) },
+                    Bf16Path::Widen => round_row_portable(src, dst),
+                }
+            }
+        });
+    let panels = w.n.div_ceil(NR);
+    let blocks = m.div_ceil(ROW_BLOCK);
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let a_pairs = &a_pairs[..];
+    (0..blocks * panels).into_par_iter().for_each(|task| {
+        let (blk, p) = (task / panels, task % panels);
+        let cols = NR.min(w.n - p * NR);
+        let panel = &w.data[p * kp * NR..][..kp * NR];
+        let end = m.min((blk + 1) * ROW_BLOCK);
+        let mut r = blk * ROW_BLOCK;
+        while r < end {
+            let rows = MR.min(end - r);
+            let a_tile = &a_pairs[r * kp..][..rows * kp];
+            // SAFETY: `runs_here()` was checked; this task alone writes rows r..r+rows,
+            // columns p*NR..p*NR+cols of `out`, inside it by the asserts above.
+            unsafe {
+                let dst = out_ptr.get().add(r * out_rs + p * NR);
+                match path {
+                    Bf16Path::Avx512Bf16 => {
+                        tile_any(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
+                    }
+                    Bf16Path::Widen => {
+                        tile_widen(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
+                    }
+                }
+            }
+            r += rows;
+        }
+    });
+}
+
+fn round_row_portable(src: &[f32], dst: &mut [u32]) {
+    for (j, d) in dst.iter_mut().enumerate() {
+        let hi = src.get(2 * j + 1).copied().unwrap_or(0.0);
+        *d = pair(src[2 * j], hi);
+    }
+}
+
+/// `src` rounded to bf16 into `dst` as pairs (`dst.len() == src.len().div_ceil(2)`), 32
+/// values per instruction; the same rounding as `to_bf16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(dst.len(), src.len().div_ceil(2));
+    let whole = src.len() / 32;
+    for i in 0..whole {
+        let s = src.as_ptr().add(32 * i);
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+            _mm512_loadu_ps(s.add(16)),
+            _mm512_loadu_ps(s),
+        ));
+        _mm512_storeu_si512(dst.as_mut_ptr().add(16 * i) as *mut __m512i, v);
+    }
+    round_row_portable(&src[32 * whole..], &mut dst[16 * whole..]);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn round_row(_src: &[f32], _dst: &mut [u32]) {
+    unreachable!("the AVX512-BF16 path is x86_64 only");
+}
+
+/// The widened tile: per pair of k, the high product is added first, then the low one,
+/// each rounded once, as `vdpbf16ps` does lane by lane.
+#[inline(always)]
+fn widen_body(rows: usize, a: &[u32], kp: usize, panel: &[u32], acc: &mut [[f32; NR]; MR]) {
+    for j in 0..kp {
+        let b = &panel[j * NR..][..NR];
+        let (mut b_lo, mut b_hi) = ([0.0f32; NR], [0.0f32; NR]);
+        for c in 0..NR {
+            b_lo[c] = f32::from_bits(b[c] << 16);
+            b_hi[c] = f32::from_bits(b[c] & 0xffff_0000);
+        }
+        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+            let p = a[r * kp + j];
+            let (a_lo, a_hi) = (f32::from_bits(p << 16), f32::from_bits(p & 0xffff_0000));
+            for c in 0..NR {
+                acc[c] += a_hi * b_hi[c];
+                acc[c] += a_lo * b_lo[c];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn widen_avx2(rows: usize, a: &[u32], kp: usize, panel: &[u32], acc: &mut [[f32; NR]; MR]) {
+    widen_body(rows, a, kp, panel, acc)
+}
+
+/// One `rows x NR` tile on the widened path, written (or added) to `dst` like `tile`.
+unsafe fn tile_widen(
+    rows: usize,
+    a: &[u32],
+    kp: usize,
+    panel: &[u32],
+    dst: *mut f32,
+    dst_rs: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    #[cfg(target_arch = "x86_64")]
+    let done = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        widen_avx2(rows, a, kp, panel, &mut acc);
+        true
+    } else {
+        false
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    if !done {
+        widen_body(rows, a, kp, panel, &mut acc);
+    }
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let out = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), cols);
+        for (o, &v) in out.iter_mut().zip(acc) {
+            *o = if accumulate { *o + v } else { v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_any(
+    rows: usize,
+    a: &[u32],
+    kp: usize,
+    panel: &[u32],
+    dst: *mut f32,
+    dst_rs: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    macro_rules! by_rows {
+        ($($n:literal)*) => {
+            match rows {
+                $($n => tile::<$n>(a, kp, panel, dst, dst_rs, cols, accumulate),)*
+                _ => unreachable!("tile rows are 1..=MR"),
+            }
+        };
+    }
+    by_rows!(1 2 3 4 5 6 7 8)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_any(
+    _rows: usize,
+    _a: &[u32],
+    _kp: usize,
+    _panel: &[u32],
+    _dst: *mut f32,
+    _dst_rs: usize,
+    _cols: usize,
+    _accumulate: bool,
+) {
+    unreachable!("bf16 products are x86_64 only");
+}
+
+/// One `R x NR` output tile: `R` rows of rounded activations (`kp` pairs each) against one
+/// packed panel, written (or added) to `dst`, of which only the first `cols` columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile<const R: usize>(
+    a: &[u32],
+    kp: usize,
+    panel: &[u32],
+    dst: *mut f32,
+    dst_rs: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= R * kp && panel.len() >= kp * NR);
+    let mut acc = [[_mm512_setzero_ps(); 3]; R];
+    let (a, b) = (a.as_ptr(), panel.as_ptr());
+    for j in 0..kp {
+        let bj = b.add(j * NR) as *const __m512i;
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bj));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bj.add(1)));
+        let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bj.add(2)));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * kp + j) as i32));
+            acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+            acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+            acc[2] = _mm512_dpbf16_ps(acc[2], av, b2);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (z, &v) in acc.iter().enumerate() {
+            let c0 = z * 16;
+            if c0 >= cols {
+                break;
+            }
+            let mask: __mmask16 = if cols - c0 >= 16 {
+                0xffff
+            } else {
+                (1u16 << (cols - c0)) - 1
+            };
+            let p = dst.add(r * dst_rs + c0);
+            let v = if accumulate {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), v)
+            } else {
+                v
+            };
+            _mm512_mask_storeu_ps(p, mask, v);
+        }
+    }
+}
+
+/// The precision of the training step's encoder product. Master weights, gradients and Adam
+/// stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// A bf16 copy of W_enc, refreshed from the f32 weights before every product, times the
+    /// bf16-rounded centred inputs, summed in f32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("'{s}' is no precision; use f32 or bf16")),
+        }
+    }
+}
+
+/// The trainer's bf16 encoder: a packed copy of W_enc and the scratch for the rounded inputs.
+#[derive(Default)]
+pub struct EncoderBf16 {
+    packed: Option<PackedBf16>,
+    scratch: Vec<u32>,
+}
+
+impl EncoderBf16 {
+    /// `out[b, j] = sum_i x[b, i] * w_t[j, i]` (the shapes of `kernels::matmul_xt`) in bf16:
+    /// `w_t` is packed afresh first, so the copy always follows the f32 weights.
+    pub fn matmul_xt(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        d_in: usize,
+        w_t: &[f32],
+        d_sae: usize,
+        out: &mut [f32],
+    ) {
+        assert_eq!(x.len(), n * d_in);
+        assert_eq!(out.len(), n * d_sae);
+        match &mut self.packed {
+            Some(p) if p.shape() == (d_in, d_sae) => p.repack_transposed(w_t),
+            slot => *slot = Some(PackedBf16::pack_transposed(w_t, d_in, d_sae)),
+        }
+        let packed = self.packed.as_ref().expect("packed above");
+        matmul(n, x, d_in, packed, out, d_sae, false, &mut self.scratch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Row, column and k remainders of the tiles and panels.
+    const SHAPES: &[(usize, usize, usize)] = &[(1, 2, 1), (13, 7, 50), (70, 33, 96), (9, 64, 47)];
+
+    fn operands(m: usize, a_rs: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..m * a_rs)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
+        let w = (0..k * n)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
+            .collect();
+        (a, w)
+    }
+
+    fn run(path: Bf16Path, m: usize, a: &[f32], a_rs: usize, w: &PackedBf16, out: &mut [f32]) {
+        let out_rs = out.len() / m;
+        matmul_on(path, m, a, a_rs, w, out, out_rs, false, &mut Vec::new());
+    }
+
+    #[test]
+    fn rounding_is_nearest_even_with_subnormals_flushed() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even (1.0).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert_eq!(to_bf16(f32::MIN_POSITIVE / 4.0), 0);
+        assert_eq!(to_bf16(-f32::MIN_POSITIVE / 4.0), 0x8000);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(to_bf16(f32::MAX), 0x7f80, "overflow rounds to infinity");
+        // Everything a bf16 can hold comes back unchanged.
+        for h in [0x3f80u16, 0x0080, 0x7f7f, 0xc2f7, 0x8000] {
+            assert_eq!(to_bf16(from_bf16(h)), h);
+        }
+    }
+
+    /// Against an f64 product of the same bf16-rounded inputs, on every path this CPU runs
+    /// (each forced), both with and without accumulation, at a row stride wider than k.
+    #[test]
+    fn every_path_matches_the_rounded_reference() {
+        let paths = Bf16Path::all_available();
+        eprintln!("bf16 paths on this CPU: {paths:?}");
+        let round = |v: f32| from_bf16(to_bf16(v)) as f64;
+        for path in paths {
+            for &(m, k, n) in SHAPES {
+                let a_rs = k + 3;
+                let (a, w) = operands(m, a_rs, k, n);
+                let packed = PackedBf16::pack(&w, k, n);
+                let out_rs = n + 2;
+                let init: Vec<f32> = (0..m * out_rs).map(|i| (i % 5) as f32).collect();
+                for accumulate in [false, true] {
+                    let mut out = init.clone();
+                    matmul_on(
+                        path,
+                        m,
+                        &a,
+                        a_rs,
+                        &packed,
+                        &mut out,
+                        out_rs,
+                        accumulate,
+                        &mut Vec::new(),
+                    );
+                    for r in 0..m {
+                        for c in 0..out_rs {
+                            let got = out[r * out_rs + c] as f64;
+                            if c >= n {
+                                assert_eq!(got, init[r * out_rs + c] as f64, "padding ({r}, {c})");
+                                continue;
+                            }
+                            let mut want: f64 = (0..k)
+                                .map(|i| round(a[r * a_rs + i]) * round(w[i * n + c]))
+                                .sum();
+                            if accumulate {
+                                want += init[r * out_rs + c] as f64;
+                            }
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{path:?} {m}x{k}x{n} ({r}, {c}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Against the plain f32 product of the unrounded inputs. Each input is within a relative
+    /// 2^-9 of its bf16 rounding (unit roundoff of 8 significant bits), so each product is
+    /// within (2^-8 + 2^-18) of the exact one, and f32 summation adds at most k * 2^-24 of
+    /// the absolute sum: |bf16 - exact| <= (2^-8 + 2^-18 + k 2^-24) sum_i |a_i w_i|.
+    /// The f32 reference has its own k * 2^-24, counted too.
+    #[test]
+    fn every_path_is_within_the_stated_bound_of_f32() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (m, k, n) = (37, 576, 100);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-3.0..3.0)).collect();
+        let w: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-0.1..0.1)).collect();
+        let packed = PackedBf16::pack(&w, k, n);
+        let mut f32_out = vec![0.0f32; m * n];
+        crate::kernels::matmul(&a, m, k, &w, n, &mut f32_out);
+        let bound_rel = 2f64.powi(-8) + 2f64.powi(-18) + 2.0 * k as f64 * 2f64.powi(-24);
+        for path in Bf16Path::all_available() {
+            let mut out = vec![0.0f32; m * n];
+            run(path, m, &a, k, &packed, &mut out);
+            let mut worst = 0.0f64;
+            for r in 0..m {
+                for c in 0..n {
+                    let abs_sum: f64 = (0..k)
+                        .map(|i| (a[r * k + i] as f64 * w[i * n + c] as f64).abs())
+                        .sum();
+                    let err = (out[r * n + c] as f64 - f32_out[r * n + c] as f64).abs();
+                    assert!(
+                        err <= bound_rel * abs_sum,
+                        "{path:?} ({r}, {c}): {err} > {bound_rel} * {abs_sum}"
+                    );
+                    worst = worst.max(err / abs_sum);
+                }
+            }
+            eprintln!(
+                "{path:?}: worst |bf16 - f32| / sum|a w| = {worst:.2e} (bound {bound_rel:.2e})"
+            );
+            // Not the f32 product by another name: rounding shows.
+            assert!(worst > 1e-5, "{path:?} gave f32 results");
+        }
+    }
+
+    /// The widened path gives the bits of `vdpbf16ps` (where this CPU has it), so a bf16
+    /// training run is reproducible across machines with and without AVX512-BF16.
+    #[test]
+    fn paths_agree_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16 to compare with");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        for &(m, k, n) in SHAPES.iter().chain(&[(100, 576, 200)]) {
+            // Mixed magnitudes and exact zeros, so that rounding order matters.
+            let draw = |rng: &mut ChaCha8Rng| {
+                let v: f32 = rng.gen_range(-1.0..1.0);
+                match rng.gen_range(0..8) {
+                    0 => 0.0,
+                    1 => v * 1e4,
+                    2 => v * 1e-4,
+                    _ => v,
+                }
+            };
+            let a: Vec<f32> = (0..m * k).map(|_| draw(&mut rng)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| draw(&mut rng)).collect();
+            let packed = PackedBf16::pack(&w, k, n);
+            let (mut x, mut y) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+            run(Bf16Path::Avx512Bf16, m, &a, k, &packed, &mut x);
+            run(Bf16Path::Widen, m, &a, k, &packed, &mut y);
+            for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+                assert_eq!(p.to_bits(), q.to_bits(), "{m}x{k}x{n} at {i}: {p} vs {q}");
+            }
+        }
+    }
+
+    /// Packing the transpose gives the same panels as packing the matrix.
+    #[test]
+    fn transposed_packing_matches() {
+        for &(_, k, n) in SHAPES {
+            let (_, w) = operands(1, 1, k, n);
+            let w_t: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let a = PackedBf16::pack(&w, k, n);
+            let mut b = PackedBf16::pack_transposed(&vec![7.0; k * n], k, n);
+            b.repack_transposed(&w_t);
+            assert_eq!(a.data, b.data, "{k}x{n}");
+            assert_eq!(b.shape(), (k, n));
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Training with the bf16 encoder product: reproducible, close to f32, and really bf16.
+
+use super::misc::synthetic;
+use crate::bf16::Precision;
+use crate::{ArchKind, Sae, SaeTrainer, TrainHyper};
+
+fn hyper(precision: Precision) -> TrainHyper {
+    TrainHyper {
+        precision,
+        ..TrainHyper::default()
+    }
+}
+
+/// `steps` steps over `x` in batches of `n` rows (`dims` is d_in, d_sae, n) on a pool of `threads` threads; the final
+/// SAE and the loss of each step.
+fn train(
+    arch: ArchKind,
+    precision: Precision,
+    x: &[f32],
+    (d_in, d_sae, n): (usize, usize, usize),
+    steps: usize,
+    threads: usize,
+) -> (Sae, Vec<f64>) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let k = 4;
+        let mut tr = SaeTrainer::new(Sae::init(arch, d_in, d_sae, k, 7), hyper(precision));
+        let batches = x.len() / (n * d_in);
+        let losses = (0..steps)
+            .map(|s| {
+                let b = &x[(s % batches) * n * d_in..][..n * d_in];
+                tr.step(b, n, 3e-3, 0.05).fvu
+            })
+            .collect();
+        (tr.snapshot(), losses)
+    })
+}
+
+#[test]
+fn bf16_training_is_bit_for_bit_reproducible() {
+    let dims @ (d_in, _, n) = (48, 96, 64);
+    let (x, _) = synthetic(4 * n, d_in, 24, 11);
+    for arch in [ArchKind::TOPK, ArchKind::GATED] {
+        for threads in [1, 2] {
+            let a = train(arch, Precision::Bf16, &x, dims, 12, threads);
+            let b = train(arch, Precision::Bf16, &x, dims, 12, threads);
+            assert_eq!(a, b, "{arch} on {threads} threads");
+        }
+        // The option is not a no-op: the rounded product changes the trajectory.
+        let f = train(arch, Precision::F32, &x, dims, 12, 2);
+        let h = train(arch, Precision::Bf16, &x, dims, 12, 2);
+        assert_ne!(f.0.w_enc, h.0.w_enc, "{arch}: bf16 trained the f32 weights");
+    }
+}
+
+/// A short training on sparse synthetic data reaches about the f32 run's FVU. A broken bf16
+/// product (wrong layout, stale copy, lost rows) leaves the FVU far above it.
+#[test]
+fn bf16_training_reaches_the_f32_loss() {
+    let dims @ (d_in, _, n) = (64, 128, 128);
+    let (x, _) = synthetic(8 * n, d_in, 32, 12);
+    for arch in [ArchKind::TOPK, ArchKind::GATED] {
+        let steps = 300;
+        let (_, f) = train(arch, Precision::F32, &x, dims, steps, 2);
+        let (_, h) = train(arch, Precision::Bf16, &x, dims, steps, 2);
+        // The mean FVU over the last 20 steps (one batch's FVU is noisy).
+        let tail = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
+        let (f_end, h_end) = (tail(&f), tail(&h));
+        eprintln!(
+            "{arch}: FVU f32 {f_end:.4}, bf16 {h_end:.4} (first step {:.3})",
+            f[0]
+        );
+        assert!(
+            f_end < 0.5 * f[0],
+            "{arch}: the f32 run did not learn ({f_end} from {})",
+            f[0]
+        );
+        assert!(
+            (h_end - f_end).abs() <= 0.1 * f_end + 0.005,
+            "{arch}: bf16 FVU {h_end} vs f32 {f_end}"
+        );
+    }
+}
+
+/// The optimiser state records the precision, and a trainer of the other precision refuses
+/// it (a resumed run keeps the arithmetic it started with).
+#[test]
+fn saved_state_keeps_the_precision() {
+    let (d_in, d_sae, n) = (16, 32, 32);
+    let (x, _) = synthetic(n, d_in, 8, 13);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.safetensors");
+    let sae = Sae::init(ArchKind::TOPK, d_in, d_sae, 4, 1);
+    let mut tr = SaeTrainer::new(sae.clone(), hyper(Precision::Bf16));
+    tr.step(&x, n, 1e-3, 0.0);
+    tr.save_state(&path).unwrap();
+    let mut same = SaeTrainer::new(tr.snapshot(), hyper(Precision::Bf16));
+    same.load_state(&path).unwrap();
+    let mut other = SaeTrainer::new(tr.snapshot(), hyper(Precision::F32));
+    let err = other.load_state(&path).unwrap_err().to_string();
+    assert!(err.contains("precision = bf16"), "{err}");
+}
