@@ -6,6 +6,7 @@
 mod harness;
 
 mod flags;
+mod gsae;
 mod multihook;
 mod outputs;
 mod resample;
