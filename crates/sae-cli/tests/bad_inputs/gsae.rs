@@ -221,3 +221,38 @@ fn saved_gradient_weight_that_is_missing() {
     std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     refused(&["info", s(&dir)], &["cfg.json", "sae_core.beta"], &[&dir]);
 }
+
+/// Training a g-SAE straight from a GPT-2 model is refused before anything is written.
+#[test]
+fn training_from_gpt2_is_refused() {
+    let dir = scratch("gsae-gpt2-train");
+    let text = corpus(&dir);
+    let out = dir.join("run");
+    refused(
+        &[
+            "train",
+            "--model",
+            TINY_GPT2,
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--corpus",
+            s(&text),
+            "--ctx",
+            "16",
+            "--arch",
+            "gsae",
+            "--k",
+            "2",
+            "--d-sae",
+            "32",
+            "--steps",
+            "2",
+            "--quiet",
+            "--out",
+            s(&out),
+        ],
+        &["--arch gsae", "Llama-family", "not GPT-2"],
+        &[&dir],
+    );
+    assert!(!out.exists() && !dir.join("run.partial").exists());
+}

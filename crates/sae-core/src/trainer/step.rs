@@ -1,6 +1,7 @@
 //! The body of one training step, one method per phase over the reused `Buffers`:
 //! `encode`, `dense_penalty` and `add_pre_noise` (rules with a dense penalty or training
-//! noise), `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
+//! noise), `grad_scores` (rules that select with the input's loss gradient),
+//! `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
 //! `Buffers::transpose_entries`, `latent_pass` (gradients fused with Adam), `dense_params`.
 
 use super::{noise, Mode, SaeTrainer, StepStats};
