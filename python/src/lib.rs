@@ -1024,6 +1024,7 @@ fn harvest<'py>(
                 store_tokens,
                 include_bos,
                 shard_rows,
+                with_grad: false,
                 progress: false,
             };
             let result = run_watched(py, threads, report_done_total(&progress), |w| {

@@ -66,6 +66,11 @@ pub struct HarvestArgs {
     /// Rows per shard file (rounded down to whole contexts).
     #[arg(long, value_parser = parse_positive, default_value = "32768")]
     pub shard_rows: usize,
+    /// Also store, beside each activation, the gradient of the model's next-token loss with
+    /// respect to it (one backward pass through the layers above the hook per batch; what
+    /// `sae train --arch gsae` needs). One hook; Llama-family models.
+    #[arg(long)]
+    pub with_grad: bool,
 }
 
 pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
@@ -83,6 +88,7 @@ pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
             store_tokens: args.store_tokens,
             include_bos: args.include_bos,
             shard_rows: args.shard_rows,
+            with_grad: args.with_grad,
             progress: true,
         },
         &mut |_| Ok(()),
@@ -92,9 +98,10 @@ pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
     };
     if let [one] = &r.stores[..] {
         println!(
-            "harvested {} tokens at {} in {:.1}s: {:.0} tokens/s; store {} holds {} tokens in {} shards ({:?}, compute {})",
+            "harvested {} tokens at {}{} in {:.1}s: {:.0} tokens/s; store {} holds {} tokens in {} shards ({:?}, compute {})",
             stats.rows,
             one.hook,
+            if args.with_grad { " with loss gradients" } else { "" },
             stats.seconds,
             stats.tokens_per_second(),
             one.out.display(),

@@ -602,6 +602,7 @@ fn harvest_into(
         bos_excluded: true,
         has_tokens: false,
         compute: Some("f32".into()),
+        grads: None,
     };
     let mut writer = ShardWriter::open(dir, template, 256 * rows_per_ctx)?;
     let done = writer.rows_done();

@@ -62,6 +62,41 @@ pub fn harvest_hooks(
     opts: &HarvestOptions,
     mut sink: impl FnMut(&[Rows<'_>]) -> Result<()>,
 ) -> Result<HarvestStats> {
+    let pass = |tokens: &[u32], b: usize| model.activations_at(tokens, b, contexts.ctx, hooks);
+    harvest_passes(model, contexts, hooks, opts, pass, |rows| sink(rows))
+}
+
+/// [`harvest`] with the gradient of the next-token loss beside each activation row (see
+/// `LanguageModel::activations_with_loss_grad`): `sink` gets the rows and their gradients,
+/// `[n, width]` each. One backward pass through the layers above `hook` per batch.
+pub fn harvest_with_grad(
+    model: &LanguageModel,
+    contexts: &PackedContexts,
+    hook: Hook,
+    opts: &HarvestOptions,
+    mut sink: impl FnMut(Rows<'_>, &[f32]) -> Result<()>,
+) -> Result<HarvestStats> {
+    model.check_loss_grad()?;
+    let pass = |tokens: &[u32], b: usize| {
+        let (acts, grads, _) = model.activations_with_loss_grad(tokens, b, contexts.ctx, hook)?;
+        Ok(vec![acts, grads])
+    };
+    // The gradient rides along as a second "hook" of the same width.
+    harvest_passes(model, contexts, &[hook, hook], opts, pass, |rows| {
+        sink(rows[0], rows[1].acts)
+    })
+}
+
+/// The loop of the harvests above: `pass(tokens, contexts)` gives one `[b * ctx, width]`
+/// buffer per entry of `hooks` (whose widths they have).
+fn harvest_passes(
+    model: &LanguageModel,
+    contexts: &PackedContexts,
+    hooks: &[Hook],
+    opts: &HarvestOptions,
+    pass: impl Fn(&[u32], usize) -> Result<Vec<Vec<f32>>>,
+    mut sink: impl FnMut(&[Rows<'_>]) -> Result<()>,
+) -> Result<HarvestStats> {
     let ctx = contexts.ctx;
     let widths: Vec<usize> = hooks.iter().map(|&h| model.hook_width(h)).collect();
     let first_pos = if opts.include_bos { 0 } else { 1 };
@@ -87,7 +122,7 @@ pub fn harvest_hooks(
     while c < n_ctx && rows_out < total_rows {
         let b = opts.batch.max(1).min(n_ctx - c);
         let tokens = &contexts.tokens[c * ctx..(c + b) * ctx];
-        let all = model.activations_at(tokens, b, ctx, hooks)?;
+        let all = pass(tokens, b)?;
         acts.iter_mut().for_each(Vec::clear);
         toks.clear();
         pos.clear();

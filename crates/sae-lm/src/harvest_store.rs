@@ -4,7 +4,7 @@
 //! they refuse and write the same things.
 
 use crate::corpus::PackedContexts;
-use crate::harvest::{harvest, harvest_hooks, HarvestOptions, HarvestStats};
+use crate::harvest::{harvest, harvest_hooks, harvest_with_grad, HarvestOptions, HarvestStats};
 use crate::Hook;
 use crate::LanguageModel;
 use anyhow::{bail, Context, Result};
@@ -41,6 +41,9 @@ pub struct StoreHarvest {
     pub include_bos: bool,
     /// Rows per shard file (rounded down to whole contexts).
     pub shard_rows: usize,
+    /// Also store the gradient of the next-token loss beside each activation (one hook only;
+    /// Llama-family models).
+    pub with_grad: bool,
     /// Draw the terminal progress bar.
     pub progress: bool,
 }
@@ -58,6 +61,10 @@ pub struct HookStore {
     pub out: PathBuf,
     pub manifest: Manifest,
 }
+
+/// What a store's gradients are the gradient of (`Manifest::grads`).
+pub const GRAD_OF: &str = "sum over each context of the next-token cross-entropy at positions \
+     0..ctx-1 (BOS's prediction included), w.r.t. the activation at the hook";
 
 /// Checks the counts shared by both kinds of harvest.
 fn check_counts(ctx: usize, tokens: usize) -> Result<()> {
@@ -188,6 +195,12 @@ fn harvest_into(
 ) -> Result<StoreHarvestResult> {
     check_counts(a.ctx, a.tokens)?;
     let outputs = hook_outputs(&a.hooks, &a.out)?;
+    if a.with_grad && outputs.len() > 1 {
+        bail!(
+            "--with-grad takes one --hook (each hook's gradient is its own backward pass); \
+             harvest the hooks one at a time"
+        );
+    }
     // A store may go only into a new or empty directory or a store of its own (which is
     // resumed); never into the corpus it reads.
     let corpus_path = PathBuf::from(a.corpus.split('#').next().unwrap_or_default());
@@ -209,6 +222,11 @@ fn harvest_into(
     model
         .set_bf16_products(a.bf16_compute)
         .context("--compute bf16 is not available here; use --compute f32")?;
+    if a.with_grad {
+        model
+            .check_loss_grad()
+            .context("--with-grad: use a Llama-family model, or harvest without --with-grad")?;
+    }
     let mut hooks: Vec<Hook> = Vec::new();
     for (name, _) in &outputs {
         let hook = model.hook(name)?;
@@ -226,8 +244,9 @@ fn harvest_into(
         StoreDtype::Bf16 => 2,
     };
     let token_bytes = if a.store_tokens { 12 } else { 0 };
+    let per_value = bytes_per_value * if a.with_grad { 2 } else { 1 };
     let row_bytes = widths.iter().fold(0u64, |sum, &w| {
-        sum.saturating_add((w as u64).saturating_mul(bytes_per_value))
+        sum.saturating_add((w as u64).saturating_mul(per_value))
             .saturating_add(token_bytes)
     });
     let width_text = if widths.windows(2).all(|w| w[0] == w[1]) {
@@ -275,6 +294,7 @@ fn harvest_into(
             bos_excluded: !a.include_bos,
             has_tokens: a.store_tokens,
             compute: Some(compute.to_string()),
+            grads: a.with_grad.then(|| GRAD_OF.to_string()),
         };
         writers.push(ShardWriter::open(out, template, rows_per_shard)?);
     }
@@ -331,6 +351,24 @@ fn harvest_into(
         progress: a.progress,
     };
     let mut held = done;
+    if a.with_grad {
+        let (writer, skip) = (&mut writers[0], &mut ahead[0]);
+        let width = widths[0];
+        let stats = harvest_with_grad(&model, &contexts, hooks[0], &opts, |r, grads| {
+            let n = (*skip).min(r.tokens.len());
+            *skip -= n;
+            if n < r.tokens.len() {
+                let (a, g) = (&r.acts[n * width..], &grads[n * width..]);
+                writer.push_with_grads(a, g, &r.tokens[n..], &r.positions[n..])?;
+            }
+            held += r.tokens.len();
+            after_rows(held)
+        })?;
+        return Ok(StoreHarvestResult {
+            stats: Some(stats),
+            stores: finish(writers)?,
+        });
+    }
     let stats = harvest_hooks(&model, &contexts, &hooks, &opts, |rows| {
         for (((writer, r), skip), &width) in
             writers.iter_mut().zip(rows).zip(&mut ahead).zip(&widths)

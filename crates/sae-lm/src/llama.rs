@@ -10,6 +10,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Mutex;
 
+mod grad;
+
 #[derive(Clone, Debug)]
 pub struct LlamaConfig {
     pub d_model: usize,

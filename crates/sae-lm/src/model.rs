@@ -82,6 +82,10 @@ impl Net {
     }
 }
 
+const GRAD_UNSUPPORTED: &str = "the gradient of the LM loss at a hook (harvest --with-grad, \
+     --arch gsae from a model) is implemented for Llama-family models (SmolLM2, Llama, Qwen2) \
+     only, not GPT-2";
+
 /// Edits the activation at a hook in place: `[batch * ctx, width]` row-major.
 pub type SpliceFn<'a> = &'a mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>;
 
@@ -252,6 +256,31 @@ impl LanguageModel {
                 .forward(tokens, batch, ctx, &[], &mut HookMode::Pass)?,
         };
         self.loss_from_resid(&resid, tokens, batch, ctx)
+    }
+    /// The activation at `hook` `[batch * ctx, width]` and the gradient, same shape, of the
+    /// next-token loss with respect to it: the sum of the cross-entropies of every predicted
+    /// position (t predicts t + 1 for t < ctx - 1, BOS's prediction included, as
+    /// `per_token_loss`), i.e. `batch * (ctx - 1)` times the gradient of their mean. Also
+    /// returns that summed loss. Llama-family models only.
+    pub fn activations_with_loss_grad(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        ctx: usize,
+        hook: Hook,
+    ) -> anyhow::Result<(Vec<f32>, Vec<f32>, f64)> {
+        self.check_tokens(tokens, batch, ctx)?;
+        match &self.net {
+            Net::Llama(m) => m.activation_and_loss_grad(tokens, batch, ctx, hook),
+            Net::Gpt2(_) => bail!("{}", GRAD_UNSUPPORTED),
+        }
+    }
+    /// Whether `activations_with_loss_grad` works for this model (checked before any work).
+    pub fn check_loss_grad(&self) -> anyhow::Result<()> {
+        match &self.net {
+            Net::Llama(_) => Ok(()),
+            Net::Gpt2(_) => bail!("{}", GRAD_UNSUPPORTED),
+        }
     }
     /// Logit effect of a residual-stream direction: W_U applied to it (through the final norm's
     /// scale), one value per vocabulary entry.

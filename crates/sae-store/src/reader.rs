@@ -32,6 +32,8 @@ impl Dtype {
 
 /// Tensor name used in our shards; other files may hold a single 2-D tensor of any name.
 pub const ACTIVATIONS: &str = "activations";
+/// Tensor of the loss gradient beside the activations, in stores harvested with it.
+pub const GRADS: &str = "grads";
 
 /// Headers larger than this are refused before they are read (the safetensors crate's limit).
 const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
@@ -68,10 +70,15 @@ fn read_at(file: &File, offset: u64, len: usize) -> Result<Vec<u8>> {
 
 impl ActivationFile {
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_inner(path).with_context(|| format!("{}", path.display()))
+        Self::open_inner(path, None).with_context(|| format!("{}", path.display()))
     }
 
-    fn open_inner(path: &Path) -> Result<Self> {
+    /// The 2-D tensor `name` of a `.safetensors` file (e.g. [`GRADS`]), read like activations.
+    pub fn open_tensor(path: &Path, name: &str) -> Result<Self> {
+        Self::open_inner(path, Some(name)).with_context(|| format!("{}", path.display()))
+    }
+
+    fn open_inner(path: &Path, tensor: Option<&str>) -> Result<Self> {
         let file = File::open(path).map_err(|e| {
             if e.raw_os_error() == Some(24) {
                 anyhow::anyhow!(
@@ -90,7 +97,12 @@ impl ActivationFile {
         if len == 0 {
             bail!("empty file (not a .safetensors or .npy activation file)");
         }
-        let (dtype, shape, offset) = if is_npy(path) {
+        let (dtype, shape, offset) = if let Some(name) = tensor {
+            if !is_safetensors(path) {
+                bail!("tensor '{name}' is read from .safetensors files only");
+            }
+            safetensors_tensor(&file, len, Some(name))?
+        } else if is_npy(path) {
             let prefix = read_at(&file, 0, len.min(crate::npy::PREFIX_LEN as u64) as usize)?;
             let size = crate::npy::header_size(&prefix)?;
             // A header running past the end is read as far as it goes and reported truncated.
@@ -98,7 +110,7 @@ impl ActivationFile {
             let h = crate::npy::parse_header(&header)?;
             (h.dtype, h.shape, h.data_offset as u64)
         } else if is_safetensors(path) {
-            safetensors_tensor(&file, len)?
+            safetensors_tensor(&file, len, None)?
         } else {
             bail!(
                 "unknown file type (expected .safetensors or .npy); pass an activation store \
@@ -229,9 +241,14 @@ impl ActivationFile {
     }
 }
 
-/// The activation tensor of a safetensors file: `activations` if present, otherwise the only
-/// tensor. Returns dtype, shape and the byte offset of its data in the file.
-fn safetensors_tensor(file: &File, len: u64) -> Result<(Dtype, Vec<usize>, u64)> {
+/// The activation tensor of a safetensors file: `wanted` if given, else `activations` if
+/// present, otherwise the only tensor. Returns dtype, shape and the byte offset of its data in
+/// the file.
+fn safetensors_tensor(
+    file: &File,
+    len: u64,
+    wanted: Option<&str>,
+) -> Result<(Dtype, Vec<usize>, u64)> {
     let invalid = |why: String| {
         anyhow::anyhow!(
             "not a valid safetensors file ({why}); truncated or another format? Re-create it \
@@ -271,7 +288,12 @@ fn safetensors_tensor(file: &File, len: u64) -> Result<(Dtype, Vec<usize>, u64)>
             )))
         }
     }
-    let name = if tensors.contains_key(ACTIVATIONS) {
+    let name = if let Some(w) = wanted {
+        if !tensors.contains_key(w) {
+            bail!("no tensor named '{w}'");
+        }
+        w.to_string()
+    } else if tensors.contains_key(ACTIVATIONS) {
         ACTIVATIONS.to_string()
     } else if tensors.len() == 1 {
         tensors.keys().next().unwrap().clone()
@@ -308,6 +330,24 @@ impl ActivationStore {
     /// read through the shards it lists; otherwise every `.safetensors`/`.npy` file in it,
     /// sorted by name.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_inner(path, None)
+    }
+
+    /// The loss gradients of a store harvested with them (`Manifest::grads`): the same rows
+    /// as [`ActivationStore::open`] of `path`, read from each shard's `grads` tensor.
+    pub fn open_grads(path: &Path) -> Result<Self> {
+        let has =
+            path.is_dir() && path.join(MANIFEST).exists() && Manifest::read(path)?.grads.is_some();
+        if !has {
+            bail!(
+                "{} holds no loss gradients; harvest it with them: sae harvest --with-grad                  (a store written by `sae harvest` whose manifest records `grads`)",
+                path.display()
+            );
+        }
+        Self::open_inner(path, Some(GRADS))
+    }
+
+    fn open_inner(path: &Path, tensor: Option<&str>) -> Result<Self> {
         let meta = std::fs::metadata(path)
             .map_err(|e| anyhow::anyhow!("{}: cannot read activations ({e})", path.display()))?;
         let (paths, manifest) = if meta.is_dir() {
@@ -322,7 +362,10 @@ impl ActivationStore {
         };
         let files = paths
             .iter()
-            .map(|p| ActivationFile::open(p))
+            .map(|p| match tensor {
+                None => ActivationFile::open(p),
+                Some(name) => ActivationFile::open_tensor(p, name),
+            })
             .collect::<Result<Vec<_>>>()?;
         let d_in = files[0].d_in;
         for f in &files[1..] {

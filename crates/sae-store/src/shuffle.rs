@@ -80,6 +80,8 @@ pub struct BatchStream {
     pos: StreamPosition,
     perm: Permutation,
     rows: Vec<u64>,
+    /// The loss gradient of every row, when the store has them and they were asked for.
+    grads: Option<ActivationStore>,
 }
 
 /// A distinct key for the initialisation sample so it does not follow the training order.
@@ -95,7 +97,30 @@ impl BatchStream {
             pos: StreamPosition::default(),
             perm,
             rows: Vec::new(),
+            grads: None,
         }
+    }
+
+    /// Also reads each row's loss gradient from `grads` (the same rows: see
+    /// [`ActivationStore::open_grads`]) in [`BatchStream::next_batch_with_grads`].
+    pub fn attach_grads(&mut self, grads: ActivationStore) -> Result<()> {
+        if grads.n_rows() != self.store.n_rows() || grads.d_in() != self.store.d_in() {
+            anyhow::bail!(
+                "{}: the gradients hold [{}, {}] but the activations [{}, {}]; re-harvest the \
+                 store with sae harvest --with-grad",
+                grads.root.display(),
+                grads.n_rows(),
+                grads.d_in(),
+                self.store.n_rows(),
+                self.store.d_in()
+            );
+        }
+        self.grads = Some(grads);
+        Ok(())
+    }
+
+    pub fn has_grads(&self) -> bool {
+        self.grads.is_some()
     }
 
     pub fn store(&self) -> &ActivationStore {
@@ -122,6 +147,29 @@ impl BatchStream {
 
     /// Fills `out` (`[n, d_in]`) with the next `n` rows, starting a new epoch when needed.
     pub fn next_batch(&mut self, out: &mut [f32], n: usize) -> Result<()> {
+        self.advance(n);
+        self.store.read_rows(&self.rows, out)
+    }
+
+    /// `next_batch`, and the same rows' loss gradients into `grads` (`[n, d_in]`); an error
+    /// without [`BatchStream::attach_grads`].
+    pub fn next_batch_with_grads(
+        &mut self,
+        out: &mut [f32],
+        grads: &mut [f32],
+        n: usize,
+    ) -> Result<()> {
+        if self.grads.is_none() {
+            anyhow::bail!("{}: no gradients attached", self.store.root.display());
+        }
+        self.advance(n);
+        let g = self.grads.as_ref().expect("checked above");
+        self.store.read_rows(&self.rows, out)?;
+        g.read_rows(&self.rows, grads)
+    }
+
+    /// The next `n` row indices into `self.rows`.
+    fn advance(&mut self, n: usize) {
         let total = self.store.n_rows();
         self.rows.clear();
         while self.rows.len() < n {
@@ -138,7 +186,6 @@ impl BatchStream {
                 });
             }
         }
-        self.store.read_rows(&self.rows, out)
     }
 
     /// `n` rows drawn without replacement (while `n` <= rows) in an order independent of the

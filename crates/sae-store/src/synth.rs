@@ -90,6 +90,7 @@ impl SynthConfig {
             self.rows_per_shard.min(self.n_tokens),
             self.dtype,
             false,
+            false,
         );
         let need = [features, chunk, shard]
             .into_iter()
@@ -217,6 +218,7 @@ fn write_into(dir: &Path, cfg: &SynthConfig) -> Result<Manifest> {
         bos_excluded: false,
         has_tokens: false,
         compute: None,
+        grads: None,
     };
     let mut w = ShardWriter::open(dir, template, cfg.rows_per_shard)?;
     let chunk = SAMPLE_CHUNK;

@@ -62,6 +62,11 @@ pub struct Manifest {
     /// stores written without a model, and for stores harvested before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute: Option<String>,
+    /// When present, every shard also holds tensor `grads` `[n_rows, d_in]` (same dtype as
+    /// the activations): the gradient of the loss this names with respect to each row.
+    /// Absent for stores without gradients, and for stores written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grads: Option<String>,
 }
 
 impl Manifest {
@@ -88,25 +93,29 @@ impl Manifest {
             && self.dtype == other.dtype
             && self.bos_excluded == other.bos_excluded
             && self.has_tokens == other.has_tokens
+            && self.grads == other.grads
             // A store harvested before the precision was recorded may be resumed either way.
             && (self.compute.is_none() || other.compute.is_none() || self.compute == other.compute)
     }
 }
 
 /// Peak memory of writing a shard of `rows` rows: the f32 buffer, its bytes in the stored dtype
-/// and the serialized file, plus token ids and positions likewise. `None` on overflow.
+/// and the serialized file (twice with gradients), plus token ids and positions likewise.
+/// `None` on overflow.
 pub fn shard_buffer_bytes(
     d_in: usize,
     rows: usize,
     dtype: StoreDtype,
     has_tokens: bool,
+    has_grads: bool,
 ) -> Option<u64> {
     let stored = match dtype {
         StoreDtype::F32 => 4,
         StoreDtype::Bf16 => 2,
     };
+    let tensors = if has_grads { 2 } else { 1 };
     let per_row = (d_in as u64)
-        .checked_mul(4 + 2 * stored)?
+        .checked_mul(tensors * (4 + 2 * stored))?
         .checked_add(if has_tokens { 3 * 12 } else { 0 })?;
     per_row.checked_mul(rows as u64)
 }
@@ -116,6 +125,7 @@ pub struct ShardWriter {
     manifest: Manifest,
     rows_per_shard: usize,
     acts: Vec<f32>,
+    grads: Vec<f32>,
     tokens: Vec<u32>,
     positions: Vec<u32>,
 }
@@ -164,7 +174,13 @@ impl ShardWriter {
             t => rows_per_shard.min(t),
         };
         sae_output::ensure_memory(
-            shard_buffer_bytes(template.d_in, rows, template.dtype, template.has_tokens),
+            shard_buffer_bytes(
+                template.d_in,
+                rows,
+                template.dtype,
+                template.has_tokens,
+                template.grads.is_some(),
+            ),
             &format!("a shard of {rows} rows of width {}", template.d_in),
             "lower --shard-rows",
         )?;
@@ -215,6 +231,7 @@ impl ShardWriter {
             manifest,
             rows_per_shard,
             acts: Vec::new(),
+            grads: Vec::new(),
             tokens: Vec::new(),
             positions: Vec::new(),
         })
@@ -232,7 +249,39 @@ impl ShardWriter {
     /// Adds rows: `acts` is `[n, d_in]`; `tokens` `[n]` and `positions` `[n]` of (context
     /// index, position) are stored when the manifest says so.
     pub fn push(&mut self, acts: &[f32], tokens: &[u32], positions: &[(u32, u32)]) -> Result<()> {
+        self.push_rows(acts, None, tokens, positions)
+    }
+
+    /// `push` for a store with gradients (`Manifest::grads`): `grads` is `[n, d_in]`, one
+    /// per activation row.
+    pub fn push_with_grads(
+        &mut self,
+        acts: &[f32],
+        grads: &[f32],
+        tokens: &[u32],
+        positions: &[(u32, u32)],
+    ) -> Result<()> {
+        self.push_rows(acts, Some(grads), tokens, positions)
+    }
+
+    fn push_rows(
+        &mut self,
+        acts: &[f32],
+        grads: Option<&[f32]>,
+        tokens: &[u32],
+        positions: &[(u32, u32)],
+    ) -> Result<()> {
         let d = self.manifest.d_in;
+        match (self.manifest.grads.is_some(), grads) {
+            (true, None) => bail!("this store holds gradients; push them with the activations"),
+            (false, Some(_)) => bail!("this store was opened without gradients"),
+            (_, Some(g)) if g.len() != acts.len() => bail!(
+                "{} gradient values for {} activation values",
+                g.len(),
+                acts.len()
+            ),
+            _ => {}
+        }
         if !acts.len().is_multiple_of(d) {
             bail!(
                 "activation buffer of {} values is not a multiple of d_in {d}",
@@ -253,6 +302,10 @@ impl ShardWriter {
             let take = (self.rows_per_shard - buffered).min(n - done);
             self.acts
                 .extend_from_slice(&acts[done * d..(done + take) * d]);
+            if let Some(g) = grads {
+                self.grads
+                    .extend_from_slice(&g[done * d..(done + take) * d]);
+            }
             if self.manifest.has_tokens {
                 self.tokens.extend_from_slice(&tokens[done..done + take]);
                 for &(c, p) in &positions[done..done + take] {
@@ -275,14 +328,18 @@ impl ShardWriter {
             return Ok(());
         }
         let file = format!("shard_{:05}.safetensors", self.manifest.shards.len());
-        let act_bytes: Vec<u8> = match self.manifest.dtype {
-            StoreDtype::F32 => bytemuck::cast_slice(&self.acts).to_vec(),
-            StoreDtype::Bf16 => {
-                let v: Vec<half::bf16> =
-                    self.acts.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                bytemuck::cast_slice(&v).to_vec()
+        let stored = |values: &[f32]| -> Vec<u8> {
+            match self.manifest.dtype {
+                StoreDtype::F32 => bytemuck::cast_slice(values).to_vec(),
+                StoreDtype::Bf16 => {
+                    let v: Vec<half::bf16> =
+                        values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                    bytemuck::cast_slice(&v).to_vec()
+                }
             }
         };
+        let act_bytes = stored(&self.acts);
+        let grad_bytes = stored(&self.grads);
         let dtype = match self.manifest.dtype {
             StoreDtype::F32 => Dtype::F32,
             StoreDtype::Bf16 => Dtype::BF16,
@@ -291,6 +348,9 @@ impl ShardWriter {
             "activations",
             TensorView::new(dtype, vec![n, d], &act_bytes)?,
         )];
+        if self.manifest.grads.is_some() {
+            views.push(("grads", TensorView::new(dtype, vec![n, d], &grad_bytes)?));
+        }
         if self.manifest.has_tokens {
             views.push((
                 "tokens",
@@ -311,6 +371,7 @@ impl ShardWriter {
         self.manifest.n_tokens += n;
         self.write_manifest()?;
         self.acts.clear();
+        self.grads.clear();
         self.tokens.clear();
         self.positions.clear();
         Ok(())
@@ -356,6 +417,7 @@ mod tests {
             bos_excluded: true,
             has_tokens: true,
             compute: Some("f32".into()),
+            grads: None,
         }
     }
 
@@ -470,6 +532,35 @@ mod tests {
         .unwrap();
         assert!(err.to_string().contains("width 0"), "{err}");
         assert!(!dir.path().join("zero").exists());
+    }
+
+    #[test]
+    fn gradients_beside_activations() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = Manifest {
+            grads: Some("d loss / d x".into()),
+            ..template(StoreDtype::F32)
+        };
+        let mut w = ShardWriter::open(dir.path(), with.clone(), 4).unwrap();
+        let (a, t, p) = rows(6, 0);
+        let e = w.push(&a, &t, &p).unwrap_err();
+        assert!(e.to_string().contains("gradients"), "{e}");
+        let g: Vec<f32> = a.iter().map(|v| -2.0 * v).collect();
+        w.push_with_grads(&a, &g, &t, &p).unwrap();
+        w.finish().unwrap();
+        let acts = crate::ActivationStore::open(dir.path()).unwrap();
+        let grads = crate::ActivationStore::open_grads(dir.path()).unwrap();
+        let (mut x, mut y) = (vec![0f32; 3], vec![0f32; 3]);
+        for r in 0..6 {
+            acts.read_row(r, &mut x).unwrap();
+            grads.read_row(r, &mut y).unwrap();
+            assert_eq!(y, x.iter().map(|v| -2.0 * v).collect::<Vec<_>>());
+        }
+        // A run without gradients does not continue this one.
+        let e = ShardWriter::open(dir.path(), template(StoreDtype::F32), 4)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("another run"), "{e}");
     }
 
     #[test]

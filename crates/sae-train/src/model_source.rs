@@ -6,7 +6,7 @@
 use crate::source::BatchSource;
 use anyhow::{bail, Result};
 use sae_core::sae::SaeMeta;
-use sae_lm::harvest::{harvest_hooks, HarvestOptions};
+use sae_lm::harvest::{harvest_hooks, harvest_with_grad, HarvestOptions};
 use sae_lm::{Hook, LanguageModel};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
@@ -23,10 +23,15 @@ pub struct ModelSourceOptions {
     /// Contexts per forward pass.
     pub batch_contexts: usize,
     pub seed: u64,
+    /// Also compute the gradient of the model's next-token loss at every row (one hook;
+    /// Llama-family models), for `next_batch_with_grads`.
+    pub with_grads: bool,
 }
 
 pub struct ModelSource {
     d_in: usize,
+    /// Values per row as sent and buffered: the activation, then its gradient when asked.
+    row: usize,
     meta: SaeMeta,
     rx: Receiver<Result<Vec<f32>>>,
     /// Rows received and not yet placed in the buffer.
@@ -52,7 +57,15 @@ impl ModelSource {
         if o.ctx < 2 {
             bail!("--ctx must be at least 2");
         }
+        if o.with_grads && hooks.len() != 1 {
+            bail!(
+                "the loss gradient is computed at one hook per run; train the hooks one at a time"
+            );
+        }
         let model = LanguageModel::load(&o.model)?;
+        if o.with_grads {
+            model.check_loss_grad()?;
+        }
         let mut parsed: Vec<Hook> = Vec::new();
         for name in hooks {
             let hook = model.hook(name)?;
@@ -68,11 +81,13 @@ impl ModelSource {
         let mut sources = Vec::new();
         for (name, &hook) in hooks.iter().zip(&parsed) {
             let d_in = model.hook_width(hook);
+            let row = if o.with_grads { 2 * d_in } else { d_in };
             // A few forward passes in flight: the model keeps working while the trainer steps.
             let (tx, rx) = sync_channel::<Result<Vec<f32>>>(4);
             senders.push(tx);
             sources.push(ModelSource {
                 d_in,
+                row,
                 meta: SaeMeta {
                     model_name: o.model.clone(),
                     hook_name: name.clone(),
@@ -83,7 +98,7 @@ impl ModelSource {
                 rx,
                 incoming: Vec::new(),
                 incoming_at: 0,
-                buffer: Vec::with_capacity(o.buffer_rows.max(1) * d_in),
+                buffer: Vec::with_capacity(o.buffer_rows.max(1) * row),
                 buffer_rows: o.buffer_rows.max(1),
                 rng: o.seed ^ 0x9e37_79b9_7f4a_7c15,
             });
@@ -101,8 +116,29 @@ impl ModelSource {
             };
             self.incoming_at = 0;
         }
-        self.incoming_at += self.d_in;
-        Ok(self.incoming_at - self.d_in)
+        self.incoming_at += self.row;
+        Ok(self.incoming_at - self.row)
+    }
+
+    /// Random buffered rows (each replaced by a fresh one): the activation of each into
+    /// `out`, and its gradient into `grads` when given.
+    fn draw(&mut self, out: &mut [f32], mut grads: Option<&mut [f32]>, n: usize) -> Result<()> {
+        let (d, w) = (self.d_in, self.row);
+        while self.buffer.len() < self.buffer_rows * w {
+            let at = self.next_row()?;
+            self.buffer.extend_from_slice(&self.incoming[at..at + w]);
+        }
+        for (i, o) in out[..n * d].chunks_mut(d).enumerate() {
+            let j = self.random_index(self.buffer_rows);
+            let slot = j * w..(j + 1) * w;
+            o.copy_from_slice(&self.buffer[slot.start..slot.start + d]);
+            if let Some(g) = grads.as_deref_mut() {
+                g[i * d..(i + 1) * d].copy_from_slice(&self.buffer[slot.start + d..slot.end]);
+            }
+            let at = self.next_row()?;
+            self.buffer[slot].copy_from_slice(&self.incoming[at..at + w]);
+        }
+        Ok(())
     }
 
     /// SplitMix64: small, seeded, reproducible for a given model and corpus.
@@ -121,20 +157,23 @@ impl BatchSource for ModelSource {
     }
 
     fn next_batch(&mut self, out: &mut [f32], n: usize) -> Result<()> {
-        let d = self.d_in;
-        while self.buffer.len() < self.buffer_rows * d {
-            let at = self.next_row()?;
-            self.buffer.extend_from_slice(&self.incoming[at..at + d]);
+        self.draw(out, None, n)
+    }
+
+    fn has_grads(&self) -> bool {
+        self.row > self.d_in
+    }
+
+    fn next_batch_with_grads(
+        &mut self,
+        out: &mut [f32],
+        grads: &mut [f32],
+        n: usize,
+    ) -> Result<()> {
+        if !self.has_grads() {
+            bail!("this model source computes no loss gradients");
         }
-        for o in out[..n * d].chunks_mut(d) {
-            // Hand out a random buffered row and put a fresh one in its place.
-            let j = self.random_index(self.buffer_rows);
-            let slot = j * d..(j + 1) * d;
-            o.copy_from_slice(&self.buffer[slot.clone()]);
-            let at = self.next_row()?;
-            self.buffer[slot].copy_from_slice(&self.incoming[at..at + d]);
-        }
-        Ok(())
+        self.draw(out, Some(grads), n)
     }
 
     fn meta(&self) -> SaeMeta {
@@ -172,17 +211,33 @@ fn produce(
     let mut warned = false;
     loop {
         // Ends with an error once every receiver is gone (training over).
-        let res = harvest_hooks(&model, &contexts, &hooks, &opts, |rows| {
-            for ((tx, r), open) in senders.iter().zip(rows).zip(&mut open) {
-                if *open && tx.send(Ok(r.acts.to_vec())).is_err() {
-                    *open = false;
+        let res = if o.with_grads {
+            // Each row sent as its activation followed by its gradient.
+            let d = model.hook_width(hooks[0]);
+            harvest_with_grad(&model, &contexts, hooks[0], &opts, |r, g| {
+                let mut rows = Vec::with_capacity(2 * r.acts.len());
+                for (a, g) in r.acts.chunks(d).zip(g.chunks(d)) {
+                    rows.extend_from_slice(a);
+                    rows.extend_from_slice(g);
                 }
-            }
-            if !open.contains(&true) {
-                bail!("training ended");
-            }
-            Ok(())
-        });
+                if senders[0].send(Ok(rows)).is_err() {
+                    bail!("training ended");
+                }
+                Ok(())
+            })
+        } else {
+            harvest_hooks(&model, &contexts, &hooks, &opts, |rows| {
+                for ((tx, r), open) in senders.iter().zip(rows).zip(&mut open) {
+                    if *open && tx.send(Ok(r.acts.to_vec())).is_err() {
+                        *open = false;
+                    }
+                }
+                if !open.contains(&true) {
+                    bail!("training ended");
+                }
+                Ok(())
+            })
+        };
         if let Err(e) = res {
             return send_error(e);
         }

@@ -96,6 +96,7 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
     // Before any data is read or a model loaded.
     check_out(cfg)?;
     if let Some(preset) = &cfg.synth {
+        check_grad_source(cfg, "--synth (no model)")?;
         if cfg.steps.is_none() && cfg.tokens.is_none() {
             bail!("training from --synth needs --steps or --tokens (the stream is endless)");
         }
@@ -103,7 +104,12 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
         return run_with_source(cfg, &mut source);
     }
     if let Some(acts) = &cfg.acts {
-        let mut source = StoreSource::open(acts, cfg.seed)?;
+        let mut source = if cfg.arch.family().trains_on_input_grad() {
+            StoreSource::open_with_grads(acts, cfg.seed)
+                .with_context(|| format!("--acts for --arch {}", cfg.arch))?
+        } else {
+            StoreSource::open(acts, cfg.seed)?
+        };
         return run_with_source(cfg, &mut source);
     }
     let (Some(model), Some(hook)) = (&cfg.model, &cfg.hook) else {
@@ -111,6 +117,20 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     let mut source = ModelSource::start(model_source_options(cfg, model, hook)?)?;
     run_with_source(cfg, &mut source)
+}
+
+/// Families that train on the model's loss gradient need a source that has it: a store
+/// harvested with it (checked where it is opened) or one model hook (computed on the fly).
+fn check_grad_source(cfg: &TrainConfig, what: &str) -> Result<()> {
+    if cfg.arch.family().trains_on_input_grad() {
+        bail!(
+            "--arch {} needs the gradient of the model's loss beside every activation, which \
+             {what} cannot give: harvest a store with it (sae harvest --with-grad --hook H \
+             --out DIR) and train with --acts DIR, or train from --model at one --hook",
+            cfg.arch,
+        );
+    }
+    Ok(())
 }
 
 /// The sources given may be used together.
@@ -162,6 +182,7 @@ fn model_source_options(cfg: &TrainConfig, model: &str, hook: &str) -> Result<Mo
         buffer_rows: cfg.buffer_rows,
         batch_contexts: 16,
         seed: cfg.seed,
+        with_grads: cfg.arch.family().trains_on_input_grad(),
     })
 }
 
@@ -183,6 +204,7 @@ pub fn run_hooks(cfg: &TrainConfig) -> Result<Vec<TrainSummary>> {
              or train on one store at a time with --acts"
         );
     };
+    check_grad_source(cfg, "several --hook values")?;
     // Before the model is loaded.
     sae_output::check_output_folder(&cfg.out)?;
     let runs: Vec<TrainConfig> = hooks
@@ -978,6 +1000,14 @@ fn train(
     bars: Option<&ProgressGroup>,
 ) -> Result<TrainSummary> {
     let d_in = source.d_in();
+    let with_grads = cfg.arch.family().trains_on_input_grad();
+    if with_grads && !source.has_grads() {
+        bail!(
+            "--arch {} needs the gradient of the model's loss beside every activation, and this \
+             source has none: train from a store harvested with sae harvest --with-grad",
+            cfg.arch
+        );
+    }
     let mut r = resolve(cfg, d_in, source.n_rows())?;
     let partial = partial_dir(&cfg.out)?;
     let identity = run_identity(cfg, &r);
@@ -1014,6 +1044,7 @@ fn train(
 
     let bs = cfg.batch_size;
     let mut batch = vec![0.0f32; bs * d_in];
+    let mut grads = vec![0.0f32; if with_grads { bs * d_in } else { 0 }];
     let bar = progress_bar(cfg, r.steps, start_step, bars);
     let t0 = Instant::now();
     let mut t_window = Instant::now();
@@ -1024,9 +1055,15 @@ fn train(
     let mut resample_note = String::new();
     while offset + trainer.steps_done() < r.steps {
         let step = offset + trainer.steps_done();
-        source.next_batch(&mut batch, bs)?;
+        if with_grads {
+            source.next_batch_with_grads(&mut batch, &mut grads, bs)?;
+        } else {
+            source.next_batch(&mut batch, bs)?;
+        }
         if scale != 1.0 {
             batch.iter_mut().for_each(|v| *v *= scale);
+            // The loss gradient w.r.t. `scale * x` is the raw one divided by `scale`.
+            grads.iter_mut().for_each(|g| *g /= scale);
         }
         let mut lr = lr_at(&r, cfg.lr_decay_steps, step, trainer.steps_done());
         if !lr_drops.is_empty() {
@@ -1037,7 +1074,11 @@ fn train(
         let coeff = l0_target
             .as_ref()
             .map_or(scheduled, |t| t.coefficient(scheduled));
-        let stats = trainer.step(&batch, bs, lr, coeff);
+        let stats = if with_grads {
+            trainer.step_with_grad(&batch, &grads, bs, lr, coeff)
+        } else {
+            trainer.step(&batch, bs, lr, coeff)
+        };
         if !stats.loss.is_finite() {
             bar.abandon();
             bail!(

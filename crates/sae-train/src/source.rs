@@ -12,6 +12,25 @@ pub trait BatchSource: Send {
     /// Fills `out` (`[n, d_in]`, row-major f32) with the next `n` rows.
     fn next_batch(&mut self, out: &mut [f32], n: usize) -> Result<()>;
 
+    /// Whether `next_batch_with_grads` gives each row's loss gradient.
+    fn has_grads(&self) -> bool {
+        false
+    }
+
+    /// `next_batch`, and into `grads` (`[n, d_in]`) the gradient of the language model's loss
+    /// with respect to each of those rows.
+    fn next_batch_with_grads(
+        &mut self,
+        _out: &mut [f32],
+        _grads: &mut [f32],
+        _n: usize,
+    ) -> Result<()> {
+        bail!(
+            "this activation source has no loss gradients; train from a store harvested with \
+             sae harvest --with-grad"
+        )
+    }
+
     /// `n` rows for initialisation (b_dec, normalisation) and the final evaluation.
     /// Default: the next rows of the stream.
     fn sample(&mut self, out: &mut [f32], n: usize) -> Result<()> {
@@ -58,6 +77,15 @@ impl StoreSource {
         })
     }
 
+    /// `open`, with each row's loss gradient (a store harvested with `--with-grad`); the
+    /// gradients are checked for first, before the activation files are opened.
+    pub fn open_with_grads(path: &Path, seed: u64) -> Result<Self> {
+        let grads = ActivationStore::open_grads(path)?;
+        let mut source = Self::open(path, seed)?;
+        source.stream.attach_grads(grads)?;
+        Ok(source)
+    }
+
     pub fn store(&self) -> &ActivationStore {
         self.stream.store()
     }
@@ -70,6 +98,19 @@ impl BatchSource for StoreSource {
 
     fn next_batch(&mut self, out: &mut [f32], n: usize) -> Result<()> {
         self.stream.next_batch(out, n)
+    }
+
+    fn has_grads(&self) -> bool {
+        self.stream.has_grads()
+    }
+
+    fn next_batch_with_grads(
+        &mut self,
+        out: &mut [f32],
+        grads: &mut [f32],
+        n: usize,
+    ) -> Result<()> {
+        self.stream.next_batch_with_grads(out, grads, n)
     }
 
     fn sample(&mut self, out: &mut [f32], n: usize) -> Result<()> {
@@ -275,13 +316,23 @@ impl<'a> NormFilter<'a> {
 
     /// Reads the missing rows straight into `out` behind the kept ones and compacts them in
     /// place (no staging buffer, no copy when nothing is over the limit).
-    fn fill(&mut self, out: &mut [f32], n: usize, from_sample: bool) -> Result<()> {
+    fn fill(
+        &mut self,
+        out: &mut [f32],
+        mut grads: Option<&mut [f32]>,
+        n: usize,
+        from_sample: bool,
+    ) -> Result<()> {
+        let read = |inner: &mut dyn BatchSource,
+                    out: &mut [f32],
+                    grads: Option<&mut [f32]>,
+                    want: usize| match (grads, from_sample) {
+            (Some(g), _) => inner.next_batch_with_grads(out, g, want),
+            (None, true) => inner.sample(out, want),
+            (None, false) => inner.next_batch(out, want),
+        };
         if self.max_norm2.is_infinite() {
-            return if from_sample {
-                self.inner.sample(out, n)
-            } else {
-                self.inner.next_batch(out, n)
-            };
+            return read(&mut *self.inner, out, grads, n);
         }
         let d = self.inner.d_in();
         let mut have = 0;
@@ -289,11 +340,8 @@ impl<'a> NormFilter<'a> {
         while have < n {
             let want = n - have;
             let fresh = &mut out[have * d..n * d];
-            if from_sample {
-                self.inner.sample(fresh, want)?;
-            } else {
-                self.inner.next_batch(fresh, want)?;
-            }
+            let fresh_grads = grads.as_deref_mut().map(|g| &mut g[have * d..n * d]);
+            read(&mut *self.inner, fresh, fresh_grads, want)?;
             let first_new = have;
             for r in first_new..n {
                 // NaN rows are kept, so the trainer's non-finite check reports them.
@@ -301,6 +349,9 @@ impl<'a> NormFilter<'a> {
                 if norm2.is_nan() || norm2 <= self.max_norm2 {
                     if r != have {
                         out.copy_within(r * d..(r + 1) * d, have * d);
+                        if let Some(g) = grads.as_deref_mut() {
+                            g.copy_within(r * d..(r + 1) * d, have * d);
+                        }
                     }
                     have += 1;
                 } else {
@@ -324,10 +375,21 @@ impl BatchSource for NormFilter<'_> {
         self.inner.d_in()
     }
     fn next_batch(&mut self, out: &mut [f32], n: usize) -> Result<()> {
-        self.fill(out, n, false)
+        self.fill(out, None, n, false)
+    }
+    fn has_grads(&self) -> bool {
+        self.inner.has_grads()
+    }
+    fn next_batch_with_grads(
+        &mut self,
+        out: &mut [f32],
+        grads: &mut [f32],
+        n: usize,
+    ) -> Result<()> {
+        self.fill(out, Some(grads), n, false)
     }
     fn sample(&mut self, out: &mut [f32], n: usize) -> Result<()> {
-        self.fill(out, n, true)
+        self.fill(out, None, n, true)
     }
     fn n_rows(&self) -> Option<u64> {
         self.inner.n_rows()

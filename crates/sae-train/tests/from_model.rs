@@ -44,6 +44,7 @@ fn model_source_gives_shuffled_model_activations() {
         buffer_rows: 128,
         batch_contexts: 4,
         seed: 1,
+        with_grads: false,
     })
     .unwrap();
     let d = src.d_in();

@@ -6,6 +6,7 @@
 mod harness;
 
 mod flags;
+mod gsae;
 mod knobs;
 mod mixprec;
 mod multihook;

@@ -47,7 +47,8 @@ registry![
     mutualchoice,
     featurechoice,
     gba,
-    vsae
+    vsae,
+    gsae
 ];
 
 /// Settings saved with an SAE that change its math (`k`, prefix widths, ...), under the
@@ -230,6 +231,11 @@ pub trait Family: Send + Sync + 'static {
     }
     /// Whether dead-latent resampling (Bricken et al.) applies to this family.
     fn resamplable(&self) -> bool {
+        false
+    }
+    /// Whether training needs the language model's loss gradient at every input row (its
+    /// rule's `Arch::reads_input_grad`): sources must provide it.
+    fn trains_on_input_grad(&self) -> bool {
         false
     }
     /// Whether SAELens' `rescale_acts_by_decoder_norm` applies to this family's files.
@@ -682,6 +688,17 @@ pub trait Arch: Send + Sync {
     }
     /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`.
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut);
+    /// Whether selection also reads, per row b and latent j, `|W_dec[j] . g_b|`, with `g_b`
+    /// the gradient of the language model's loss w.r.t. input row b (g-SAE). The trainer then
+    /// takes those gradients with every batch (`SaeTrainer::step_with_grad`) and computes the
+    /// scores in one more dense product per step; it calls `select_row_scored`.
+    fn reads_input_grad(&self) -> bool {
+        false
+    }
+    /// `select_row` given the row's scores (`[d_sae]`) when `reads_input_grad`.
+    fn select_row_scored(&self, ctx: &StepCtx, pre: &[f32], _scores: &[f32], out: &mut RowOut) {
+        self.select_row(ctx, pre, out);
+    }
     /// `df`, `da`: loss gradients w.r.t. the entry's `f` and `a` (batch mean included).
     fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, da: f32) -> EntryGrad;
     /// Extra decoder-row gradient given `sum_b f_bj` (decoder-norm-weighted L1 only).

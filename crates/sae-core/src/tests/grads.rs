@@ -1,7 +1,7 @@
 //! Fast gradients == dense reference == finite differences, for every architecture.
 
 use super::reference::{grads, loss, RefCfg, RefParams};
-use super::{randn, random_sae};
+use super::{input_grad, randn, random_sae, step_any};
 use crate::arch::topk::AuxKOpts;
 use crate::arch::TrainOpts;
 use crate::{ArchKind, SaeTrainer, TrainHyper};
@@ -48,7 +48,14 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
     let lambda = 0.7f32;
     let mut trainer = SaeTrainer::new(sae.clone(), hyper.clone());
     trainer.set_dense_fraction(if dense { 0.0 } else { 2.0 });
-    let (stats, fast) = trainer.gradients(&x, N, lambda);
+    // Rules that select with the loss gradient get one, twice the stand-in's scale so that
+    // it changes the selection.
+    let grad: Vec<f32> = input_grad(&x).iter().map(|g| 2.0 * g).collect();
+    let (stats, fast) = if trainer.needs_input_grad() {
+        trainer.gradients_with_grad(&x, &grad, N, lambda)
+    } else {
+        trainer.gradients(&x, N, lambda)
+    };
     // The parameters as trained: JumpReLU trains log(threshold); BatchTopK's threshold is
     // an inference estimate, not trained.
     let lat: Vec<Vec<f64>> = match arch.as_str() {
@@ -92,6 +99,7 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
                 .and_then(serde_json::Value::as_f64)
                 .unwrap_or(0.0),
             noise_seed: hyper.seed,
+            input_grad: to64(&grad),
         },
         params: RefParams {
             w_enc_t,
@@ -282,6 +290,25 @@ fn gba_gradients() {
 }
 
 #[test]
+fn gsae_gradients() {
+    check_against_reference(ArchKind::GSAE, false);
+    check_finite_differences(ArchKind::GSAE, false);
+    // The gradient term must change the selection here, or this is TopK's test again.
+    let c = case(ArchKind::GSAE, false, 7, false);
+    assert!(c.cfg.beta > 0.0);
+    let topk_like = RefCfg {
+        beta: 0.0,
+        ..c.cfg.clone()
+    };
+    let with = loss(&c.cfg, &c.params, &c.params, &c.x, N);
+    let without = loss(&topk_like, &c.params, &c.params, &c.x, N);
+    assert!(
+        (with - without).abs() > 1e-6 * with.abs(),
+        "{with} vs {without}"
+    );
+}
+
+#[test]
 fn vsae_gradients() {
     check_against_reference(ArchKind::VSAE, false);
     check_finite_differences(ArchKind::VSAE, false);
@@ -318,7 +345,7 @@ fn dense_and_sparse_steps_agree() {
             let mut t = SaeTrainer::new(sae.clone(), hyper.clone());
             t.set_dense_fraction(fraction);
             for _ in 0..3 {
-                t.step(&x, N, 1e-2, 0.3);
+                step_any(&mut t, &x, N, 1e-2, 0.3);
             }
             t.snapshot()
         };

@@ -1,6 +1,6 @@
 //! Trainer behaviour, inference helpers and metrics.
 
-use super::{randn, random_sae};
+use super::{randn, random_sae, step_any};
 use crate::metrics::{mmcs, ReconMetrics};
 use crate::{ArchKind, Sae, SaeTrainer, SparseCode, TrainHyper};
 use rand::SeedableRng;
@@ -59,10 +59,10 @@ fn training_lowers_loss_and_keeps_unit_norm_decoder() {
         } else {
             0.05
         };
-        let first = tr.step(x, n, 1e-3, lambda);
+        let first = step_any(&mut tr, x, n, 1e-3, lambda);
         let mut last = first.clone();
         for _ in 0..steps {
-            last = tr.step(x, n, 1e-3, lambda);
+            last = step_any(&mut tr, x, n, 1e-3, lambda);
         }
         assert!(
             last.mse < 0.7 * first.mse,
@@ -106,7 +106,7 @@ fn same_seed_same_bits() {
             let mut tr =
                 SaeTrainer::new(Sae::init(arch, d_in, d_sae, 3, 42), TrainHyper::default());
             for _ in 0..4 {
-                tr.step(&x, n, 1e-3, 0.01);
+                step_any(&mut tr, &x, n, 1e-3, 0.01);
             }
             tr.snapshot()
         };
@@ -148,20 +148,20 @@ fn resume_from_saved_state_is_exact() {
         };
         let batch = |i: usize| &x[i * n * d_in..(i + 1) * n * d_in];
         let mut a = SaeTrainer::new(Sae::init(arch, d_in, d_sae, 3, 1), hyper.clone());
-        a.step(batch(0), n, 1e-3, 0.01);
-        a.step(batch(1), n, 1e-3, 0.01);
+        step_any(&mut a, batch(0), n, 1e-3, 0.01);
+        step_any(&mut a, batch(1), n, 1e-3, 0.01);
         let sae_dir = dir.path().join(format!("{arch}"));
         let state = dir.path().join(format!("{arch}.state.safetensors"));
         crate::saelens::save(&a.snapshot(), &sae_dir).unwrap();
         a.save_state(&state).unwrap();
-        a.step(batch(2), n, 1e-3, 0.01);
-        a.step(batch(3), n, 1e-3, 0.01);
+        step_any(&mut a, batch(2), n, 1e-3, 0.01);
+        step_any(&mut a, batch(3), n, 1e-3, 0.01);
 
         let mut b = SaeTrainer::new(crate::saelens::load(&sae_dir).unwrap(), hyper.clone());
         b.load_state(&state).unwrap();
         assert_eq!(b.steps_done(), 2);
-        b.step(batch(2), n, 1e-3, 0.01);
-        b.step(batch(3), n, 1e-3, 0.01);
+        step_any(&mut b, batch(2), n, 1e-3, 0.01);
+        step_any(&mut b, batch(3), n, 1e-3, 0.01);
         assert_eq!(a.snapshot(), b.snapshot(), "{arch}");
         assert_eq!(a.tokens_since_fired(), b.tokens_since_fired());
 
@@ -437,6 +437,7 @@ fn mp_pursuit_matches_the_naive_one() {
         widths: Vec::new(),
         beta: 0.0,
         noise_seed: 0,
+        input_grad: Vec::new(),
     };
     let p = RefParams {
         w_enc_t: Vec::new(),

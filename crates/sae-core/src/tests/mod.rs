@@ -9,7 +9,7 @@ mod precision;
 mod reference;
 mod resample;
 
-use crate::{ArchKind, Sae};
+use crate::{ArchKind, Sae, SaeTrainer, StepStats};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -18,6 +18,25 @@ pub(crate) fn randn(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| rng.sample::<f32, _>(StandardNormal))
         .collect()
+}
+
+/// A stand-in for a language model's loss gradient at each input row (for rules that select
+/// with it): a fixed smooth function of the row, of the same size.
+pub(crate) fn input_grad(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| (1.7 * v + 0.3 * (i % 7) as f32).sin())
+        .collect()
+}
+
+/// One optimiser step of any family: rules that select with the loss gradient get
+/// `input_grad(x)`.
+pub(crate) fn step_any(t: &mut SaeTrainer, x: &[f32], n: usize, lr: f32, coeff: f32) -> StepStats {
+    if t.needs_input_grad() {
+        t.step_with_grad(x, &input_grad(x), n, lr, coeff)
+    } else {
+        t.step(x, n, lr, coeff)
+    }
 }
 
 /// A small SAE with every parameter moved away from its init, so gradients are generic.

@@ -34,6 +34,9 @@ pub struct RefCfg {
     /// vSAE: the KL coefficient, and the seed of the training noise (step 1's is used).
     pub beta: f64,
     pub noise_seed: u64,
+    /// g-SAE: the loss gradient of each input row (`[n, d_in]`), read by the selection only
+    /// (`beta` is then its weight).
+    pub input_grad: Vec<f64>,
 }
 
 impl RefCfg {
@@ -216,6 +219,25 @@ fn forward(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> Fwd {
                     a[j] = v.max(0.0);
                 }
             }
+            "gsae" => {
+                let g = &c.input_grad[b * d_in..(b + 1) * d_in];
+                let z: Vec<f64> = (0..m).map(|j| pre[j] + p.lat[0][j]).collect();
+                let score: Vec<(f64, usize)> = (0..m)
+                    .map(|j| {
+                        let u = dotf(row(&p.w_dec, j, d_in), g).abs();
+                        (z[j] + c.beta * z[j] * u, j)
+                    })
+                    .collect();
+                for (s, j) in top_k(&score, c.k) {
+                    if s > 0.0 {
+                        f[j] = z[j];
+                    }
+                }
+                let dead_vals: Vec<(f64, usize)> = c.dead.iter().map(|&j| (z[j], j)).collect();
+                for (v, j) in top_k(&dead_vals, c.k_aux) {
+                    a[j] = v.max(0.0);
+                }
+            }
             "featurechoice" => {
                 for j in 0..m {
                     let v = pre[j] + p.lat[0][j];
@@ -389,7 +411,7 @@ pub fn loss(c: &RefCfg, live: &RefParams, frozen: &RefParams, x: &[f64], n: usiz
                 let l0 = fw.f[b].iter().filter(|v| **v != 0.0).count() as f64;
                 total += c.lambda * l0 / nf;
             }
-            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" | "vsae" => {
+            "topk" | "batchtopk" | "matryoshka" | "mutualchoice" | "vsae" | "gsae" => {
                 if !c.dead.is_empty() && denom > 0.0 {
                     let eh = decode(c, &live.w_dec, None, &fw.a[b]);
                     total += c.alpha * sq(&eh, &e[b]) / denom;
@@ -524,7 +546,7 @@ pub fn grads(c: &RefCfg, p: &RefParams, x: &[f64], n: usize) -> RefParams {
                         g.lat[1][j] += gt * theta;
                     }
                 }
-                "topk" | "batchtopk" | "matryoshka" | "mutualchoice" | "vsae" => {
+                "topk" | "batchtopk" | "matryoshka" | "mutualchoice" | "vsae" | "gsae" => {
                     if f > 0.0 {
                         dpre[j] += df;
                     }

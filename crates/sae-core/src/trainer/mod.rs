@@ -260,14 +260,40 @@ impl SaeTrainer {
     /// it and NOTHING was changed: no update, no step counted. The caller should stop and keep
     /// its last checkpoint. Panics if `x.len() != n * d_in` (a programming error, not bad data).
     pub fn step(&mut self, x: &[f32], n: usize, lr: f32, sparsity_coeff: f32) -> StepStats {
-        self.dispatch(x, n, sparsity_coeff, Mode::Apply(lr))
+        self.dispatch(x, None, n, sparsity_coeff, Mode::Apply(lr))
+    }
+
+    /// Whether this trainer's rule selects with the loss gradient of each input row
+    /// (g-SAE): it must be stepped with `step_with_grad`, and `step` panics.
+    pub fn needs_input_grad(&self) -> bool {
+        self.arch.reads_input_grad()
+    }
+
+    /// `step` with `grad` (`[n, d_in]`), the gradient of the language model's loss w.r.t.
+    /// each row of `x` (at the scale of `x`), for rules that select with it; others ignore it.
+    pub fn step_with_grad(
+        &mut self,
+        x: &[f32],
+        grad: &[f32],
+        n: usize,
+        lr: f32,
+        sparsity_coeff: f32,
+    ) -> StepStats {
+        self.dispatch(x, Some(grad), n, sparsity_coeff, Mode::Apply(lr))
     }
 
     /// The step of this trainer's rule: the shared sparse step, or the pursuit step of rules
     /// that select against the residual.
-    fn dispatch(&mut self, x: &[f32], n: usize, sparsity_coeff: f32, mode: Mode) -> StepStats {
+    fn dispatch(
+        &mut self,
+        x: &[f32],
+        grad: Option<&[f32]>,
+        n: usize,
+        sparsity_coeff: f32,
+        mode: Mode,
+    ) -> StepStats {
         if self.arch.residual_select().is_none() {
-            return self.run(x, n, sparsity_coeff, mode);
+            return self.run(x, grad, n, sparsity_coeff, mode);
         }
         assert_eq!(
             x.len(),
@@ -283,13 +309,34 @@ impl SaeTrainer {
 
     /// The raw gradients of the loss on this batch, without changing any state.
     pub fn gradients(&mut self, x: &[f32], n: usize, sparsity_coeff: f32) -> (StepStats, Grads) {
+        self.collect(x, None, n, sparsity_coeff)
+    }
+
+    /// `gradients` with each row's loss gradient (see `step_with_grad`).
+    pub fn gradients_with_grad(
+        &mut self,
+        x: &[f32],
+        grad: &[f32],
+        n: usize,
+        sparsity_coeff: f32,
+    ) -> (StepStats, Grads) {
+        self.collect(x, Some(grad), n, sparsity_coeff)
+    }
+
+    fn collect(
+        &mut self,
+        x: &[f32],
+        grad: Option<&[f32]>,
+        n: usize,
+        sparsity_coeff: f32,
+    ) -> (StepStats, Grads) {
         let mut g = Grads {
             w_enc_t: vec![0.0; self.d_sae * self.d_in],
             w_dec: vec![0.0; self.d_sae * self.d_in],
             b_dec: vec![0.0; self.d_in],
             params: self.params.iter().map(|p| vec![0.0; p.len()]).collect(),
         };
-        let stats = self.dispatch(x, n, sparsity_coeff, Mode::Collect(&mut g));
+        let stats = self.dispatch(x, grad, n, sparsity_coeff, Mode::Collect(&mut g));
         (stats, g)
     }
 

@@ -1,6 +1,7 @@
 //! The body of one training step, one method per phase over the reused `Buffers`:
 //! `encode`, `dense_penalty` and `add_pre_noise` (rules with a dense penalty or training
-//! noise), `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
+//! noise), `grad_scores` (rules that select with the input's loss gradient),
+//! `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
 //! `Buffers::transpose_entries`, `latent_pass` (gradients fused with Adam), `dense_params`.
 
 use super::{noise, Mode, SaeTrainer, StepStats};
@@ -96,6 +97,9 @@ pub(super) struct Buffers {
     pen_genc: Vec<f32>,
     /// The bf16 copy of W_enc (`Precision::Bf16`).
     enc_bf16: crate::bf16::EncoderBf16,
+    /// Rules that select with the input's loss gradient (empty otherwise): `|G W_dec^T|`,
+    /// `[n, d_sae]`.
+    grad_scores: Vec<f32>,
 }
 
 /// An entry as the latent pass reads it (sorted by latent).
@@ -185,6 +189,7 @@ impl SaeTrainer {
     pub(super) fn run(
         &mut self,
         x: &[f32],
+        grad: Option<&[f32]>,
         n: usize,
         sparsity_coeff: f32,
         mode: Mode,
@@ -205,6 +210,8 @@ impl SaeTrainer {
         let penalty_sum = self.dense_penalty(n);
         self.add_pre_noise(n);
         prof.lap("penalty+noise");
+        self.grad_scores(grad, n);
+        prof.lap("grad scores");
         let batch = self.prepare_selection(n, sparsity_coeff);
         prof.lap("prep");
         let mut sel = self.select(n, sparsity_coeff, batch);
@@ -374,6 +381,35 @@ impl SaeTrainer {
             });
     }
 
+    /// Phase 1d: for rules that select with the input's loss gradient, `|G W_dec^T|`: the
+    /// loss derivative w.r.t. each latent's activation, every (row, latent). A second dense
+    /// product beside the encoder's; no sparsity to exploit, every latent is a candidate.
+    fn grad_scores(&mut self, grad: Option<&[f32]>, n: usize) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let buf = &mut self.buf;
+        if !self.arch.reads_input_grad() {
+            buf.grad_scores.clear();
+            return;
+        }
+        let g = grad.unwrap_or_else(|| {
+            panic!(
+                "the {} rule selects with the loss gradient of each row: call step_with_grad",
+                self.kind
+            )
+        });
+        assert_eq!(
+            g.len(),
+            n * d_in,
+            "step: grad has {} values, expected n * d_in",
+            g.len()
+        );
+        buf.grad_scores.resize(n * d_sae, 0.0);
+        matmul_xt(g, n, d_in, &self.w_dec, d_sae, &mut buf.grad_scores);
+        buf.grad_scores
+            .par_chunks_mut(d_sae * ROW_CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = v.abs()));
+    }
+
     /// Phase 2a: the architecture's per-step inputs (decoder norms, dead latents), its
     /// batch-wide threshold and its candidate prefilter.
     fn prepare_selection(&mut self, n: usize, sparsity_coeff: f32) -> BatchSelection {
@@ -440,15 +476,23 @@ impl SaeTrainer {
         buf.chunks
             .resize_with(n.div_ceil(ROW_CHUNK), ChunkOut::default);
         let arch = &*self.arch;
+        let scores = &buf.grad_scores;
         buf.pre
             .par_chunks(d_sae * ROW_CHUNK)
             .zip(buf.chunks.par_iter_mut())
-            .for_each(|(rows, ch)| {
+            .enumerate()
+            .for_each(|(c, (rows, ch))| {
                 ch.out.clear();
                 ch.row_len.clear();
-                for row in rows.chunks(d_sae) {
+                for (r, row) in rows.chunks(d_sae).enumerate() {
                     let before = ch.out.idx.len();
-                    arch.select_row(&ctx, row, &mut ch.out);
+                    if scores.is_empty() {
+                        arch.select_row(&ctx, row, &mut ch.out);
+                    } else {
+                        let b = c * ROW_CHUNK + r;
+                        let s = &scores[b * d_sae..(b + 1) * d_sae];
+                        arch.select_row_scored(&ctx, row, s, &mut ch.out);
+                    }
                     ch.row_len.push(ch.out.idx.len() - before);
                 }
             });
