@@ -19,16 +19,15 @@
 //! files with `gsae`, `k` and `beta` in our `sae_core` block.
 
 use super::topk::{
-    auxk_backward, auxk_train_opts, push_auxk, topk_lr, AuxKOpts, TopK, TopKRule, AUXK_OPTIONS,
+    auxk_backward, auxk_train_opts, push_auxk, topk_lr, KCoefficient, TopK, TopKRule, AUXK_OPTIONS,
     B_ENC_ONLY,
 };
 use super::{
-    top_k_into, validate_k, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
+    top_k_into, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
     OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
-use serde_json::json;
 use std::collections::BTreeMap;
 
 /// The g-SAE family.
@@ -46,19 +45,13 @@ const BETA: &str = "beta";
 /// available to us).
 pub const DEFAULT_BETA: f64 = 1.0;
 
-fn check_beta(beta: f64) -> Result<(), String> {
-    if !beta.is_finite() || beta < 0.0 {
-        return Err(format!(
-            "{BETA} = {beta}; the gradient weight must be a finite number >= 0 (0: plain \
-             TopK; default {DEFAULT_BETA})"
-        ));
-    }
-    Ok(())
-}
-
-fn beta_of(settings: &Settings) -> Option<f64> {
-    settings.get(BETA)?.as_f64()
-}
+const BETA_COEFF: KCoefficient = KCoefficient {
+    key: BETA,
+    default: DEFAULT_BETA,
+    what: "gradient weight",
+    zero_means: "plain TopK",
+    family: "gsae",
+};
 
 impl Family for Gsae {
     fn name(&self) -> &'static str {
@@ -115,32 +108,10 @@ impl Family for Gsae {
         _d_sae: usize,
         opts: &BTreeMap<String, String>,
     ) -> Result<Settings, String> {
-        let beta = match opts.get(BETA) {
-            None => DEFAULT_BETA,
-            Some(text) => text.trim().parse::<f64>().map_err(|_| {
-                format!(
-                    "{BETA}: '{}' is not a number; write e.g. {BETA}=0.5",
-                    text.trim()
-                )
-            })?,
-        };
-        check_beta(beta)?;
-        Ok(Settings::from([
-            ("k".to_string(), json!(k)),
-            (BETA.to_string(), json!(beta)),
-        ]))
+        BETA_COEFF.settings(k, opts)
     }
     fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
-        validate_k(sae)?;
-        let Some(beta) = beta_of(&sae.settings) else {
-            return Err(Invalid::Config {
-                key: BETA,
-                msg: format!(
-                    "no gradient weight ('sae_core.{BETA}', a number >= 0); a gsae SAE needs it"
-                ),
-            });
-        };
-        check_beta(beta).map_err(|msg| Invalid::Config { key: BETA, msg })
+        BETA_COEFF.validate(sae)
     }
     fn saelens_cfg(&self, sae: &Sae, cfg: &mut serde_json::Map<String, serde_json::Value>) {
         TopK.saelens_cfg(sae, cfg);
@@ -150,21 +121,12 @@ impl Family for Gsae {
         TopK.encode_row(sae, pre, out);
     }
     fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
-        sae.settings
-            .insert("k".into(), json!(l0.clamp(1, sae.d_sae)));
-        sae.settings
-            .entry(BETA.to_string())
-            .or_insert(json!(DEFAULT_BETA));
+        BETA_COEFF.set_k(sae, l0);
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
-        let aux = AuxKOpts::of(hyper);
         Box::new(GsaeRule {
-            topk: TopKRule {
-                k: sae.k(),
-                k_aux: aux.k_aux(sae.d_in),
-                aux_coeff: aux.aux_coeff,
-            },
-            beta: beta_of(&sae.settings).unwrap_or(DEFAULT_BETA) as f32,
+            topk: TopKRule::new(sae, hyper),
+            beta: BETA_COEFF.value(sae),
         })
     }
 }
@@ -224,6 +186,7 @@ impl Arch for GsaeRule {
 mod tests {
     use super::*;
     use crate::SaeTrainer;
+    use serde_json::json;
 
     fn opts(v: &str) -> BTreeMap<String, String> {
         BTreeMap::from([(BETA.to_string(), v.to_string())])
@@ -236,9 +199,9 @@ mod tests {
             assert!(err.contains(BETA), "{bad}: {err}");
         }
         let ok = Gsae.settings(4, 32, &opts("0.25")).unwrap();
-        assert_eq!(beta_of(&ok), Some(0.25));
+        assert_eq!(BETA_COEFF.of(&ok), Some(0.25));
         assert_eq!(
-            beta_of(&Gsae.settings(4, 32, &BTreeMap::new()).unwrap()),
+            BETA_COEFF.of(&Gsae.settings(4, 32, &BTreeMap::new()).unwrap()),
             Some(DEFAULT_BETA)
         );
         let mut sae = Sae::init(ArchKind::GSAE, 8, 16, 4, 1);

@@ -3,10 +3,11 @@
 
 use super::{
     loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch, ArchKind,
-    AuxMode, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut, Sparsity, StepCtx,
-    TrainOption, TrainOpts,
+    validate_k, AuxMode, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut,
+    Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
-use crate::sae::Sae;
+use crate::sae::{Invalid, Sae};
+use serde_json::json;
 use crate::trainer::TrainHyper;
 use std::collections::BTreeMap;
 
@@ -165,12 +166,94 @@ impl Family for TopK {
         out.scratch = scratch;
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
+        Box::new(TopKRule::new(sae, hyper))
+    }
+}
+
+impl TopKRule {
+    /// TopK's rule for `sae`, with the run's AuxK options.
+    pub(crate) fn new(sae: &Sae, hyper: &TrainHyper) -> Self {
         let aux = AuxKOpts::of(hyper);
-        Box::new(TopKRule {
+        TopKRule {
             k: sae.k(),
             k_aux: aux.k_aux(sae.d_in),
             aux_coeff: aux.aux_coeff,
-        })
+        }
+    }
+}
+
+/// One non-negative coefficient that a TopK variant keeps beside `k` in its settings (vSAE's
+/// KL weight, g-SAE's gradient weight): parsed from `--arch-opt`, checked on load, and kept
+/// when the sparsity is set.
+pub(crate) struct KCoefficient {
+    pub key: &'static str,
+    pub default: f64,
+    /// What it is, for messages ("KL coefficient").
+    pub what: &'static str,
+    /// What 0 means, for messages ("no KL term").
+    pub zero_means: &'static str,
+    pub family: &'static str,
+}
+
+impl KCoefficient {
+    fn check(&self, v: f64) -> Result<(), String> {
+        if !v.is_finite() || v < 0.0 {
+            return Err(format!(
+                "{} = {v}; the {} must be a finite number >= 0 (0: {}; default {})",
+                self.key, self.what, self.zero_means, self.default
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn of(&self, settings: &Settings) -> Option<f64> {
+        settings.get(self.key)?.as_f64()
+    }
+
+    /// The value in `sae`'s settings, or the default (for a rule of a checked SAE).
+    pub fn value(&self, sae: &Sae) -> f32 {
+        self.of(&sae.settings).unwrap_or(self.default) as f32
+    }
+
+    /// `Family::settings`: `k` and the coefficient from `--arch-opt`.
+    pub fn settings(&self, k: usize, opts: &BTreeMap<String, String>) -> Result<Settings, String> {
+        let key = self.key;
+        let v = match opts.get(key) {
+            None => self.default,
+            Some(text) => text.trim().parse::<f64>().map_err(|_| {
+                format!("{key}: '{}' is not a number; write e.g. {key}=0.5", text.trim())
+            })?,
+        };
+        self.check(v)?;
+        Ok(Settings::from([
+            ("k".to_string(), json!(k)),
+            (key.to_string(), json!(v)),
+        ]))
+    }
+
+    /// `Family::validate_settings`: `k` in range and the coefficient present and valid.
+    pub fn validate(&self, sae: &Sae) -> Result<(), Invalid> {
+        validate_k(sae)?;
+        let key = self.key;
+        let Some(v) = self.of(&sae.settings) else {
+            return Err(Invalid::Config {
+                key,
+                msg: format!(
+                    "no {} ('sae_core.{key}', a number >= 0); a {} SAE needs it",
+                    self.what, self.family
+                ),
+            });
+        };
+        self.check(v).map_err(|msg| Invalid::Config { key, msg })
+    }
+
+    /// `Family::set_sparsity`: the new `k`, the coefficient kept (or the default).
+    pub fn set_k(&self, sae: &mut Sae, l0: usize) {
+        sae.settings
+            .insert("k".into(), json!(l0.clamp(1, sae.d_sae)));
+        sae.settings
+            .entry(self.key.to_string())
+            .or_insert(json!(self.default));
     }
 }
 

@@ -12,14 +12,13 @@
 //! Inference uses the mean, no noise: the k largest `mu` with ReLU, exactly TopK, so files are
 //! SAELens `topk` SAEs (SAELens' TopK also applies ReLU to the kept values).
 
-use super::topk::{auxk_train_opts, topk_lr, AuxKOpts, TopK, TopKRule, AUXK_OPTIONS, B_ENC_ONLY};
+use super::topk::{auxk_train_opts, topk_lr, KCoefficient, TopK, TopKRule, AUXK_OPTIONS, B_ENC_ONLY};
 use super::{
-    validate_k, Arch, ArchKind, AuxMode, DensePenalty, Entry, EntryGrad, Family, LatentParam,
+    Arch, ArchKind, AuxMode, DensePenalty, Entry, EntryGrad, Family, LatentParam,
     OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
-use serde_json::json;
 use std::collections::BTreeMap;
 
 /// The vSAE family (TopK variant).
@@ -39,19 +38,13 @@ const DEFAULT_BETA: f64 = 1.0;
 /// The posterior's fixed standard deviation.
 const NOISE_STD: f32 = 1.0;
 
-fn check_beta(beta: f64) -> Result<(), String> {
-    if !beta.is_finite() || beta < 0.0 {
-        return Err(format!(
-            "{BETA} = {beta}; the KL coefficient must be a finite number >= 0 (0: no KL term; \
-             default {DEFAULT_BETA})"
-        ));
-    }
-    Ok(())
-}
-
-fn beta_of(settings: &Settings) -> Option<f64> {
-    settings.get(BETA)?.as_f64()
-}
+const BETA_COEFF: KCoefficient = KCoefficient {
+    key: BETA,
+    default: DEFAULT_BETA,
+    what: "KL coefficient",
+    zero_means: "no KL term",
+    family: "vsae",
+};
 
 impl Family for Vsae {
     fn name(&self) -> &'static str {
@@ -105,32 +98,10 @@ impl Family for Vsae {
         _d_sae: usize,
         opts: &BTreeMap<String, String>,
     ) -> Result<Settings, String> {
-        let beta = match opts.get(BETA) {
-            None => DEFAULT_BETA,
-            Some(text) => text.trim().parse::<f64>().map_err(|_| {
-                format!(
-                    "{BETA}: '{}' is not a number; write e.g. {BETA}=0.5",
-                    text.trim()
-                )
-            })?,
-        };
-        check_beta(beta)?;
-        Ok(Settings::from([
-            ("k".to_string(), json!(k)),
-            (BETA.to_string(), json!(beta)),
-        ]))
+        BETA_COEFF.settings(k, opts)
     }
     fn validate_settings(&self, sae: &Sae) -> Result<(), Invalid> {
-        validate_k(sae)?;
-        let Some(beta) = beta_of(&sae.settings) else {
-            return Err(Invalid::Config {
-                key: BETA,
-                msg: format!(
-                    "no KL coefficient ('sae_core.{BETA}', a number >= 0); a vsae SAE needs it"
-                ),
-            });
-        };
-        check_beta(beta).map_err(|msg| Invalid::Config { key: BETA, msg })
+        BETA_COEFF.validate(sae)
     }
     fn saelens_cfg(&self, sae: &Sae, cfg: &mut serde_json::Map<String, serde_json::Value>) {
         TopK.saelens_cfg(sae, cfg);
@@ -140,21 +111,12 @@ impl Family for Vsae {
         TopK.encode_row(sae, pre, out);
     }
     fn set_sparsity(&self, sae: &mut Sae, l0: usize, _cutoff: f32) {
-        sae.settings
-            .insert("k".into(), json!(l0.clamp(1, sae.d_sae)));
-        sae.settings
-            .entry(BETA.to_string())
-            .or_insert(json!(DEFAULT_BETA));
+        BETA_COEFF.set_k(sae, l0);
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
-        let aux = AuxKOpts::of(hyper);
         Box::new(VsaeRule {
-            topk: TopKRule {
-                k: sae.k(),
-                k_aux: aux.k_aux(sae.d_in),
-                aux_coeff: aux.aux_coeff,
-            },
-            beta: beta_of(&sae.settings).unwrap_or(DEFAULT_BETA) as f32,
+            topk: TopKRule::new(sae, hyper),
+            beta: BETA_COEFF.value(sae),
         })
     }
 }
@@ -220,6 +182,7 @@ impl DensePenalty for VsaeRule {
 mod tests {
     use super::*;
     use crate::SaeTrainer;
+    use serde_json::json;
 
     fn opts(v: &str) -> BTreeMap<String, String> {
         BTreeMap::from([(BETA.to_string(), v.to_string())])
@@ -232,8 +195,8 @@ mod tests {
             assert!(err.contains(BETA), "{bad}: {err}");
         }
         let ok = Vsae.settings(4, 32, &opts("0.25")).unwrap();
-        assert_eq!(beta_of(&ok), Some(0.25));
-        assert_eq!(beta_of(&Vsae.settings(4, 32, &BTreeMap::new()).unwrap()), Some(1.0));
+        assert_eq!(BETA_COEFF.of(&ok), Some(0.25));
+        assert_eq!(BETA_COEFF.of(&Vsae.settings(4, 32, &BTreeMap::new()).unwrap()), Some(1.0));
         // A file with k > d_sae, a negative beta or none is refused by validation.
         let mut sae = Sae::init(ArchKind::VSAE, 8, 16, 4, 1);
         assert!(Vsae.validate_settings(&sae).is_ok());
