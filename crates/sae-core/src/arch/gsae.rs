@@ -164,7 +164,7 @@ impl Arch for GsaeRule {
         let mut scratch = std::mem::take(&mut out.scratch);
         let s = pre.iter().zip(b_enc).zip(scores).enumerate().map(|(j, ((&p, &b), &u))| {
             let z = p + b;
-            (z + beta * z * u, j as u32)
+            (z + beta * z * u.abs(), j as u32)
         });
         top_k_into(self.topk.k, s, &mut scratch);
         for &(s, j) in &scratch {

@@ -695,7 +695,8 @@ pub trait Arch: Send + Sync {
     fn reads_input_grad(&self) -> bool {
         false
     }
-    /// `select_row` given the row's scores (`[d_sae]`) when `reads_input_grad`.
+    /// `select_row` given the row's `g W_dec^T` (`[d_sae]`, signed: `g` the row's loss
+    /// gradient) when `reads_input_grad`.
     fn select_row_scored(&self, ctx: &StepCtx, pre: &[f32], _scores: &[f32], out: &mut RowOut) {
         self.select_row(ctx, pre, out);
     }

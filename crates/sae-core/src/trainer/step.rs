@@ -97,7 +97,7 @@ pub(super) struct Buffers {
     pen_genc: Vec<f32>,
     /// The bf16 copy of W_enc (`Precision::Bf16`).
     enc_bf16: crate::bf16::EncoderBf16,
-    /// Rules that select with the input's loss gradient (empty otherwise): `|G W_dec^T|`,
+    /// Rules that select with the input's loss gradient (empty otherwise): `G W_dec^T`,
     /// `[n, d_sae]`.
     grad_scores: Vec<f32>,
 }
@@ -381,7 +381,7 @@ impl SaeTrainer {
             });
     }
 
-    /// Phase 1d: for rules that select with the input's loss gradient, `|G W_dec^T|`: the
+    /// Phase 1d: for rules that select with the input's loss gradient, `G W_dec^T`: the
     /// loss derivative w.r.t. each latent's activation, every (row, latent). A second dense
     /// product beside the encoder's; no sparsity to exploit, every latent is a candidate.
     fn grad_scores(&mut self, grad: Option<&[f32]>, n: usize) {
@@ -404,10 +404,9 @@ impl SaeTrainer {
             g.len()
         );
         buf.grad_scores.resize(n * d_sae, 0.0);
+        // Signed; the rule takes what it needs of each value while it selects, so no extra
+        // pass over the [n, d_sae] matrix here.
         matmul_xt(g, n, d_in, &self.w_dec, d_sae, &mut buf.grad_scores);
-        buf.grad_scores
-            .par_chunks_mut(d_sae * ROW_CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = v.abs()));
     }
 
     /// Phase 2a: the architecture's per-step inputs (decoder norms, dead latents), its
