@@ -134,7 +134,9 @@ pub fn run_bench_in(
                 let t0 = Instant::now();
                 match precision {
                     Precision::F32 => matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
-                    Precision::Bf16 => enc_bf16.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
+                    Precision::Bf16 | Precision::Bf16Sparse => {
+                        enc_bf16.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out)
+                    }
                 }
                 let t1 = Instant::now();
                 let st = if trainer.needs_input_grad() {

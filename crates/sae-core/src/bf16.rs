@@ -476,8 +476,8 @@ unsafe fn tile<const R: usize>(
     }
 }
 
-/// The precision of the training step's encoder product. Master weights, gradients and Adam
-/// stay f32 either way.
+/// The precision of the training step's encoder product and sparse passes. Master weights,
+/// gradient sums and Adam stay f32 in every mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -486,6 +486,12 @@ pub enum Precision {
     /// A bf16 copy of W_enc, refreshed from the f32 weights before every product, times the
     /// bf16-rounded centred inputs, summed in f32.
     Bf16,
+    /// `Bf16`, and the sparse passes gather bf16 rows: a copy of W_dec made at the start of
+    /// each step (decode and `d_j . r`), and the centred inputs and residuals rounded once
+    /// per step (the W_enc and W_dec row gradients). It halves the bytes those memory-bound
+    /// gathers move; the sums stay f32.
+    #[serde(rename = "bf16-sparse")]
+    Bf16Sparse,
 }
 
 impl Precision {
@@ -493,7 +499,18 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Bf16Sparse => "bf16-sparse",
         }
+    }
+
+    /// Whether the encoder product runs in bf16.
+    pub fn bf16_encoder(self) -> bool {
+        self != Precision::F32
+    }
+
+    /// Whether the sparse passes gather bf16 rows.
+    pub fn bf16_sparse(self) -> bool {
+        self == Precision::Bf16Sparse
     }
 }
 
@@ -509,7 +526,10 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            _ => Err(format!("'{s}' is no precision; use f32 or bf16")),
+            "bf16-sparse" => Ok(Precision::Bf16Sparse),
+            _ => Err(format!(
+                "'{s}' is no precision; use f32, bf16 or bf16-sparse"
+            )),
         }
     }
 }

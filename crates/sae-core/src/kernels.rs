@@ -402,16 +402,17 @@ multiversion_impl! {
 
 /// Hint the CPU to load `v[start..start + len]` into cache (no-op off x86_64).
 #[inline(always)]
-pub fn prefetch_rows(v: &[f32], start: usize, len: usize) {
+pub fn prefetch_rows<T>(v: &[T], start: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let end = (start + len).min(v.len());
+        let line = (64 / std::mem::size_of::<T>().max(1)).max(1);
         let mut i = start;
         while i < end {
             // SAFETY: prefetching an in-bounds address has no side effects.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().add(i) as *const i8) };
-            i += 16;
+            i += line;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -439,4 +440,101 @@ pub fn normalize_rows(w: &mut [f32], d: usize) {
             row.iter_mut().for_each(|v| *v *= inv);
         }
     });
+}
+
+// The sparse passes' kernels on bf16 rows (`Precision::Bf16Sparse`): the bf16 operand is
+// widened exactly (a shift), then the arithmetic is that of the f32 kernels above, with the
+// same lane structure, so the portable and AVX2 versions give the same bits.
+
+#[inline(always)]
+fn widen(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+multiversion_impl! {
+    /// [`dot`] with `a` in bf16.
+    pub fn dot_h(a: &[u16], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0.0f32; LANES];
+        let mut ca = a.chunks_exact(LANES);
+        let mut cb = b.chunks_exact(LANES);
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for l in 0..LANES {
+                acc[l] += widen(x[l]) * y[l];
+            }
+        }
+        let mut s = 0.0;
+        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+            s += widen(*x) * y;
+        }
+        hsum(&acc) + s
+    }
+}
+
+multiversion_impl! {
+    /// [`dot2`] with `x` in bf16: `(x . a, x . b)`.
+    pub fn dot2_h(x: &[u16], a: &[f32], b: &[f32]) -> (f32, f32) {
+        let n = x.len().min(a.len()).min(b.len());
+        let (x, a, b) = (&x[..n], &a[..n], &b[..n]);
+        let (mut acc, mut acc_b) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let full = n / LANES * LANES;
+        for i0 in (0..full).step_by(LANES) {
+            let (xs, as_, bs) = (&x[i0..i0 + LANES], &a[i0..i0 + LANES], &b[i0..i0 + LANES]);
+            for l in 0..LANES {
+                let w = widen(xs[l]);
+                acc[l] += w * as_[l];
+                acc_b[l] += w * bs[l];
+            }
+        }
+        let (mut s, mut sb) = (0.0, 0.0);
+        for i in full..n {
+            s += widen(x[i]) * a[i];
+            sb += widen(x[i]) * b[i];
+        }
+        (hsum(&acc) + s, hsum(&acc_b) + sb)
+    }
+}
+
+multiversion_impl! {
+    /// [`axpy`] with `x` in bf16.
+    pub fn axpy_h(alpha: f32, x: &[u16], y: &mut [f32]) -> () {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += alpha * widen(*xi);
+        }
+    }
+}
+
+multiversion_impl! {
+    /// [`axpy2`] with `x` in bf16.
+    pub fn axpy2_h(a1: f32, a2: f32, x: &[u16], y: &mut [f32], z: &mut [f32]) -> () {
+        let n = x.len().min(y.len()).min(z.len());
+        let (x, y, z) = (&x[..n], &mut y[..n], &mut z[..n]);
+        for i in 0..n {
+            let w = widen(x[i]);
+            y[i] += a1 * w;
+            z[i] += a2 * w;
+        }
+    }
+}
+
+multiversion_impl! {
+    /// [`acc2`] with `x1` and `x2` in bf16.
+    pub fn acc2_h(c1: f32, x1: &[u16], g1: &mut [f32], c2: f32, x2: &[u16], g2: &mut [f32]) -> () {
+        let n = x1.len().min(g1.len()).min(x2.len()).min(g2.len());
+        let (x1, g1, x2, g2) = (&x1[..n], &mut g1[..n], &x2[..n], &mut g2[..n]);
+        for i in 0..n {
+            g1[i] += c1 * widen(x1[i]);
+            g2[i] += c2 * widen(x2[i]);
+        }
+    }
+}
+
+multiversion_impl! {
+    /// `dst[i] = bf16(src[i])`, rounded as [`crate::bf16::to_bf16`].
+    pub fn round_to_bf16(src: &[f32], dst: &mut [u16]) -> () {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = crate::bf16::to_bf16(*s);
+        }
+    }
 }

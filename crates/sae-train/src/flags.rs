@@ -148,8 +148,9 @@ pub struct TrainFlags {
     pub seed: Option<u64>,
     #[arg(long, allow_negative_numbers = true)]
     pub threads: Option<usize>,
-    /// Encoder product in f32 [default] or bf16 (bf16 copy of W_enc, f32 sums and Adam;
-    /// fast with AVX512-BF16, slower than f32 without it).
+    /// f32 [default]; bf16: the encoder product in bf16 (bf16 copy of W_enc, f32 sums and
+    /// Adam; fast with AVX512-BF16, slower than f32 without it); bf16-sparse: that, and the
+    /// sparse passes gather bf16 copies of W_dec, the inputs and the residuals.
     #[arg(long, value_parser = parse_precision)]
     pub precision: Option<Precision>,
     #[arg(long, allow_negative_numbers = true)]

@@ -300,7 +300,7 @@ fn run_locked(
     // One writer per output; checked again under the lock, which the first check did not hold.
     let _lock = OutputLock::acquire(&cfg.out)?;
     check_out(cfg)?;
-    if cfg.precision == sae_core::Precision::Bf16 && !sae_core::bf16::available() && !cfg.quiet {
+    if cfg.precision.bf16_encoder() && !sae_core::bf16::available() && !cfg.quiet {
         eprintln!(
             "note: --precision bf16: this CPU has no AVX512-BF16, so the bf16 product runs \
              widened to f32 (the same results, slower than --precision f32)"

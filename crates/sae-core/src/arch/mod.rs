@@ -780,8 +780,13 @@ pub(crate) fn candidates<'o>(ctx: &StepCtx, pre: &[f32], cands: &'o mut Vec<u32>
     cands
 }
 
-/// Indices and values of the `k` largest `vals[i]` among `cands` (ties: lower index first).
-/// `scratch` is reused. Result is sorted by index.
+/// Indices and values of the `k` largest `vals[i]` among `cands` (ties: lower index first;
+/// NaN ranks below every number). `scratch` is reused. Result is sorted by index.
+///
+/// Candidates go into a buffer of up to `2k`; a full buffer is cut to its best `k` by one
+/// quickselect, whose k-th entry then turns away every later candidate that cannot beat
+/// it. That is linear in the candidates, where keeping the worst of the best `k` by a scan
+/// costs O(k) per replacement.
 pub(crate) fn top_k_into(
     k: usize,
     cands: impl Iterator<Item = (f32, u32)>,
@@ -791,29 +796,34 @@ pub(crate) fn top_k_into(
     if k == 0 {
         return;
     }
-    // Keep the k best seen so far and the position of the worst of them.
-    let mut worst = 0usize;
-    for (v, i) in cands {
-        if scratch.len() < k {
-            scratch.push((v, i));
-            if scratch.len() == k {
-                worst = argmin(scratch);
+    let cap = 2 * k + 16;
+    let mut bar: Option<(f32, u32)> = None;
+    for c in cands {
+        if let Some(b) = bar {
+            if rank_order(&c, &b) != std::cmp::Ordering::Less {
+                continue;
             }
-        } else if v > scratch[worst].0 {
-            scratch[worst] = (v, i);
-            worst = argmin(scratch);
         }
+        scratch.push(c);
+        if scratch.len() == cap {
+            scratch.select_nth_unstable_by(k - 1, rank_order);
+            scratch.truncate(k);
+            bar = Some(scratch[k - 1]);
+        }
+    }
+    if scratch.len() > k {
+        scratch.select_nth_unstable_by(k - 1, rank_order);
+        scratch.truncate(k);
     }
     scratch.sort_unstable_by_key(|&(_, i)| i);
 }
 
-fn argmin(s: &[(f32, u32)]) -> usize {
-    let mut best = 0;
-    for (p, &(v, i)) in s.iter().enumerate() {
-        let (bv, bi) = s[best];
-        if v < bv || (v == bv && i > bi) {
-            best = p;
-        }
-    }
-    best
+/// The order of [`top_k_into`]: larger value first, then lower index; NaN last. A total
+/// order, so the selection is the same whatever order the candidates come in.
+fn rank_order(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    key(b.0)
+        .partial_cmp(&key(a.0))
+        .unwrap_or(std::cmp::Ordering::Equal)
+        .then(a.1.cmp(&b.1))
 }

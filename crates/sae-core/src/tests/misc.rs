@@ -559,3 +559,77 @@ fn training_noise_is_the_same_on_any_thread_count() {
         "{one:?} vs {other:?}"
     );
 }
+
+/// `top_k_into` against a full sort by (value desc, index asc), with many ties, candidates
+/// in shuffled order, NaN, and k from 1 to past the candidate count.
+#[test]
+fn top_k_into_matches_a_full_sort() {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut scratch = Vec::new();
+    for trial in 0..300 {
+        let len = rng.gen_range(0..400usize);
+        // Few distinct values so that ties are common; some NaN in a third of the trials.
+        let mut cands: Vec<(f32, u32)> = (0..len as u32)
+            .map(|i| {
+                let v = rng.gen_range(-8i32..8) as f32 * 0.25;
+                if trial % 3 == 0 && rng.gen::<f32>() < 0.05 {
+                    (f32::NAN, i)
+                } else {
+                    (v, i)
+                }
+            })
+            .collect();
+        cands.shuffle(&mut rng);
+        let k = rng.gen_range(1..len.max(1) + 40);
+        crate::arch::top_k_into(k, cands.iter().copied(), &mut scratch);
+        let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+        let mut want = cands.clone();
+        want.sort_by(|a, b| key(b.0).partial_cmp(&key(a.0)).unwrap().then(a.1.cmp(&b.1)));
+        want.truncate(k);
+        want.sort_by_key(|&(_, i)| i);
+        let got: Vec<u32> = scratch.iter().map(|&(_, i)| i).collect();
+        let exp: Vec<u32> = want.iter().map(|&(_, i)| i).collect();
+        assert_eq!(got, exp, "trial {trial}: len {len}, k {k}");
+    }
+}
+
+/// The bf16-row kernels give exactly the f32 kernels' bits on the widened rows (widening is
+/// exact and the arithmetic the same), at lengths with and without a remainder.
+#[test]
+fn bf16_row_kernels_match_f32_kernels_on_widened_rows() {
+    use crate::bf16::{from_bf16, to_bf16};
+    use crate::kernels::*;
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for len in [1usize, 15, 16, 17, 576, 77] {
+        let h: Vec<u16> = randn(&mut rng, len).iter().map(|v| to_bf16(*v)).collect();
+        let h2: Vec<u16> = randn(&mut rng, len).iter().map(|v| to_bf16(*v)).collect();
+        let w: Vec<f32> = h.iter().map(|v| from_bf16(*v)).collect();
+        let w2: Vec<f32> = h2.iter().map(|v| from_bf16(*v)).collect();
+        let (a, b) = (randn(&mut rng, len), randn(&mut rng, len));
+        assert_eq!(dot_h(&h, &a).to_bits(), dot(&w, &a).to_bits(), "dot {len}");
+        let (p, q) = (dot2_h(&h, &a, &b), dot2(&w, &a, &b));
+        assert_eq!(
+            (p.0.to_bits(), p.1.to_bits()),
+            (q.0.to_bits(), q.1.to_bits())
+        );
+        let (mut y1, mut y2) = (a.clone(), a.clone());
+        axpy_h(0.7, &h, &mut y1);
+        axpy(0.7, &w, &mut y2);
+        assert_eq!(y1, y2, "axpy {len}");
+        let (mut z1, mut z2) = (b.clone(), b.clone());
+        axpy2_h(0.7, -1.3, &h, &mut y1, &mut z1);
+        axpy2(0.7, -1.3, &w, &mut y2, &mut z2);
+        assert_eq!((&y1, &z1), (&y2, &z2), "axpy2 {len}");
+        acc2_h(0.3, &h, &mut y1, 1.9, &h2, &mut z1);
+        acc2(0.3, &w, &mut y2, 1.9, &w2, &mut z2);
+        assert_eq!((&y1, &z1), (&y2, &z2), "acc2 {len}");
+        let mut r = vec![0u16; len];
+        round_to_bf16(&a, &mut r);
+        assert!(
+            r.iter().zip(&a).all(|(r, a)| *r == to_bf16(*a)),
+            "round {len}"
+        );
+    }
+}

@@ -44,15 +44,29 @@ fn bf16_training_is_bit_for_bit_reproducible() {
     let dims @ (d_in, _, n) = (48, 96, 64);
     let (x, _) = synthetic(4 * n, d_in, 24, 11);
     for arch in [ArchKind::TOPK, ArchKind::GATED] {
-        for threads in [1, 2] {
-            let a = train(arch, Precision::Bf16, &x, dims, 12, threads);
-            let b = train(arch, Precision::Bf16, &x, dims, 12, threads);
-            assert_eq!(a, b, "{arch} on {threads} threads");
+        for p in [Precision::Bf16, Precision::Bf16Sparse] {
+            for threads in [1, 2] {
+                let a = train(arch, p, &x, dims, 12, threads);
+                let b = train(arch, p, &x, dims, 12, threads);
+                assert_eq!(a, b, "{arch} {p} on {threads} threads");
+            }
         }
-        // The option is not a no-op: the rounded product changes the trajectory.
+        // Neither option is a no-op: the rounded product changes the trajectory, and the
+        // bf16 gathers change it again.
         let f = train(arch, Precision::F32, &x, dims, 12, 2);
         let h = train(arch, Precision::Bf16, &x, dims, 12, 2);
-        assert_ne!(f.0.w_enc, h.0.w_enc, "{arch}: bf16 trained the f32 weights");
+        let s = train(arch, Precision::Bf16Sparse, &x, dims, 12, 2);
+        assert!(
+            f.0.w_enc != h.0.w_enc,
+            "{arch}: bf16 trained the f32 weights"
+        );
+        // Gated's code is dense this early (the GEMM path, which gathers no rows).
+        if arch == ArchKind::TOPK {
+            assert!(
+                h.0.w_dec != s.0.w_dec,
+                "{arch}: bf16-sparse trained as bf16"
+            );
+        }
     }
 }
 
@@ -65,23 +79,26 @@ fn bf16_training_reaches_the_f32_loss() {
     for arch in [ArchKind::TOPK, ArchKind::GATED] {
         let steps = 300;
         let (_, f) = train(arch, Precision::F32, &x, dims, steps, 2);
-        let (_, h) = train(arch, Precision::Bf16, &x, dims, steps, 2);
         // The mean FVU over the last 20 steps (one batch's FVU is noisy).
         let tail = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
-        let (f_end, h_end) = (tail(&f), tail(&h));
-        eprintln!(
-            "{arch}: FVU f32 {f_end:.4}, bf16 {h_end:.4} (first step {:.3})",
-            f[0]
-        );
+        let f_end = tail(&f);
         assert!(
             f_end < 0.5 * f[0],
             "{arch}: the f32 run did not learn ({f_end} from {})",
             f[0]
         );
-        assert!(
-            (h_end - f_end).abs() <= 0.1 * f_end + 0.005,
-            "{arch}: bf16 FVU {h_end} vs f32 {f_end}"
-        );
+        for p in [Precision::Bf16, Precision::Bf16Sparse] {
+            let (_, h) = train(arch, p, &x, dims, steps, 2);
+            let h_end = tail(&h);
+            eprintln!(
+                "{arch}: FVU f32 {f_end:.4}, {p} {h_end:.4} (first step {:.3})",
+                f[0]
+            );
+            assert!(
+                (h_end - f_end).abs() <= 0.1 * f_end + 0.005,
+                "{arch}: {p} FVU {h_end} vs f32 {f_end}"
+            );
+        }
     }
 }
 
@@ -102,4 +119,65 @@ fn saved_state_keeps_the_precision() {
     let mut other = SaeTrainer::new(tr.snapshot(), hyper(Precision::F32));
     let err = other.load_state(&path).unwrap_err().to_string();
     assert!(err.contains("precision = bf16"), "{err}");
+}
+
+/// The bf16 gathers change only the rounding of the sparse passes' operands: for every
+/// family with an encoder product, on its sparse path, the gradients of one batch stay
+/// within bf16 rounding of those with f32 gathers (same bf16 encoder product, so the same
+/// selection), and differ from them (the rows really are bf16).
+#[test]
+fn bf16_sparse_gradients_match_f32_gathers() {
+    use super::{input_grad, randn, random_sae};
+    use rand::SeedableRng;
+    let (d_in, d_sae, n) = (40, 96, 48);
+    for arch in ArchKind::all() {
+        if arch == ArchKind::MP {
+            continue;
+        }
+        let sae = random_sae(arch, d_in, d_sae, 6, 3);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let x = randn(&mut rng, n * d_in);
+        let grads = |p: Precision| {
+            let mut t = SaeTrainer::new(
+                sae.clone(),
+                TrainHyper {
+                    dead_window_tokens: 0,
+                    ..hyper(p)
+                },
+            );
+            t.set_dense_fraction(2.0);
+            let (stats, g) = if t.needs_input_grad() {
+                t.gradients_with_grad(&x, &input_grad(&x), n, 0.3)
+            } else {
+                t.gradients(&x, n, 0.3)
+            };
+            (stats.loss, g)
+        };
+        let ((lh, h), (ls, s)) = (grads(Precision::Bf16), grads(Precision::Bf16Sparse));
+        assert!(
+            (lh - ls).abs() <= 1e-2 * lh.abs(),
+            "{arch}: loss {ls} with bf16 gathers, {lh} without"
+        );
+        let params = h.params.iter().zip(&s.params).map(|(u, v)| ("param", u, v));
+        for (name, u, v) in [
+            ("W_enc", &h.w_enc_t, &s.w_enc_t),
+            ("W_dec", &h.w_dec, &s.w_dec),
+            ("b_dec", &h.b_dec, &s.b_dec),
+        ]
+        .into_iter()
+        .chain(params)
+        {
+            let scale = u.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let worst = u
+                .iter()
+                .zip(v)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst <= 2e-2 * scale,
+                "{arch} {name}: differs by {worst} at scale {scale}"
+            );
+        }
+        assert_ne!(h.w_dec, s.w_dec, "{arch}: W_dec gradient of f32 rows");
+    }
 }

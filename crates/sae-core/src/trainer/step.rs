@@ -8,8 +8,8 @@ use super::{noise, Mode, SaeTrainer, StepStats};
 use crate::arch::{AfterStep, Arch, AuxMode, DensePenalty, Entry, RowOut, StepCtx};
 use crate::bf16::Precision;
 use crate::kernels::{
-    acc2, acc3, axpy, axpy2, dot, dot2, matmul, matmul_tn, matmul_xt, prefetch_rows,
-    split_by_lengths,
+    acc2, acc2_h, acc3, axpy, axpy2, axpy2_h, axpy_h, dot, dot2, dot2_h, dot_h, matmul, matmul_tn,
+    matmul_xt, prefetch_rows, round_to_bf16, split_by_lengths,
 };
 use crate::optim::AdamStep;
 use rayon::prelude::*;
@@ -46,6 +46,15 @@ fn scatter_code(
 
 /// Reconstruction head widths: nested prefixes of the dictionary, ascending, the last one the
 /// whole dictionary (a single head for families without prefixes).
+/// `dst = bf16(src)`, in parallel blocks of `d`-long rows.
+fn round_rows(src: &[f32], dst: &mut Vec<u16>, d: usize) {
+    dst.resize(src.len(), 0);
+    let block = d.max(1) * ROW_CHUNK;
+    dst.par_chunks_mut(block)
+        .zip(src.par_chunks(block))
+        .for_each(|(h, f)| round_to_bf16(f, h));
+}
+
 fn head_widths(arch: &dyn Arch, d_sae: usize) -> Vec<usize> {
     match arch.heads() {
         [] => vec![d_sae],
@@ -95,8 +104,13 @@ pub(super) struct Buffers {
     pen_parts: Vec<f64>,
     pen_colsum: Vec<f32>,
     pen_genc: Vec<f32>,
-    /// The bf16 copy of W_enc (`Precision::Bf16`).
+    /// The bf16 copy of W_enc (`Precision::Bf16`, `Bf16Sparse`).
     enc_bf16: crate::bf16::EncoderBf16,
+    /// `Precision::Bf16Sparse` (empty otherwise): bf16 copies of W_dec, of `xc` and of
+    /// `resid`, which the sparse passes gather instead of the f32 rows.
+    w_dec_h: Vec<u16>,
+    xc_h: Vec<u16>,
+    resid_h: Vec<u16>,
     /// Rules that select with the input's loss gradient (empty otherwise): `G W_dec^T`,
     /// `[n, d_sae]`.
     grad_scores: Vec<f32>,
@@ -312,11 +326,19 @@ impl SaeTrainer {
         buf.pre.resize(n * d_sae, 0.0);
         match self.hyper.precision {
             Precision::F32 => matmul_xt(&buf.xc, n, d_in, &self.w_enc_t, d_sae, &mut buf.pre),
-            Precision::Bf16 => {
+            Precision::Bf16 | Precision::Bf16Sparse => {
                 let w = &self.w_enc_t;
                 buf.enc_bf16
                     .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre)
             }
+        }
+        if self.hyper.precision.bf16_sparse() {
+            // Taken after the previous step's updates (and any resampling or load since).
+            round_rows(&self.w_dec, &mut buf.w_dec_h, d_in);
+            round_rows(&buf.xc, &mut buf.xc_h, d_in);
+        } else {
+            buf.w_dec_h.clear();
+            buf.xc_h.clear();
         }
     }
 
@@ -542,19 +564,30 @@ impl SaeTrainer {
             }
         }
         let (w_dec, b_dec) = (&self.w_dec, &self.b_dec);
+        // bf16 rows for the gathers (`Precision::Bf16Sparse`); the dense path uses its GEMMs.
+        let half = !buf.w_dec_h.is_empty() && !dense;
+        let w_dec_h = &buf.w_dec_h;
         let (row_ptr, idx, fv, av) = (&buf.row_ptr, &buf.idx, &buf.f, &buf.a);
         buf.dots.resize(total, [0.0; 2]);
         let lens: Vec<usize> = (0..n_row_chunks)
             .map(|c| row_ptr[((c + 1) * ROW_CHUNK).min(n)] - row_ptr[c * ROW_CHUNK])
             .collect();
         let dot_pieces = split_by_lengths(&mut buf.dots, &lens);
+        buf.resid_h.resize(if half { n * rd } else { 0 }, 0);
+        let half_lens: Vec<usize> = (0..n_row_chunks)
+            .map(|c| match half {
+                true => (ROW_CHUNK.min(n - c * ROW_CHUNK)) * rd,
+                false => 0,
+            })
+            .collect();
+        let half_pieces = split_by_lengths(&mut buf.resid_h, &half_lens);
         buf.resid
             .par_chunks_mut(rd * ROW_CHUNK)
             .zip(buf.aux.par_chunks_mut(d_in * ROW_CHUNK))
             .zip(buf.chunk_stats.par_iter_mut())
-            .zip(dot_pieces)
+            .zip(dot_pieces.into_par_iter().zip(half_pieces))
             .enumerate()
-            .for_each(|(c, (((res, aux), st), dots))| {
+            .for_each(|(c, (((res, aux), st), (dots, res_h)))| {
                 let base = row_ptr[c * ROW_CHUNK];
                 st.err2 = 0.0;
                 st.heads2 = 0.0;
@@ -595,9 +628,13 @@ impl SaeTrainer {
                     }
                     for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
                         let j = idx[e] as usize;
-                        let d = &w_dec[j * d_in..(j + 1) * d_in];
+                        let rows = j * d_in..(j + 1) * d_in;
                         if e + 1 < row_end {
-                            prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
+                            let next = idx[e + 1] as usize * d_in;
+                            match half {
+                                true => prefetch_rows(w_dec_h, next, d_in),
+                                false => prefetch_rows(w_dec, next, d_in),
+                            }
                         }
                         let (f, a) = (fv[e], av[e]);
                         st.l0 += (f != 0.0) as u64;
@@ -608,12 +645,12 @@ impl SaeTrainer {
                         } else {
                             &mut front[q * d_in..(q + 1) * d_in]
                         };
-                        if a == 0.0 {
-                            if f != 0.0 {
-                                axpy(f, d, dst);
-                            }
-                        } else {
-                            axpy2(f, a, d, dst, aux);
+                        match (half, a == 0.0) {
+                            (_, true) if f == 0.0 => {}
+                            (false, true) => axpy(f, &w_dec[rows], dst),
+                            (false, false) => axpy2(f, a, &w_dec[rows], dst, aux),
+                            (true, true) => axpy_h(f, &w_dec_h[rows], dst),
+                            (true, false) => axpy2_h(f, a, &w_dec_h[rows], dst, aux),
                         }
                     }
                     if !dense && n_heads == 1 {
@@ -650,6 +687,9 @@ impl SaeTrainer {
                     for (s, v) in st.resid_sum.iter_mut().zip(&bands[..d_in]) {
                         *s += *v as f64;
                     }
+                    if half {
+                        round_to_bf16(bands, &mut res_h[r * rd..(r + 1) * rd]);
+                    }
                     let (front, res) = bands.split_at_mut(rd - d_in);
                     match aux_mode {
                         AuxMode::None => {}
@@ -673,9 +713,13 @@ impl SaeTrainer {
                     // for this token and are still in cache.
                     for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
                         let j = idx[e] as usize;
-                        let d = &w_dec[j * d_in..(j + 1) * d_in];
+                        let rows = j * d_in..(j + 1) * d_in;
                         if e + 1 < row_end {
-                            prefetch_rows(w_dec, idx[e + 1] as usize * d_in, d_in);
+                            let next = idx[e + 1] as usize * d_in;
+                            match half {
+                                true => prefetch_rows(w_dec_h, next, d_in),
+                                false => prefetch_rows(w_dec, next, d_in),
+                            }
                         }
                         let q = if n_heads == 1 { 0 } else { band_of(widths, j) };
                         let rq = if q + 1 == n_heads {
@@ -683,11 +727,12 @@ impl SaeTrainer {
                         } else {
                             &front[q * d_in..(q + 1) * d_in]
                         };
-                        dots[e - base] = if aux_mode != AuxMode::None && av[e] != 0.0 {
-                            let (u, v) = dot2(d, rq, aux);
-                            [u, v]
-                        } else {
-                            [dot(d, rq), 0.0]
+                        let with_aux = aux_mode != AuxMode::None && av[e] != 0.0;
+                        dots[e - base] = match (half, with_aux) {
+                            (false, true) => dot2(&w_dec[rows], rq, aux).into(),
+                            (false, false) => [dot(&w_dec[rows], rq), 0.0],
+                            (true, true) => dot2_h(&w_dec_h[rows], rq, aux).into(),
+                            (true, false) => [dot_h(&w_dec_h[rows], rq), 0.0],
                         };
                     }
                 }
@@ -823,6 +868,8 @@ impl SaeTrainer {
             resid: &buf.resid,
             aux: &buf.aux,
             xc: &buf.xc,
+            resid_h: &buf.resid_h,
+            xc_h: &buf.xc_h,
             dense_genc: &buf.genc,
             dense_gdec: &buf.gdec,
             penalty: match buf.pen_colsum.is_empty() {
@@ -1151,6 +1198,9 @@ struct LatentInputs<'a> {
     resid: &'a [f32],
     aux: &'a [f32],
     xc: &'a [f32],
+    /// bf16 copies of `resid` and `xc` (`Precision::Bf16Sparse`; empty otherwise).
+    resid_h: &'a [u16],
+    xc_h: &'a [u16],
     dense_genc: &'a [f32],
     dense_gdec: &'a [f32],
     /// The rule's dense penalty, its gradient's column sums and (sparse path) its W_enc
@@ -1278,6 +1328,7 @@ impl LatentInputs<'_> {
         let (d_in, bw) = (self.d_in, &self.bw);
         let n_heads = self.widths.len();
         let band = band_of(self.widths, j);
+        let half = !self.resid_h.is_empty();
         let mut sums = LatentSums {
             any_fired: false,
             psum: [0.0; MAX_LATENT_PARAMS],
@@ -1291,8 +1342,14 @@ impl LatentInputs<'_> {
             if bw.dense {
             } else if let Some(nx) = ents.get(p + 1) {
                 let nb = nx.row as usize * d_in;
-                prefetch_rows(self.resid, (nx.row as usize * n_heads + band) * d_in, d_in);
-                prefetch_rows(self.xc, nb, d_in);
+                let nr = (nx.row as usize * n_heads + band) * d_in;
+                if half {
+                    prefetch_rows(self.resid_h, nr, d_in);
+                    prefetch_rows(self.xc_h, nb, d_in);
+                } else {
+                    prefetch_rows(self.resid, nr, d_in);
+                    prefetch_rows(self.xc, nb, d_in);
+                }
                 if bw.aux_trains_dec {
                     prefetch_rows(self.aux, nb, d_in);
                 }
@@ -1325,8 +1382,15 @@ impl LatentInputs<'_> {
                 0.0
             };
             if ca != 0.0 {
+                // AuxK entries (dead latents only) read the f32 rows.
                 let ab = &self.aux[b * d_in..(b + 1) * d_in];
                 acc3(f * bw.resid_scale, rb, ca, ab, g_dec, eg.gpre, xb, g_enc);
+            } else if half {
+                let (rb, xb) = (
+                    &self.resid_h[rr..rr + d_in],
+                    &self.xc_h[b * d_in..(b + 1) * d_in],
+                );
+                acc2_h(f * bw.resid_scale, rb, g_dec, eg.gpre, xb, g_enc);
             } else {
                 acc2(f * bw.resid_scale, rb, g_dec, eg.gpre, xb, g_enc);
             }
