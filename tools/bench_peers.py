@@ -133,10 +133,12 @@ def saelens_rate(arch: str, d_sae: int, steps: int) -> float:
     return BATCH / statistics.median(times)
 
 
-def ours_rate(sae_bin: str, arch: str, d_sae: int, steps: int, threads: int) -> float:
+def ours_rate(sae_bin: str, arch: str, d_sae: int, steps: int, threads: int,
+              precision: str) -> float:
     proc = subprocess.run(
         [sae_bin, "bench", "--archs", arch, "--d-sae", str(d_sae), "--d-in", str(D_IN),
-         "--batch", str(BATCH), "--l0", str(L0), "--steps", str(steps)],
+         "--batch", str(BATCH), "--l0", str(L0), "--steps", str(steps),
+         "--precision", precision],
         capture_output=True, text=True, env=os.environ | {"RAYON_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         raise SystemExit(f"sae bench failed:\n{proc.stderr}")
@@ -153,22 +155,28 @@ def bench_train(a, threads: int) -> None:
     unknown = [x for x in archs if x not in SAELENS]
     if unknown:
         raise SystemExit(f"--archs: {unknown} not shared with SAELens; choose from {list(SAELENS)}")
-    print(f"\n## Training: d_in {D_IN}, batch {BATCH}, L0 {L0}, f32, {threads} threads, "
-          f"median of {a.steps} steps, best of {a.rounds} round(s)")
+    precisions = a.precision.split(",")
+    print(f"\n## Training: d_in {D_IN}, batch {BATCH}, L0 {L0}, SAELens in f32, ours in "
+          f"{', '.join(precisions)}, {threads} threads, median of {a.steps} steps, best of "
+          f"{a.rounds} round(s)")
     rows = []
     for d_sae in d_saes:
         for arch in archs:
-            peer, ours = [], []
+            peer, ours = [], {p: [] for p in precisions}
             for r in range(a.rounds):
                 peer.append(saelens_rate(arch, d_sae, a.steps))
-                ours.append(ours_rate(a.sae_bin, arch, d_sae, a.steps, threads))
+                for p in precisions:
+                    ours[p].append(ours_rate(a.sae_bin, arch, d_sae, a.steps, threads, p))
+                mine = ", ".join(f"{p} {ours[p][-1]:.0f}" for p in precisions)
                 print(f"  round {r + 1}: {arch} d_sae {d_sae}: SAELens {peer[-1]:.0f}, "
-                      f"ours {ours[-1]:.0f} tokens/s (load {loadavg()})", flush=True)
-            rows.append((arch, d_sae, max(peer), max(ours)))
-    print("\n| family | d_sae | SAELens tokens/s | sae tokens/s | ratio |")
-    print("|---|---|---|---|---|")
-    for arch, d_sae, p, o in rows:
-        print(f"| {arch} | {d_sae} | {p:,.0f} | {o:,.0f} | {o / p:.1f}x |")
+                      f"ours {mine} tokens/s (load {loadavg()})", flush=True)
+            rows.append((arch, d_sae, max(peer), [max(ours[p]) for p in precisions]))
+    head = " | ".join(f"sae {p} tokens/s | ratio" for p in precisions)
+    print(f"\n| family | d_sae | SAELens f32 tokens/s | {head} |")
+    print("|---|---|---|" + "---|---|" * len(precisions))
+    for arch, d_sae, peer_rate, mine in rows:
+        cells = " | ".join(f"{o:,.0f} | {o / peer_rate:.1f}x" for o in mine)
+        print(f"| {arch} | {d_sae} | {peer_rate:,.0f} | {cells} |")
 
 
 def bench_harvest(a, threads: int) -> None:
@@ -217,6 +225,9 @@ def main() -> None:
     ap.add_argument("--harvest-tokens", type=int, default=8000)
     ap.add_argument("--harvest-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, help="threads on both sides (default: torch's)")
+    ap.add_argument("--precision", default="f32",
+                    help="comma-separated precisions of our side (f32, bf16, bf16-sparse); "
+                         "SAELens trains in f32")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-harvest", action="store_true")
     a = ap.parse_args()

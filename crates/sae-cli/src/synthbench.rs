@@ -50,6 +50,10 @@ pub struct SynthBenchArgs {
     /// ARCH=VALUE (repeatable, one SAE each); the L0 it reaches is measured and reported.
     #[arg(long)]
     pub coeff: Vec<String>,
+    /// A family's training option for all its runs, as FAMILY:KEY=VALUE (repeatable), e.g.
+    /// vsae:beta=0.1 or jumprelu:bandwidth=0.5 (`sae archs` lists each family's options).
+    #[arg(long = "arch-opt")]
+    pub arch_opt: Vec<String>,
     #[arg(long, value_parser = parse_count, default_value = "4096")]
     pub d_sae: u64,
     #[arg(long, value_parser = parse_count, default_value = "1024")]
@@ -291,6 +295,12 @@ fn plan(a: &SynthBenchArgs) -> Result<Vec<Run>> {
         }
         coeffs.push((arch, v));
     }
+    for o in &a.arch_opt {
+        let (arch, _, _) = family_option(o)?;
+        if !archs.contains(&arch) {
+            bail!("--arch-opt {o}: {arch} is not in --archs");
+        }
+    }
     if l0s.is_empty()
         && archs
             .iter()
@@ -335,6 +345,23 @@ fn plan(a: &SynthBenchArgs) -> Result<Vec<Run>> {
         });
     }
     Ok(runs)
+}
+
+/// `FAMILY:KEY=VALUE` of `--arch-opt`.
+fn family_option(o: &str) -> Result<(ArchKind, String, String)> {
+    let parsed = o.split_once(':').and_then(|(f, kv)| {
+        kv.split_once('=')
+            .map(|(k, v)| (f.trim(), k.trim(), v.trim()))
+    });
+    let Some((family, key, value)) =
+        parsed.filter(|(f, k, v)| !f.is_empty() && !k.is_empty() && !v.is_empty())
+    else {
+        bail!("--arch-opt {o}: write FAMILY:KEY=VALUE, e.g. --arch-opt vsae:beta=0.1");
+    };
+    let arch: ArchKind = family
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--arch-opt {o}: {e}"))?;
+    Ok((arch, key.to_string(), value.to_string()))
 }
 
 fn check_out(out: &Path) -> Result<()> {
@@ -571,10 +598,19 @@ fn run_config(a: &SynthBenchArgs, run: &Run, d_in: usize, samples: u64) -> Resul
         // input scale (E||x|| = sqrt(d_in)). Our default 0.001 is the JumpReLU paper's for
         // inputs of unit mean squared norm; here no pre-activation lies that close to a
         // threshold, the thresholds get no gradient, and the coefficient changes nothing.
-        arch_opt: if arch == ArchKind::JUMPRELU {
-            BTreeMap::from([("bandwidth".to_string(), "1".to_string())])
-        } else {
-            BTreeMap::new()
+        arch_opt: {
+            let mut opts = if arch == ArchKind::JUMPRELU {
+                BTreeMap::from([("bandwidth".to_string(), "1".to_string())])
+            } else {
+                BTreeMap::new()
+            };
+            for o in &a.arch_opt {
+                let (family, key, value) = family_option(o)?;
+                if family == arch {
+                    opts.insert(key, value);
+                }
+            }
+            opts
         },
         max_norm_ratio: 0.0,
         dead_window_tokens: 1000 * a.batch_size,
@@ -662,15 +698,20 @@ fn write_results(
             "uniqueness": p.uniqueness, "explained_variance": p.explained_variance,
         })).collect::<Vec<_>>(),
         "published_source": PUBLISHED_SOURCE,
+        "arch_opt": a.arch_opt,
     });
     sae_output::write_atomic(
         &a.out.join(RESULTS_FILE),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )
     .with_context(|| format!("writing {}", a.out.join(RESULTS_FILE).display()))?;
+    let options = match a.arch_opt.is_empty() {
+        true => String::new(),
+        false => format!(", family options {}", a.arch_opt.join(" ")),
+    };
     let md = format!(
         "# SynthSAEBench: {}\n\n{} training samples per SAE ({}), {} evaluation samples, \
-         width {}, batch {}, lr {}; {:.0} s in all.\n\n{}\n",
+         width {}, batch {}, lr {}{options}; {:.0} s in all.\n\n{}\n",
         a.bench,
         setup.samples,
         if a.stream {
@@ -972,6 +1013,7 @@ mod refusals {
             archs: "topk".into(),
             l0: "25".into(),
             coeff: Vec::new(),
+            arch_opt: Vec::new(),
             d_sae: 4096,
             batch_size: 1024,
             lr: 3e-4,

@@ -163,3 +163,41 @@ fn older_flag_disagreeing_with_arch_opt() {
         &["--k-aux must be left out or equal to --arch-opt k_aux=4; got 3"],
     );
 }
+
+/// `sae synthbench --arch-opt FAMILY:KEY=VALUE`: a malformed option, one for a family not
+/// benchmarked, an option the family lacks and a value out of range are refused before any
+/// sample is generated or the output created.
+#[test]
+fn synthbench_family_options() {
+    let dir = scratch("knobs-synthbench");
+    let out = dir.join("bench");
+    let bench = |opts: &[&str]| {
+        let mut args = vec![
+            "synthbench",
+            "--bench",
+            "synthsaebench-small",
+            "--samples",
+            "4096",
+            "--archs",
+            "vsae,topk",
+            "--out",
+            s(&out),
+        ];
+        for o in opts {
+            args.extend(["--arch-opt", o]);
+        }
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let cases: [(&str, &[&str]); 4] = [
+        ("vsae", &["--arch-opt vsae", "FAMILY:KEY=VALUE"]),
+        ("gated:nothing=1", &["--arch-opt gated:nothing=1", "gated is not in --archs"]),
+        ("topk:beta=0.5", &["beta", "topk"]),
+        ("vsae:beta=-1", &["beta"]),
+    ];
+    for (opt, needles) in cases {
+        let args = bench(&[opt]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&args, needles, &[&dir]);
+        assert!(!out.exists(), "--arch-opt {opt} created the output");
+    }
+}
