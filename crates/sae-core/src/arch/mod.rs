@@ -867,3 +867,35 @@ fn argmin(s: &[(f32, u32)]) -> usize {
     }
     best
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Cuts(Vec<f32>);
+    #[derive(Default)]
+    struct Threshold(f32);
+
+    /// The first use makes the state, later ones get the same one back (its buffers are
+    /// reused across steps); a state of another type is replaced.
+    #[test]
+    fn batch_state_is_made_once_and_reused() {
+        let mut slot: BatchSlot = None;
+        let made: *const Cuts = batch_state::<Cuts>(&mut slot);
+        batch_state::<Cuts>(&mut slot).0.extend([1.0, 2.0]);
+        let again: *const Cuts = batch_state::<Cuts>(&mut slot);
+        assert_eq!(made, again);
+        assert_eq!(BatchRef::new(&slot).get::<Cuts>().0, [1.0, 2.0]);
+        batch_state::<Threshold>(&mut slot).0 = 0.5;
+        assert_eq!(BatchRef::new(&slot).get::<Threshold>().0, 0.5);
+        assert!(batch_state::<Cuts>(&mut slot).0.is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "no batch state")]
+    fn reading_a_state_the_rule_never_made_panics() {
+        let slot: BatchSlot = Some(Box::new(Threshold(1.0)));
+        BatchRef::new(&slot).get::<Cuts>();
+    }
+}
