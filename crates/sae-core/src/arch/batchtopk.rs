@@ -4,9 +4,9 @@
 
 use super::topk::{auxk_backward, auxk_train_opts, push_auxk, topk_lr, AuxKOpts, AUXK_OPTIONS};
 use super::{
-    candidates, encode_jumprelu_row, loosen, validate_threshold, Arch, ArchKind,
-    AuxMode, Entry, EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx,
-    Stored, TrainOption, TrainOpts,
+    batch_state, candidates, encode_jumprelu_row, loosen, validate_threshold, Arch, ArchKind,
+    AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, RowCode,
+    RowOut, Sparsity, StepCtx, Stored, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
@@ -126,42 +126,18 @@ impl BatchTopKRule {
     }
 }
 
-impl Arch for BatchTopKRule {
-    fn kind(&self) -> ArchKind {
-        self.kind
-    }
-    fn heads(&self) -> &[usize] {
-        &self.heads
-    }
-    fn trained_params(&self, sae: &Sae) -> Vec<Vec<f32>> {
-        vec![sae.param("b_enc").to_vec()]
-    }
-    fn saved_params(&self, trained: &[Vec<f32>], batch_threshold: f32) -> Vec<Vec<f32>> {
-        vec![trained[0].clone(), vec![batch_threshold; trained[0].len()]]
-    }
-    fn tracks_batch_threshold(&self) -> bool {
-        true
-    }
-    fn initial_batch_threshold(&self, sae: &Sae) -> f32 {
-        sae.param("threshold").first().copied().unwrap_or(0.0)
-    }
-    fn param_names(&self) -> &'static [&'static str] {
-        &["b_enc"]
-    }
-    fn aux_mode(&self) -> AuxMode {
-        AuxMode::AuxK
-    }
-    fn aux_coeff(&self) -> f32 {
-        self.aux_coeff
-    }
+/// BatchTopK's batch state: this batch's selection threshold.
+#[derive(Default)]
+struct BatchThreshold(f32);
 
-    /// The (k*B)-th largest positive `pre + b_enc` of the batch; entries `>=` it are kept
-    /// (ties at the threshold may keep a few more). `ctx.batch_threshold` holds the previous
-    /// batch's value and serves as a hint to avoid collecting every positive value.
-    fn prepare_batch(&self, ctx: &StepCtx, pre: &[f32]) -> f32 {
-        let d_sae = ctx.d_sae;
-        let want = self.k * ctx.n;
-        let b_enc = &ctx.params[0][..];
+impl BatchTopKRule {
+    /// The (k*B)-th largest positive `pre + b_enc` of the batch. `previous` (the last batch's
+    /// value, 0 at first) is a hint that avoids collecting every positive value; the result
+    /// does not depend on it.
+    fn threshold(&self, batch: &BatchInput, previous: f32) -> f32 {
+        let (d_sae, pre) = (batch.d_sae, batch.pre);
+        let want = self.k * batch.n;
+        let b_enc = &batch.params[0][..];
         let collect = |lb: f32| -> Vec<f32> {
             let parts: Vec<Vec<f32>> = pre
                 .par_chunks(d_sae * 16)
@@ -180,7 +156,7 @@ impl Arch for BatchTopKRule {
                 .collect();
             parts.concat()
         };
-        let hint = ctx.batch_threshold * 0.5;
+        let hint = previous * 0.5;
         let mut vals = if hint > 0.0 {
             collect(hint)
         } else {
@@ -198,17 +174,54 @@ impl Arch for BatchTopKRule {
         let (_, kth, _) = vals.select_nth_unstable_by(want - 1, |a, b| b.total_cmp(a));
         *kth
     }
+}
 
-    fn prefilter(&self, params: &[Vec<f32>], batch_value: f32, out: &mut Vec<f32>) -> bool {
+impl Arch for BatchTopKRule {
+    fn kind(&self) -> ArchKind {
+        self.kind
+    }
+    fn heads(&self) -> &[usize] {
+        &self.heads
+    }
+    fn trained_params(&self, sae: &Sae) -> Vec<Vec<f32>> {
+        vec![sae.param("b_enc").to_vec()]
+    }
+    fn saved_params(&self, trained: &[Vec<f32>], batch_threshold: f32) -> Vec<Vec<f32>> {
+        vec![trained[0].clone(), vec![batch_threshold; trained[0].len()]]
+    }
+    fn batch_threshold(&self, batch: BatchRef) -> Option<f32> {
+        Some(batch.get::<BatchThreshold>().0)
+    }
+    fn initial_batch_threshold(&self, sae: &Sae) -> f32 {
+        sae.param("threshold").first().copied().unwrap_or(0.0)
+    }
+    fn param_names(&self) -> &'static [&'static str] {
+        &["b_enc"]
+    }
+    fn aux_mode(&self) -> AuxMode {
+        AuxMode::AuxK
+    }
+    fn aux_coeff(&self) -> f32 {
+        self.aux_coeff
+    }
+
+    /// This batch's threshold: entries `>=` it are kept (ties at the threshold may keep a
+    /// few more).
+    fn prepare_batch(&self, batch: &BatchInput, state: &mut BatchSlot) {
+        let threshold = &mut batch_state::<BatchThreshold>(state).0;
+        *threshold = self.threshold(batch, *threshold);
+    }
+
+    fn prefilter(&self, params: &[Vec<f32>], batch: BatchRef, out: &mut Vec<f32>) -> bool {
         out.clear();
-        let t = batch_value.max(0.0);
+        let t = batch.get::<BatchThreshold>().0.max(0.0);
         out.extend(params[0].iter().map(|b| loosen(t - b)));
         true
     }
 
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
-        let t = ctx.batch_threshold;
+        let t = ctx.batch.get::<BatchThreshold>().0;
         let mut cands = std::mem::take(&mut out.cands);
         for &j in candidates(ctx, pre, &mut cands) {
             let (j, p, b) = (j as usize, pre[j as usize], b_enc[j as usize]);

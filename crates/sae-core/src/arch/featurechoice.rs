@@ -10,9 +10,9 @@
 
 use super::topk::topk_lr;
 use super::{
-    encode_jumprelu_row, validate_k, validate_threshold, AfterStep, Arch, ArchKind, AuxMode,
-    Entry, EntryGrad, Family, LatentParam, OptionSpec, RowCode, RowOut, Settings, Sparsity,
-    StepCtx, Stored,
+    batch_state, encode_jumprelu_row, validate_k, validate_threshold, AfterStep, Arch, ArchKind,
+    AuxMode, BatchInput, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptionSpec, RowCode,
+    RowOut, Settings, Sparsity, StepCtx, Stored,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
@@ -290,6 +290,10 @@ impl Family for FeatureChoice {
     }
 }
 
+/// Feature Choice's batch state: each latent's cut-off in this batch (`column_cutoffs`).
+#[derive(Default)]
+struct ColumnCutoffs(Vec<f32>);
+
 /// The Feature Choice training rule.
 pub struct FeatureChoiceRule {
     /// Each latent's share of the batch's tokens.
@@ -306,13 +310,13 @@ impl Arch for FeatureChoiceRule {
     fn aux_mode(&self) -> AuxMode {
         AuxMode::None
     }
-    fn prepare_latents(&self, ctx: &StepCtx, pre: &[f32], out: &mut Vec<f32>) -> bool {
-        let caps = capacities(&self.densities, ctx.n);
-        column_cutoffs(pre, &ctx.params[0], &caps, out);
-        true
+    fn prepare_batch(&self, batch: &BatchInput, state: &mut BatchSlot) {
+        let caps = capacities(&self.densities, batch.n);
+        let cut = &mut batch_state::<ColumnCutoffs>(state).0;
+        column_cutoffs(batch.pre, &batch.params[0], &caps, cut);
     }
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
-        let (b_enc, cut) = (&ctx.params[0][..], ctx.latent_batch);
+        let (b_enc, cut) = (&ctx.params[0][..], &ctx.batch.get::<ColumnCutoffs>().0);
         for (j, ((&p, &b), &t)) in pre.iter().zip(b_enc).zip(cut).enumerate() {
             let a = p + b;
             if a > 0.0 && a >= t {
@@ -333,7 +337,7 @@ impl Arch for FeatureChoiceRule {
     fn after_step(&self, step: &AfterStep, params: &mut [Vec<f32>]) {
         let beta = THRESHOLD_EMA_BETA;
         let w = ((1.0 - beta) / (1.0 - beta.powf(step.t as f64))) as f32;
-        for (th, &cut) in params[1].iter_mut().zip(step.latent_batch) {
+        for (th, &cut) in params[1].iter_mut().zip(&step.batch.get::<ColumnCutoffs>().0) {
             if cut.is_finite() {
                 *th += (cut - *th) * w;
             }

@@ -4,7 +4,8 @@
 //! of `relu(pi_gate)` through a stop-gradient copy of the decoder.
 
 use super::{
-    candidates, loosen, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam, RowCode,
+    candidates, loosen, Arch, ArchKind, AuxMode, BatchRef, Entry, EntryGrad, Family, LatentParam,
+    RowCode,
     RowOut, Sparsity, StepCtx,
 };
 use crate::sae::Sae;
@@ -59,7 +60,7 @@ impl Arch for GatedRule {
         out.cands = cands;
     }
 
-    fn prefilter(&self, params: &[Vec<f32>], _batch_value: f32, out: &mut Vec<f32>) -> bool {
+    fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {
         out.clear();
         out.extend(params[B_GATE].iter().map(|b| loosen(-b)));
         true

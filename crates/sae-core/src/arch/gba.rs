@@ -13,8 +13,9 @@
 
 use super::topk::{topk_lr, B_ENC_ONLY};
 use super::{
-    candidates, loosen, validate_k, AfterStep, Arch, ArchKind, AuxMode, Entry, EntryGrad,
-    Family, LatentParam, OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx,
+    batch_state, candidates, loosen, validate_k, AfterStep, Arch, ArchKind, AuxMode, BatchInput,
+    BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptionSpec, RowCode, RowOut,
+    Settings, Sparsity, StepCtx,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
@@ -205,6 +206,10 @@ pub struct GbaRule {
     targets: Vec<f64>,
 }
 
+/// GBA's batch state: each latent's `column_quantiles` of this batch.
+#[derive(Default)]
+struct ColumnQuantiles(Vec<f32>);
+
 /// Each latent's `ceil(target n)`-th largest raw pre-activation over the `n` rows of `pre`.
 fn column_quantiles(pre: &[f32], targets: &[f64], n: usize, out: &mut Vec<f32>) {
     let d_sae = targets.len();
@@ -237,11 +242,11 @@ impl Arch for GbaRule {
     fn aux_mode(&self) -> AuxMode {
         AuxMode::None
     }
-    fn prepare_latents(&self, ctx: &StepCtx, pre: &[f32], out: &mut Vec<f32>) -> bool {
-        column_quantiles(pre, &self.targets, ctx.n, out);
-        true
+    fn prepare_batch(&self, batch: &BatchInput, state: &mut BatchSlot) {
+        let quantiles = &mut batch_state::<ColumnQuantiles>(state).0;
+        column_quantiles(batch.pre, &self.targets, batch.n, quantiles);
     }
-    fn prefilter(&self, params: &[Vec<f32>], _batch_value: f32, out: &mut Vec<f32>) -> bool {
+    fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {
         out.clear();
         out.extend(params[0].iter().map(|b| loosen(-b)));
         true
@@ -266,7 +271,7 @@ impl Arch for GbaRule {
         }
     }
     fn after_step(&self, step: &AfterStep, params: &mut [Vec<f32>]) {
-        for (b, &q) in params[0].iter_mut().zip(step.latent_batch) {
+        for (b, &q) in params[0].iter_mut().zip(&step.batch.get::<ColumnQuantiles>().0) {
             *b += BIAS_ADAPT_RATE * (-q - *b);
         }
     }

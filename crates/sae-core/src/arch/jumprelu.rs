@@ -4,7 +4,7 @@
 
 use super::{
     candidates, encode_jumprelu_row, loosen, parse_train_opts, train_opts_from, train_opts_of,
-    validate_threshold, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
+    validate_threshold, Arch, ArchKind, AuxMode, BatchRef, Entry, EntryGrad, Family, LatentParam,
     OptValue, RowCode, RowOut, Sparsity, StepCtx, Stored, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
@@ -174,7 +174,7 @@ impl Arch for JumpReluRule {
         out.cands = cands;
     }
 
-    fn prefilter(&self, params: &[Vec<f32>], _batch_value: f32, out: &mut Vec<f32>) -> bool {
+    fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {
         out.clear();
         let half = 0.5 * self.bandwidth;
         let (b_enc, log_theta) = (&params[B_ENC], &params[LOG_THETA]);

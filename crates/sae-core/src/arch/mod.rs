@@ -14,11 +14,14 @@
 //!     pass;
 //!   * how the loss gradients w.r.t. `f` and `a` of one entry become the gradient w.r.t. the
 //!     pre-activation and w.r.t. its own per-latent parameters (`entry_backward`);
-//!   * which reconstruction heads (nested prefixes of the dictionary) the loss sums.
+//!   * which reconstruction heads (nested prefixes of the dictionary) the loss sums;
+//!   * what it computes from the whole batch before selection (`prepare_batch`), kept in a
+//!     state of its own type that the trainer holds without reading.
 //!
 //! Every entry whose pre-activation gradient can be non-zero must be emitted, so the gradient
 //! w.r.t. the pre-activations is exactly sparse on the emitted entries.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -528,6 +531,63 @@ pub enum AuxMode {
     AuxK,
 }
 
+/// A family's per-batch state: what its `Arch::prepare_batch` computes from the whole batch
+/// before selection (a batch threshold, per-latent cut-offs, decoder norms). Only the family
+/// knows its type; it reads it back with [`BatchRef::get`].
+pub type BatchState = dyn Any + Send + Sync;
+
+/// Where the trainer keeps a family's [`BatchState`] between steps (None until the family
+/// makes one).
+pub type BatchSlot = Option<Box<BatchState>>;
+
+/// The state of type `T` in `slot`, a default one put there first when it holds none of
+/// that type: the first step makes it, later steps reuse its buffers.
+pub(crate) fn batch_state<T: Any + Send + Sync + Default>(slot: &mut BatchSlot) -> &mut T {
+    if !slot.as_deref().is_some_and(|s| s.is::<T>()) {
+        *slot = Some(Box::new(T::default()));
+    }
+    match slot.as_deref_mut().and_then(|s| s.downcast_mut::<T>()) {
+        Some(state) => state,
+        None => unreachable!("the slot was just given a {}", std::any::type_name::<T>()),
+    }
+}
+
+/// Read access to a family's [`BatchState`] during a step.
+#[derive(Clone, Copy, Default)]
+pub struct BatchRef<'a>(Option<&'a BatchState>);
+
+impl<'a> BatchRef<'a> {
+    pub fn new(slot: &'a BatchSlot) -> Self {
+        BatchRef(slot.as_deref())
+    }
+    /// The state as the family's own type. A rule that reads a state its `prepare_batch`
+    /// does not make is a programming error, hence the panic.
+    pub fn get<T: Any>(self) -> &'a T {
+        match self.0.and_then(|s| s.downcast_ref::<T>()) {
+            Some(state) => state,
+            None => panic!(
+                "no batch state of type {}: the rule's prepare_batch makes none",
+                std::any::type_name::<T>()
+            ),
+        }
+    }
+}
+
+/// What `Arch::prepare_batch` may read: the batch before any row is selected.
+pub struct BatchInput<'a> {
+    /// Tokens in the batch.
+    pub n: usize,
+    pub d_in: usize,
+    pub d_sae: usize,
+    /// Per-latent parameters of the architecture, in `Arch::param_names` order.
+    pub params: &'a [Vec<f32>],
+    /// Raw pre-activations `(x - b_dec) @ W_enc`, `[n, d_sae]`, with the training noise of
+    /// `Arch::pre_noise` when the rule has some.
+    pub pre: &'a [f32],
+    /// Decoder rows, `[d_sae, d_in]`, as this step starts.
+    pub w_dec: &'a [f32],
+}
+
 /// What every architecture may read during one step.
 pub struct StepCtx<'a> {
     /// Tokens in the batch.
@@ -537,18 +597,13 @@ pub struct StepCtx<'a> {
     pub hyper: &'a TrainHyper,
     /// Per-latent parameters of the architecture, in `Arch::param_names` order.
     pub params: &'a [Vec<f32>],
-    /// Decoder row norms (only filled for the decoder-norm-weighted L1 ReLU).
-    pub dec_norm: &'a [f32],
     /// Latents the auxiliary reconstruction may use this step (AuxK), ascending: those of
     /// `Arch::aux_latents`, the dead ones unless the rule says otherwise.
     pub dead: &'a [u32],
-    /// BatchTopK: this batch's selection threshold (from `prepare_batch`).
-    pub batch_threshold: f32,
     /// Per-latent lower bounds from `Arch::prefilter` (empty when the arch has none).
     pub cutoff: &'a [f32],
-    /// Per-latent values of this batch from `Arch::prepare_latents` (empty when the arch has
-    /// none).
-    pub latent_batch: &'a [f32],
+    /// The family's state from `Arch::prepare_batch` for this batch.
+    pub batch: BatchRef<'a>,
 }
 
 /// What `Arch::after_step` may read: the step just applied.
@@ -557,8 +612,8 @@ pub struct AfterStep<'a> {
     pub t: u64,
     /// Tokens in the batch.
     pub n: usize,
-    /// This batch's per-latent values from `Arch::prepare_latents`.
-    pub latent_batch: &'a [f32],
+    /// The family's state from `Arch::prepare_batch` for this batch.
+    pub batch: BatchRef<'a>,
 }
 
 /// Entries of one row, appended by `select_row`.
@@ -623,17 +678,15 @@ pub trait Arch: Send + Sync {
     fn saved_params(&self, trained: &[Vec<f32>], _batch_threshold: f32) -> Vec<Vec<f32>> {
         trained.to_vec()
     }
-    /// Whether the trainer keeps an estimate of `prepare_batch`'s threshold for inference.
-    fn tracks_batch_threshold(&self) -> bool {
-        false
+    /// Rules that select per batch: this batch's selection threshold, read from the state
+    /// `prepare_batch` left. The trainer keeps an estimate of it for inference (saved with
+    /// its state, handed to `saved_params`); None for the other rules.
+    fn batch_threshold(&self, _batch: BatchRef) -> Option<f32> {
+        None
     }
     /// The first batch threshold estimate of `sae` (a resumed or loaded SAE's).
     fn initial_batch_threshold(&self, _sae: &Sae) -> f32 {
         0.0
-    }
-    /// Whether `StepCtx::dec_norm` must hold the decoder row norms.
-    fn needs_dec_norm(&self) -> bool {
-        false
     }
     /// Reconstruction heads: widths of the nested dictionary prefixes whose reconstructions
     /// the loss sums, ascending and ending at d_sae. Empty means one head, the whole
@@ -658,16 +711,13 @@ pub trait Arch: Send + Sync {
     fn unit_norm_decoder(&self) -> bool {
         true
     }
-    /// Batch-level work before `select_row` (BatchTopK: its threshold). Returns the threshold.
-    fn prepare_batch(&self, _ctx: &StepCtx, _pre: &[f32]) -> f32 {
-        0.0
-    }
-    /// Batch-level work per latent before `select_row` (column-wise selections): fills `out`
-    /// with one value per latent, read back as `StepCtx::latent_batch`. Returns false when
-    /// the rule has none.
-    fn prepare_latents(&self, _ctx: &StepCtx, _pre: &[f32], _out: &mut Vec<f32>) -> bool {
-        false
-    }
+    /// Batch-level work before `select_row`, the one place a rule computes from the whole
+    /// batch (BatchTopK's threshold, per-latent cut-offs, decoder norms): it keeps the result
+    /// in `state`, as its own type (see [`batch_state`]), and reads it back through
+    /// `StepCtx::batch`, `AfterStep::batch` and `prefilter`. The trainer keeps `state`
+    /// between steps, so buffers are reused, but never saves it: what must survive a resume
+    /// belongs in the parameters. Rules that compute nothing per batch leave it alone.
+    fn prepare_batch(&self, _batch: &BatchInput, _state: &mut BatchSlot) {}
     /// The latents the auxiliary reconstruction (AuxK) may use this step, ascending, given
     /// how many tokens ago each last fired: by default the dead ones (no firing in
     /// `dead_window_tokens`).
@@ -682,8 +732,8 @@ pub trait Arch: Send + Sync {
     fn after_step(&self, _step: &AfterStep, _params: &mut [Vec<f32>]) {}
     /// Per-latent values `c_j` such that only latents with `pre_j > c_j` can be selected
     /// (a vectorised prefilter; `select_row` still applies its exact test). Returns false
-    /// when the arch has no such bound. `batch_value` is what `prepare_batch` returned.
-    fn prefilter(&self, _params: &[Vec<f32>], _batch_value: f32, _out: &mut Vec<f32>) -> bool {
+    /// when the arch has no such bound. `batch` is what `prepare_batch` left.
+    fn prefilter(&self, _params: &[Vec<f32>], _batch: BatchRef, _out: &mut Vec<f32>) -> bool {
         false
     }
     /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`.
@@ -826,4 +876,36 @@ fn rank_order(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
         .partial_cmp(&key(a.0))
         .unwrap_or(std::cmp::Ordering::Equal)
         .then(a.1.cmp(&b.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Cuts(Vec<f32>);
+    #[derive(Default)]
+    struct Threshold(f32);
+
+    /// The first use makes the state, later ones get the same one back (its buffers are
+    /// reused across steps); a state of another type is replaced.
+    #[test]
+    fn batch_state_is_made_once_and_reused() {
+        let mut slot: BatchSlot = None;
+        let made: *const Cuts = batch_state::<Cuts>(&mut slot);
+        batch_state::<Cuts>(&mut slot).0.extend([1.0, 2.0]);
+        let again: *const Cuts = batch_state::<Cuts>(&mut slot);
+        assert_eq!(made, again);
+        assert_eq!(BatchRef::new(&slot).get::<Cuts>().0, [1.0, 2.0]);
+        batch_state::<Threshold>(&mut slot).0 = 0.5;
+        assert_eq!(BatchRef::new(&slot).get::<Threshold>().0, 0.5);
+        assert!(batch_state::<Cuts>(&mut slot).0.is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "no batch state")]
+    fn reading_a_state_the_rule_never_made_panics() {
+        let slot: BatchSlot = Some(Box::new(Threshold(1.0)));
+        BatchRef::new(&slot).get::<Cuts>();
+    }
 }

@@ -10,7 +10,8 @@
 use super::batchtopk::{encode_batch_top_k, threshold_stored_as, BatchTopKRule, B_ENC_THRESHOLD};
 use super::topk::{auxk_train_opts, topk_lr, AUXK_OPTIONS};
 use super::{
-    encode_jumprelu_row, validate_threshold, Arch, ArchKind, AuxMode, Entry,
+    encode_jumprelu_row, validate_threshold, Arch, ArchKind, AuxMode, BatchInput, BatchRef,
+    BatchSlot, Entry,
     EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored, TrainOption,
     TrainOpts,
 };
@@ -130,8 +131,8 @@ impl Arch for MutualChoiceRule {
     fn saved_params(&self, trained: &[Vec<f32>], batch_threshold: f32) -> Vec<Vec<f32>> {
         self.batch.saved_params(trained, batch_threshold)
     }
-    fn tracks_batch_threshold(&self) -> bool {
-        true
+    fn batch_threshold(&self, batch: BatchRef) -> Option<f32> {
+        self.batch.batch_threshold(batch)
     }
     fn initial_batch_threshold(&self, sae: &Sae) -> f32 {
         self.batch.initial_batch_threshold(sae)
@@ -145,11 +146,11 @@ impl Arch for MutualChoiceRule {
     fn aux_latents(&self, since_fired: &[u64], hyper: &TrainHyper, out: &mut Vec<u32>) {
         *out = zipf_aux_latents(self.batch.k, since_fired, hyper.dead_window_tokens);
     }
-    fn prepare_batch(&self, ctx: &StepCtx, pre: &[f32]) -> f32 {
-        self.batch.prepare_batch(ctx, pre)
+    fn prepare_batch(&self, batch: &BatchInput, state: &mut BatchSlot) {
+        self.batch.prepare_batch(batch, state)
     }
-    fn prefilter(&self, params: &[Vec<f32>], batch_value: f32, out: &mut Vec<f32>) -> bool {
-        self.batch.prefilter(params, batch_value, out)
+    fn prefilter(&self, params: &[Vec<f32>], batch: BatchRef, out: &mut Vec<f32>) -> bool {
+        self.batch.prefilter(params, batch, out)
     }
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
         self.batch.select_row(ctx, pre, out)

@@ -3,12 +3,13 @@
 //! norm constraint.
 
 use super::{
-    candidates, loosen, parse_train_opts, train_opts_from, train_opts_of, Arch, ArchKind,
-    AuxMode, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut, Sparsity, StepCtx,
-    TrainOption, TrainOpts,
+    batch_state, candidates, loosen, parse_train_opts, train_opts_from, train_opts_of, Arch,
+    ArchKind, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam,
+    OptValue, RowCode, RowOut, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
 use crate::sae::Sae;
 use crate::trainer::TrainHyper;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// The ReLU + L1 family (SAELens "standard").
@@ -25,6 +26,10 @@ impl ArchKind {
 pub struct ReluRule {
     pub decoder_norm_l1: bool,
 }
+
+/// The decoder row norms of this step, `[d_sae]` (the weighted penalty's batch state).
+#[derive(Default)]
+struct DecoderNorms(Vec<f32>);
 
 /// ReLU's training options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -107,9 +112,6 @@ impl Arch for ReluRule {
     fn kind(&self) -> ArchKind {
         ArchKind::RELU
     }
-    fn needs_dec_norm(&self) -> bool {
-        self.decoder_norm_l1
-    }
     fn param_names(&self) -> &'static [&'static str] {
         &["b_enc"]
     }
@@ -120,8 +122,28 @@ impl Arch for ReluRule {
         !self.decoder_norm_l1
     }
 
+    /// The decoder row norms, with `decoder_norm_l1` only (the plain penalty reads none).
+    fn prepare_batch(&self, batch: &BatchInput, state: &mut BatchSlot) {
+        if !self.decoder_norm_l1 {
+            return;
+        }
+        let (w_dec, d_in) = (batch.w_dec, batch.d_in);
+        let norms = &mut batch_state::<DecoderNorms>(state).0;
+        norms.clear();
+        norms.resize(batch.d_sae, 0.0);
+        norms.par_iter_mut().enumerate().for_each(|(j, nrm)| {
+            let r = &w_dec[j * d_in..(j + 1) * d_in];
+            *nrm = crate::kernels::dot(r, r).sqrt();
+        });
+    }
+
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
+        let dec_norm: &[f32] = if self.decoder_norm_l1 {
+            &ctx.batch.get::<DecoderNorms>().0
+        } else {
+            &[]
+        };
         let mut l1 = 0.0f64;
         let mut cands = std::mem::take(&mut out.cands);
         for &j in candidates(ctx, pre, &mut cands) {
@@ -130,7 +152,7 @@ impl Arch for ReluRule {
             if pi > 0.0 {
                 out.push(j, pi, 0.0, p);
                 let w = if self.decoder_norm_l1 {
-                    ctx.dec_norm[j]
+                    dec_norm[j]
                 } else {
                     1.0
                 };
@@ -141,7 +163,7 @@ impl Arch for ReluRule {
         out.cands = cands;
     }
 
-    fn prefilter(&self, params: &[Vec<f32>], _batch_value: f32, out: &mut Vec<f32>) -> bool {
+    fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {
         out.clear();
         out.extend(params[0].iter().map(|b| loosen(-b)));
         true
@@ -150,7 +172,7 @@ impl Arch for ReluRule {
     fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, _da: f32) -> EntryGrad {
         let Entry { j, .. } = e;
         let w = if self.decoder_norm_l1 {
-            ctx.dec_norm[j]
+            ctx.batch.get::<DecoderNorms>().0[j]
         } else {
             1.0
         };

@@ -2,8 +2,8 @@
 //! plus AuxK: the top `k_aux` dead latents reconstruct the (detached) residual.
 
 use super::{
-    loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch, ArchKind,
-    validate_k, AuxMode, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut,
+    batch_state, loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch,
+    ArchKind, validate_k, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut,
     Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
@@ -274,13 +274,14 @@ impl Arch for TopKRule {
     /// A value that most rows' k-th largest `pre + b_enc` exceeds, from a sample of rows:
     /// rows with at least k latents above it only need to look at those (exact), the others
     /// fall back to a full scan.
-    fn prepare_batch(&self, ctx: &StepCtx, pre: &[f32]) -> f32 {
-        row_kth_floor(self.k, ctx, pre)
+    fn prepare_batch(&self, batch: &BatchInput, state: &mut BatchSlot) {
+        batch_state::<RowFloor>(state).0 = row_kth_floor(self.k, batch);
     }
 
-    fn prefilter(&self, params: &[Vec<f32>], batch_value: f32, out: &mut Vec<f32>) -> bool {
+    fn prefilter(&self, params: &[Vec<f32>], batch: BatchRef, out: &mut Vec<f32>) -> bool {
+        let floor = batch.get::<RowFloor>().0;
         out.clear();
-        out.extend(params[0].iter().map(|b| loosen(batch_value - b)));
+        out.extend(params[0].iter().map(|b| loosen(floor - b)));
         true
     }
 
@@ -321,18 +322,22 @@ impl Arch for TopKRule {
     }
 }
 
+/// TopK's batch state: the prefilter's floor (`row_kth_floor`).
+#[derive(Default)]
+struct RowFloor(f32);
+
 /// A floor under the k-th largest `pre + b_enc` of most rows (0 at least): 0.8 times the
 /// smallest k-th largest value among up to 16 sampled rows.
-pub(crate) fn row_kth_floor(k: usize, ctx: &StepCtx, pre: &[f32]) -> f32 {
-    let d_sae = ctx.d_sae;
-    let b_enc = &ctx.params[0][..];
-    if k == 0 || k > d_sae || ctx.n == 0 {
+fn row_kth_floor(k: usize, batch: &BatchInput) -> f32 {
+    let (d_sae, n, pre) = (batch.d_sae, batch.n, batch.pre);
+    let b_enc = &batch.params[0][..];
+    if k == 0 || k > d_sae || n == 0 {
         return 0.0;
     }
-    let step = (ctx.n / 16).max(1);
+    let step = (n / 16).max(1);
     let mut row = Vec::with_capacity(d_sae);
     let mut floor = f32::INFINITY;
-    for b in (0..ctx.n).step_by(step) {
+    for b in (0..n).step_by(step) {
         row.clear();
         row.extend(
             pre[b * d_sae..(b + 1) * d_sae]

@@ -14,7 +14,8 @@
 
 use super::topk::{auxk_train_opts, topk_lr, KCoefficient, TopK, TopKRule, AUXK_OPTIONS, B_ENC_ONLY};
 use super::{
-    Arch, ArchKind, AuxMode, DensePenalty, Entry, EntryGrad, Family, LatentParam,
+    Arch, ArchKind, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, EntryGrad,
+    Family, LatentParam,
     OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
@@ -147,11 +148,11 @@ impl Arch for VsaeRule {
         Some(self)
     }
     /// TopK's row floor, from the noisy values `select_row` sees.
-    fn prepare_batch(&self, ctx: &StepCtx, pre: &[f32]) -> f32 {
-        self.topk.prepare_batch(ctx, pre)
+    fn prepare_batch(&self, batch: &BatchInput, state: &mut BatchSlot) {
+        self.topk.prepare_batch(batch, state)
     }
-    fn prefilter(&self, params: &[Vec<f32>], batch_value: f32, out: &mut Vec<f32>) -> bool {
-        self.topk.prefilter(params, batch_value, out)
+    fn prefilter(&self, params: &[Vec<f32>], batch: BatchRef, out: &mut Vec<f32>) -> bool {
+        self.topk.prefilter(params, batch, out)
     }
     fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
         self.topk.select_row(ctx, pre, out);

@@ -22,8 +22,10 @@
 //!    every pre-activation, and rules with training noise (`Arch::pre_noise`) get the noise
 //!    added to `pre`, drawn from (seed, step, row) alone. The penalty's W_enc gradient is one
 //!    more product, `Gpen^T xc` (folded into the dense path's encoder product).
-//! 2. `prepare_selection`, `select`: the architecture turns each row of `pre` into sparse
-//!    entries (row-parallel, with a vectorised candidate prefilter), flattened to CSR.
+//! 2. `prepare_selection`, `select`: the architecture first computes what it needs from the
+//!    whole batch (`Arch::prepare_batch`, into a state of its own type the trainer holds
+//!    without reading), then turns each row of `pre` into sparse entries (row-parallel, with a
+//!    vectorised candidate prefilter), flattened to CSR.
 //! 3. `decode`: per row, sparse decode (and the auxiliary reconstruction), the residual of each
 //!    reconstruction head (nested dictionary prefixes, Matryoshka), loss terms, and
 //!    per entry `d_j . r_b` (and `d_j . r_aux_b`) while the rows `d_j` are still in cache.
@@ -33,7 +35,7 @@
 //!    parameters, the W_dec and W_enc row gradients, fused with Adam, the unit-norm
 //!    projection and renormalisation.
 //! 6. `dense_params`: dense Adam on the small vectors (b_dec, per-latent parameters) and
-//!    BatchTopK's threshold estimate.
+//!    the inference estimate of the batch threshold (`Arch::batch_threshold`, BatchTopK).
 //!
 //! When more than 1/16 of the (token, latent) pairs are active (e.g. right after the paper's
 //! initialisation, where half the latents fire), steps 3 and 5 use GEMMs on dense copies of the

@@ -5,7 +5,9 @@
 //! `Buffers::transpose_entries`, `latent_pass` (gradients fused with Adam), `dense_params`.
 
 use super::{noise, Mode, SaeTrainer, StepStats};
-use crate::arch::{AfterStep, Arch, AuxMode, DensePenalty, Entry, RowOut, StepCtx};
+use crate::arch::{
+    AfterStep, Arch, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, RowOut, StepCtx,
+};
 use crate::bf16::Precision;
 use crate::kernels::{
     acc2, acc2_h, acc3, axpy, axpy2, axpy2_h, axpy_h, dot, dot2, dot2_h, dot_h, matmul, matmul_tn,
@@ -96,10 +98,10 @@ pub(super) struct Buffers {
     lat_fill: Vec<usize>,
     lat_scratch: Vec<f32>,
     bdec_part: Vec<f32>,
-    dec_norm: Vec<f32>,
     dead: Vec<u32>,
     cutoff: Vec<f32>,
-    latent_batch: Vec<f32>,
+    /// The rule's state from `Arch::prepare_batch` (the trainer never reads it).
+    batch: BatchSlot,
     gparams: Vec<Vec<f32>>,
     /// Dense penalty (empty without one): its gradient w.r.t. every pre-activation, batch
     /// mean included (`[n, d_sae]`), per row chunk its value, per latent its column sum,
@@ -153,18 +155,15 @@ struct RowStats {
     x_sum: Vec<f64>,
 }
 
-/// The batch-wide inputs of selection.
+/// The batch-wide inputs of selection besides the rule's own state (in `Buffers::batch`).
 #[derive(Clone, Copy)]
 struct BatchSelection {
-    /// BatchTopK: this batch's selection threshold (from `Arch::prepare_batch`).
-    threshold: f32,
     /// `Buffers::cutoff` holds the family's per-latent prefilter bounds.
     cutoff: bool,
 }
 
 /// What selection leaves besides the entries (those are in `Buffers`, as CSR).
 struct Selected {
-    batch_threshold: f32,
     /// Entries in the batch.
     total: usize,
     /// Unweighted sparsity penalty summed over the batch.
@@ -190,7 +189,6 @@ struct Decoded {
 struct Backward {
     n: usize,
     sparsity_coeff: f32,
-    batch_threshold: f32,
     resid_scale: f32,
     aux_scale: f32,
     /// AuxK's reconstruction trains the decoder rows (a dead latent fires in it).
@@ -230,7 +228,7 @@ impl SaeTrainer {
         prof.lap("penalty+noise");
         self.grad_scores(grad, n);
         prof.lap("grad scores");
-        let batch = self.prepare_selection(n, sparsity_coeff);
+        let batch = self.prepare_selection(n);
         prof.lap("prep");
         let mut sel = self.select(n, sparsity_coeff, batch);
         sel.penalty_sum = penalty_sum;
@@ -253,7 +251,6 @@ impl SaeTrainer {
         let bw = Backward {
             n,
             sparsity_coeff,
-            batch_threshold: sel.batch_threshold,
             resid_scale: dec.resid_scale,
             aux_scale: dec.aux_scale,
             aux_trains_dec: self.arch.aux_mode() == AuxMode::AuxK && dec.aux_scale != 0.0,
@@ -277,7 +274,6 @@ impl SaeTrainer {
                 bw.resid_scale,
                 bw.aux_scale,
                 bw.aux_trains_dec,
-                bw.batch_threshold,
             );
         } else if !self.buf.gpen.is_empty() {
             // The dense penalty's W_enc gradient: the one product its dense gradient forces
@@ -435,51 +431,28 @@ impl SaeTrainer {
         matmul_xt(g, n, d_in, &self.w_dec, d_sae, &mut buf.grad_scores);
     }
 
-    /// Phase 2a: the architecture's per-step inputs (decoder norms, dead latents), its
-    /// batch-wide threshold and its candidate prefilter.
-    fn prepare_selection(&mut self, n: usize, sparsity_coeff: f32) -> BatchSelection {
-        let (d_in, d_sae) = (self.d_in, self.d_sae);
+    /// Phase 2a: the dead latents, the rule's own batch state (`Arch::prepare_batch`) and
+    /// its candidate prefilter.
+    fn prepare_selection(&mut self, n: usize) -> BatchSelection {
         let buf = &mut self.buf;
-        buf.dec_norm.clear();
-        if self.arch.needs_dec_norm() {
-            buf.dec_norm.resize(d_sae, 0.0);
-            let w_dec = &self.w_dec;
-            buf.dec_norm
-                .par_iter_mut()
-                .enumerate()
-                .for_each(|(j, nrm)| {
-                    let r = &w_dec[j * d_in..(j + 1) * d_in];
-                    *nrm = dot(r, r).sqrt();
-                });
-        }
         buf.dead.clear();
         if self.arch.aux_mode() == AuxMode::AuxK {
             self.arch
                 .aux_latents(&self.tokens_since_fired, &self.hyper, &mut buf.dead);
         }
-        let ctx = StepCtx {
+        let input = BatchInput {
             n,
-            d_sae,
-            sparsity_coeff,
-            hyper: &self.hyper,
+            d_in: self.d_in,
+            d_sae: self.d_sae,
             params: &self.params,
-            dec_norm: &buf.dec_norm,
-            dead: &buf.dead,
-            batch_threshold: self.last_batch_threshold,
-            cutoff: &[],
-            latent_batch: &[],
+            pre: &buf.pre,
+            w_dec: &self.w_dec,
         };
-        let threshold = self.arch.prepare_batch(&ctx, &buf.pre);
-        if !self
-            .arch
-            .prepare_latents(&ctx, &buf.pre, &mut buf.latent_batch)
-        {
-            buf.latent_batch.clear();
-        }
+        self.arch.prepare_batch(&input, &mut buf.batch);
         let cutoff = self
             .arch
-            .prefilter(&self.params, threshold, &mut buf.cutoff);
-        BatchSelection { threshold, cutoff }
+            .prefilter(&self.params, BatchRef::new(&buf.batch), &mut buf.cutoff);
+        BatchSelection { cutoff }
     }
 
     /// Phase 2b: sparse selection, row-parallel into per-chunk buffers, then flattened to CSR.
@@ -492,11 +465,9 @@ impl SaeTrainer {
             sparsity_coeff,
             hyper: &self.hyper,
             params: &self.params,
-            dec_norm: &buf.dec_norm,
             dead: &buf.dead,
-            batch_threshold: batch.threshold,
             cutoff: if batch.cutoff { &buf.cutoff } else { &[] },
-            latent_batch: &buf.latent_batch,
+            batch: BatchRef::new(&buf.batch),
         };
         buf.chunks
             .resize_with(n.div_ceil(ROW_CHUNK), ChunkOut::default);
@@ -523,7 +494,6 @@ impl SaeTrainer {
             });
         let sparsity_sum = buf.flatten_entries();
         Selected {
-            batch_threshold: batch.threshold,
             total: buf.idx.len(),
             sparsity_sum,
             penalty_sum: 0.0,
@@ -856,11 +826,9 @@ impl SaeTrainer {
                 sparsity_coeff: bw.sparsity_coeff,
                 hyper: &self.hyper,
                 params: &self.params,
-                dec_norm: &buf.dec_norm,
                 dead: &buf.dead,
-                batch_threshold: bw.batch_threshold,
                 cutoff: &[],
-                latent_batch: &buf.latent_batch,
+                batch: BatchRef::new(&buf.batch),
             },
             bw: *bw,
             d_in,
@@ -971,13 +939,13 @@ impl SaeTrainer {
                 let step = AfterStep {
                     t: bw.t,
                     n: bw.n,
-                    latent_batch: &buf.latent_batch,
+                    batch: BatchRef::new(&buf.batch),
                 };
                 self.arch.after_step(&step, &mut self.params);
-                if self.arch.tracks_batch_threshold() {
+                if let Some(threshold) = self.arch.batch_threshold(step.batch) {
                     self.threshold_ema = THRESHOLD_EMA_BETA * self.threshold_ema
-                        + (1.0 - THRESHOLD_EMA_BETA) * bw.batch_threshold as f64;
-                    self.last_batch_threshold = bw.batch_threshold;
+                        + (1.0 - THRESHOLD_EMA_BETA) * threshold as f64;
+                    self.last_batch_threshold = threshold;
                 }
                 self.steps = bw.t;
             }
@@ -993,7 +961,6 @@ impl SaeTrainer {
         resid_scale: f32,
         aux_scale: f32,
         aux_trains_dec: bool,
-        batch_threshold: f32,
     ) {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
@@ -1003,11 +970,9 @@ impl SaeTrainer {
             sparsity_coeff,
             hyper: &self.hyper,
             params: &self.params,
-            dec_norm: &buf.dec_norm,
             dead: &buf.dead,
-            batch_threshold,
             cutoff: &[],
-            latent_batch: &buf.latent_batch,
+            batch: BatchRef::new(&buf.batch),
         };
         // Gpre[b, j], row by row.
         let (row_ptr, idx, fv, av, pre_e, dots, arch, gpen) = (
