@@ -420,6 +420,7 @@ def harvest(
     store_tokens: bool = False,
     include_bos: bool = False,
     shard_rows: int = 32768,
+    with_grad: bool = False,
     threads: Optional[int] = None,
     progress: Union[bool, Callable[[int, int], None]] = True,
 ) -> Union[np.ndarray, Dict[str, Any]]:
@@ -445,6 +446,11 @@ def harvest(
     ``shard_rows``; ``include_bos`` keeps the BOS rows. ``threads``: worker threads for the
     forward pass (default: all cores, or ``RAYON_NUM_THREADS``).
 
+    ``with_grad=True`` (``sae harvest --with-grad``) also stores, beside each activation, the
+    gradient of the model's next-token loss with respect to it (tensor ``grads`` in every
+    shard; one backward pass through the layers above the hook per batch): what
+    ``train(DIR, arch="gsae")`` needs. Stores only (it needs ``out``); Llama-family models.
+
     ``progress``: True shows a tqdm bar (a plain line without tqdm), False nothing, a
     callable gets ``(rows, tokens)`` about every 0.2 s. The forward passes run without the
     GIL. Ctrl-C stops after the current batch (loading the model and reading the corpus are
@@ -460,6 +466,9 @@ def harvest(
     if tokens is None:
         raise ValueError("tokens is required: the activation rows to take")
     tokens = _count(tokens, "tokens")
+    if with_grad and out is None:
+        raise ValueError("with_grad=True stores the loss gradients beside the activations in "
+                         "a store: pass out=DIR as well")
     if out is None:
         for name, value, default in (("dtype", dtype, "f32"), ("store_tokens", store_tokens, False),
                                      ("shard_rows", shard_rows, 32768)):
@@ -472,6 +481,7 @@ def harvest(
             None if out is None else os.fspath(out), _count(ctx, "ctx", 2), _count(batch, "batch"),
             compute, dtype, bool(store_tokens), bool(include_bos), _count(shard_rows, "shard_rows"),
             None if threads is None else _count(threads, "threads"), callback,
+            with_grad=bool(with_grad),
         )
     except KeyboardInterrupt:
         if out is None:
@@ -566,7 +576,15 @@ def train(
     ``acts``: a float32 ``[n, d_in]`` numpy array or CPU torch tensor (read in place, in
     order, wrapping around), an iterable or iterator of such batches, or the path of an
     activation store (files or directory written by ``sae harvest`` or :func:`harvest`,
-    shuffled). Leave it out with ``synth="synthsaebench-small"``.
+    shuffled). Leave it out with ``synth="synthsaebench-small"``, or to train straight from
+    a language model as ``sae train --model`` does: ``model=`` (as in :func:`harvest`),
+    ``hook=`` (one; ``sae train --hook a,b`` trains several in one pass), ``corpus=`` and
+    ``tokens`` or ``steps``; the model is loaded (without the GIL; Ctrl-C does not cut the
+    load short) before training starts.
+
+    ``arch="gsae"`` selects latents with the model's loss gradient: train it from a model, or
+    from a store harvested with ``harvest(..., out=DIR, with_grad=True)``; a store without
+    gradients raises ValueError.
 
     Batches from an iterable are streamed: training pulls the next batch (taking the GIL
     only for that) when it needs more rows, and keeps only the rows not yet trained on, so

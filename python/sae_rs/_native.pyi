@@ -72,6 +72,7 @@ def harvest(
     shard_rows: int = 32768,
     threads: Optional[int] = None,
     progress: Optional[Callable[[int, int], object]] = None,
+    with_grad: bool = False,
 ) -> Union[_F32, str]: ...
 def evaluate(
     sae: NativeSae,

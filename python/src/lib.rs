@@ -568,6 +568,20 @@ impl BatchSource for Watched<'_> {
         self.watch.done.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
+    fn has_grads(&self) -> bool {
+        self.inner.has_grads()
+    }
+    fn next_batch_with_grads(
+        &mut self,
+        out: &mut [f32],
+        grads: &mut [f32],
+        n: usize,
+    ) -> anyhow::Result<()> {
+        self.watch.check()?;
+        self.inner.next_batch_with_grads(out, grads, n)?;
+        self.watch.done.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
     fn sample(&mut self, out: &mut [f32], n: usize) -> anyhow::Result<()> {
         self.watch.check()?;
         self.inner.sample(out, n)
@@ -766,8 +780,7 @@ fn train(
 ) -> PyResult<String> {
     let cfg = parse_config(config_json)?;
     let mut slice_source;
-    let mut store_source;
-    let mut synth_source;
+    let mut opened;
     let mut iter_source = None;
     let inner: &mut dyn BatchSource = match (&acts, batches) {
         (Some(_), Some(_)) => {
@@ -810,40 +823,36 @@ fn train(
             &mut slice_source
         }
         (None, None) => {
-            if cfg.model.is_some() {
+            if cfg.acts.is_none() && cfg.synth.is_none() && cfg.model.is_none() {
                 return Err(PyValueError::new_err(
-                    "training straight from a model is not offered here; harvest with \
-                     sae_rs.harvest(..., out=DIR) and pass DIR as acts",
+                    "no activations: pass acts (an array or a store directory), synth, or \
+                     model with hook and corpus",
                 ));
             }
-            match (&cfg.acts, &cfg.synth) {
-                (Some(path), None) => {
-                    let (path, seed) = (path.clone(), cfg.seed);
-                    store_source = without_gil(py, || sae_train::StoreSource::open(&path, seed))?
-                        .map_err(input_error)?;
-                    &mut store_source
-                }
-                (None, Some(preset)) => {
-                    if cfg.steps.is_none() && cfg.tokens.is_none() {
-                        return Err(PyValueError::new_err(
-                            "training on synth needs steps or tokens (the stream is endless)",
-                        ));
-                    }
-                    synth_source =
-                        sae_train::source::SynthBenchSource::preset(preset).map_err(input_error)?;
-                    &mut synth_source
-                }
-                (Some(_), Some(_)) => {
+            if let Some(model) = &cfg.model {
+                if cfg.hook.is_none() && cfg.acts.is_none() {
                     return Err(PyValueError::new_err(
-                        "give acts or synth, not both (synth generates its own data)",
-                    ))
+                        "training from a model needs hook=, e.g. 'blocks.15.hook_resid_post' \
+                         (sae_rs.hooks(model) lists them)",
+                    ));
                 }
-                (None, None) => {
-                    return Err(PyValueError::new_err(
-                        "no activations: pass acts (an array or a store directory) or synth",
-                    ))
+                let hooks = sae_train::hook_list(&cfg).map_err(input_error)?;
+                if hooks.len() > 1 {
+                    return Err(PyValueError::new_err(format!(
+                        "hook='{}': training from a model here takes one hook; train the \
+                         hooks one call at a time, or all at once (one forward pass per \
+                         batch) with the CLI: sae train --model M --hook a,b",
+                        cfg.hook.as_deref().unwrap_or_default()
+                    )));
+                }
+                if cfg.acts.is_none() {
+                    check_model_spec(model)?;
+                    check_corpus_spec(&cfg.corpus)?;
                 }
             }
+            // The model source loads the model and starts its producer thread here.
+            opened = without_gil(py, || sae_train::open_source(&cfg))?.map_err(open_error)?;
+            opened.as_mut()
         }
     };
 
@@ -882,6 +891,18 @@ fn train(
         }
     })?;
     serde_json::to_string(&summary).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// An error opening a training source: an `--out` that may not be written is refused as
+/// training refuses it on an array (`RuntimeError`); anything else is [`input_error`].
+fn open_error(e: anyhow::Error) -> PyErr {
+    if e.chain()
+        .any(|c| c.is::<sae_output::outdir::OutputError>())
+    {
+        PyRuntimeError::new_err(format!("{e:#}"))
+    } else {
+        input_error(e)
+    }
 }
 
 /// `FileNotFoundError` for a model path that does not exist (the default model's name and
@@ -936,11 +957,12 @@ fn report_done_total(
 
 /// `sae harvest` from Python. Without `out`, the rows `[tokens, width]` as float32 (what the
 /// store would hold with dtype f32); with `out`, the store is written (or resumed) as the
-/// CLI does and a JSON summary is returned. `progress(rows, tokens)` about every 0.2 s.
+/// CLI does and a JSON summary is returned; `with_grad` also stores each row's loss gradient
+/// there. `progress(rows, tokens)` about every 0.2 s.
 #[pyfunction]
 #[pyo3(signature = (model, hook, corpus, tokens, out = None, ctx = 128, batch = 16,
     compute = "f32", dtype = "f32", store_tokens = false, include_bos = false,
-    shard_rows = 32768, threads = None, progress = None))]
+    shard_rows = 32768, threads = None, progress = None, with_grad = false))]
 #[allow(clippy::too_many_arguments)]
 fn harvest<'py>(
     py: Python<'py>,
@@ -958,6 +980,7 @@ fn harvest<'py>(
     shard_rows: usize,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
+    with_grad: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     if tokens == 0 {
         return Err(PyValueError::new_err("tokens must be at least 1"));
@@ -984,6 +1007,12 @@ fn harvest<'py>(
     let dtype: sae_store::writer::StoreDtype = dtype
         .parse()
         .map_err(|e| PyValueError::new_err(format!("dtype: {e:#}")))?;
+    if with_grad && out.is_none() {
+        return Err(PyValueError::new_err(
+            "with_grad=True stores the loss gradients beside the activations in a store: \
+             pass out=DIR as well",
+        ));
+    }
     check_model_spec(&model)?;
     check_corpus_spec(&corpus)?;
     match out {
@@ -1024,7 +1053,7 @@ fn harvest<'py>(
                 store_tokens,
                 include_bos,
                 shard_rows,
-                with_grad: false,
+                with_grad,
                 progress: false,
             };
             let result = run_watched(py, threads, report_done_total(&progress), |w| {
@@ -1050,6 +1079,7 @@ fn harvest<'py>(
                 "corpus": m.corpus,
                 "context_size": m.context_size,
                 "complete": m.complete,
+                "grads": m.grads,
             });
             Ok(pyo3::types::PyString::new(py, &summary.to_string()).into_any())
         }

@@ -267,3 +267,90 @@ def test_train_raises_what_the_iterator_raises(tmp_path):
         sae_rs.train(iter([np.zeros((64, 8), np.float32), np.zeros((64, 9), np.float32)]),
                      arch="relu", d_sae=16, steps=10, batch_size=32, init_sample=32,
                      eval_tokens=32, out=tmp_path / "u", progress=False)
+
+
+# -- loss gradients (g-SAE) and training straight from the model ------------------------------
+
+def shard_tensors(path: Path, shard: str) -> dict:
+    """`name -> float32 array` of every tensor in one f32 shard (safetensors by hand)."""
+    raw = (path / shard).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        assert info["dtype"] == "F32"
+        a, b = info["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], np.float32).reshape(info["shape"])
+    return out
+
+
+# Small settings so that a few steps on the tiny model take well under a second.
+SMALL_TRAIN = dict(d_sae=16, k=2, steps=3, batch_size=32, init_sample=64, eval_tokens=32,
+                   progress=False)
+
+
+def test_harvest_with_grad_stores_a_gradient_beside_each_activation(corpus, tmp_path):
+    summary = harvest(corpus, out=tmp_path / "acts", shard_rows=100, with_grad=True)
+    assert summary["complete"] and summary["shards"] > 1 and summary["grads"]
+    manifest = json.loads((tmp_path / "acts" / "manifest.json").read_text())
+    assert manifest["grads"]
+    for shard in manifest["shards"]:
+        t = shard_tensors(tmp_path / "acts", shard["file"])
+        assert t["grads"].shape == t["activations"].shape
+        assert np.isfinite(t["grads"]).all() and np.abs(t["grads"]).max() > 0
+    # The activations are those of a harvest without gradients.
+    np.testing.assert_array_equal(read_store(tmp_path / "acts"), harvest(corpus))
+
+
+def test_harvest_with_grad_needs_a_store(corpus, tmp_path):
+    with pytest.raises(ValueError, match="with_grad.*out=DIR"):
+        harvest(corpus, with_grad=True)
+
+
+def test_train_gsae_on_a_store_with_gradients(corpus, tmp_path):
+    harvest(corpus, out=tmp_path / "acts", with_grad=True)
+    sae = sae_rs.train(tmp_path / "acts", arch="gsae", out=tmp_path / "s", **SMALL_TRAIN)
+    assert sae.arch == "gsae" and sae.d_in == WIDTH and sae.d_sae == 16
+    assert sae.train_summary["steps"] == 3
+    assert sae_rs.SAE.load(tmp_path / "s").arch == "gsae"
+
+
+def test_train_gsae_on_a_store_without_gradients_is_refused(corpus, tmp_path):
+    harvest(corpus, out=tmp_path / "acts")
+    with pytest.raises(ValueError, match="with-grad|with_grad"):
+        sae_rs.train(tmp_path / "acts", arch="gsae", out=tmp_path / "s", **SMALL_TRAIN)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("arch", ["topk", "gsae"])
+def test_train_straight_from_the_model(corpus, tmp_path, arch):
+    seen = []
+    sae = sae_rs.train(arch=arch, model=TINY, hook=HOOK, corpus=corpus, ctx=CTX,
+                       out=tmp_path / "s", **{**SMALL_TRAIN, "progress": seen.append})
+    assert sae.arch == arch and sae.d_in == WIDTH and sae.train_summary["steps"] == 3
+    meta = sae.cfg["metadata"]
+    assert meta["hook_name"] == HOOK and meta["context_size"] == CTX
+    # Progress counts the training rows (rows left out for their norm are drawn on top).
+    assert seen[-1] >= 3 * 32
+
+
+def test_train_from_the_model_bad_inputs(corpus, tmp_path):
+    def train(**kw):
+        args = dict(arch="topk", model=TINY, hook=HOOK, corpus=corpus, ctx=CTX,
+                    out=tmp_path / "s", **SMALL_TRAIN)
+        args.update(kw)
+        return sae_rs.train(**args)
+
+    with pytest.raises(ValueError, match="sae train --model M --hook a,b"):
+        train(hook=f"{HOOK},blocks.2.hook_resid_post")
+    with pytest.raises(ValueError, match="needs hook="):
+        train(hook=None)
+    with pytest.raises(ValueError, match="valid hooks"):
+        train(hook="blocks.9.hook_resid_post")
+    with pytest.raises(FileNotFoundError, match="no-such-model.gguf"):
+        train(model=tmp_path / "no-such-model.gguf")
+    with pytest.raises(FileNotFoundError, match="no-such.txt"):
+        train(corpus=tmp_path / "no-such.txt")
+    assert not (tmp_path / "s").exists()

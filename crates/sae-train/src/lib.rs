@@ -28,6 +28,7 @@ pub use config::{BDecInit, Resolved, TrainConfig};
 pub use flags::TrainFlags;
 pub use model_source::{ModelSource, ModelSourceOptions};
 pub use run::{
-    hook_list, partial_dir, run, run_hooks, run_with_source, FinalMetrics, TrainSummary,
+    hook_list, open_source, partial_dir, run, run_hooks, run_with_source, FinalMetrics,
+    TrainSummary,
 };
 pub use source::{BatchSource, MemorySource, StoreSource};

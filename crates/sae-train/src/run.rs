@@ -89,6 +89,15 @@ pub fn partial_dir(out: &Path) -> Result<PathBuf> {
 /// Trains on the activation files of `cfg.acts`, or straight from `cfg.model` at `cfg.hook`
 /// (one hook; [`run_hooks`] trains several).
 pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
+    let mut source = open_source(cfg)?;
+    run_with_source(cfg, source.as_mut())
+}
+
+/// The batch source `cfg` names, as [`run`] trains on it: the store of `cfg.acts` (with the
+/// loss gradients when the family trains on them), the `cfg.synth` preset, or `cfg.model` at
+/// its one hook (the model is loaded here). `cfg.out` is checked first, before any data is
+/// read or a model loaded.
+pub fn open_source(cfg: &TrainConfig) -> Result<Box<dyn BatchSource>> {
     check_sources(cfg)?;
     if hook_list(cfg)?.len() > 1 {
         bail!("several hooks in --hook train one SAE each: use run_hooks");
@@ -100,23 +109,22 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
         if cfg.steps.is_none() && cfg.tokens.is_none() {
             bail!("training from --synth needs --steps or --tokens (the stream is endless)");
         }
-        let mut source = crate::source::SynthBenchSource::preset(preset)?;
-        return run_with_source(cfg, &mut source);
+        return Ok(Box::new(crate::source::SynthBenchSource::preset(preset)?));
     }
     if let Some(acts) = &cfg.acts {
-        let mut source = if cfg.arch.family().trains_on_input_grad() {
+        return Ok(Box::new(if cfg.arch.family().trains_on_input_grad() {
             StoreSource::open_with_grads(acts, cfg.seed)
                 .with_context(|| format!("--acts for --arch {}", cfg.arch))?
         } else {
             StoreSource::open(acts, cfg.seed)?
-        };
-        return run_with_source(cfg, &mut source);
+        }));
     }
     let (Some(model), Some(hook)) = (&cfg.model, &cfg.hook) else {
         bail!("no activations given: pass --acts DIR_OR_FILE, or --model M --hook H --corpus C");
     };
-    let mut source = ModelSource::start(model_source_options(cfg, model, hook)?)?;
-    run_with_source(cfg, &mut source)
+    Ok(Box::new(ModelSource::start(model_source_options(
+        cfg, model, hook,
+    )?)?))
 }
 
 /// Families that train on the model's loss gradient need a source that has it: a store
