@@ -248,7 +248,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("--d-sae, --d-in, --batch and --l0 must be positive");
     }
     println!(
-        "sae bench: d_in {}, batch {}, L0 about {}, {} timed steps, {} threads, {} encoder product",
+        "sae bench: d_in {}, batch {}, L0 about {}, {} timed steps, {} threads, precision {}",
         a.d_in,
         a.batch,
         a.l0,

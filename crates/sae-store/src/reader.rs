@@ -340,7 +340,8 @@ impl ActivationStore {
             path.is_dir() && path.join(MANIFEST).exists() && Manifest::read(path)?.grads.is_some();
         if !has {
             bail!(
-                "{} holds no loss gradients; harvest it with them: sae harvest --with-grad                  (a store written by `sae harvest` whose manifest records `grads`)",
+                "{} holds no loss gradients; harvest it with them: sae harvest --with-grad \
+                 (a store written by `sae harvest` whose manifest records `grads`)",
                 path.display()
             );
         }

@@ -190,7 +190,10 @@ fn synthbench_family_options() {
     };
     let cases: [(&str, &[&str]); 4] = [
         ("vsae", &["--arch-opt vsae", "FAMILY:KEY=VALUE"]),
-        ("gated:nothing=1", &["--arch-opt gated:nothing=1", "gated is not in --archs"]),
+        (
+            "gated:nothing=1",
+            &["--arch-opt gated:nothing=1", "gated is not in --archs"],
+        ),
         ("topk:beta=0.5", &["beta", "topk"]),
         ("vsae:beta=-1", &["beta"]),
     ];
