@@ -279,69 +279,83 @@ multiversion_impl! {
     }
 }
 
-/// `(x . a, x . b)` reading `x` once. Same lane structure as [`dot`] in both versions, so
-/// the AVX2 intrinsics give the portable code's bits (LLVM does not vectorise this one well).
-#[inline]
-pub fn dot2(x: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
-    let n = x.len().min(a.len()).min(b.len());
-    let (x, a, b) = (&x[..n], &a[..n], &b[..n]);
-    let full = n / LANES * LANES;
-    let (mut acc, mut acc_b) = ([0.0f32; LANES], [0.0f32; LANES]);
-    #[cfg(target_arch = "x86_64")]
-    let done = if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; all loads are within `full <= n`.
-        unsafe { dot2_avx2(x, a, b, full, &mut acc, &mut acc_b) };
-        true
-    } else {
-        false
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = false;
-    if !done {
-        for i0 in (0..full).step_by(LANES) {
-            for l in 0..LANES {
-                acc[l] += x[i0 + l] * a[i0 + l];
-                acc_b[l] += x[i0 + l] * b[i0 + l];
+/// Defines `(x . a, x . b)` reading `x` once, for rows `x` of element type `$t` (widened to
+/// f32 by `$widen`, eight at a time by `$load8`): a portable body and AVX2 intrinsics with
+/// the lane structure of [`dot`], so both give the same bits (LLVM does not vectorise this
+/// one well by itself).
+macro_rules! dot2_impl {
+    ($(#[$m:meta])* $name:ident, $avx2:ident, $t:ty, |$v:ident| $widen:expr, |$p:ident| $load8:expr) => {
+        $(#[$m])*
+        #[inline]
+        pub fn $name(x: &[$t], a: &[f32], b: &[f32]) -> (f32, f32) {
+            let widen = |$v: $t| -> f32 { $widen };
+            let n = x.len().min(a.len()).min(b.len());
+            let (x, a, b) = (&x[..n], &a[..n], &b[..n]);
+            let full = n / LANES * LANES;
+            let (mut acc, mut acc_b) = ([0.0f32; LANES], [0.0f32; LANES]);
+            #[cfg(target_arch = "x86_64")]
+            let done = if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 is present; all loads are within `full <= n`.
+                unsafe { $avx2(x, a, b, full, &mut acc, &mut acc_b) };
+                true
+            } else {
+                false
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = false;
+            if !done {
+                for i0 in (0..full).step_by(LANES) {
+                    for l in 0..LANES {
+                        let w = widen(x[i0 + l]);
+                        acc[l] += w * a[i0 + l];
+                        acc_b[l] += w * b[i0 + l];
+                    }
+                }
             }
+            let (mut s, mut sb) = (0.0, 0.0);
+            for i in full..n {
+                s += widen(x[i]) * a[i];
+                sb += widen(x[i]) * b[i];
+            }
+            (hsum(&acc) + s, hsum(&acc_b) + sb)
         }
-    }
-    let (mut s, mut sb) = (0.0, 0.0);
-    for i in full..n {
-        s += x[i] * a[i];
-        sb += x[i] * b[i];
-    }
-    (hsum(&acc) + s, hsum(&acc_b) + sb)
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2(
+            x: &[$t],
+            a: &[f32],
+            b: &[f32],
+            full: usize,
+            acc: &mut [f32; LANES],
+            acc_b: &mut [f32; LANES],
+        ) {
+            use std::arch::x86_64::*;
+            let (px, pa, pb) = (x.as_ptr(), a.as_ptr(), b.as_ptr());
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i < full {
+                let x0 = { let $p = px.add(i); $load8 };
+                let x1 = { let $p = px.add(i + 8); $load8 };
+                a0 = _mm256_add_ps(a0, _mm256_mul_ps(x0, _mm256_loadu_ps(pa.add(i))));
+                a1 = _mm256_add_ps(a1, _mm256_mul_ps(x1, _mm256_loadu_ps(pa.add(i + 8))));
+                b0 = _mm256_add_ps(b0, _mm256_mul_ps(x0, _mm256_loadu_ps(pb.add(i))));
+                b1 = _mm256_add_ps(b1, _mm256_mul_ps(x1, _mm256_loadu_ps(pb.add(i + 8))));
+                i += LANES;
+            }
+            _mm256_storeu_ps(acc.as_mut_ptr(), a0);
+            _mm256_storeu_ps(acc.as_mut_ptr().add(8), a1);
+            _mm256_storeu_ps(acc_b.as_mut_ptr(), b0);
+            _mm256_storeu_ps(acc_b.as_mut_ptr().add(8), b1);
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot2_avx2(
-    x: &[f32],
-    a: &[f32],
-    b: &[f32],
-    full: usize,
-    acc: &mut [f32; LANES],
-    acc_b: &mut [f32; LANES],
-) {
-    use std::arch::x86_64::*;
-    let (px, pa, pb) = (x.as_ptr(), a.as_ptr(), b.as_ptr());
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i < full {
-        let x0 = _mm256_loadu_ps(px.add(i));
-        let x1 = _mm256_loadu_ps(px.add(i + 8));
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(x0, _mm256_loadu_ps(pa.add(i))));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(x1, _mm256_loadu_ps(pa.add(i + 8))));
-        b0 = _mm256_add_ps(b0, _mm256_mul_ps(x0, _mm256_loadu_ps(pb.add(i))));
-        b1 = _mm256_add_ps(b1, _mm256_mul_ps(x1, _mm256_loadu_ps(pb.add(i + 8))));
-        i += LANES;
-    }
-    _mm256_storeu_ps(acc.as_mut_ptr(), a0);
-    _mm256_storeu_ps(acc.as_mut_ptr().add(8), a1);
-    _mm256_storeu_ps(acc_b.as_mut_ptr(), b0);
-    _mm256_storeu_ps(acc_b.as_mut_ptr().add(8), b1);
-}
+dot2_impl!(
+    /// `(x . a, x . b)` reading `x` once.
+    dot2, dot2_avx2, f32, |v| v, |p| _mm256_loadu_ps(p)
+);
 
 multiversion_impl! {
     /// `g1 += c1 * x1` and `g2 += c2 * x2` in one loop.
@@ -472,75 +486,17 @@ multiversion_impl! {
     }
 }
 
-/// [`dot2`] with `x` in bf16: `(x . a, x . b)`. Same lane structure as [`dot2`] in both
-/// versions (AVX2 intrinsics, as for `dot2`: LLVM does not vectorise this one well).
-#[inline]
-pub fn dot2_h(x: &[u16], a: &[f32], b: &[f32]) -> (f32, f32) {
-    let n = x.len().min(a.len()).min(b.len());
-    let (x, a, b) = (&x[..n], &a[..n], &b[..n]);
-    let full = n / LANES * LANES;
-    let (mut acc, mut acc_b) = ([0.0f32; LANES], [0.0f32; LANES]);
-    #[cfg(target_arch = "x86_64")]
-    let done = if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; all loads are within `full <= n`.
-        unsafe { dot2_h_avx2(x, a, b, full, &mut acc, &mut acc_b) };
-        true
-    } else {
-        false
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = false;
-    if !done {
-        for i0 in (0..full).step_by(LANES) {
-            for l in 0..LANES {
-                let w = widen(x[i0 + l]);
-                acc[l] += w * a[i0 + l];
-                acc_b[l] += w * b[i0 + l];
-            }
-        }
-    }
-    let (mut s, mut sb) = (0.0, 0.0);
-    for i in full..n {
-        s += widen(x[i]) * a[i];
-        sb += widen(x[i]) * b[i];
-    }
-    (hsum(&acc) + s, hsum(&acc_b) + sb)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot2_h_avx2(
-    x: &[u16],
-    a: &[f32],
-    b: &[f32],
-    full: usize,
-    acc: &mut [f32; LANES],
-    acc_b: &mut [f32; LANES],
-) {
-    use std::arch::x86_64::*;
-    let (px, pa, pb) = (x.as_ptr(), a.as_ptr(), b.as_ptr());
-    // Eight bf16 values widened to f32: zero-extend to 32 bits, shift into the high half.
-    let load = |p: *const u16| {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-    };
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i < full {
-        let x0 = load(px.add(i));
-        let x1 = load(px.add(i + 8));
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(x0, _mm256_loadu_ps(pa.add(i))));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(x1, _mm256_loadu_ps(pa.add(i + 8))));
-        b0 = _mm256_add_ps(b0, _mm256_mul_ps(x0, _mm256_loadu_ps(pb.add(i))));
-        b1 = _mm256_add_ps(b1, _mm256_mul_ps(x1, _mm256_loadu_ps(pb.add(i + 8))));
-        i += LANES;
-    }
-    _mm256_storeu_ps(acc.as_mut_ptr(), a0);
-    _mm256_storeu_ps(acc.as_mut_ptr().add(8), a1);
-    _mm256_storeu_ps(acc_b.as_mut_ptr(), b0);
-    _mm256_storeu_ps(acc_b.as_mut_ptr().add(8), b1);
-}
+dot2_impl!(
+    /// [`dot2`] with `x` in bf16. Eight bf16 values widen to f32 by a zero-extension to 32
+    /// bits and a shift into the high half.
+    dot2_h,
+    dot2_h_avx2,
+    u16,
+    |v| widen(v),
+    |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+        p as *const __m128i
+    ))))
+);
 
 multiversion_impl! {
     /// [`axpy`] with `x` in bf16.
