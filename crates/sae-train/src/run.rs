@@ -487,7 +487,11 @@ fn initialise(
         BDecInit::Mean => init::mean(&sample, d),
         BDecInit::Zero => vec![0.0; d],
     };
-    Ok((SaeTrainer::new(sae, cfg.hyper(r)), scale, max_norm))
+    let hyper = cfg.hyper(r);
+    cfg.arch
+        .family()
+        .init_from_sample(&mut sae, &hyper, &sample);
+    Ok((SaeTrainer::new(sae, hyper), scale, max_norm))
 }
 
 struct Log {

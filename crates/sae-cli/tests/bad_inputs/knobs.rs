@@ -113,6 +113,16 @@ fn arch_opt_values_out_of_range() {
         &["bandwidth: 'wide' is not a finite number", "bandwidth=0.05"],
     );
     train_refused(
+        "init-threshold-negative",
+        &["--arch", "jumprelu", "--arch-opt", "init_threshold=-0.5"],
+        &["--arch-opt: init_threshold = -0.5", "must be > 0"],
+    );
+    train_refused(
+        "init-l0-over-d-sae",
+        &["--arch", "jumprelu", "--arch-opt", "init_l0=17"],
+        &["init_l0 = 17 is more than d_sae = 16"],
+    );
+    train_refused(
         "k-aux-negative",
         &["--arch", "topk", "--k", "3", "--arch-opt", "k_aux=-2"],
         &["k_aux: '-2' is not a whole number >= 0"],

@@ -32,21 +32,46 @@ pub struct JumpReluRule {
 pub struct JumpReluOpts {
     /// Width of the straight-through estimators' rectangle kernel.
     pub bandwidth: f32,
+    /// Every threshold's starting value.
+    pub init_threshold: f32,
+    /// When > 0: start every threshold at the one value that makes about this many latents
+    /// fire per row of the initialisation sample (overrides `init_threshold`).
+    pub init_l0: u64,
 }
 
 impl Default for JumpReluOpts {
-    /// The JumpReLU paper's 0.001, for inputs of unit mean squared norm.
+    /// The JumpReLU paper's bandwidth and starting threshold, both 0.001, for inputs of unit
+    /// mean squared norm.
     fn default() -> Self {
-        JumpReluOpts { bandwidth: 0.001 }
+        JumpReluOpts {
+            bandwidth: 0.001,
+            init_threshold: 0.001,
+            init_l0: 0,
+        }
     }
 }
 
-const OPTIONS: &[TrainOption] = &[TrainOption {
-    name: "bandwidth",
-    value: OptValue::Number,
-    help: "width of the straight-through estimators' rectangle kernel around each threshold, \
-           > 0 (default 0.001, the paper's for inputs of unit mean squared norm)",
-}];
+const OPTIONS: &[TrainOption] = &[
+    TrainOption {
+        name: "bandwidth",
+        value: OptValue::Number,
+        help: "width of the straight-through estimators' rectangle kernel around each threshold, \
+               > 0 (default 0.001, the paper's for inputs of unit mean squared norm)",
+    },
+    TrainOption {
+        name: "init_threshold",
+        value: OptValue::Number,
+        help: "every threshold's starting value, > 0 (default 0.001, the paper's)",
+    },
+    TrainOption {
+        name: "init_l0",
+        value: OptValue::Count,
+        help: "when > 0, start all thresholds at the value that makes about this many latents \
+               fire per token of the initialisation sample, instead of init_threshold (Adam moves \
+               log theta by about lr per step, so runs shorter than ln(theta/init)/lr steps \
+               cannot reach a low L0 from 0.001)",
+    },
+];
 
 impl Family for JumpRelu {
     fn name(&self) -> &'static str {
@@ -98,7 +123,7 @@ impl Family for JumpRelu {
     }
     fn train_opts(
         &self,
-        _d_sae: usize,
+        d_sae: usize,
         opts: &BTreeMap<String, String>,
     ) -> Result<TrainOpts, String> {
         let o: JumpReluOpts = parse_train_opts(OPTIONS, opts)?;
@@ -106,6 +131,20 @@ impl Family for JumpRelu {
             return Err(format!(
                 "bandwidth = {}; the kernel width must be > 0 (default 0.001)",
                 o.bandwidth
+            ));
+        }
+        if o.init_threshold <= 0.0 {
+            return Err(format!(
+                "init_threshold = {}; thresholds are trained as log theta, so it must be > 0 \
+                 (default 0.001)",
+                o.init_threshold
+            ));
+        }
+        if o.init_l0 as usize > d_sae {
+            return Err(format!(
+                "init_l0 = {} is more than d_sae = {d_sae}; give at most d_sae, or 0 to start at \
+                 init_threshold",
+                o.init_l0
             ));
         }
         Ok(train_opts_from(&o))
@@ -119,12 +158,43 @@ impl Family for JumpRelu {
     fn set_sparsity(&self, sae: &mut Sae, _l0: usize, cutoff: f32) {
         sae.param_mut("threshold").fill(cutoff);
     }
+    fn init_from_sample(&self, sae: &mut Sae, hyper: &TrainHyper, sample: &[f32]) {
+        let o: JumpReluOpts = train_opts_of(hyper);
+        let theta = match o.init_l0 {
+            0 => o.init_threshold,
+            l0 => threshold_for_l0(sae, sample, l0 as usize),
+        };
+        sae.param_mut("threshold").fill(theta);
+    }
     fn rule(&self, _sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
         let o: JumpReluOpts = train_opts_of(hyper);
         Box::new(JumpReluRule {
             bandwidth: o.bandwidth,
         })
     }
+}
+
+/// The one threshold above which about `l0` of the `d_sae` pre-activations `W_enc x + b_enc`
+/// lie per row, over up to 4,096 rows of `sample`; floored at 1e-6 (thresholds are positive).
+fn threshold_for_l0(sae: &Sae, sample: &[f32], l0: usize) -> f32 {
+    let d = sae.d_in.max(1);
+    let n = (sample.len() / d).min(4096);
+    if n == 0 || l0 == 0 {
+        return JumpReluOpts::default().init_threshold;
+    }
+    let mut pi = sae.pre_activations(&sample[..n * d], n);
+    let b_enc = sae.param("b_enc");
+    for row in pi.chunks_mut(sae.d_sae) {
+        row.iter_mut().zip(b_enc).for_each(|(p, b)| *p += b);
+    }
+    pi.retain(|p| p.is_finite());
+    if pi.is_empty() {
+        return JumpReluOpts::default().init_threshold;
+    }
+    let above = (l0 * n).min(pi.len() - 1);
+    let at = pi.len() - 1 - above;
+    let (_, theta, _) = pi.select_nth_unstable_by(at, f32::total_cmp);
+    theta.max(1e-6)
 }
 
 const B_ENC: usize = 0;

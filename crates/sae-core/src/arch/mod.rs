@@ -344,6 +344,9 @@ pub trait Family: Send + Sync + 'static {
                 .insert("k".into(), serde_json::json!(l0.clamp(1, sae.d_sae)));
         }
     }
+    /// Data-dependent starting values of a fresh SAE from `sample` (rows of the training
+    /// input, already scaled; b_dec is set), before training starts. Nothing by default.
+    fn init_from_sample(&self, _sae: &mut Sae, _hyper: &TrainHyper, _sample: &[f32]) {}
     /// The training rule of an SAE of this family.
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch>;
 }

@@ -633,3 +633,52 @@ fn bf16_row_kernels_match_f32_kernels_on_widened_rows() {
         );
     }
 }
+
+/// JumpReLU's `init_l0` starts every threshold where about that many latents fire per row of
+/// the sample; without it the thresholds start at `init_threshold`; both are checked up front.
+#[test]
+fn jumprelu_threshold_starts_from_init_l0_or_init_threshold() {
+    use std::collections::BTreeMap;
+    let (d_in, d_sae, n) = (16, 64, 512);
+    let family = ArchKind::JUMPRELU.family();
+    let x = randn(&mut ChaCha8Rng::seed_from_u64(3), n * d_in);
+    let opts = |pairs: &[(&str, &str)]| {
+        let given: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        family.train_opts(d_sae, &given)
+    };
+    for l0 in [4usize, 20] {
+        let mut sae = random_sae(ArchKind::JUMPRELU, d_in, d_sae, 0, 5);
+        let hyper = TrainHyper {
+            arch_opts: opts(&[("init_l0", &l0.to_string())]).unwrap(),
+            ..TrainHyper::default()
+        };
+        family.init_from_sample(&mut sae, &hyper, &x);
+        let theta = sae.param("threshold")[0];
+        assert!(sae.param("threshold").iter().all(|&t| t == theta));
+        let l0_got = sae.encode(&x, n).nnz() as f64 / n as f64;
+        assert!(
+            (l0_got - l0 as f64).abs() <= 0.05 * l0 as f64 + 0.01,
+            "init_l0 {l0}: L0 on the sample {l0_got}"
+        );
+    }
+    let mut sae = random_sae(ArchKind::JUMPRELU, d_in, d_sae, 0, 5);
+    let hyper = TrainHyper {
+        arch_opts: opts(&[("init_threshold", "0.25")]).unwrap(),
+        ..TrainHyper::default()
+    };
+    family.init_from_sample(&mut sae, &hyper, &x);
+    assert!(sae.param("threshold").iter().all(|&t| t == 0.25));
+    let err = opts(&[("init_l0", "65")]).unwrap_err();
+    assert!(
+        err.contains("init_l0 = 65") && err.contains("d_sae = 64"),
+        "{err}"
+    );
+    let err = opts(&[("init_threshold", "0")]).unwrap_err();
+    assert!(
+        err.contains("init_threshold = 0") && err.contains("> 0"),
+        "{err}"
+    );
+}
