@@ -294,3 +294,59 @@ fn a_log_gets_progress_lines_when_stderr_is_not_a_terminal() {
         "no terminal drawing in a log"
     );
 }
+
+/// A JumpReLU run too short for Adam to move its thresholds far gets a note saying so and
+/// what to change; a long enough one (or a quiet run) does not.
+#[test]
+fn a_short_jumprelu_run_is_told_its_thresholds_cannot_move_far() {
+    let dir = scratch("jumprelu-note");
+    let acts = dir.join("acts");
+    let out = sae(&[
+        "synth",
+        "--out",
+        s(&acts),
+        "--d-in",
+        "8",
+        "--n-features",
+        "16",
+        "--n-tokens",
+        "2000",
+    ]);
+    assert!(out.status.success());
+    let train = |name: &str, lr: &str, extra: &[&str]| {
+        let run = dir.join(name);
+        let mut args = vec![
+            "train",
+            "--acts",
+            s(&acts),
+            "--arch",
+            "jumprelu",
+            "--d-sae",
+            "16",
+            "--steps",
+            "20",
+            "--batch-size",
+            "64",
+            "--lr",
+            lr,
+            "--out",
+            s(&run),
+        ];
+        args.extend_from_slice(extra);
+        let out = sae(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let err = train("short", "1e-3", &[]);
+    assert!(
+        err.contains("note: jumprelu: Adam moves each log threshold by about lr per step")
+            && err.contains("20 steps at lr 0.001 move the thresholds about 1.02-fold")
+            && err.contains("init_threshold=0.5"),
+        "{err}"
+    );
+    let err = train("long-enough", "0.2", &[]);
+    assert!(!err.contains("note: jumprelu"), "{err}");
+    let err = train("quiet", "1e-3", &["--quiet"]);
+    assert!(!err.contains("note: jumprelu"), "{err}");
+}

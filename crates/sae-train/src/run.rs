@@ -750,6 +750,11 @@ fn start_fresh(
         std::fs::remove_dir_all(partial)
             .with_context(|| format!("removing {}", partial.display()))?;
     }
+    if !cfg.quiet {
+        if let Some(note) = cfg.arch.family().start_note(&cfg.hyper(r), r.steps, r.lr) {
+            eprintln!("note: {note}");
+        }
+    }
     // The initialisation sample is read first, so bad data leaves no working directory.
     let (trainer, scale, max_norm) = initialise(cfg, r, source)?;
     std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;

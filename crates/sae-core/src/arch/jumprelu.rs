@@ -158,6 +158,24 @@ impl Family for JumpRelu {
     fn set_sparsity(&self, sae: &mut Sae, _l0: usize, cutoff: f32) {
         sae.param_mut("threshold").fill(cutoff);
     }
+    /// Adam moves log theta by about lr per step, so a run whose lr x steps is small cannot
+    /// move the thresholds far from their start.
+    fn start_note(&self, hyper: &TrainHyper, steps: u64, lr: f32) -> Option<String> {
+        let o: JumpReluOpts = train_opts_of(hyper);
+        let reach = lr as f64 * steps as f64;
+        if o.init_l0 > 0 || reach >= 3.0 {
+            return None;
+        }
+        Some(format!(
+            "jumprelu: Adam moves each log threshold by about lr per step, so {steps} steps at \
+             lr {lr} move the thresholds about {:.2}-fold from their start {}; a target L0 far \
+             below the starting L0 may not be reached. For short runs start them higher, e.g. \
+             --lr 3e-4 --arch-opt init_threshold=0.5 (README: \"JumpReLU's thresholds in short \
+             runs\")",
+            reach.exp(),
+            o.init_threshold
+        ))
+    }
     fn init_from_sample(&self, sae: &mut Sae, hyper: &TrainHyper, sample: &[f32]) {
         let o: JumpReluOpts = train_opts_of(hyper);
         let theta = match o.init_l0 {

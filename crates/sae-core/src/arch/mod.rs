@@ -347,6 +347,11 @@ pub trait Family: Send + Sync + 'static {
     /// Data-dependent starting values of a fresh SAE from `sample` (rows of the training
     /// input, already scaled; b_dec is set), before training starts. Nothing by default.
     fn init_from_sample(&self, _sae: &mut Sae, _hyper: &TrainHyper, _sample: &[f32]) {}
+    /// A note for the user before a fresh run of `steps` steps at `lr` starts, where the
+    /// family can tell that the run is likely too short for its settings. None by default.
+    fn start_note(&self, _hyper: &TrainHyper, _steps: u64, _lr: f32) -> Option<String> {
+        None
+    }
     /// The training rule of an SAE of this family.
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch>;
 }
