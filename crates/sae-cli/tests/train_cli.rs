@@ -237,9 +237,8 @@ fn train_from_model_through_the_binary() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-#[test]
-fn a_log_gets_progress_lines_when_stderr_is_not_a_terminal() {
-    let dir = scratch("progress-lines");
+/// A synthetic store of 2,000 rows of width 8 (16 features) in `dir/acts`.
+fn small_store(dir: &Path) -> std::path::PathBuf {
     let acts = dir.join("acts");
     let out = sae(&[
         "synth",
@@ -252,7 +251,18 @@ fn a_log_gets_progress_lines_when_stderr_is_not_a_terminal() {
         "--n-tokens",
         "2000",
     ]);
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    acts
+}
+
+#[test]
+fn a_log_gets_progress_lines_when_stderr_is_not_a_terminal() {
+    let dir = scratch("progress-lines");
+    let acts = small_store(&dir);
     let run = dir.join("run");
     // stderr is a pipe here, as in a log file; a line at every chance (interval 0).
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sae"))
@@ -300,19 +310,7 @@ fn a_log_gets_progress_lines_when_stderr_is_not_a_terminal() {
 #[test]
 fn a_short_jumprelu_run_is_told_its_thresholds_cannot_move_far() {
     let dir = scratch("jumprelu-note");
-    let acts = dir.join("acts");
-    let out = sae(&[
-        "synth",
-        "--out",
-        s(&acts),
-        "--d-in",
-        "8",
-        "--n-features",
-        "16",
-        "--n-tokens",
-        "2000",
-    ]);
-    assert!(out.status.success());
+    let acts = small_store(&dir);
     let train = |name: &str, lr: &str, extra: &[&str]| {
         let run = dir.join(name);
         let mut args = vec![

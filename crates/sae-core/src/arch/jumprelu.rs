@@ -67,9 +67,9 @@ const OPTIONS: &[TrainOption] = &[
         name: "init_l0",
         value: OptValue::Count,
         help: "when > 0, start all thresholds at the value that makes about this many latents \
-               fire per token of the initialisation sample, instead of init_threshold (Adam moves \
-               log theta by about lr per step, so runs shorter than ln(theta/init)/lr steps \
-               cannot reach a low L0 from 0.001)",
+               fire per token of the initialisation sample, instead of init_threshold (on \
+               SmolLM2 a start at the target L0 let L0 collapse far below it; a start above it \
+               worked better: README \"JumpReLU's thresholds in short runs\")",
     },
 ];
 
@@ -197,7 +197,7 @@ impl Family for JumpRelu {
 fn threshold_for_l0(sae: &Sae, sample: &[f32], l0: usize) -> f32 {
     let d = sae.d_in.max(1);
     let n = (sample.len() / d).min(4096);
-    if n == 0 || l0 == 0 {
+    if n == 0 {
         return JumpReluOpts::default().init_threshold;
     }
     let mut pi = sae.pre_activations(&sample[..n * d], n);
