@@ -4,12 +4,13 @@
 //!
 //! Two paths, picked at run time (`Bf16Path::best`) or forced (`matmul_on`, for tests):
 //! * `Avx512Bf16`: `vdpbf16ps`, 32 bf16 multiply-adds into 16 f32 sums per instruction.
-//! * `Widen`: the same packed operands widened to f32 (a shift) and summed in the same order,
-//!   compiled for AVX2+FMA where present, else plain. It runs on every CPU and gives the
-//!   `vdpbf16ps` bits (bf16 products are exact in f32, so each step is one rounding either
-//!   way; `paths_agree_bit_for_bit` checks it), so a bf16 run is reproducible across the
-//!   two kinds of machine. It is slower than the f32 `gemm` product: it exists for
-//!   correctness and reproducibility, not speed.
+//! * `Widen`: the same packed operands widened to f32 (a shift) and summed in the same order:
+//!   an AVX2 register tile where the CPU has AVX2, else a plain loop with the same bits. It
+//!   runs on every CPU and gives the `vdpbf16ps` bits (bf16 products are exact in f32, so
+//!   each step is one rounding either way; `paths_agree_bit_for_bit` checks it), so a bf16
+//!   run is reproducible across the two kinds of machine. It does the f32 product's
+//!   arithmetic, so it is no faster than f32 `gemm`; what it saves is the bytes of the
+//!   packed weights.
 //!
 //! Rounding is to nearest even with subnormals flushed to zero (`to_bf16`), which is what
 //! the AVX512-BF16 conversions and `vdpbf16ps` do; NaN stays NaN.
@@ -25,6 +26,11 @@ const NR: usize = 48;
 const MR: usize = 8;
 /// Rows per rayon task; its activation rows stay in L2 across the panels it visits.
 const ROW_BLOCK: usize = 64;
+/// Rows per register tile of the AVX2 widened kernel: 4 rows x 16 columns is 8 accumulators,
+/// with 4 registers of widened weights and 2 of broadcast activations (of 16).
+const WIDE_ROWS: usize = 4;
+/// Columns per register tile of the AVX2 widened kernel (two 8-lane registers).
+const WIDE_COLS: usize = 16;
 
 /// How a bf16 product is computed (see the module notes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +247,23 @@ pub fn matmul_on(
     accumulate: bool,
     a_pairs: &mut Vec<u32>,
 ) {
+    matmul_impl(path, false, m, a, a_rs, w, out, out_rs, accumulate, a_pairs)
+}
+
+/// `matmul_on`; `portable` makes the widened path skip its AVX2 kernel (for the tests that
+/// compare the two).
+fn matmul_impl(
+    path: Bf16Path,
+    portable: bool,
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    w: &PackedBf16,
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+    a_pairs: &mut Vec<u32>,
+) {
     assert!(
         path.runs_here(),
         "bf16 path {} needs AVX512-BF16",
@@ -252,21 +275,28 @@ pub fn matmul_on(
     let (k, kp) = (w.k, w.k_pairs);
     assert!(k <= a_rs && a.len() >= (m - 1) * a_rs + k);
     assert!(w.n <= out_rs && out.len() >= (m - 1) * out_rs + w.n);
+    // `vdpbf16ps` takes the rounded activations as bf16 pairs; the widened path takes them
+    // already widened, as the f32 bits of each rounded value (two u32 per pair).
+    let a_row = match path {
+        Bf16Path::Avx512Bf16 => kp,
+        Bf16Path::Widen => 2 * kp,
+    };
     a_pairs.clear();
-    a_pairs.resize(m * kp, 0);
+    a_pairs.resize(m * a_row, 0);
     a_pairs
-        .par_chunks_mut(kp * ROW_BLOCK)
+        .par_chunks_mut(a_row * ROW_BLOCK)
         .enumerate()
         .for_each(|(blk, rows)| {
-            for (i, dst) in rows.chunks_exact_mut(kp).enumerate() {
+            for (i, dst) in rows.chunks_exact_mut(a_row).enumerate() {
                 let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
                 match path {
                     // SAFETY: `runs_here()` was checked above.
                     Bf16Path::Avx512Bf16 => unsafe { round_row(src, dst) },
-                    Bf16Path::Widen => round_row_portable(src, dst),
+                    Bf16Path::Widen => round_row_widened(src, dst),
                 }
             }
         });
+    let wide_avx2 = !portable && path == Bf16Path::Widen && has_avx2();
     let panels = w.n.div_ceil(NR);
     let blocks = m.div_ceil(ROW_BLOCK);
     let out_ptr = SharedMut(out.as_mut_ptr());
@@ -279,14 +309,18 @@ pub fn matmul_on(
         let mut r = blk * ROW_BLOCK;
         while r < end {
             let rows = MR.min(end - r);
-            let a_tile = &a_pairs[r * kp..][..rows * kp];
-            // SAFETY: `runs_here()` was checked; this task alone writes rows r..r+rows,
-            // columns p*NR..p*NR+cols of `out`, inside it by the asserts above.
+            let a_tile = &a_pairs[r * a_row..][..rows * a_row];
+            // SAFETY: `runs_here()` was checked (and AVX2 for `wide_avx2`); this task alone
+            // writes rows r..r+rows, columns p*NR..p*NR+cols of `out`, inside it by the
+            // asserts above.
             unsafe {
                 let dst = out_ptr.get().add(r * out_rs + p * NR);
                 match path {
                     Bf16Path::Avx512Bf16 => {
                         tile_any(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
+                    }
+                    Bf16Path::Widen if wide_avx2 => {
+                        tile_widen_avx2(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
                     }
                     Bf16Path::Widen => {
                         tile_widen(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
@@ -296,6 +330,26 @@ pub fn matmul_on(
             r += rows;
         }
     });
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `src` rounded to bf16 and widened back to f32, as bits, zero-padded to `dst.len()` (an
+/// even length: two per pair of k).
+fn round_row_widened(src: &[f32], dst: &mut [u32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = (to_bf16(*s) as u32) << 16;
+    }
+    dst[src.len()..].fill(0);
 }
 
 fn round_row_portable(src: &[f32], dst: &mut [u32]) {
@@ -330,8 +384,8 @@ unsafe fn round_row(_src: &[f32], _dst: &mut [u32]) {
 }
 
 /// The widened tile: per pair of k, the high product is added first, then the low one,
-/// each rounded once, as `vdpbf16ps` does lane by lane.
-#[inline(always)]
+/// each rounded once, as `vdpbf16ps` does lane by lane. `a` holds the rows widened (two f32
+/// per pair: low, high).
 fn widen_body(rows: usize, a: &[u32], kp: usize, panel: &[u32], acc: &mut [[f32; NR]; MR]) {
     for j in 0..kp {
         let b = &panel[j * NR..][..NR];
@@ -341,8 +395,8 @@ fn widen_body(rows: usize, a: &[u32], kp: usize, panel: &[u32], acc: &mut [[f32;
             b_hi[c] = f32::from_bits(b[c] & 0xffff_0000);
         }
         for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-            let p = a[r * kp + j];
-            let (a_lo, a_hi) = (f32::from_bits(p << 16), f32::from_bits(p & 0xffff_0000));
+            let a_lo = f32::from_bits(a[r * 2 * kp + 2 * j]);
+            let a_hi = f32::from_bits(a[r * 2 * kp + 2 * j + 1]);
             for c in 0..NR {
                 acc[c] += a_hi * b_hi[c];
                 acc[c] += a_lo * b_lo[c];
@@ -351,13 +405,8 @@ fn widen_body(rows: usize, a: &[u32], kp: usize, panel: &[u32], acc: &mut [[f32;
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn widen_avx2(rows: usize, a: &[u32], kp: usize, panel: &[u32], acc: &mut [[f32; NR]; MR]) {
-    widen_body(rows, a, kp, panel, acc)
-}
-
-/// One `rows x NR` tile on the widened path, written (or added) to `dst` like `tile`.
+/// One `rows x NR` tile on the widened path, plain code, written (or added) to `dst` like
+/// `tile`.
 unsafe fn tile_widen(
     rows: usize,
     a: &[u32],
@@ -369,23 +418,102 @@ unsafe fn tile_widen(
     accumulate: bool,
 ) {
     let mut acc = [[0.0f32; NR]; MR];
-    #[cfg(target_arch = "x86_64")]
-    let done = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        widen_avx2(rows, a, kp, panel, &mut acc);
-        true
-    } else {
-        false
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = false;
-    if !done {
-        widen_body(rows, a, kp, panel, &mut acc);
-    }
+    widen_body(rows, a, kp, panel, &mut acc);
     for (r, acc) in acc.iter().enumerate().take(rows) {
         let out = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), cols);
         for (o, &v) in out.iter_mut().zip(acc) {
             *o = if accumulate { *o + v } else { v };
         }
+    }
+}
+
+/// `tile_widen` with AVX2 register tiles of `WIDE_ROWS x WIDE_COLS`: the same products and
+/// sums in the same order (a multiply, then an add, as the plain loop), so the same bits.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_widen_avx2(
+    rows: usize,
+    a: &[u32],
+    kp: usize,
+    panel: &[u32],
+    dst: *mut f32,
+    dst_rs: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    let a_rs = 2 * kp;
+    for c0 in (0..cols).step_by(WIDE_COLS) {
+        let n = WIDE_COLS.min(cols - c0);
+        let mut r = 0;
+        while r < rows {
+            let take = WIDE_ROWS.min(rows - r);
+            let mut acc = [[0.0f32; WIDE_COLS]; WIDE_ROWS];
+            let a = a.as_ptr().add(r * a_rs) as *const f32;
+            let b = panel.as_ptr().add(c0);
+            match take {
+                1 => widen_tile_avx2::<1>(a, a_rs, kp, b, &mut acc),
+                2 => widen_tile_avx2::<2>(a, a_rs, kp, b, &mut acc),
+                3 => widen_tile_avx2::<3>(a, a_rs, kp, b, &mut acc),
+                _ => widen_tile_avx2::<4>(a, a_rs, kp, b, &mut acc),
+            }
+            for (i, acc) in acc.iter().enumerate().take(take) {
+                let out = std::slice::from_raw_parts_mut(dst.add((r + i) * dst_rs + c0), n);
+                for (o, &v) in out.iter_mut().zip(acc) {
+                    *o = if accumulate { *o + v } else { v };
+                }
+            }
+            r += take;
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_widen_avx2(
+    _rows: usize,
+    _a: &[u32],
+    _kp: usize,
+    _panel: &[u32],
+    _dst: *mut f32,
+    _dst_rs: usize,
+    _cols: usize,
+    _accumulate: bool,
+) {
+    unreachable!("the AVX2 kernel is x86_64 only");
+}
+
+/// `R` widened rows (`a`, row stride `a_rs` f32) against `WIDE_COLS` columns of a packed
+/// panel (`b`, row stride `NR`), over all `kp` pairs, into `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_tile_avx2<const R: usize>(
+    a: *const f32,
+    a_rs: usize,
+    kp: usize,
+    b: *const u32,
+    out: &mut [[f32; WIDE_COLS]; WIDE_ROWS],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    for j in 0..kp {
+        let bj = b.add(j * NR) as *const __m256i;
+        let (u0, u1) = (_mm256_loadu_si256(bj), _mm256_loadu_si256(bj.add(1)));
+        let lo0 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(u0));
+        let lo1 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(u1));
+        let hi0 = _mm256_castsi256_ps(_mm256_and_si256(u0, high));
+        let hi1 = _mm256_castsi256_ps(_mm256_and_si256(u1, high));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let row = a.add(r * a_rs + 2 * j);
+            let a_lo = _mm256_broadcast_ss(&*row);
+            let a_hi = _mm256_broadcast_ss(&*row.add(1));
+            acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(a_hi, hi0));
+            acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(a_hi, hi1));
+            acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(a_lo, lo0));
+            acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(a_lo, lo1));
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out[r].as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[1]);
     }
 }
 
@@ -724,6 +852,58 @@ mod tests {
             run(Bf16Path::Widen, m, &a, k, &packed, &mut y);
             for (i, (p, q)) in x.iter().zip(&y).enumerate() {
                 assert_eq!(p.to_bits(), q.to_bits(), "{m}x{k}x{n} at {i}: {p} vs {q}");
+            }
+        }
+    }
+
+    /// The widened path's AVX2 register tiles give the bits of its plain loop (and so of
+    /// `vdpbf16ps`), at every tile remainder, with and without accumulation.
+    #[test]
+    fn widened_avx2_tiles_match_the_plain_loop_bit_for_bit() {
+        if !has_avx2() {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for &(m, k, n) in SHAPES.iter().chain(&[(100, 576, 200), (67, 33, 130)]) {
+            let draw = |rng: &mut ChaCha8Rng| {
+                let v: f32 = rng.gen_range(-1.0..1.0);
+                match rng.gen_range(0..8) {
+                    0 => 0.0,
+                    1 => v * 1e4,
+                    2 => v * 1e-4,
+                    _ => v,
+                }
+            };
+            let a_rs = k + 1;
+            let a: Vec<f32> = (0..m * a_rs).map(|_| draw(&mut rng)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| draw(&mut rng)).collect();
+            let packed = PackedBf16::pack(&w, k, n);
+            let out_rs = n + 3;
+            let init: Vec<f32> = (0..m * out_rs).map(|_| draw(&mut rng)).collect();
+            for accumulate in [false, true] {
+                let (mut x, mut y) = (init.clone(), init.clone());
+                for (out, portable) in [(&mut x, true), (&mut y, false)] {
+                    matmul_impl(
+                        Bf16Path::Widen,
+                        portable,
+                        m,
+                        &a,
+                        a_rs,
+                        &packed,
+                        out,
+                        out_rs,
+                        accumulate,
+                        &mut Vec::new(),
+                    );
+                }
+                for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+                    assert_eq!(
+                        p.to_bits(),
+                        q.to_bits(),
+                        "{m}x{k}x{n} accumulate {accumulate} at {i}: {p} vs {q}"
+                    );
+                }
             }
         }
     }
