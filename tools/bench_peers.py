@@ -80,6 +80,17 @@ def make_venv(venv: Path, torch_index: str | None) -> Path:
     return py
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_line() -> str:
     model, flags = "unknown CPU", set()
     try:
@@ -193,9 +204,12 @@ def bench_harvest(a, threads: int) -> None:
         "transformers bf16": lambda: hh.bench_hf(bf16, a.harvest_tokens, a.harvest_batch),
         "sae harvest --compute f32": lambda: hh.bench_ours(
             a.sae_bin, a.harvest_tokens, a.harvest_batch, ("--compute", "f32")),
-        "sae harvest --compute bf16": lambda: hh.bench_ours(
-            a.sae_bin, a.harvest_tokens, a.harvest_batch, ("--compute", "bf16")),
     }
+    if "avx512_bf16" in cpu_flags():
+        runs["sae harvest --compute bf16"] = lambda: hh.bench_ours(
+            a.sae_bin, a.harvest_tokens, a.harvest_batch, ("--compute", "bf16"))
+    else:
+        print("  (no `sae harvest --compute bf16`: it needs AVX512-BF16, which this CPU lacks)")
     rates = {name: [] for name in runs}
     for r in range(a.rounds):
         for name, run in runs.items():
