@@ -420,10 +420,15 @@ unsafe fn tile_widen(
     let mut acc = [[0.0f32; NR]; MR];
     widen_body(rows, a, kp, panel, &mut acc);
     for (r, acc) in acc.iter().enumerate().take(rows) {
-        let out = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), cols);
-        for (o, &v) in out.iter_mut().zip(acc) {
-            *o = if accumulate { *o + v } else { v };
-        }
+        write_row(dst.add(r * dst_rs), acc, cols, accumulate);
+    }
+}
+
+/// The first `cols` sums of `acc` written to (or added to) the `cols` floats at `dst`.
+unsafe fn write_row(dst: *mut f32, acc: &[f32], cols: usize, accumulate: bool) {
+    let out = std::slice::from_raw_parts_mut(dst, cols);
+    for (o, &v) in out.iter_mut().zip(acc) {
+        *o = if accumulate { *o + v } else { v };
     }
 }
 
@@ -456,10 +461,7 @@ unsafe fn tile_widen_avx2(
                 _ => widen_tile_avx2::<4>(a, a_rs, kp, b, &mut acc),
             }
             for (i, acc) in acc.iter().enumerate().take(take) {
-                let out = std::slice::from_raw_parts_mut(dst.add((r + i) * dst_rs + c0), n);
-                for (o, &v) in out.iter_mut().zip(acc) {
-                    *o = if accumulate { *o + v } else { v };
-                }
+                write_row(dst.add((r + i) * dst_rs + c0), acc, n, accumulate);
             }
             r += take;
         }
@@ -711,6 +713,17 @@ mod tests {
         (a, w)
     }
 
+    /// Mixed magnitudes and exact zeros, so that rounding order matters.
+    fn mixed(rng: &mut ChaCha8Rng) -> f32 {
+        let v: f32 = rng.gen_range(-1.0..1.0);
+        match rng.gen_range(0..8) {
+            0 => 0.0,
+            1 => v * 1e4,
+            2 => v * 1e-4,
+            _ => v,
+        }
+    }
+
     fn run(path: Bf16Path, m: usize, a: &[f32], a_rs: usize, w: &PackedBf16, out: &mut [f32]) {
         let out_rs = out.len() / m;
         matmul_on(path, m, a, a_rs, w, out, out_rs, false, &mut Vec::new());
@@ -834,18 +847,8 @@ mod tests {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(6);
         for &(m, k, n) in SHAPES.iter().chain(&[(100, 576, 200)]) {
-            // Mixed magnitudes and exact zeros, so that rounding order matters.
-            let draw = |rng: &mut ChaCha8Rng| {
-                let v: f32 = rng.gen_range(-1.0..1.0);
-                match rng.gen_range(0..8) {
-                    0 => 0.0,
-                    1 => v * 1e4,
-                    2 => v * 1e-4,
-                    _ => v,
-                }
-            };
-            let a: Vec<f32> = (0..m * k).map(|_| draw(&mut rng)).collect();
-            let w: Vec<f32> = (0..k * n).map(|_| draw(&mut rng)).collect();
+            let a: Vec<f32> = (0..m * k).map(|_| mixed(&mut rng)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| mixed(&mut rng)).collect();
             let packed = PackedBf16::pack(&w, k, n);
             let (mut x, mut y) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
             run(Bf16Path::Avx512Bf16, m, &a, k, &packed, &mut x);
@@ -866,21 +869,12 @@ mod tests {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for &(m, k, n) in SHAPES.iter().chain(&[(100, 576, 200), (67, 33, 130)]) {
-            let draw = |rng: &mut ChaCha8Rng| {
-                let v: f32 = rng.gen_range(-1.0..1.0);
-                match rng.gen_range(0..8) {
-                    0 => 0.0,
-                    1 => v * 1e4,
-                    2 => v * 1e-4,
-                    _ => v,
-                }
-            };
             let a_rs = k + 1;
-            let a: Vec<f32> = (0..m * a_rs).map(|_| draw(&mut rng)).collect();
-            let w: Vec<f32> = (0..k * n).map(|_| draw(&mut rng)).collect();
+            let a: Vec<f32> = (0..m * a_rs).map(|_| mixed(&mut rng)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| mixed(&mut rng)).collect();
             let packed = PackedBf16::pack(&w, k, n);
             let out_rs = n + 3;
-            let init: Vec<f32> = (0..m * out_rs).map(|_| draw(&mut rng)).collect();
+            let init: Vec<f32> = (0..m * out_rs).map(|_| mixed(&mut rng)).collect();
             for accumulate in [false, true] {
                 let (mut x, mut y) = (init.clone(), init.clone());
                 for (out, portable) in [(&mut x, true), (&mut y, false)] {
