@@ -92,16 +92,16 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_line() -> str:
-    model, flags = "unknown CPU", set()
+    model = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
+                if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
+    flags = cpu_flags()
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
               "amx_tile", "amx_bf16", "amx_int8"]
     have = [f for f in wanted if f in flags]
