@@ -1,7 +1,7 @@
 //! Training-throughput benchmark: full steps vs the one-GEMM limit, same threads, same run.
 
 use crate::bf16::EncoderBf16;
-use crate::kernels::matmul_xt;
+use crate::f32_product::EncoderF32;
 use crate::{ArchKind, Precision, Sae, SaeTrainer, TrainHyper};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -126,6 +126,7 @@ pub fn run_bench_in(
                 ..TrainHyper::default()
             };
             let mut trainer = SaeTrainer::new(sae, hyper);
+            let mut enc_f32 = EncoderF32::default();
             let mut enc_bf16 = EncoderBf16::default();
             let (mut times, mut gemm_times) = (Vec::new(), Vec::new());
             let mut l0_mean = 0.0;
@@ -133,7 +134,7 @@ pub fn run_bench_in(
                 let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
                 let t0 = Instant::now();
                 match precision {
-                    Precision::F32 => matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
+                    Precision::F32 => enc_f32.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
                     Precision::Bf16 | Precision::Bf16Sparse => {
                         enc_bf16.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out)
                     }

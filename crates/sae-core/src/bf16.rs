@@ -20,6 +20,8 @@
 
 use rayon::prelude::*;
 
+use crate::kernels::SharedMut;
+
 /// Output columns per packed panel: three 16-lane registers.
 const NR: usize = 48;
 /// Rows per register tile (8 x 3 accumulators of the 32 registers).
@@ -192,19 +194,6 @@ impl PackedBf16 {
     /// Inner dimension and output columns.
     pub fn shape(&self) -> (usize, usize) {
         (self.k, self.n)
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: tasks write disjoint (row block, panel) tiles of the output (see `matmul_on`).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Through a method so closures capture the wrapper, not the bare pointer.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

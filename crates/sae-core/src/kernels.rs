@@ -1,16 +1,33 @@
-//! The CPU kernels of the hot path: the single dense encoder product (via `gemm`, rayon
-//! threads) and the small dense-vector helpers the sparse passes are built from.
+//! The CPU kernels of the hot path: dense products through `gemm` on the rayon threads (the
+//! encoder product's `gemm` path; `f32_product` picks it or its own kernel) and the small
+//! dense-vector helpers the sparse passes are built from.
 
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 use gemm::{gemm, Parallelism};
 
-fn parallelism() -> Parallelism {
+/// `gemm`'s threading: the rayon pool's threads.
+pub(crate) fn parallelism() -> Parallelism {
     let t = rayon::current_num_threads();
     if t <= 1 {
         Parallelism::None
     } else {
         Parallelism::Rayon(t)
+    }
+}
+
+/// A pointer to one output buffer that rayon tasks writing disjoint parts of it share. Each
+/// user keeps its tasks' regions apart (said at each `unsafe` write).
+#[derive(Clone, Copy)]
+pub struct SharedMut(pub *mut f32);
+// SAFETY: only written through by tasks whose regions do not overlap.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method so closures capture the wrapper, not the bare pointer.
+    pub fn get(self) -> *mut f32 {
+        self.0
     }
 }
 

@@ -13,9 +13,11 @@
 //! * [`saelens`]: `cfg.json` + `sae_weights.safetensors`, SAELens' names and shapes.
 //! * [`metrics`]: L0, MSE, FVU, shrinkage gamma, firing counts, MMCS.
 //! * [`mod@bench`]: tokens/s of full steps against the one-GEMM limit.
+//! * [`f32_product`], [`bf16`]: the dense products, kernels picked at run time.
 //!
-//! A training step does ONE dense product (pre-activations = (x - b_dec) @ w_enc, `gemm` on
-//! the rayon threads); every other pass is O(batch x L0 x d_in) on the sparse code. When the
+//! A training step does ONE dense product (pre-activations = (x - b_dec) @ w_enc, on the
+//! rayon threads through [`f32_product`]: `gemm`, or where AVX2 is the widest unit our own
+//! packed kernel); every other pass is O(batch x L0 x d_in) on the sparse code. When the
 //! code is dense (more than 1/16 of the entries active, e.g. right after initialisation) the
 //! decode and the gradients switch to GEMMs instead. Results are bit-for-bit reproducible for
 //! a seed and a thread count: every reduction runs over fixed-size chunks in a fixed order.
@@ -23,6 +25,7 @@
 pub mod arch;
 pub mod bench;
 pub mod bf16;
+pub mod f32_product;
 pub mod kernels;
 pub mod metrics;
 pub mod optim;

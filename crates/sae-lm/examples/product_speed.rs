@@ -1,75 +1,75 @@
 //! GFLOP/s of the forward pass's weight products on SmolLM2-135M shapes (2032 rows: 16
-//! contexts of 127), f32 through `gemm` and bf16 through `sae_lm::bf16`:
-//! `cargo run --release -p sae-lm --example product_speed [REPEATS]`.
+//! contexts of 127), and of a training step's encoder product (4096 x 576 x 9216): f32 on
+//! every path this CPU runs (`sae_core::f32_product`) and bf16 (`sae_lm::bf16`), alternated
+//! over rounds; medians, and each path's median ratio to `gemm` within a round:
+//! `cargo run --release -p sae-lm --example product_speed [ROUNDS]`.
 
+use sae_core::f32_product::{self, F32Path, PackedF32};
 use std::time::Instant;
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn main() {
-    let repeats: usize = std::env::args()
+    let rounds: usize = std::env::args()
         .nth(1)
-        .map(|s| s.parse().expect("REPEATS is a count"))
-        .unwrap_or(10);
+        .map(|s| s.parse().expect("ROUNDS is a count"))
+        .unwrap_or(5);
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // (rows, k, n): q|k|v, o, gate|up, down.
-    let m = 2032;
-    for (name, k, n) in [
-        ("qkv", 576, 960),
-        ("o", 576, 576),
-        ("gate_up", 576, 3072),
-        ("down", 1536, 576),
+    // (name, rows, k, n): q|k|v, o, gate|up, down, and the SAE encoder.
+    for (name, m, k, n) in [
+        ("qkv", 2032, 576, 960),
+        ("o", 2032, 576, 576),
+        ("gate_up", 2032, 576, 3072),
+        ("down", 2032, 1536, 576),
+        ("encoder", 4096, 576, 9216),
     ] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
         let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
         let mut out = vec![0f32; m * n];
         let flop = 2.0 * (m * k * n) as f64;
-        let time = |f: &mut dyn FnMut()| {
-            f();
+        let mut time = |f: &mut dyn FnMut(&mut [f32])| {
+            f(&mut out);
             let start = Instant::now();
-            for _ in 0..repeats {
-                f();
+            for _ in 0..3 {
+                f(&mut out);
             }
-            flop * repeats as f64 / start.elapsed().as_secs_f64() / 1e9
+            flop * 3.0 / start.elapsed().as_secs_f64() / 1e9
         };
-        let f32_rate = time(&mut || unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                1,
-                n as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            )
-        });
-        let bf16_rate = if sae_lm::bf16::available() {
-            let packed = sae_lm::bf16::PackedBf16::pack(&w, k, n);
-            let mut scratch = Vec::new();
-            let rate = time(&mut || {
-                sae_lm::bf16::matmul(m, &a, k, &packed, &mut out, n, false, &mut scratch)
-            });
-            format!("{rate:.0}")
-        } else {
-            "n/a (no AVX512-BF16)".into()
-        };
-        println!(
-            "{name:8} {m}x{k}x{n}, {threads} threads: f32 gemm {f32_rate:.0} GFLOP/s, bf16 {bf16_rate} GFLOP/s"
-        );
+        let f32_paths: Vec<(F32Path, PackedF32)> = F32Path::all_available()
+            .into_iter()
+            .map(|p| (p, PackedF32::pack_for(p, &w, k, n)))
+            .collect();
+        let bf16 = sae_lm::bf16::PackedBf16::pack(&w, k, n);
+        let mut scratch = Vec::new();
+        let mut rates = vec![Vec::new(); f32_paths.len() + 1];
+        let mut ratios = vec![Vec::new(); f32_paths.len() + 1];
+        for _ in 0..rounds {
+            for (i, (_, packed)) in f32_paths.iter().enumerate() {
+                rates[i].push(time(&mut |out| {
+                    f32_product::matmul(m, &a, k, packed, out, n, false)
+                }));
+            }
+            let last = f32_paths.len();
+            rates[last].push(time(&mut |out| {
+                sae_lm::bf16::matmul(m, &a, k, &bf16, out, n, false, &mut scratch)
+            }));
+            for i in 0..=last {
+                let r = rates[i].last().unwrap() / rates[0].last().unwrap();
+                ratios[i].push(r);
+            }
+        }
+        let mut line = format!("{name:8} {m}x{k}x{n}, {threads} threads:");
+        let names = f32_paths
+            .iter()
+            .map(|(p, _)| format!("f32 {}", p.name()))
+            .chain([format!("bf16 {}", sae_lm::bf16::Bf16Path::best().name())]);
+        for (i, label) in names.enumerate() {
+            let (rate, ratio) = (median(rates[i].clone()), median(ratios[i].clone()));
+            line += &format!(" {label} {rate:.0} GFLOP/s ({ratio:.2}x gemm);");
+        }
+        println!("{}", line.trim_end_matches(';'));
     }
 }

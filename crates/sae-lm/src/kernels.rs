@@ -1,71 +1,16 @@
-//! f32 CPU kernels of the Llama forward pass, on row-major slices: products through `gemm`
-//! (strided, so head slices and fused-weight halves are read in place, no copies), and the
-//! row-wise steps (RMSNorm, RoPE, causal softmax, SiLU gating) in parallel over rows.
+//! f32 CPU kernels of the Llama forward pass, on row-major slices: attention's products
+//! through `gemm` (strided, so head slices are read in place, no copies), and the row-wise
+//! steps (RMSNorm, RoPE, causal softmax, SiLU gating) in parallel over rows. The weight
+//! products run in `sae_core::f32_product` (or `bf16`), on weights laid out once.
 
 #![allow(clippy::too_many_arguments)]
 
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
+use sae_core::kernels::SharedMut;
 
 /// Rows per rayon task in the row-wise kernels: enough work to amortise the task.
 const ROW_CHUNK: usize = 16;
-
-pub(crate) fn parallelism() -> Parallelism {
-    let t = rayon::current_num_threads();
-    if t <= 1 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(t)
-    }
-}
-
-/// `out[r, j] (+)= sum_i a[r, i] * b[i, j]` for `m` rows. `a` has row stride `a_rs` (its
-/// first `k` columns are used), `b` is `[k, n]` contiguous, `out` has row stride `out_rs`.
-/// With `accumulate` the product is added to what `out` holds.
-pub(crate) fn matmul(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    a_rs: usize,
-    b: &[f32],
-    out: &mut [f32],
-    out_rs: usize,
-    accumulate: bool,
-    par: Parallelism,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(k <= a_rs && n <= out_rs);
-    assert!(a.len() >= (m - 1) * a_rs + k);
-    assert_eq!(b.len(), k * n);
-    assert!(out.len() >= (m - 1) * out_rs + n);
-    // SAFETY: the asserts above keep every strided access inside the slices.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            out_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            a_rs as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
 
 /// RMSNorm of each `d`-wide row of `x` into `out`, scaled by `weight`, computed as candle's
 /// `rms_norm` does (f32 sum of squares, divide by the root, then scale).
@@ -134,20 +79,6 @@ pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
     x.par_chunks_mut(CHUNK)
         .zip(y.par_chunks(CHUNK))
         .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
-}
-
-/// A pointer that rayon tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used for writes to regions no two tasks share (see `causal_attention`).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Through a method so closures capture the wrapper, not the bare pointer.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Causal grouped-query attention for `batch` contexts of `ctx` rows. Each row of `qkv`

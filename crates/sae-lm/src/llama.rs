@@ -8,6 +8,7 @@ use crate::hooks::{Hook, HookKind, HookMode};
 use crate::kernels;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use sae_core::f32_product::PackedF32;
 use std::sync::Mutex;
 
 mod grad;
@@ -45,24 +46,31 @@ pub struct LlamaLayer {
     pub w_down: Tensor,
 }
 
-/// A block's weights as the forward pass reads them: row-major f32, fused.
+/// A block's weights as the forward pass reads them: f32, fused, the four product weights
+/// laid out for this CPU's fastest f32 product.
 struct Block {
     attn_norm: Vec<f32>,
     /// `[d_model, (n_heads + 2 * n_kv_heads) * d_head]`: columns q | k | v.
-    w_qkv: Vec<f32>,
+    w_qkv: PackedF32,
     /// q | k | v biases (Qwen2), same column order.
     b_qkv: Option<Vec<f32>>,
     /// `[n_heads * d_head, d_model]`.
-    wo: Vec<f32>,
+    wo: PackedF32,
     mlp_norm: Vec<f32>,
     /// `[d_model, 2 * d_mlp]`: columns gate | up.
-    w_gate_up: Vec<f32>,
+    w_gate_up: PackedF32,
     /// `[d_mlp, d_model]`.
-    w_down: Vec<f32>,
+    w_down: PackedF32,
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// A `[k, n]` weight, laid out for this CPU's f32 product.
+fn packed(t: &Tensor) -> Result<PackedF32> {
+    let (k, n) = t.dims2()?;
+    Ok(PackedF32::pack(&values(t)?, k, n))
 }
 
 impl Block {
@@ -89,12 +97,12 @@ impl Block {
         };
         Ok(Self {
             attn_norm: values(&layer.attn_norm)?,
-            w_qkv: values(&w_qkv)?,
+            w_qkv: packed(&w_qkv)?,
             b_qkv,
-            wo: values(&layer.wo)?,
+            wo: packed(&layer.wo)?,
             mlp_norm: values(&layer.mlp_norm)?,
-            w_gate_up: values(&Tensor::cat(&[&layer.w_gate, &layer.w_up], 1)?)?,
-            w_down: values(&layer.w_down)?,
+            w_gate_up: packed(&Tensor::cat(&[&layer.w_gate, &layer.w_up], 1)?)?,
+            w_down: packed(&layer.w_down)?,
         })
     }
 }
@@ -220,10 +228,10 @@ impl Llama {
             self.blocks
                 .iter()
                 .map(|b| Bf16Block {
-                    w_qkv: PackedBf16::pack(&b.w_qkv, d, qkv),
-                    wo: PackedBf16::pack(&b.wo, z, d),
-                    w_gate_up: PackedBf16::pack(&b.w_gate_up, d, 2 * c.d_mlp),
-                    w_down: PackedBf16::pack(&b.w_down, c.d_mlp, d),
+                    w_qkv: PackedBf16::pack(&b.w_qkv.values(), d, qkv),
+                    wo: PackedBf16::pack(&b.wo.values(), z, d),
+                    w_gate_up: PackedBf16::pack(&b.w_gate_up.values(), d, 2 * c.d_mlp),
+                    w_down: PackedBf16::pack(&b.w_down.values(), c.d_mlp, d),
                 })
                 .collect(),
         );
@@ -256,17 +264,14 @@ impl Llama {
             crate::bf16::matmul(rows, a, a_rs, w, out, out_rs, accumulate, scratch);
             return;
         }
-        let c = &self.cfg;
         let b = &self.blocks[l];
-        let (d, z) = (c.d_model, c.n_heads * c.d_head);
-        let (w, k, n) = match which {
-            Weight::Qkv => (&b.w_qkv, d, (c.n_heads + 2 * c.n_kv_heads) * c.d_head),
-            Weight::O => (&b.wo, z, d),
-            Weight::GateUp => (&b.w_gate_up, d, 2 * c.d_mlp),
-            Weight::Down => (&b.w_down, c.d_mlp, d),
+        let w = match which {
+            Weight::Qkv => &b.w_qkv,
+            Weight::O => &b.wo,
+            Weight::GateUp => &b.w_gate_up,
+            Weight::Down => &b.w_down,
         };
-        let par = kernels::parallelism();
-        kernels::matmul(rows, k, n, a, a_rs, w, out, out_rs, accumulate, par);
+        sae_core::f32_product::matmul(rows, a, a_rs, w, out, out_rs, accumulate);
     }
 
     /// Runs the blocks over `tokens` (`[batch * ctx]`). With `HookMode::Capture` it returns

@@ -110,6 +110,8 @@ pub(super) struct Buffers {
     pen_parts: Vec<f64>,
     pen_colsum: Vec<f32>,
     pen_genc: Vec<f32>,
+    /// The f32 encoder product's packed copy of W_enc, where this CPU's path uses one.
+    enc_f32: crate::f32_product::EncoderF32,
     /// The bf16 copy of W_enc (`Precision::Bf16`, `Bf16Sparse`).
     enc_bf16: crate::bf16::EncoderBf16,
     /// `Precision::Bf16Sparse` (empty otherwise): bf16 copies of W_dec, of `xc` and of
@@ -325,7 +327,11 @@ impl SaeTrainer {
         }
         buf.pre.resize(n * d_sae, 0.0);
         match self.hyper.precision {
-            Precision::F32 => matmul_xt(&buf.xc, n, d_in, &self.w_enc_t, d_sae, &mut buf.pre),
+            Precision::F32 => {
+                let w = &self.w_enc_t;
+                buf.enc_f32
+                    .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre)
+            }
             Precision::Bf16 | Precision::Bf16Sparse => {
                 let w = &self.w_enc_t;
                 buf.enc_bf16

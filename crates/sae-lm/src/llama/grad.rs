@@ -78,7 +78,7 @@ impl Llama {
             &Tensor::from_slice(&b.attn_norm, d, &Device::Cpu)?,
             c.rms_eps,
         )?;
-        let mut qkv = h.matmul(&tensor(&b.w_qkv, (d, qkv_width))?)?;
+        let mut qkv = h.matmul(&tensor(&b.w_qkv.values(), (d, qkv_width))?)?;
         if let Some(bias) = &b.b_qkv {
             qkv = qkv.broadcast_add(&Tensor::from_slice(bias, qkv_width, &Device::Cpu)?)?;
         }
@@ -128,16 +128,16 @@ impl Llama {
         for (l, b) in self.blocks.iter().enumerate().skip(layer) {
             if l > layer || stage == Stage::Attn {
                 let z = self.attention_ops(b, &x, batch, ctx)?;
-                x = (x + z.matmul(&tensor(&b.wo, (zw, d))?)?)?;
+                x = (x + z.matmul(&tensor(&b.wo.values(), (zw, d))?)?)?;
             }
             let h = rms_norm(
                 &x,
                 &Tensor::from_slice(&b.mlp_norm, d, &Device::Cpu)?,
                 c.rms_eps,
             )?;
-            let gate_up = h.matmul(&tensor(&b.w_gate_up, (d, 2 * dm))?)?;
+            let gate_up = h.matmul(&tensor(&b.w_gate_up.values(), (d, 2 * dm))?)?;
             let act = (gate_up.narrow(1, 0, dm)?.silu()? * gate_up.narrow(1, dm, dm)?)?;
-            x = (x + act.matmul(&tensor(&b.w_down, (dm, d))?)?)?;
+            x = (x + act.matmul(&tensor(&b.w_down.values(), (dm, d))?)?)?;
         }
         Ok(x)
     }
@@ -247,7 +247,7 @@ impl Llama {
         let grad = if hook.kind == HookKind::AttnZ {
             // out = z W_o, so dL/dz = dL/dout W_o^T.
             let zw = c.n_heads * c.d_head;
-            let wo = tensor(&self.blocks[l].wo, (zw, d))?;
+            let wo = tensor(&self.blocks[l].wo.values(), (zw, d))?;
             g.matmul(&wo.t()?)?.flatten_all()?.to_vec1::<f32>()?
         } else {
             g.flatten_all()?.to_vec1::<f32>()?
