@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::SharedMut;
+use crate::kernels::{cpu_has, SharedMut};
 
 /// Output columns per packed panel: three 16-lane registers.
 const NR: usize = 48;
@@ -76,15 +76,7 @@ impl Bf16Path {
 
 /// Whether this CPU has AVX512-BF16 (`vdpbf16ps`), the fast path.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cpu_has!("avx512f", "avx512bf16")
 }
 
 /// `v` rounded to bf16 bits: nearest, ties to even; subnormals flushed to (signed) zero as
@@ -285,7 +277,7 @@ fn matmul_impl(
                 }
             }
         });
-    let wide_avx2 = !portable && path == Bf16Path::Widen && has_avx2();
+    let wide_avx2 = !portable && path == Bf16Path::Widen && cpu_has!("avx2");
     let panels = w.n.div_ceil(NR);
     let blocks = m.div_ceil(ROW_BLOCK);
     let out_ptr = SharedMut(out.as_mut_ptr());
@@ -319,17 +311,6 @@ fn matmul_impl(
             r += rows;
         }
     });
-}
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// `src` rounded to bf16 and widened back to f32, as bits, zero-padded to `dst.len()` (an
@@ -852,7 +833,7 @@ mod tests {
     /// `vdpbf16ps`), at every tile remainder, with and without accumulation.
     #[test]
     fn widened_avx2_tiles_match_the_plain_loop_bit_for_bit() {
-        if !has_avx2() {
+        if !cpu_has!("avx2") {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }

@@ -6,6 +6,21 @@
 
 use gemm::{gemm, Parallelism};
 
+/// Whether this CPU has every x86 feature named (`cpu_has!("avx2", "fma")`); false off x86_64.
+macro_rules! cpu_has {
+    ($($feature:tt),+) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            true $(&& std::arch::is_x86_feature_detected!($feature))+
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }};
+}
+pub(crate) use cpu_has;
+
 /// `gemm`'s threading: the rayon pool's threads.
 pub(crate) fn parallelism() -> Parallelism {
     let t = rayon::current_num_threads();
