@@ -422,6 +422,218 @@ multiversion_impl! {
     }
 }
 
+/// The element types of the rows the sparse passes gather: f32, and bf16 (`u16` bits),
+/// widened to f32 exactly by a shift into the high half.
+pub trait GatherRow: Copy {
+    fn widen(self) -> f32;
+}
+
+impl GatherRow for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl GatherRow for u16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+// Grouped kernels: several gathered rows per pass over the output. A random row misses the
+// cache; four rows in one loop keep four misses in flight and store the output once instead
+// of four times. Per element they add in the order of the one-row kernels, so a group gives
+// exactly the bits of the same calls one row at a time.
+
+#[inline(always)]
+fn axpy4_body<T: GatherRow>(a: [f32; 4], x: [&[T]; 4], y: &mut [f32]) {
+    let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
+    let (x0, x1, x2, x3, y) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n], &mut y[..n]);
+    for i in 0..n {
+        let mut v = y[i];
+        v += a[0] * x0[i].widen();
+        v += a[1] * x1[i].widen();
+        v += a[2] * x2[i].widen();
+        v += a[3] * x3[i].widen();
+        y[i] = v;
+    }
+}
+
+#[inline(always)]
+fn axpy2x4_body<T: GatherRow>(
+    a1: [f32; 4],
+    a2: [f32; 4],
+    x: [&[T]; 4],
+    y: &mut [f32],
+    z: &mut [f32],
+) {
+    let n = x.iter().fold(y.len().min(z.len()), |n, r| n.min(r.len()));
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    let (y, z) = (&mut y[..n], &mut z[..n]);
+    for i in 0..n {
+        let w = [x0[i].widen(), x1[i].widen(), x2[i].widen(), x3[i].widen()];
+        let (mut u, mut v) = (y[i], z[i]);
+        for q in 0..4 {
+            u += a1[q] * w[q];
+            v += a2[q] * w[q];
+        }
+        y[i] = u;
+        z[i] = v;
+    }
+}
+
+#[inline(always)]
+fn acc2x4_body<T: GatherRow>(
+    c1: [f32; 4],
+    x1: [&[T]; 4],
+    g1: &mut [f32],
+    c2: [f32; 4],
+    x2: [&[T]; 4],
+    g2: &mut [f32],
+) {
+    let n = x1
+        .iter()
+        .chain(&x2)
+        .fold(g1.len().min(g2.len()), |n, r| n.min(r.len()));
+    let (x1, x2) = (x1.map(|r| &r[..n]), x2.map(|r| &r[..n]));
+    let (g1, g2) = (&mut g1[..n], &mut g2[..n]);
+    for i in 0..n {
+        let (mut u, mut v) = (g1[i], g2[i]);
+        for q in 0..4 {
+            u += c1[q] * x1[q][i].widen();
+            v += c2[q] * x2[q][i].widen();
+        }
+        g1[i] = u;
+        g2[i] = v;
+    }
+}
+
+multiversion_impl! {
+    /// `y += a[0] * x[0]`, then `a[1] * x[1]`, ... : four [`axpy`] calls in one pass.
+    pub fn axpy4(a: [f32; 4], x: [&[f32]; 4], y: &mut [f32]) -> () {
+        axpy4_body(a, x, y)
+    }
+}
+
+multiversion_impl! {
+    /// [`axpy4`] with bf16 rows.
+    pub fn axpy4_h(a: [f32; 4], x: [&[u16]; 4], y: &mut [f32]) -> () {
+        axpy4_body(a, x, y)
+    }
+}
+
+multiversion_impl! {
+    /// Four [`axpy2`] calls (`y += a1[q] * x[q]`, `z += a2[q] * x[q]`) in one pass.
+    pub fn axpy2x4(a1: [f32; 4], a2: [f32; 4], x: [&[f32]; 4], y: &mut [f32], z: &mut [f32]) -> () {
+        axpy2x4_body(a1, a2, x, y, z)
+    }
+}
+
+multiversion_impl! {
+    /// [`axpy2x4`] with bf16 rows.
+    pub fn axpy2x4_h(a1: [f32; 4], a2: [f32; 4], x: [&[u16]; 4], y: &mut [f32], z: &mut [f32]) -> () {
+        axpy2x4_body(a1, a2, x, y, z)
+    }
+}
+
+multiversion_impl! {
+    /// Four [`acc2`] calls (`g1 += c1[q] * x1[q]`, `g2 += c2[q] * x2[q]`) in one pass.
+    pub fn acc2x4(c1: [f32; 4], x1: [&[f32]; 4], g1: &mut [f32], c2: [f32; 4], x2: [&[f32]; 4], g2: &mut [f32]) -> () {
+        acc2x4_body(c1, x1, g1, c2, x2, g2)
+    }
+}
+
+multiversion_impl! {
+    /// [`acc2x4`] with bf16 rows.
+    pub fn acc2x4_h(c1: [f32; 4], x1: [&[u16]; 4], g1: &mut [f32], c2: [f32; 4], x2: [&[u16]; 4], g2: &mut [f32]) -> () {
+        acc2x4_body(c1, x1, g1, c2, x2, g2)
+    }
+}
+
+/// Defines `[x[0] . y, .., x[3] . y]` reading `y` once, for rows of element type `$t` (as
+/// [`dot2_impl`]): each dot keeps [`dot`]'s lanes and remainder, so it gives `dot`'s bits.
+macro_rules! dot4_impl {
+    ($(#[$m:meta])* $name:ident, $avx2:ident, $t:ty, |$p:ident| $load8:expr) => {
+        $(#[$m])*
+        #[inline]
+        pub fn $name(x: [&[$t]; 4], y: &[f32]) -> [f32; 4] {
+            let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
+            let x = x.map(|r| &r[..n]);
+            let y = &y[..n];
+            let full = n / LANES * LANES;
+            let mut acc = [[0.0f32; LANES]; 4];
+            #[cfg(target_arch = "x86_64")]
+            let done = if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 is present; all loads are within `full <= n`.
+                unsafe { $avx2(x, y, full, &mut acc) };
+                true
+            } else {
+                false
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = false;
+            if !done {
+                for i0 in (0..full).step_by(LANES) {
+                    for l in 0..LANES {
+                        for q in 0..4 {
+                            acc[q][l] += x[q][i0 + l].widen() * y[i0 + l];
+                        }
+                    }
+                }
+            }
+            std::array::from_fn(|q| {
+                let mut s = 0.0;
+                for i in full..n {
+                    s += x[q][i].widen() * y[i];
+                }
+                hsum(&acc[q]) + s
+            })
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2(x: [&[$t]; 4], y: &[f32], full: usize, acc: &mut [[f32; LANES]; 4]) {
+            use std::arch::x86_64::*;
+            let py = y.as_ptr();
+            let px = x.map(|r| r.as_ptr());
+            let mut lo = [_mm256_setzero_ps(); 4];
+            let mut hi = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < full {
+                let (y0, y1) = (_mm256_loadu_ps(py.add(i)), _mm256_loadu_ps(py.add(i + 8)));
+                for q in 0..4 {
+                    let x0 = { let $p = px[q].add(i); $load8 };
+                    let x1 = { let $p = px[q].add(i + 8); $load8 };
+                    lo[q] = _mm256_add_ps(lo[q], _mm256_mul_ps(x0, y0));
+                    hi[q] = _mm256_add_ps(hi[q], _mm256_mul_ps(x1, y1));
+                }
+                i += LANES;
+            }
+            for q in 0..4 {
+                _mm256_storeu_ps(acc[q].as_mut_ptr(), lo[q]);
+                _mm256_storeu_ps(acc[q].as_mut_ptr().add(8), hi[q]);
+            }
+        }
+    };
+}
+
+dot4_impl!(
+    /// Four [`dot`]s of gathered rows with one vector, reading the vector once.
+    dot4, dot4_avx2, f32, |p| _mm256_loadu_ps(p)
+);
+
+dot4_impl!(
+    /// [`dot4`] with bf16 rows.
+    dot4_h,
+    dot4_h_avx2,
+    u16,
+    |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+        p as *const __m128i
+    ))))
+);
+
 multiversion_impl! {
     /// Appends every `j` with `v[j] > cutoff[j]` to `out`, 16 comparisons at a time.
     pub fn indices_above(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) -> () {

@@ -634,6 +634,73 @@ fn bf16_row_kernels_match_f32_kernels_on_widened_rows() {
     }
 }
 
+/// The grouped kernels (several gathered rows per pass) give exactly the bits of the
+/// one-row kernels called in turn, for f32 and bf16 rows, with and without a remainder.
+#[test]
+fn grouped_kernels_match_the_one_row_kernels_in_turn() {
+    use crate::bf16::{from_bf16, to_bf16};
+    use crate::kernels::*;
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    for len in [1usize, 15, 16, 17, 77, 576] {
+        let rows: Vec<Vec<f32>> = (0..4).map(|_| randn(&mut rng, len)).collect();
+        let hrows: Vec<Vec<u16>> = rows
+            .iter()
+            .map(|r| r.iter().map(|v| to_bf16(*v)).collect())
+            .collect();
+        let wrows: Vec<Vec<f32>> = hrows
+            .iter()
+            .map(|r| r.iter().map(|v| from_bf16(*v)).collect())
+            .collect();
+        let x4: [&[f32]; 4] = std::array::from_fn(|q| rows[q].as_slice());
+        let w4: [&[f32]; 4] = std::array::from_fn(|q| wrows[q].as_slice());
+        let h4: [&[u16]; 4] = std::array::from_fn(|q| hrows[q].as_slice());
+        let (y0, z0) = (randn(&mut rng, len), randn(&mut rng, len));
+        let (a1, a2) = ([0.7f32, -1.1, 0.0, 2.3], [0.4f32, 0.0, -0.9, 1.5]);
+
+        let mut want = y0.clone();
+        (0..4).for_each(|q| axpy(a1[q], x4[q], &mut want));
+        let mut got = y0.clone();
+        axpy4(a1, x4, &mut got);
+        assert_eq!(got, want, "axpy4 {len}");
+        let mut want = y0.clone();
+        (0..4).for_each(|q| axpy(a1[q], w4[q], &mut want));
+        let mut got = y0.clone();
+        axpy4_h(a1, h4, &mut got);
+        assert_eq!(got, want, "axpy4_h {len}");
+
+        let (mut wy, mut wz) = (y0.clone(), z0.clone());
+        (0..4).for_each(|q| axpy2(a1[q], a2[q], x4[q], &mut wy, &mut wz));
+        let (mut gy, mut gz) = (y0.clone(), z0.clone());
+        axpy2x4(a1, a2, x4, &mut gy, &mut gz);
+        assert_eq!((&gy, &gz), (&wy, &wz), "axpy2x4 {len}");
+        let (mut wy, mut wz) = (y0.clone(), z0.clone());
+        (0..4).for_each(|q| axpy2(a1[q], a2[q], w4[q], &mut wy, &mut wz));
+        let (mut gy, mut gz) = (y0.clone(), z0.clone());
+        axpy2x4_h(a1, a2, h4, &mut gy, &mut gz);
+        assert_eq!((&gy, &gz), (&wy, &wz), "axpy2x4_h {len}");
+
+        let bits = |v: [f32; 4]| v.map(f32::to_bits);
+        let want: [f32; 4] = std::array::from_fn(|q| dot(x4[q], &y0));
+        assert_eq!(bits(dot4(x4, &y0)), bits(want), "dot4 {len}");
+        let want: [f32; 4] = std::array::from_fn(|q| dot(w4[q], &y0));
+        assert_eq!(bits(dot4_h(h4, &y0)), bits(want), "dot4_h {len}");
+
+        // acc2x4 pairs row q with row 3 - q for its second output.
+        let (mut wy, mut wz) = (y0.clone(), z0.clone());
+        (0..4).for_each(|q| acc2(a1[q], x4[q], &mut wy, a2[q], x4[3 - q], &mut wz));
+        let (mut gy, mut gz) = (y0.clone(), z0.clone());
+        let rev: [&[f32]; 4] = std::array::from_fn(|q| x4[3 - q]);
+        acc2x4(a1, x4, &mut gy, a2, rev, &mut gz);
+        assert_eq!((&gy, &gz), (&wy, &wz), "acc2x4 {len}");
+        let (mut wy, mut wz) = (y0.clone(), z0.clone());
+        (0..4).for_each(|q| acc2(a1[q], w4[q], &mut wy, a2[q], w4[3 - q], &mut wz));
+        let (mut gy, mut gz) = (y0.clone(), z0.clone());
+        let rev: [&[u16]; 4] = std::array::from_fn(|q| h4[3 - q]);
+        acc2x4_h(a1, h4, &mut gy, a2, rev, &mut gz);
+        assert_eq!((&gy, &gz), (&wy, &wz), "acc2x4_h {len}");
+    }
+}
+
 /// JumpReLU's `init_l0` starts every threshold where about that many latents fire per row of
 /// the sample; without it the thresholds start at `init_threshold`; both are checked up front.
 #[test]

@@ -10,8 +10,9 @@ use crate::arch::{
 };
 use crate::bf16::Precision;
 use crate::kernels::{
-    acc2, acc2_h, acc3, axpy, axpy2, axpy2_h, axpy_h, dot, dot2, dot2_h, dot_h, matmul, matmul_tn,
-    matmul_xt, prefetch_rows, round_to_bf16, split_by_lengths,
+    acc2, acc2_h, acc2x4, acc2x4_h, acc3, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
+    axpy_h, dot, dot2, dot2_h, dot4, dot4_h, dot_h, matmul, matmul_tn, matmul_xt, prefetch_rows,
+    round_to_bf16, split_by_lengths,
 };
 use crate::optim::AdamStep;
 use rayon::prelude::*;
@@ -606,9 +607,8 @@ impl SaeTrainer {
                             AuxMode::AuxK => aux.fill(0.0),
                         }
                     }
-                    for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
-                        let j = idx[e] as usize;
-                        let rows = j * d_in..(j + 1) * d_in;
+                    let row_stop = if dense { row_ptr[b] } else { row_end };
+                    let prefetch = |e: usize| {
                         // Across row ends too: the next row's entries follow.
                         if let Some(&ahead) = idx.get(e + PREFETCH_AHEAD) {
                             let next = ahead as usize * d_in;
@@ -617,6 +617,32 @@ impl SaeTrainer {
                                 false => prefetch_rows(w_dec, next, d_in),
                             }
                         }
+                    };
+                    // One head: four entries per pass over the residual.
+                    let mut e = row_ptr[b];
+                    while n_heads == 1 && e + 4 <= row_stop {
+                        let js: [usize; 4] = std::array::from_fn(|q| idx[e + q] as usize * d_in);
+                        let f4: [f32; 4] = std::array::from_fn(|q| fv[e + q]);
+                        let a4: [f32; 4] = std::array::from_fn(|q| av[e + q]);
+                        (0..4).for_each(|q| prefetch(e + q));
+                        st.l0 += f4.iter().filter(|f| **f != 0.0).count() as u64;
+                        let with_aux = a4.iter().any(|a| *a != 0.0);
+                        match (half, with_aux) {
+                            (false, false) => axpy4(f4, js.map(|r| &w_dec[r..r + d_in]), res),
+                            (false, true) => {
+                                axpy2x4(f4, a4, js.map(|r| &w_dec[r..r + d_in]), res, aux)
+                            }
+                            (true, false) => axpy4_h(f4, js.map(|r| &w_dec_h[r..r + d_in]), res),
+                            (true, true) => {
+                                axpy2x4_h(f4, a4, js.map(|r| &w_dec_h[r..r + d_in]), res, aux)
+                            }
+                        }
+                        e += 4;
+                    }
+                    for e in e..row_stop {
+                        let j = idx[e] as usize;
+                        let rows = j * d_in..(j + 1) * d_in;
+                        prefetch(e);
                         let (f, a) = (fv[e], av[e]);
                         st.l0 += (f != 0.0) as u64;
                         // Band partial sums first; prefix sums of the bands below.
@@ -692,17 +718,28 @@ impl SaeTrainer {
                     }
                     // d_j . r_b and d_j . r_aux_b (unscaled): the rows d_j were just read
                     // for this token and are still in cache.
-                    for e in row_ptr[b]..if dense { row_ptr[b] } else { row_end } {
+                    let mut e = row_ptr[b];
+                    while n_heads == 1 && e + 4 <= row_stop {
+                        let with_aux =
+                            aux_mode != AuxMode::None && av[e..e + 4].iter().any(|a| *a != 0.0);
+                        if with_aux {
+                            break;
+                        }
+                        let js: [usize; 4] = std::array::from_fn(|q| idx[e + q] as usize * d_in);
+                        (0..4).for_each(|q| prefetch(e + q));
+                        let d4 = match half {
+                            false => dot4(js.map(|r| &w_dec[r..r + d_in]), res),
+                            true => dot4_h(js.map(|r| &w_dec_h[r..r + d_in]), res),
+                        };
+                        for q in 0..4 {
+                            dots[e + q - base] = [d4[q], 0.0];
+                        }
+                        e += 4;
+                    }
+                    for e in e..row_stop {
                         let j = idx[e] as usize;
                         let rows = j * d_in..(j + 1) * d_in;
-                        // Across row ends too: the next row's entries follow.
-                        if let Some(&ahead) = idx.get(e + PREFETCH_AHEAD) {
-                            let next = ahead as usize * d_in;
-                            match half {
-                                true => prefetch_rows(w_dec_h, next, d_in),
-                                false => prefetch_rows(w_dec, next, d_in),
-                            }
-                        }
+                        prefetch(e);
                         let q = if n_heads == 1 { 0 } else { band_of(widths, j) };
                         let rq = if q + 1 == n_heads {
                             &*res
@@ -1187,6 +1224,10 @@ struct LatentInputs<'a> {
     pen_genc: &'a [f32],
 }
 
+/// An entry of the latent pass not yet added to the row gradients: its coefficients for the
+/// residual row and the input row, and the offsets of those rows.
+type WaitingEntry = ([f32; 2], (usize, usize));
+
 /// One latent's sums over its entries.
 struct LatentSums {
     /// Some entry fired (f > 0).
@@ -1314,6 +1355,9 @@ impl LatentInputs<'_> {
             colsum: 0.0,
             sum_f: 0.0,
         };
+        // Entries whose gradient rows wait to be added four at a time.
+        let mut waiting = [WaitingEntry::default(); 4];
+        let mut n_waiting = 0;
         for (p, le) in ents.iter().enumerate() {
             let b = le.row as usize;
             let (f, a) = (le.f, le.a);
@@ -1360,21 +1404,61 @@ impl LatentInputs<'_> {
             } else {
                 0.0
             };
+            let c = [f * bw.resid_scale, eg.gpre];
             if ca != 0.0 {
-                // AuxK entries (dead latents only) read the f32 rows.
+                // AuxK entries (dead latents only) read the f32 rows; what waits goes first.
+                for w in &waiting[..n_waiting] {
+                    self.add_entry(*w, g_dec, g_enc);
+                }
+                n_waiting = 0;
                 let ab = &self.aux[b * d_in..(b + 1) * d_in];
-                acc3(f * bw.resid_scale, rb, ca, ab, g_dec, eg.gpre, xb, g_enc);
-            } else if half {
-                let (rb, xb) = (
-                    &self.resid_h[rr..rr + d_in],
-                    &self.xc_h[b * d_in..(b + 1) * d_in],
-                );
-                acc2_h(f * bw.resid_scale, rb, g_dec, eg.gpre, xb, g_enc);
-            } else {
-                acc2(f * bw.resid_scale, rb, g_dec, eg.gpre, xb, g_enc);
+                acc3(c[0], rb, ca, ab, g_dec, c[1], xb, g_enc);
+                continue;
+            }
+            waiting[n_waiting] = (c, (rr, b * d_in));
+            n_waiting += 1;
+            if n_waiting == 4 {
+                // Four entries per pass over the gradient rows.
+                let (c1, c2) = (waiting.map(|e| e.0[0]), waiting.map(|e| e.0[1]));
+                let (rs, xs) = (waiting.map(|e| e.1 .0), waiting.map(|e| e.1 .1));
+                match half {
+                    false => acc2x4(
+                        c1,
+                        rs.map(|r| &self.resid[r..r + d_in]),
+                        g_dec,
+                        c2,
+                        xs.map(|r| &self.xc[r..r + d_in]),
+                        g_enc,
+                    ),
+                    true => acc2x4_h(
+                        c1,
+                        rs.map(|r| &self.resid_h[r..r + d_in]),
+                        g_dec,
+                        c2,
+                        xs.map(|r| &self.xc_h[r..r + d_in]),
+                        g_enc,
+                    ),
+                }
+                n_waiting = 0;
             }
         }
+        for w in &waiting[..n_waiting] {
+            self.add_entry(*w, g_dec, g_enc);
+        }
         sums
+    }
+
+    /// One entry's share of the row gradients: `g_dec += c[0] * resid row`, `g_enc += c[1] *
+    /// input row`, the rows given by their offsets.
+    fn add_entry(&self, (c, (rr, xr)): WaitingEntry, g_dec: &mut [f32], g_enc: &mut [f32]) {
+        let d_in = self.d_in;
+        if self.resid_h.is_empty() {
+            let (rb, xb) = (&self.resid[rr..rr + d_in], &self.xc[xr..xr + d_in]);
+            acc2(c[0], rb, g_dec, c[1], xb, g_enc);
+        } else {
+            let (rb, xb) = (&self.resid_h[rr..rr + d_in], &self.xc_h[xr..xr + d_in]);
+            acc2_h(c[0], rb, g_dec, c[1], xb, g_enc);
+        }
     }
 }
 
