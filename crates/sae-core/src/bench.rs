@@ -1,7 +1,7 @@
 //! Training-throughput benchmark: full steps vs the one-GEMM limit, same threads, same run.
 
 use crate::bf16::EncoderBf16;
-use crate::f32_product::EncoderF32;
+use crate::f32_product::TransposedF32;
 use crate::{ArchKind, Precision, Sae, SaeTrainer, TrainHyper};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -126,7 +126,7 @@ pub fn run_bench_in(
                 ..TrainHyper::default()
             };
             let mut trainer = SaeTrainer::new(sae, hyper);
-            let mut enc_f32 = EncoderF32::default();
+            let mut enc_f32 = TransposedF32::default();
             let mut enc_bf16 = EncoderBf16::default();
             let (mut times, mut gemm_times) = (Vec::new(), Vec::new());
             let mut l0_mean = 0.0;

@@ -398,14 +398,15 @@ unsafe fn tile(
     unreachable!("the AVX2 panel path is x86_64 only");
 }
 
-/// The trainer's f32 encoder product on this CPU's path: `gemm` reads the transposed
-/// encoder in place; the panel path keeps a packed copy, refreshed before every product.
+/// The trainer's f32 products with a weight stored transposed (`[d_out, k]`: the encoder's
+/// W_enc^T, the decoder's W_dec) on this CPU's path: `gemm` reads the weight in place; the
+/// panel path packs it into one buffer, refreshed before every product, whichever weight.
 #[derive(Default)]
-pub struct EncoderF32 {
+pub struct TransposedF32 {
     packed: Option<PackedF32>,
 }
 
-impl EncoderF32 {
+impl TransposedF32 {
     /// `out[b, j] = sum_i x[b, i] * w_t[j, i]`, the shapes of `kernels::matmul_xt`.
     pub fn matmul_xt(
         &mut self,
@@ -557,7 +558,7 @@ mod tests {
         let (x, w_t) = operands(n, d_in, d_sae, d_in);
         let mut want = vec![0.0f32; n * d_sae];
         crate::kernels::matmul_xt(&x, n, d_in, &w_t, d_sae, &mut want);
-        let mut enc = EncoderF32::default();
+        let mut enc = TransposedF32::default();
         let mut got = vec![0.0f32; n * d_sae];
         for _ in 0..2 {
             enc.matmul_xt(&x, n, d_in, &w_t, d_sae, &mut got);

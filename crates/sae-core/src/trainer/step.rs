@@ -11,7 +11,7 @@ use crate::arch::{
 use crate::bf16::Precision;
 use crate::kernels::{
     acc2, acc2_h, acc2x4, acc2x4_h, acc3, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
-    axpy_h, dot, dot2, dot2_h, dot4, dot4_h, dot_h, matmul, matmul_tn, matmul_xt, prefetch_rows,
+    axpy_h, dot, dot2, dot2_h, dot4, dot4_h, dot_h, matmul, matmul_tn, prefetch_rows,
     round_to_bf16, split_by_lengths,
 };
 use crate::optim::AdamStep;
@@ -111,8 +111,8 @@ pub(super) struct Buffers {
     pen_parts: Vec<f64>,
     pen_colsum: Vec<f32>,
     pen_genc: Vec<f32>,
-    /// The f32 encoder product's packed copy of W_enc, where this CPU's path uses one.
-    enc_f32: crate::f32_product::EncoderF32,
+    /// The f32 products' packed copy of W_enc^T or W_dec, where this CPU's path uses one.
+    xt_f32: crate::f32_product::TransposedF32,
     /// The bf16 copy of W_enc (`Precision::Bf16`, `Bf16Sparse`).
     enc_bf16: crate::bf16::EncoderBf16,
     /// `Precision::Bf16Sparse` (empty otherwise): bf16 copies of W_dec, of `xc` and of
@@ -330,7 +330,7 @@ impl SaeTrainer {
         match self.hyper.precision {
             Precision::F32 => {
                 let w = &self.w_enc_t;
-                buf.enc_f32
+                buf.xt_f32
                     .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre)
             }
             Precision::Bf16 | Precision::Bf16Sparse => {
@@ -435,7 +435,9 @@ impl SaeTrainer {
         buf.grad_scores.resize(n * d_sae, 0.0);
         // Signed; the rule takes what it needs of each value while it selects, so no extra
         // pass over the [n, d_sae] matrix here.
-        matmul_xt(g, n, d_in, &self.w_dec, d_sae, &mut buf.grad_scores);
+        let w = &self.w_dec;
+        buf.xt_f32
+            .matmul_xt(g, n, d_in, w, d_sae, &mut buf.grad_scores);
     }
 
     /// Phase 2a: the dead latents, the rule's own batch state (`Arch::prepare_batch`) and
@@ -822,10 +824,13 @@ impl SaeTrainer {
     fn dense_entry_dots(&mut self, n: usize, aux_scale: f32) {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
-        matmul_xt(&buf.resid, n, d_in, &self.w_dec, d_sae, &mut buf.pre);
+        let w = &self.w_dec;
+        buf.xt_f32
+            .matmul_xt(&buf.resid, n, d_in, w, d_sae, &mut buf.pre);
         let with_aux = self.arch.aux_mode() != AuxMode::None && aux_scale != 0.0;
         if with_aux {
-            matmul_xt(&buf.aux, n, d_in, &self.w_dec, d_sae, &mut buf.dense2);
+            buf.xt_f32
+                .matmul_xt(&buf.aux, n, d_in, w, d_sae, &mut buf.dense2);
         }
         let (row_ptr, idx, dr, da) = (&buf.row_ptr, &buf.idx, &buf.pre, &buf.dense2);
         let lens: Vec<usize> = (0..n).map(|b| row_ptr[b + 1] - row_ptr[b]).collect();
