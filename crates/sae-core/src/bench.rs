@@ -133,11 +133,9 @@ pub fn run_bench_in(
             for s in 0..steps + 2 {
                 let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
                 let t0 = Instant::now();
-                match precision {
-                    Precision::F32 => enc_f32.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
-                    Precision::Bf16 | Precision::Bf16Sparse => {
-                        enc_bf16.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out)
-                    }
+                match precision.bf16_encoder() {
+                    false => enc_f32.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
+                    true => enc_bf16.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
                 }
                 let t1 = Instant::now();
                 let st = if trainer.needs_input_grad() {

@@ -592,6 +592,11 @@ pub enum Precision {
     /// gathers move; the sums stay f32.
     #[serde(rename = "bf16-sparse")]
     Bf16Sparse,
+    /// The f32 encoder product with `Bf16Sparse`'s bf16 gathers: for CPUs without bf16
+    /// units, where the bf16 product is slower than f32 but the gathers still move half
+    /// the bytes.
+    #[serde(rename = "f32-bf16-sparse")]
+    F32Bf16Sparse,
 }
 
 impl Precision {
@@ -600,17 +605,18 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
             Precision::Bf16Sparse => "bf16-sparse",
+            Precision::F32Bf16Sparse => "f32-bf16-sparse",
         }
     }
 
     /// Whether the encoder product runs in bf16.
     pub fn bf16_encoder(self) -> bool {
-        self != Precision::F32
+        matches!(self, Precision::Bf16 | Precision::Bf16Sparse)
     }
 
     /// Whether the sparse passes gather bf16 rows.
     pub fn bf16_sparse(self) -> bool {
-        self == Precision::Bf16Sparse
+        matches!(self, Precision::Bf16Sparse | Precision::F32Bf16Sparse)
     }
 }
 
@@ -627,8 +633,9 @@ impl std::str::FromStr for Precision {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
             "bf16-sparse" => Ok(Precision::Bf16Sparse),
+            "f32-bf16-sparse" => Ok(Precision::F32Bf16Sparse),
             _ => Err(format!(
-                "'{s}' is no precision; use f32, bf16 or bf16-sparse"
+                "'{s}' is no precision; use f32, bf16, bf16-sparse or f32-bf16-sparse"
             )),
         }
     }

@@ -372,7 +372,7 @@ impl TrainConfig {
             return Err(bad(
                 "precision",
                 &format!(
-                    "f32 for --arch {} (its pursuit step has no encoder product to run in bf16)",
+                    "f32 for --arch {} (its pursuit step has neither the encoder product nor the gathers that run in bf16)",
                     c.arch
                 ),
                 c.precision,

@@ -42,13 +42,20 @@ fn unknown_precision() {
     let out = dir.join("run");
     refused(
         &train_args(&out, &["--steps", "5", "--precision", "fp8"]),
-        &["--precision", "fp8", "use f32, bf16 or bf16-sparse"],
+        &[
+            "--precision",
+            "fp8",
+            "use f32, bf16, bf16-sparse or f32-bf16-sparse",
+        ],
         &[store(), &dir],
     );
     assert!(!out.exists());
     refused(
         &["bench", "--precision", "f16"],
-        &["--precision", "use f32, bf16 or bf16-sparse"],
+        &[
+            "--precision",
+            "use f32, bf16, bf16-sparse or f32-bf16-sparse",
+        ],
         &[],
     );
     refused(
@@ -61,7 +68,10 @@ fn unknown_precision() {
             "--precision",
             "half",
         ],
-        &["--precision", "use f32, bf16 or bf16-sparse"],
+        &[
+            "--precision",
+            "use f32, bf16, bf16-sparse or f32-bf16-sparse",
+        ],
         &[&dir],
     );
     assert!(!out.exists());

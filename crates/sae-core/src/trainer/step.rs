@@ -8,7 +8,6 @@ use super::{noise, Mode, SaeTrainer, StepStats};
 use crate::arch::{
     AfterStep, Arch, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, RowOut, StepCtx,
 };
-use crate::bf16::Precision;
 use crate::kernels::{
     acc2, acc2_h, acc2x4, acc2x4_h, acc3, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
     axpy_h, dot, dot2, dot2_h, dot4, dot4_h, dot_h, matmul, matmul_tn, prefetch_rows,
@@ -113,9 +112,9 @@ pub(super) struct Buffers {
     pen_genc: Vec<f32>,
     /// The f32 products' packed copy of W_enc^T or W_dec, where this CPU's path uses one.
     xt_f32: crate::f32_product::TransposedF32,
-    /// The bf16 copy of W_enc (`Precision::Bf16`, `Bf16Sparse`).
+    /// The bf16 copy of W_enc (`Precision::bf16_encoder`).
     enc_bf16: crate::bf16::EncoderBf16,
-    /// `Precision::Bf16Sparse` (empty otherwise): bf16 copies of W_dec, of `xc` and of
+    /// `Precision::bf16_sparse` (empty otherwise): bf16 copies of W_dec, of `xc` and of
     /// `resid`, which the sparse passes gather instead of the f32 rows.
     w_dec_h: Vec<u16>,
     xc_h: Vec<u16>,
@@ -327,17 +326,14 @@ impl SaeTrainer {
             buf.xc.copy_from_slice(x);
         }
         buf.pre.resize(n * d_sae, 0.0);
-        match self.hyper.precision {
-            Precision::F32 => {
-                let w = &self.w_enc_t;
-                buf.xt_f32
-                    .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre)
-            }
-            Precision::Bf16 | Precision::Bf16Sparse => {
-                let w = &self.w_enc_t;
-                buf.enc_bf16
-                    .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre)
-            }
+        let w = &self.w_enc_t;
+        match self.hyper.precision.bf16_encoder() {
+            false => buf
+                .xt_f32
+                .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre),
+            true => buf
+                .enc_bf16
+                .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre),
         }
         if self.hyper.precision.bf16_sparse() {
             // Taken after the previous step's updates (and any resampling or load since).
@@ -547,7 +543,7 @@ impl SaeTrainer {
             }
         }
         let (w_dec, b_dec) = (&self.w_dec, &self.b_dec);
-        // bf16 rows for the gathers (`Precision::Bf16Sparse`); the dense path uses its GEMMs.
+        // bf16 rows for the gathers (`Precision::bf16_sparse`); the dense path uses its GEMMs.
         let half = !buf.w_dec_h.is_empty() && !dense;
         let w_dec_h = &buf.w_dec_h;
         let (row_ptr, idx, fv, av) = (&buf.row_ptr, &buf.idx, &buf.f, &buf.a);
@@ -1217,7 +1213,7 @@ struct LatentInputs<'a> {
     resid: &'a [f32],
     aux: &'a [f32],
     xc: &'a [f32],
-    /// bf16 copies of `resid` and `xc` (`Precision::Bf16Sparse`; empty otherwise).
+    /// bf16 copies of `resid` and `xc` (`Precision::bf16_sparse`; empty otherwise).
     resid_h: &'a [u16],
     xc_h: &'a [u16],
     dense_genc: &'a [f32],
