@@ -1225,9 +1225,15 @@ struct LatentInputs<'a> {
     pen_genc: &'a [f32],
 }
 
-/// An entry of the latent pass not yet added to the row gradients: its coefficients for the
-/// residual row and the input row, and the offsets of those rows.
-type WaitingEntry = ([f32; 2], (usize, usize));
+/// An entry of the latent pass not yet added to the row gradients.
+#[derive(Clone, Copy, Default)]
+struct WaitingEntry {
+    /// Coefficients of the residual row and of the input row.
+    c: [f32; 2],
+    /// Offsets of the residual row and of the input row.
+    resid_at: usize,
+    input_at: usize,
+}
 
 /// One latent's sums over its entries.
 struct LatentSums {
@@ -1416,12 +1422,16 @@ impl LatentInputs<'_> {
                 acc3(c[0], rb, ca, ab, g_dec, c[1], xb, g_enc);
                 continue;
             }
-            waiting[n_waiting] = (c, (rr, b * d_in));
+            waiting[n_waiting] = WaitingEntry {
+                c,
+                resid_at: rr,
+                input_at: b * d_in,
+            };
             n_waiting += 1;
             if n_waiting == 4 {
                 // Four entries per pass over the gradient rows.
-                let (c1, c2) = (waiting.map(|e| e.0[0]), waiting.map(|e| e.0[1]));
-                let (rs, xs) = (waiting.map(|e| e.1 .0), waiting.map(|e| e.1 .1));
+                let (c1, c2) = (waiting.map(|e| e.c[0]), waiting.map(|e| e.c[1]));
+                let (rs, xs) = (waiting.map(|e| e.resid_at), waiting.map(|e| e.input_at));
                 match half {
                     false => acc2x4(
                         c1,
@@ -1450,9 +1460,9 @@ impl LatentInputs<'_> {
     }
 
     /// One entry's share of the row gradients: `g_dec += c[0] * resid row`, `g_enc += c[1] *
-    /// input row`, the rows given by their offsets.
-    fn add_entry(&self, (c, (rr, xr)): WaitingEntry, g_dec: &mut [f32], g_enc: &mut [f32]) {
-        let d_in = self.d_in;
+    /// input row`.
+    fn add_entry(&self, w: WaitingEntry, g_dec: &mut [f32], g_enc: &mut [f32]) {
+        let (d_in, c, rr, xr) = (self.d_in, w.c, w.resid_at, w.input_at);
         if self.resid_h.is_empty() {
             let (rb, xb) = (&self.resid[rr..rr + d_in], &self.xc[xr..xr + d_in]);
             acc2(c[0], rb, g_dec, c[1], xb, g_enc);
