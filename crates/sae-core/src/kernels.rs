@@ -634,26 +634,90 @@ dot4_impl!(
     ))))
 );
 
-multiversion_impl! {
-    /// Appends every `j` with `v[j] > cutoff[j]` to `out`, 16 comparisons at a time.
-    pub fn indices_above(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) -> () {
-        let n = v.len().min(cutoff.len());
-        let (v, cutoff) = (&v[..n], &cutoff[..n]);
-        let full = n / 16 * 16;
-        for i0 in (0..full).step_by(16) {
-            let mut mask = 0u32;
-            for l in 0..16 {
-                mask |= ((v[i0 + l] > cutoff[i0 + l]) as u32) << l;
+/// Appends every `j` with `v[j] > cutoff[j]` to `out` (NaN on either side never passes).
+///
+/// Without branches on the comparisons: which latents pass is data (a few percent of a
+/// row, at random places), so a branch per passing latent would mispredict.
+pub fn indices_above(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu_has!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { indices_above_avx2(v, cutoff, out) };
+    }
+    indices_above_plain(v, cutoff, out)
+}
+
+/// [`indices_above`] on any CPU: every index is written, the length moves past the passing
+/// ones.
+pub(crate) fn indices_above_plain(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) {
+    let n = v.len().min(cutoff.len());
+    let start = out.len();
+    out.resize(start + n, 0);
+    let mut len = start;
+    for (i, (x, c)) in v[..n].iter().zip(&cutoff[..n]).enumerate() {
+        out[len] = i as u32;
+        len += (x > c) as usize;
+    }
+    out.truncate(len);
+}
+
+/// Lane orders that move the lanes set in an 8-bit mask to the front, in order.
+#[cfg(target_arch = "x86_64")]
+const LEFT_PACK: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut l, mut k) = (0, 0);
+        while l < 8 {
+            if m >> l & 1 == 1 {
+                t[m][k] = l as u32;
+                k += 1;
             }
-            while mask != 0 {
-                out.push(i0 as u32 + mask.trailing_zeros());
-                mask &= mask - 1;
-            }
+            l += 1;
         }
-        for i in full..n {
-            if v[i] > cutoff[i] {
-                out.push(i as u32);
-            }
+        m += 1;
+    }
+    t
+};
+
+/// [`indices_above`] with AVX2: eight comparisons, one mask, one lane shuffle and one store
+/// per step.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn indices_above_avx2(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    let n = v.len().min(cutoff.len());
+    let full = n / 8 * 8;
+    let start = out.len();
+    // Each store writes eight lanes; only the passing ones are kept.
+    out.reserve(full + 8);
+    let dst = out.as_mut_ptr().add(start);
+    let mut len = 0usize;
+    let mut idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let step = _mm256_set1_epi32(8);
+    let mut i = 0;
+    while i < full {
+        let x = _mm256_loadu_ps(v.as_ptr().add(i));
+        let c = _mm256_loadu_ps(cutoff.as_ptr().add(i));
+        let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(x, c)) as usize;
+        let order = _mm256_loadu_si256(LEFT_PACK[m].as_ptr() as *const __m256i);
+        // `len + 8 <= full + 8`: inside the reserved capacity.
+        _mm256_storeu_si256(
+            dst.add(len) as *mut __m256i,
+            _mm256_permutevar8x32_epi32(idx, order),
+        );
+        len += m.count_ones() as usize;
+        idx = _mm256_add_epi32(idx, step);
+        i += 8;
+    }
+    // The first `len` values past `start` were written above.
+    out.set_len(start + len);
+    for i in full..n {
+        if v[i] > cutoff[i] {
+            out.push(i as u32);
         }
     }
 }

@@ -167,7 +167,7 @@ impl Arch for GsaeRule {
             (z + beta * z * u.abs(), j as u32)
         });
         top_k_into(self.topk.k, s, &mut scratch);
-        for &(s, j) in &scratch {
+        for &(s, j) in &scratch.best {
             // beta >= 0 and u >= 0, so s > 0 exactly when z > 0.
             if s > 0.0 {
                 let j = j as usize;

@@ -361,7 +361,7 @@ pub trait Family: Send + Sync + 'static {
 pub struct RowCode {
     pub idx: Vec<u32>,
     pub val: Vec<f32>,
-    pub scratch: Vec<(f32, u32)>,
+    pub scratch: TopKScratch,
 }
 
 impl RowCode {
@@ -634,7 +634,7 @@ pub struct RowOut {
     /// Unweighted sparsity penalty of the rows written so far (multiplied by lambda later).
     pub sparsity: f64,
     /// Scratch for selections.
-    pub scratch: Vec<(f32, u32)>,
+    pub scratch: TopKScratch,
     /// Scratch: candidate latents of the current row.
     pub cands: Vec<u32>,
 }
@@ -838,52 +838,85 @@ pub(crate) fn candidates<'o>(ctx: &StepCtx, pre: &[f32], cands: &'o mut Vec<u32>
     cands
 }
 
-/// Indices and values of the `k` largest `vals[i]` among `cands` (ties: lower index first;
-/// NaN ranks below every number). `scratch` is reused. Result is sorted by index.
+/// Reused buffers of [`top_k_into`]; `best` holds its result.
+#[derive(Default)]
+pub struct TopKScratch {
+    keys: Vec<u64>,
+    pub best: Vec<(f32, u32)>,
+}
+
+/// Indices and values of the `k` largest values among `cands` into `scratch.best`, sorted
+/// by index (ties: lower index first; NaN ranks below every number and comes back as -inf).
+/// Indices must be distinct.
 ///
-/// Candidates go into a buffer of up to `2k`; a full buffer is cut to its best `k` by one
-/// quickselect, whose k-th entry then turns away every later candidate that cannot beat
-/// it. That is linear in the candidates, where keeping the worst of the best `k` by a scan
-/// costs O(k) per replacement.
+/// Each candidate becomes one integer key ordered as the ranking, so comparisons are single
+/// integer compares. Keys go into a buffer of up to `2k`; a full buffer is cut to its best
+/// `k` by one quickselect, whose k-th key then turns away every later candidate that cannot
+/// beat it. That is linear in the candidates, where keeping the worst of the best `k` by a
+/// scan costs O(k) per replacement.
 pub(crate) fn top_k_into(
     k: usize,
     cands: impl Iterator<Item = (f32, u32)>,
-    scratch: &mut Vec<(f32, u32)>,
+    scratch: &mut TopKScratch,
 ) {
-    scratch.clear();
+    let TopKScratch { keys, best } = scratch;
+    keys.clear();
+    best.clear();
     if k == 0 {
         return;
     }
     let cap = 2 * k + 16;
-    let mut bar: Option<(f32, u32)> = None;
-    for c in cands {
-        if let Some(b) = bar {
-            if rank_order(&c, &b) != std::cmp::Ordering::Less {
-                continue;
-            }
+    // Every key is above 0 (`rank_key`), so 0 turns nothing away.
+    let mut bar = 0u64;
+    for (v, j) in cands {
+        let key = rank_key(v, j);
+        if key < bar {
+            continue;
         }
-        scratch.push(c);
-        if scratch.len() == cap {
-            scratch.select_nth_unstable_by(k - 1, rank_order);
-            scratch.truncate(k);
-            bar = Some(scratch[k - 1]);
+        keys.push(key);
+        if keys.len() == cap {
+            bar = keep_largest(keys, k);
         }
     }
-    if scratch.len() > k {
-        scratch.select_nth_unstable_by(k - 1, rank_order);
-        scratch.truncate(k);
+    if keys.len() > k {
+        keep_largest(keys, k);
     }
-    scratch.sort_unstable_by_key(|&(_, i)| i);
+    best.extend(keys.iter().map(|&key| from_rank_key(key)));
+    best.sort_unstable_by_key(|&(_, j)| j);
 }
 
-/// The order of [`top_k_into`]: larger value first, then lower index; NaN last. A total
-/// order, so the selection is the same whatever order the candidates come in.
-fn rank_order(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
-    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
-    key(b.0)
-        .partial_cmp(&key(a.0))
-        .unwrap_or(std::cmp::Ordering::Equal)
-        .then(a.1.cmp(&b.1))
+/// Cuts `keys` (longer than `k`) to its `k` largest; returns the smallest of them.
+fn keep_largest(keys: &mut Vec<u64>, k: usize) -> u64 {
+    let cut = keys.len() - k;
+    keys.select_nth_unstable(cut);
+    keys.copy_within(cut.., 0);
+    keys.truncate(k);
+    keys[0]
+}
+
+/// The ranking of [`top_k_into`] as one integer: larger value first, then lower index.
+/// The value's bits are mapped to an unsigned order (NaN as -inf, -0 as +0) in the high
+/// half; the complemented index fills the low half.
+fn rank_key(v: f32, j: u32) -> u64 {
+    let v = if v.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        v + 0.0
+    };
+    let b = v.to_bits();
+    let ord = if b >> 31 == 1 { !b } else { b | 1 << 31 };
+    (ord as u64) << 32 | !j as u64
+}
+
+/// The value and index a [`rank_key`] was made from.
+fn from_rank_key(key: u64) -> (f32, u32) {
+    let ord = (key >> 32) as u32;
+    let b = if ord >> 31 == 1 {
+        ord & !(1 << 31)
+    } else {
+        !ord
+    };
+    (f32::from_bits(b), !(key as u32))
 }
 
 #[cfg(test)]

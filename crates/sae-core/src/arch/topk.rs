@@ -4,7 +4,7 @@
 use super::{
     batch_state, loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch,
     ArchKind, validate_k, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut,
-    Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
+    Settings, Sparsity, StepCtx, TopKScratch, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use serde_json::json;
@@ -160,7 +160,7 @@ impl Family for TopK {
             cands.map(|(j, (&p, &b))| (p + b, j as u32)),
             &mut scratch,
         );
-        for &(v, j) in &scratch {
+        for &(v, j) in &scratch.best {
             out.push(j as usize, v);
         }
         out.scratch = scratch;
@@ -307,7 +307,7 @@ impl Arch for TopKRule {
             );
         }
         out.cands = cands;
-        for &(v, j) in &scratch {
+        for &(v, j) in &scratch.best {
             if v > 0.0 {
                 out.push(j as usize, v, 0.0, pre[j as usize]);
             }
@@ -360,7 +360,7 @@ pub(crate) fn push_auxk(
     k_aux: usize,
     ctx: &StepCtx,
     pre: &[f32],
-    scratch: &mut Vec<(f32, u32)>,
+    scratch: &mut TopKScratch,
     out: &mut RowOut,
 ) {
     if ctx.dead.is_empty() {
@@ -372,7 +372,7 @@ pub(crate) fn push_auxk(
         .iter()
         .map(|&j| (pre[j as usize] + b_enc[j as usize], j));
     top_k_into(k_aux, cands, scratch);
-    for &(v, j) in scratch.iter() {
+    for &(v, j) in scratch.best.iter() {
         if v > 0.0 {
             out.push(j as usize, 0.0, v, pre[j as usize]);
         }

@@ -561,19 +561,29 @@ fn training_noise_is_the_same_on_any_thread_count() {
 }
 
 /// `top_k_into` against a full sort by (value desc, index asc), with many ties, candidates
-/// in shuffled order, NaN, and k from 1 to past the candidate count.
+/// in shuffled order, NaN, infinities, subnormals, signed zeros and k from 1 to past the
+/// candidate count; the values come back with their indices.
 #[test]
 fn top_k_into_matches_a_full_sort() {
     use rand::seq::SliceRandom;
     use rand::Rng;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let mut scratch = Vec::new();
+    let mut scratch = crate::arch::TopKScratch::default();
     for trial in 0..300 {
         let len = rng.gen_range(0..400usize);
         // Few distinct values so that ties are common; some NaN in a third of the trials.
         let mut cands: Vec<(f32, u32)> = (0..len as u32)
             .map(|i| {
                 let v = rng.gen_range(-8i32..8) as f32 * 0.25;
+                // Every part of the float order: huge, subnormal, infinite, signed zero.
+                let v = match rng.gen_range(0..40) {
+                    0 => v * 1e30,
+                    1 => v * 1e-40,
+                    2 => f32::INFINITY,
+                    3 => f32::NEG_INFINITY,
+                    4 => -0.0,
+                    _ => v,
+                };
                 if trial % 3 == 0 && rng.gen::<f32>() < 0.05 {
                     (f32::NAN, i)
                 } else {
@@ -589,9 +599,55 @@ fn top_k_into_matches_a_full_sort() {
         want.sort_by(|a, b| key(b.0).partial_cmp(&key(a.0)).unwrap().then(a.1.cmp(&b.1)));
         want.truncate(k);
         want.sort_by_key(|&(_, i)| i);
-        let got: Vec<u32> = scratch.iter().map(|&(_, i)| i).collect();
+        let got: Vec<u32> = scratch.best.iter().map(|&(_, i)| i).collect();
         let exp: Vec<u32> = want.iter().map(|&(_, i)| i).collect();
         assert_eq!(got, exp, "trial {trial}: len {len}, k {k}");
+        // Values come back as given (NaN as -inf, -0 as +0).
+        for &(v, i) in &scratch.best {
+            let given = cands.iter().find(|c| c.1 == i).unwrap().0;
+            assert_eq!(
+                v.to_bits(),
+                (key(given) + 0.0).to_bits(),
+                "trial {trial}: index {i}"
+            );
+        }
+    }
+}
+
+/// `indices_above` on every path this CPU has against a plain filter: NaN on either side,
+/// equal values, lengths around the eight-lane steps, and appending to what `out` holds.
+#[test]
+fn indices_above_matches_a_plain_filter_on_every_path() {
+    use crate::kernels::{indices_above, indices_above_plain};
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for len in (0..40).chain([4608, 4613]) {
+        let pick = |rng: &mut ChaCha8Rng| match rng.gen_range(0..20) {
+            0 => f32::NAN,
+            1 => 0.5,
+            _ => rng.gen_range(-1.0f32..1.0),
+        };
+        let v: Vec<f32> = (0..len).map(|_| pick(&mut rng)).collect();
+        let cut: Vec<f32> = (0..len).map(|_| pick(&mut rng)).collect();
+        let mut want = vec![7u32, 9];
+        want.extend((0..len as u32).filter(|&i| v[i as usize] > cut[i as usize]));
+        let mut paths: Vec<(&str, Vec<u32>)> = Vec::new();
+        let mut got = vec![7u32, 9];
+        indices_above(&v, &cut, &mut got);
+        paths.push(("dispatched", got));
+        let mut got = vec![7u32, 9];
+        indices_above_plain(&v, &cut, &mut got);
+        paths.push(("plain", got));
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            let mut got = vec![7u32, 9];
+            // SAFETY: checked above.
+            unsafe { crate::kernels::indices_above_avx2(&v, &cut, &mut got) };
+            paths.push(("avx2", got));
+        }
+        for (path, got) in paths {
+            assert_eq!(got, want, "{path}, length {len}");
+        }
     }
 }
 
