@@ -401,27 +401,6 @@ multiversion_impl! {
     }
 }
 
-multiversion_impl! {
-    /// `g1 += c1 * x1 + ca * xa` and `g2 += c2 * x2` in one loop.
-    pub fn acc3(
-        c1: f32,
-        x1: &[f32],
-        ca: f32,
-        xa: &[f32],
-        g1: &mut [f32],
-        c2: f32,
-        x2: &[f32],
-        g2: &mut [f32]
-    ) -> () {
-        let n = x1.len().min(xa.len()).min(g1.len()).min(x2.len()).min(g2.len());
-        let (x1, xa, g1, x2, g2) = (&x1[..n], &xa[..n], &mut g1[..n], &x2[..n], &mut g2[..n]);
-        for i in 0..n {
-            g1[i] += c1 * x1[i] + ca * xa[i];
-            g2[i] += c2 * x2[i];
-        }
-    }
-}
-
 /// The element types of the rows the sparse passes gather: f32, and bf16 (`u16` bits),
 /// widened to f32 exactly by a shift into the high half.
 pub trait GatherRow: Copy {
@@ -552,22 +531,25 @@ multiversion_impl! {
     }
 }
 
-/// Defines `[x[0] . y, .., x[3] . y]` reading `y` once, for rows of element type `$t` (as
-/// [`dot2_impl`]): each dot keeps [`dot`]'s lanes and remainder, so it gives `dot`'s bits.
-macro_rules! dot4_impl {
+/// Defines `[x[0] . y, .., x[3] . y]` and `g += c[0] * x[0]`, then `c[1] * x[1]`, ... in one
+/// pass over four gathered rows of element type `$t` (loaded eight at a time by `$load8`):
+/// a portable body and AVX2 intrinsics. Each dot keeps [`dot`]'s lanes and remainder and
+/// `g` gets [`axpy`]'s order, so the result is four `dot` and four `axpy` calls' bits (LLVM
+/// does not vectorise this one well by itself).
+macro_rules! dot4_axpy4_impl {
     ($(#[$m:meta])* $name:ident, $avx2:ident, $t:ty, |$p:ident| $load8:expr) => {
         $(#[$m])*
         #[inline]
-        pub fn $name(x: [&[$t]; 4], y: &[f32]) -> [f32; 4] {
-            let n = x.iter().fold(y.len(), |n, r| n.min(r.len()));
+        pub fn $name(x: [&[$t]; 4], y: &[f32], c: [f32; 4], g: &mut [f32]) -> [f32; 4] {
+            let n = x.iter().fold(y.len().min(g.len()), |n, r| n.min(r.len()));
             let x = x.map(|r| &r[..n]);
-            let y = &y[..n];
+            let (y, g) = (&y[..n], &mut g[..n]);
             let full = n / LANES * LANES;
             let mut acc = [[0.0f32; LANES]; 4];
             #[cfg(target_arch = "x86_64")]
             let done = if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: AVX2 is present; all loads are within `full <= n`.
-                unsafe { $avx2(x, y, full, &mut acc) };
+                // SAFETY: AVX2 is present; all loads and stores are within `full <= n`.
+                unsafe { $avx2(x, y, c, g, full, &mut acc) };
                 true
             } else {
                 false
@@ -577,11 +559,23 @@ macro_rules! dot4_impl {
             if !done {
                 for i0 in (0..full).step_by(LANES) {
                     for l in 0..LANES {
+                        let i = i0 + l;
+                        let mut u = g[i];
                         for q in 0..4 {
-                            acc[q][l] += x[q][i0 + l].widen() * y[i0 + l];
+                            let v = x[q][i].widen();
+                            acc[q][l] += v * y[i];
+                            u += c[q] * v;
                         }
+                        g[i] = u;
                     }
                 }
+            }
+            for i in full..n {
+                let mut u = g[i];
+                for q in 0..4 {
+                    u += c[q] * x[q][i].widen();
+                }
+                g[i] = u;
             }
             std::array::from_fn(|q| {
                 let mut s = 0.0;
@@ -594,21 +588,34 @@ macro_rules! dot4_impl {
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
-        unsafe fn $avx2(x: [&[$t]; 4], y: &[f32], full: usize, acc: &mut [[f32; LANES]; 4]) {
+        unsafe fn $avx2(
+            x: [&[$t]; 4],
+            y: &[f32],
+            c: [f32; 4],
+            g: &mut [f32],
+            full: usize,
+            acc: &mut [[f32; LANES]; 4],
+        ) {
             use std::arch::x86_64::*;
-            let py = y.as_ptr();
+            let (py, pg) = (y.as_ptr(), g.as_mut_ptr());
             let px = x.map(|r| r.as_ptr());
+            let cv = c.map(|v| _mm256_set1_ps(v));
             let mut lo = [_mm256_setzero_ps(); 4];
             let mut hi = [_mm256_setzero_ps(); 4];
             let mut i = 0;
             while i < full {
                 let (y0, y1) = (_mm256_loadu_ps(py.add(i)), _mm256_loadu_ps(py.add(i + 8)));
+                let (mut g0, mut g1) = (_mm256_loadu_ps(pg.add(i)), _mm256_loadu_ps(pg.add(i + 8)));
                 for q in 0..4 {
                     let x0 = { let $p = px[q].add(i); $load8 };
                     let x1 = { let $p = px[q].add(i + 8); $load8 };
                     lo[q] = _mm256_add_ps(lo[q], _mm256_mul_ps(x0, y0));
                     hi[q] = _mm256_add_ps(hi[q], _mm256_mul_ps(x1, y1));
+                    g0 = _mm256_add_ps(g0, _mm256_mul_ps(cv[q], x0));
+                    g1 = _mm256_add_ps(g1, _mm256_mul_ps(cv[q], x1));
                 }
+                _mm256_storeu_ps(pg.add(i), g0);
+                _mm256_storeu_ps(pg.add(i + 8), g1);
                 i += LANES;
             }
             for q in 0..4 {
@@ -619,15 +626,16 @@ macro_rules! dot4_impl {
     };
 }
 
-dot4_impl!(
-    /// Four [`dot`]s of gathered rows with one vector, reading the vector once.
-    dot4, dot4_avx2, f32, |p| _mm256_loadu_ps(p)
+dot4_axpy4_impl!(
+    /// Four [`dot`]s of gathered rows with `y` and four [`axpy`]s of them into `g`, reading
+    /// each row once.
+    dot4_axpy4, dot4_axpy4_avx2, f32, |p| _mm256_loadu_ps(p)
 );
 
-dot4_impl!(
-    /// [`dot4`] with bf16 rows.
-    dot4_h,
-    dot4_h_avx2,
+dot4_axpy4_impl!(
+    /// [`dot4_axpy4`] with bf16 rows.
+    dot4_axpy4_h,
+    dot4_axpy4_h_avx2,
     u16,
     |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
         p as *const __m128i

@@ -737,9 +737,17 @@ fn grouped_kernels_match_the_one_row_kernels_in_turn() {
 
         let bits = |v: [f32; 4]| v.map(f32::to_bits);
         let want: [f32; 4] = std::array::from_fn(|q| dot(x4[q], &y0));
-        assert_eq!(bits(dot4(x4, &y0)), bits(want), "dot4 {len}");
+        let mut wz = z0.clone();
+        (0..4).for_each(|q| axpy(a1[q], x4[q], &mut wz));
+        let mut gz = z0.clone();
+        let got = dot4_axpy4(x4, &y0, a1, &mut gz);
+        assert_eq!((bits(got), &gz), (bits(want), &wz), "dot4_axpy4 {len}");
         let want: [f32; 4] = std::array::from_fn(|q| dot(w4[q], &y0));
-        assert_eq!(bits(dot4_h(h4, &y0)), bits(want), "dot4_h {len}");
+        let mut wz = z0.clone();
+        (0..4).for_each(|q| axpy(a1[q], w4[q], &mut wz));
+        let mut gz = z0.clone();
+        let got = dot4_axpy4_h(h4, &y0, a1, &mut gz);
+        assert_eq!((bits(got), &gz), (bits(want), &wz), "dot4_axpy4_h {len}");
 
         // acc2x4 pairs row q with row 3 - q for its second output.
         let (mut wy, mut wz) = (y0.clone(), z0.clone());

@@ -28,11 +28,14 @@
 //!    vectorised candidate prefilter), flattened to CSR.
 //! 3. `decode`: per row, sparse decode (and the auxiliary reconstruction), the residual of each
 //!    reconstruction head (nested dictionary prefixes, Matryoshka), loss terms, and
-//!    per entry `d_j . r_b` (and `d_j . r_aux_b`) while the rows `d_j` are still in cache.
+//!    per entry in the aux reconstruction `d_j . r_aux_b` while the rows `d_j` are still in
+//!    cache (with the frozen decoder's aux, every entry's `d_j . r_b` along with it).
 //! 4. `transpose_entries`: the entries indexed per latent.
 //! 5. `latent_pass`: per latent, over that index (each task owns a chunk of latents, so no
-//!    write races): the architecture's gradient w.r.t. each pre-activation and its own
-//!    parameters, the W_dec and W_enc row gradients, fused with Adam, the unit-norm
+//!    write races): `d_j . r_b` in the same pass over the gathered residual rows `r_b` as
+//!    the W_dec row gradient (unless the decode gave it), the architecture's gradient w.r.t.
+//!    each pre-activation and its own parameters, the W_enc row gradient, fused with Adam,
+//!    the unit-norm
 //!    projection and renormalisation.
 //! 6. `dense_params`: dense Adam on the small vectors (b_dec, per-latent parameters) and
 //!    the inference estimate of the batch threshold (`Arch::batch_threshold`, BatchTopK).

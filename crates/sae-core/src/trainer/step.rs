@@ -9,8 +9,8 @@ use crate::arch::{
     AfterStep, Arch, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, RowOut, StepCtx,
 };
 use crate::kernels::{
-    acc2, acc2_h, acc2x4, acc2x4_h, acc3, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
-    axpy_h, dot, dot2, dot2_h, dot4, dot4_h, dot_h, matmul, matmul_tn, prefetch_rows,
+    acc2, acc2_h, acc2x4, acc2x4_h, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
+    axpy_h, dot, dot2, dot2_h, dot4_axpy4, dot4_axpy4_h, dot_h, matmul, matmul_tn, prefetch_rows,
     round_to_bf16, split_by_lengths,
 };
 use crate::optim::AdamStep;
@@ -90,6 +90,9 @@ pub(super) struct Buffers {
     chunk_stats: Vec<RowStats>,
     lat_ptr: Vec<usize>,
     lat_ent: Vec<LatEntry>,
+    /// Per entry in row order, `[d_j . r_b, d_j . r_aux_b]`: both from the dense path's
+    /// GEMMs; on the sparse path the decode gives the aux one and the latent pass takes the
+    /// other itself.
     dots: Vec<[f32; 2]>,
     /// Dense-mode buffers: a second `[n, d_sae]` matrix and the W_enc / W_dec gradients.
     dense2: Vec<f32>,
@@ -131,7 +134,8 @@ struct LatEntry {
     f: f32,
     a: f32,
     pre: f32,
-    /// `d_j . r_b` and `d_j . r_aux_b`, before the loss scales.
+    /// `d_j . r_b` and `d_j . r_aux_b`, before the loss scales. On the sparse path `dot_r`
+    /// is 0 here: the latent pass takes it beside its own reads of `r_b`.
     dot_r: f32,
     dot_a: f32,
 }
@@ -196,6 +200,9 @@ struct Backward {
     /// AuxK's reconstruction trains the decoder rows (a dead latent fires in it).
     aux_trains_dec: bool,
     dense: bool,
+    /// The decode (or the dense path's GEMMs) gave every entry's `d_j . r_b`; otherwise the
+    /// latent pass takes it.
+    decode_dots: bool,
     /// Adam's constants for step `t` when applying; None when collecting gradients.
     adam: Option<AdamStep>,
     t: u64,
@@ -257,6 +264,7 @@ impl SaeTrainer {
             aux_scale: dec.aux_scale,
             aux_trains_dec: self.arch.aux_mode() == AuxMode::AuxK && dec.aux_scale != 0.0,
             dense: dec.dense,
+            decode_dots: dec.dense || self.arch.aux_mode() == AuxMode::FrozenDecoder,
             adam: match &mode {
                 Mode::Apply(lr) => Some(AdamStep::new(
                     *lr,
@@ -517,7 +525,8 @@ impl SaeTrainer {
         self.loss_stats(n, sparsity_coeff, sel, dense)
     }
 
-    /// Per row: resid = x_hat - x; aux = aux reconstruction residual; per entry `d_j . r`.
+    /// Per row: resid = x_hat - x; aux = aux reconstruction residual; per entry in the aux
+    /// reconstruction `d_j . aux` (`dots[e][1]`; the dense path's GEMMs give both dots).
     /// With several reconstruction heads (nested prefixes of widths[0] < ... < d_sae) each
     /// row keeps one residual per head band q: R_q = sum over heads m >= q of
     /// (x_hat_m - x), the residual that latents of band q (widths[q-1] <= j < widths[q])
@@ -547,6 +556,7 @@ impl SaeTrainer {
         let half = !buf.w_dec_h.is_empty() && !dense;
         let w_dec_h = &buf.w_dec_h;
         let (row_ptr, idx, fv, av) = (&buf.row_ptr, &buf.idx, &buf.f, &buf.a);
+        buf.dots.clear();
         buf.dots.resize(total, [0.0; 2]);
         let lens: Vec<usize> = (0..n_row_chunks)
             .map(|c| row_ptr[((c + 1) * ROW_CHUNK).min(n)] - row_ptr[c * ROW_CHUNK])
@@ -695,7 +705,7 @@ impl SaeTrainer {
                     if half {
                         round_to_bf16(bands, &mut res_h[r * rd..(r + 1) * rd]);
                     }
-                    let (front, res) = bands.split_at_mut(rd - d_in);
+                    let res = &bands[rd - d_in..];
                     match aux_mode {
                         AuxMode::None => {}
                         // ||x - x_hat_frozen(relu(pi_gate))||^2
@@ -714,42 +724,31 @@ impl SaeTrainer {
                     if aux_mode != AuxMode::None {
                         st.aux2 += dot(aux, aux) as f64;
                     }
-                    // d_j . r_b and d_j . r_aux_b (unscaled): the rows d_j were just read
-                    // for this token and are still in cache.
-                    let mut e = row_ptr[b];
-                    while n_heads == 1 && e + 4 <= row_stop {
-                        let with_aux =
-                            aux_mode != AuxMode::None && av[e..e + 4].iter().any(|a| *a != 0.0);
-                        if with_aux {
-                            break;
-                        }
-                        let js: [usize; 4] = std::array::from_fn(|q| idx[e + q] as usize * d_in);
-                        (0..4).for_each(|q| prefetch(e + q));
-                        let d4 = match half {
-                            false => dot4(js.map(|r| &w_dec[r..r + d_in]), res),
-                            true => dot4_h(js.map(|r| &w_dec_h[r..r + d_in]), res),
-                        };
-                        for q in 0..4 {
-                            dots[e + q - base] = [d4[q], 0.0];
-                        }
-                        e += 4;
+                    // d_j . r_aux_b (unscaled) of the entries in the aux reconstruction: the
+                    // rows d_j were just read for this token and are still in cache. Where
+                    // every entry has one (the frozen decoder) d_j . r_b comes along;
+                    // otherwise the latent pass takes it, beside its own reads of r_b.
+                    if aux_mode == AuxMode::None {
+                        continue;
                     }
-                    for e in e..row_stop {
+                    let both = aux_mode == AuxMode::FrozenDecoder;
+                    for e in row_ptr[b]..row_stop {
+                        let in_aux = av[e] != 0.0;
+                        if !both && !in_aux {
+                            continue;
+                        }
                         let j = idx[e] as usize;
                         let rows = j * d_in..(j + 1) * d_in;
                         prefetch(e);
                         let q = if n_heads == 1 { 0 } else { band_of(widths, j) };
-                        let rq = if q + 1 == n_heads {
-                            &*res
-                        } else {
-                            &front[q * d_in..(q + 1) * d_in]
-                        };
-                        let with_aux = aux_mode != AuxMode::None && av[e] != 0.0;
-                        dots[e - base] = match (half, with_aux) {
-                            (false, true) => dot2(&w_dec[rows], rq, aux).into(),
-                            (false, false) => [dot(&w_dec[rows], rq), 0.0],
-                            (true, true) => dot2_h(&w_dec_h[rows], rq, aux).into(),
-                            (true, false) => [dot_h(&w_dec_h[rows], rq), 0.0],
+                        let rq = &bands[q * d_in..(q + 1) * d_in];
+                        dots[e - base] = match (half, both, in_aux) {
+                            (false, true, true) => dot2(&w_dec[rows], rq, aux).into(),
+                            (true, true, true) => dot2_h(&w_dec_h[rows], rq, aux).into(),
+                            (false, true, false) => [dot(&w_dec[rows], rq), 0.0],
+                            (true, true, false) => [dot_h(&w_dec_h[rows], rq), 0.0],
+                            (false, false, _) => [0.0, dot(&w_dec[rows], aux)],
+                            (true, false, _) => [0.0, dot_h(&w_dec_h[rows], aux)],
                         };
                     }
                 }
@@ -1225,16 +1224,6 @@ struct LatentInputs<'a> {
     pen_genc: &'a [f32],
 }
 
-/// An entry of the latent pass not yet added to the row gradients.
-#[derive(Clone, Copy, Default)]
-struct WaitingEntry {
-    /// Coefficients of the residual row and of the input row.
-    c: [f32; 2],
-    /// Offsets of the residual row and of the input row.
-    resid_at: usize,
-    input_at: usize,
-}
-
 /// One latent's sums over its entries.
 struct LatentSums {
     /// Some entry fired (f > 0).
@@ -1277,7 +1266,7 @@ impl LatentInputs<'_> {
             let (wd, we) = (&mut w_dec[rows.clone()], &mut w_enc[rows.clone()]);
             g_dec.fill(0.0);
             g_enc.fill(0.0);
-            let mut sums = self.entry_gradients(j, ents, g_dec, g_enc);
+            let mut sums = self.entry_gradients(j, wd, ents, g_dec, g_enc);
             if bw.dense {
                 g_dec.copy_from_slice(&self.dense_gdec[j * d_in..(j + 1) * d_in]);
                 g_enc.copy_from_slice(&self.dense_genc[j * d_in..(j + 1) * d_in]);
@@ -1342,10 +1331,12 @@ impl LatentInputs<'_> {
     }
 
     /// Latent `j`'s entries: the architecture's backward rule per entry, and (sparse path)
-    /// the W_dec / W_enc row gradients accumulated into `g_dec` / `g_enc`.
+    /// the W_dec / W_enc row gradients accumulated into `g_dec` / `g_enc`. `d_j` is the
+    /// latent's decoder row before this step's update.
     fn entry_gradients(
         &self,
         j: usize,
+        d_j: &[f32],
         ents: &[LatEntry],
         g_dec: &mut [f32],
         g_enc: &mut [f32],
@@ -1354,122 +1345,135 @@ impl LatentInputs<'_> {
         let n_heads = self.widths.len();
         let band = band_of(self.widths, j);
         let half = !self.resid_h.is_empty();
-        // Prefetches run on into the next latents' entries.
         let first_entry = self.lat_ptr[j];
+        let resid_at = |le: &LatEntry| (le.row as usize * n_heads + band) * d_in;
         let mut sums = LatentSums {
             any_fired: false,
             psum: [0.0; MAX_LATENT_PARAMS],
             colsum: 0.0,
             sum_f: 0.0,
         };
-        // Entries whose gradient rows wait to be added four at a time.
-        let mut waiting = [WaitingEntry::default(); 4];
-        let mut n_waiting = 0;
-        for (p, le) in ents.iter().enumerate() {
-            let b = le.row as usize;
-            let (f, a) = (le.f, le.a);
-            // Random rows: fetch the next entry's while this one computes.
-            if bw.dense {
-            } else if let Some(nx) = self.lat_ent.get(first_entry + p + PREFETCH_AHEAD) {
-                let nb = nx.row as usize * d_in;
-                let nr = (nx.row as usize * n_heads + band) * d_in;
-                if half {
-                    prefetch_rows(self.resid_h, nr, d_in);
-                    prefetch_rows(self.xc_h, nb, d_in);
-                } else {
-                    prefetch_rows(self.resid, nr, d_in);
-                    prefetch_rows(self.xc, nb, d_in);
+        for (g, group) in ents.chunks(4).enumerate() {
+            // Random rows: fetch the next group's (on into the next latents' entries) while
+            // this one computes.
+            for p in 4 * g + PREFETCH_AHEAD..4 * g + PREFETCH_AHEAD + 4 {
+                match self.lat_ent.get(first_entry + p) {
+                    Some(nx) if !bw.dense => {
+                        let (nb, nr) = (nx.row as usize * d_in, resid_at(nx));
+                        if half {
+                            prefetch_rows(self.resid_h, nr, d_in);
+                            prefetch_rows(self.xc_h, nb, d_in);
+                        } else {
+                            prefetch_rows(self.resid, nr, d_in);
+                            prefetch_rows(self.xc, nb, d_in);
+                        }
+                        if bw.aux_trains_dec {
+                            prefetch_rows(self.aux, nb, d_in);
+                        }
+                    }
+                    _ => break,
                 }
-                if bw.aux_trains_dec {
-                    prefetch_rows(self.aux, nb, d_in);
+            }
+            // Without the decode's dots, one pass over the group's residual rows gives both
+            // `d_j . r_b` and `g_dec += f s r_b`.
+            let mut dot_r = [0.0f32; 4];
+            let c_dec: [f32; 4] =
+                std::array::from_fn(|q| group.get(q).map_or(0.0, |le| le.f * bw.resid_scale));
+            let rs: [usize; 4] = std::array::from_fn(|q| group.get(q).map_or(0, resid_at));
+            if bw.decode_dots {
+                for (d, le) in dot_r.iter_mut().zip(group) {
+                    *d = le.dot_r;
                 }
-            }
-            if f != 0.0 {
-                sums.any_fired |= f > 0.0;
-                sums.sum_f += f;
-            }
-            let ent = Entry {
-                j,
-                pre: le.pre,
-                f,
-                a,
-            };
-            let (df, da) = (bw.resid_scale * le.dot_r, bw.aux_scale * le.dot_a);
-            let eg = self.arch.entry_backward(&self.ctx, ent, df, da);
-            sums.colsum += eg.gpre;
-            for (s, g) in sums.psum.iter_mut().zip(&eg.params).take(self.n_params) {
-                *s += g;
-            }
-            if bw.dense {
-                continue;
-            }
-            let rr = (b * n_heads + band) * d_in;
-            let rb = &self.resid[rr..rr + d_in];
-            let xb = &self.xc[b * d_in..(b + 1) * d_in];
-            let ca = if bw.aux_trains_dec {
-                a * bw.aux_scale
+            } else if group.len() == 4 {
+                dot_r = match half {
+                    false => dot4_axpy4(rs.map(|r| &self.resid[r..r + d_in]), d_j, c_dec, g_dec),
+                    true => dot4_axpy4_h(rs.map(|r| &self.resid_h[r..r + d_in]), d_j, c_dec, g_dec),
+                };
             } else {
-                0.0
-            };
-            let c = [f * bw.resid_scale, eg.gpre];
-            if ca != 0.0 {
-                // AuxK entries (dead latents only) read the f32 rows; what waits goes first.
-                for w in &waiting[..n_waiting] {
-                    self.add_entry(*w, g_dec, g_enc);
+                for ((d, &r), c) in dot_r.iter_mut().zip(&rs).zip(c_dec).take(group.len()) {
+                    match half {
+                        false => {
+                            *d = dot(&self.resid[r..r + d_in], d_j);
+                            axpy(c, &self.resid[r..r + d_in], g_dec);
+                        }
+                        true => {
+                            *d = dot_h(&self.resid_h[r..r + d_in], d_j);
+                            axpy_h(c, &self.resid_h[r..r + d_in], g_dec);
+                        }
+                    }
                 }
-                n_waiting = 0;
-                let ab = &self.aux[b * d_in..(b + 1) * d_in];
-                acc3(c[0], rb, ca, ab, g_dec, c[1], xb, g_enc);
+            }
+            let mut c_enc = [0.0f32; 4];
+            for ((le, dot_r), c_enc) in group.iter().zip(dot_r).zip(&mut c_enc) {
+                let (f, a) = (le.f, le.a);
+                if f != 0.0 {
+                    sums.any_fired |= f > 0.0;
+                    sums.sum_f += f;
+                }
+                let ent = Entry {
+                    j,
+                    pre: le.pre,
+                    f,
+                    a,
+                };
+                let (df, da) = (bw.resid_scale * dot_r, bw.aux_scale * le.dot_a);
+                let eg = self.arch.entry_backward(&self.ctx, ent, df, da);
+                sums.colsum += eg.gpre;
+                for (s, g) in sums.psum.iter_mut().zip(&eg.params).take(self.n_params) {
+                    *s += g;
+                }
+                *c_enc = eg.gpre;
+                if !bw.dense && bw.aux_trains_dec && a != 0.0 {
+                    // AuxK's reconstruction (dead latents only): its residual row too.
+                    let b = le.row as usize;
+                    axpy(a * bw.aux_scale, &self.aux[b * d_in..(b + 1) * d_in], g_dec);
+                }
+            }
+            if bw.dense {
                 continue;
             }
-            waiting[n_waiting] = WaitingEntry {
-                c,
-                resid_at: rr,
-                input_at: b * d_in,
-            };
-            n_waiting += 1;
-            if n_waiting == 4 {
-                // Four entries per pass over the gradient rows.
-                let (c1, c2) = (waiting.map(|e| e.c[0]), waiting.map(|e| e.c[1]));
-                let (rs, xs) = (waiting.map(|e| e.resid_at), waiting.map(|e| e.input_at));
-                match half {
-                    false => acc2x4(
-                        c1,
-                        rs.map(|r| &self.resid[r..r + d_in]),
-                        g_dec,
-                        c2,
-                        xs.map(|r| &self.xc[r..r + d_in]),
-                        g_enc,
-                    ),
-                    true => acc2x4_h(
-                        c1,
-                        rs.map(|r| &self.resid_h[r..r + d_in]),
-                        g_dec,
-                        c2,
-                        xs.map(|r| &self.xc_h[r..r + d_in]),
-                        g_enc,
-                    ),
+            // g_enc += gpre x_b (and g_dec += f s r_b where the dots came with the decode),
+            // four rows of each per pass.
+            let xs: [usize; 4] =
+                std::array::from_fn(|q| group.get(q).map_or(0, |le| le.row as usize * d_in));
+            let (resid, xc, resid_h, xc_h) = (self.resid, self.xc, self.resid_h, self.xc_h);
+            match (group.len() == 4, bw.decode_dots, half) {
+                (true, false, false) => axpy4(c_enc, xs.map(|r| &xc[r..r + d_in]), g_enc),
+                (true, false, true) => axpy4_h(c_enc, xs.map(|r| &xc_h[r..r + d_in]), g_enc),
+                (true, true, false) => acc2x4(
+                    c_dec,
+                    rs.map(|r| &resid[r..r + d_in]),
+                    g_dec,
+                    c_enc,
+                    xs.map(|r| &xc[r..r + d_in]),
+                    g_enc,
+                ),
+                (true, true, true) => acc2x4_h(
+                    c_dec,
+                    rs.map(|r| &resid_h[r..r + d_in]),
+                    g_dec,
+                    c_enc,
+                    xs.map(|r| &xc_h[r..r + d_in]),
+                    g_enc,
+                ),
+                (false, known, _) => {
+                    for q in 0..group.len() {
+                        let (r, x) = (rs[q]..rs[q] + d_in, xs[q]..xs[q] + d_in);
+                        match (known, half) {
+                            (false, false) => axpy(c_enc[q], &xc[x], g_enc),
+                            (false, true) => axpy_h(c_enc[q], &xc_h[x], g_enc),
+                            (true, false) => {
+                                acc2(c_dec[q], &resid[r], g_dec, c_enc[q], &xc[x], g_enc)
+                            }
+                            (true, true) => {
+                                acc2_h(c_dec[q], &resid_h[r], g_dec, c_enc[q], &xc_h[x], g_enc)
+                            }
+                        }
+                    }
                 }
-                n_waiting = 0;
             }
-        }
-        for w in &waiting[..n_waiting] {
-            self.add_entry(*w, g_dec, g_enc);
         }
         sums
-    }
-
-    /// One entry's share of the row gradients: `g_dec += c[0] * resid row`, `g_enc += c[1] *
-    /// input row`.
-    fn add_entry(&self, w: WaitingEntry, g_dec: &mut [f32], g_enc: &mut [f32]) {
-        let (d_in, c, rr, xr) = (self.d_in, w.c, w.resid_at, w.input_at);
-        if self.resid_h.is_empty() {
-            let (rb, xb) = (&self.resid[rr..rr + d_in], &self.xc[xr..xr + d_in]);
-            acc2(c[0], rb, g_dec, c[1], xb, g_enc);
-        } else {
-            let (rb, xb) = (&self.resid_h[rr..rr + d_in], &self.xc_h[xr..xr + d_in]);
-            acc2_h(c[0], rb, g_dec, c[1], xb, g_enc);
-        }
     }
 }
 
