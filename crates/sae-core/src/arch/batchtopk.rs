@@ -4,7 +4,7 @@
 
 use super::topk::{auxk_backward, auxk_train_opts, push_auxk, topk_lr, AuxKOpts, AUXK_OPTIONS};
 use super::{
-    batch_state, candidates, encode_jumprelu_row, loosen, validate_threshold, Arch, ArchKind,
+    batch_state, candidates, encode_jumprelu_row, kth_largest_positive, loosen, validate_threshold, Arch, ArchKind,
     AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, RowCode,
     RowOut, Sparsity, StepCtx, Stored, TrainOption, TrainOpts,
 };
@@ -138,32 +138,40 @@ impl BatchTopKRule {
         let (d_sae, pre) = (batch.d_sae, batch.pre);
         let want = self.k * batch.n;
         let b_enc = &batch.params[0][..];
+        // Every `pre + b_enc > lb`, per thread without branches on the comparison (a few
+        // percent pass, at random places).
         let collect = |lb: f32| -> Vec<f32> {
-            let parts: Vec<Vec<f32>> = pre
-                .par_chunks(d_sae * 16)
-                .map(|rows| {
-                    let mut v = Vec::new();
+            pre.par_chunks(d_sae * 16)
+                .fold(Vec::new, |mut v, rows| {
+                    let start = v.len();
+                    v.resize(start + rows.len(), 0.0);
+                    let mut len = start;
                     for row in rows.chunks(d_sae) {
                         for (&p, &b) in row.iter().zip(b_enc) {
                             let a = p + b;
-                            if a > lb {
-                                v.push(a);
-                            }
+                            v[len] = a;
+                            len += (a > lb) as usize;
                         }
                     }
+                    v.truncate(len);
                     v
                 })
-                .collect();
-            parts.concat()
+                .reduce(Vec::new, |mut a, b| {
+                    a.extend_from_slice(&b);
+                    a
+                })
         };
-        let hint = previous * 0.5;
-        let mut vals = if hint > 0.0 {
-            collect(hint)
-        } else {
-            Vec::new()
-        };
-        if vals.len() < want {
-            vals = collect(0.0);
+        // The threshold moves little from batch to batch: most batches need only the values
+        // above 0.8 of the last one (a few times `want`); lower bounds are the fallbacks.
+        let bounds = [previous * 0.8, previous * 0.5, 0.0];
+        let mut vals = Vec::new();
+        for (i, &lb) in bounds.iter().enumerate() {
+            if lb > 0.0 || i + 1 == bounds.len() {
+                vals = collect(lb);
+                if vals.len() >= want {
+                    break;
+                }
+            }
         }
         if vals.is_empty() {
             return f32::MIN_POSITIVE;
@@ -171,8 +179,7 @@ impl BatchTopKRule {
         if vals.len() <= want {
             return vals.iter().cloned().fold(f32::INFINITY, f32::min);
         }
-        let (_, kth, _) = vals.select_nth_unstable_by(want - 1, |a, b| b.total_cmp(a));
-        *kth
+        kth_largest_positive(&vals, want)
     }
 }
 
@@ -252,13 +259,10 @@ pub(crate) fn encode_batch_top_k(sae: &Sae, x: &[f32], n: usize) -> SparseCode {
             .zip(sae.param("b_enc"))
             .for_each(|(p, b)| *p += b);
     });
-    let mut positive: Vec<f32> = pre.iter().copied().filter(|&v| v > 0.0).collect();
+    let positive: Vec<f32> = pre.par_iter().copied().filter(|&v| v > 0.0).collect();
     let want = sae.k() * n;
     let cutoff = if positive.len() > want && want > 0 {
-        let pos = positive.len() - want;
-        *positive
-            .select_nth_unstable_by(pos, |a, b| a.total_cmp(b))
-            .1
+        kth_largest_positive(&positive, want)
     } else if want == 0 {
         f32::INFINITY
     } else {

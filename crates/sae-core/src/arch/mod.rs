@@ -28,6 +28,7 @@ use std::str::FromStr;
 
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
+use rayon::prelude::*;
 
 /// Declares the family modules and [`REGISTRY`] from one list: adding a family is its file
 /// and its name here. Each module defines `KIND`, its registry handle.
@@ -295,7 +296,6 @@ pub trait Family: Send + Sync + 'static {
     /// Inference codes of `n` rows from their raw pre-activations (`[n, d_sae]`); row by row
     /// with `encode_row` unless the family codes a batch at once.
     fn encode_pre(&self, sae: &Sae, pre: Vec<f32>, n: usize) -> crate::SparseCode {
-        use rayon::prelude::*;
         let d_sae = sae.d_sae;
         let rows: Vec<(Vec<u32>, Vec<f32>)> = pre
             .par_chunks(d_sae.max(1))
@@ -883,6 +883,53 @@ pub(crate) fn top_k_into(
     }
     best.extend(keys.iter().map(|&key| from_rank_key(key)));
     best.sort_unstable_by_key(|&(_, j)| j);
+}
+
+/// The `want`-th largest (from 1) of `vals`, which must all be positive (not NaN), with
+/// `1 <= want <= vals.len()`. Positive floats order as their bits, so one parallel histogram
+/// of the high 16 bits finds the bucket that holds it and a quickselect runs inside that
+/// bucket only: linear in `vals` and mostly parallel, where a quickselect over all of them
+/// takes several passes on one thread.
+pub(crate) fn kth_largest_positive(vals: &[f32], want: usize) -> f32 {
+    assert!(
+        (1..=vals.len()).contains(&want),
+        "kth_largest_positive: want {want} of {}",
+        vals.len()
+    );
+    const BUCKETS: usize = 1 << 16;
+    let bucket = |v: &f32| (v.to_bits() >> 16) as usize;
+    let hist = vals
+        .par_chunks(1 << 16)
+        .fold(
+            || vec![0usize; BUCKETS],
+            |mut h, part| {
+                part.iter().for_each(|v| h[bucket(v)] += 1);
+                h
+            },
+        )
+        .reduce(
+            || vec![0usize; BUCKETS],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    // From the top: the bucket where the count of larger values reaches `want`.
+    let (mut above, mut at) = (0usize, 0usize);
+    for b in (0..BUCKETS).rev() {
+        if above + hist[b] >= want {
+            at = b;
+            break;
+        }
+        above += hist[b];
+    }
+    let mut inside: Vec<u32> = vals
+        .par_iter()
+        .filter(|v| bucket(v) == at)
+        .map(|v| v.to_bits())
+        .collect();
+    let pos = inside.len() - (want - above);
+    f32::from_bits(*inside.select_nth_unstable(pos).1)
 }
 
 /// Cuts `keys` (longer than `k`) to its `k` largest; returns the smallest of them.

@@ -614,6 +614,37 @@ fn top_k_into_matches_a_full_sort() {
     }
 }
 
+/// `kth_largest_positive` against a full sort: ties, values spread over many and over one
+/// histogram bucket, infinities and subnormals, `want` from 1 to the count.
+#[test]
+fn kth_largest_positive_matches_a_full_sort() {
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    for trial in 0..60 {
+        let len = rng.gen_range(1..200_000usize);
+        let vals: Vec<f32> = (0..len)
+            .map(|_| match (trial % 3, rng.gen_range(0..50)) {
+                // Many values inside one bucket of the high 16 bits.
+                (0, _) => 1.0 + rng.gen_range(0..64) as f32 * 1e-6,
+                (_, 0) => f32::INFINITY,
+                (_, 1) => 1e-41,
+                (_, 2) => 0.5,
+                _ => rng.gen::<f32>() * 10.0 + 1e-30,
+            })
+            .collect();
+        let mut sorted = vals.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        for want in [1, 2, len / 3 + 1, len / 2 + 1, len] {
+            let got = crate::arch::kth_largest_positive(&vals, want);
+            assert_eq!(
+                got.to_bits(),
+                sorted[want - 1].to_bits(),
+                "trial {trial}: want {want} of {len}"
+            );
+        }
+    }
+}
+
 /// `indices_above` on every path this CPU has against a plain filter: NaN on either side,
 /// equal values, lengths around the eight-lane steps, and appending to what `out` holds.
 #[test]
