@@ -33,15 +33,21 @@ pub(crate) fn parallelism() -> Parallelism {
 
 /// A pointer to one output buffer that rayon tasks writing disjoint parts of it share. Each
 /// user keeps its tasks' regions apart (said at each `unsafe` write).
-#[derive(Clone, Copy)]
-pub struct SharedMut(pub *mut f32);
+pub struct SharedMut<T = f32>(pub *mut T);
 // SAFETY: only written through by tasks whose regions do not overlap.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
-impl SharedMut {
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
     /// Through a method so closures capture the wrapper, not the bare pointer.
-    pub fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut T {
         self.0
     }
 }

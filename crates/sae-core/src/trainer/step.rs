@@ -11,7 +11,7 @@ use crate::arch::{
 use crate::kernels::{
     acc2, acc2_h, acc2x4, acc2x4_h, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
     axpy_h, dot, dot2, dot2_h, dot4_axpy4, dot4_axpy4_h, dot_h, matmul, matmul_tn, prefetch_rows,
-    round_to_bf16, split_by_lengths,
+    round_to_bf16, split_by_lengths, SharedMut,
 };
 use crate::optim::AdamStep;
 use rayon::prelude::*;
@@ -1116,31 +1116,61 @@ impl Buffers {
     }
 
     /// Phase 4: the entries per latent (`lat_ptr`, `lat_ent`), each latent's in entry order
-    /// (deterministic).
+    /// (deterministic, whatever the thread count). The entries are cut into one contiguous
+    /// part per thread; each part counts its entries per latent, and after one prefix sum
+    /// over (latent, part) writes its own slots.
     fn transpose_entries(&mut self, d_sae: usize) {
+        let total = self.idx.len();
+        let parts = rayon::current_num_threads().clamp(1, total.max(1));
+        let bounds: Vec<usize> = (0..=parts).map(|t| t * total / parts).collect();
+        let idx = &self.idx;
+        self.lat_fill.clear();
+        self.lat_fill.resize(parts * d_sae, 0);
+        self.lat_fill
+            .par_chunks_mut(d_sae.max(1))
+            .enumerate()
+            .for_each(|(t, count)| {
+                for &j in &idx[bounds[t]..bounds[t + 1]] {
+                    count[j as usize] += 1;
+                }
+            });
+        // Each part's first slot per latent: within a latent the parts come in entry order.
         self.lat_ptr.clear();
         self.lat_ptr.resize(d_sae + 1, 0);
-        for &j in &self.idx {
-            self.lat_ptr[j as usize + 1] += 1;
-        }
+        let mut at = 0;
         for j in 0..d_sae {
-            self.lat_ptr[j + 1] += self.lat_ptr[j];
+            self.lat_ptr[j] = at;
+            for t in 0..parts {
+                let fill = &mut self.lat_fill[t * d_sae + j];
+                let count = *fill;
+                *fill = at;
+                at += count;
+            }
         }
-        self.lat_fill.clear();
-        self.lat_fill.extend_from_slice(&self.lat_ptr[..d_sae]);
-        self.lat_ent.resize(self.idx.len(), LatEntry::default());
-        for (e, &j) in self.idx.iter().enumerate() {
-            let p = &mut self.lat_fill[j as usize];
-            self.lat_ent[*p] = LatEntry {
-                row: self.row_of[e],
-                f: self.f[e],
-                a: self.a[e],
-                pre: self.pre_e[e],
-                dot_r: self.dots[e][0],
-                dot_a: self.dots[e][1],
-            };
-            *p += 1;
-        }
+        self.lat_ptr[d_sae] = at;
+        self.lat_ent.resize(total, LatEntry::default());
+        let out = SharedMut(self.lat_ent.as_mut_ptr());
+        let (row_of, f, a, pre_e, dots) = (&self.row_of, &self.f, &self.a, &self.pre_e, &self.dots);
+        self.lat_fill
+            .par_chunks_mut(d_sae.max(1))
+            .enumerate()
+            .for_each(|(t, fill)| {
+                for e in bounds[t]..bounds[t + 1] {
+                    let p = &mut fill[idx[e] as usize];
+                    let ent = LatEntry {
+                        row: row_of[e],
+                        f: f[e],
+                        a: a[e],
+                        pre: pre_e[e],
+                        dot_r: dots[e][0],
+                        dot_a: dots[e][1],
+                    };
+                    // SAFETY: slot `*p` is below `total` (the counts sum to it) and belongs
+                    // to this part alone (its slots for latent j follow its own first slot).
+                    unsafe { out.get().add(*p).write(ent) };
+                    *p += 1;
+                }
+            });
     }
 }
 
@@ -1519,6 +1549,48 @@ impl Profiler {
                 .map(|(n, t)| format!("{n} {t:.1}ms"))
                 .collect();
             eprintln!("step: {}", parts.join(", "));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The parallel transposition against a plain counting sort, on 1, 2 and 3 threads:
+    /// every latent's entries in entry order, whatever the thread count.
+    #[test]
+    fn transpose_entries_matches_a_counting_sort_on_any_thread_count() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (d_sae, total) = (37, 1000);
+        let mut buf = Buffers::default();
+        buf.idx = (0..total).map(|_| rng.gen_range(0..d_sae as u32 - 3)).collect();
+        buf.row_of = (0..total as u32).map(|e| e / 7).collect();
+        buf.f = (0..total).map(|_| rng.gen()).collect();
+        buf.a = (0..total).map(|_| rng.gen()).collect();
+        buf.pre_e = (0..total).map(|_| rng.gen()).collect();
+        buf.dots = (0..total).map(|_| [rng.gen(), rng.gen()]).collect();
+        let mut want: Vec<Vec<usize>> = vec![Vec::new(); d_sae];
+        for (e, &j) in buf.idx.iter().enumerate() {
+            want[j as usize].push(e);
+        }
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| buf.transpose_entries(d_sae));
+            for (j, es) in want.iter().enumerate() {
+                let got = &buf.lat_ent[buf.lat_ptr[j]..buf.lat_ptr[j + 1]];
+                assert_eq!(got.len(), es.len(), "latent {j}, {threads} threads");
+                for (le, &e) in got.iter().zip(es) {
+                    let ent = (le.row, le.f, le.a, le.pre, [le.dot_r, le.dot_a]);
+                    let from = (buf.row_of[e], buf.f[e], buf.a[e], buf.pre_e[e], buf.dots[e]);
+                    assert_eq!(ent, from, "latent {j}, entry {e}, {threads} threads");
+                }
+            }
+            assert_eq!(buf.lat_ptr[d_sae], total);
         }
     }
 }
