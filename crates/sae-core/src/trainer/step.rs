@@ -1564,13 +1564,18 @@ mod tests {
     fn transpose_entries_matches_a_counting_sort_on_any_thread_count() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let (d_sae, total) = (37, 1000);
-        let mut buf = Buffers::default();
-        buf.idx = (0..total).map(|_| rng.gen_range(0..d_sae as u32 - 3)).collect();
-        buf.row_of = (0..total as u32).map(|e| e / 7).collect();
-        buf.f = (0..total).map(|_| rng.gen()).collect();
-        buf.a = (0..total).map(|_| rng.gen()).collect();
-        buf.pre_e = (0..total).map(|_| rng.gen()).collect();
-        buf.dots = (0..total).map(|_| [rng.gen(), rng.gen()]).collect();
+        // Latents past d_sae - 3 get no entries.
+        let mut buf = Buffers {
+            idx: (0..total)
+                .map(|_| rng.gen_range(0..d_sae as u32 - 3))
+                .collect(),
+            row_of: (0..total as u32).map(|e| e / 7).collect(),
+            f: (0..total).map(|_| rng.gen()).collect(),
+            a: (0..total).map(|_| rng.gen()).collect(),
+            pre_e: (0..total).map(|_| rng.gen()).collect(),
+            dots: (0..total).map(|_| [rng.gen(), rng.gen()]).collect(),
+            ..Buffers::default()
+        };
         let mut want: Vec<Vec<usize>> = vec![Vec::new(); d_sae];
         for (e, &j) in buf.idx.iter().enumerate() {
             want[j as usize].push(e);
