@@ -736,6 +736,70 @@ pub(crate) unsafe fn indices_above_avx2(v: &[f32], cutoff: &[f32], out: &mut Vec
     }
 }
 
+/// Appends every `v[j] + b[j]` above `lb` to `out` (NaN never passes), without branches on
+/// the comparisons, as [`indices_above`].
+pub fn sums_above(v: &[f32], b: &[f32], lb: f32, out: &mut Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu_has!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { sums_above_avx2(v, b, lb, out) };
+    }
+    sums_above_plain(v, b, lb, out)
+}
+
+/// [`sums_above`] on any CPU: every sum is written, the length moves past the passing ones.
+pub(crate) fn sums_above_plain(v: &[f32], b: &[f32], lb: f32, out: &mut Vec<f32>) {
+    let n = v.len().min(b.len());
+    let start = out.len();
+    out.resize(start + n, 0.0);
+    let mut len = start;
+    for (x, c) in v[..n].iter().zip(&b[..n]) {
+        let s = x + c;
+        out[len] = s;
+        len += (s > lb) as usize;
+    }
+    out.truncate(len);
+}
+
+/// [`sums_above`] with AVX2, eight sums per step as [`indices_above_avx2`].
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn sums_above_avx2(v: &[f32], b: &[f32], lb: f32, out: &mut Vec<f32>) {
+    use std::arch::x86_64::*;
+    let n = v.len().min(b.len());
+    let full = n / 8 * 8;
+    let start = out.len();
+    // Each store writes eight lanes; only the passing ones are kept.
+    out.reserve(full + 8);
+    let dst = out.as_mut_ptr().add(start);
+    let mut len = 0usize;
+    let bound = _mm256_set1_ps(lb);
+    let mut i = 0;
+    while i < full {
+        let s = _mm256_add_ps(
+            _mm256_loadu_ps(v.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+        );
+        let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(s, bound)) as usize;
+        let order = _mm256_loadu_si256(LEFT_PACK[m].as_ptr() as *const __m256i);
+        // `len + 8 <= full + 8`: inside the reserved capacity.
+        _mm256_storeu_ps(dst.add(len), _mm256_permutevar8x32_ps(s, order));
+        len += m.count_ones() as usize;
+        i += 8;
+    }
+    // The first `len` values past `start` were written above.
+    out.set_len(start + len);
+    for i in full..n {
+        let s = v[i] + b[i];
+        if s > lb {
+            out.push(s);
+        }
+    }
+}
+
 /// Hint the CPU to load `v[start..start + len]` into cache (no-op off x86_64).
 #[inline(always)]
 pub fn prefetch_rows<T>(v: &[T], start: usize, len: usize) {

@@ -8,6 +8,7 @@ use super::{
     AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, RowCode,
     RowOut, Sparsity, StepCtx, Stored, TrainOption, TrainOpts,
 };
+use crate::kernels::sums_above;
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
 use crate::trainer::TrainHyper;
@@ -138,22 +139,14 @@ impl BatchTopKRule {
         let (d_sae, pre) = (batch.d_sae, batch.pre);
         let want = self.k * batch.n;
         let b_enc = &batch.params[0][..];
-        // Every `pre + b_enc > lb`, per thread without branches on the comparison (a few
+        // Every `pre + b_enc > lb`, per thread, without branches on the comparison (a few
         // percent pass, at random places).
         let collect = |lb: f32| -> Vec<f32> {
             pre.par_chunks(d_sae * 16)
                 .fold(Vec::new, |mut v, rows| {
-                    let start = v.len();
-                    v.resize(start + rows.len(), 0.0);
-                    let mut len = start;
                     for row in rows.chunks(d_sae) {
-                        for (&p, &b) in row.iter().zip(b_enc) {
-                            let a = p + b;
-                            v[len] = a;
-                            len += (a > lb) as usize;
-                        }
+                        sums_above(row, b_enc, lb, &mut v);
                     }
-                    v.truncate(len);
                     v
                 })
                 .reduce(Vec::new, |mut a, b| {

@@ -682,6 +682,45 @@ fn indices_above_matches_a_plain_filter_on_every_path() {
     }
 }
 
+/// `sums_above` on every path this CPU has against a plain filter: NaN, sums equal to the
+/// bound, lengths around the eight-lane steps, and appending to what `out` holds.
+#[test]
+fn sums_above_matches_a_plain_filter_on_every_path() {
+    use crate::kernels::{sums_above, sums_above_plain};
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for len in (0..40).chain([4608, 4613]) {
+        let pick = |rng: &mut ChaCha8Rng| match rng.gen_range(0..20) {
+            0 => f32::NAN,
+            1 => 0.25,
+            _ => rng.gen_range(-1.0f32..1.0),
+        };
+        let v: Vec<f32> = (0..len).map(|_| pick(&mut rng)).collect();
+        let b: Vec<f32> = (0..len).map(|_| pick(&mut rng)).collect();
+        let lb = 0.5;
+        let mut want = vec![7.0f32, 9.0];
+        want.extend((0..len).map(|i| v[i] + b[i]).filter(|s| *s > lb));
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let mut paths: Vec<(&str, Vec<f32>)> = Vec::new();
+        let mut got = vec![7.0f32, 9.0];
+        sums_above(&v, &b, lb, &mut got);
+        paths.push(("dispatched", got));
+        let mut got = vec![7.0f32, 9.0];
+        sums_above_plain(&v, &b, lb, &mut got);
+        paths.push(("plain", got));
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            let mut got = vec![7.0f32, 9.0];
+            // SAFETY: checked above.
+            unsafe { crate::kernels::sums_above_avx2(&v, &b, lb, &mut got) };
+            paths.push(("avx2", got));
+        }
+        for (path, got) in paths {
+            assert_eq!(bits(&got), bits(&want), "{path}, length {len}");
+        }
+    }
+}
+
 /// The bf16-row kernels give exactly the f32 kernels' bits on the widened rows (widening is
 /// exact and the arithmetic the same), at lengths with and without a remainder.
 #[test]
