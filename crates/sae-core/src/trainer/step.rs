@@ -91,8 +91,9 @@ pub(super) struct Buffers {
     lat_ptr: Vec<usize>,
     lat_ent: Vec<LatEntry>,
     /// Per entry in row order, `[d_j . r_b, d_j . r_aux_b]`: both from the dense path's
-    /// GEMMs; on the sparse path the decode gives the aux one and the latent pass takes the
-    /// other itself.
+    /// GEMMs; on the sparse path the decode gives the aux one (both with the frozen
+    /// decoder's aux, `Backward::decode_dots`), and otherwise the latent pass takes
+    /// `d_j . r_b` itself.
     dots: Vec<[f32; 2]>,
     /// Dense-mode buffers: a second `[n, d_sae]` matrix and the W_enc / W_dec gradients.
     dense2: Vec<f32>,
@@ -134,8 +135,9 @@ struct LatEntry {
     f: f32,
     a: f32,
     pre: f32,
-    /// `d_j . r_b` and `d_j . r_aux_b`, before the loss scales. On the sparse path `dot_r`
-    /// is 0 here: the latent pass takes it beside its own reads of `r_b`.
+    /// `d_j . r_b` and `d_j . r_aux_b`, before the loss scales. Without
+    /// `Backward::decode_dots`, `dot_r` is 0 here: the latent pass takes it beside its own
+    /// reads of `r_b`.
     dot_r: f32,
     dot_a: f32,
 }
