@@ -322,17 +322,28 @@ multiversion_impl! {
 /// the lane structure of [`dot`], so both give the same bits (LLVM does not vectorise this
 /// one well by itself).
 macro_rules! dot2_impl {
-    ($(#[$m:meta])* $name:ident, $avx2:ident, $t:ty, |$v:ident| $widen:expr, |$p:ident| $load8:expr) => {
+    ($(#[$m:meta])* $name:ident, $portable:ident, $inner:ident, $avx2:ident, $t:ty, |$v:ident| $widen:expr, |$p:ident| $load8:expr) => {
         $(#[$m])*
         #[inline]
         pub fn $name(x: &[$t], a: &[f32], b: &[f32]) -> (f32, f32) {
+            $inner::<true>(x, a, b)
+        }
+
+        /// The portable body alone, for the tests on any CPU.
+        #[cfg(test)]
+        pub(crate) fn $portable(x: &[$t], a: &[f32], b: &[f32]) -> (f32, f32) {
+            $inner::<false>(x, a, b)
+        }
+
+        #[inline(always)]
+        fn $inner<const SIMD: bool>(x: &[$t], a: &[f32], b: &[f32]) -> (f32, f32) {
             let widen = |$v: $t| -> f32 { $widen };
             let n = x.len().min(a.len()).min(b.len());
             let (x, a, b) = (&x[..n], &a[..n], &b[..n]);
             let full = n / LANES * LANES;
             let (mut acc, mut acc_b) = ([0.0f32; LANES], [0.0f32; LANES]);
             #[cfg(target_arch = "x86_64")]
-            let done = if std::is_x86_feature_detected!("avx2") {
+            let done = if SIMD && std::is_x86_feature_detected!("avx2") {
                 // SAFETY: AVX2 is present; all loads are within `full <= n`.
                 unsafe { $avx2(x, a, b, full, &mut acc, &mut acc_b) };
                 true
@@ -392,7 +403,7 @@ macro_rules! dot2_impl {
 
 dot2_impl!(
     /// `(x . a, x . b)` reading `x` once.
-    dot2, dot2_avx2, f32, |v| v, |p| _mm256_loadu_ps(p)
+    dot2, dot2_portable, dot2_inner, dot2_avx2, f32, |v| v, |p| _mm256_loadu_ps(p)
 );
 
 multiversion_impl! {
@@ -543,17 +554,28 @@ multiversion_impl! {
 /// `g` gets [`axpy`]'s order, so the result is four `dot` and four `axpy` calls' bits (LLVM
 /// does not vectorise this one well by itself).
 macro_rules! dot4_axpy4_impl {
-    ($(#[$m:meta])* $name:ident, $avx2:ident, $t:ty, |$p:ident| $load8:expr) => {
+    ($(#[$m:meta])* $name:ident, $portable:ident, $inner:ident, $avx2:ident, $t:ty, |$p:ident| $load8:expr) => {
         $(#[$m])*
         #[inline]
         pub fn $name(x: [&[$t]; 4], y: &[f32], c: [f32; 4], g: &mut [f32]) -> [f32; 4] {
+            $inner::<true>(x, y, c, g)
+        }
+
+        /// The portable body alone, for the tests on any CPU.
+        #[cfg(test)]
+        pub(crate) fn $portable(x: [&[$t]; 4], y: &[f32], c: [f32; 4], g: &mut [f32]) -> [f32; 4] {
+            $inner::<false>(x, y, c, g)
+        }
+
+        #[inline(always)]
+        fn $inner<const SIMD: bool>(x: [&[$t]; 4], y: &[f32], c: [f32; 4], g: &mut [f32]) -> [f32; 4] {
             let n = x.iter().fold(y.len().min(g.len()), |n, r| n.min(r.len()));
             let x = x.map(|r| &r[..n]);
             let (y, g) = (&y[..n], &mut g[..n]);
             let full = n / LANES * LANES;
             let mut acc = [[0.0f32; LANES]; 4];
             #[cfg(target_arch = "x86_64")]
-            let done = if std::is_x86_feature_detected!("avx2") {
+            let done = if SIMD && std::is_x86_feature_detected!("avx2") {
                 // SAFETY: AVX2 is present; all loads and stores are within `full <= n`.
                 unsafe { $avx2(x, y, c, g, full, &mut acc) };
                 true
@@ -635,12 +657,19 @@ macro_rules! dot4_axpy4_impl {
 dot4_axpy4_impl!(
     /// Four [`dot`]s of gathered rows with `y` and four [`axpy`]s of them into `g`, reading
     /// each row once.
-    dot4_axpy4, dot4_axpy4_avx2, f32, |p| _mm256_loadu_ps(p)
+    dot4_axpy4,
+    dot4_axpy4_portable,
+    dot4_axpy4_inner,
+    dot4_axpy4_avx2,
+    f32,
+    |p| _mm256_loadu_ps(p)
 );
 
 dot4_axpy4_impl!(
     /// [`dot4_axpy4`] with bf16 rows.
     dot4_axpy4_h,
+    dot4_axpy4_h_portable,
+    dot4_axpy4_h_inner,
     dot4_axpy4_h_avx2,
     u16,
     |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
@@ -876,6 +905,8 @@ dot2_impl!(
     /// [`dot2`] with `x` in bf16. Eight bf16 values widen to f32 by a zero-extension to 32
     /// bits and a shift into the high half.
     dot2_h,
+    dot2_h_portable,
+    dot2_h_inner,
     dot2_h_avx2,
     u16,
     |v| widen(v),

@@ -740,6 +740,17 @@ fn bf16_row_kernels_match_f32_kernels_on_widened_rows() {
             (p.0.to_bits(), p.1.to_bits()),
             (q.0.to_bits(), q.1.to_bits())
         );
+        // The portable bodies give the same bits as the dispatched (AVX2) ones.
+        for (path, r) in [
+            ("dot2_portable", dot2_portable(&w, &a, &b)),
+            ("dot2_h_portable", dot2_h_portable(&h, &a, &b)),
+        ] {
+            assert_eq!(
+                (r.0.to_bits(), r.1.to_bits()),
+                (q.0.to_bits(), q.1.to_bits()),
+                "{path} {len}"
+            );
+        }
         let (mut y1, mut y2) = (a.clone(), a.clone());
         axpy_h(0.7, &h, &mut y1);
         axpy(0.7, &w, &mut y2);
@@ -818,6 +829,23 @@ fn grouped_kernels_match_the_one_row_kernels_in_turn() {
         let mut gz = z0.clone();
         let got = dot4_axpy4_h(h4, &y0, a1, &mut gz);
         assert_eq!((bits(got), &gz), (bits(want), &wz), "dot4_axpy4_h {len}");
+        let mut gz = z0.clone();
+        let got = dot4_axpy4_h_portable(h4, &y0, a1, &mut gz);
+        assert_eq!(
+            (bits(got), &gz),
+            (bits(want), &wz),
+            "dot4_axpy4_h_portable {len}"
+        );
+        let want: [f32; 4] = std::array::from_fn(|q| dot(x4[q], &y0));
+        let mut wz = z0.clone();
+        (0..4).for_each(|q| axpy(a1[q], x4[q], &mut wz));
+        let mut gz = z0.clone();
+        let got = dot4_axpy4_portable(x4, &y0, a1, &mut gz);
+        assert_eq!(
+            (bits(got), &gz),
+            (bits(want), &wz),
+            "dot4_axpy4_portable {len}"
+        );
 
         // acc2x4 pairs row q with row 3 - q for its second output.
         let (mut wy, mut wz) = (y0.clone(), z0.clone());
