@@ -24,6 +24,8 @@ use crate::kernels::{cpu_has, SharedMut};
 
 /// Output columns per packed panel: three 16-lane registers.
 const NR: usize = 48;
+/// `NR`, for kernels elsewhere that read `PackedBf16::panel`.
+pub const PANEL_COLS: usize = NR;
 /// Rows per register tile (8 x 3 accumulators of the 32 registers).
 const MR: usize = 8;
 /// Rows per rayon task; its activation rows stay in L2 across the panels it visits.
@@ -187,6 +189,17 @@ impl PackedBf16 {
     pub fn shape(&self) -> (usize, usize) {
         (self.k, self.n)
     }
+
+    /// Pairs of k per panel row (`k.div_ceil(2)`).
+    pub fn k_pairs(&self) -> usize {
+        self.k_pairs
+    }
+
+    /// Panel `p`: columns `p * PANEL_COLS ..`, one row of `PANEL_COLS` u32 (a bf16 pair each:
+    /// k even in the low half) per pair of k.
+    pub fn panel(&self, p: usize) -> &[u32] {
+        &self.data[p * self.k_pairs * NR..][..self.k_pairs * NR]
+    }
 }
 
 /// `matmul_on` with the fastest path this CPU runs.
@@ -253,35 +266,122 @@ fn matmul_impl(
     if m == 0 || w.n == 0 {
         return;
     }
-    let (k, kp) = (w.k, w.k_pairs);
-    assert!(k <= a_rs && a.len() >= (m - 1) * a_rs + k);
-    assert!(w.n <= out_rs && out.len() >= (m - 1) * out_rs + w.n);
-    // `vdpbf16ps` takes the rounded activations as bf16 pairs; the widened path takes them
-    // already widened, as the f32 bits of each rounded value (two u32 per pair).
+    let a_row = round_rows_on(path, m, a, a_rs, w.k, a_pairs);
+    product_on(
+        path,
+        portable,
+        m,
+        &a_pairs[..m * a_row],
+        a_row,
+        w,
+        out,
+        out_rs,
+        accumulate,
+    );
+}
+
+/// Rows of `a` (row stride `a_rs`, first `k` columns) rounded to bf16 for `path` into the
+/// first `m * row` values of `a_pairs`; returns `row`. `vdpbf16ps` takes them as bf16 pairs
+/// (`k.div_ceil(2)` per row); the widened path takes them already widened, as the f32 bits
+/// of each rounded value (two u32 per pair). Every value of those rows is written.
+fn round_rows_on(
+    path: Bf16Path,
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    k: usize,
+    a_pairs: &mut Vec<u32>,
+) -> usize {
+    let kp = k.div_ceil(2);
+    assert!(m == 0 || (k <= a_rs && a.len() >= (m - 1) * a_rs + k));
     let a_row = match path {
         Bf16Path::Avx512Bf16 => kp,
         Bf16Path::Widen => 2 * kp,
     };
-    a_pairs.clear();
-    a_pairs.resize(m * a_row, 0);
-    a_pairs
+    if a_pairs.len() < m * a_row {
+        a_pairs.resize(m * a_row, 0);
+    }
+    a_pairs[..m * a_row]
         .par_chunks_mut(a_row * ROW_BLOCK)
         .enumerate()
         .for_each(|(blk, rows)| {
             for (i, dst) in rows.chunks_exact_mut(a_row).enumerate() {
                 let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
                 match path {
-                    // SAFETY: `runs_here()` was checked above.
+                    // SAFETY: the callers checked `path.runs_here()`.
                     Bf16Path::Avx512Bf16 => unsafe { round_row(src, dst) },
                     Bf16Path::Widen => round_row_widened(src, dst),
                 }
             }
         });
+    a_row
+}
+
+/// Rows of `a` (row stride `a_rs`, first `k` columns) rounded to bf16 pairs, `k.div_ceil(2)`
+/// u32 per row (k even in the low half, zero-padded), into the first values of `pairs`: the
+/// operand of `matmul_pairs`. Panics unless `available()`.
+pub fn round_rows(m: usize, a: &[f32], a_rs: usize, k: usize, pairs: &mut Vec<u32>) {
+    assert!(available(), "bf16 rounding needs AVX512-BF16");
+    round_rows_on(Bf16Path::Avx512Bf16, m, a, a_rs, k, pairs);
+}
+
+/// One row `src` rounded to bf16 pairs into `dst` (`src.len().div_ceil(2)` u32, as
+/// `round_rows` writes each row). Panics unless `available()`.
+pub fn round_row_pairs(src: &[f32], dst: &mut [u32]) {
+    assert!(available(), "bf16 rounding needs AVX512-BF16");
+    assert_eq!(dst.len(), src.len().div_ceil(2));
+    // SAFETY: AVX512-BF16 checked just above.
+    unsafe { round_row(src, dst) }
+}
+
+/// `matmul` on rows already rounded by `round_rows` (`w.k_pairs()` u32 each): for products
+/// whose input is made in bf16 (a fused SwiGLU, say). Panics unless `available()`.
+pub fn matmul_pairs(
+    m: usize,
+    a_pairs: &[u32],
+    w: &PackedBf16,
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+) {
+    assert!(available(), "bf16 products need AVX512-BF16");
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    assert!(a_pairs.len() >= m * w.k_pairs);
+    let a_pairs = &a_pairs[..m * w.k_pairs];
+    product_on(
+        Bf16Path::Avx512Bf16,
+        false,
+        m,
+        a_pairs,
+        w.k_pairs,
+        w,
+        out,
+        out_rs,
+        accumulate,
+    );
+}
+
+/// The product over rounded rows (`a_row` u32 each, as `round_rows_on` wrote them).
+fn product_on(
+    path: Bf16Path,
+    portable: bool,
+    m: usize,
+    a_pairs: &[u32],
+    a_row: usize,
+    w: &PackedBf16,
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+) {
+    let kp = w.k_pairs;
+    assert!(w.n <= out_rs && out.len() >= (m - 1) * out_rs + w.n);
+    assert_eq!(a_pairs.len(), m * a_row);
     let wide_avx2 = !portable && path == Bf16Path::Widen && cpu_has!("avx2");
     let panels = w.n.div_ceil(NR);
     let blocks = m.div_ceil(ROW_BLOCK);
     let out_ptr = SharedMut(out.as_mut_ptr());
-    let a_pairs = &a_pairs[..];
     (0..blocks * panels).into_par_iter().for_each(|task| {
         let (blk, p) = (task / panels, task % panels);
         let cols = NR.min(w.n - p * NR);

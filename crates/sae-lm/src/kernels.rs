@@ -11,6 +11,8 @@ use sae_core::kernels::SharedMut;
 
 /// Rows per rayon task in the row-wise kernels: enough work to amortise the task.
 const ROW_CHUNK: usize = 16;
+/// Query rows per block of causal attention (a multiple of gemm's 16-row register tile).
+const QUERY_BLOCK: usize = 32;
 
 /// RMSNorm of each `d`-wide row of `x` into `out`, scaled by `weight`, computed as candle's
 /// `rms_norm` does (f32 sum of squares, divide by the root, then scale).
@@ -28,6 +30,33 @@ pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
                 }
             }
         });
+}
+
+/// `rms_norm`, each row rounded to bf16 pairs into `pairs` (grown as needed, `d.div_ceil(2)`
+/// u32 per row): the same values, then the same rounding as `bf16::round_rows`, without
+/// the f32 rows going through memory. Panics unless `bf16::available()`.
+pub(crate) fn rms_norm_pairs(x: &[f32], weight: &[f32], eps: f32, pairs: &mut Vec<u32>) {
+    let d = weight.len();
+    let (rows, row) = (x.len() / d, d.div_ceil(2));
+    if pairs.len() < rows * row {
+        pairs.resize(rows * row, 0);
+    }
+    pairs[..rows * row]
+        .par_chunks_mut(row * ROW_CHUNK)
+        .zip(x.par_chunks(d * ROW_CHUNK))
+        .for_each_init(
+            || vec![0f32; d],
+            |normed, (pairs, x)| {
+                for (p, x) in pairs.chunks_exact_mut(row).zip(x.chunks_exact(d)) {
+                    let sum2: f32 = x.iter().map(|v| v * v).sum();
+                    let m = (sum2 / d as f32 + eps).sqrt();
+                    for ((o, &v), &w) in normed.iter_mut().zip(x).zip(weight) {
+                        *o = v / m * w;
+                    }
+                    sae_core::bf16::round_row_pairs(normed, p);
+                }
+            },
+        );
 }
 
 /// Rotates the first `n_rot_heads` heads (`d_head` wide) of each row of `qkv` (row stride
@@ -112,60 +141,69 @@ pub(crate) fn causal_attention(
             let q = &qkv[base + h * d_head..];
             let k = &qkv[base + (n_heads + kv) * d_head..];
             let v = &qkv[base + (n_heads + n_kv_heads + kv) * d_head..];
-            // SAFETY: `scores` is ctx x ctx; q and k rows are d_head wide at stride `width`
-            // within this context's rows (asserted above); k is read transposed.
-            unsafe {
-                gemm(
-                    ctx,
-                    ctx,
-                    d_head,
-                    scores.as_mut_ptr(),
-                    1,
-                    ctx as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    width as isize,
-                    k.as_ptr(),
-                    width as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            for (i, row) in scores.chunks_exact_mut(ctx).enumerate() {
-                let (seen, future) = row.split_at_mut(i + 1);
-                softmax(seen);
-                future.fill(0.0);
-            }
-            // SAFETY: this task alone writes columns h*d_head..(h+1)*d_head of the rows of
-            // context b in z (z is batch*ctx x z_width, asserted above); v as q above.
-            unsafe {
-                gemm(
-                    ctx,
-                    d_head,
-                    ctx,
-                    z_ptr.get().add(b * ctx * z_width + h * d_head),
-                    1,
-                    z_width as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    ctx as isize,
-                    v.as_ptr(),
-                    1,
-                    width as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+            // Query rows in blocks: block `[i0, i1)` attends to keys `0..i1` only, so the
+            // products skip most of the masked upper triangle (5/8 of the full square at 4
+            // blocks). Masked scores inside a block are zeros, which add nothing to z.
+            let mut i0 = 0;
+            while i0 < ctx {
+                let i1 = ctx.min(i0 + QUERY_BLOCK);
+                // SAFETY: `scores` is ctx x ctx and rows i0..i1, columns 0..i1 are written;
+                // q and k rows are d_head wide at stride `width` within this context's rows
+                // (asserted above); k is read transposed.
+                unsafe {
+                    gemm(
+                        i1 - i0,
+                        i1,
+                        d_head,
+                        scores.as_mut_ptr().add(i0 * ctx),
+                        1,
+                        ctx as isize,
+                        false,
+                        q.as_ptr().add(i0 * width),
+                        1,
+                        width as isize,
+                        k.as_ptr(),
+                        width as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                for i in i0..i1 {
+                    let (seen, future) = scores[i * ctx..][..i1].split_at_mut(i + 1);
+                    softmax(seen);
+                    future.fill(0.0);
+                }
+                // SAFETY: this task alone writes rows i0..i1, columns h*d_head..(h+1)*d_head
+                // of context b in z (z is batch*ctx x z_width, asserted above); v as q above.
+                unsafe {
+                    gemm(
+                        i1 - i0,
+                        d_head,
+                        i1,
+                        z_ptr.get().add((b * ctx + i0) * z_width + h * d_head),
+                        1,
+                        z_width as isize,
+                        false,
+                        scores.as_ptr().add(i0 * ctx),
+                        1,
+                        ctx as isize,
+                        v.as_ptr(),
+                        1,
+                        width as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                i0 = i1;
             }
         },
     );
@@ -263,6 +301,28 @@ pub(crate) fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rms_norm_pairs_equals_rms_norm_then_rounding() {
+        if !sae_core::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (rows, d) in [(1, 1), (5, 7), (37, 64), (40, 33)] {
+            let x: Vec<f32> = (0..rows * d)
+                .map(|i| (i as f32 * 0.37).sin() * 3.0)
+                .collect();
+            let weight: Vec<f32> = (0..d).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
+            let mut h = vec![0f32; rows * d];
+            rms_norm(&x, &weight, 1e-5, &mut h);
+            let mut want = Vec::new();
+            sae_core::bf16::round_rows(rows, &h, d, d, &mut want);
+            // Stale values, so an unwritten pair would show.
+            let mut got = vec![u32::MAX; rows * d.div_ceil(2)];
+            rms_norm_pairs(&x, &weight, 1e-5, &mut got);
+            assert_eq!(got, want[..rows * d.div_ceil(2)], "{rows} x {d}");
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_of_libm() {

@@ -13,6 +13,7 @@ pub mod llama;
 pub mod loader;
 pub mod model;
 pub mod parquet_text;
+mod swiglu_bf16;
 pub mod tokenizer;
 
 pub use hooks::{Hook, HookKind};

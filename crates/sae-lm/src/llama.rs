@@ -6,9 +6,10 @@
 use crate::bf16::PackedBf16;
 use crate::hooks::{Hook, HookKind, HookMode};
 use crate::kernels;
+use crate::swiglu_bf16;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use sae_core::f32_product::PackedF32;
+use sae_core::f32_product::{self, PackedF32};
 use std::sync::Mutex;
 
 mod grad;
@@ -137,23 +138,18 @@ struct Buffers {
     out: Vec<f32>,
     /// Activations rounded to bf16.
     scratch: Vec<u32>,
+    /// The bf16 MLP's gated rows, rounded (the down product's input).
+    gated: Vec<u32>,
 }
 
 /// A block's four products' weights in bf16, packed (same matrices as `Block`).
 struct Bf16Block {
     w_qkv: PackedBf16,
     wo: PackedBf16,
-    w_gate_up: PackedBf16,
+    /// Gate and up apart, so a panel of each covers the same columns (`swiglu_pairs`).
+    w_gate: PackedBf16,
+    w_up: PackedBf16,
     w_down: PackedBf16,
-}
-
-/// Which of a block's weight matrices a product uses.
-#[derive(Clone, Copy)]
-enum Weight {
-    Qkv,
-    O,
-    GateUp,
-    Down,
 }
 
 impl Llama {
@@ -227,51 +223,95 @@ impl Llama {
         self.bf16_blocks = Some(
             self.blocks
                 .iter()
-                .map(|b| Bf16Block {
-                    w_qkv: PackedBf16::pack(&b.w_qkv.values(), d, qkv),
-                    wo: PackedBf16::pack(&b.wo.values(), z, d),
-                    w_gate_up: PackedBf16::pack(&b.w_gate_up.values(), d, 2 * c.d_mlp),
-                    w_down: PackedBf16::pack(&b.w_down.values(), c.d_mlp, d),
+                .map(|b| {
+                    let gate_up = b.w_gate_up.values();
+                    let half = |second: usize| -> Vec<f32> {
+                        gate_up
+                            .chunks_exact(2 * c.d_mlp)
+                            .flat_map(|row| &row[second * c.d_mlp..][..c.d_mlp])
+                            .copied()
+                            .collect()
+                    };
+                    Bf16Block {
+                        w_qkv: PackedBf16::pack(&b.w_qkv.values(), d, qkv),
+                        wo: PackedBf16::pack(&b.wo.values(), z, d),
+                        w_gate: PackedBf16::pack(&half(0), d, c.d_mlp),
+                        w_up: PackedBf16::pack(&half(1), d, c.d_mlp),
+                        w_down: PackedBf16::pack(&b.w_down.values(), c.d_mlp, d),
+                    }
                 })
                 .collect(),
         );
         Ok(())
     }
 
-    /// `out (+)= a[.., ..k] @ w` over `rows` rows of `a` (row stride `a_rs`), with block
-    /// `l`'s weight `which`, in f32 or bf16 as set.
+    /// Block `l`'s attention input: RMSNorm of the residual stream `x`, then q|k|v into `qkv`
+    /// (added onto what is there when `accumulate`, the biases). In bf16 the norm writes
+    /// rounded rows straight away, the product's operand.
     #[allow(clippy::too_many_arguments)]
-    fn product(
+    fn qkv(
         &self,
         l: usize,
-        which: Weight,
         rows: usize,
-        a: &[f32],
-        a_rs: usize,
-        out: &mut [f32],
-        out_rs: usize,
+        x: &[f32],
+        h: &mut [f32],
+        qkv: &mut [f32],
         accumulate: bool,
-        scratch: &mut Vec<u32>,
+        s: &mut Vec<u32>,
     ) {
+        let (b, c) = (&self.blocks[l], &self.cfg);
+        let width = (c.n_heads + 2 * c.n_kv_heads) * c.d_head;
+        let eps = c.rms_eps as f32;
         if let Some(blocks) = &self.bf16_blocks {
-            let b = &blocks[l];
-            let w = match which {
-                Weight::Qkv => &b.w_qkv,
-                Weight::O => &b.wo,
-                Weight::GateUp => &b.w_gate_up,
-                Weight::Down => &b.w_down,
-            };
-            crate::bf16::matmul(rows, a, a_rs, w, out, out_rs, accumulate, scratch);
+            kernels::rms_norm_pairs(x, &b.attn_norm, eps, s);
+            crate::bf16::matmul_pairs(rows, s, &blocks[l].w_qkv, qkv, width, accumulate);
+        } else {
+            kernels::rms_norm(x, &b.attn_norm, eps, h);
+            f32_product::matmul(rows, h, c.d_model, &b.w_qkv, qkv, width, accumulate);
+        }
+    }
+
+    /// Block `l`'s attention output: the heads `z` times W_O into `out`.
+    fn attn_out(&self, l: usize, rows: usize, z: &[f32], out: &mut [f32], s: &mut Vec<u32>) {
+        let c = &self.cfg;
+        let (z_width, d) = (c.n_heads * c.d_head, c.d_model);
+        match &self.bf16_blocks {
+            Some(blocks) => crate::bf16::matmul(rows, z, z_width, &blocks[l].wo, out, d, false, s),
+            None => f32_product::matmul(rows, z, z_width, &self.blocks[l].wo, out, d, false),
+        }
+    }
+
+    /// Block `l`'s MLP on the residual stream `x` into `out`: RMSNorm, gate|up, SiLU gating,
+    /// down. In bf16 the norm writes rounded rows and the gating is fused into the gate and
+    /// up products (`swiglu_pairs`), whose bf16 output the down product reads.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp(
+        &self,
+        l: usize,
+        rows: usize,
+        x: &[f32],
+        h: &mut [f32],
+        out: &mut [f32],
+        gate_up: &mut Vec<f32>,
+        gated: &mut Vec<u32>,
+        s: &mut Vec<u32>,
+    ) {
+        let (b, c) = (&self.blocks[l], &self.cfg);
+        let (d, dm, eps) = (c.d_model, c.d_mlp, c.rms_eps as f32);
+        if let Some(blocks) = &self.bf16_blocks {
+            let bb = &blocks[l];
+            kernels::rms_norm_pairs(x, &b.mlp_norm, eps, s);
+            swiglu_bf16::swiglu_pairs(rows, s, &bb.w_gate, &bb.w_up, gated);
+            crate::bf16::matmul_pairs(rows, gated, &bb.w_down, out, d, false);
             return;
         }
-        let b = &self.blocks[l];
-        let w = match which {
-            Weight::Qkv => &b.w_qkv,
-            Weight::O => &b.wo,
-            Weight::GateUp => &b.w_gate_up,
-            Weight::Down => &b.w_down,
-        };
-        sae_core::f32_product::matmul(rows, a, a_rs, w, out, out_rs, accumulate);
+        kernels::rms_norm(x, &b.mlp_norm, eps, h);
+        // Every element is written before it is read, so old contents do not matter.
+        gate_up.resize(rows * 2 * dm, 0.0);
+        f32_product::matmul(rows, h, d, &b.w_gate_up, gate_up, 2 * dm, false);
+        kernels::silu_gate_in_place(gate_up, dm);
+        // The down projection reads the gated half of each row in place.
+        f32_product::matmul(rows, gate_up, 2 * dm, &b.w_down, out, d, false);
     }
 
     /// Runs the blocks over `tokens` (`[batch * ctx]`). With `HookMode::Capture` it returns
@@ -294,10 +334,9 @@ impl Llama {
             );
         }
         let rows = batch * ctx;
-        let (d, dh, dm) = (c.d_model, c.d_head, c.d_mlp);
+        let (d, dh) = (c.d_model, c.d_head);
         let qkv_width = (c.n_heads + 2 * c.n_kv_heads) * dh;
         let z_width = c.n_heads * dh;
-        let eps = c.rms_eps as f32;
         let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
         let mut x = values(&self.embed.index_select(&ids, 0)?)?;
         // The buffers of the last pass, unless another thread is running one now.
@@ -310,12 +349,12 @@ impl Llama {
             gate_up,
             out,
             scratch,
+            gated,
         } = kept.as_deref_mut().unwrap_or(&mut fresh);
         // Every element is written before it is read, so old contents do not matter.
         h.resize(rows * d, 0.0);
         qkv.resize(rows * qkv_width, 0.0);
         z.resize(rows * z_width, 0.0);
-        gate_up.resize(rows * 2 * dm, 0.0);
         let done = |v: Vec<f32>, width: usize| -> Result<Tensor> {
             Ok(Tensor::from_vec(v, (rows, width), &Device::Cpu)?)
         };
@@ -324,15 +363,13 @@ impl Llama {
             if at(HookKind::ResidPre) && mode.apply_in_place(&mut x)? {
                 return done(x, d);
             }
-            kernels::rms_norm(&x, &b.attn_norm, eps, h);
             // Biases go in first; the product then adds onto them.
             if let Some(bias) = &b.b_qkv {
                 qkv.chunks_exact_mut(qkv_width)
                     .for_each(|row| row.copy_from_slice(bias));
             }
-            let biased = b.b_qkv.is_some();
             let s = &mut *scratch;
-            self.product(l, Weight::Qkv, rows, h, d, qkv, qkv_width, biased, s);
+            self.qkv(l, rows, &x, h, qkv, b.b_qkv.is_some(), s);
             kernels::rope_in_place(
                 qkv,
                 qkv_width,
@@ -350,16 +387,12 @@ impl Llama {
             // Each block output goes to a buffer of its own and is then added to the residual
             // stream, hooked or not, so an identity splice changes no rounding.
             out.resize(rows * d, 0.0);
-            self.product(l, Weight::O, rows, z, z_width, out, d, false, s);
+            self.attn_out(l, rows, z, out, s);
             if at(HookKind::AttnOut) && mode.apply_in_place(out)? {
                 return done(out.clone(), d);
             }
             kernels::add_in_place(&mut x, out);
-            kernels::rms_norm(&x, &b.mlp_norm, eps, h);
-            self.product(l, Weight::GateUp, rows, h, d, gate_up, 2 * dm, false, s);
-            kernels::silu_gate_in_place(gate_up, dm);
-            // The down projection reads the gated half of each row in place.
-            self.product(l, Weight::Down, rows, gate_up, 2 * dm, out, d, false, s);
+            self.mlp(l, rows, &x, h, out, gate_up, gated, s);
             if at(HookKind::MlpOut) && mode.apply_in_place(out)? {
                 return done(out.clone(), d);
             }
@@ -420,7 +453,7 @@ mod tests {
             vocab_size: 50,
             rope_theta: 10_000.0,
             rms_eps: 1e-5,
-            max_positions: 16,
+            max_positions: 80,
             interleaved_rope,
         }
     }
@@ -601,14 +634,15 @@ mod tests {
 
     #[test]
     fn fused_forward_matches_candle_ops_at_every_hook() {
-        for interleaved in [true, false] {
+        // ctx 75 spans three blocks of causal attention's query rows, the last one partial.
+        for (interleaved, ctx) in [(true, 9), (false, 9), (true, 75)] {
             let c = cfg(interleaved);
             let mut s = 7;
             let embed = random(&mut s, &[c.vocab_size, c.d_model], 1.0);
             let norm = Tensor::ones(c.d_model, DType::F32, &Device::Cpu).unwrap();
             let unembed = embed.t().unwrap().contiguous().unwrap();
             let m = Llama::new(c.clone(), embed, layers(&c, 11), norm, unembed).unwrap();
-            let (batch, ctx) = (3, 9);
+            let batch = 3;
             let tokens: Vec<u32> = (0..batch * ctx).map(|i| (i * 17 % 50) as u32).collect();
             let want = reference(&m, &layers(&c, 11), &tokens, batch, ctx);
             let mut i = 0;
