@@ -12,7 +12,8 @@ MODEL_DIR is any folder holding the GGUF (the cache `sae` fills on first use wil
 needs torch, transformers and gguf from pip. The HF side times forward passes only (after one
 warm-up batch), on random token ids; ours is the tokens/s `sae harvest` prints (model forward +
 shard writing, after model load and tokenization). --bf16 adds transformers with bf16 weights
-and `sae harvest --compute bf16`; --before adds another `sae` binary (f32) for a before/after.
+and `sae harvest --compute bf16`; --before adds another `sae` binary (f32, and bf16 with --bf16)
+for a before/after.
 Both sides use the same number of threads (torch's, else --threads; RAYON_NUM_THREADS for ours).
 --rounds N times every configuration N times, interleaved, and reports the best of each: on a
 machine others are using, the best is the run least slowed by them.
@@ -103,6 +104,8 @@ def main():
         runs["sae harvest --compute bf16"] = lambda: bench_ours(a.sae_bin, a.tokens, a.batch, ("--compute", "bf16"))
     if a.before:
         runs[f"{a.before} f32"] = lambda: bench_ours(a.before, a.tokens, a.batch)
+        if a.bf16:
+            runs[f"{a.before} --compute bf16"] = lambda: bench_ours(a.before, a.tokens, a.batch, ("--compute", "bf16"))
     rates = {name: [] for name in runs}
     for r in range(a.rounds):
         for name, run in runs.items():
@@ -110,8 +113,15 @@ def main():
             print(f"round {r + 1}: {name}: {rates[name][-1]:.0f} tokens/s (load average {loadavg()})", flush=True)
     best_hf = max(rates["transformers f32"])
     print(f"best of {a.rounds} round(s), about {a.tokens} tokens each:")
+    best_bf16 = max(rates.get("transformers bf16", [0.0]))
     for name, rs in rates.items():
-        print(f"  {name}: {max(rs):.0f} tokens/s = {max(rs) / best_hf:.2f}x transformers f32")
+        vs_bf16 = f", {max(rs) / best_bf16:.2f}x transformers bf16" if best_bf16 else ""
+        print(f"  {name}: {max(rs):.0f} tokens/s = {max(rs) / best_hf:.2f}x transformers f32{vs_bf16}")
+    if a.rounds > 1 and best_bf16:
+        print("round by round, against transformers bf16 of the same round:")
+        for name, rs in rates.items():
+            ratios = " / ".join(f"{x / y:.2f}" for x, y in zip(rs, rates["transformers bf16"]))
+            print(f"  {name}: {ratios}")
 
 
 if __name__ == "__main__":

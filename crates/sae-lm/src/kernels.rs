@@ -1,21 +1,17 @@
-//! f32 CPU kernels of the Llama forward pass, on row-major slices: attention's products
-//! through `gemm` (strided, so head slices are read in place, no copies), and the row-wise
-//! steps (RMSNorm, RoPE, causal softmax, SiLU gating) in parallel over rows. The weight
-//! products run in `sae_core::f32_product` (or `bf16`), on weights laid out once.
+//! f32 CPU kernels of the Llama forward pass, on row-major slices: the row-wise steps
+//! (RMSNorm, RoPE, softmax, SiLU gating) in parallel over rows. Attention is in `attention`;
+//! the weight products run in `sae_core::f32_product` (or `bf16`), on weights laid out once.
 
 #![allow(clippy::too_many_arguments)]
 
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
-use sae_core::kernels::SharedMut;
 
 /// Rows per rayon task in the row-wise kernels: enough work to amortise the task.
 const ROW_CHUNK: usize = 16;
-/// Query rows per block of causal attention (a multiple of gemm's 16-row register tile).
-const QUERY_BLOCK: usize = 32;
 
 /// RMSNorm of each `d`-wide row of `x` into `out`, scaled by `weight`, computed as candle's
-/// `rms_norm` does (f32 sum of squares, divide by the root, then scale).
+/// `rms_norm` does (f32 sum of squares, divide by the root, then scale), except that the
+/// sum runs in 16 lanes (`sum_squares`).
 pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     assert_eq!(x.len(), out.len());
@@ -23,13 +19,31 @@ pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         .zip(x.par_chunks(d * ROW_CHUNK))
         .for_each(|(out, x)| {
             for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let sum2: f32 = x.iter().map(|v| v * v).sum();
-                let m = (sum2 / d as f32 + eps).sqrt();
-                for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
-                    *o = v / m * w;
-                }
+                with_avx512!(normalise_row(x, weight, eps, o));
             }
         });
+}
+
+/// One row of `rms_norm`.
+#[inline(always)]
+fn normalise_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let m = (sum_squares(x) / weight.len() as f32 + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v / m * w;
+    }
+}
+
+/// The sum of squares of `x` in sixteen running sums, so it vectorises (f32 addition is not
+/// reassociated): a chain of one add per value would be the norm's whole cost.
+#[inline(always)]
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, &v)| *l += v * v);
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `rms_norm`, each row rounded to bf16 pairs into `pairs` (grown as needed, `d.div_ceil(2)`
@@ -48,11 +62,7 @@ pub(crate) fn rms_norm_pairs(x: &[f32], weight: &[f32], eps: f32, pairs: &mut Ve
             || vec![0f32; d],
             |normed, (pairs, x)| {
                 for (p, x) in pairs.chunks_exact_mut(row).zip(x.chunks_exact(d)) {
-                    let sum2: f32 = x.iter().map(|v| v * v).sum();
-                    let m = (sum2 / d as f32 + eps).sqrt();
-                    for ((o, &v), &w) in normed.iter_mut().zip(x).zip(weight) {
-                        *o = v / m * w;
-                    }
+                    with_avx512!(normalise_row(x, weight, eps, normed));
                     sae_core::bf16::round_row_pairs(normed, p);
                 }
             },
@@ -110,105 +120,6 @@ pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
         .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
 }
 
-/// Causal grouped-query attention for `batch` contexts of `ctx` rows. Each row of `qkv`
-/// (stride `width`) holds `n_heads` query heads, then `n_kv_heads` key heads, then
-/// `n_kv_heads` value heads, all `d_head` wide, RoPE already applied. Writes the per-head
-/// outputs to `z` (`[batch * ctx, n_heads * d_head]`). One task per (context, query head).
-pub(crate) fn causal_attention(
-    qkv: &[f32],
-    width: usize,
-    batch: usize,
-    ctx: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    d_head: usize,
-    z: &mut [f32],
-) {
-    let z_width = n_heads * d_head;
-    assert!((n_heads + 2 * n_kv_heads) * d_head <= width);
-    assert!(n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads));
-    assert!(qkv.len() >= batch * ctx * width);
-    assert_eq!(z.len(), batch * ctx * z_width);
-    let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (d_head as f32).sqrt();
-    let z_ptr = SharedMut(z.as_mut_ptr());
-    (0..batch * n_heads).into_par_iter().for_each_init(
-        || vec![0f32; ctx * ctx],
-        |scores, task| {
-            let (b, h) = (task / n_heads, task % n_heads);
-            let kv = h / group;
-            let base = b * ctx * width;
-            let q = &qkv[base + h * d_head..];
-            let k = &qkv[base + (n_heads + kv) * d_head..];
-            let v = &qkv[base + (n_heads + n_kv_heads + kv) * d_head..];
-            // Query rows in blocks: block `[i0, i1)` attends to keys `0..i1` only, so the
-            // products skip most of the masked upper triangle (5/8 of the full square at 4
-            // blocks). Masked scores inside a block are zeros, which add nothing to z.
-            let mut i0 = 0;
-            while i0 < ctx {
-                let i1 = ctx.min(i0 + QUERY_BLOCK);
-                // SAFETY: `scores` is ctx x ctx and rows i0..i1, columns 0..i1 are written;
-                // q and k rows are d_head wide at stride `width` within this context's rows
-                // (asserted above); k is read transposed.
-                unsafe {
-                    gemm(
-                        i1 - i0,
-                        i1,
-                        d_head,
-                        scores.as_mut_ptr().add(i0 * ctx),
-                        1,
-                        ctx as isize,
-                        false,
-                        q.as_ptr().add(i0 * width),
-                        1,
-                        width as isize,
-                        k.as_ptr(),
-                        width as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                for i in i0..i1 {
-                    let (seen, future) = scores[i * ctx..][..i1].split_at_mut(i + 1);
-                    softmax(seen);
-                    future.fill(0.0);
-                }
-                // SAFETY: this task alone writes rows i0..i1, columns h*d_head..(h+1)*d_head
-                // of context b in z (z is batch*ctx x z_width, asserted above); v as q above.
-                unsafe {
-                    gemm(
-                        i1 - i0,
-                        d_head,
-                        i1,
-                        z_ptr.get().add((b * ctx + i0) * z_width + h * d_head),
-                        1,
-                        z_width as isize,
-                        false,
-                        scores.as_ptr().add(i0 * ctx),
-                        1,
-                        ctx as isize,
-                        v.as_ptr(),
-                        1,
-                        width as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                i0 = i1;
-            }
-        },
-    );
-}
-
 /// SwiGLU in place on rows of `gate | up` (each `d_mlp` wide): the gate half becomes
 /// `silu(gate) * up`, which the down projection then reads with row stride `2 * d_mlp`.
 pub(crate) fn silu_gate_in_place(gate_up: &mut [f32], d_mlp: usize) {
@@ -255,12 +166,12 @@ fn silu_gate(gate: &mut [f32], up: &[f32]) {
 }
 
 /// Softmax of `row` in place.
-fn softmax(row: &mut [f32]) {
+pub(crate) fn softmax(row: &mut [f32]) {
     with_avx512!(softmax_inline(row))
 }
 
 #[inline(always)]
-fn softmax_inline(row: &mut [f32]) {
+pub(crate) fn softmax_inline(row: &mut [f32]) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     row.iter_mut().for_each(|s| *s = exp(*s - max));
     // Sixteen running sums, so the sum vectorises (f32 addition is not reassociated).

@@ -1,5 +1,6 @@
 //! The model side of the pipeline: corpus -> tokenizer -> language model with hook points.
 
+mod attention;
 pub use sae_core::bf16;
 pub mod corpus;
 pub mod fetch;

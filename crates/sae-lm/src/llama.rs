@@ -380,7 +380,16 @@ impl Llama {
                 &self.sin,
                 c.interleaved_rope,
             );
-            kernels::causal_attention(qkv, qkv_width, batch, ctx, c.n_heads, c.n_kv_heads, dh, z);
+            crate::attention::causal_attention(
+                qkv,
+                qkv_width,
+                batch,
+                ctx,
+                c.n_heads,
+                c.n_kv_heads,
+                dh,
+                z,
+            );
             if at(HookKind::AttnZ) && mode.apply_in_place(z)? {
                 return done(z.clone(), z_width);
             }
