@@ -87,35 +87,53 @@ fn attention_on(
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (d_head as f32).sqrt();
     let z_ptr = SharedMut(z.as_mut_ptr());
-    (0..batch * n_heads)
+    // One task per (context, kv head): the query heads of its group share K (transposed
+    // once on the AVX-512 path) and V.
+    (0..batch * n_kv_heads)
         .into_par_iter()
         .for_each_init(Scratch::default, |scratch, task| {
-            let (b, h) = (task / n_heads, task % n_heads);
-            let kv = h / group;
+            let (b, kv) = (task / n_kv_heads, task % n_kv_heads);
             let base = b * ctx * width;
-            let q = &qkv[base + h * d_head..];
             let k = &qkv[base + (n_heads + kv) * d_head..];
             let v = &qkv[base + (n_heads + n_kv_heads + kv) * d_head..];
-            // SAFETY: this task alone writes rows b*ctx..(b+1)*ctx, columns
-            // h*d_head..(h+1)*d_head of z (z is batch*ctx x z_width, asserted above).
-            let z = unsafe { z_ptr.get().add(b * ctx * z_width + h * d_head) };
-            let head = Head {
-                q,
-                k,
-                v,
-                width,
-                ctx,
-                d_head,
-                scale,
-                z,
-                z_width,
-            };
-            match path {
-                // SAFETY: AVX-512F checked by `avx512_fits`, asserted above.
-                Path::Avx512 => unsafe { attend_avx512(&head, scratch) },
-                Path::Gemm => attend_gemm(&head, &mut scratch.scores),
+            if path == Path::Avx512 {
+                transpose_keys(k, width, ctx, d_head, &mut scratch.k_t);
+            }
+            for h in kv * group..(kv + 1) * group {
+                // SAFETY: this task alone writes rows b*ctx..(b+1)*ctx, columns
+                // h*d_head..(h+1)*d_head of z (z is batch*ctx x z_width, asserted above).
+                let z = unsafe { z_ptr.get().add(b * ctx * z_width + h * d_head) };
+                let head = Head {
+                    q: &qkv[base + h * d_head..],
+                    k,
+                    v,
+                    width,
+                    ctx,
+                    d_head,
+                    scale,
+                    z,
+                    z_width,
+                };
+                match path {
+                    // SAFETY: AVX-512F checked by `avx512_fits`, asserted above; `k_t` holds
+                    // this head's keys.
+                    Path::Avx512 => unsafe { attend_avx512(&head, scratch) },
+                    Path::Gemm => attend_gemm(&head, &mut scratch.scores),
+                }
             }
         });
+}
+
+/// `k` (`ctx` rows at stride `width`, `d_head` wide) transposed into `k_t`: `d_head` rows of
+/// `ctx.next_multiple_of(KEY_TILE)` keys, the padding left as it was.
+fn transpose_keys(k: &[f32], width: usize, ctx: usize, d_head: usize, k_t: &mut Vec<f32>) {
+    let ctx_pad = ctx.next_multiple_of(KEY_TILE);
+    k_t.resize(d_head * ctx_pad, 0.0);
+    for (d, row) in k_t.chunks_exact_mut(ctx_pad).enumerate() {
+        for (j, t) in row[..ctx].iter_mut().enumerate() {
+            *t = k[j * width + d];
+        }
+    }
 }
 
 /// One (context, query head): q, k and v rows at stride `width` (`ctx` rows each, `d_head`
@@ -207,12 +225,7 @@ fn attend_gemm(hd: &Head<'_>, scores: &mut Vec<f32>) {
 unsafe fn attend_avx512(hd: &Head<'_>, s: &mut Scratch) {
     let (ctx, width, dh) = (hd.ctx, hd.width, hd.d_head);
     let ctx_pad = ctx.next_multiple_of(KEY_TILE);
-    s.k_t.resize(dh * ctx_pad, 0.0);
-    for (d, row) in s.k_t.chunks_exact_mut(ctx_pad).enumerate() {
-        for (j, t) in row[..ctx].iter_mut().enumerate() {
-            *t = hd.k[j * width + d];
-        }
-    }
+    debug_assert_eq!(s.k_t.len(), dh * ctx_pad);
     s.scores.resize(SCORE_ROWS * ctx_pad, 0.0);
     let mut i0 = 0;
     while i0 < ctx {
@@ -232,9 +245,14 @@ unsafe fn attend_avx512(hd: &Head<'_>, s: &mut Scratch) {
             );
         }
         for (r, row) in s.scores.chunks_exact_mut(ctx_pad).take(rows).enumerate() {
-            let (seen, future) = row[..n_keys].split_at_mut(i0 + r + 1);
-            crate::kernels::softmax_inline(seen);
-            future.fill(0.0);
+            // Rows are padded to whole tiles of keys, so the softmax runs over whole
+            // registers (a multiple of 16 <= ctx_pad, a multiple of 48).
+            let seen = i0 + r + 1;
+            let lanes = seen.next_multiple_of(16);
+            softmax_padded(&mut row[..lanes], seen);
+            if n_keys > lanes {
+                row[lanes..n_keys].fill(0.0);
+            }
         }
         for r0 in (0..rows).step_by(OUT_ROWS) {
             for c0 in (0..dh).step_by(OUT_COLS) {
@@ -252,6 +270,30 @@ unsafe fn attend_avx512(hd: &Head<'_>, s: &mut Scratch) {
         }
         i0 += rows;
     }
+}
+
+/// Softmax of `row[..n]` in place and zeros after it, where `row.len()` is a multiple of 16:
+/// the padding enters as -inf (e^x of the clamped `exp` gives 1.2e-38 there, which adds
+/// nothing to a sum that holds a 1, the maximum's term) so every pass runs over whole
+/// 16-lane chunks, without a scalar tail.
+#[inline(always)]
+fn softmax_padded(row: &mut [f32], n: usize) {
+    debug_assert!(row.len().is_multiple_of(16) && n <= row.len() && n > 0);
+    row[n..].fill(f32::NEG_INFINITY);
+    let mut max = [f32::NEG_INFINITY; 16];
+    for c in row.chunks_exact(16) {
+        max.iter_mut().zip(c).for_each(|(m, &s)| *m = m.max(s));
+    }
+    let max = max.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut lanes = [0f32; 16];
+    for c in row.chunks_exact_mut(16) {
+        c.iter_mut()
+            .for_each(|s| *s = crate::kernels::exp(*s - max));
+        lanes.iter_mut().zip(&*c).for_each(|(l, &v)| *l += v);
+    }
+    let inv = 1.0 / lanes.iter().sum::<f32>();
+    row[..n].iter_mut().for_each(|s| *s *= inv);
+    row[n..].fill(0.0);
 }
 
 #[cfg(not(target_arch = "x86_64"))]
