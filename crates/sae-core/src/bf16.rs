@@ -380,34 +380,50 @@ fn product_on(
     assert_eq!(a_pairs.len(), m * a_row);
     let wide_avx2 = !portable && path == Bf16Path::Widen && cpu_has!("avx2");
     let panels = w.n.div_ceil(NR);
-    let blocks = m.div_ceil(ROW_BLOCK);
     let out_ptr = SharedMut(out.as_mut_ptr());
-    (0..blocks * panels).into_par_iter().for_each(|task| {
-        let (blk, p) = (task / panels, task % panels);
+    for_each_tile(m, panels, MR, |r, rows, p| {
         let cols = NR.min(w.n - p * NR);
         let panel = &w.data[p * kp * NR..][..kp * NR];
+        let a_tile = &a_pairs[r * a_row..][..rows * a_row];
+        // SAFETY: `runs_here()` was checked (and AVX2 for `wide_avx2`); this tile alone
+        // writes rows r..r+rows, columns p*NR..p*NR+cols of `out`, inside it by the asserts
+        // above.
+        unsafe {
+            let dst = out_ptr.get().add(r * out_rs + p * NR);
+            match path {
+                Bf16Path::Avx512Bf16 => {
+                    tile_any(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
+                }
+                Bf16Path::Widen if wide_avx2 => {
+                    tile_widen_avx2(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
+                }
+                Bf16Path::Widen => {
+                    tile_widen(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
+                }
+            }
+        }
+    });
+}
+
+/// The output tiles of a product over `m` rows and `panels` column panels, in the order
+/// `matmul` takes them: one rayon task per (block of rows, panel), so a task's input rows stay
+/// in L2 across the panels, and within it tiles of at most `tile_rows` rows.
+/// `tile(first_row, rows, panel)` computes one; each output is made by one call, whatever the
+/// thread count.
+pub fn for_each_tile(
+    m: usize,
+    panels: usize,
+    tile_rows: usize,
+    tile: impl Fn(usize, usize, usize) + Sync + Send,
+) {
+    let blocks = m.div_ceil(ROW_BLOCK);
+    (0..blocks * panels).into_par_iter().for_each(|task| {
+        let (blk, p) = (task / panels, task % panels);
         let end = m.min((blk + 1) * ROW_BLOCK);
         let mut r = blk * ROW_BLOCK;
         while r < end {
-            let rows = MR.min(end - r);
-            let a_tile = &a_pairs[r * a_row..][..rows * a_row];
-            // SAFETY: `runs_here()` was checked (and AVX2 for `wide_avx2`); this task alone
-            // writes rows r..r+rows, columns p*NR..p*NR+cols of `out`, inside it by the
-            // asserts above.
-            unsafe {
-                let dst = out_ptr.get().add(r * out_rs + p * NR);
-                match path {
-                    Bf16Path::Avx512Bf16 => {
-                        tile_any(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
-                    }
-                    Bf16Path::Widen if wide_avx2 => {
-                        tile_widen_avx2(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
-                    }
-                    Bf16Path::Widen => {
-                        tile_widen(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
-                    }
-                }
-            }
+            let rows = tile_rows.min(end - r);
+            tile(r, rows, p);
             r += rows;
         }
     });

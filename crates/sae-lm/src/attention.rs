@@ -34,7 +34,7 @@ struct Scratch {
 /// Causal grouped-query attention for `batch` contexts of `ctx` rows. Each row of `qkv`
 /// (stride `width`) holds `n_heads` query heads, then `n_kv_heads` key heads, then
 /// `n_kv_heads` value heads, all `d_head` wide, RoPE already applied. Writes the per-head
-/// outputs to `z` (`[batch * ctx, n_heads * d_head]`). One task per (context, query head).
+/// outputs to `z` (`[batch * ctx, n_heads * d_head]`). One task per (context, kv head).
 pub(crate) fn causal_attention(
     qkv: &[f32],
     width: usize,

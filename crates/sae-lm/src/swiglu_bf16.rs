@@ -16,14 +16,13 @@ use sae_core::kernels::SharedMut;
 
 /// Rows per register tile: 4 rows x (3 gate + 3 up) registers of 16 sums is 24 of the 32.
 const TILE_ROWS: usize = 4;
-/// Rows per rayon task; its input rows stay in L2 across the panels it visits.
-const ROW_BLOCK: usize = 64;
 
 /// `out` (grown as needed; the first `m * d.div_ceil(2)` values are written) gets `m` rows of
 /// `silu(a W_gate) * (a W_up)` rounded to bf16 pairs (column `2i` in the low half, an odd `d`
 /// padded with zero), where `a_pairs` holds `m` input rows rounded by `bf16::round_rows`
 /// (`gate.k_pairs()` u32 each) and `gate`, `up` are `[k, d]`. Every output is computed by
-/// one task in a fixed order: the result does not depend on the thread count. Panics unless
+/// one tile in a fixed order (`bf16::for_each_tile`): the result does not depend on the thread
+/// count. Panics unless
 /// `bf16::available()`.
 pub(crate) fn swiglu_pairs(
     m: usize,
@@ -45,26 +44,26 @@ pub(crate) fn swiglu_pairs(
         return;
     }
     let panels = d.div_ceil(PANEL_COLS);
-    let blocks = m.div_ceil(ROW_BLOCK);
     // Written as bf16 values: on little-endian x86_64 value `2i` of a row is pair i's low half.
     let out_ptr = SharedMut(out.as_mut_ptr() as *mut u16);
-    (0..blocks * panels).into_par_iter().for_each(|task| {
-        let (blk, p) = (task / panels, task % panels);
+    bf16::for_each_tile(m, panels, TILE_ROWS, |r, rows, p| {
         let cols = PANEL_COLS.min(d - p * PANEL_COLS);
-        let (g, u) = (gate.panel(p), up.panel(p));
-        let end = m.min((blk + 1) * ROW_BLOCK);
-        let mut r = blk * ROW_BLOCK;
-        while r < end {
-            let rows = TILE_ROWS.min(end - r);
-            let a = &a_pairs[r * kp..][..rows * kp];
-            // SAFETY: `available()` was checked above; this task alone writes rows
-            // r..r+rows, values p*PANEL_COLS..p*PANEL_COLS+cols of `out`, whose rows hold
-            // 2 * out_row >= d values.
-            unsafe {
-                let dst = out_ptr.get().add(r * 2 * out_row + p * PANEL_COLS);
-                tile_any(rows, a, kp, g, u, dst, 2 * out_row, cols);
-            }
-            r += rows;
+        let a = &a_pairs[r * kp..][..rows * kp];
+        // SAFETY: `available()` was checked above; this tile alone writes rows r..r+rows,
+        // values p*PANEL_COLS..p*PANEL_COLS+cols of `out`, whose rows hold 2 * out_row >= d
+        // values.
+        unsafe {
+            let dst = out_ptr.get().add(r * 2 * out_row + p * PANEL_COLS);
+            tile_any(
+                rows,
+                a,
+                kp,
+                gate.panel(p),
+                up.panel(p),
+                dst,
+                2 * out_row,
+                cols,
+            );
         }
     });
     if d % 2 == 1 {
