@@ -821,12 +821,7 @@ pub(crate) unsafe fn sums_above_avx2(v: &[f32], b: &[f32], lb: f32, out: &mut Ve
     }
     // The first `len` values past `start` were written above.
     out.set_len(start + len);
-    for i in full..n {
-        let s = v[i] + b[i];
-        if s > lb {
-            out.push(s);
-        }
-    }
+    sums_above_plain(&v[full..n], &b[full..n], lb, out);
 }
 
 /// Hint the CPU to load `v[start..start + len]` into cache (no-op off x86_64).
