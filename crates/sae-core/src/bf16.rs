@@ -641,6 +641,14 @@ unsafe fn tile_any(
     unreachable!("bf16 products are x86_64 only");
 }
 
+/// The first `min(n, 16)` of a 16-lane register's lanes, for a panel's last columns.
+pub fn lane_mask(n: usize) -> u16 {
+    match n {
+        16.. => 0xffff,
+        _ => (1u16 << n) - 1,
+    }
+}
+
 /// One `R x NR` output tile: `R` rows of rounded activations (`kp` pairs each) against one
 /// packed panel, written (or added) to `dst`, of which only the first `cols` columns.
 #[cfg(target_arch = "x86_64")]
@@ -676,11 +684,7 @@ unsafe fn tile<const R: usize>(
             if c0 >= cols {
                 break;
             }
-            let mask: __mmask16 = if cols - c0 >= 16 {
-                0xffff
-            } else {
-                (1u16 << (cols - c0)) - 1
-            };
+            let mask = lane_mask(cols - c0);
             let p = dst.add(r * dst_rs + c0);
             let v = if accumulate {
                 _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), v)

@@ -31,26 +31,32 @@ struct Scratch {
     k_t: Vec<f32>,
 }
 
+/// The heads of grouped-query attention: `n_heads` query heads share `n_kv_heads` key and
+/// value heads, all `d_head` wide.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heads {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_head: usize,
+}
+
 /// Causal grouped-query attention for `batch` contexts of `ctx` rows. Each row of `qkv`
-/// (stride `width`) holds `n_heads` query heads, then `n_kv_heads` key heads, then
-/// `n_kv_heads` value heads, all `d_head` wide, RoPE already applied. Writes the per-head
-/// outputs to `z` (`[batch * ctx, n_heads * d_head]`). One task per (context, kv head).
+/// (stride `width`) holds the query heads, then the key heads, then the value heads, RoPE
+/// already applied. Writes the per-head outputs to `z` (`[batch * ctx, n_heads * d_head]`).
+/// One task per (context, kv head).
 pub(crate) fn causal_attention(
     qkv: &[f32],
     width: usize,
     batch: usize,
     ctx: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    d_head: usize,
+    heads: Heads,
     z: &mut [f32],
 ) {
-    let path = if avx512_fits(d_head) {
-        Path::Avx512
-    } else {
-        Path::Gemm
+    let path = match avx512_fits(heads.d_head) {
+        true => Path::Avx512,
+        false => Path::Gemm,
     };
-    attention_on(path, qkv, width, batch, ctx, n_heads, n_kv_heads, d_head, z);
+    attention_on(path, qkv, width, batch, ctx, heads, z);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,11 +79,14 @@ fn attention_on(
     width: usize,
     batch: usize,
     ctx: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    d_head: usize,
+    heads: Heads,
     z: &mut [f32],
 ) {
+    let Heads {
+        n_heads,
+        n_kv_heads,
+        d_head,
+    } = heads;
     let z_width = n_heads * d_head;
     assert!((n_heads + 2 * n_kv_heads) * d_head <= width);
     assert!(n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads));
@@ -446,9 +455,12 @@ mod tests {
             let want = reference(&qkv, width, batch, ctx, n_heads, n_kv_heads, dh);
             for &path in &paths {
                 let mut z = vec![f32::NAN; want.len()];
-                attention_on(
-                    path, &qkv, width, batch, ctx, n_heads, n_kv_heads, dh, &mut z,
-                );
+                let heads = Heads {
+                    n_heads,
+                    n_kv_heads,
+                    d_head: dh,
+                };
+                attention_on(path, &qkv, width, batch, ctx, heads, &mut z);
                 let worst = z
                     .iter()
                     .zip(&want)

@@ -380,16 +380,12 @@ impl Llama {
                 &self.sin,
                 c.interleaved_rope,
             );
-            crate::attention::causal_attention(
-                qkv,
-                qkv_width,
-                batch,
-                ctx,
-                c.n_heads,
-                c.n_kv_heads,
-                dh,
-                z,
-            );
+            let heads = crate::attention::Heads {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                d_head: dh,
+            };
+            crate::attention::causal_attention(qkv, qkv_width, batch, ctx, heads, z);
             if at(HookKind::AttnZ) && mode.apply_in_place(z)? {
                 return done(z.clone(), z_width);
             }

@@ -155,11 +155,7 @@ unsafe fn tile<const R: usize>(
             if c0 >= cols {
                 break;
             }
-            let mask: __mmask16 = if cols - c0 >= 16 {
-                0xffff
-            } else {
-                (1u16 << (cols - c0)) - 1
-            };
+            let mask = sae_core::bf16::lane_mask(cols - c0);
             let gated = silu_times(acc[z], acc[3 + z]);
             let bf: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(gated));
             _mm256_mask_storeu_epi16(dst.add(r * dst_rs + c0) as *mut i16, mask, bf);
