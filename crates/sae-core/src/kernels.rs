@@ -765,63 +765,113 @@ pub(crate) unsafe fn indices_above_avx2(v: &[f32], cutoff: &[f32], out: &mut Vec
     }
 }
 
-/// Appends every `v[j] + b[j]` above `lb` to `out` (NaN never passes), without branches on
-/// the comparisons, as [`indices_above`].
-pub fn sums_above(v: &[f32], b: &[f32], lb: f32, out: &mut Vec<f32>) {
+/// Entries of a row kept by [`entries_above`], appended in order of `j`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EntriesAbove {
+    pub idx: Vec<u32>,
+    /// `v[j] + b[j]`.
+    pub sum: Vec<f32>,
+    /// `v[j]`.
+    pub raw: Vec<f32>,
+}
+
+impl EntriesAbove {
+    pub fn len(&self) -> usize {
+        self.idx.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.idx.is_empty()
+    }
+    pub fn clear(&mut self) {
+        self.idx.clear();
+        self.sum.clear();
+        self.raw.clear();
+    }
+    fn truncate(&mut self, len: usize) {
+        self.idx.truncate(len);
+        self.sum.truncate(len);
+        self.raw.truncate(len);
+    }
+}
+
+/// Appends every `j` with `v[j] + b[j] > lb` to `out`, with that sum and `v[j]` (NaN never
+/// passes), without branches on the comparisons, as [`indices_above`].
+pub fn entries_above(v: &[f32], b: &[f32], lb: f32, out: &mut EntriesAbove) {
     #[cfg(target_arch = "x86_64")]
     if cpu_has!("avx2") {
         // SAFETY: the CPU has AVX2.
-        return unsafe { sums_above_avx2(v, b, lb, out) };
+        return unsafe { entries_above_avx2(v, b, lb, out) };
     }
-    sums_above_plain(v, b, lb, out)
+    entries_above_plain(v, b, lb, out)
 }
 
-/// [`sums_above`] on any CPU: every sum is written, the length moves past the passing ones.
-pub(crate) fn sums_above_plain(v: &[f32], b: &[f32], lb: f32, out: &mut Vec<f32>) {
+/// [`entries_above`] on any CPU: every entry is written, the length moves past the passing
+/// ones.
+pub(crate) fn entries_above_plain(v: &[f32], b: &[f32], lb: f32, out: &mut EntriesAbove) {
     let n = v.len().min(b.len());
     let start = out.len();
-    out.resize(start + n, 0.0);
+    out.idx.resize(start + n, 0);
+    out.sum.resize(start + n, 0.0);
+    out.raw.resize(start + n, 0.0);
     let mut len = start;
-    for (x, c) in v[..n].iter().zip(&b[..n]) {
+    for (j, (x, c)) in v[..n].iter().zip(&b[..n]).enumerate() {
         let s = x + c;
-        out[len] = s;
+        out.idx[len] = j as u32;
+        out.sum[len] = s;
+        out.raw[len] = *x;
         len += (s > lb) as usize;
     }
     out.truncate(len);
 }
 
-/// [`sums_above`] with AVX2, eight sums per step as [`indices_above_avx2`].
+/// [`entries_above`] with AVX2: eight sums, one mask and the same lane shuffle for the
+/// indices, the sums and the values per step.
 ///
 /// # Safety
 /// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn sums_above_avx2(v: &[f32], b: &[f32], lb: f32, out: &mut Vec<f32>) {
+pub(crate) unsafe fn entries_above_avx2(v: &[f32], b: &[f32], lb: f32, out: &mut EntriesAbove) {
     use std::arch::x86_64::*;
     let n = v.len().min(b.len());
     let full = n / 8 * 8;
     let start = out.len();
     // Each store writes eight lanes; only the passing ones are kept.
-    out.reserve(full + 8);
-    let dst = out.as_mut_ptr().add(start);
+    out.idx.reserve(full + 8);
+    out.sum.reserve(full + 8);
+    out.raw.reserve(full + 8);
+    let di = out.idx.as_mut_ptr().add(start);
+    let ds = out.sum.as_mut_ptr().add(start);
+    let dr = out.raw.as_mut_ptr().add(start);
     let mut len = 0usize;
     let bound = _mm256_set1_ps(lb);
+    let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let step = _mm256_set1_epi32(8);
     let mut i = 0;
     while i < full {
-        let s = _mm256_add_ps(
-            _mm256_loadu_ps(v.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-        );
+        let x = _mm256_loadu_ps(v.as_ptr().add(i));
+        let s = _mm256_add_ps(x, _mm256_loadu_ps(b.as_ptr().add(i)));
         let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(s, bound)) as usize;
         let order = _mm256_loadu_si256(LEFT_PACK[m].as_ptr() as *const __m256i);
-        // `len + 8 <= full + 8`: inside the reserved capacity.
-        _mm256_storeu_ps(dst.add(len), _mm256_permutevar8x32_ps(s, order));
+        // `len + 8 <= full + 8`: inside the reserved capacities.
+        _mm256_storeu_si256(
+            di.add(len) as *mut __m256i,
+            _mm256_permutevar8x32_epi32(lanes, order),
+        );
+        _mm256_storeu_ps(ds.add(len), _mm256_permutevar8x32_ps(s, order));
+        _mm256_storeu_ps(dr.add(len), _mm256_permutevar8x32_ps(x, order));
         len += m.count_ones() as usize;
+        lanes = _mm256_add_epi32(lanes, step);
         i += 8;
     }
-    // The first `len` values past `start` were written above.
-    out.set_len(start + len);
-    sums_above_plain(&v[full..n], &b[full..n], lb, out);
+    // The first `len` entries past `start` were written above.
+    out.idx.set_len(start + len);
+    out.sum.set_len(start + len);
+    out.raw.set_len(start + len);
+    let tail = out.len();
+    entries_above_plain(&v[full..n], &b[full..n], lb, out);
+    // The tail's indices count from `full`.
+    out.idx[tail..].iter_mut().for_each(|j| *j += full as u32);
 }
 
 /// Hint the CPU to load `v[start..start + len]` into cache (no-op off x86_64).

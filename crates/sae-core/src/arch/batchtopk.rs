@@ -4,11 +4,11 @@
 
 use super::topk::{auxk_backward, auxk_train_opts, push_auxk, topk_lr, AuxKOpts, AUXK_OPTIONS};
 use super::{
-    batch_state, candidates, encode_jumprelu_row, kth_largest_positive, loosen, validate_threshold, Arch, ArchKind,
+    batch_state, encode_jumprelu_row, kth_largest_positive, validate_threshold, Arch, ArchKind,
     AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, RowCode,
     RowOut, Sparsity, StepCtx, Stored, TrainOption, TrainOpts,
 };
-use crate::kernels::sums_above;
+use crate::kernels::{entries_above, EntriesAbove};
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
 use crate::trainer::TrainHyper;
@@ -127,52 +127,94 @@ impl BatchTopKRule {
     }
 }
 
-/// BatchTopK's batch state: this batch's selection threshold.
+/// Rows of a batch per task of the threshold's pass.
+const ROWS_PER_TASK: usize = 16;
+
+/// BatchTopK's batch state: this batch's selection threshold, and the entries of each row
+/// above the bound the threshold was found from (every entry the selection can keep), so
+/// selection reads them instead of the whole `[n, d_sae]` batch again.
 #[derive(Default)]
-struct BatchThreshold(f32);
+struct BatchThreshold {
+    t: f32,
+    /// Per task of `ROWS_PER_TASK` rows, in row order.
+    parts: Vec<RowEntries>,
+    /// Every part's sums, one slice for `kth_largest_positive`.
+    all: Vec<f32>,
+}
+
+/// The entries above a bound of a few consecutive rows (latent, `pre + b_enc`, `pre`), row
+/// by row, ascending in latent; `ends[r]` is where row r's end.
+#[derive(Default)]
+struct RowEntries {
+    above: EntriesAbove,
+    ends: Vec<usize>,
+}
+
+impl BatchThreshold {
+    /// Row `b`'s entries above the bound: latents, sums and pre-activations.
+    fn row(&self, b: usize) -> (&[u32], &[f32], &[f32]) {
+        let part = &self.parts[b / ROWS_PER_TASK];
+        let r = b % ROWS_PER_TASK;
+        let start = if r == 0 { 0 } else { part.ends[r - 1] };
+        let e = &part.above;
+        let rows = start..part.ends[r];
+        (&e.idx[rows.clone()], &e.sum[rows.clone()], &e.raw[rows])
+    }
+}
 
 impl BatchTopKRule {
-    /// The (k*B)-th largest positive `pre + b_enc` of the batch. `previous` (the last batch's
-    /// value, 0 at first) is a hint that avoids collecting every positive value; the result
-    /// does not depend on it.
-    fn threshold(&self, batch: &BatchInput, previous: f32) -> f32 {
+    /// Sets `state.t` to the (k*B)-th largest positive `pre + b_enc` of the batch, and keeps
+    /// every entry above the bound it was found from (`state.parts`). The last batch's
+    /// threshold (`state.t` on entry, 0 at first) is a hint that avoids collecting every
+    /// positive value; the result does not depend on it.
+    fn threshold(&self, batch: &BatchInput, state: &mut BatchThreshold) {
         let (d_sae, pre) = (batch.d_sae, batch.pre);
         let want = self.k * batch.n;
         let b_enc = &batch.params[0][..];
-        // Every `pre + b_enc > lb`, per thread, without branches on the comparison (a few
-        // percent pass, at random places).
-        let collect = |lb: f32| -> Vec<f32> {
-            pre.par_chunks(d_sae * 16)
-                .fold(Vec::new, |mut v, rows| {
+        let n_parts = batch.n.div_ceil(ROWS_PER_TASK);
+        state.parts.resize_with(n_parts, RowEntries::default);
+        // Every `pre + b_enc > lb`, by tasks of rows, without branches on the comparison (a
+        // few percent pass, at random places).
+        let collect = |lb: f32, parts: &mut [RowEntries]| -> usize {
+            pre.par_chunks(d_sae * ROWS_PER_TASK)
+                .zip(parts.par_iter_mut())
+                .map(|(rows, part)| {
+                    part.above.clear();
+                    part.ends.clear();
                     for row in rows.chunks(d_sae) {
-                        sums_above(row, b_enc, lb, &mut v);
+                        entries_above(row, b_enc, lb, &mut part.above);
+                        part.ends.push(part.above.len());
                     }
-                    v
+                    part.above.len()
                 })
-                .reduce(Vec::new, |mut a, b| {
-                    a.extend_from_slice(&b);
-                    a
-                })
+                .sum()
         };
         // The threshold moves little from batch to batch: most batches need only the values
         // above 0.8 of the last one (a few times `want`); lower bounds are the fallbacks.
+        let previous = state.t;
         let bounds = [previous * 0.8, previous * 0.5, 0.0];
-        let mut vals = Vec::new();
+        let mut found = 0;
         for (i, &lb) in bounds.iter().enumerate() {
             if lb > 0.0 || i + 1 == bounds.len() {
-                vals = collect(lb);
-                if vals.len() >= want {
+                found = collect(lb, &mut state.parts);
+                if found >= want {
                     break;
                 }
             }
         }
-        if vals.is_empty() {
-            return f32::MIN_POSITIVE;
-        }
-        if vals.len() <= want {
-            return vals.iter().cloned().fold(f32::INFINITY, f32::min);
-        }
-        kth_largest_positive(&vals, want)
+        state.t = if found == 0 {
+            f32::MIN_POSITIVE
+        } else {
+            state.all.clear();
+            for part in &state.parts {
+                state.all.extend_from_slice(&part.above.sum);
+            }
+            if found <= want {
+                state.all.iter().cloned().fold(f32::INFINITY, f32::min)
+            } else {
+                kth_largest_positive(&state.all, want)
+            }
+        };
     }
 }
 
@@ -190,7 +232,7 @@ impl Arch for BatchTopKRule {
         vec![trained[0].clone(), vec![batch_threshold; trained[0].len()]]
     }
     fn batch_threshold(&self, batch: BatchRef) -> Option<f32> {
-        Some(batch.get::<BatchThreshold>().0)
+        Some(batch.get::<BatchThreshold>().t)
     }
     fn initial_batch_threshold(&self, sae: &Sae) -> f32 {
         sae.param("threshold").first().copied().unwrap_or(0.0)
@@ -208,29 +250,19 @@ impl Arch for BatchTopKRule {
     /// This batch's threshold: entries `>=` it are kept (ties at the threshold may keep a
     /// few more).
     fn prepare_batch(&self, batch: &BatchInput, state: &mut BatchSlot) {
-        let threshold = &mut batch_state::<BatchThreshold>(state).0;
-        *threshold = self.threshold(batch, *threshold);
+        self.threshold(batch, batch_state::<BatchThreshold>(state));
     }
 
-    fn prefilter(&self, params: &[Vec<f32>], batch: BatchRef, out: &mut Vec<f32>) -> bool {
-        out.clear();
-        let t = batch.get::<BatchThreshold>().0.max(0.0);
-        out.extend(params[0].iter().map(|b| loosen(t - b)));
-        true
-    }
-
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
-        let b_enc = &ctx.params[0][..];
-        let t = ctx.batch.get::<BatchThreshold>().0;
-        let mut cands = std::mem::take(&mut out.cands);
-        for &j in candidates(ctx, pre, &mut cands) {
-            let (j, p, b) = (j as usize, pre[j as usize], b_enc[j as usize]);
-            let a = p + b;
-            if a >= t && a > 0.0 {
-                out.push(j, a, 0.0, p);
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
+        let state = ctx.batch.get::<BatchThreshold>();
+        // Every entry at or above the threshold is among those above the bound it was
+        // found from (the bound is below it).
+        let (idx, sum, raw) = state.row(row);
+        for ((&j, &a), &p) in idx.iter().zip(sum).zip(raw) {
+            if a >= state.t && a > 0.0 {
+                out.push(j as usize, a, 0.0, p);
             }
         }
-        out.cands = cands;
         let mut scratch = std::mem::take(&mut out.scratch);
         push_auxk(self.k_aux, ctx, pre, &mut scratch, out);
         out.scratch = scratch;
@@ -278,4 +310,71 @@ pub(crate) fn encode_batch_top_k(sae: &Sae, x: &[f32], n: usize) -> SparseCode {
         code.row_ptr.push(code.idx.len());
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The threshold and the entries kept for selection, from every hint (none, one whose
+    /// 0.8 bound lets fewer than k*n through, one whose bounds all do, a close one), against
+    /// a sort of every positive `pre + b_enc`; rows not a multiple of the task's rows.
+    #[test]
+    fn threshold_and_kept_entries_match_a_sort_whatever_the_hint() {
+        let (n, d_sae, k) = (37, 96, 5);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let pre: Vec<f32> = (0..n * d_sae)
+            .map(|i| match i % 97 {
+                0 => f32::NAN,
+                _ => rng.gen_range(-1.0f32..1.0),
+            })
+            .collect();
+        let params = vec![(0..d_sae).map(|_| rng.gen_range(-0.2f32..0.2)).collect::<Vec<_>>()];
+        let batch = BatchInput {
+            n,
+            d_in: 4,
+            d_sae,
+            params: &params,
+            pre: &pre,
+            w_dec: &[],
+        };
+        let sum = |i: usize| pre[i] + params[0][i % d_sae];
+        let mut positive: Vec<f32> = (0..n * d_sae).map(sum).filter(|a| *a > 0.0).collect();
+        positive.sort_by(|a, b| b.total_cmp(a));
+        let want_t = positive[k * n - 1];
+        let rule = BatchTopKRule {
+            kind: KIND,
+            k,
+            k_aux: 0,
+            aux_coeff: 0.0,
+            heads: Vec::new(),
+        };
+        for hint in [0.0, want_t * 1.6, 100.0, want_t * 1.01, want_t * 0.5] {
+            let mut state = BatchThreshold {
+                t: hint,
+                ..Default::default()
+            };
+            rule.threshold(&batch, &mut state);
+            assert_eq!(state.t.to_bits(), want_t.to_bits(), "hint {hint}");
+            for b in 0..n {
+                let (idx, sums, raw) = state.row(b);
+                let kept: Vec<u32> = idx
+                    .iter()
+                    .zip(sums)
+                    .filter(|(_, &a)| a >= state.t)
+                    .map(|(&j, _)| j)
+                    .collect();
+                let want: Vec<u32> = (0..d_sae as u32)
+                    .filter(|&j| sum(b * d_sae + j as usize) >= want_t)
+                    .collect();
+                assert_eq!(kept, want, "hint {hint}, row {b}");
+                for ((&j, &a), &p) in idx.iter().zip(sums).zip(raw) {
+                    let i = b * d_sae + j as usize;
+                    assert_eq!((a.to_bits(), p.to_bits()), (sum(i).to_bits(), pre[i].to_bits()));
+                }
+            }
+        }
+    }
 }

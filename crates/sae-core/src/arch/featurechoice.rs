@@ -315,7 +315,7 @@ impl Arch for FeatureChoiceRule {
         let cut = &mut batch_state::<ColumnCutoffs>(state).0;
         column_cutoffs(batch.pre, &batch.params[0], &caps, cut);
     }
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
         let (b_enc, cut) = (&ctx.params[0][..], &ctx.batch.get::<ColumnCutoffs>().0);
         for (j, ((&p, &b), &t)) in pre.iter().zip(b_enc).zip(cut).enumerate() {
             let a = p + b;

@@ -39,7 +39,7 @@ impl Arch for GatedRule {
         AuxMode::FrozenDecoder
     }
 
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
         let (b_gate, r_mag, b_mag) = (
             &ctx.params[B_GATE][..],
             &ctx.params[R_MAG][..],

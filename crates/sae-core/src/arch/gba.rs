@@ -251,7 +251,7 @@ impl Arch for GbaRule {
         out.extend(params[0].iter().map(|b| loosen(-b)));
         true
     }
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let mut cands = std::mem::take(&mut out.cands);
         for &j in candidates(ctx, pre, &mut cands) {

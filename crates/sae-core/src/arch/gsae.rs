@@ -155,10 +155,10 @@ impl Arch for GsaeRule {
     }
     /// Without scores the gradient term is 0: TopK's selection (the trainer always passes
     /// scores to this rule, through `select_row_scored`).
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
-        self.topk.select_row(ctx, pre, out);
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
+        self.topk.select_row(ctx, row, pre, out);
     }
-    fn select_row_scored(&self, ctx: &StepCtx, pre: &[f32], scores: &[f32], out: &mut RowOut) {
+    fn select_row_scored(&self, ctx: &StepCtx, _row: usize, pre: &[f32], scores: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let beta = self.beta;
         let mut scratch = std::mem::take(&mut out.scratch);

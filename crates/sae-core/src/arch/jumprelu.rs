@@ -243,7 +243,7 @@ impl Arch for JumpReluRule {
 
     /// Emits active entries (pi > theta) and the inactive ones inside the kernel window
     /// (|pi - theta| < bandwidth / 2), which carry threshold gradient.
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
         let (b_enc, log_theta) = (&ctx.params[B_ENC][..], &ctx.params[LOG_THETA][..]);
         let half = 0.5 * self.bandwidth;
         let mut l0 = 0u32;

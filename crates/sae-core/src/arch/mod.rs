@@ -744,8 +744,9 @@ pub trait Arch: Send + Sync {
     fn prefilter(&self, _params: &[Vec<f32>], _batch: BatchRef, _out: &mut Vec<f32>) -> bool {
         false
     }
-    /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`.
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut);
+    /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`;
+    /// `row` is its index in the batch `prepare_batch` saw.
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut);
     /// Whether selection also reads, per row b and latent j, `|W_dec[j] . g_b|`, with `g_b`
     /// the gradient of the language model's loss w.r.t. input row b (g-SAE). The trainer then
     /// takes those gradients with every batch (`SaeTrainer::step_with_grad`) and computes the
@@ -755,8 +756,15 @@ pub trait Arch: Send + Sync {
     }
     /// `select_row` given the row's `g W_dec^T` (`[d_sae]`, signed: `g` the row's loss
     /// gradient) when `reads_input_grad`.
-    fn select_row_scored(&self, ctx: &StepCtx, pre: &[f32], _scores: &[f32], out: &mut RowOut) {
-        self.select_row(ctx, pre, out);
+    fn select_row_scored(
+        &self,
+        ctx: &StepCtx,
+        row: usize,
+        pre: &[f32],
+        _scores: &[f32],
+        out: &mut RowOut,
+    ) {
+        self.select_row(ctx, row, pre, out);
     }
     /// `df`, `da`: loss gradients w.r.t. the entry's `f` and `a` (batch mean included).
     fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, da: f32) -> EntryGrad;

@@ -139,7 +139,7 @@ impl Arch for MpRule {
     fn residual_select(&self) -> Option<&dyn ResidualSelect> {
         Some(self)
     }
-    fn select_row(&self, _ctx: &StepCtx, _pre: &[f32], _out: &mut RowOut) {
+    fn select_row(&self, _ctx: &StepCtx, _row: usize, _pre: &[f32], _out: &mut RowOut) {
         unreachable!("matching pursuit selects in the trainer's pursuit step")
     }
     fn entry_backward(&self, _ctx: &StepCtx, _e: Entry, _df: f32, _da: f32) -> EntryGrad {

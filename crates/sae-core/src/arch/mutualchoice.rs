@@ -152,8 +152,8 @@ impl Arch for MutualChoiceRule {
     fn prefilter(&self, params: &[Vec<f32>], batch: BatchRef, out: &mut Vec<f32>) -> bool {
         self.batch.prefilter(params, batch, out)
     }
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
-        self.batch.select_row(ctx, pre, out)
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
+        self.batch.select_row(ctx, row, pre, out)
     }
     fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, da: f32) -> EntryGrad {
         self.batch.entry_backward(ctx, e, df, da)

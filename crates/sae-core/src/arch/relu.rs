@@ -137,7 +137,7 @@ impl Arch for ReluRule {
         });
     }
 
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let dec_norm: &[f32] = if self.decoder_norm_l1 {
             &ctx.batch.get::<DecoderNorms>().0

@@ -285,7 +285,7 @@ impl Arch for TopKRule {
         true
     }
 
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let mut scratch = std::mem::take(&mut out.scratch);
         let mut cands = std::mem::take(&mut out.cands);

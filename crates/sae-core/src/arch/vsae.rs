@@ -154,8 +154,8 @@ impl Arch for VsaeRule {
     fn prefilter(&self, params: &[Vec<f32>], batch: BatchRef, out: &mut Vec<f32>) -> bool {
         self.topk.prefilter(params, batch, out)
     }
-    fn select_row(&self, ctx: &StepCtx, pre: &[f32], out: &mut RowOut) {
-        self.topk.select_row(ctx, pre, out);
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
+        self.topk.select_row(ctx, row, pre, out);
     }
     /// `z = mu + eps`: the selected entries' gradients reach `mu` unchanged.
     fn entry_backward(&self, ctx: &StepCtx, e: Entry, df: f32, da: f32) -> EntryGrad {

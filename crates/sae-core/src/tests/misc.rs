@@ -682,13 +682,18 @@ fn indices_above_matches_a_plain_filter_on_every_path() {
     }
 }
 
-/// `sums_above` on every path this CPU has against a plain filter: NaN, sums equal to the
-/// bound, lengths around the eight-lane steps, and appending to what `out` holds.
+/// `entries_above` on every path this CPU has against a plain filter: NaN, sums equal to the
+/// bound, lengths around the eight-lane steps, and appending to what the output holds.
 #[test]
-fn sums_above_matches_a_plain_filter_on_every_path() {
-    use crate::kernels::{sums_above, sums_above_plain};
+fn entries_above_matches_a_plain_filter_on_every_path() {
+    use crate::kernels::{entries_above, entries_above_plain, EntriesAbove};
     use rand::Rng;
     let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let held = || EntriesAbove {
+        idx: vec![3],
+        sum: vec![7.0],
+        raw: vec![-1.0],
+    };
     for len in (0..40).chain([4608, 4613]) {
         let pick = |rng: &mut ChaCha8Rng| match rng.gen_range(0..20) {
             0 => f32::NAN,
@@ -698,25 +703,34 @@ fn sums_above_matches_a_plain_filter_on_every_path() {
         let v: Vec<f32> = (0..len).map(|_| pick(&mut rng)).collect();
         let b: Vec<f32> = (0..len).map(|_| pick(&mut rng)).collect();
         let lb = 0.5;
-        let mut want = vec![7.0f32, 9.0];
-        want.extend((0..len).map(|i| v[i] + b[i]).filter(|s| *s > lb));
+        let mut want = held();
+        for j in 0..len {
+            let s = v[j] + b[j];
+            if s > lb {
+                want.idx.push(j as u32);
+                want.sum.push(s);
+                want.raw.push(v[j]);
+            }
+        }
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let mut paths: Vec<(&str, Vec<f32>)> = Vec::new();
-        let mut got = vec![7.0f32, 9.0];
-        sums_above(&v, &b, lb, &mut got);
-        paths.push(("dispatched", got));
-        let mut got = vec![7.0f32, 9.0];
-        sums_above_plain(&v, &b, lb, &mut got);
-        paths.push(("plain", got));
+        type Kernel = fn(&[f32], &[f32], f32, &mut EntriesAbove);
+        let mut paths: Vec<(&str, Kernel)> = vec![
+            ("dispatched", entries_above),
+            ("plain", entries_above_plain),
+        ];
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
-            let mut got = vec![7.0f32, 9.0];
             // SAFETY: checked above.
-            unsafe { crate::kernels::sums_above_avx2(&v, &b, lb, &mut got) };
-            paths.push(("avx2", got));
+            paths.push(("avx2", |v, b, lb, out| unsafe {
+                crate::kernels::entries_above_avx2(v, b, lb, out)
+            }));
         }
-        for (path, got) in paths {
-            assert_eq!(bits(&got), bits(&want), "{path}, length {len}");
+        for (path, kernel) in paths {
+            let mut got = held();
+            kernel(&v, &b, lb, &mut got);
+            assert_eq!(got.idx, want.idx, "{path}, length {len}");
+            assert_eq!(bits(&got.sum), bits(&want.sum), "{path}, length {len}");
+            assert_eq!(bits(&got.raw), bits(&want.raw), "{path}, length {len}");
         }
     }
 }

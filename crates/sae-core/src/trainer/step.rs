@@ -497,12 +497,12 @@ impl SaeTrainer {
                 ch.row_len.clear();
                 for (r, row) in rows.chunks(d_sae).enumerate() {
                     let before = ch.out.idx.len();
+                    let b = c * ROW_CHUNK + r;
                     if scores.is_empty() {
-                        arch.select_row(&ctx, row, &mut ch.out);
+                        arch.select_row(&ctx, b, row, &mut ch.out);
                     } else {
-                        let b = c * ROW_CHUNK + r;
                         let s = &scores[b * d_sae..(b + 1) * d_sae];
-                        arch.select_row_scored(&ctx, row, s, &mut ch.out);
+                        arch.select_row_scored(&ctx, b, row, s, &mut ch.out);
                     }
                     ch.row_len.push(ch.out.idx.len() - before);
                 }
