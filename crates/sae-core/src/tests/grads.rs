@@ -364,6 +364,47 @@ fn dense_and_sparse_steps_agree() {
     }
 }
 
+/// The decode in slices of latents (a decoder larger than `DECODE_SLICE_BYTES`) gives the
+/// bits of one pass, for every family, with AuxK's dead latents in play, in f32 and with
+/// bf16 gathers.
+#[test]
+fn sliced_decode_gives_the_bits_of_one_pass() {
+    use crate::bf16::Precision;
+    for precision in [Precision::F32, Precision::Bf16Sparse] {
+        for arch in ArchKind::all() {
+            let sae = random_sae(arch, D_IN, D_SAE, K, 5);
+            let mut rng = ChaCha8Rng::seed_from_u64(6);
+            let x = randn(&mut rng, N * D_IN);
+            let hyper = TrainHyper {
+                dead_window_tokens: 0,
+                precision,
+                arch_opts: TrainOpts::from([("bandwidth".to_string(), json!(BANDWIDTH))]),
+                ..TrainHyper::default()
+            };
+            let run = |slice_bytes: usize| {
+                let mut t = SaeTrainer::new(sae.clone(), hyper.clone());
+                t.set_dense_fraction(2.0);
+                t.set_decode_slice_bytes(slice_bytes);
+                let losses: Vec<u64> = (0..3)
+                    .map(|_| step_any(&mut t, &x, N, 1e-2, 0.3).loss.to_bits())
+                    .collect();
+                (losses, t.snapshot())
+            };
+            // Three latents' rows of W_dec per slice: several slices, some uneven.
+            let ((la, a), (lb, b)) = (run(0), run(3 * D_IN * 2));
+            let what = format!("{arch}, {precision}");
+            assert_eq!(la, lb, "{what}: losses");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.w_enc), bits(&b.w_enc), "{what}: W_enc");
+            assert_eq!(bits(&a.w_dec), bits(&b.w_dec), "{what}: W_dec");
+            assert_eq!(bits(&a.b_dec), bits(&b.b_dec), "{what}: b_dec");
+            for (u, v) in a.params.iter().zip(&b.params) {
+                assert_eq!(bits(u), bits(v), "{what}: per-latent parameters");
+            }
+        }
+    }
+}
+
 #[test]
 fn matryoshka_gradients() {
     let c = case(ArchKind::MATRYOSHKA, false, 7, false);

@@ -246,6 +246,13 @@ impl SaeTrainer {
         self.dense_fraction = fraction;
     }
 
+    /// Bytes of W_dec the decode gathers from per pass (0: the default); tests take small
+    /// decoders in slices with it.
+    #[cfg(test)]
+    pub(crate) fn set_decode_slice_bytes(&mut self, bytes: usize) {
+        self.buf.decode_slice_bytes = bytes;
+    }
+
     pub fn steps_done(&self) -> u64 {
         self.steps
     }
