@@ -4,7 +4,7 @@ use super::reference::{grads, loss, RefCfg, RefParams};
 use super::{input_grad, randn, random_sae, step_any};
 use crate::arch::topk::AuxKOpts;
 use crate::arch::TrainOpts;
-use crate::{ArchKind, SaeTrainer, TrainHyper};
+use crate::{ArchKind, Sae, SaeTrainer, TrainHyper};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -329,18 +329,26 @@ fn jumprelu_gradients() {
     assert!(r.lat[1].iter().filter(|v| v.abs() > 0.0).count() >= 3);
 }
 
+/// The SAE, batch and settings of the tests that run whole steps two ways: every latent
+/// counts as dead (AuxK's entries in play).
+fn steps_case(arch: ArchKind, precision: crate::bf16::Precision) -> (Sae, Vec<f32>, TrainHyper) {
+    let sae = random_sae(arch, D_IN, D_SAE, K, 5);
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let x = randn(&mut rng, N * D_IN);
+    let hyper = TrainHyper {
+        dead_window_tokens: 0,
+        precision,
+        arch_opts: TrainOpts::from([("bandwidth".to_string(), json!(BANDWIDTH))]),
+        ..TrainHyper::default()
+    };
+    (sae, x, hyper)
+}
+
 /// A full optimiser step gives the same weights on the dense and the sparse path.
 #[test]
 fn dense_and_sparse_steps_agree() {
     for arch in ArchKind::all() {
-        let sae = random_sae(arch, D_IN, D_SAE, K, 5);
-        let mut rng = ChaCha8Rng::seed_from_u64(6);
-        let x = randn(&mut rng, N * D_IN);
-        let hyper = TrainHyper {
-            dead_window_tokens: 0,
-            arch_opts: TrainOpts::from([("bandwidth".to_string(), json!(BANDWIDTH))]),
-            ..TrainHyper::default()
-        };
+        let (sae, x, hyper) = steps_case(arch, crate::bf16::Precision::F32);
         let run = |fraction: f64| {
             let mut t = SaeTrainer::new(sae.clone(), hyper.clone());
             t.set_dense_fraction(fraction);
@@ -372,15 +380,7 @@ fn sliced_decode_gives_the_bits_of_one_pass() {
     use crate::bf16::Precision;
     for precision in [Precision::F32, Precision::Bf16Sparse] {
         for arch in ArchKind::all() {
-            let sae = random_sae(arch, D_IN, D_SAE, K, 5);
-            let mut rng = ChaCha8Rng::seed_from_u64(6);
-            let x = randn(&mut rng, N * D_IN);
-            let hyper = TrainHyper {
-                dead_window_tokens: 0,
-                precision,
-                arch_opts: TrainOpts::from([("bandwidth".to_string(), json!(BANDWIDTH))]),
-                ..TrainHyper::default()
-            };
+            let (sae, x, hyper) = steps_case(arch, precision);
             let run = |slice_bytes: usize| {
                 let mut t = SaeTrainer::new(sae.clone(), hyper.clone());
                 t.set_dense_fraction(2.0);
