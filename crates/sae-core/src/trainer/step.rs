@@ -1613,14 +1613,13 @@ impl DecodeRows<'_> {
             } else if n_heads == 1 {
                 axpy(1.0, b_dec, res);
             } else {
-                // x_hat of head q = b_dec + bands 0..=q.
-                let mut acc = b_dec.to_vec();
-                for q in 0..n_heads - 1 {
-                    let band = &mut front[q * d_in..(q + 1) * d_in];
-                    axpy(1.0, &acc, band);
-                    acc.copy_from_slice(band);
+                // x_hat of head q = b_dec + bands 0..=q: prefix sums in place.
+                axpy(1.0, b_dec, &mut front[..d_in]);
+                for q in 1..n_heads - 1 {
+                    let (below, band) = front.split_at_mut(q * d_in);
+                    axpy(1.0, &below[(q - 1) * d_in..], &mut band[..d_in]);
                 }
-                axpy(1.0, &acc, res);
+                axpy(1.0, &front[(n_heads - 2) * d_in..], res);
             }
             for q in 0..n_heads - 1 {
                 let band = &mut front[q * d_in..(q + 1) * d_in];
