@@ -133,7 +133,7 @@ pub fn run_bench_in(
             for s in 0..steps + 2 {
                 let x = &data[(s % n_batches) * batch * d_in..][..batch * d_in];
                 let t0 = Instant::now();
-                match precision.bf16_encoder() {
+                match precision.bf16_encoder() || trainer.screens() {
                     false => enc_f32.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
                     true => enc_bf16.matmul_xt(x, batch, d_in, &w_t, d_sae, &mut out),
                 }

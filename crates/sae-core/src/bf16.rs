@@ -717,6 +717,13 @@ pub enum Precision {
     /// the bytes.
     #[serde(rename = "f32-bf16-sparse")]
     F32Bf16Sparse,
+    /// f32 results from a bf16 product: the bf16 pre-activations are within a proven bound
+    /// of the f32 ones ([`ScreenMargin`]), and every entry that could pass the rule's
+    /// cutoff is recomputed as an f32 dot product, so selection and the gradients see f32
+    /// values wherever they look. Rules that read every pre-activation (no
+    /// `Arch::screen_cutoff`) run the f32 product instead.
+    #[serde(rename = "f32-screened")]
+    F32Screened,
 }
 
 impl Precision {
@@ -726,12 +733,24 @@ impl Precision {
             Precision::Bf16 => "bf16",
             Precision::Bf16Sparse => "bf16-sparse",
             Precision::F32Bf16Sparse => "f32-bf16-sparse",
+            Precision::F32Screened => "f32-screened",
         }
     }
 
-    /// Whether the encoder product runs in bf16.
+    /// Whether the encoder product runs in bf16 and selection reads its bf16 sums.
     pub fn bf16_encoder(self) -> bool {
         matches!(self, Precision::Bf16 | Precision::Bf16Sparse)
+    }
+
+    /// Whether the encoder product is screened in bf16 and refined in f32 (where the rule
+    /// allows it).
+    pub fn screened(self) -> bool {
+        self == Precision::F32Screened
+    }
+
+    /// Whether the step runs a bf16 product at all (so wants bf16 units).
+    pub fn bf16_product(self) -> bool {
+        self.bf16_encoder() || self.screened()
     }
 
     /// Whether the sparse passes gather bf16 rows.
@@ -754,8 +773,9 @@ impl std::str::FromStr for Precision {
             "bf16" => Ok(Precision::Bf16),
             "bf16-sparse" => Ok(Precision::Bf16Sparse),
             "f32-bf16-sparse" => Ok(Precision::F32Bf16Sparse),
+            "f32-screened" => Ok(Precision::F32Screened),
             _ => Err(format!(
-                "'{s}' is no precision; use f32, bf16, bf16-sparse or f32-bf16-sparse"
+                "'{s}' is no precision; use f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened"
             )),
         }
     }
@@ -788,6 +808,56 @@ impl EncoderBf16 {
         }
         let packed = self.packed.as_ref().expect("packed above");
         matmul(n, x, d_in, packed, out, d_sae, false, &mut self.scratch);
+    }
+}
+
+/// How far a bf16 product's sum can lie from the f32 dot product of the same two k-vectors
+/// `x` and `w` (the value `kernels::dot` gives), from their norms `nx`, `nw` and the norms
+/// `ex`, `ew` of what rounding them to bf16 moved (`kernels::norm_and_bf16_error`).
+///
+/// `|x~ . w~ - x . w| <= |x~| |w~ - w| + |x~ - x| |w| <= (nx + ex) ew + ex nw`
+/// (Cauchy-Schwarz). Each f32 sum of k terms adds at most `g = (k + 8) 2^-24 / (1 - (k + 8)
+/// 2^-24)` of its absolute sum: once for the bf16 sums, whose products are exact in f32
+/// (`sum |x~_i w~_i| <= (nx + ex)(nw + ew)`), once for `dot` (`sum |x_i w_i| <= nx nw`, a
+/// few more roundings than k there); with `ex <= 2^-8 nx` and `ew <= 2^-8 nw` (nearest
+/// even to 8 significant bits) both are within `g (2 + 2^-7 + 2^-16) nx nw`. The norms are
+/// f32 sums themselves (the differences `x - x~` are exact), so the total carries a further
+/// factor `1 + 2g + 2^-10`. `t` covers products and sums that `vdpbf16ps` flushes to zero,
+/// far below any normal value.
+#[derive(Clone, Copy, Debug)]
+pub struct ScreenMargin {
+    /// `g (2 + 2^-7 + 2^-16)`.
+    sums: f32,
+    /// `1 + 2g + 2^-10`.
+    safety: f32,
+    t: f32,
+}
+
+impl ScreenMargin {
+    pub fn new(k: usize) -> Self {
+        let u = 2f64.powi(-24);
+        let steps = (k + 8) as f64;
+        let g = steps * u / (1.0 - steps * u).max(0.5);
+        Self {
+            sums: (g * (2.0 + 2f64.powi(-7) + 2f64.powi(-16))) as f32,
+            safety: (1.0 + 2.0 * g + 2f64.powi(-10)) as f32,
+            t: 2f32.powi(-100),
+        }
+    }
+
+    /// For one row `x`: `(p, q, c)` with `margin = p ew + q nw + c` for every `w`.
+    pub fn row(self, nx: f32, ex: f32) -> (f32, f32, f32) {
+        (
+            (nx + ex) * self.safety,
+            (ex + self.sums * nx) * self.safety + self.t,
+            self.t * (nx + 1.0),
+        )
+    }
+
+    /// The bound for one pair.
+    pub fn bound(self, (nx, ex): (f32, f32), (nw, ew): (f32, f32)) -> f32 {
+        let (p, q, c) = self.row(nx, ex);
+        p * ew + q * nw + c
     }
 }
 
@@ -895,9 +965,9 @@ mod tests {
     }
 
     /// Against the plain f32 product of the unrounded inputs. Each input is within a relative
-    /// 2^-9 of its bf16 rounding (unit roundoff of 8 significant bits), so each product is
-    /// within (2^-8 + 2^-18) of the exact one, and f32 summation adds at most k * 2^-24 of
-    /// the absolute sum: |bf16 - exact| <= (2^-8 + 2^-18 + k 2^-24) sum_i |a_i w_i|.
+    /// 2^-8 of its bf16 rounding (unit roundoff of 8 significant bits), so each product is
+    /// within (2^-7 + 2^-16) of the exact one, and f32 summation adds at most k * 2^-24 of
+    /// the absolute sum: |bf16 - exact| <= (2^-7 + 2^-16 + k 2^-24) sum_i |a_i w_i|.
     /// The f32 reference has its own k * 2^-24, counted too.
     #[test]
     fn every_path_is_within_the_stated_bound_of_f32() {
@@ -908,7 +978,7 @@ mod tests {
         let packed = PackedBf16::pack(&w, k, n);
         let mut f32_out = vec![0.0f32; m * n];
         crate::kernels::matmul(&a, m, k, &w, n, &mut f32_out);
-        let bound_rel = 2f64.powi(-8) + 2f64.powi(-18) + 2.0 * k as f64 * 2f64.powi(-24);
+        let bound_rel = 2f64.powi(-7) + 2f64.powi(-16) + 2.0 * k as f64 * 2f64.powi(-24);
         for path in Bf16Path::all_available() {
             let mut out = vec![0.0f32; m * n];
             run(path, m, &a, k, &packed, &mut out);
@@ -932,6 +1002,94 @@ mod tests {
             // Not the f32 product by another name: rounding shows.
             assert!(worst > 1e-5, "{path:?} gave f32 results");
         }
+    }
+
+    /// `ScreenMargin` holds on every path against `kernels::dot`, the f32 value the screened
+    /// step recomputes: mixed magnitudes, exact zeros, subnormal operands and a row that
+    /// cancels, at k of a few lanes and of SmolLM2's width.
+    #[test]
+    fn screen_margin_bounds_every_path() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        for (m, k, n) in [(19, 5, 23), (33, 576, 70)] {
+            let mut x: Vec<f32> = (0..m * k).map(|_| mixed(&mut rng)).collect();
+            let w_t: Vec<f32> = (0..n * k).map(|_| mixed(&mut rng)).collect();
+            x[..k].iter_mut().for_each(|v| *v *= 1e-40);
+            // Row 1 is column 0 with every other sign flipped: its sum nearly cancels.
+            for i in 0..k {
+                x[k + i] = if i % 2 == 0 { w_t[i] } else { -w_t[i] };
+            }
+            let packed = PackedBf16::pack_transposed(&w_t, k, n);
+            let margin = ScreenMargin::new(k);
+            let norm = crate::kernels::norm_and_bf16_error;
+            for path in Bf16Path::all_available() {
+                let mut out = vec![0.0f32; m * n];
+                run(path, m, &x, k, &packed, &mut out);
+                let mut worst = 0.0f64;
+                for r in 0..m {
+                    let xr = &x[r * k..(r + 1) * k];
+                    for c in 0..n {
+                        let wc = &w_t[c * k..(c + 1) * k];
+                        let exact = crate::kernels::dot(xr, wc);
+                        let err = (out[r * n + c] - exact).abs();
+                        let bound = margin.bound(norm(xr), norm(wc));
+                        assert!(
+                            err <= bound,
+                            "{path:?} k {k} ({r}, {c}): |{} - {exact}| > {bound}",
+                            out[r * n + c]
+                        );
+                        worst = worst.max(err as f64 / bound as f64);
+                    }
+                }
+                eprintln!("{path:?} k {k}: worst error / margin {worst:.3}");
+                assert!(worst > 1e-3, "{path:?}: no rounding seen");
+            }
+        }
+    }
+
+    /// Pairs where the bound is nearly reached: few terms (one dominant product), `x` equal
+    /// to `w` up to signs, `w` a scaled `x`; magnitudes over seven decades.
+    #[test]
+    fn screen_margin_holds_where_cauchy_schwarz_is_tight() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut worst = 0.0f64;
+        for trial in 0..20000 {
+            let k = [1usize, 2, 3, 5, 16, 17, 33, 576][trial % 8];
+            let n = 3;
+            let mut w_t: Vec<f32> = (0..n * k)
+                .map(|_| rng.gen_range(-1.0f32..1.0) * 10f32.powi(rng.gen_range(-3..4)))
+                .collect();
+            let mut x: Vec<f32> = (0..k)
+                .map(|_| rng.gen_range(-1.0f32..1.0) * 10f32.powi(rng.gen_range(-3..4)))
+                .collect();
+            if trial % 3 == 0 {
+                for i in 0..k {
+                    x[i] = w_t[i] * if rng.gen() { 1.0 } else { -1.0 };
+                }
+            }
+            if trial % 5 == 0 {
+                for i in 0..k {
+                    w_t[k + i] = x[i] * 1.0001;
+                }
+            }
+            let packed = PackedBf16::pack_transposed(&w_t, k, n);
+            let m = ScreenMargin::new(k);
+            for path in Bf16Path::all_available() {
+                let mut out = vec![0.0f32; n];
+                matmul_on(path, 1, &x, k, &packed, &mut out, n, false, &mut Vec::new());
+                for c in 0..n {
+                    let wc = &w_t[c * k..(c + 1) * k];
+                    let exact = crate::kernels::dot(&x, wc);
+                    let err = (out[c] - exact).abs();
+                    let b = m.bound(
+                        crate::kernels::norm_and_bf16_error(&x),
+                        crate::kernels::norm_and_bf16_error(wc),
+                    );
+                    assert!(err <= b, "trial {trial} k {k}: {err} > {b}");
+                    worst = worst.max(err as f64 / b as f64);
+                }
+            }
+        }
+        eprintln!("worst error / margin {worst:.4}");
     }
 
     /// The widened path gives the bits of `vdpbf16ps` (where this CPU has it), so a bf16

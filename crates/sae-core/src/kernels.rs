@@ -297,6 +297,74 @@ multiversion_impl! {
 }
 
 multiversion_impl! {
+    /// `[x . w[0], .., x . w[3]]` reading `x` once: each sum in `dot`'s order, so the same
+    /// bits as four calls of `dot`, with four independent chains in flight.
+    pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+        let n = w.iter().fold(x.len(), |n, r| n.min(r.len()));
+        let (x, w0, w1, w2, w3) = (&x[..n], &w[0][..n], &w[1][..n], &w[2][..n], &w[3][..n]);
+        let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+        let chunks = x
+            .chunks_exact(LANES)
+            .zip(w0.chunks_exact(LANES))
+            .zip(w1.chunks_exact(LANES))
+            .zip(w2.chunks_exact(LANES))
+            .zip(w3.chunks_exact(LANES));
+        for ((((xs, c0), c1), c2), c3) in chunks {
+            for l in 0..LANES {
+                a0[l] += xs[l] * c0[l];
+                a1[l] += xs[l] * c1[l];
+                a2[l] += xs[l] * c2[l];
+                a3[l] += xs[l] * c3[l];
+            }
+        }
+        let whole = n / LANES * LANES;
+        let mut s = [0.0f32; 4];
+        for i in whole..n {
+            s[0] += x[i] * w0[i];
+            s[1] += x[i] * w1[i];
+            s[2] += x[i] * w2[i];
+            s[3] += x[i] * w3[i];
+        }
+        [hsum(&a0) + s[0], hsum(&a1) + s[1], hsum(&a2) + s[2], hsum(&a3) + s[3]]
+    }
+}
+
+multiversion_impl! {
+    /// The screened step's per-row lowered cutoffs:
+    /// `lo[j] = cut[j] - p * ew[j] - q * nw[j] - c`.
+    pub fn screen_bounds(cut: &[f32], ew: &[f32], nw: &[f32], p: f32, q: f32, c: f32, lo: &mut [f32]) -> () {
+        for (((l, cj), e), w) in lo.iter_mut().zip(cut).zip(ew).zip(nw) {
+            *l = cj - p * e - q * w - c;
+        }
+    }
+}
+
+multiversion_impl! {
+    /// `(|v|, |v - bf16(v)|)`: a row's norm and the norm of what rounding it to bf16
+    /// (`bf16::to_bf16`, as the bf16 products do) moves.
+    pub fn norm_and_bf16_error(v: &[f32]) -> (f32, f32) {
+        let mut nrm = [0.0f32; LANES];
+        let mut err = [0.0f32; LANES];
+        let whole = v.len() / LANES * LANES;
+        for i in (0..whole).step_by(LANES) {
+            let vs: &[f32; LANES] = v[i..i + LANES].try_into().unwrap();
+            for l in 0..LANES {
+                let e = vs[l] - crate::bf16::from_bf16(crate::bf16::to_bf16(vs[l]));
+                nrm[l] += vs[l] * vs[l];
+                err[l] += e * e;
+            }
+        }
+        let (mut sn, mut se) = (0.0f32, 0.0f32);
+        for &x in &v[whole..] {
+            let e = x - crate::bf16::from_bf16(crate::bf16::to_bf16(x));
+            sn += x * x;
+            se += e * e;
+        }
+        ((hsum(&nrm) + sn).sqrt(), (hsum(&err) + se).sqrt())
+    }
+}
+
+multiversion_impl! {
     /// `y += alpha * x`.
     pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) -> () {
         for (yi, xi) in y.iter_mut().zip(x) {

@@ -308,10 +308,11 @@ fn run_locked(
     // One writer per output; checked again under the lock, which the first check did not hold.
     let _lock = OutputLock::acquire(&cfg.out)?;
     check_out(cfg)?;
-    if cfg.precision.bf16_encoder() && !sae_core::bf16::available() && !cfg.quiet {
+    if cfg.precision.bf16_product() && !sae_core::bf16::available() && !cfg.quiet {
         eprintln!(
-            "note: --precision bf16: this CPU has no AVX512-BF16, so the bf16 product runs \
-             widened to f32 (the same results, slower than --precision f32)"
+            "note: --precision {}: this CPU has no AVX512-BF16, so the bf16 product runs \
+             widened to f32 (the same results, slower than --precision f32)",
+            cfg.precision
         );
     }
     match (pool, cfg.threads) {
@@ -1051,6 +1052,13 @@ fn train(
     } else {
         start_fresh(cfg, &r, &partial, &identity, source)?
     };
+    if cfg.precision.screened() && !trainer.screens() && !cfg.quiet {
+        eprintln!(
+            "note: --precision f32-screened: --arch {} reads every pre-activation, so its \
+             encoder product runs in f32 (the f32 results, without the bf16 speed-up)",
+            cfg.arch
+        );
+    }
     let mut tokens = start_tokens;
     // The run's step is the optimiser's, plus the steps trained before Adam's moments started
     // (non-zero only in a run extended without its optimiser state).

@@ -45,7 +45,7 @@ fn unknown_precision() {
         &[
             "--precision",
             "fp8",
-            "use f32, bf16, bf16-sparse or f32-bf16-sparse",
+            "use f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened",
         ],
         &[store(), &dir],
     );
@@ -54,7 +54,7 @@ fn unknown_precision() {
         &["bench", "--precision", "f16"],
         &[
             "--precision",
-            "use f32, bf16, bf16-sparse or f32-bf16-sparse",
+            "use f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened",
         ],
         &[],
     );
@@ -70,7 +70,7 @@ fn unknown_precision() {
         ],
         &[
             "--precision",
-            "use f32, bf16, bf16-sparse or f32-bf16-sparse",
+            "use f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened",
         ],
         &[&dir],
     );

@@ -61,6 +61,9 @@ impl Arch for GatedRule {
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {
+        self.screen_cutoff(params, out)
+    }
+    fn screen_cutoff(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
         out.clear();
         out.extend(params[B_GATE].iter().map(|b| loosen(-b)));
         true

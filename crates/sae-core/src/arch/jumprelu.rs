@@ -263,6 +263,10 @@ impl Arch for JumpReluRule {
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {
+        self.screen_cutoff(params, out)
+    }
+
+    fn screen_cutoff(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
         out.clear();
         let half = 0.5 * self.bandwidth;
         let (b_enc, log_theta) = (&params[B_ENC], &params[LOG_THETA]);

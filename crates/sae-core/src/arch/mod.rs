@@ -744,6 +744,13 @@ pub trait Arch: Send + Sync {
     fn prefilter(&self, _params: &[Vec<f32>], _batch: BatchRef, _out: &mut Vec<f32>) -> bool {
         false
     }
+    /// Per-latent values `c_j` such that a raw pre-activation with `pre_j <= c_j` is never
+    /// selected and nothing else in the step reads it (no batch state, penalty or noise
+    /// from the pre-activations). `Precision::F32Screened` then recomputes in f32 only the
+    /// entries that may lie above. False when the rule reads every pre-activation.
+    fn screen_cutoff(&self, _params: &[Vec<f32>], _out: &mut Vec<f32>) -> bool {
+        false
+    }
     /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`;
     /// `row` is its index in the batch `prepare_batch` saw.
     fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut);

@@ -164,6 +164,9 @@ impl Arch for ReluRule {
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {
+        self.screen_cutoff(params, out)
+    }
+    fn screen_cutoff(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
         out.clear();
         out.extend(params[0].iter().map(|b| loosen(-b)));
         true

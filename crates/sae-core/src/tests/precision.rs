@@ -1,4 +1,5 @@
-//! Training with the bf16 encoder product: reproducible, close to f32, and really bf16.
+//! Training with the bf16 encoder product: reproducible, close to f32, and really bf16; and
+//! the screened f32 step: f32 values wherever selection looks.
 
 use super::misc::synthetic;
 use crate::bf16::Precision;
@@ -48,6 +49,7 @@ fn bf16_training_is_bit_for_bit_reproducible() {
             Precision::Bf16,
             Precision::Bf16Sparse,
             Precision::F32Bf16Sparse,
+            Precision::F32Screened,
         ] {
             for threads in [1, 2] {
                 let a = train(arch, p, &x, dims, 12, threads);
@@ -100,6 +102,7 @@ fn bf16_training_reaches_the_f32_loss() {
             Precision::Bf16,
             Precision::Bf16Sparse,
             Precision::F32Bf16Sparse,
+            Precision::F32Screened,
         ] {
             let (_, h) = train(arch, p, &x, dims, steps, 2);
             let h_end = tail(&h);
@@ -207,6 +210,143 @@ fn bf16_sparse_gradients_match_f32_gathers() {
             assert_ne!(
                 h.w_dec, s.w_dec,
                 "{arch} {half}: W_dec gradient of f32 rows"
+            );
+        }
+    }
+}
+
+/// The families whose selection reads only pre-activations above a per-latent cutoff.
+const SCREENING: [ArchKind; 3] = [ArchKind::RELU, ArchKind::GATED, ArchKind::JUMPRELU];
+
+/// `f32-screened` leaves, wherever selection can look, exactly the f32 dot product: every
+/// entry above its cutoff in f32, and every entry above it as held, is `kernels::dot` bit
+/// for bit. A third of the latents get the cutoff moved onto one of their entries (a hair
+/// below it), where the bf16 product alone would misplace the entry; and the screen
+/// recomputes only a small part of the matrix.
+#[test]
+fn screened_pre_activations_are_the_f32_dots_wherever_selection_looks() {
+    use super::{randn, random_sae};
+    use crate::kernels::dot;
+    use rand::SeedableRng;
+    let (d_in, d_sae, n) = (576, 300, 40);
+    for arch in SCREENING {
+        let mut sae = random_sae(arch, d_in, d_sae, 6, 5);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let x = randn(&mut rng, n * d_in);
+        let mut probe = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
+        let first = probe.screened_pre(&x, n);
+        let exact = |p: &crate::trainer::ScreenedPre, b: usize, j: usize| {
+            dot(
+                &p.xc[b * d_in..(b + 1) * d_in],
+                &p.w_enc_t[j * d_in..(j + 1) * d_in],
+            )
+        };
+        // The parameter each family's cutoff subtracts: b_enc (relu, jumprelu) or b_gate.
+        let bias = if arch == ArchKind::GATED {
+            "b_gate"
+        } else {
+            "b_enc"
+        };
+        for j in (0..d_sae).step_by(3) {
+            let b = j % n;
+            let target = exact(&first, b, j);
+            let moved = first.cutoff[j] - target;
+            let v = &mut sae.param_mut(bias)[j];
+            *v += moved * (1.0 - 2e-6);
+        }
+        let mut tr = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
+        let got = tr.screened_pre(&x, n);
+        // W_enc^T in slices of latents (as large dictionaries are gathered): the same values.
+        let mut sliced = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
+        sliced.set_decode_slice_bytes(100_000);
+        let other = sliced.screened_pre(&x, n);
+        assert_eq!(other.pre, got.pre, "{arch}: sliced");
+        assert_eq!(other.refined, got.refined, "{arch}: sliced");
+        let (mut above, mut near) = (0, 0);
+        for b in 0..n {
+            for j in 0..d_sae {
+                let (e, held, cut) = (exact(&got, b, j), got.pre[b * d_sae + j], got.cutoff[j]);
+                if e > cut || held > cut {
+                    assert_eq!(
+                        held.to_bits(),
+                        e.to_bits(),
+                        "{arch} ({b}, {j}): held {held}, f32 {e}, cutoff {cut}"
+                    );
+                    above += 1;
+                }
+                if (e - cut).abs() <= 1e-3 * e.abs().max(cut.abs()) {
+                    near += 1;
+                }
+            }
+        }
+        eprintln!(
+            "{arch}: {above} entries above the cutoff, {near} within 1e-3 of it, {} recomputed of {}",
+            got.refined,
+            n * d_sae
+        );
+        assert!(
+            near >= d_sae / 3,
+            "{arch}: only {near} entries at the cutoff"
+        );
+        assert!(got.refined >= above, "{arch}");
+        assert!(
+            got.refined - above < n * d_sae / 10,
+            "{arch}: the screen recomputed {} entries for {above} above the cutoff",
+            got.refined,
+        );
+    }
+}
+
+/// A screened step is an f32 step: the same loss and gradients up to the order of the f32
+/// sums, for each screening family; and a family without a screen cutoff runs the f32
+/// product, bit for bit the f32 step.
+#[test]
+fn screened_steps_are_f32_steps() {
+    use super::{randn, random_sae};
+    use rand::SeedableRng;
+    let (d_in, d_sae, n) = (64, 160, 48);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let x = randn(&mut rng, n * d_in);
+    for arch in SCREENING.into_iter().chain([ArchKind::TOPK]) {
+        let sae = random_sae(arch, d_in, d_sae, 6, 3);
+        let grads = |p: Precision| {
+            let mut t = SaeTrainer::new(sae.clone(), hyper(p));
+            t.set_dense_fraction(2.0);
+            assert_eq!(t.screens(), p.screened() && arch != ArchKind::TOPK);
+            t.gradients(&x, n, 0.3)
+        };
+        let ((sf, f), (ss, s)) = (grads(Precision::F32), grads(Precision::F32Screened));
+        if arch == ArchKind::TOPK {
+            assert_eq!(sf.loss.to_bits(), ss.loss.to_bits(), "{arch}");
+            assert_eq!(f.w_enc_t, s.w_enc_t, "{arch}");
+            assert_eq!(f.w_dec, s.w_dec, "{arch}");
+            continue;
+        }
+        assert!(
+            (sf.loss - ss.loss).abs() <= 1e-5 * sf.loss.abs(),
+            "{arch}: loss {} screened, {} f32",
+            ss.loss,
+            sf.loss
+        );
+        assert_eq!(sf.l0, ss.l0, "{arch}: the selections differ");
+        let params = f.params.iter().zip(&s.params).map(|(u, v)| ("param", u, v));
+        for (name, u, v) in [
+            ("W_enc", &f.w_enc_t, &s.w_enc_t),
+            ("W_dec", &f.w_dec, &s.w_dec),
+            ("b_dec", &f.b_dec, &s.b_dec),
+        ]
+        .into_iter()
+        .chain(params)
+        {
+            let scale = u.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let worst = u
+                .iter()
+                .zip(v)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst <= 1e-4 * scale,
+                "{arch} {name}: differs by {worst} at scale {scale}"
             );
         }
     }

@@ -55,6 +55,8 @@ mod pursuit;
 mod resample;
 mod state;
 mod step;
+#[cfg(test)]
+pub(crate) use step::ScreenedPre;
 
 pub use resample::{Resampled, RESAMPLE_ENCODER_SCALE};
 
@@ -273,6 +275,12 @@ impl SaeTrainer {
     /// its last checkpoint. Panics if `x.len() != n * d_in` (a programming error, not bad data).
     pub fn step(&mut self, x: &[f32], n: usize, lr: f32, sparsity_coeff: f32) -> StepStats {
         self.dispatch(x, None, n, sparsity_coeff, Mode::Apply(lr))
+    }
+
+    /// Whether the steps screen the encoder product in bf16 (`Precision::F32Screened` with
+    /// a rule that has `Arch::screen_cutoff`); otherwise that precision runs the f32 product.
+    pub fn screens(&self) -> bool {
+        self.hyper.precision.screened() && self.arch.screen_cutoff(&self.params, &mut Vec::new())
     }
 
     /// Whether this trainer's rule selects with the loss gradient of each input row

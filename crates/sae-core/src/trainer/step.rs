@@ -10,8 +10,9 @@ use crate::arch::{
 };
 use crate::kernels::{
     acc2, acc2_h, acc2x4, acc2x4_h, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
-    axpy_h, dot, dot2, dot2_h, dot4_axpy4, dot4_axpy4_h, dot_h, matmul, matmul_tn, prefetch_rows,
-    round_to_bf16, split_by_lengths, SharedMut,
+    axpy_h, dot, dot2, dot2_h, dot4, dot4_axpy4, dot4_axpy4_h, dot_h, indices_above, matmul,
+    matmul_tn, norm_and_bf16_error, prefetch_rows, round_to_bf16, screen_bounds, split_by_lengths,
+    SharedMut,
 };
 use crate::optim::AdamStep;
 use rayon::prelude::*;
@@ -32,6 +33,9 @@ const MAX_LATENT_PARAMS: usize = 3;
 /// decoder is taken in slices of latents, one pass over the batch each): on a 32 MB-L3 Zen 4,
 /// random 2.3 KB rows came from a 10.6 MB table at 2.2x the rate of a 21 MB one.
 const DECODE_SLICE_BYTES: usize = 8 << 20;
+/// The same for the screen's gathers of W_enc rows, which sum more per row: at d_in 576 one
+/// 10.6 MB pass (d_sae 4608) beat two slices, and two 10.6 MB slices beat one 21 MB pass.
+const SCREEN_SLICE_BYTES: usize = 12 << 20;
 
 /// `dst[b, j] = scale * val[e]` for every entry (summing duplicates), zero elsewhere.
 fn scatter_code(
@@ -134,6 +138,46 @@ pub(super) struct Buffers {
     /// Rules that select with the input's loss gradient (empty otherwise): `G W_dec^T`,
     /// `[n, d_sae]`.
     grad_scores: Vec<f32>,
+    /// `Precision::F32Screened` with a rule that allows it: this step's `pre` is a bf16
+    /// product until `screen` refines it.
+    screening: bool,
+    /// The rule's screen cutoffs, lowered by their own rounding.
+    screen_cut: Vec<f32>,
+    /// W_enc's row norms and the norms of their bf16 rounding errors.
+    screen_wn: Vec<f32>,
+    screen_ew: Vec<f32>,
+    /// Per row chunk: the row's lowered cutoffs and the entries to recompute.
+    screen_tasks: Vec<ScreenTask>,
+    /// Entries recomputed in f32 by the last screened step.
+    pub(super) screen_refined: usize,
+}
+
+#[derive(Default)]
+struct ScreenTask {
+    lo: Vec<f32>,
+    /// Entries to recompute, row after row (each row's ascending), where each row's end, and
+    /// (sliced refine) where each row's not yet recomputed ones start.
+    idx: Vec<u32>,
+    ends: Vec<usize>,
+    at: Vec<usize>,
+    refined: usize,
+}
+
+/// `row[j] = x . w_j` (`kernels::dot`'s bits) for each latent `j` in `js`, four at a time,
+/// fetching the next four rows of W_enc^T while these sum.
+fn refine_row(x: &[f32], w_t: &[f32], d_in: usize, js: &[u32], row: &mut [f32]) {
+    let at = |group: &[u32]| -> [usize; 4] {
+        std::array::from_fn(|q| group.get(q).map_or(0, |&j| j as usize * d_in))
+    };
+    for (g, group) in js.chunks(4).enumerate() {
+        for &j in js.iter().skip(4 * (g + 1)).take(4) {
+            prefetch_rows(w_t, j as usize * d_in, d_in);
+        }
+        let dots = dot4(x, at(group).map(|r| &w_t[r..r + d_in]));
+        for (&j, v) in group.iter().zip(dots) {
+            row[j as usize] = v;
+        }
+    }
 }
 
 /// An entry as the latent pass reads it (sorted by latent).
@@ -241,6 +285,14 @@ impl SaeTrainer {
         let mut prof = Profiler::new();
         self.encode(x, n);
         prof.lap("gemm");
+        if self.buf.screening {
+            self.screen(n);
+            prof.lap("screen");
+            if prof.on {
+                let per_row = self.buf.screen_refined as f64 / n as f64;
+                eprintln!("screen: {per_row:.1} entries per row recomputed in f32");
+            }
+        }
         // The penalty reads the pre-activations before the noise is added to them.
         let penalty_sum = self.dense_penalty(n);
         self.add_pre_noise(n);
@@ -345,7 +397,9 @@ impl SaeTrainer {
         }
         buf.pre.resize(n * d_sae, 0.0);
         let w = &self.w_enc_t;
-        match self.hyper.precision.bf16_encoder() {
+        buf.screening = self.hyper.precision.screened()
+            && self.arch.screen_cutoff(&self.params, &mut buf.screen_cut);
+        match self.hyper.precision.bf16_encoder() || buf.screening {
             false => buf
                 .xt_f32
                 .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre),
@@ -361,6 +415,88 @@ impl SaeTrainer {
             buf.w_dec_h.clear();
             buf.xc_h.clear();
         }
+    }
+
+    /// Phase 1a (`Precision::F32Screened`): `pre` holds the bf16 product, within
+    /// `ScreenMargin` of the f32 dot product of each (row, latent). Every entry whose bf16
+    /// value is within that margin of passing the rule's cutoff is recomputed as the f32 dot
+    /// product; the others lie at or below the cutoff in f32 as well, and no phase reads
+    /// them. So selection and the gradients see the f32 values of the f32 selection.
+    fn screen(&mut self, n: usize) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let buf = &mut self.buf;
+        let w = &self.w_enc_t;
+        buf.screen_wn.resize(d_sae, 0.0);
+        buf.screen_ew.resize(d_sae, 0.0);
+        buf.screen_wn
+            .par_chunks_mut(LAT_CHUNK)
+            .zip(buf.screen_ew.par_chunks_mut(LAT_CHUNK))
+            .enumerate()
+            .for_each(|(c, (norms, errs))| {
+                for (l, (nw, ew)) in norms.iter_mut().zip(errs).enumerate() {
+                    let r = &w[(c * LAT_CHUNK + l) * d_in..][..d_in];
+                    (*nw, *ew) = norm_and_bf16_error(r);
+                }
+            });
+        // `cut - margin` in f32 can round up by half an ulp of `cut`; lowering the cutoffs
+        // by far more than that keeps every comparison on the safe side.
+        for c in buf.screen_cut.iter_mut() {
+            *c -= c.abs() * 2f32.powi(-20);
+        }
+        let margin = crate::bf16::ScreenMargin::new(d_in);
+        let (cut, wn, ew) = (&buf.screen_cut, &buf.screen_wn, &buf.screen_ew);
+        // W_enc's rows are gathered a slice of latents at a time, as the decode gathers
+        // W_dec's; with one slice each row is refined right after its scan.
+        let budget = match buf.decode_slice_bytes {
+            0 => SCREEN_SLICE_BYTES,
+            b => b,
+        };
+        let slices = (d_sae * d_in * 4).div_ceil(budget).clamp(1, d_sae.max(1));
+        let width = d_sae.div_ceil(slices);
+        buf.screen_tasks
+            .resize_with(n.div_ceil(ROW_CHUNK), ScreenTask::default);
+        let pre = &mut buf.pre[..n * d_sae];
+        pre.par_chunks_mut(d_sae * ROW_CHUNK)
+            .zip(buf.xc.par_chunks(d_in * ROW_CHUNK))
+            .zip(buf.screen_tasks.par_iter_mut())
+            .for_each(|((pre_rows, x_rows), task)| {
+                task.refined = 0;
+                task.idx.clear();
+                task.ends.clear();
+                task.lo.resize(d_sae, 0.0);
+                for (row, x) in pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in)) {
+                    let (nx, ex) = norm_and_bf16_error(x);
+                    let (p, q, c) = margin.row(nx, ex);
+                    screen_bounds(cut, ew, wn, p, q, c, &mut task.lo);
+                    let start = task.idx.len();
+                    indices_above(row, &task.lo, &mut task.idx);
+                    task.ends.push(task.idx.len());
+                    if slices == 1 {
+                        refine_row(x, w, d_in, &task.idx[start..], row);
+                    }
+                }
+                task.refined = task.idx.len();
+                task.at.clear();
+                task.at.push(0);
+                task.at.extend_from_slice(&task.ends[..task.ends.len() - 1]);
+            });
+        for s in (0..slices).filter(|_| slices > 1) {
+            let end = ((s + 1) * width).min(d_sae) as u32;
+            pre.par_chunks_mut(d_sae * ROW_CHUNK)
+                .zip(buf.xc.par_chunks(d_in * ROW_CHUNK))
+                .zip(buf.screen_tasks.par_iter_mut())
+                .for_each(|((pre_rows, x_rows), task)| {
+                    let rows = pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in));
+                    for (r, (row, x)) in rows.enumerate() {
+                        // This row's entries in slice s: the next ones of its ascending list.
+                        let mine = &task.idx[task.at[r]..task.ends[r]];
+                        let m = mine.partition_point(|&j| j < end);
+                        refine_row(x, w, d_in, &mine[..m], row);
+                        task.at[r] += m;
+                    }
+                });
+        }
+        buf.screen_refined = buf.screen_tasks.iter().map(|t| t.refined).sum();
     }
 
     /// Phase 1b: the rule's dense penalty on the (noise-free) pre-activations: per row its
@@ -1747,6 +1883,37 @@ impl<T: Copy + Default> ClearLen for Vec<T> {
 }
 
 /// Phase timings printed to stderr when `SAE_CORE_PROFILE` is set (a development aid).
+/// What the screened step's first two phases leave, for tests.
+#[cfg(test)]
+pub(crate) struct ScreenedPre {
+    pub xc: Vec<f32>,
+    /// W_enc^T, `[d_sae, d_in]`.
+    pub w_enc_t: Vec<f32>,
+    pub pre: Vec<f32>,
+    /// The rule's cutoffs as `Arch::screen_cutoff` gives them.
+    pub cutoff: Vec<f32>,
+    pub refined: usize,
+}
+
+#[cfg(test)]
+impl SaeTrainer {
+    /// The encoder product and the screen alone, on a trainer whose steps screen.
+    pub(crate) fn screened_pre(&mut self, x: &[f32], n: usize) -> ScreenedPre {
+        self.encode(x, n);
+        assert!(self.buf.screening, "this trainer does not screen");
+        let mut cutoff = Vec::new();
+        self.arch.screen_cutoff(&self.params, &mut cutoff);
+        self.screen(n);
+        ScreenedPre {
+            xc: self.buf.xc.clone(),
+            w_enc_t: self.w_enc_t.clone(),
+            pre: self.buf.pre[..n * self.d_sae].to_vec(),
+            cutoff,
+            refined: self.buf.screen_refined,
+        }
+    }
+}
+
 pub(super) struct Profiler {
     on: bool,
     last: std::time::Instant,
