@@ -240,7 +240,8 @@ def main() -> None:
     ap.add_argument("--harvest-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, help="threads on both sides (default: torch's)")
     ap.add_argument("--precision", default="f32",
-                    help="comma-separated precisions of our side (f32, bf16, bf16-sparse, f32-bf16-sparse); "
+                    help="comma-separated precisions of our side (f32, bf16, bf16-sparse, f32-bf16-sparse, "
+                         "f32-screened); "
                          "SAELens trains in f32")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-harvest", action="store_true")

@@ -802,11 +802,24 @@ impl EncoderBf16 {
     ) {
         assert_eq!(x.len(), n * d_in);
         assert_eq!(out.len(), n * d_sae);
+        self.refresh(w_t, d_in, d_sae);
+        self.product(x, n, out);
+    }
+
+    /// Packs the bf16 copy of `w_t` (`[d_sae, d_in]`) afresh.
+    pub fn refresh(&mut self, w_t: &[f32], d_in: usize, d_sae: usize) {
         match &mut self.packed {
             Some(p) if p.shape() == (d_in, d_sae) => p.repack_transposed(w_t),
             slot => *slot = Some(PackedBf16::pack_transposed(w_t, d_in, d_sae)),
         }
-        let packed = self.packed.as_ref().expect("packed above");
+    }
+
+    /// `out = x W` with the copy `refresh` packed last, `x` `[n, d_in]`.
+    pub fn product(&mut self, x: &[f32], n: usize, out: &mut [f32]) {
+        let packed = self.packed.as_ref().expect("refresh packs the weights first");
+        let (d_in, d_sae) = packed.shape();
+        assert_eq!(x.len(), n * d_in);
+        assert_eq!(out.len(), n * d_sae);
         matmul(n, x, d_in, packed, out, d_sae, false, &mut self.scratch);
     }
 }

@@ -255,6 +255,12 @@ impl SaeTrainer {
         self.buf.decode_slice_bytes = bytes;
     }
 
+    /// Screens (`Precision::F32Screened`) whatever fraction of the entries it recomputes.
+    #[cfg(test)]
+    pub(crate) fn screen_any_density(&mut self) {
+        self.buf.screen_max_fraction = f64::INFINITY;
+    }
+
     pub fn steps_done(&self) -> u64 {
         self.steps
     }

@@ -36,6 +36,10 @@ const DECODE_SLICE_BYTES: usize = 8 << 20;
 /// The same for the screen's gathers of W_enc rows, which sum more per row: at d_in 576 one
 /// 10.6 MB pass (d_sae 4608) beat two slices, and two 10.6 MB slices beat one 21 MB pass.
 const SCREEN_SLICE_BYTES: usize = 12 << 20;
+/// The screen recomputes each entry it keeps as one gathered dot product; past this
+/// fraction of the matrix those cost more than the f32 product saves (at d_in 576 on the
+/// AVX-512 Zen 4 the two met near 1/21), and the step runs the f32 product instead.
+const SCREEN_MAX_FRACTION: f64 = 1.0 / 25.0;
 
 /// `dst[b, j] = scale * val[e]` for every entry (summing duplicates), zero elsewhere.
 fn scatter_code(
@@ -150,6 +154,8 @@ pub(super) struct Buffers {
     screen_tasks: Vec<ScreenTask>,
     /// Entries recomputed in f32 by the last screened step.
     pub(super) screen_refined: usize,
+    /// `SCREEN_MAX_FRACTION` when 0; tests raise it to screen dense codes.
+    pub(super) screen_max_fraction: f64,
 }
 
 #[derive(Default)]
@@ -161,6 +167,31 @@ struct ScreenTask {
     ends: Vec<usize>,
     at: Vec<usize>,
     refined: usize,
+}
+
+/// The screen's test, per row: which entries of the bf16 product may pass the cutoff.
+struct ScreenBounds<'a> {
+    margin: crate::bf16::ScreenMargin,
+    cut: &'a [f32],
+    wn: &'a [f32],
+    ew: &'a [f32],
+}
+
+impl<'a> ScreenBounds<'a> {
+    fn new(d_in: usize, cut: &'a [f32], wn: &'a [f32], ew: &'a [f32]) -> Self {
+        let margin = crate::bf16::ScreenMargin::new(d_in);
+        Self { margin, cut, wn, ew }
+    }
+
+    /// Appends to `idx` the latents whose bf16 value in `row` lies above the cutoff less
+    /// the margin of (x, that latent); `lo` is scratch.
+    fn scan(&self, x: &[f32], row: &[f32], lo: &mut Vec<f32>, idx: &mut Vec<u32>) {
+        let (nx, ex) = norm_and_bf16_error(x);
+        let (p, q, c) = self.margin.row(nx, ex);
+        lo.resize(self.cut.len(), 0.0);
+        screen_bounds(self.cut, self.ew, self.wn, p, q, c, lo);
+        indices_above(row, lo, idx);
+    }
 }
 
 /// `row[j] = x . w_j` (`kernels::dot`'s bits) for each latent `j` in `js`, four at a time,
@@ -396,16 +427,28 @@ impl SaeTrainer {
             buf.xc.copy_from_slice(x);
         }
         buf.pre.resize(n * d_sae, 0.0);
-        let w = &self.w_enc_t;
         buf.screening = self.hyper.precision.screened()
             && self.arch.screen_cutoff(&self.params, &mut buf.screen_cut);
-        match self.hyper.precision.bf16_encoder() || buf.screening {
-            false => buf
+        if buf.screening {
+            self.screen_prepare();
+            let buf = &mut self.buf;
+            buf.enc_bf16.refresh(&self.w_enc_t, d_in, d_sae);
+            let m = n.min(ROW_CHUNK);
+            buf.enc_bf16
+                .product(&buf.xc[..m * d_in], m, &mut buf.pre[..m * d_sae]);
+            let pays = self.screen_pays(m);
+            self.buf.screening = pays;
+        }
+        let buf = &mut self.buf;
+        let w = &self.w_enc_t;
+        match (self.hyper.precision.bf16_encoder(), buf.screening) {
+            (false, false) => buf
                 .xt_f32
                 .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre),
-            true => buf
+            (true, _) => buf
                 .enc_bf16
                 .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre),
+            (false, true) => buf.enc_bf16.product(&buf.xc, n, &mut buf.pre),
         }
         if self.hyper.precision.bf16_sparse() {
             // Taken after the previous step's updates (and any resampling or load since).
@@ -417,12 +460,9 @@ impl SaeTrainer {
         }
     }
 
-    /// Phase 1a (`Precision::F32Screened`): `pre` holds the bf16 product, within
-    /// `ScreenMargin` of the f32 dot product of each (row, latent). Every entry whose bf16
-    /// value is within that margin of passing the rule's cutoff is recomputed as the f32 dot
-    /// product; the others lie at or below the cutoff in f32 as well, and no phase reads
-    /// them. So selection and the gradients see the f32 values of the f32 selection.
-    fn screen(&mut self, n: usize) {
+    /// `Precision::F32Screened`: W_enc's row norms and the norms of their bf16 rounding
+    /// errors, and the rule's cutoffs lowered below their own rounding.
+    fn screen_prepare(&mut self) {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
         let w = &self.w_enc_t;
@@ -443,8 +483,39 @@ impl SaeTrainer {
         for c in buf.screen_cut.iter_mut() {
             *c -= c.abs() * 2f32.powi(-20);
         }
-        let margin = crate::bf16::ScreenMargin::new(d_in);
-        let (cut, wn, ew) = (&buf.screen_cut, &buf.screen_wn, &buf.screen_ew);
+    }
+
+    /// Whether screening pays this step, judged on the batch's first `ROW_CHUNK` rows (their
+    /// bf16 product in `pre`): past `SCREEN_MAX_FRACTION` of the entries recomputed, the f32
+    /// product is cheaper. Decided from the batch alone, so a resumed run decides the same.
+    fn screen_pays(&mut self, m: usize) -> bool {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let buf = &mut self.buf;
+        let bounds = ScreenBounds::new(d_in, &buf.screen_cut, &buf.screen_wn, &buf.screen_ew);
+        let (mut lo, mut idx) = (Vec::new(), Vec::new());
+        for (row, x) in buf.pre[..m * d_sae]
+            .chunks(d_sae)
+            .zip(buf.xc.chunks(d_in))
+        {
+            bounds.scan(x, row, &mut lo, &mut idx);
+        }
+        let most = match buf.screen_max_fraction {
+            0.0 => SCREEN_MAX_FRACTION,
+            f => f,
+        };
+        (idx.len() as f64) <= most * (m * d_sae) as f64
+    }
+
+    /// Phase 1a (`Precision::F32Screened`): `pre` holds the bf16 product, within
+    /// `ScreenMargin` of the f32 dot product of each (row, latent). Every entry whose bf16
+    /// value is within that margin of passing the rule's cutoff is recomputed as the f32 dot
+    /// product; the others lie at or below the cutoff in f32 as well, and no phase reads
+    /// them. So selection and the gradients see the f32 values of the f32 selection.
+    fn screen(&mut self, n: usize) {
+        let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let buf = &mut self.buf;
+        let w = &self.w_enc_t;
+        let bounds = ScreenBounds::new(d_in, &buf.screen_cut, &buf.screen_wn, &buf.screen_ew);
         // W_enc's rows are gathered a slice of latents at a time, as the decode gathers
         // W_dec's; with one slice each row is refined right after its scan.
         let budget = match buf.decode_slice_bytes {
@@ -463,13 +534,9 @@ impl SaeTrainer {
                 task.refined = 0;
                 task.idx.clear();
                 task.ends.clear();
-                task.lo.resize(d_sae, 0.0);
                 for (row, x) in pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in)) {
-                    let (nx, ex) = norm_and_bf16_error(x);
-                    let (p, q, c) = margin.row(nx, ex);
-                    screen_bounds(cut, ew, wn, p, q, c, &mut task.lo);
                     let start = task.idx.len();
-                    indices_above(row, &task.lo, &mut task.idx);
+                    bounds.scan(x, row, &mut task.lo, &mut task.idx);
                     task.ends.push(task.idx.len());
                     if slices == 1 {
                         refine_row(x, w, d_in, &task.idx[start..], row);
