@@ -816,7 +816,10 @@ impl EncoderBf16 {
 
     /// `out = x W` with the copy `refresh` packed last, `x` `[n, d_in]`.
     pub fn product(&mut self, x: &[f32], n: usize, out: &mut [f32]) {
-        let packed = self.packed.as_ref().expect("refresh packs the weights first");
+        let packed = self
+            .packed
+            .as_ref()
+            .expect("refresh packs the weights first");
         let (d_in, d_sae) = packed.shape();
         assert_eq!(x.len(), n * d_in);
         assert_eq!(out.len(), n * d_sae);

@@ -179,29 +179,7 @@ fn bf16_sparse_gradients_match_f32_gathers() {
                 (lh - ls).abs() <= 1e-2 * lh.abs(),
                 "{arch} {half}: loss {ls} with bf16 gathers, {lh} without"
             );
-            let params = h.params.iter().zip(&s.params).map(|(u, v)| ("param", u, v));
-            for (name, u, v) in [
-                ("W_enc", &h.w_enc_t, &s.w_enc_t),
-                ("W_dec", &h.w_dec, &s.w_dec),
-                ("b_dec", &h.b_dec, &s.b_dec),
-            ]
-            .into_iter()
-            .chain(params)
-            {
-                // A per-latent parameter's gradient can be a sum of terms that cancel
-                // (JumpReLU's threshold: the reconstruction part against the L0 part), which
-                // leaves the rounding of the terms; those are measured at the scale of all
-                // the family's per-latent gradients.
-                let max_abs = |v: &[f32]| v.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-                let scale = match name {
-                    "param" => h.params.iter().map(|p| max_abs(p)).fold(0.0, f32::max),
-                    _ => max_abs(u),
-                };
-                let worst = u
-                    .iter()
-                    .zip(v)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
+            for (name, worst, scale) in differences(&h, &s) {
                 assert!(
                     worst <= 2e-2 * scale,
                     "{arch} {half} {name}: differs by {worst} at scale {scale}"
@@ -344,7 +322,11 @@ fn screened_steps_are_f32_steps() {
                 .build()
                 .unwrap();
             let (st, t) = pool.install(|| grads(Precision::F32Screened, true));
-            assert_eq!(st.loss.to_bits(), ss.loss.to_bits(), "{arch} {threads} threads");
+            assert_eq!(
+                st.loss.to_bits(),
+                ss.loss.to_bits(),
+                "{arch} {threads} threads"
+            );
             assert_eq!(t.w_enc_t, s.w_enc_t, "{arch} {threads} threads");
             assert_eq!(t.params, s.params, "{arch} {threads} threads");
         }
@@ -355,25 +337,45 @@ fn screened_steps_are_f32_steps() {
             sf.loss
         );
         assert_eq!(sf.l0, ss.l0, "{arch}: the selections differ");
-        let params = f.params.iter().zip(&s.params).map(|(u, v)| ("param", u, v));
-        for (name, u, v) in [
-            ("W_enc", &f.w_enc_t, &s.w_enc_t),
-            ("W_dec", &f.w_dec, &s.w_dec),
-            ("b_dec", &f.b_dec, &s.b_dec),
-        ]
-        .into_iter()
-        .chain(params)
-        {
-            let scale = u.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-            let worst = u
-                .iter()
-                .zip(v)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+        for (name, worst, scale) in differences(&f, &s) {
             assert!(
                 worst <= 1e-4 * scale,
                 "{arch} {name}: differs by {worst} at scale {scale}"
             );
         }
     }
+}
+
+/// Per gradient (W_enc, W_dec, b_dec, then each per-latent parameter): the largest
+/// difference between `a` and `b`, and `a`'s scale. A per-latent parameter's gradient can be
+/// a sum of terms that cancel (JumpReLU's threshold: the reconstruction part against the L0
+/// part), which leaves the rounding of the terms; those are measured at the scale of all
+/// the family's per-latent gradients.
+fn differences(
+    a: &crate::trainer::Grads,
+    b: &crate::trainer::Grads,
+) -> Vec<(&'static str, f32, f32)> {
+    let max_abs = |v: &[f32]| v.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let param_scale = a.params.iter().map(|p| max_abs(p)).fold(0.0, f32::max);
+    let params = a.params.iter().zip(&b.params).map(|(u, v)| ("param", u, v));
+    [
+        ("W_enc", &a.w_enc_t, &b.w_enc_t),
+        ("W_dec", &a.w_dec, &b.w_dec),
+        ("b_dec", &a.b_dec, &b.b_dec),
+    ]
+    .into_iter()
+    .chain(params)
+    .map(|(name, u, v)| {
+        let worst = u
+            .iter()
+            .zip(v)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        let scale = match name {
+            "param" => param_scale,
+            _ => max_abs(u),
+        };
+        (name, worst, scale)
+    })
+    .collect()
 }

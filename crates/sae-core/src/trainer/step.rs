@@ -180,7 +180,12 @@ struct ScreenBounds<'a> {
 impl<'a> ScreenBounds<'a> {
     fn new(d_in: usize, cut: &'a [f32], wn: &'a [f32], ew: &'a [f32]) -> Self {
         let margin = crate::bf16::ScreenMargin::new(d_in);
-        Self { margin, cut, wn, ew }
+        Self {
+            margin,
+            cut,
+            wn,
+            ew,
+        }
     }
 
     /// Appends to `idx` the latents whose bf16 value in `row` lies above the cutoff less
@@ -493,10 +498,7 @@ impl SaeTrainer {
         let buf = &mut self.buf;
         let bounds = ScreenBounds::new(d_in, &buf.screen_cut, &buf.screen_wn, &buf.screen_ew);
         let (mut lo, mut idx) = (Vec::new(), Vec::new());
-        for (row, x) in buf.pre[..m * d_sae]
-            .chunks(d_sae)
-            .zip(buf.xc.chunks(d_in))
-        {
+        for (row, x) in buf.pre[..m * d_sae].chunks(d_sae).zip(buf.xc.chunks(d_in)) {
             bounds.scan(x, row, &mut lo, &mut idx);
         }
         let most = match buf.screen_max_fraction {
