@@ -18,6 +18,8 @@
 //! # One step (`step.rs`, one method per phase)
 //! 1. `encode`: `xc = x - b_dec`; `pre = xc @ W_enc`: the only dense product (`gemm`, rayon;
 //!    or with `TrainHyper::precision` bf16, a bf16 copy of W_enc packed afresh each step).
+//!    With `f32-screened` (rules with `Arch::screen_cutoff`) the product runs in bf16 and
+//!    `screen` recomputes in f32 every entry within a proven margin of its cutoff.
 //!    Rules with a dense penalty (`Arch::dense_penalty`) then get its value and gradient on
 //!    every pre-activation, and rules with training noise (`Arch::pre_noise`) get the noise
 //!    added to `pre`, drawn from (seed, step, row) alone. The penalty's W_enc gradient is one

@@ -1,7 +1,7 @@
 //! The body of one training step, one method per phase over the reused `Buffers`:
-//! `encode`, `dense_penalty` and `add_pre_noise` (rules with a dense penalty or training
-//! noise), `grad_scores` (rules that select with the input's loss gradient),
-//! `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
+//! `encode` and `screen` (`f32-screened`), `dense_penalty` and `add_pre_noise` (rules with a
+//! dense penalty or training noise), `grad_scores` (rules that select with the input's loss
+//! gradient), `prepare_selection` and `select`, `decode` (with `dense_entry_dots`),
 //! `Buffers::transpose_entries`, `latent_pass` (gradients fused with Adam), `dense_params`.
 
 use super::{noise, Mode, SaeTrainer, StepStats};
@@ -1951,7 +1951,6 @@ impl<T: Copy + Default> ClearLen for Vec<T> {
     }
 }
 
-/// Phase timings printed to stderr when `SAE_CORE_PROFILE` is set (a development aid).
 /// What the screened step's first two phases leave, for tests.
 #[cfg(test)]
 pub(crate) struct ScreenedPre {
@@ -1983,6 +1982,7 @@ impl SaeTrainer {
     }
 }
 
+/// Phase timings printed to stderr when `SAE_CORE_PROFILE` is set (a development aid).
 pub(super) struct Profiler {
     on: bool,
     last: std::time::Instant,
