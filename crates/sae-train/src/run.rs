@@ -1054,8 +1054,9 @@ fn train(
     };
     if cfg.precision.screened() && !trainer.screens() && !cfg.quiet {
         eprintln!(
-            "note: --precision f32-screened: --arch {} reads every pre-activation, so its \
-             encoder product runs in f32 (the f32 results, without the bf16 speed-up)",
+            "note: --precision f32-screened: --arch {} has no per-latent cutoff to screen \
+             against, so its encoder product runs in f32 (the f32 results, without the bf16 \
+             speed-up)",
             cfg.arch
         );
     }

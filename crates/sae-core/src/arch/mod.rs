@@ -747,7 +747,8 @@ pub trait Arch: Send + Sync {
     /// Per-latent values `c_j` such that a raw pre-activation with `pre_j <= c_j` is never
     /// selected and nothing else in the step reads it (no batch state, penalty or noise
     /// from the pre-activations). `Precision::F32Screened` then recomputes in f32 only the
-    /// entries that may lie above. False when the rule reads every pre-activation.
+    /// entries that may lie above. False when its selection depends on more than
+    /// that (the row, the batch, every pre-activation).
     fn screen_cutoff(&self, _params: &[Vec<f32>], _out: &mut Vec<f32>) -> bool {
         false
     }
