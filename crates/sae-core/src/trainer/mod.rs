@@ -285,8 +285,9 @@ impl SaeTrainer {
         self.dispatch(x, None, n, sparsity_coeff, Mode::Apply(lr))
     }
 
-    /// Whether the steps screen the encoder product in bf16 (`Precision::F32Screened` with
-    /// a rule that has `Arch::screen_cutoff`); otherwise that precision runs the f32 product.
+    /// Whether the steps may screen the encoder product in bf16 (`Precision::F32Screened`
+    /// with a rule that has `Arch::screen_cutoff`); otherwise that precision runs the f32
+    /// product. A step whose code is too dense to screen runs the f32 product as well.
     pub fn screens(&self) -> bool {
         self.hyper.precision.screened() && self.arch.screen_cutoff(&self.params, &mut Vec::new())
     }
