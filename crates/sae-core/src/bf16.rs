@@ -720,8 +720,7 @@ pub enum Precision {
     /// f32 results from a bf16 product: the bf16 pre-activations are within a proven bound
     /// of the f32 ones ([`ScreenMargin`]), and every entry that could pass the rule's
     /// cutoff is recomputed as an f32 dot product, so selection and the gradients see f32
-    /// values wherever they look. Rules that read every pre-activation (no
-    /// `Arch::screen_cutoff`) run the f32 product instead.
+    /// values wherever they look. Rules without `Arch::screen_cutoff` run the f32 product.
     #[serde(rename = "f32-screened")]
     F32Screened,
 }

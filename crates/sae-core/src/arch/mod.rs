@@ -752,6 +752,14 @@ pub trait Arch: Send + Sync {
     fn screen_cutoff(&self, _params: &[Vec<f32>], _out: &mut Vec<f32>) -> bool {
         false
     }
+    /// `Some(k)` when, besides `screen_cutoff`, selection keeps only the k largest
+    /// `pre_j - cutoff_j` of each row, except among the AuxK latents (`aux_latents`), which
+    /// keep the plain cutoff: the screen then raises the other cutoffs by the row's k-th
+    /// value. Anything the rule reads of the other entries must not change its result
+    /// (TopK's prefilter floor).
+    fn screen_top_k(&self) -> Option<usize> {
+        None
+    }
     /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`;
     /// `row` is its index in the batch `prepare_batch` saw.
     fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut);

@@ -285,6 +285,17 @@ impl Arch for TopKRule {
         true
     }
 
+    /// ReLU after the top k: only `pre + b_enc > 0` is ever selected (main or AuxK).
+    fn screen_cutoff(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+        out.clear();
+        out.extend(params[0].iter().map(|b| -b));
+        true
+    }
+
+    fn screen_top_k(&self) -> Option<usize> {
+        Some(self.k)
+    }
+
     fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let mut scratch = std::mem::take(&mut out.scratch);

@@ -145,8 +145,9 @@ pub(super) struct Buffers {
     /// `Precision::F32Screened` with a rule that allows it: this step's `pre` is a bf16
     /// product until `screen` refines it.
     screening: bool,
-    /// The rule's screen cutoffs, lowered by their own rounding.
+    /// The rule's screen cutoffs, lowered by their own rounding, and as it gave them.
     screen_cut: Vec<f32>,
+    screen_cut_raw: Vec<f32>,
     /// W_enc's row norms and the norms of their bf16 rounding errors.
     screen_wn: Vec<f32>,
     screen_ew: Vec<f32>,
@@ -160,7 +161,7 @@ pub(super) struct Buffers {
 
 #[derive(Default)]
 struct ScreenTask {
-    lo: Vec<f32>,
+    scan: ScanScratch,
     /// Entries to recompute, row after row (each row's ascending), where each row's end, and
     /// (sliced refine) where each row's not yet recomputed ones start.
     idx: Vec<u32>,
@@ -172,30 +173,115 @@ struct ScreenTask {
 /// The screen's test, per row: which entries of the bf16 product may pass the cutoff.
 struct ScreenBounds<'a> {
     margin: crate::bf16::ScreenMargin,
+    /// The cutoffs lowered below their rounding, and as the rule gave them.
     cut: &'a [f32],
+    cut_raw: &'a [f32],
     wn: &'a [f32],
     ew: &'a [f32],
+    /// `Arch::screen_top_k`, and the latents it does not raise (AuxK's dead ones).
+    top_k: Option<usize>,
+    dead: &'a [u32],
+    /// The largest `wn` and `ew`.
+    wn_max: f32,
+    ew_max: f32,
+}
+
+/// What `screen_prepare` leaves in `Buffers` for the screen.
+struct ScreenInputs<'a> {
+    cut: &'a [f32],
+    cut_raw: &'a [f32],
+    wn: &'a [f32],
+    ew: &'a [f32],
+    dead: &'a [u32],
+}
+
+/// One task's scratch for `ScreenBounds::scan`.
+#[derive(Default)]
+struct ScanScratch {
+    lo: Vec<f32>,
+    scores: Vec<f32>,
+    above: Vec<u32>,
+    /// A guess under the next row's k-th score (the last row's, less a quarter).
+    floor: f32,
 }
 
 impl<'a> ScreenBounds<'a> {
-    fn new(d_in: usize, cut: &'a [f32], wn: &'a [f32], ew: &'a [f32]) -> Self {
-        let margin = crate::bf16::ScreenMargin::new(d_in);
-        Self {
-            margin,
+    /// The test over this step's norms, cutoffs and AuxK latents (`screen_prepare`).
+    fn new(d_in: usize, top_k: Option<usize>, buf: ScreenInputs<'a>) -> Self {
+        let max = |v: &[f32]| v.iter().fold(0.0f32, |m, &x| m.max(x));
+        let ScreenInputs {
             cut,
+            cut_raw,
             wn,
             ew,
+            dead,
+        } = buf;
+        ScreenBounds {
+            margin: crate::bf16::ScreenMargin::new(d_in),
+            cut,
+            cut_raw,
+            wn,
+            ew,
+            top_k,
+            dead,
+            wn_max: max(wn),
+            ew_max: max(ew),
         }
     }
 
     /// Appends to `idx` the latents whose bf16 value in `row` lies above the cutoff less
-    /// the margin of (x, that latent); `lo` is scratch.
-    fn scan(&self, x: &[f32], row: &[f32], lo: &mut Vec<f32>, idx: &mut Vec<u32>) {
+    /// the margin of (x, that latent).
+    fn scan(&self, x: &[f32], row: &[f32], s: &mut ScanScratch, idx: &mut Vec<u32>) {
         let (nx, ex) = norm_and_bf16_error(x);
         let (p, q, c) = self.margin.row(nx, ex);
-        lo.resize(self.cut.len(), 0.0);
-        screen_bounds(self.cut, self.ew, self.wn, p, q, c, lo);
-        indices_above(row, lo, idx);
+        s.lo.resize(self.cut.len(), 0.0);
+        let raise = match self.top_k {
+            Some(k) if k > 0 && k <= row.len() => {
+                // Only the k largest `pre - cut` of the row are selected. Each is within its
+                // margin of the bf16 value, so the f32 k-th is at least the bf16 k-th less the
+                // largest margin; no entry below that can be selected.
+                let kth = self.kth_score(k, row, s);
+                let most = p * self.ew_max + q * self.wn_max + c;
+                let theta = kth - most * (1.0 + 2f32.powi(-20)) - kth.abs() * 2f32.powi(-20);
+                s.floor = kth - 0.25 * kth.abs();
+                theta.max(0.0)
+            }
+            _ => 0.0,
+        };
+        // `cut + raise - margin`, the sum lowered below its own rounding.
+        let c_raised = c - raise + raise * 2f32.powi(-20);
+        screen_bounds(self.cut, self.ew, self.wn, p, q, c_raised, &mut s.lo);
+        if raise > 0.0 {
+            for &j in self.dead {
+                let j = j as usize;
+                s.lo[j] = self.cut[j] - p * self.ew[j] - q * self.wn[j] - c;
+            }
+        }
+        indices_above(row, &s.lo, idx);
+    }
+
+    /// The k-th largest `row[j] - cut_raw[j]` (or a value under it, which only makes the
+    /// screen recompute more): among the entries above `s.floor` when at least k are, else
+    /// among all.
+    fn kth_score(&self, k: usize, row: &[f32], s: &mut ScanScratch) -> f32 {
+        s.above.clear();
+        if s.floor.is_finite() {
+            s.scores.clear();
+            s.scores.extend(self.cut_raw.iter().map(|c| c + s.floor));
+            indices_above(row, &s.scores, &mut s.above);
+        }
+        s.scores.clear();
+        if s.above.len() >= k {
+            let at = |&j: &u32| row[j as usize] - self.cut_raw[j as usize];
+            s.scores.extend(s.above.iter().map(at));
+        } else {
+            s.scores
+                .extend(row.iter().zip(self.cut_raw).map(|(v, c)| v - c));
+        }
+        let (_, kth, _) = s
+            .scores
+            .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        *kth
     }
 }
 
@@ -485,8 +571,16 @@ impl SaeTrainer {
             });
         // `cut - margin` in f32 can round up by half an ulp of `cut`; lowering the cutoffs
         // by far more than that keeps every comparison on the safe side.
+        buf.screen_cut_raw.clone_from(&buf.screen_cut);
         for c in buf.screen_cut.iter_mut() {
             *c -= c.abs() * 2f32.powi(-20);
+        }
+        // A top-k rule raises the cutoffs of all but the AuxK latents (as `prepare_selection`
+        // will find them).
+        buf.dead.clear();
+        if self.arch.aux_mode() == AuxMode::AuxK {
+            self.arch
+                .aux_latents(&self.tokens_since_fired, &self.hyper, &mut buf.dead);
         }
     }
 
@@ -496,10 +590,20 @@ impl SaeTrainer {
     fn screen_pays(&mut self, m: usize) -> bool {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
-        let bounds = ScreenBounds::new(d_in, &buf.screen_cut, &buf.screen_wn, &buf.screen_ew);
-        let (mut lo, mut idx) = (Vec::new(), Vec::new());
+        let bounds = ScreenBounds::new(
+            d_in,
+            self.arch.screen_top_k(),
+            ScreenInputs {
+                cut: &buf.screen_cut,
+                cut_raw: &buf.screen_cut_raw,
+                wn: &buf.screen_wn,
+                ew: &buf.screen_ew,
+                dead: &buf.dead,
+            },
+        );
+        let (mut scratch, mut idx) = (ScanScratch::default(), Vec::new());
         for (row, x) in buf.pre[..m * d_sae].chunks(d_sae).zip(buf.xc.chunks(d_in)) {
-            bounds.scan(x, row, &mut lo, &mut idx);
+            bounds.scan(x, row, &mut scratch, &mut idx);
         }
         let most = match buf.screen_max_fraction {
             0.0 => SCREEN_MAX_FRACTION,
@@ -517,7 +621,17 @@ impl SaeTrainer {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
         let w = &self.w_enc_t;
-        let bounds = ScreenBounds::new(d_in, &buf.screen_cut, &buf.screen_wn, &buf.screen_ew);
+        let bounds = ScreenBounds::new(
+            d_in,
+            self.arch.screen_top_k(),
+            ScreenInputs {
+                cut: &buf.screen_cut,
+                cut_raw: &buf.screen_cut_raw,
+                wn: &buf.screen_wn,
+                ew: &buf.screen_ew,
+                dead: &buf.dead,
+            },
+        );
         // W_enc's rows are gathered a slice of latents at a time, as the decode gathers
         // W_dec's; with one slice each row is refined right after its scan.
         let budget = match buf.decode_slice_bytes {
@@ -538,7 +652,7 @@ impl SaeTrainer {
                 task.ends.clear();
                 for (row, x) in pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in)) {
                     let start = task.idx.len();
-                    bounds.scan(x, row, &mut task.lo, &mut task.idx);
+                    bounds.scan(x, row, &mut task.scan, &mut task.idx);
                     task.ends.push(task.idx.len());
                     if slices == 1 {
                         refine_row(x, w, d_in, &task.idx[start..], row);
