@@ -145,12 +145,8 @@ pub(super) struct Buffers {
     /// `Precision::F32Screened` with a rule that allows it: this step's `pre` is a bf16
     /// product until `screen` refines it.
     screening: bool,
-    /// The rule's screen cutoffs, lowered by their own rounding, and as it gave them.
-    screen_cut: Vec<f32>,
-    screen_cut_raw: Vec<f32>,
-    /// W_enc's row norms and the norms of their bf16 rounding errors.
-    screen_wn: Vec<f32>,
-    screen_ew: Vec<f32>,
+    /// The screen's cutoffs and norms of this step (`screen_prepare`).
+    screen: ScreenInputs,
     /// Per row chunk: the row's lowered cutoffs and the entries to recompute.
     screen_tasks: Vec<ScreenTask>,
     /// Entries recomputed in f32 by the last screened step.
@@ -186,13 +182,15 @@ struct ScreenBounds<'a> {
     ew_max: f32,
 }
 
-/// What `screen_prepare` leaves in `Buffers` for the screen.
-struct ScreenInputs<'a> {
-    cut: &'a [f32],
-    cut_raw: &'a [f32],
-    wn: &'a [f32],
-    ew: &'a [f32],
-    dead: &'a [u32],
+/// What `screen_prepare` leaves for the screen.
+#[derive(Default)]
+struct ScreenInputs {
+    /// The rule's cutoffs, lowered below their own rounding, and as it gave them.
+    cut: Vec<f32>,
+    cut_raw: Vec<f32>,
+    /// W_enc's row norms and the norms of their bf16 rounding errors.
+    wn: Vec<f32>,
+    ew: Vec<f32>,
 }
 
 /// One task's scratch for `ScreenBounds::scan`.
@@ -207,25 +205,18 @@ struct ScanScratch {
 
 impl<'a> ScreenBounds<'a> {
     /// The test over this step's norms, cutoffs and AuxK latents (`screen_prepare`).
-    fn new(d_in: usize, top_k: Option<usize>, buf: ScreenInputs<'a>) -> Self {
+    fn new(d_in: usize, top_k: Option<usize>, inputs: &'a ScreenInputs, dead: &'a [u32]) -> Self {
         let max = |v: &[f32]| v.iter().fold(0.0f32, |m, &x| m.max(x));
-        let ScreenInputs {
-            cut,
-            cut_raw,
-            wn,
-            ew,
-            dead,
-        } = buf;
         ScreenBounds {
             margin: crate::bf16::ScreenMargin::new(d_in),
-            cut,
-            cut_raw,
-            wn,
-            ew,
+            cut: &inputs.cut,
+            cut_raw: &inputs.cut_raw,
+            wn: &inputs.wn,
+            ew: &inputs.ew,
             top_k,
             dead,
-            wn_max: max(wn),
-            ew_max: max(ew),
+            wn_max: max(&inputs.wn),
+            ew_max: max(&inputs.ew),
         }
     }
 
@@ -519,7 +510,7 @@ impl SaeTrainer {
         }
         buf.pre.resize(n * d_sae, 0.0);
         buf.screening = self.hyper.precision.screened()
-            && self.arch.screen_cutoff(&self.params, &mut buf.screen_cut);
+            && self.arch.screen_cutoff(&self.params, &mut buf.screen.cut);
         if buf.screening {
             self.screen_prepare();
             let buf = &mut self.buf;
@@ -557,11 +548,11 @@ impl SaeTrainer {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
         let w = &self.w_enc_t;
-        buf.screen_wn.resize(d_sae, 0.0);
-        buf.screen_ew.resize(d_sae, 0.0);
-        buf.screen_wn
-            .par_chunks_mut(LAT_CHUNK)
-            .zip(buf.screen_ew.par_chunks_mut(LAT_CHUNK))
+        let ScreenInputs { wn, ew, .. } = &mut buf.screen;
+        wn.resize(d_sae, 0.0);
+        ew.resize(d_sae, 0.0);
+        wn.par_chunks_mut(LAT_CHUNK)
+            .zip(ew.par_chunks_mut(LAT_CHUNK))
             .enumerate()
             .for_each(|(c, (norms, errs))| {
                 for (l, (nw, ew)) in norms.iter_mut().zip(errs).enumerate() {
@@ -571,8 +562,8 @@ impl SaeTrainer {
             });
         // `cut - margin` in f32 can round up by half an ulp of `cut`; lowering the cutoffs
         // by far more than that keeps every comparison on the safe side.
-        buf.screen_cut_raw.clone_from(&buf.screen_cut);
-        for c in buf.screen_cut.iter_mut() {
+        buf.screen.cut_raw.clone_from(&buf.screen.cut);
+        for c in buf.screen.cut.iter_mut() {
             *c -= c.abs() * 2f32.powi(-20);
         }
         // A top-k rule raises the cutoffs of all but the AuxK latents (as `prepare_selection`
@@ -590,17 +581,7 @@ impl SaeTrainer {
     fn screen_pays(&mut self, m: usize) -> bool {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
-        let bounds = ScreenBounds::new(
-            d_in,
-            self.arch.screen_top_k(),
-            ScreenInputs {
-                cut: &buf.screen_cut,
-                cut_raw: &buf.screen_cut_raw,
-                wn: &buf.screen_wn,
-                ew: &buf.screen_ew,
-                dead: &buf.dead,
-            },
-        );
+        let bounds = ScreenBounds::new(d_in, self.arch.screen_top_k(), &buf.screen, &buf.dead);
         let (mut scratch, mut idx) = (ScanScratch::default(), Vec::new());
         for (row, x) in buf.pre[..m * d_sae].chunks(d_sae).zip(buf.xc.chunks(d_in)) {
             bounds.scan(x, row, &mut scratch, &mut idx);
@@ -621,17 +602,7 @@ impl SaeTrainer {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
         let w = &self.w_enc_t;
-        let bounds = ScreenBounds::new(
-            d_in,
-            self.arch.screen_top_k(),
-            ScreenInputs {
-                cut: &buf.screen_cut,
-                cut_raw: &buf.screen_cut_raw,
-                wn: &buf.screen_wn,
-                ew: &buf.screen_ew,
-                dead: &buf.dead,
-            },
-        );
+        let bounds = ScreenBounds::new(d_in, self.arch.screen_top_k(), &buf.screen, &buf.dead);
         // W_enc's rows are gathered a slice of latents at a time, as the decode gathers
         // W_dec's; with one slice each row is refined right after its scan.
         let budget = match buf.decode_slice_bytes {
