@@ -581,11 +581,17 @@ impl SaeTrainer {
     fn screen_pays(&mut self, m: usize) -> bool {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
-        let bounds = ScreenBounds::new(d_in, self.arch.screen_top_k(), &buf.screen, &buf.dead);
-        let (mut scratch, mut idx) = (ScanScratch::default(), Vec::new());
-        for (row, x) in buf.pre[..m * d_sae].chunks(d_sae).zip(buf.xc.chunks(d_in)) {
-            bounds.scan(x, row, &mut scratch, &mut idx);
+        // The first task's buffers, which the screen itself reuses next.
+        if buf.screen_tasks.is_empty() {
+            buf.screen_tasks.push(ScreenTask::default());
         }
+        let task = &mut buf.screen_tasks[0];
+        task.idx.clear();
+        let bounds = ScreenBounds::new(d_in, self.arch.screen_top_k(), &buf.screen, &buf.dead);
+        for (row, x) in buf.pre[..m * d_sae].chunks(d_sae).zip(buf.xc.chunks(d_in)) {
+            bounds.scan(x, row, &mut task.scan, &mut task.idx);
+        }
+        let idx = &task.idx;
         let most = match buf.screen_max_fraction {
             0.0 => SCREEN_MAX_FRACTION,
             f => f,
@@ -2054,14 +2060,12 @@ impl SaeTrainer {
     pub(crate) fn screened_pre(&mut self, x: &[f32], n: usize) -> ScreenedPre {
         self.encode(x, n);
         assert!(self.buf.screening, "this trainer does not screen");
-        let mut cutoff = Vec::new();
-        self.arch.screen_cutoff(&self.params, &mut cutoff);
         self.screen(n);
         ScreenedPre {
             xc: self.buf.xc.clone(),
             w_enc_t: self.w_enc_t.clone(),
             pre: self.buf.pre[..n * self.d_sae].to_vec(),
-            cutoff,
+            cutoff: self.buf.screen.cut_raw.clone(),
             refined: self.buf.screen_refined,
         }
     }
