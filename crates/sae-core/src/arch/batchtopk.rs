@@ -6,7 +6,7 @@ use super::topk::{auxk_backward, auxk_train_opts, push_auxk, topk_lr, AuxKOpts, 
 use super::{
     batch_state, encode_jumprelu_row, kth_largest_positive, validate_threshold, Arch, ArchKind,
     AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, RowCode,
-    RowOut, Sparsity, StepCtx, Stored, TrainOption, TrainOpts,
+    RowOut, Sparsity, StepCtx, Stored, TopKScope, TrainOption, TrainOpts,
 };
 use crate::kernels::{entries_above, EntriesAbove};
 use crate::sae::{Invalid, Sae};
@@ -245,6 +245,19 @@ impl Arch for BatchTopKRule {
     }
     fn aux_coeff(&self) -> f32 {
         self.aux_coeff
+    }
+
+    /// A selected entry has a positive `pre + b_enc`; the threshold's pass reads only
+    /// entries above a bound of at least 0, and selection only those at or above the
+    /// threshold, so entries under a bound below the threshold are never read.
+    fn screen_cutoff(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+        out.clear();
+        out.extend(params[0].iter().map(|b| -b));
+        true
+    }
+
+    fn screen_top_k(&self) -> Option<TopKScope> {
+        Some(TopKScope::Batch(self.k))
     }
 
     /// This batch's threshold: entries `>=` it are kept (ties at the threshold may keep a

@@ -672,6 +672,15 @@ pub struct EntryGrad {
     pub params: [f32; 3],
 }
 
+/// Where a top-k rule takes its k largest (`Arch::screen_top_k`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopKScope {
+    /// The k largest of each row (TopK).
+    Row(usize),
+    /// The k*n largest of the whole batch of n rows (BatchTopK).
+    Batch(usize),
+}
+
 /// One SAE architecture's forward selection and backward rule.
 pub trait Arch: Send + Sync {
     fn kind(&self) -> ArchKind;
@@ -752,12 +761,13 @@ pub trait Arch: Send + Sync {
     fn screen_cutoff(&self, _params: &[Vec<f32>], _out: &mut Vec<f32>) -> bool {
         false
     }
-    /// `Some(k)` when, besides `screen_cutoff`, selection keeps only the k largest
-    /// `pre_j - cutoff_j` of each row, except among the AuxK latents (`aux_latents`), which
-    /// keep the plain cutoff: the screen then raises the other cutoffs by the row's k-th
-    /// value. Anything the rule reads of the other entries must not change its result
-    /// (TopK's prefilter floor).
-    fn screen_top_k(&self) -> Option<usize> {
+    /// Set when, besides `screen_cutoff`, selection keeps only the k largest
+    /// `pre_j - cutoff_j` of each row (`TopKScope::Row`) or the k*n largest of the batch of
+    /// n rows (`TopKScope::Batch`), except among the AuxK latents (`aux_latents`), which keep
+    /// the plain cutoff: the screen then raises the other cutoffs by a bound under that
+    /// k-th value. Anything the rule reads of the other entries must not change its result
+    /// (TopK's prefilter floor, BatchTopK's collection above a bound).
+    fn screen_top_k(&self) -> Option<TopKScope> {
         None
     }
     /// Training-time selection for one row of raw pre-activations `(x - b_dec) @ W_enc`;

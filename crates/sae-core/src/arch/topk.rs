@@ -4,7 +4,7 @@
 use super::{
     batch_state, loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch,
     ArchKind, validate_k, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut,
-    Settings, Sparsity, StepCtx, TopKScratch, TrainOption, TrainOpts,
+    Settings, Sparsity, StepCtx, TopKScope, TopKScratch, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use serde_json::json;
@@ -292,8 +292,8 @@ impl Arch for TopKRule {
         true
     }
 
-    fn screen_top_k(&self) -> Option<usize> {
-        Some(self.k)
+    fn screen_top_k(&self) -> Option<TopKScope> {
+        Some(TopKScope::Row(self.k))
     }
 
     fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {

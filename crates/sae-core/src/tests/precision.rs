@@ -280,9 +280,10 @@ fn screened_pre_activations_are_the_f32_dots_wherever_selection_looks() {
 
 /// A screened step is an f32 step: the same loss, L0 and gradients up to the order of the
 /// f32 sums, for each screening family (TopK also with every latent in AuxK, whose cutoffs
-/// the top-k does not raise). Where the screen would recompute too much (these random SAEs
-/// fire on about half the entries) the step runs the f32 product, bit for bit the f32 step;
-/// so does a family without a screen (BatchTopK).
+/// the top-k does not raise; BatchTopK and Matryoshka, whose raise is a guess the screen
+/// checks). Where the screen would recompute too much (these random SAEs fire on about half
+/// the entries) the step runs the f32 product, bit for bit the f32 step; so does a batch
+/// top-k step whose guess is too high, and a family without a screen (mutual choice).
 #[test]
 fn screened_steps_are_f32_steps() {
     use super::{randn, random_sae};
@@ -290,15 +291,22 @@ fn screened_steps_are_f32_steps() {
     let (d_in, d_sae, n) = (64, 160, 48);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let x = randn(&mut rng, n * d_in);
+    let window = TrainHyper::default().dead_window_tokens;
     let cases = SCREENING
         .into_iter()
-        .chain([ArchKind::TOPK])
-        .map(|a| (a, TrainHyper::default().dead_window_tokens))
-        .chain([(ArchKind::TOPK, 0), (ArchKind::BATCHTOPK, 0)]);
+        .chain([ArchKind::TOPK, ArchKind::BATCHTOPK, ArchKind::MATRYOSHKA])
+        .map(|a| (a, window))
+        .chain([
+            (ArchKind::TOPK, 0),
+            (ArchKind::BATCHTOPK, 0),
+            (ArchKind::MUTUALCHOICE, window),
+        ]);
     for (arch, window) in cases {
         let sae = random_sae(arch, d_in, d_sae, 6, 3);
-        let screens = arch != ArchKind::BATCHTOPK;
-        let grads = |p: Precision, any_density: bool| {
+        let screens = arch != ArchKind::MUTUALCHOICE;
+        let top_k = [ArchKind::TOPK, ArchKind::BATCHTOPK, ArchKind::MATRYOSHKA].contains(&arch);
+        let batch_top_k = top_k && arch != ArchKind::TOPK;
+        let trainer = |p: Precision, any_density: bool, guess: f32| {
             let hyper = TrainHyper {
                 dead_window_tokens: window,
                 ..hyper(p)
@@ -308,11 +316,18 @@ fn screened_steps_are_f32_steps() {
             if any_density {
                 t.screen_any_density();
             }
+            t.set_screen_batch_guess(guess);
             assert_eq!(t.screens(), p.screened() && screens, "{arch}");
-            t.gradients(&x, n, 0.3)
+            t
+        };
+        let grads = |p: Precision, any_density: bool| {
+            let mut t = trainer(p, any_density, 0.0);
+            let g = t.gradients(&x, n, 0.3);
+            assert_eq!(t.screen_misses(), 0, "{arch}");
+            g
         };
         let (sf, f) = grads(Precision::F32, false);
-        if !screens || arch != ArchKind::TOPK {
+        if !screens || !top_k {
             let (sd, d) = grads(Precision::F32Screened, false);
             assert!(
                 !screens || sf.l0 > d_sae as f64 / 10.0,
@@ -326,8 +341,26 @@ fn screened_steps_are_f32_steps() {
         if !screens {
             continue;
         }
+        if batch_top_k {
+            // A guess above the batch's threshold is caught: the f32 product's bits.
+            let mut t = trainer(Precision::F32Screened, true, 3.0);
+            let (sg, g) = t.gradients(&x, n, 0.3);
+            assert_eq!(t.screen_misses(), 1, "{arch}: the high guess went unseen");
+            assert_eq!(sf.loss.to_bits(), sg.loss.to_bits(), "{arch}: high guess");
+            assert_eq!(f.w_enc_t, g.w_enc_t, "{arch}: high guess");
+            assert_eq!(f.params, g.params, "{arch}: high guess");
+        }
         let (ss, s) = grads(Precision::F32Screened, true);
         assert_ne!(s.w_enc_t, f.w_enc_t, "{arch}: screened as f32");
+        if batch_top_k {
+            // W_enc^T in slices: the batch's bound first, then each slice's entries.
+            let mut t = trainer(Precision::F32Screened, true, 0.0);
+            t.set_decode_slice_bytes(10_000);
+            let (sl, l) = t.gradients(&x, n, 0.3);
+            assert_eq!(t.screen_misses(), 0, "{arch}: sliced");
+            assert_eq!(sl.loss.to_bits(), ss.loss.to_bits(), "{arch}: sliced");
+            assert_eq!(l.w_enc_t, s.w_enc_t, "{arch}: sliced");
+        }
         // Each recomputed entry is one dot product, whatever the threads.
         for threads in [1, 3] {
             let pool = rayon::ThreadPoolBuilder::new()

@@ -263,6 +263,19 @@ impl SaeTrainer {
         self.buf.screen_max_fraction = f64::INFINITY;
     }
 
+    /// The fraction of the batch's first rows' k*m-th bf16 score a batch top-k screen
+    /// raises its cutoffs by (0: the default); tests set it past the batch's threshold.
+    #[cfg(test)]
+    pub(crate) fn set_screen_batch_guess(&mut self, guess: f32) {
+        self.buf.screen_batch_guess = guess;
+    }
+
+    /// Screened steps whose batch top-k guess proved too high (they ran the f32 product).
+    #[cfg(test)]
+    pub(crate) fn screen_misses(&self) -> u64 {
+        self.buf.screen_misses
+    }
+
     pub fn steps_done(&self) -> u64 {
         self.steps
     }
@@ -287,7 +300,8 @@ impl SaeTrainer {
 
     /// Whether the steps may screen the encoder product in bf16 (`Precision::F32Screened`
     /// with a rule that has `Arch::screen_cutoff`); otherwise that precision runs the f32
-    /// product. A step whose code is too dense to screen runs the f32 product as well.
+    /// product. A step whose code is too dense to screen runs the f32 product as well, as
+    /// does a batch top-k step whose guess at the batch's threshold proves too high.
     pub fn screens(&self) -> bool {
         self.hyper.precision.screened() && self.arch.screen_cutoff(&self.params, &mut Vec::new())
     }

@@ -6,7 +6,8 @@
 
 use super::{noise, Mode, SaeTrainer, StepStats};
 use crate::arch::{
-    AfterStep, Arch, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, RowOut, StepCtx,
+    AfterStep, Arch, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, RowOut,
+    StepCtx, TopKScope,
 };
 use crate::kernels::{
     acc2, acc2_h, acc2x4, acc2x4_h, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
@@ -40,6 +41,13 @@ const SCREEN_SLICE_BYTES: usize = 12 << 20;
 /// fraction of the matrix those cost more than the f32 product saves (at d_in 576 on the
 /// AVX-512 Zen 4 the two met near 1/21), and the step runs the f32 product instead.
 const SCREEN_MAX_FRACTION: f64 = 1.0 / 25.0;
+/// A batch top-k rule's screen first collects the entries that may score above this
+/// fraction of the batch's first m rows' bound under their k*m-th f32 score: a guess under
+/// the whole batch's bound, which it then finds among them (rows differ, so the first
+/// rows' own bound is not one for the batch; when the guess proves too high the step runs
+/// the f32 product). On SmolLM2 layer-15 batches the batch's bound was 0.91-1.05 of the
+/// first 16 rows'.
+const SCREEN_BATCH_GUESS: f32 = 0.75;
 
 /// `dst[b, j] = scale * val[e]` for every entry (summing duplicates), zero elsewhere.
 fn scatter_code(
@@ -153,6 +161,11 @@ pub(super) struct Buffers {
     pub(super) screen_refined: usize,
     /// `SCREEN_MAX_FRACTION` when 0; tests raise it to screen dense codes.
     pub(super) screen_max_fraction: f64,
+    /// `SCREEN_BATCH_GUESS` when 0; tests raise it past the batch's threshold.
+    pub(super) screen_batch_guess: f32,
+    /// Screens whose guess at a batch top-k threshold proved too high (the step then ran
+    /// the f32 product).
+    pub(super) screen_misses: u64,
 }
 
 #[derive(Default)]
@@ -164,6 +177,12 @@ struct ScreenTask {
     ends: Vec<usize>,
     at: Vec<usize>,
     refined: usize,
+    /// A batch top-k screen's first collection: each entry's bf16 value (beside `idx`), a
+    /// histogram of the bounds under their f32 scores (`score_floor`, `ScoreBuckets`), and
+    /// each row's margin terms.
+    vals: Vec<f32>,
+    hist: Vec<u32>,
+    terms: Vec<(f32, f32, f32)>,
 }
 
 /// The screen's test, per row: which entries of the bf16 product may pass the cutoff.
@@ -174,9 +193,13 @@ struct ScreenBounds<'a> {
     cut_raw: &'a [f32],
     wn: &'a [f32],
     ew: &'a [f32],
-    /// `Arch::screen_top_k`, and the latents it does not raise (AuxK's dead ones).
-    top_k: Option<usize>,
+    /// `Arch::screen_top_k`, and the latents it does not raise (AuxK's dead ones, also as
+    /// a mask over all latents).
+    top_k: Option<TopKScope>,
     dead: &'a [u32],
+    dead_mask: &'a [bool],
+    /// `ScreenInputs::batch_raise`.
+    batch_raise: f32,
     /// The largest `wn` and `ew`.
     wn_max: f32,
     ew_max: f32,
@@ -191,6 +214,11 @@ struct ScreenInputs {
     /// W_enc's row norms and the norms of their bf16 rounding errors.
     wn: Vec<f32>,
     ew: Vec<f32>,
+    /// `TopKScope::Batch`: the first scan raises every cutoff but the AuxK latents' by this
+    /// guess under the batch's k*n-th score (`screen_pays`; `screen` then finds a bound).
+    batch_raise: f32,
+    /// AuxK's dead latents as a mask (empty when there are none).
+    dead_mask: Vec<bool>,
 }
 
 /// One task's scratch for `ScreenBounds::scan`.
@@ -205,7 +233,12 @@ struct ScanScratch {
 
 impl<'a> ScreenBounds<'a> {
     /// The test over this step's norms, cutoffs and AuxK latents (`screen_prepare`).
-    fn new(d_in: usize, top_k: Option<usize>, inputs: &'a ScreenInputs, dead: &'a [u32]) -> Self {
+    fn new(
+        d_in: usize,
+        top_k: Option<TopKScope>,
+        inputs: &'a ScreenInputs,
+        dead: &'a [u32],
+    ) -> Self {
         let max = |v: &[f32]| v.iter().fold(0.0f32, |m, &x| m.max(x));
         ScreenBounds {
             margin: crate::bf16::ScreenMargin::new(d_in),
@@ -215,33 +248,45 @@ impl<'a> ScreenBounds<'a> {
             ew: &inputs.ew,
             top_k,
             dead,
+            dead_mask: &inputs.dead_mask,
+            batch_raise: inputs.batch_raise,
             wn_max: max(&inputs.wn),
             ew_max: max(&inputs.ew),
         }
     }
 
     /// Appends to `idx` the latents whose bf16 value in `row` lies above the cutoff less
-    /// the margin of (x, that latent).
-    fn scan(&self, x: &[f32], row: &[f32], s: &mut ScanScratch, idx: &mut Vec<u32>) {
+    /// the margin of (x, that latent). Returns the row's margin terms (`ScreenMargin::row`).
+    fn scan(
+        &self,
+        x: &[f32],
+        row: &[f32],
+        s: &mut ScanScratch,
+        idx: &mut Vec<u32>,
+    ) -> (f32, f32, f32) {
         let (nx, ex) = norm_and_bf16_error(x);
-        let (p, q, c) = self.margin.row(nx, ex);
+        let terms = self.margin.row(nx, ex);
+        let (p, q, c) = terms;
         s.lo.resize(self.cut.len(), 0.0);
         let raise = match self.top_k {
-            Some(k) if k > 0 && k <= row.len() => {
-                // Only the k largest `pre - cut` of the row are selected. Each is within its
-                // margin of the bf16 value, so the f32 k-th is at least the bf16 k-th less the
-                // largest margin; no entry below that can be selected.
+            Some(TopKScope::Row(k)) if k > 0 && k <= row.len() => {
+                // Only the k largest `pre - cut` of the row are selected.
                 let kth = self.kth_score(k, row, s);
-                let most = p * self.ew_max + q * self.wn_max + c;
-                let theta = kth - most * (1.0 + 2f32.powi(-20)) - kth.abs() * 2f32.powi(-20);
                 s.floor = kth - 0.25 * kth.abs();
-                theta.max(0.0)
+                score_floor(kth, self.most(terms))
             }
+            Some(TopKScope::Batch(_)) => self.batch_raise,
             _ => 0.0,
         };
-        // `cut + raise - margin`, the sum lowered below its own rounding.
-        let c_raised = c - raise + raise * 2f32.powi(-20);
-        screen_bounds(self.cut, self.ew, self.wn, p, q, c_raised, &mut s.lo);
+        screen_bounds(
+            self.cut,
+            self.ew,
+            self.wn,
+            p,
+            q,
+            raised(c, raise),
+            &mut s.lo,
+        );
         if raise > 0.0 {
             for &j in self.dead {
                 let j = j as usize;
@@ -249,6 +294,22 @@ impl<'a> ScreenBounds<'a> {
             }
         }
         indices_above(row, &s.lo, idx);
+        terms
+    }
+
+    /// The largest margin of any latent in a row with margin terms `(p, q, c)`.
+    fn most(&self, (p, q, c): (f32, f32, f32)) -> f32 {
+        p * self.ew_max + q * self.wn_max + c
+    }
+
+    /// `scan`'s test for one entry: whether latent `j`'s bf16 value `v` lies above its
+    /// cutoff raised by `raise` (not for AuxK's latents) less its margin.
+    fn passes(&self, j: usize, v: f32, (p, q, c): (f32, f32, f32), raise: f32) -> bool {
+        let c = match self.dead_mask.get(j) {
+            Some(true) => c,
+            _ => raised(c, raise),
+        };
+        v > self.cut[j] - p * self.ew[j] - q * self.wn[j] - c
     }
 
     /// The k-th largest `row[j] - cut_raw[j]` (or a value under it, which only makes the
@@ -276,6 +337,68 @@ impl<'a> ScreenBounds<'a> {
     }
 }
 
+/// A margin term `c` with the cutoffs raised by `raise`: `c - raise`, lowered below its own
+/// rounding.
+fn raised(c: f32, raise: f32) -> f32 {
+    c - raise + raise * 2f32.powi(-20)
+}
+
+/// A value at or under the f32 score of an entry whose bf16 score is `score` and whose
+/// margin is at most `most` (lowered below its own rounding; 0 at least). With the k-th
+/// largest bf16 score of a set, it is under the set's k-th largest f32 score too: each of
+/// the k largest bf16 scores is within its margin of its f32 score.
+fn score_floor(score: f32, most: f32) -> f32 {
+    let floor = score - most * (1.0 + 2f32.powi(-20)) - score.abs() * 2f32.powi(-20);
+    floor.max(0.0)
+}
+
+/// Buckets of a batch top-k screen's score histogram: one per step of the top 16 bits of
+/// a positive f32 (1/128 of an octave), from the one holding the first guess up; higher
+/// scores share the last.
+const SCORE_BUCKETS: usize = 2048;
+
+/// The buckets of scores from `lowest` up (`SCORE_BUCKETS` of them).
+#[derive(Clone, Copy)]
+struct ScoreBuckets {
+    base: u32,
+}
+
+impl ScoreBuckets {
+    fn from(lowest: f32) -> Self {
+        ScoreBuckets {
+            base: lowest.max(f32::MIN_POSITIVE).to_bits() >> 16,
+        }
+    }
+    /// The bucket of a score, if it is in the range (NaN is not).
+    fn of(self, score: f32) -> Option<usize> {
+        let top = score.to_bits() >> 16;
+        match score > 0.0 && top >= self.base {
+            true => Some(((top - self.base) as usize).min(SCORE_BUCKETS - 1)),
+            false => None,
+        }
+    }
+    /// The smallest score in bucket `b`.
+    fn floor(self, b: usize) -> f32 {
+        f32::from_bits((self.base + b as u32) << 16)
+    }
+}
+
+/// After a batch top-k screen's first scan: a bound under the batch's `want`-th largest f32
+/// score, the floor of the highest histogram bucket with `want` bounds at or above it (each
+/// entry's bound under its own f32 score: its bf16 score less its row's largest margin), or
+/// 0 when fewer than `want` reached the histogram. The histograms hold the bounds above the
+/// guess the scan used, so the result is one only when it is at least that guess.
+fn batch_bound(tasks: &[ScreenTask], buckets: ScoreBuckets, want: usize) -> f32 {
+    let mut above = 0usize;
+    for b in (0..SCORE_BUCKETS).rev() {
+        above += tasks.iter().map(|t| t.hist[b] as usize).sum::<usize>();
+        if want > 0 && above >= want {
+            return buckets.floor(b);
+        }
+    }
+    0.0
+}
+
 /// `row[j] = x . w_j` (`kernels::dot`'s bits) for each latent `j` in `js`, four at a time,
 /// fetching the next four rows of W_enc^T while these sum.
 fn refine_row(x: &[f32], w_t: &[f32], d_in: usize, js: &[u32], row: &mut [f32]) {
@@ -285,6 +408,10 @@ fn refine_row(x: &[f32], w_t: &[f32], d_in: usize, js: &[u32], row: &mut [f32]) 
     for (g, group) in js.chunks(4).enumerate() {
         for &j in js.iter().skip(4 * (g + 1)).take(4) {
             prefetch_rows(w_t, j as usize * d_in, d_in);
+        }
+        // Where a row is no longer in cache, its values' lines too, further ahead.
+        for &j in js.iter().skip(4 * (g + 4)).take(4) {
+            prefetch_rows(row, j as usize, 1);
         }
         let dots = dot4(x, at(group).map(|r| &w_t[r..r + d_in]));
         for (&j, v) in group.iter().zip(dots) {
@@ -403,7 +530,11 @@ impl SaeTrainer {
             prof.lap("screen");
             if prof.on {
                 let per_row = self.buf.screen_refined as f64 / n as f64;
-                eprintln!("screen: {per_row:.1} entries per row recomputed in f32");
+                let missed = match self.buf.screening {
+                    true => "",
+                    false => "; the batch threshold's guess was too high, so the f32 product",
+                };
+                eprintln!("screen: {per_row:.1} entries per row recomputed in f32{missed}");
             }
         }
         // The penalty reads the pre-activations before the noise is added to them.
@@ -563,6 +694,7 @@ impl SaeTrainer {
         // `cut - margin` in f32 can round up by half an ulp of `cut`; lowering the cutoffs
         // by far more than that keeps every comparison on the safe side.
         buf.screen.cut_raw.clone_from(&buf.screen.cut);
+        buf.screen.batch_raise = 0.0;
         for c in buf.screen.cut.iter_mut() {
             *c -= c.abs() * 2f32.powi(-20);
         }
@@ -573,11 +705,18 @@ impl SaeTrainer {
             self.arch
                 .aux_latents(&self.tokens_since_fired, &self.hyper, &mut buf.dead);
         }
+        let mask = &mut buf.screen.dead_mask;
+        mask.clear();
+        if !buf.dead.is_empty() {
+            mask.resize(d_sae, false);
+            buf.dead.iter().for_each(|&j| mask[j as usize] = true);
+        }
     }
 
     /// Whether screening pays this step, judged on the batch's first `ROW_CHUNK` rows (their
     /// bf16 product in `pre`): past `SCREEN_MAX_FRACTION` of the entries recomputed, the f32
     /// product is cheaper. Decided from the batch alone, so a resumed run decides the same.
+    /// A batch top-k rule's first guess (`ScreenInputs::batch_raise`) comes from these rows.
     fn screen_pays(&mut self, m: usize) -> bool {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
         let buf = &mut self.buf;
@@ -587,16 +726,47 @@ impl SaeTrainer {
         }
         let task = &mut buf.screen_tasks[0];
         task.idx.clear();
-        let bounds = ScreenBounds::new(d_in, self.arch.screen_top_k(), &buf.screen, &buf.dead);
-        for (row, x) in buf.pre[..m * d_sae].chunks(d_sae).zip(buf.xc.chunks(d_in)) {
+        let top_k = self.arch.screen_top_k();
+        let rows = buf.pre[..m * d_sae].chunks(d_sae).zip(buf.xc.chunks(d_in));
+        let mut guess = 0.0;
+        if let Some(TopKScope::Batch(k)) = top_k {
+            // These rows' bound under their k*m-th largest f32 score (as `batch_bound` bounds
+            // the batch's) tests them as the batch's will test the batch; a fraction of it is
+            // the screen's first guess.
+            let bounds = ScreenBounds::new(d_in, top_k, &buf.screen, &buf.dead);
+            let under = &mut task.vals;
+            under.clear();
+            for (row, x) in rows.clone() {
+                let (nx, ex) = norm_and_bf16_error(x);
+                let most = bounds.most(bounds.margin.row(nx, ex));
+                let sums = row.iter().zip(bounds.cut_raw).map(|(v, c)| v - c);
+                under.extend(sums.map(|s| score_floor(s, most)).filter(|&u| u > 0.0));
+            }
+            let want = k * m;
+            buf.screen.batch_raise = 0.0;
+            if want > 0 && under.len() >= want {
+                let (_, kth, _) = under.select_nth_unstable_by(want - 1, |a, b| b.total_cmp(a));
+                let fraction = match buf.screen_batch_guess {
+                    0.0 => SCREEN_BATCH_GUESS,
+                    g => g,
+                };
+                if kth.is_finite() {
+                    buf.screen.batch_raise = *kth;
+                    guess = *kth * fraction;
+                }
+            }
+        }
+        let bounds = ScreenBounds::new(d_in, top_k, &buf.screen, &buf.dead);
+        for (row, x) in rows {
             bounds.scan(x, row, &mut task.scan, &mut task.idx);
         }
-        let idx = &task.idx;
+        let refined = task.idx.len();
+        buf.screen.batch_raise = guess;
         let most = match buf.screen_max_fraction {
             0.0 => SCREEN_MAX_FRACTION,
             f => f,
         };
-        (idx.len() as f64) <= most * (m * d_sae) as f64
+        (refined as f64) <= most * (m * d_sae) as f64
     }
 
     /// Phase 1a (`Precision::F32Screened`): `pre` holds the bf16 product, within
@@ -604,11 +774,21 @@ impl SaeTrainer {
     /// value is within that margin of passing the rule's cutoff is recomputed as the f32 dot
     /// product; the others lie at or below the cutoff in f32 as well, and no phase reads
     /// them. So selection and the gradients see the f32 values of the f32 selection.
+    ///
+    /// A batch top-k rule's cutoff is raised by a bound under the batch's k*n-th f32 score,
+    /// which needs the batch's k*n-th bf16 score first: the scan collects the entries above
+    /// the guess `screen_pays` made, the k*n-th is found among them, and only those above
+    /// the bound it gives are recomputed. A guess above that bound would have missed some;
+    /// the step then runs the f32 product instead (`screen_misses`).
     fn screen(&mut self, n: usize) {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let top_k = self.arch.screen_top_k();
         let buf = &mut self.buf;
         let w = &self.w_enc_t;
-        let bounds = ScreenBounds::new(d_in, self.arch.screen_top_k(), &buf.screen, &buf.dead);
+        let batch_k = match top_k {
+            Some(TopKScope::Batch(k)) if buf.screen.batch_raise > 0.0 => Some(k),
+            _ => None,
+        };
         // W_enc's rows are gathered a slice of latents at a time, as the decode gathers
         // W_dec's; with one slice each row is refined right after its scan.
         let budget = match buf.decode_slice_bytes {
@@ -617,29 +797,92 @@ impl SaeTrainer {
         };
         let slices = (d_sae * d_in * 4).div_ceil(budget).clamp(1, d_sae.max(1));
         let width = d_sae.div_ceil(slices);
+        let refine_now = slices == 1 && batch_k.is_none();
         buf.screen_tasks
             .resize_with(n.div_ceil(ROW_CHUNK), ScreenTask::default);
+        let bounds = ScreenBounds::new(d_in, top_k, &buf.screen, &buf.dead);
+        let buckets = ScoreBuckets::from(bounds.batch_raise);
         let pre = &mut buf.pre[..n * d_sae];
         pre.par_chunks_mut(d_sae * ROW_CHUNK)
             .zip(buf.xc.par_chunks(d_in * ROW_CHUNK))
             .zip(buf.screen_tasks.par_iter_mut())
             .for_each(|((pre_rows, x_rows), task)| {
-                task.refined = 0;
                 task.idx.clear();
                 task.ends.clear();
+                task.vals.clear();
+                task.terms.clear();
+                task.hist.clear();
+                if batch_k.is_some() {
+                    task.hist.resize(SCORE_BUCKETS, 0);
+                }
                 for (row, x) in pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in)) {
                     let start = task.idx.len();
-                    bounds.scan(x, row, &mut task.scan, &mut task.idx);
+                    let terms = bounds.scan(x, row, &mut task.scan, &mut task.idx);
                     task.ends.push(task.idx.len());
-                    if slices == 1 {
+                    if refine_now {
                         refine_row(x, w, d_in, &task.idx[start..], row);
                     }
+                    if batch_k.is_some() {
+                        task.terms.push(terms);
+                        let from = task.vals.len();
+                        task.vals
+                            .extend(task.idx[start..].iter().map(|&j| row[j as usize]));
+                        // Each entry's bound under its f32 score.
+                        let most = bounds.most(terms);
+                        let mine = task.idx[start..].iter().zip(&task.vals[from..]);
+                        for (&j, v) in mine {
+                            let under = score_floor(v - bounds.cut_raw[j as usize], most);
+                            if let Some(b) = buckets.of(under) {
+                                task.hist[b] += 1;
+                            }
+                        }
+                    }
                 }
-                task.refined = task.idx.len();
-                task.at.clear();
-                task.at.push(0);
-                task.at.extend_from_slice(&task.ends[..task.ends.len() - 1]);
             });
+        if let Some(k) = batch_k {
+            let guess = bounds.batch_raise;
+            let raise = batch_bound(&buf.screen_tasks, buckets, k * n);
+            // Entries outside the first collection score under the guess in f32, so with a
+            // bound at or above it every entry selection keeps has been collected.
+            if raise < guess {
+                buf.xt_f32
+                    .matmul_xt(&buf.xc, n, d_in, w, d_sae, &mut buf.pre);
+                buf.screening = false;
+                buf.screen_misses += 1;
+                buf.screen_refined = 0;
+                return;
+            }
+            // Keep the entries above the raised cutoffs; with one slice, refine them now.
+            pre.par_chunks_mut(d_sae * ROW_CHUNK)
+                .zip(buf.xc.par_chunks(d_in * ROW_CHUNK))
+                .zip(buf.screen_tasks.par_iter_mut())
+                .for_each(|((pre_rows, x_rows), task)| {
+                    let (mut start, mut kept) = (0, 0);
+                    let rows = pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in));
+                    for (r, (row, x)) in rows.enumerate() {
+                        let first = kept;
+                        for i in start..task.ends[r] {
+                            let j = task.idx[i];
+                            if bounds.passes(j as usize, task.vals[i], task.terms[r], raise) {
+                                task.idx[kept] = j;
+                                kept += 1;
+                            }
+                        }
+                        start = task.ends[r];
+                        task.ends[r] = kept;
+                        if slices == 1 {
+                            refine_row(x, w, d_in, &task.idx[first..kept], row);
+                        }
+                    }
+                    task.idx.truncate(kept);
+                });
+        }
+        for task in buf.screen_tasks.iter_mut() {
+            task.refined = task.idx.len();
+            task.at.clear();
+            task.at.push(0);
+            task.at.extend_from_slice(&task.ends[..task.ends.len() - 1]);
+        }
         for s in (0..slices).filter(|_| slices > 1) {
             let end = ((s + 1) * width).min(d_sae) as u32;
             pre.par_chunks_mut(d_sae * ROW_CHUNK)
