@@ -154,7 +154,7 @@ pub struct TrainFlags {
     /// f32-bf16-sparse: the f32 encoder product with those bf16 gathers (for CPUs without
     /// bf16 units); f32-screened: f32 results, the encoder product screened in bf16 and every
     /// entry that may pass the cutoff recomputed in f32 (relu, gated, jumprelu, topk,
-    /// batchtopk, matryoshka; the others run f32).
+    /// batchtopk, matryoshka, mutualchoice; the others run f32).
     #[arg(long, value_parser = parse_precision)]
     pub precision: Option<Precision>,
     #[arg(long, allow_negative_numbers = true)]

@@ -12,8 +12,8 @@ use super::topk::{auxk_train_opts, topk_lr, AUXK_OPTIONS};
 use super::{
     encode_jumprelu_row, validate_threshold, Arch, ArchKind, AuxMode, BatchInput, BatchRef,
     BatchSlot, Entry,
-    EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored, TrainOption,
-    TrainOpts,
+    EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored, TopKScope,
+    TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
@@ -151,6 +151,13 @@ impl Arch for MutualChoiceRule {
     }
     fn prefilter(&self, params: &[Vec<f32>], batch: BatchRef, out: &mut Vec<f32>) -> bool {
         self.batch.prefilter(params, batch, out)
+    }
+    /// BatchTopK's selection; the screen leaves this rule's own AuxK candidates unraised.
+    fn screen_cutoff(&self, params: &[Vec<f32>], out: &mut Vec<f32>) -> bool {
+        self.batch.screen_cutoff(params, out)
+    }
+    fn screen_top_k(&self) -> Option<TopKScope> {
+        self.batch.screen_top_k()
     }
     fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         self.batch.select_row(ctx, row, pre, out)

@@ -195,6 +195,12 @@ fn bf16_sparse_gradients_match_f32_gathers() {
 
 /// The families whose selection reads only pre-activations above a per-latent cutoff.
 const SCREENING: [ArchKind; 3] = [ArchKind::RELU, ArchKind::GATED, ArchKind::JUMPRELU];
+/// The families that screen against a bound under the batch's k*n-th score.
+const BATCH_TOP_K: [ArchKind; 3] = [
+    ArchKind::BATCHTOPK,
+    ArchKind::MATRYOSHKA,
+    ArchKind::MUTUALCHOICE,
+];
 
 /// `f32-screened` leaves, wherever selection can look, exactly the f32 dot product: every
 /// entry above its cutoff in f32, and every entry above it as held, is `kernels::dot` bit
@@ -281,9 +287,10 @@ fn screened_pre_activations_are_the_f32_dots_wherever_selection_looks() {
 /// A screened step is an f32 step: the same loss, L0 and gradients up to the order of the
 /// f32 sums, for each screening family (TopK also with every latent in AuxK, whose cutoffs
 /// the top-k does not raise; BatchTopK and Matryoshka, whose raise is a guess the screen
-/// checks). Where the screen would recompute too much (these random SAEs fire on about half
-/// the entries) the step runs the f32 product, bit for bit the f32 step; so does a batch
-/// top-k step whose guess is too high, and a family without a screen (mutual choice).
+/// checks; mutual choice, which selects as BatchTopK with AuxK candidates of its own). Where
+/// the screen would recompute too much (these random SAEs fire on about half the entries)
+/// the step runs the f32 product, bit for bit the f32 step; so does a batch top-k step whose
+/// guess is too high, and a family without a screen (feature choice).
 #[test]
 fn screened_steps_are_f32_steps() {
     use super::{randn, random_sae};
@@ -294,18 +301,19 @@ fn screened_steps_are_f32_steps() {
     let window = TrainHyper::default().dead_window_tokens;
     let cases = SCREENING
         .into_iter()
-        .chain([ArchKind::TOPK, ArchKind::BATCHTOPK, ArchKind::MATRYOSHKA])
+        .chain(BATCH_TOP_K)
+        .chain([ArchKind::TOPK])
         .map(|a| (a, window))
         .chain([
             (ArchKind::TOPK, 0),
             (ArchKind::BATCHTOPK, 0),
-            (ArchKind::MUTUALCHOICE, window),
+            (ArchKind::FEATURECHOICE, window),
         ]);
     for (arch, window) in cases {
         let sae = random_sae(arch, d_in, d_sae, 6, 3);
-        let screens = arch != ArchKind::MUTUALCHOICE;
-        let top_k = [ArchKind::TOPK, ArchKind::BATCHTOPK, ArchKind::MATRYOSHKA].contains(&arch);
-        let batch_top_k = top_k && arch != ArchKind::TOPK;
+        let screens = arch != ArchKind::FEATURECHOICE;
+        let batch_top_k = BATCH_TOP_K.contains(&arch);
+        let top_k = batch_top_k || arch == ArchKind::TOPK;
         let trainer = |p: Precision, any_density: bool, guess: f32| {
             let hyper = TrainHyper {
                 dead_window_tokens: window,
