@@ -875,6 +875,20 @@ pub fn entries_above(v: &[f32], b: &[f32], lb: f32, out: &mut EntriesAbove) {
 
 /// [`entries_above`] on any CPU: every entry is written, the length moves past the passing
 /// ones.
+/// [`entries_above`] over the latents `js` only (ascending), whose values are `vals`, as a
+/// screened step lists them.
+pub fn listed_entries_above(vals: &[f32], b: &[f32], js: &[u32], lb: f32, out: &mut EntriesAbove) {
+    for (&j, &x) in js.iter().zip(vals) {
+        let c = b[j as usize];
+        let s = x + c;
+        if s > lb {
+            out.idx.push(j);
+            out.sum.push(s);
+            out.raw.push(x);
+        }
+    }
+}
+
 pub(crate) fn entries_above_plain(v: &[f32], b: &[f32], lb: f32, out: &mut EntriesAbove) {
     let n = v.len().min(b.len());
     let start = out.len();

@@ -8,7 +8,7 @@ use super::{
     AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, RowCode,
     RowOut, Sparsity, StepCtx, Stored, TopKScope, TrainOption, TrainOpts,
 };
-use crate::kernels::{entries_above, EntriesAbove};
+use crate::kernels::{entries_above, listed_entries_above, EntriesAbove};
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;
 use crate::trainer::TrainHyper;
@@ -175,14 +175,23 @@ impl BatchTopKRule {
         state.parts.resize_with(n_parts, RowEntries::default);
         // Every `pre + b_enc > lb`, by tasks of rows, without branches on the comparison (a
         // few percent pass, at random places).
+        // A screened step lists every entry that can reach the threshold (the others are
+        // bf16 values under a bound below it), so only those are read.
         let collect = |lb: f32, parts: &mut [RowEntries]| -> usize {
             pre.par_chunks(d_sae * ROWS_PER_TASK)
                 .zip(parts.par_iter_mut())
-                .map(|(rows, part)| {
+                .enumerate()
+                .map(|(t, (rows, part))| {
                     part.above.clear();
                     part.ends.clear();
-                    for row in rows.chunks(d_sae) {
-                        entries_above(row, b_enc, lb, &mut part.above);
+                    for (r, row) in rows.chunks(d_sae).enumerate() {
+                        match batch.screened {
+                            Some(lists) => {
+                                let (js, vals) = lists.row(t * ROWS_PER_TASK + r);
+                                listed_entries_above(vals, b_enc, js, lb, &mut part.above)
+                            }
+                            None => entries_above(row, b_enc, lb, &mut part.above),
+                        }
                         part.ends.push(part.above.len());
                     }
                     part.above.len()
@@ -352,6 +361,7 @@ mod tests {
             params: &params,
             pre: &pre,
             w_dec: &[],
+            screened: None,
         };
         let sum = |i: usize| pre[i] + params[0][i % d_sae];
         let mut positive: Vec<f32> = (0..n * d_sae).map(sum).filter(|a| *a > 0.0).collect();

@@ -39,16 +39,17 @@ impl Arch for GatedRule {
         AuxMode::FrozenDecoder
     }
 
-    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         let (b_gate, r_mag, b_mag) = (
             &ctx.params[B_GATE][..],
             &ctx.params[R_MAG][..],
             &ctx.params[B_MAG][..],
         );
         let mut l1 = 0.0f64;
-        let mut cands = std::mem::take(&mut out.cands);
-        for &j in candidates(ctx, pre, &mut cands) {
-            let (j, p) = (j as usize, pre[j as usize]);
+        let (mut cands, mut vals) = (std::mem::take(&mut out.cands), std::mem::take(&mut out.cand_vals));
+        candidates(ctx, row, pre, &mut cands, &mut vals);
+        for (&j, &p) in cands.iter().zip(&vals) {
+            let j = j as usize;
             let pi_gate = p + b_gate[j];
             if pi_gate > 0.0 {
                 let pi_mag = r_mag[j].exp() * p + b_mag[j];
@@ -58,6 +59,7 @@ impl Arch for GatedRule {
         }
         out.sparsity += l1;
         out.cands = cands;
+        out.cand_vals = vals;
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {

@@ -251,17 +251,19 @@ impl Arch for GbaRule {
         out.extend(params[0].iter().map(|b| loosen(-b)));
         true
     }
-    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
-        let mut cands = std::mem::take(&mut out.cands);
-        for &j in candidates(ctx, pre, &mut cands) {
-            let (j, p) = (j as usize, pre[j as usize]);
+        let (mut cands, mut vals) = (std::mem::take(&mut out.cands), std::mem::take(&mut out.cand_vals));
+        candidates(ctx, row, pre, &mut cands, &mut vals);
+        for (&j, &p) in cands.iter().zip(&vals) {
+            let j = j as usize;
             let f = p + b_enc[j];
             if f > 0.0 {
                 out.push(j, f, 0.0, p);
             }
         }
         out.cands = cands;
+        out.cand_vals = vals;
     }
     /// The ReLU's gradient; none for the bias, which `after_step` sets.
     fn entry_backward(&self, _ctx: &StepCtx, e: Entry, df: f32, _da: f32) -> EntryGrad {

@@ -243,13 +243,14 @@ impl Arch for JumpReluRule {
 
     /// Emits active entries (pi > theta) and the inactive ones inside the kernel window
     /// (|pi - theta| < bandwidth / 2), which carry threshold gradient.
-    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         let (b_enc, log_theta) = (&ctx.params[B_ENC][..], &ctx.params[LOG_THETA][..]);
         let half = 0.5 * self.bandwidth;
         let mut l0 = 0u32;
-        let mut cands = std::mem::take(&mut out.cands);
-        for &j in candidates(ctx, pre, &mut cands) {
-            let (j, p) = (j as usize, pre[j as usize]);
+        let (mut cands, mut vals) = (std::mem::take(&mut out.cands), std::mem::take(&mut out.cand_vals));
+        candidates(ctx, row, pre, &mut cands, &mut vals);
+        for (&j, &p) in cands.iter().zip(&vals) {
+            let j = j as usize;
             let pi = p + b_enc[j];
             let theta = log_theta[j].exp();
             if pi > theta - half {
@@ -260,6 +261,7 @@ impl Arch for JumpReluRule {
         }
         out.sparsity += l0 as f64;
         out.cands = cands;
+        out.cand_vals = vals;
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {

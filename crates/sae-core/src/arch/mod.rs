@@ -594,6 +594,29 @@ pub struct BatchInput<'a> {
     pub pre: &'a [f32],
     /// Decoder rows, `[d_sae, d_in]`, as this step starts.
     pub w_dec: &'a [f32],
+    /// The screen's lists, when this step screened (`StepCtx::screened`).
+    pub screened: Option<RowLists<'a>>,
+}
+
+/// Per row of a screened step (`Precision::F32Screened`), ascending, the latents whose
+/// pre-activations the screen recomputed in f32, with those values: every latent that may
+/// pass the rule's `Arch::screen_cutoff` (raised as `Arch::screen_top_k` says) is among
+/// them, and the other entries of `pre` are bf16 values at or under their cutoffs, so
+/// selection can read these lists instead of the whole row (whose entries are scattered
+/// over memory by then).
+#[derive(Clone, Copy)]
+pub struct RowLists<'a> {
+    /// Row b's latents are `idx[ptr[b]..ptr[b + 1]]`, their pre-activations `val[..]` there.
+    pub ptr: &'a [usize],
+    pub idx: &'a [u32],
+    pub val: &'a [f32],
+}
+
+impl<'a> RowLists<'a> {
+    pub fn row(&self, b: usize) -> (&'a [u32], &'a [f32]) {
+        let at = self.ptr[b]..self.ptr[b + 1];
+        (&self.idx[at.clone()], &self.val[at])
+    }
 }
 
 /// What every architecture may read during one step.
@@ -610,6 +633,8 @@ pub struct StepCtx<'a> {
     pub dead: &'a [u32],
     /// Per-latent lower bounds from `Arch::prefilter` (empty when the arch has none).
     pub cutoff: &'a [f32],
+    /// The screen's lists of this step, when it screened: a row's candidates.
+    pub screened: Option<RowLists<'a>>,
     /// The family's state from `Arch::prepare_batch` for this batch.
     pub batch: BatchRef<'a>,
 }
@@ -635,8 +660,9 @@ pub struct RowOut {
     pub sparsity: f64,
     /// Scratch for selections.
     pub scratch: TopKScratch,
-    /// Scratch: candidate latents of the current row.
+    /// Scratch: candidate latents of the current row, and their pre-activations.
     pub cands: Vec<u32>,
+    pub cand_vals: Vec<f32>,
 }
 
 impl RowOut {
@@ -861,15 +887,31 @@ pub(crate) fn loosen(c: f32) -> f32 {
     c - c.abs() * 1e-5 - 1e-30
 }
 
-/// Candidate latents of a row (all of them when there is no prefilter).
-pub(crate) fn candidates<'o>(ctx: &StepCtx, pre: &[f32], cands: &'o mut Vec<u32>) -> &'o [u32] {
+/// Candidate latents of row `row` (ascending) into `cands` and their pre-activations into
+/// `vals`: the screen's list when the step screened, else those above the prefilter, else
+/// all of them.
+pub(crate) fn candidates(
+    ctx: &StepCtx,
+    row: usize,
+    pre: &[f32],
+    cands: &mut Vec<u32>,
+    vals: &mut Vec<f32>,
+) {
     cands.clear();
+    vals.clear();
+    if let Some(lists) = ctx.screened {
+        let (js, vs) = lists.row(row);
+        cands.extend_from_slice(js);
+        vals.extend_from_slice(vs);
+        return;
+    }
     if ctx.cutoff.is_empty() {
         cands.extend(0..pre.len() as u32);
+        vals.extend_from_slice(pre);
     } else {
         crate::kernels::indices_above(pre, ctx.cutoff, cands);
+        vals.extend(cands.iter().map(|&j| pre[j as usize]));
     }
-    cands
 }
 
 /// Reused buffers of [`top_k_into`]; `best` holds its result.

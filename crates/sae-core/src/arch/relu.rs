@@ -137,7 +137,7 @@ impl Arch for ReluRule {
         });
     }
 
-    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let dec_norm: &[f32] = if self.decoder_norm_l1 {
             &ctx.batch.get::<DecoderNorms>().0
@@ -145,9 +145,10 @@ impl Arch for ReluRule {
             &[]
         };
         let mut l1 = 0.0f64;
-        let mut cands = std::mem::take(&mut out.cands);
-        for &j in candidates(ctx, pre, &mut cands) {
-            let (j, p) = (j as usize, pre[j as usize]);
+        let (mut cands, mut vals) = (std::mem::take(&mut out.cands), std::mem::take(&mut out.cand_vals));
+        candidates(ctx, row, pre, &mut cands, &mut vals);
+        for (&j, &p) in cands.iter().zip(&vals) {
+            let j = j as usize;
             let pi = p + b_enc[j];
             if pi > 0.0 {
                 out.push(j, pi, 0.0, p);
@@ -161,6 +162,7 @@ impl Arch for ReluRule {
         }
         out.sparsity += l1;
         out.cands = cands;
+        out.cand_vals = vals;
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {

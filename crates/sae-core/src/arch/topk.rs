@@ -2,7 +2,7 @@
 //! plus AuxK: the top `k_aux` dead latents reconstruct the (detached) residual.
 
 use super::{
-    batch_state, loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch,
+    batch_state, candidates, loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch,
     ArchKind, validate_k, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut,
     Settings, Sparsity, StepCtx, TopKScope, TopKScratch, TrainOption, TrainOpts,
 };
@@ -296,19 +296,28 @@ impl Arch for TopKRule {
         Some(TopKScope::Row(self.k))
     }
 
-    fn select_row(&self, ctx: &StepCtx, _row: usize, pre: &[f32], out: &mut RowOut) {
+    fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
         let mut scratch = std::mem::take(&mut out.scratch);
-        let mut cands = std::mem::take(&mut out.cands);
+        let (mut cands, mut vals) = (
+            std::mem::take(&mut out.cands),
+            std::mem::take(&mut out.cand_vals),
+        );
         cands.clear();
-        if !ctx.cutoff.is_empty() {
-            crate::kernels::indices_above(pre, ctx.cutoff, &mut cands);
+        vals.clear();
+        // A screened step's list holds every entry above the screen's raised cutoff: the
+        // row's f32 top k and any ties with its k-th, when it has at least k.
+        if ctx.screened.is_some() || !ctx.cutoff.is_empty() {
+            candidates(ctx, row, pre, &mut cands, &mut vals);
         }
-        if cands.len() >= self.k {
-            let it = cands
-                .iter()
-                .map(|&j| (pre[j as usize] + b_enc[j as usize], j));
-            top_k_into(self.k, it, &mut scratch);
+        let listed = cands.len() >= self.k;
+        if listed {
+            let it = cands.iter().zip(&vals);
+            top_k_into(
+                self.k,
+                it.map(|(&j, &p)| (p + b_enc[j as usize], j)),
+                &mut scratch,
+            );
         } else {
             let it = pre.iter().zip(b_enc).enumerate();
             top_k_into(
@@ -317,12 +326,24 @@ impl Arch for TopKRule {
                 &mut scratch,
             );
         }
-        out.cands = cands;
+        // Both ascending: each kept latent's value is found further on in the list.
+        let mut at = 0;
         for &(v, j) in &scratch.best {
             if v > 0.0 {
-                out.push(j as usize, v, 0.0, pre[j as usize]);
+                let p = match listed {
+                    true => {
+                        while cands[at] != j {
+                            at += 1;
+                        }
+                        vals[at]
+                    }
+                    false => pre[j as usize],
+                };
+                out.push(j as usize, v, 0.0, p);
             }
         }
+        out.cands = cands;
+        out.cand_vals = vals;
         push_auxk(self.k_aux, ctx, pre, &mut scratch, out);
         out.scratch = scratch;
     }

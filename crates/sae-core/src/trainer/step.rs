@@ -6,8 +6,8 @@
 
 use super::{noise, Mode, SaeTrainer, StepStats};
 use crate::arch::{
-    AfterStep, Arch, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, RowOut,
-    StepCtx, TopKScope,
+    AfterStep, Arch, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, RowLists,
+    RowOut, StepCtx, TopKScope,
 };
 use crate::kernels::{
     acc2, acc2_h, acc2x4, acc2x4_h, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
@@ -159,6 +159,8 @@ pub(super) struct Buffers {
     screen_tasks: Vec<ScreenTask>,
     /// Entries recomputed in f32 by the last screened step.
     pub(super) screen_refined: usize,
+    /// Those entries' latents and values, row by row, for selection.
+    screen_lists: ScreenLists,
     /// `SCREEN_MAX_FRACTION` when 0; tests raise it to screen dense codes.
     pub(super) screen_max_fraction: f64,
     /// `SCREEN_BATCH_GUESS` when 0; tests raise it past the batch's threshold.
@@ -177,9 +179,10 @@ struct ScreenTask {
     ends: Vec<usize>,
     at: Vec<usize>,
     refined: usize,
-    /// A batch top-k screen's first collection: each entry's bf16 value (beside `idx`), a
-    /// histogram of the bounds under their f32 scores (`score_floor`, `ScoreBuckets`), and
-    /// each row's margin terms.
+    /// Beside `idx`, each entry's value: f32 once recomputed (a batch top-k screen's first
+    /// collection holds the bf16 ones). Such a screen's histogram of the bounds under the
+    /// f32 scores of that collection (`score_floor`, `ScoreBuckets`), and each row's margin
+    /// terms.
     vals: Vec<f32>,
     hist: Vec<u32>,
     terms: Vec<(f32, f32, f32)>,
@@ -203,6 +206,14 @@ struct ScreenBounds<'a> {
     /// The largest `wn` and `ew`.
     wn_max: f32,
     ew_max: f32,
+}
+
+/// The screen's recomputed entries of every row (`RowLists`).
+#[derive(Default)]
+struct ScreenLists {
+    ptr: Vec<usize>,
+    idx: Vec<u32>,
+    val: Vec<f32>,
 }
 
 /// What `screen_prepare` leaves for the screen.
@@ -337,6 +348,15 @@ impl<'a> ScreenBounds<'a> {
     }
 }
 
+/// The screen's lists of this step when it screened.
+fn screened_rows(screening: bool, lists: &ScreenLists) -> Option<RowLists<'_>> {
+    screening.then_some(RowLists {
+        ptr: &lists.ptr,
+        idx: &lists.idx,
+        val: &lists.val,
+    })
+}
+
 /// A margin term `c` with the cutoffs raised by `raise`: `c - raise`, lowered below its own
 /// rounding.
 fn raised(c: f32, raise: f32) -> f32 {
@@ -399,9 +419,9 @@ fn batch_bound(tasks: &[ScreenTask], buckets: ScoreBuckets, want: usize) -> f32 
     0.0
 }
 
-/// `row[j] = x . w_j` (`kernels::dot`'s bits) for each latent `j` in `js`, four at a time,
-/// fetching the next four rows of W_enc^T while these sum.
-fn refine_row(x: &[f32], w_t: &[f32], d_in: usize, js: &[u32], row: &mut [f32]) {
+/// `row[j] = x . w_j` (`kernels::dot`'s bits) for each latent `j` in `js`, also into `vals`
+/// beside `js`, four at a time, fetching the next four rows of W_enc^T while these sum.
+fn refine_row(x: &[f32], w_t: &[f32], d_in: usize, js: &[u32], row: &mut [f32], vals: &mut [f32]) {
     let at = |group: &[u32]| -> [usize; 4] {
         std::array::from_fn(|q| group.get(q).map_or(0, |&j| j as usize * d_in))
     };
@@ -414,8 +434,9 @@ fn refine_row(x: &[f32], w_t: &[f32], d_in: usize, js: &[u32], row: &mut [f32]) 
             prefetch_rows(row, j as usize, 1);
         }
         let dots = dot4(x, at(group).map(|r| &w_t[r..r + d_in]));
-        for (&j, v) in group.iter().zip(dots) {
+        for (q, (&j, v)) in group.iter().zip(dots).enumerate() {
             row[j as usize] = v;
+            vals[4 * g + q] = v;
         }
     }
 }
@@ -820,7 +841,9 @@ impl SaeTrainer {
                     let terms = bounds.scan(x, row, &mut task.scan, &mut task.idx);
                     task.ends.push(task.idx.len());
                     if refine_now {
-                        refine_row(x, w, d_in, &task.idx[start..], row);
+                        task.vals.resize(task.idx.len(), 0.0);
+                        let (js, vals) = (&task.idx[start..], &mut task.vals[start..]);
+                        refine_row(x, w, d_in, js, row, vals);
                     }
                     if batch_k.is_some() {
                         task.terms.push(terms);
@@ -862,22 +885,26 @@ impl SaeTrainer {
                     for (r, (row, x)) in rows.enumerate() {
                         let first = kept;
                         for i in start..task.ends[r] {
-                            let j = task.idx[i];
-                            if bounds.passes(j as usize, task.vals[i], task.terms[r], raise) {
+                            let (j, v) = (task.idx[i], task.vals[i]);
+                            if bounds.passes(j as usize, v, task.terms[r], raise) {
                                 task.idx[kept] = j;
+                                task.vals[kept] = v;
                                 kept += 1;
                             }
                         }
                         start = task.ends[r];
                         task.ends[r] = kept;
                         if slices == 1 {
-                            refine_row(x, w, d_in, &task.idx[first..kept], row);
+                            let (js, vals) = (&task.idx[first..kept], &mut task.vals[first..kept]);
+                            refine_row(x, w, d_in, js, row, vals);
                         }
                     }
                     task.idx.truncate(kept);
+                    task.vals.truncate(kept);
                 });
         }
         for task in buf.screen_tasks.iter_mut() {
+            task.vals.resize(task.idx.len(), 0.0);
             task.refined = task.idx.len();
             task.at.clear();
             task.at.push(0);
@@ -892,14 +919,26 @@ impl SaeTrainer {
                     let rows = pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in));
                     for (r, (row, x)) in rows.enumerate() {
                         // This row's entries in slice s: the next ones of its ascending list.
-                        let mine = &task.idx[task.at[r]..task.ends[r]];
+                        let at = task.at[r];
+                        let mine = &task.idx[at..task.ends[r]];
                         let m = mine.partition_point(|&j| j < end);
-                        refine_row(x, w, d_in, &mine[..m], row);
+                        refine_row(x, w, d_in, &mine[..m], row, &mut task.vals[at..at + m]);
                         task.at[r] += m;
                     }
                 });
         }
         buf.screen_refined = buf.screen_tasks.iter().map(|t| t.refined).sum();
+        let lists = &mut buf.screen_lists;
+        lists.ptr.clear();
+        lists.ptr.push(0);
+        lists.idx.clear();
+        lists.val.clear();
+        for task in &buf.screen_tasks {
+            let base = lists.idx.len();
+            lists.idx.extend_from_slice(&task.idx);
+            lists.val.extend_from_slice(&task.vals);
+            lists.ptr.extend(task.ends.iter().map(|e| base + e));
+        }
     }
 
     /// Phase 1b: the rule's dense penalty on the (noise-free) pre-activations: per row its
@@ -1009,6 +1048,7 @@ impl SaeTrainer {
             params: &self.params,
             pre: &buf.pre,
             w_dec: &self.w_dec,
+            screened: screened_rows(buf.screening, &buf.screen_lists),
         };
         self.arch.prepare_batch(&input, &mut buf.batch);
         let cutoff = self
@@ -1029,6 +1069,7 @@ impl SaeTrainer {
             params: &self.params,
             dead: &buf.dead,
             cutoff: if batch.cutoff { &buf.cutoff } else { &[] },
+            screened: screened_rows(buf.screening, &buf.screen_lists),
             batch: BatchRef::new(&buf.batch),
         };
         buf.chunks
@@ -1343,6 +1384,7 @@ impl SaeTrainer {
                 params: &self.params,
                 dead: &buf.dead,
                 cutoff: &[],
+                screened: None,
                 batch: BatchRef::new(&buf.batch),
             },
             bw: *bw,
@@ -1487,6 +1529,7 @@ impl SaeTrainer {
             params: &self.params,
             dead: &buf.dead,
             cutoff: &[],
+            screened: None,
             batch: BatchRef::new(&buf.batch),
         };
         // Gpre[b, j], row by row.
