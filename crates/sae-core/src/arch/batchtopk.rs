@@ -99,7 +99,12 @@ impl Family for BatchTopK {
         Some(encode_batch_top_k(sae, x, n))
     }
     fn rule(&self, sae: &Sae, hyper: &TrainHyper) -> Box<dyn Arch> {
-        Box::new(BatchTopKRule::new(ArchKind::BATCHTOPK, sae, hyper, Vec::new()))
+        Box::new(BatchTopKRule::new(
+            ArchKind::BATCHTOPK,
+            sae,
+            hyper,
+            Vec::new(),
+        ))
     }
 }
 
@@ -353,7 +358,9 @@ mod tests {
                 _ => rng.gen_range(-1.0f32..1.0),
             })
             .collect();
-        let params = vec![(0..d_sae).map(|_| rng.gen_range(-0.2f32..0.2)).collect::<Vec<_>>()];
+        let params = vec![(0..d_sae)
+            .map(|_| rng.gen_range(-0.2f32..0.2))
+            .collect::<Vec<_>>()];
         let batch = BatchInput {
             n,
             d_in: 4,
@@ -395,7 +402,10 @@ mod tests {
                 assert_eq!(kept, want, "hint {hint}, row {b}");
                 for ((&j, &a), &p) in idx.iter().zip(sums).zip(raw) {
                     let i = b * d_sae + j as usize;
-                    assert_eq!((a.to_bits(), p.to_bits()), (sum(i).to_bits(), pre[i].to_bits()));
+                    assert_eq!(
+                        (a.to_bits(), p.to_bits()),
+                        (sum(i).to_bits(), pre[i].to_bits())
+                    );
                 }
             }
         }

@@ -50,7 +50,9 @@ const PARAMS: &[LatentParam] = &[
 
 /// Each latent's share of the tokens: `k (j+1)^-a / sum_i (i+1)^-a`, summing to k.
 pub(crate) fn zipf_densities(k: usize, d_sae: usize, exponent: f64) -> Vec<f64> {
-    let w: Vec<f64> = (0..d_sae).map(|j| ((j + 1) as f64).powf(-exponent)).collect();
+    let w: Vec<f64> = (0..d_sae)
+        .map(|j| ((j + 1) as f64).powf(-exponent))
+        .collect();
     let total: f64 = w.iter().sum();
     w.iter().map(|v| k as f64 * v / total).collect()
 }
@@ -238,10 +240,8 @@ impl Family for FeatureChoice {
                 ),
             });
         };
-        check_exponent(sae.k(), sae.d_sae, exponent).map_err(|msg| Invalid::Config {
-            key: EXPONENT,
-            msg,
-        })
+        check_exponent(sae.k(), sae.d_sae, exponent)
+            .map_err(|msg| Invalid::Config { key: EXPONENT, msg })
     }
     fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
         validate_threshold(sae, "threshold")
@@ -337,7 +337,10 @@ impl Arch for FeatureChoiceRule {
     fn after_step(&self, step: &AfterStep, params: &mut [Vec<f32>]) {
         let beta = THRESHOLD_EMA_BETA;
         let w = ((1.0 - beta) / (1.0 - beta.powf(step.t as f64))) as f32;
-        for (th, &cut) in params[1].iter_mut().zip(&step.batch.get::<ColumnCutoffs>().0) {
+        for (th, &cut) in params[1]
+            .iter_mut()
+            .zip(&step.batch.get::<ColumnCutoffs>().0)
+        {
             if cut.is_finite() {
                 *th += (cut - *th) * w;
             }
@@ -363,7 +366,10 @@ mod tests {
         // Exponent 1 would give latent 0 more tokens than the batch has.
         let opts = |v: &str| BTreeMap::from([(EXPONENT.to_string(), v.to_string())]);
         let err = FeatureChoice.settings(k, d, &opts("1")).unwrap_err();
-        assert!(err.contains("cannot be met") && err.contains(EXPONENT), "{err}");
+        assert!(
+            err.contains("cannot be met") && err.contains(EXPONENT),
+            "{err}"
+        );
         assert!(FeatureChoice.settings(k, d, &opts("-0.5")).is_err());
         assert!(FeatureChoice.settings(k, d, &opts("zipf")).is_err());
         assert!(FeatureChoice.settings(k, d, &opts("0")).is_ok());

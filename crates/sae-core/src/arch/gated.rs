@@ -5,8 +5,7 @@
 
 use super::{
     candidates, loosen, Arch, ArchKind, AuxMode, BatchRef, Entry, EntryGrad, Family, LatentParam,
-    RowCode,
-    RowOut, Sparsity, StepCtx,
+    RowCode, RowOut, Sparsity, StepCtx,
 };
 use crate::sae::Sae;
 use crate::trainer::TrainHyper;
@@ -46,7 +45,10 @@ impl Arch for GatedRule {
             &ctx.params[B_MAG][..],
         );
         let mut l1 = 0.0f64;
-        let (mut cands, mut vals) = (std::mem::take(&mut out.cands), std::mem::take(&mut out.cand_vals));
+        let (mut cands, mut vals) = (
+            std::mem::take(&mut out.cands),
+            std::mem::take(&mut out.cand_vals),
+        );
         candidates(ctx, row, pre, &mut cands, &mut vals);
         for (&j, &p) in cands.iter().zip(&vals) {
             let j = j as usize;

@@ -253,7 +253,10 @@ impl Arch for GbaRule {
     }
     fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
-        let (mut cands, mut vals) = (std::mem::take(&mut out.cands), std::mem::take(&mut out.cand_vals));
+        let (mut cands, mut vals) = (
+            std::mem::take(&mut out.cands),
+            std::mem::take(&mut out.cand_vals),
+        );
         candidates(ctx, row, pre, &mut cands, &mut vals);
         for (&j, &p) in cands.iter().zip(&vals) {
             let j = j as usize;
@@ -273,7 +276,10 @@ impl Arch for GbaRule {
         }
     }
     fn after_step(&self, step: &AfterStep, params: &mut [Vec<f32>]) {
-        for (b, &q) in params[0].iter_mut().zip(&step.batch.get::<ColumnQuantiles>().0) {
+        for (b, &q) in params[0]
+            .iter_mut()
+            .zip(&step.batch.get::<ColumnQuantiles>().0)
+        {
             *b += BIAS_ADAPT_RATE * (-q - *b);
         }
     }
@@ -295,7 +301,10 @@ mod tests {
         assert!(Gba.settings(30, 32, &BTreeMap::new()).is_err());
         let ok = Gba.settings(4, 32, &opts("0.2,0.05")).unwrap();
         assert_eq!(targets_of(&ok).unwrap(), vec![0.2, 0.05]);
-        assert_eq!(latent_targets(&[0.2, 0.05], 5), vec![0.2, 0.2, 0.2, 0.05, 0.05]);
+        assert_eq!(
+            latent_targets(&[0.2, 0.05], 5),
+            vec![0.2, 0.2, 0.2, 0.05, 0.05]
+        );
     }
 
     /// Each group's firing frequency ends near its target.

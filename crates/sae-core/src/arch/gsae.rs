@@ -23,8 +23,8 @@ use super::topk::{
     B_ENC_ONLY,
 };
 use super::{
-    top_k_into, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
-    OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
+    top_k_into, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam, OptionSpec,
+    RowCode, RowOut, Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
@@ -158,14 +158,26 @@ impl Arch for GsaeRule {
     fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         self.topk.select_row(ctx, row, pre, out);
     }
-    fn select_row_scored(&self, ctx: &StepCtx, _row: usize, pre: &[f32], scores: &[f32], out: &mut RowOut) {
+    fn select_row_scored(
+        &self,
+        ctx: &StepCtx,
+        _row: usize,
+        pre: &[f32],
+        scores: &[f32],
+        out: &mut RowOut,
+    ) {
         let b_enc = &ctx.params[0][..];
         let beta = self.beta;
         let mut scratch = std::mem::take(&mut out.scratch);
-        let s = pre.iter().zip(b_enc).zip(scores).enumerate().map(|(j, ((&p, &b), &u))| {
-            let z = p + b;
-            (z + beta * z * u.abs(), j as u32)
-        });
+        let s = pre
+            .iter()
+            .zip(b_enc)
+            .zip(scores)
+            .enumerate()
+            .map(|(j, ((&p, &b), &u))| {
+                let z = p + b;
+                (z + beta * z * u.abs(), j as u32)
+            });
         top_k_into(self.topk.k, s, &mut scratch);
         for &(s, j) in &scratch.best {
             // beta >= 0 and u >= 0, so s > 0 exactly when z > 0.
@@ -245,7 +257,9 @@ mod tests {
             let kept = &code.idx[code.row_ptr[r]..code.row_ptr[r + 1]];
             let left_out = (0..d_sae)
                 .filter(|j| !kept.contains(&(*j as u32)) && pre[r * d_sae + j] + b[*j] > 0.0)
-                .max_by(|&a, &c| (pre[r * d_sae + a] + b[a]).total_cmp(&(pre[r * d_sae + c] + b[c])));
+                .max_by(|&a, &c| {
+                    (pre[r * d_sae + a] + b[a]).total_cmp(&(pre[r * d_sae + c] + b[c]))
+                });
             if let Some(j) = left_out {
                 for i in 0..d_in {
                     g[r * d_in + i] = 100.0 * sae.w_dec[j * d_in + i];
@@ -273,7 +287,10 @@ mod tests {
         for &(r, j) in &wanted {
             let sel = selected(1.0, r);
             assert!(sel.len() <= k);
-            assert!(sel.contains(&(j as u32)), "row {r}: latent {j} not in {sel:?}");
+            assert!(
+                sel.contains(&(j as u32)),
+                "row {r}: latent {j} not in {sel:?}"
+            );
         }
         for r in 0..n {
             let kept = &code.idx[code.row_ptr[r]..code.row_ptr[r + 1]];

@@ -247,7 +247,10 @@ impl Arch for JumpReluRule {
         let (b_enc, log_theta) = (&ctx.params[B_ENC][..], &ctx.params[LOG_THETA][..]);
         let half = 0.5 * self.bandwidth;
         let mut l0 = 0u32;
-        let (mut cands, mut vals) = (std::mem::take(&mut out.cands), std::mem::take(&mut out.cand_vals));
+        let (mut cands, mut vals) = (
+            std::mem::take(&mut out.cands),
+            std::mem::take(&mut out.cand_vals),
+        );
         candidates(ctx, row, pre, &mut cands, &mut vals);
         for (&j, &p) in cands.iter().zip(&vals) {
             let j = j as usize;

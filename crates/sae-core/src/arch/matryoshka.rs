@@ -136,7 +136,10 @@ impl Family for Matryoshka {
                 .split(',')
                 .map(|w| {
                     w.trim().replace('_', "").parse::<usize>().map_err(|_| {
-                        format!("widths: '{}' is not a count; write e.g. 128,512,{d_sae}", w.trim())
+                        format!(
+                            "widths: '{}' is not a count; write e.g. 128,512,{d_sae}",
+                            w.trim()
+                        )
                     })
                 })
                 .collect::<Result<_, _>>()?,
@@ -157,10 +160,7 @@ impl Family for Matryoshka {
                     .into(),
             });
         };
-        check_widths(&widths, sae.d_sae).map_err(|msg| Invalid::Config {
-            key: "widths",
-            msg,
-        })
+        check_widths(&widths, sae.d_sae).map_err(|msg| Invalid::Config { key: "widths", msg })
     }
     fn validate_params(&self, sae: &Sae) -> Result<(), Invalid> {
         validate_threshold(sae, "threshold")

@@ -20,8 +20,8 @@
 //! math forces this dense work; the pursuit's k updates per row are O(k d_sae).
 
 use super::{
-    validate_k, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam,
-    ResidualSelect, RowCode, RowOut, Sparsity, StepCtx, Steps,
+    validate_k, Arch, ArchKind, AuxMode, Entry, EntryGrad, Family, LatentParam, ResidualSelect,
+    RowCode, RowOut, Sparsity, StepCtx, Steps,
 };
 use crate::kernels::{self, axpy, dot, matmul_xt};
 use crate::sae::{Invalid, Sae};
@@ -95,7 +95,15 @@ impl Family for MatchingPursuit {
     }
     fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode) {
         let mut corr = pre.to_vec();
-        let steps = pursue(&sae.w_dec, sae.d_in, sae.d_sae, &mut corr, 1, sae.k(), &mut Vec::new());
+        let steps = pursue(
+            &sae.w_dec,
+            sae.d_in,
+            sae.d_sae,
+            &mut corr,
+            1,
+            sae.k(),
+            &mut Vec::new(),
+        );
         let code = codes_of(&steps, sae.d_sae);
         let (idx, val) = code.row(0);
         for (&j, &v) in idx.iter().zip(val) {
@@ -104,7 +112,15 @@ impl Family for MatchingPursuit {
     }
     fn encode_pre(&self, sae: &Sae, mut pre: Vec<f32>, n: usize) -> SparseCode {
         let mut gram = Vec::new();
-        let steps = pursue(&sae.w_dec, sae.d_in, sae.d_sae, &mut pre, n, sae.k(), &mut gram);
+        let steps = pursue(
+            &sae.w_dec,
+            sae.d_in,
+            sae.d_sae,
+            &mut pre,
+            n,
+            sae.k(),
+            &mut gram,
+        );
         codes_of(&steps, sae.d_sae)
     }
     /// The atoms stay unit vectors (the pursuit's coefficients are correlations), so only
@@ -265,10 +281,8 @@ pub(crate) fn pursue_in_rounds(
     let mut gram: Vec<f32> = Vec::new();
     // The first choice of each row; later choices come out of the update pass, so each round
     // streams the correlations once.
-    let mut chosen: Vec<Option<(u32, f32)>> = corr
-        .par_chunks(d_sae.max(1))
-        .map(argmax_positive)
-        .collect();
+    let mut chosen: Vec<Option<(u32, f32)>> =
+        corr.par_chunks(d_sae.max(1)).map(argmax_positive).collect();
     for round in 0..k {
         // Gram rows of the atoms chosen for the first time, in one product.
         let mut new: Vec<u32> = Vec::new();
@@ -365,7 +379,9 @@ impl Best {
                 lanes[l] = if ch[l] > lanes[l] { ch[l] } else { lanes[l] };
             }
         }
-        let mut m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        let mut m = lanes
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
         for &v in it.remainder() {
             if v > m {
                 m = v;

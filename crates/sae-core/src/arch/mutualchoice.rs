@@ -11,9 +11,8 @@ use super::batchtopk::{encode_batch_top_k, threshold_stored_as, BatchTopKRule, B
 use super::topk::{auxk_train_opts, topk_lr, AUXK_OPTIONS};
 use super::{
     encode_jumprelu_row, validate_threshold, Arch, ArchKind, AuxMode, BatchInput, BatchRef,
-    BatchSlot, Entry,
-    EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored, TopKScope,
-    TrainOption, TrainOpts,
+    BatchSlot, Entry, EntryGrad, Family, LatentParam, RowCode, RowOut, Sparsity, StepCtx, Stored,
+    TopKScope, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::sparse::SparseCode;

@@ -90,7 +90,9 @@ impl Family for Relu {
         _d_sae: usize,
         opts: &BTreeMap<String, String>,
     ) -> Result<TrainOpts, String> {
-        Ok(train_opts_from(&parse_train_opts::<ReluOpts>(OPTIONS, opts)?))
+        Ok(train_opts_from(&parse_train_opts::<ReluOpts>(
+            OPTIONS, opts,
+        )?))
     }
     fn encode_row(&self, sae: &Sae, pre: &[f32], out: &mut RowCode) {
         let b_enc = sae.param("b_enc");
@@ -145,7 +147,10 @@ impl Arch for ReluRule {
             &[]
         };
         let mut l1 = 0.0f64;
-        let (mut cands, mut vals) = (std::mem::take(&mut out.cands), std::mem::take(&mut out.cand_vals));
+        let (mut cands, mut vals) = (
+            std::mem::take(&mut out.cands),
+            std::mem::take(&mut out.cand_vals),
+        );
         candidates(ctx, row, pre, &mut cands, &mut vals);
         for (&j, &p) in cands.iter().zip(&vals) {
             let j = j as usize;

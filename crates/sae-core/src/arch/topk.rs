@@ -2,13 +2,14 @@
 //! plus AuxK: the top `k_aux` dead latents reconstruct the (detached) residual.
 
 use super::{
-    batch_state, candidates, loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of, Arch,
-    ArchKind, validate_k, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut,
-    Settings, Sparsity, StepCtx, TopKScope, TopKScratch, TrainOption, TrainOpts,
+    batch_state, candidates, loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of,
+    validate_k, Arch, ArchKind, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family,
+    LatentParam, OptValue, RowCode, RowOut, Settings, Sparsity, StepCtx, TopKScope, TopKScratch,
+    TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
-use serde_json::json;
 use crate::trainer::TrainHyper;
+use serde_json::json;
 use std::collections::BTreeMap;
 
 /// The TopK family.
@@ -221,7 +222,10 @@ impl KCoefficient {
         let v = match opts.get(key) {
             None => self.default,
             Some(text) => text.trim().parse::<f64>().map_err(|_| {
-                format!("{key}: '{}' is not a number; write e.g. {key}=0.5", text.trim())
+                format!(
+                    "{key}: '{}' is not a number; write e.g. {key}=0.5",
+                    text.trim()
+                )
             })?,
         };
         self.check(v)?;

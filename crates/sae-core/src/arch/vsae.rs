@@ -12,11 +12,13 @@
 //! Inference uses the mean, no noise: the k largest `mu` with ReLU, exactly TopK, so files are
 //! SAELens `topk` SAEs (SAELens' TopK also applies ReLU to the kept values).
 
-use super::topk::{auxk_train_opts, topk_lr, KCoefficient, TopK, TopKRule, AUXK_OPTIONS, B_ENC_ONLY};
+use super::topk::{
+    auxk_train_opts, topk_lr, KCoefficient, TopK, TopKRule, AUXK_OPTIONS, B_ENC_ONLY,
+};
 use super::{
     Arch, ArchKind, AuxMode, BatchInput, BatchRef, BatchSlot, DensePenalty, Entry, EntryGrad,
-    Family, LatentParam,
-    OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx, TrainOption, TrainOpts,
+    Family, LatentParam, OptionSpec, RowCode, RowOut, Settings, Sparsity, StepCtx, TrainOption,
+    TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
@@ -197,7 +199,10 @@ mod tests {
         }
         let ok = Vsae.settings(4, 32, &opts("0.25")).unwrap();
         assert_eq!(BETA_COEFF.of(&ok), Some(0.25));
-        assert_eq!(BETA_COEFF.of(&Vsae.settings(4, 32, &BTreeMap::new()).unwrap()), Some(1.0));
+        assert_eq!(
+            BETA_COEFF.of(&Vsae.settings(4, 32, &BTreeMap::new()).unwrap()),
+            Some(1.0)
+        );
         // A file with k > d_sae, a negative beta or none is refused by validation.
         let mut sae = Sae::init(ArchKind::VSAE, 8, 16, 4, 1);
         assert!(Vsae.validate_settings(&sae).is_ok());
@@ -237,7 +242,11 @@ mod tests {
         let mut tr = SaeTrainer::new(v.clone(), TrainHyper::default());
         let stats = tr.gradients(&x, n, 0.0).0;
         let x_hat = v.decode(&v.encode(&x, n));
-        let clean_mse = x.iter().zip(&x_hat).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()
+        let clean_mse = x
+            .iter()
+            .zip(&x_hat)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
             / n as f64;
         assert!((stats.mse - clean_mse).abs() > 1e-3 * clean_mse);
     }
@@ -268,6 +277,9 @@ mod tests {
             mean_sq(&t.snapshot())
         };
         let (with_kl, without) = (train("50"), train("0"));
-        assert!(with_kl < 0.6 * without, "mean mu^2 {with_kl} vs {without} without KL");
+        assert!(
+            with_kl < 0.6 * without,
+            "mean mu^2 {with_kl} vs {without} without KL"
+        );
     }
 }
