@@ -4,8 +4,8 @@
 //! of `relu(pi_gate)` through a stop-gradient copy of the decoder.
 
 use super::{
-    candidates, loosen, Arch, ArchKind, AuxMode, BatchRef, Entry, EntryGrad, Family, LatentParam,
-    RowCode, RowOut, Sparsity, StepCtx,
+    each_candidate, loosen, Arch, ArchKind, AuxMode, BatchRef, Entry, EntryGrad, Family,
+    LatentParam, RowCode, RowOut, Sparsity, StepCtx,
 };
 use crate::sae::Sae;
 use crate::trainer::TrainHyper;
@@ -45,23 +45,15 @@ impl Arch for GatedRule {
             &ctx.params[B_MAG][..],
         );
         let mut l1 = 0.0f64;
-        let (mut cands, mut vals) = (
-            std::mem::take(&mut out.cands),
-            std::mem::take(&mut out.cand_vals),
-        );
-        candidates(ctx, row, pre, &mut cands, &mut vals);
-        for (&j, &p) in cands.iter().zip(&vals) {
-            let j = j as usize;
+        each_candidate(ctx, row, pre, out, |out, j, p| {
             let pi_gate = p + b_gate[j];
             if pi_gate > 0.0 {
                 let pi_mag = r_mag[j].exp() * p + b_mag[j];
                 out.push(j, pi_mag.max(0.0), pi_gate, p);
                 l1 += pi_gate as f64;
             }
-        }
+        });
         out.sparsity += l1;
-        out.cands = cands;
-        out.cand_vals = vals;
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {

@@ -13,9 +13,9 @@
 
 use super::topk::{topk_lr, B_ENC_ONLY};
 use super::{
-    batch_state, candidates, loosen, validate_k, AfterStep, Arch, ArchKind, AuxMode, BatchInput,
-    BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptionSpec, RowCode, RowOut,
-    Settings, Sparsity, StepCtx,
+    batch_state, each_candidate, loosen, validate_k, AfterStep, Arch, ArchKind, AuxMode,
+    BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam, OptionSpec, RowCode,
+    RowOut, Settings, Sparsity, StepCtx,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
@@ -253,20 +253,12 @@ impl Arch for GbaRule {
     }
     fn select_row(&self, ctx: &StepCtx, row: usize, pre: &[f32], out: &mut RowOut) {
         let b_enc = &ctx.params[0][..];
-        let (mut cands, mut vals) = (
-            std::mem::take(&mut out.cands),
-            std::mem::take(&mut out.cand_vals),
-        );
-        candidates(ctx, row, pre, &mut cands, &mut vals);
-        for (&j, &p) in cands.iter().zip(&vals) {
-            let j = j as usize;
+        each_candidate(ctx, row, pre, out, |out, j, p| {
             let f = p + b_enc[j];
             if f > 0.0 {
                 out.push(j, f, 0.0, p);
             }
-        }
-        out.cands = cands;
-        out.cand_vals = vals;
+        });
     }
     /// The ReLU's gradient; none for the bias, which `after_step` sets.
     fn entry_backward(&self, _ctx: &StepCtx, e: Entry, df: f32, _da: f32) -> EntryGrad {

@@ -3,7 +3,7 @@
 //! threshold. theta is stored as `log_threshold` (positive by construction).
 
 use super::{
-    candidates, encode_jumprelu_row, loosen, parse_train_opts, train_opts_from, train_opts_of,
+    each_candidate, encode_jumprelu_row, loosen, parse_train_opts, train_opts_from, train_opts_of,
     validate_threshold, Arch, ArchKind, AuxMode, BatchRef, Entry, EntryGrad, Family, LatentParam,
     OptValue, RowCode, RowOut, Sparsity, StepCtx, Stored, TrainOption, TrainOpts,
 };
@@ -247,13 +247,7 @@ impl Arch for JumpReluRule {
         let (b_enc, log_theta) = (&ctx.params[B_ENC][..], &ctx.params[LOG_THETA][..]);
         let half = 0.5 * self.bandwidth;
         let mut l0 = 0u32;
-        let (mut cands, mut vals) = (
-            std::mem::take(&mut out.cands),
-            std::mem::take(&mut out.cand_vals),
-        );
-        candidates(ctx, row, pre, &mut cands, &mut vals);
-        for (&j, &p) in cands.iter().zip(&vals) {
-            let j = j as usize;
+        each_candidate(ctx, row, pre, out, |out, j, p| {
             let pi = p + b_enc[j];
             let theta = log_theta[j].exp();
             if pi > theta - half {
@@ -261,10 +255,8 @@ impl Arch for JumpReluRule {
                 out.push(j, if active { pi } else { 0.0 }, 0.0, p);
                 l0 += active as u32;
             }
-        }
+        });
         out.sparsity += l0 as f64;
-        out.cands = cands;
-        out.cand_vals = vals;
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {

@@ -887,6 +887,27 @@ pub(crate) fn loosen(c: f32) -> f32 {
     c - c.abs() * 1e-5 - 1e-30
 }
 
+/// `f(out, j, p)` for each candidate latent `j` of row `row` (`candidates`, ascending) with
+/// its pre-activation `p`.
+pub(crate) fn each_candidate(
+    ctx: &StepCtx,
+    row: usize,
+    pre: &[f32],
+    out: &mut RowOut,
+    mut f: impl FnMut(&mut RowOut, usize, f32),
+) {
+    let (mut cands, mut vals) = (
+        std::mem::take(&mut out.cands),
+        std::mem::take(&mut out.cand_vals),
+    );
+    candidates(ctx, row, pre, &mut cands, &mut vals);
+    for (&j, &p) in cands.iter().zip(&vals) {
+        f(out, j as usize, p);
+    }
+    out.cands = cands;
+    out.cand_vals = vals;
+}
+
 /// Candidate latents of row `row` (ascending) into `cands` and their pre-activations into
 /// `vals`: the screen's list when the step screened, else those above the prefilter, else
 /// all of them.

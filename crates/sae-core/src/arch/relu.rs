@@ -3,7 +3,7 @@
 //! norm constraint.
 
 use super::{
-    batch_state, candidates, loosen, parse_train_opts, train_opts_from, train_opts_of, Arch,
+    batch_state, each_candidate, loosen, parse_train_opts, train_opts_from, train_opts_of, Arch,
     ArchKind, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family, LatentParam,
     OptValue, RowCode, RowOut, Sparsity, StepCtx, TrainOption, TrainOpts,
 };
@@ -147,13 +147,7 @@ impl Arch for ReluRule {
             &[]
         };
         let mut l1 = 0.0f64;
-        let (mut cands, mut vals) = (
-            std::mem::take(&mut out.cands),
-            std::mem::take(&mut out.cand_vals),
-        );
-        candidates(ctx, row, pre, &mut cands, &mut vals);
-        for (&j, &p) in cands.iter().zip(&vals) {
-            let j = j as usize;
+        each_candidate(ctx, row, pre, out, |out, j, p| {
             let pi = p + b_enc[j];
             if pi > 0.0 {
                 out.push(j, pi, 0.0, p);
@@ -164,10 +158,8 @@ impl Arch for ReluRule {
                 };
                 l1 += (pi * w) as f64;
             }
-        }
+        });
         out.sparsity += l1;
-        out.cands = cands;
-        out.cand_vals = vals;
     }
 
     fn prefilter(&self, params: &[Vec<f32>], _batch: BatchRef, out: &mut Vec<f32>) -> bool {
