@@ -284,6 +284,66 @@ fn screened_pre_activations_are_the_f32_dots_wherever_selection_looks() {
     }
 }
 
+/// TopK's raised cutoffs hold where bf16 rounding reorders a row: b_enc is set so that every
+/// latent of row 0 scores 1 up to f32 rounding, and each row's top k taken from the held
+/// values is the top k of the `kernels::dot` values, bit for bit. It fails when both the
+/// bound under the k-th f32 score and the scan's test leave out the margins (either one
+/// alone still covers the actual rounding of these random rows, far under the bound).
+#[test]
+fn screened_top_k_rows_select_as_the_f32_dots() {
+    use super::{randn, random_sae};
+    use crate::arch::{top_k_into, TopKScratch};
+    use crate::kernels::dot;
+    use rand::SeedableRng;
+    let (d_in, d_sae, n, k) = (576, 300, 40, 6);
+    let mut sae = random_sae(ArchKind::TOPK, d_in, d_sae, k, 5);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+    let x = randn(&mut rng, n * d_in);
+    let mut probe = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
+    probe.screen_any_density();
+    let first = probe.screened_pre(&x, n);
+    let exact = |b: usize, j: usize| {
+        dot(
+            &first.xc[b * d_in..(b + 1) * d_in],
+            &first.w_enc_t[j * d_in..(j + 1) * d_in],
+        )
+    };
+    for j in 0..d_sae {
+        sae.param_mut("b_enc")[j] = 1.0 - exact(0, j);
+    }
+    let b_enc = sae.param("b_enc").to_vec();
+    let mut t = SaeTrainer::new(sae, hyper(Precision::F32Screened));
+    t.screen_any_density();
+    let got = t.screened_pre(&x, n);
+    assert_eq!(got.xc, first.xc);
+    let top = |score: &dyn Fn(usize) -> f32| {
+        let mut scratch = TopKScratch::default();
+        top_k_into(k, (0..d_sae).map(|j| (score(j), j as u32)), &mut scratch);
+        let kept: Vec<(u32, u32)> = scratch
+            .best
+            .iter()
+            .filter(|(v, _)| *v > 0.0)
+            .map(|&(v, j)| (j, v.to_bits()))
+            .collect();
+        kept
+    };
+    let near = (0..d_sae)
+        .filter(|&j| (exact(0, j) + b_enc[j] - 1.0).abs() < 1e-6)
+        .count();
+    assert!(near > d_sae / 2, "only {near} latents of row 0 tie");
+    for b in 0..n {
+        let want = top(&|j| exact(b, j) + b_enc[j]);
+        let held = top(&|j| got.pre[b * d_sae + j] + b_enc[j]);
+        assert_eq!(held, want, "row {b}");
+    }
+    assert!(
+        got.refined < n * d_sae / 4,
+        "the screen recomputed {} of {} entries",
+        got.refined,
+        n * d_sae
+    );
+}
+
 /// A screened step is an f32 step: the same loss, L0 and gradients up to the order of the
 /// f32 sums, for each screening family (TopK also with every latent in AuxK, whose cutoffs
 /// the top-k does not raise; BatchTopK and Matryoshka, whose raise is a guess the screen

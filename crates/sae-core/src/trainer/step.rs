@@ -203,9 +203,6 @@ struct ScreenBounds<'a> {
     dead_mask: &'a [bool],
     /// `ScreenInputs::batch_raise`.
     batch_raise: f32,
-    /// The largest `wn` and `ew`.
-    wn_max: f32,
-    ew_max: f32,
 }
 
 /// The screen's recomputed entries of every row (`RowLists`).
@@ -250,7 +247,6 @@ impl<'a> ScreenBounds<'a> {
         inputs: &'a ScreenInputs,
         dead: &'a [u32],
     ) -> Self {
-        let max = |v: &[f32]| v.iter().fold(0.0f32, |m, &x| m.max(x));
         ScreenBounds {
             margin: crate::bf16::ScreenMargin::new(d_in),
             cut: &inputs.cut,
@@ -261,8 +257,6 @@ impl<'a> ScreenBounds<'a> {
             dead,
             dead_mask: &inputs.dead_mask,
             batch_raise: inputs.batch_raise,
-            wn_max: max(&inputs.wn),
-            ew_max: max(&inputs.ew),
         }
     }
 
@@ -282,9 +276,9 @@ impl<'a> ScreenBounds<'a> {
         let raise = match self.top_k {
             Some(TopKScope::Row(k)) if k > 0 && k <= row.len() => {
                 // Only the k largest `pre - cut` of the row are selected.
-                let kth = self.kth_score(k, row, s);
-                s.floor = kth - 0.25 * kth.abs();
-                score_floor(kth, self.most(terms))
+                let theta = self.kth_floor(k, row, terms, s);
+                s.floor = theta - 0.25 * theta.abs();
+                theta
             }
             Some(TopKScope::Batch(_)) => self.batch_raise,
             _ => 0.0,
@@ -308,9 +302,9 @@ impl<'a> ScreenBounds<'a> {
         terms
     }
 
-    /// The largest margin of any latent in a row with margin terms `(p, q, c)`.
-    fn most(&self, (p, q, c): (f32, f32, f32)) -> f32 {
-        p * self.ew_max + q * self.wn_max + c
+    /// Latent `j`'s margin in a row with margin terms `(p, q, c)`.
+    fn margin_of(&self, j: usize, (p, q, c): (f32, f32, f32)) -> f32 {
+        p * self.ew[j] + q * self.wn[j] + c
     }
 
     /// `scan`'s test for one entry: whether latent `j`'s bf16 value `v` lies above its
@@ -323,10 +317,13 @@ impl<'a> ScreenBounds<'a> {
         v > self.cut[j] - p * self.ew[j] - q * self.wn[j] - c
     }
 
-    /// The k-th largest `row[j] - cut_raw[j]` (or a value under it, which only makes the
-    /// screen recompute more): among the entries above `s.floor` when at least k are, else
-    /// among all.
-    fn kth_score(&self, k: usize, row: &[f32], s: &mut ScanScratch) -> f32 {
+    /// A value under the row's k-th largest f32 score: the k-th largest of the entries'
+    /// bounds under their own f32 scores (`score_floor` of each bf16 score `row[j] -
+    /// cut_raw[j]` and that entry's margin), each of the k largest being under its entry's
+    /// f32 score. Taken among the entries scoring above `s.floor` when at least k do (a
+    /// subset's k-th is under the whole row's, which only makes the screen recompute more),
+    /// else among all.
+    fn kth_floor(&self, k: usize, row: &[f32], terms: (f32, f32, f32), s: &mut ScanScratch) -> f32 {
         s.above.clear();
         if s.floor.is_finite() {
             s.scores.clear();
@@ -334,12 +331,11 @@ impl<'a> ScreenBounds<'a> {
             indices_above(row, &s.scores, &mut s.above);
         }
         s.scores.clear();
+        let bound = |j: usize| score_floor(row[j] - self.cut_raw[j], self.margin_of(j, terms));
         if s.above.len() >= k {
-            let at = |&j: &u32| row[j as usize] - self.cut_raw[j as usize];
-            s.scores.extend(s.above.iter().map(at));
+            s.scores.extend(s.above.iter().map(|&j| bound(j as usize)));
         } else {
-            s.scores
-                .extend(row.iter().zip(self.cut_raw).map(|(v, c)| v - c));
+            s.scores.extend((0..row.len()).map(bound));
         }
         let (_, kth, _) = s
             .scores
@@ -364,11 +360,11 @@ fn raised(c: f32, raise: f32) -> f32 {
 }
 
 /// A value at or under the f32 score of an entry whose bf16 score is `score` and whose
-/// margin is at most `most` (lowered below its own rounding; 0 at least). With the k-th
-/// largest bf16 score of a set, it is under the set's k-th largest f32 score too: each of
-/// the k largest bf16 scores is within its margin of its f32 score.
-fn score_floor(score: f32, most: f32) -> f32 {
-    let floor = score - most * (1.0 + 2f32.powi(-20)) - score.abs() * 2f32.powi(-20);
+/// margin is `margin` (lowered below its own rounding; 0 at least). The k-th largest of
+/// these over a set is under the set's k-th largest f32 score: each of the k entries it
+/// ranks first scores at least that in f32.
+fn score_floor(score: f32, margin: f32) -> f32 {
+    let floor = score - margin * (1.0 + 2f32.powi(-20)) - score.abs() * 2f32.powi(-20);
     floor.max(0.0)
 }
 
@@ -405,7 +401,7 @@ impl ScoreBuckets {
 
 /// After a batch top-k screen's first scan: a bound under the batch's `want`-th largest f32
 /// score, the floor of the highest histogram bucket with `want` bounds at or above it (each
-/// entry's bound under its own f32 score: its bf16 score less its row's largest margin), or
+/// entry's bound under its own f32 score: its bf16 score less its margin), or
 /// 0 when fewer than `want` reached the histogram. The histograms hold the bounds above the
 /// guess the scan used, so the result is one only when it is at least that guess.
 fn batch_bound(tasks: &[ScreenTask], buckets: ScoreBuckets, want: usize) -> f32 {
@@ -759,9 +755,12 @@ impl SaeTrainer {
             under.clear();
             for (row, x) in rows.clone() {
                 let (nx, ex) = norm_and_bf16_error(x);
-                let most = bounds.most(bounds.margin.row(nx, ex));
+                let terms = bounds.margin.row(nx, ex);
                 let sums = row.iter().zip(bounds.cut_raw).map(|(v, c)| v - c);
-                under.extend(sums.map(|s| score_floor(s, most)).filter(|&u| u > 0.0));
+                let floors = sums
+                    .enumerate()
+                    .map(|(j, s)| score_floor(s, bounds.margin_of(j, terms)));
+                under.extend(floors.filter(|&u| u > 0.0));
             }
             let want = k * m;
             buf.screen.batch_raise = 0.0;
@@ -851,10 +850,11 @@ impl SaeTrainer {
                         task.vals
                             .extend(task.idx[start..].iter().map(|&j| row[j as usize]));
                         // Each entry's bound under its f32 score.
-                        let most = bounds.most(terms);
                         let mine = task.idx[start..].iter().zip(&task.vals[from..]);
                         for (&j, v) in mine {
-                            let under = score_floor(v - bounds.cut_raw[j as usize], most);
+                            let j = j as usize;
+                            let margin = bounds.margin_of(j, terms);
+                            let under = score_floor(v - bounds.cut_raw[j], margin);
                             if let Some(b) = buckets.of(under) {
                                 task.hist[b] += 1;
                             }
