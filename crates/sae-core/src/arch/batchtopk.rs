@@ -291,7 +291,7 @@ impl Arch for BatchTopKRule {
             }
         }
         let mut scratch = std::mem::take(&mut out.scratch);
-        push_auxk(self.k_aux, ctx, pre, &mut scratch, out);
+        push_auxk(self.k_aux, ctx, row, pre, &mut scratch, out);
         out.scratch = scratch;
     }
 

@@ -161,7 +161,7 @@ impl Arch for GsaeRule {
     fn select_row_scored(
         &self,
         ctx: &StepCtx,
-        _row: usize,
+        row: usize,
         pre: &[f32],
         scores: &[f32],
         out: &mut RowOut,
@@ -186,7 +186,7 @@ impl Arch for GsaeRule {
                 out.push(j, pre[j] + b_enc[j], 0.0, pre[j]);
             }
         }
-        push_auxk(self.topk.k_aux, ctx, pre, &mut scratch, out);
+        push_auxk(self.topk.k_aux, ctx, row, pre, &mut scratch, out);
         out.scratch = scratch;
     }
     fn entry_backward(&self, _ctx: &StepCtx, e: Entry, df: f32, da: f32) -> EntryGrad {

@@ -310,11 +310,12 @@ impl Arch for TopKRule {
         cands.clear();
         vals.clear();
         // A screened step's list holds every entry above the screen's raised cutoff: the
-        // row's f32 top k and any ties with its k-th, when it has at least k.
+        // row's f32 top k and any ties with its k-th. It has fewer than k entries only
+        // where the raise is 0, and then the others score at most 0 and are never kept.
         if ctx.screened.is_some() || !ctx.cutoff.is_empty() {
             candidates(ctx, row, pre, &mut cands, &mut vals);
         }
-        let listed = cands.len() >= self.k;
+        let listed = ctx.screened.is_some() || cands.len() >= self.k;
         if listed {
             let it = cands.iter().zip(&vals);
             top_k_into(
@@ -348,7 +349,7 @@ impl Arch for TopKRule {
         }
         out.cands = cands;
         out.cand_vals = vals;
-        push_auxk(self.k_aux, ctx, pre, &mut scratch, out);
+        push_auxk(self.k_aux, ctx, row, pre, &mut scratch, out);
         out.scratch = scratch;
     }
 
@@ -395,6 +396,7 @@ fn row_kth_floor(k: usize, batch: &BatchInput) -> f32 {
 pub(crate) fn push_auxk(
     k_aux: usize,
     ctx: &StepCtx,
+    row: usize,
     pre: &[f32],
     scratch: &mut TopKScratch,
     out: &mut RowOut,
@@ -403,14 +405,42 @@ pub(crate) fn push_auxk(
         return;
     }
     let b_enc = &ctx.params[0][..];
-    let cands = ctx
-        .dead
+    let Some(lists) = ctx.screened else {
+        let cands = ctx
+            .dead
+            .iter()
+            .map(|&j| (pre[j as usize] + b_enc[j as usize], j));
+        top_k_into(k_aux, cands, scratch);
+        for &(v, j) in scratch.best.iter() {
+            if v > 0.0 {
+                out.push(j as usize, 0.0, v, pre[j as usize]);
+            }
+        }
+        return;
+    };
+    // A screened row lists every dead latent above its ReLU cutoff, with its f32 value;
+    // the others score at most 0 and are never kept. Both lists ascend.
+    let (js, vals) = lists.row(row);
+    let dead_of = |d: &mut usize, j: u32| {
+        while *d < ctx.dead.len() && ctx.dead[*d] < j {
+            *d += 1;
+        }
+        *d < ctx.dead.len() && ctx.dead[*d] == j
+    };
+    let mut d = 0;
+    let cands = js
         .iter()
-        .map(|&j| (pre[j as usize] + b_enc[j as usize], j));
+        .zip(vals)
+        .filter(|(&j, _)| dead_of(&mut d, j))
+        .map(|(&j, &p)| (p + b_enc[j as usize], j));
     top_k_into(k_aux, cands, scratch);
+    let mut at = 0;
     for &(v, j) in scratch.best.iter() {
         if v > 0.0 {
-            out.push(j as usize, 0.0, v, pre[j as usize]);
+            while js[at] != j {
+                at += 1;
+            }
+            out.push(j as usize, 0.0, v, vals[at]);
         }
     }
 }

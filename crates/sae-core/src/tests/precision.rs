@@ -454,6 +454,13 @@ fn screened_steps_are_f32_steps() {
             sf.l0, ss.l0,
             "{arch} window {window}: the selections differ"
         );
+        // AuxK's part of the loss is small beside the rest: its values checked alone.
+        assert!(
+            (sf.aux_loss - ss.aux_loss).abs() <= 1e-5 * sf.aux_loss.abs(),
+            "{arch} window {window}: aux loss {} screened, {} f32",
+            ss.aux_loss,
+            sf.aux_loss
+        );
         for (name, worst, scale) in differences(&f, &s) {
             assert!(
                 worst <= 1e-4 * scale,

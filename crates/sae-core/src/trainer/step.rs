@@ -415,9 +415,18 @@ fn batch_bound(tasks: &[ScreenTask], buckets: ScoreBuckets, want: usize) -> f32 
     0.0
 }
 
-/// `row[j] = x . w_j` (`kernels::dot`'s bits) for each latent `j` in `js`, also into `vals`
-/// beside `js`, four at a time, fetching the next four rows of W_enc^T while these sum.
-fn refine_row(x: &[f32], w_t: &[f32], d_in: usize, js: &[u32], row: &mut [f32], vals: &mut [f32]) {
+/// `x . w_j` (`kernels::dot`'s bits) for each latent `j` in `js` into `vals` beside `js`,
+/// and into `row[j]` when given, four at a time, fetching the next four rows of W_enc^T while
+/// these sum. Selection reads `vals` (`RowLists`); `row` is written where it is still in
+/// cache (a row refined right after its scan), for any later reader of `pre`.
+fn refine_row(
+    x: &[f32],
+    w_t: &[f32],
+    d_in: usize,
+    js: &[u32],
+    mut row: Option<&mut [f32]>,
+    vals: &mut [f32],
+) {
     let at = |group: &[u32]| -> [usize; 4] {
         std::array::from_fn(|q| group.get(q).map_or(0, |&j| j as usize * d_in))
     };
@@ -425,13 +434,11 @@ fn refine_row(x: &[f32], w_t: &[f32], d_in: usize, js: &[u32], row: &mut [f32], 
         for &j in js.iter().skip(4 * (g + 1)).take(4) {
             prefetch_rows(w_t, j as usize * d_in, d_in);
         }
-        // Where a row is no longer in cache, its values' lines too, further ahead.
-        for &j in js.iter().skip(4 * (g + 4)).take(4) {
-            prefetch_rows(row, j as usize, 1);
-        }
         let dots = dot4(x, at(group).map(|r| &w_t[r..r + d_in]));
         for (q, (&j, v)) in group.iter().zip(dots).enumerate() {
-            row[j as usize] = v;
+            if let Some(row) = row.as_deref_mut() {
+                row[j as usize] = v;
+            }
             vals[4 * g + q] = v;
         }
     }
@@ -842,7 +849,7 @@ impl SaeTrainer {
                     if refine_now {
                         task.vals.resize(task.idx.len(), 0.0);
                         let (js, vals) = (&task.idx[start..], &mut task.vals[start..]);
-                        refine_row(x, w, d_in, js, row, vals);
+                        refine_row(x, w, d_in, js, Some(row), vals);
                     }
                     if batch_k.is_some() {
                         task.terms.push(terms);
@@ -876,13 +883,13 @@ impl SaeTrainer {
                 return;
             }
             // Keep the entries above the raised cutoffs; with one slice, refine them now.
-            pre.par_chunks_mut(d_sae * ROW_CHUNK)
-                .zip(buf.xc.par_chunks(d_in * ROW_CHUNK))
+            // The rows of `pre` are out of cache by now, so the values go to the lists only.
+            buf.xc[..n * d_in]
+                .par_chunks(d_in * ROW_CHUNK)
                 .zip(buf.screen_tasks.par_iter_mut())
-                .for_each(|((pre_rows, x_rows), task)| {
+                .for_each(|(x_rows, task)| {
                     let (mut start, mut kept) = (0, 0);
-                    let rows = pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in));
-                    for (r, (row, x)) in rows.enumerate() {
+                    for (r, x) in x_rows.chunks(d_in).enumerate() {
                         let first = kept;
                         for i in start..task.ends[r] {
                             let (j, v) = (task.idx[i], task.vals[i]);
@@ -896,7 +903,7 @@ impl SaeTrainer {
                         task.ends[r] = kept;
                         if slices == 1 {
                             let (js, vals) = (&task.idx[first..kept], &mut task.vals[first..kept]);
-                            refine_row(x, w, d_in, js, row, vals);
+                            refine_row(x, w, d_in, js, None, vals);
                         }
                     }
                     task.idx.truncate(kept);
@@ -912,17 +919,17 @@ impl SaeTrainer {
         }
         for s in (0..slices).filter(|_| slices > 1) {
             let end = ((s + 1) * width).min(d_sae) as u32;
-            pre.par_chunks_mut(d_sae * ROW_CHUNK)
-                .zip(buf.xc.par_chunks(d_in * ROW_CHUNK))
+            buf.xc[..n * d_in]
+                .par_chunks(d_in * ROW_CHUNK)
                 .zip(buf.screen_tasks.par_iter_mut())
-                .for_each(|((pre_rows, x_rows), task)| {
-                    let rows = pre_rows.chunks_mut(d_sae).zip(x_rows.chunks(d_in));
-                    for (r, (row, x)) in rows.enumerate() {
+                .for_each(|(x_rows, task)| {
+                    for (r, x) in x_rows.chunks(d_in).enumerate() {
                         // This row's entries in slice s: the next ones of its ascending list.
                         let at = task.at[r];
                         let mine = &task.idx[at..task.ends[r]];
                         let m = mine.partition_point(|&j| j < end);
-                        refine_row(x, w, d_in, &mine[..m], row, &mut task.vals[at..at + m]);
+                        let vals = &mut task.vals[at..at + m];
+                        refine_row(x, w, d_in, &mine[..m], None, vals);
                         task.at[r] += m;
                     }
                 });
@@ -2334,6 +2341,7 @@ pub(crate) struct ScreenedPre {
     pub xc: Vec<f32>,
     /// W_enc^T, `[d_sae, d_in]`.
     pub w_enc_t: Vec<f32>,
+    /// The pre-activations as selection reads them (the screen's lists over `pre`).
     pub pre: Vec<f32>,
     /// The rule's cutoffs as `Arch::screen_cutoff` gives them.
     pub cutoff: Vec<f32>,
@@ -2347,10 +2355,19 @@ impl SaeTrainer {
         self.encode(x, n);
         assert!(self.buf.screening, "this trainer does not screen");
         self.screen(n);
+        // As selection reads them: the lists' values over `pre`.
+        let mut pre = self.buf.pre[..n * self.d_sae].to_vec();
+        let lists = &self.buf.screen_lists;
+        for (b, row) in pre.chunks_mut(self.d_sae).enumerate() {
+            let at = lists.ptr[b]..lists.ptr[b + 1];
+            for (&j, &v) in lists.idx[at.clone()].iter().zip(&lists.val[at]) {
+                row[j as usize] = v;
+            }
+        }
         ScreenedPre {
             xc: self.buf.xc.clone(),
             w_enc_t: self.w_enc_t.clone(),
-            pre: self.buf.pre[..n * self.d_sae].to_vec(),
+            pre,
             cutoff: self.buf.screen.cut_raw.clone(),
             refined: self.buf.screen_refined,
         }
