@@ -29,17 +29,6 @@ struct Case {
 }
 
 fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
-    case_in_blocks(arch, dnorm, seed, dense, (0, 0))
-}
-
-/// `case` with the latent pass in blocks of `(rows, latents)` ((0, 0): the step's choice).
-fn case_in_blocks(
-    arch: ArchKind,
-    dnorm: bool,
-    seed: u64,
-    dense: bool,
-    blocks: (usize, usize),
-) -> Case {
     let sae = random_sae(arch, D_IN, D_SAE, K, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 10);
     let x = randn(&mut rng, N * D_IN);
@@ -59,7 +48,6 @@ fn case_in_blocks(
     let lambda = 0.7f32;
     let mut trainer = SaeTrainer::new(sae.clone(), hyper.clone());
     trainer.set_dense_fraction(if dense { 0.0 } else { 2.0 });
-    trainer.set_latent_blocks(blocks.0, blocks.1);
     // Rules that select with the loss gradient get one, twice the stand-in's scale so that
     // it changes the selection.
     let grad: Vec<f32> = input_grad(&x).iter().map(|g| 2.0 * g).collect();
@@ -138,21 +126,15 @@ fn close(what: &str, a: &[f64], b: &[f64], tol: f64) {
 
 fn check_against_reference(arch: ArchKind, dnorm: bool) {
     for dense in [false, true] {
-        check_path(arch, dnorm, dense, (0, 0));
+        check_path(arch, dnorm, dense);
     }
-    // The latent pass in blocks of 5 rows (5, 5 and 2 of the 12), 7 latents per task.
-    check_path(arch, dnorm, false, (5, 7));
 }
 
-fn check_path(arch: ArchKind, dnorm: bool, dense: bool, blocks: (usize, usize)) {
-    let arch_name = format!(
-        "{arch}{}{}",
-        if dense { " (dense)" } else { "" },
-        if blocks.0 > 0 { " (row blocks)" } else { "" }
-    );
+fn check_path(arch: ArchKind, dnorm: bool, dense: bool) {
+    let arch_name = format!("{arch}{}", if dense { " (dense)" } else { "" });
     let arch = &arch_name;
     let kind: ArchKind = arch_name.split(' ').next().unwrap().parse().unwrap();
-    let c = case_in_blocks(kind, dnorm, 7, dense, blocks);
+    let c = case(kind, dnorm, 7, dense);
     let r = grads(&c.cfg, &c.params, &c.x, N);
     let ref_loss = loss(&c.cfg, &c.params, &c.params, &c.x, N);
     assert!(
@@ -418,46 +400,6 @@ fn sliced_decode_gives_the_bits_of_one_pass() {
             assert_eq!(bits(&a.b_dec), bits(&b.b_dec), "{what}: b_dec");
             for (u, v) in a.params.iter().zip(&b.params) {
                 assert_eq!(bits(u), bits(v), "{what}: per-latent parameters");
-            }
-        }
-    }
-}
-
-/// The latent pass in blocks of batch rows trains as one pass does, for every family, in
-/// f32 and with bf16 gathers: each latent's gradient rows sum their entries in other groups,
-/// so the weights agree to rounding.
-#[test]
-fn latent_pass_in_row_blocks_trains_as_one_pass() {
-    use crate::bf16::Precision;
-    for precision in [Precision::F32, Precision::Bf16Sparse] {
-        for arch in ArchKind::all() {
-            let (sae, x, hyper) = steps_case(arch, precision);
-            let run = |blocks: (usize, usize)| {
-                let mut t = SaeTrainer::new(sae.clone(), hyper.clone());
-                t.set_dense_fraction(2.0);
-                t.set_latent_blocks(blocks.0, blocks.1);
-                for _ in 0..3 {
-                    step_any(&mut t, &x, N, 1e-2, 0.3);
-                }
-                t.snapshot()
-            };
-            // Blocks of 5 rows (5, 5 and 2 of the 12), 7 latents per task.
-            let (a, b) = (run((0, 0)), run((5, 7)));
-            let params = a.params.iter().zip(&b.params).map(|(u, v)| ("param", u, v));
-            for (name, u, v) in [
-                ("W_enc", &a.w_enc, &b.w_enc),
-                ("W_dec", &a.w_dec, &b.w_dec),
-                ("b_dec", &a.b_dec, &b.b_dec),
-            ]
-            .into_iter()
-            .chain(params)
-            {
-                close(
-                    &format!("{arch}, {precision}: {name}"),
-                    &to64(u),
-                    &to64(v),
-                    1e-5,
-                );
             }
         }
     }

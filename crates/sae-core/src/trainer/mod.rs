@@ -257,13 +257,6 @@ impl SaeTrainer {
         self.buf.decode_slice_bytes = bytes;
     }
 
-    /// Sums the latent pass's entries in blocks of `rows` batch rows, `latents` latents per
-    /// task, whatever the batch and its density.
-    #[cfg(test)]
-    pub(crate) fn set_latent_blocks(&mut self, rows: usize, latents: usize) {
-        self.buf.latent_blocks = (rows, latents);
-    }
-
     /// Screens (`Precision::F32Screened`) whatever fraction of the entries it recomputes.
     #[cfg(test)]
     pub(crate) fn screen_any_density(&mut self) {

@@ -17,7 +17,6 @@ use crate::kernels::{
 };
 use crate::optim::AdamStep;
 use rayon::prelude::*;
-use std::sync::Mutex;
 
 /// BatchTopK inference threshold: bias-corrected EMA of each batch's selection threshold
 /// (close to the paper's mean over batches early on, DL's EMA with beta 0.999 later).
@@ -26,18 +25,6 @@ pub(super) const THRESHOLD_EMA_BETA: f64 = 0.999;
 /// every reduction in a fixed order: results are bit-for-bit reproducible for a thread count.
 const ROW_CHUNK: usize = 16;
 const LAT_CHUNK: usize = 32;
-/// Latents per task of the latent pass where it runs in blocks of batch rows: a task sums
-/// all its latents' entries of one block (its gathered rows, the `resid` bands, `xc` and
-/// AuxK's residuals, about `LAT_ROW_BLOCK_BYTES`), then the next block's, so each row comes
-/// from memory once per task instead of once per entry. On the 32 MB-L3 Zen 4 at d_sae 9216
-/// and L0 200 the latent pass gathered rows 2.2x as fast from 2.4 MB of the batch as from
-/// all 19 MB; the blocks took it from 127-189 ms to 112-116.
-const LAT_TASK: usize = 256;
-const LAT_ROW_BLOCK_BYTES: usize = 1 << 20;
-/// Blocks pay where a latent has at least this many entries in a block on average: each
-/// block reads the task's gradient rows again (at d_sae 4608, L0 64, with 3.2, the blocks
-/// took 46-56 ms against 37 without).
-const LAT_BLOCK_MIN_ENTRIES: f64 = 4.0;
 /// Above this fraction of non-zero (token, latent) entries the step uses dense GEMMs for the
 /// decode and the gradients (a handful of GEMMs beat the sparse passes there).
 pub(super) const DENSE_FRACTION: f64 = 1.0 / 16.0;
@@ -133,15 +120,11 @@ pub(super) struct Buffers {
     genc: Vec<f32>,
     gdec: Vec<f32>,
     lat_fill: Vec<usize>,
-    /// Per rayon thread, the W_dec and W_enc gradient rows of a latent-pass task's latents.
-    lat_scratch: Vec<Mutex<Vec<f32>>>,
+    lat_scratch: Vec<f32>,
     /// Per row chunk, the decode's entries of the slice it is gathering.
     slice_ents: Vec<Vec<u32>>,
     /// `DECODE_SLICE_BYTES` when 0; tests set a small budget to slice small dictionaries.
     pub(super) decode_slice_bytes: usize,
-    /// Batch rows per block and latents per task of the latent pass; (0, 0) leaves them to
-    /// the step (tests force blocks on small batches).
-    pub(super) latent_blocks: (usize, usize),
     bdec_part: Vec<f32>,
     dead: Vec<u32>,
     cutoff: Vec<f32>,
@@ -1378,40 +1361,26 @@ impl SaeTrainer {
     }
 
     /// Phase 5: per latent, the W_dec / W_enc row gradients fused with Adam (or copied out
-    /// when collecting). Every per-latent array is cut into chunks of `LAT_CHUNK` latents
-    /// (`LAT_TASK` where the entries are summed in blocks of batch rows) and each task owns
-    /// one chunk of each.
+    /// when collecting). Every per-latent array is cut into chunks of `LAT_CHUNK` latents and
+    /// each task owns one chunk of each.
     fn latent_pass(&mut self, bw: &Backward, mode: &mut Mode) {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
+        let n_chunks = d_sae.div_ceil(LAT_CHUNK);
         let n_params = self.params.len();
         assert!(
             n_params <= MAX_LATENT_PARAMS,
             "an architecture trains at most {MAX_LATENT_PARAMS} per-latent parameters"
         );
         let buf = &mut self.buf;
-        let threads = rayon::current_num_threads().max(1);
-        buf.lat_scratch.resize_with(threads, Default::default);
-        let widths = head_widths(&*self.arch, d_sae);
-        let half = !buf.resid_h.is_empty();
-        let aux_rows = usize::from(bw.aux_trains_dec && !bw.dense);
-        let row_bytes = d_in * (widths.len() + 1 + aux_rows) * if half { 2 } else { 4 };
-        let block = (LAT_ROW_BLOCK_BYTES / row_bytes.max(1)).max(ROW_CHUNK);
-        let per_block = block as f64 * buf.lat_ent.len() as f64 / (bw.n.max(1) * d_sae) as f64;
-        let (row_block, lat_task) = match buf.latent_blocks {
-            (0, _) | (_, 0) if block < bw.n && per_block >= LAT_BLOCK_MIN_ENTRIES => {
-                (block, LAT_TASK)
-            }
-            (0, _) | (_, 0) => (bw.n.max(1), LAT_CHUNK),
-            forced => forced,
-        };
-        let n_chunks = d_sae.div_ceil(lat_task);
         buf.bdec_part.clear();
         buf.bdec_part.resize(n_chunks * d_in, 0.0);
+        buf.lat_scratch.resize(n_chunks * 2 * d_in, 0.0);
         buf.gparams.resize_with(n_params, Vec::new);
         for g in buf.gparams.iter_mut() {
             g.clear();
             g.resize(d_sae, 0.0);
         }
+        let widths = head_widths(&*self.arch, d_sae);
         let inputs = LatentInputs {
             arch: &*self.arch,
             ctx: StepCtx {
@@ -1447,14 +1416,12 @@ impl SaeTrainer {
             },
             pen_colsum: &buf.pen_colsum,
             pen_genc: &buf.pen_genc,
-            row_block,
-            scratch: &buf.lat_scratch,
         };
         let (grad_enc, grad_dec): (&mut [f32], &mut [f32]) = match mode {
             Mode::Collect(g) => (g.w_enc_t.as_mut_slice(), g.w_dec.as_mut_slice()),
             Mode::Apply(_) => (&mut [], &mut []),
         };
-        let rows = lat_task * d_in;
+        let rows = LAT_CHUNK * d_in;
         let mut w_enc = latent_chunks(&mut self.w_enc_t, rows, n_chunks);
         let mut w_dec = latent_chunks(&mut self.w_dec, rows, n_chunks);
         let mut m_enc = latent_chunks(&mut self.mom_enc.m, rows, n_chunks);
@@ -1463,17 +1430,18 @@ impl SaeTrainer {
         let mut v_dec = latent_chunks(&mut self.mom_dec.v, rows, n_chunks);
         let mut grad_enc = latent_chunks(grad_enc, rows, n_chunks);
         let mut grad_dec = latent_chunks(grad_dec, rows, n_chunks);
-        let mut last_update = latent_chunks(&mut self.last_update, lat_task, n_chunks);
-        let mut since_fired = latent_chunks(&mut self.tokens_since_fired, lat_task, n_chunks);
+        let mut last_update = latent_chunks(&mut self.last_update, LAT_CHUNK, n_chunks);
+        let mut since_fired = latent_chunks(&mut self.tokens_since_fired, LAT_CHUNK, n_chunks);
         let mut gparams: Vec<_> = buf
             .gparams
             .iter_mut()
-            .map(|g| latent_chunks(g, lat_task, n_chunks))
+            .map(|g| latent_chunks(g, LAT_CHUNK, n_chunks))
             .collect();
         let mut bdec_part = buf.bdec_part.chunks_mut(d_in);
+        let mut scratch = buf.lat_scratch.chunks_mut(2 * d_in);
         let tasks: Vec<LatentChunk> = (0..n_chunks)
             .map(|c| LatentChunk {
-                first: c * lat_task,
+                first: c * LAT_CHUNK,
                 w_enc: w_enc.next().unwrap(),
                 w_dec: w_dec.next().unwrap(),
                 m_enc: m_enc.next().unwrap(),
@@ -1489,6 +1457,7 @@ impl SaeTrainer {
                     None => &mut [],
                 }),
                 bdec_part: bdec_part.next().unwrap(),
+                scratch: scratch.next().unwrap(),
             })
             .collect();
         tasks
@@ -1753,7 +1722,7 @@ fn row_in(v: &mut [f32], l: usize, d: usize) -> &mut [f32] {
     }
 }
 
-/// One task of the latent pass: latents `first..first + LAT_TASK` (fewer in the last chunk)
+/// One task of the latent pass: latents `first..first + LAT_CHUNK` (fewer in the last chunk)
 /// and its own rows of every per-latent array.
 struct LatentChunk<'a> {
     first: usize,
@@ -1773,6 +1742,8 @@ struct LatentChunk<'a> {
     gparams: [&'a mut [f32]; MAX_LATENT_PARAMS],
     /// This chunk's share of the b_dec gradient.
     bdec_part: &'a mut [f32],
+    /// Two `d_in` rows: the current latent's W_dec and W_enc row gradients.
+    scratch: &'a mut [f32],
 }
 
 /// What every task of the latent pass reads.
@@ -1803,13 +1774,9 @@ struct LatentInputs<'a> {
     penalty: Option<&'a dyn DensePenalty>,
     pen_colsum: &'a [f32],
     pen_genc: &'a [f32],
-    /// Batch rows per block of the entry sums.
-    row_block: usize,
-    scratch: &'a [Mutex<Vec<f32>>],
 }
 
 /// One latent's sums over its entries.
-#[derive(Clone, Copy, Default)]
 struct LatentSums {
     /// Some entry fired (f > 0).
     any_fired: bool,
@@ -1836,39 +1803,11 @@ impl LatentInputs<'_> {
             since_fired,
             mut gparams,
             bdec_part,
+            scratch,
         } = task;
         let (d_in, n, bw) = (self.d_in, self.bw.n, &self.bw);
-        let n_lat = since_fired.len();
-        let slot = rayon::current_thread_index().unwrap_or(0) % self.scratch.len();
-        let mut grads = self.scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
-        let blocked = self.row_block < n;
-        grads.clear();
-        grads.resize(if blocked { n_lat } else { 1 } * 2 * d_in, 0.0);
-        let mut all_sums = vec![LatentSums::default(); n_lat];
-        if blocked {
-            // Every latent's entries of one block of batch rows, then the next block's:
-            // entries ascend in row within a latent, so each latent's sums keep their order.
-            let mut next: Vec<usize> = self.lat_ptr[first..first + n_lat].to_vec();
-            let blocks = n.div_ceil(self.row_block);
-            for block_end in (1..=blocks).map(|b| (b * self.row_block).min(n)) {
-                for (l, (cur, sums)) in next.iter_mut().zip(&mut all_sums).enumerate() {
-                    let j = first + l;
-                    let end = self.lat_ptr[j + 1];
-                    let from = *cur;
-                    while *cur < end && (self.lat_ent[*cur].row as usize) < block_end {
-                        *cur += 1;
-                    }
-                    if *cur == from {
-                        continue;
-                    }
-                    let ents = &self.lat_ent[from..*cur];
-                    let (g_dec, g_enc) = grads[l * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
-                    let wd = &w_dec[l * d_in..(l + 1) * d_in];
-                    self.entry_gradients(j, wd, ents, ents, g_dec, g_enc, sums);
-                }
-            }
-        }
-        for (l, mut sums) in all_sums.into_iter().enumerate() {
+        let (g_dec, g_enc) = scratch.split_at_mut(d_in);
+        for l in 0..since_fired.len() {
             let j = first + l;
             let ents = &self.lat_ent[self.lat_ptr[j]..self.lat_ptr[j + 1]];
             if ents.is_empty() && !self.dense_adam && bw.adam.is_some() && self.penalty.is_none() {
@@ -1877,15 +1816,9 @@ impl LatentInputs<'_> {
             }
             let rows = l * d_in..(l + 1) * d_in;
             let (wd, we) = (&mut w_dec[rows.clone()], &mut w_enc[rows.clone()]);
-            let g_row = if blocked { l } else { 0 };
-            let (g_dec, g_enc) = grads[g_row * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
-            if !blocked {
-                g_dec.fill(0.0);
-                g_enc.fill(0.0);
-                // Rows to prefetch run on into the next latents' entries.
-                let ahead = &self.lat_ent[self.lat_ptr[j]..];
-                self.entry_gradients(j, wd, ents, ahead, g_dec, g_enc, &mut sums);
-            }
+            g_dec.fill(0.0);
+            g_enc.fill(0.0);
+            let mut sums = self.entry_gradients(j, wd, ents, g_dec, g_enc);
             if bw.dense {
                 g_dec.copy_from_slice(&self.dense_gdec[j * d_in..(j + 1) * d_in]);
                 g_enc.copy_from_slice(&self.dense_genc[j * d_in..(j + 1) * d_in]);
@@ -1952,27 +1885,31 @@ impl LatentInputs<'_> {
     /// Latent `j`'s entries: the architecture's backward rule per entry, and (sparse path)
     /// the W_dec / W_enc row gradients accumulated into `g_dec` / `g_enc`. `d_j` is the
     /// latent's decoder row before this step's update.
-    #[allow(clippy::too_many_arguments)]
     fn entry_gradients(
         &self,
         j: usize,
         d_j: &[f32],
         ents: &[LatEntry],
-        ahead: &[LatEntry],
         g_dec: &mut [f32],
         g_enc: &mut [f32],
-        sums: &mut LatentSums,
-    ) {
+    ) -> LatentSums {
         let (d_in, bw) = (self.d_in, &self.bw);
         let n_heads = self.widths.len();
         let band = band_of(self.widths, j);
         let half = !self.resid_h.is_empty();
+        let first_entry = self.lat_ptr[j];
         let resid_at = |le: &LatEntry| (le.row as usize * n_heads + band) * d_in;
+        let mut sums = LatentSums {
+            any_fired: false,
+            psum: [0.0; MAX_LATENT_PARAMS],
+            colsum: 0.0,
+            sum_f: 0.0,
+        };
         for (g, group) in ents.chunks(4).enumerate() {
             // Random rows: fetch the next group's (on into the next latents' entries) while
             // this one computes.
             for p in 4 * g + PREFETCH_AHEAD..4 * g + PREFETCH_AHEAD + 4 {
-                match ahead.get(p) {
+                match self.lat_ent.get(first_entry + p) {
                     Some(nx) if !bw.dense => {
                         let (nb, nr) = (nx.row as usize * d_in, resid_at(nx));
                         if half {
@@ -2088,6 +2025,7 @@ impl LatentInputs<'_> {
                 }
             }
         }
+        sums
     }
 }
 
