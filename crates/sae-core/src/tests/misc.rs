@@ -925,3 +925,110 @@ fn jumprelu_threshold_starts_from_init_l0_or_init_threshold() {
         "{err}"
     );
 }
+
+/// Every `multiversion` kernel's outputs as bits, on this thread's path.
+fn multiversion_kernel_bits() -> Vec<u32> {
+    use crate::bf16::to_bf16;
+    use crate::kernels::*;
+    use crate::optim::{adam_momentum, adam_no_momentum};
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let mut out: Vec<f32> = Vec::new();
+    for len in [1usize, 15, 16, 17, 77, 576] {
+        let rows: Vec<Vec<f32>> = (0..4).map(|_| randn(&mut rng, len)).collect();
+        let hrows: Vec<Vec<u16>> = rows
+            .iter()
+            .map(|r| r.iter().map(|v| to_bf16(*v)).collect())
+            .collect();
+        let x4: [&[f32]; 4] = std::array::from_fn(|q| rows[q].as_slice());
+        let h4: [&[u16]; 4] = std::array::from_fn(|q| hrows[q].as_slice());
+        let (y0, z0) = (randn(&mut rng, len), randn(&mut rng, len));
+        let (a1, a2) = ([0.7f32, -1.1, 0.0, 2.3], [0.4f32, 0.0, -0.9, 1.5]);
+        out.push(dot(x4[0], &y0));
+        out.extend(dot4(&y0, x4));
+        out.push(dot_h(h4[1], &y0));
+        let (n, e) = norm_and_bf16_error(x4[2]);
+        out.extend([n, e]);
+        let mut lo = vec![0.0; len];
+        screen_bounds(x4[0], x4[1], x4[2], 0.3, -0.2, 0.1, &mut lo);
+        out.extend(&lo);
+        let mut h = vec![0u16; len];
+        round_to_bf16(&y0, &mut h);
+        out.extend(h.iter().map(|v| *v as f32));
+        let (mut y, mut z) = (y0.clone(), z0.clone());
+        axpy(0.3, x4[0], &mut y);
+        axpy_h(-0.6, h4[0], &mut y);
+        axpy2(0.3, -0.8, x4[1], &mut y, &mut z);
+        axpy2_h(1.3, 0.2, h4[1], &mut y, &mut z);
+        acc2(0.5, x4[2], &mut y, -0.4, x4[3], &mut z);
+        acc2_h(0.5, h4[2], &mut y, -0.4, h4[3], &mut z);
+        axpy4(a1, x4, &mut y);
+        axpy4_h(a2, h4, &mut z);
+        axpy2x4(a1, a2, x4, &mut y, &mut z);
+        axpy2x4_h(a2, a1, h4, &mut y, &mut z);
+        acc2x4(a1, x4, &mut y, a2, x4, &mut z);
+        acc2x4_h(a2, h4, &mut y, a1, h4, &mut z);
+        out.extend(&y);
+        out.extend(&z);
+        let (mut p, mut m, mut v) = (
+            y0.clone(),
+            z0.clone(),
+            rows[3].iter().map(|x| x * x).collect::<Vec<f32>>(),
+        );
+        adam_momentum(&mut p, &mut m, &mut v, x4[0], [0.9, 0.999], 1e-3, 1e-8);
+        adam_no_momentum(&mut p, &mut v, x4[1], 0.999, 1e-3, 1e-8);
+        out.extend(p.iter().chain(&m).chain(&v));
+    }
+    out.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Each instruction set the `multiversion` kernels are built for (every one this CPU has)
+/// gives the portable body's bits.
+#[test]
+fn multiversion_kernels_give_the_same_bits_on_every_path() {
+    use crate::kernels::{with_simd_cap, SimdPath};
+    let paths = SimdPath::available();
+    let want = with_simd_cap(SimdPath::Portable, multiversion_kernel_bits);
+    for path in paths {
+        let got = with_simd_cap(path, multiversion_kernel_bits);
+        assert!(got == want, "{path:?} differs from the portable kernels");
+    }
+}
+
+/// Training takes the same bits on every kernel path this CPU has, f32 and bf16 gathers.
+#[test]
+fn training_gives_the_same_bits_on_every_simd_path() {
+    use crate::bf16::Precision;
+    use crate::kernels::{set_simd_cap, SimdPath};
+    let (d_in, d_sae, n) = (16, 40, 96);
+    let (x, _) = synthetic(n, d_in, 10, 8);
+    let run = |path: SimdPath, arch: ArchKind, precision: Precision| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .start_handler(move |_| set_simd_cap(path))
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let hyper = TrainHyper {
+                precision,
+                ..TrainHyper::default()
+            };
+            let mut tr = SaeTrainer::new(Sae::init(arch, d_in, d_sae, 3, 42), hyper);
+            tr.set_dense_fraction(2.0);
+            for _ in 0..4 {
+                step_any(&mut tr, &x, n, 1e-3, 0.01);
+            }
+            tr.snapshot()
+        })
+    };
+    for precision in [Precision::F32, Precision::Bf16Sparse] {
+        for arch in ArchKind::all() {
+            let want = run(SimdPath::Portable, arch, precision);
+            for path in SimdPath::available() {
+                assert!(
+                    run(path, arch, precision) == want,
+                    "{arch}, {precision}: {path:?} differs from the portable kernels"
+                );
+            }
+        }
+    }
+}
