@@ -696,7 +696,7 @@ multiversion_impl! {
 /// `g` gets [`axpy`]'s order, so the result is four `dot` and four `axpy` calls' bits (LLVM
 /// does not vectorise this one well by itself).
 macro_rules! dot4_axpy4_impl {
-    ($(#[$m:meta])* $name:ident, $portable:ident, $inner:ident, $avx2:ident, $t:ty, |$p:ident| $load8:expr) => {
+    ($(#[$m:meta])* $name:ident, $portable:ident, $inner:ident, $avx2:ident, $avx512:ident, $t:ty, |$p:ident| $load8:expr, |$p16:ident| $load16:expr) => {
         $(#[$m])*
         #[inline]
         pub fn $name(x: [&[$t]; 4], y: &[f32], c: [f32; 4], g: &mut [f32]) -> [f32; 4] {
@@ -717,7 +717,11 @@ macro_rules! dot4_axpy4_impl {
             let full = n / LANES * LANES;
             let mut acc = [[0.0f32; LANES]; 4];
             #[cfg(target_arch = "x86_64")]
-            let done = if SIMD && std::is_x86_feature_detected!("avx2") {
+            let done = if SIMD && simd_allows(SimdPath::Avx512) && cpu_has!("avx512f") {
+                // SAFETY: AVX-512F is present; all loads and stores are within `full <= n`.
+                unsafe { $avx512(x, y, c, g, full, &mut acc) };
+                true
+            } else if SIMD && simd_allows(SimdPath::Avx2) && cpu_has!("avx2") {
                 // SAFETY: AVX2 is present; all loads and stores are within `full <= n`.
                 unsafe { $avx2(x, y, c, g, full, &mut acc) };
                 true
@@ -793,6 +797,39 @@ macro_rules! dot4_axpy4_impl {
                 _mm256_storeu_ps(acc[q].as_mut_ptr().add(8), hi[q]);
             }
         }
+
+        /// The AVX2 loop with the 16 lanes in one register: the same operations per lane.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $avx512(
+            x: [&[$t]; 4],
+            y: &[f32],
+            c: [f32; 4],
+            g: &mut [f32],
+            full: usize,
+            acc: &mut [[f32; LANES]; 4],
+        ) {
+            use std::arch::x86_64::*;
+            let (py, pg) = (y.as_ptr(), g.as_mut_ptr());
+            let px = x.map(|r| r.as_ptr());
+            let cv = c.map(|v| _mm512_set1_ps(v));
+            let mut sums = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i < full {
+                let yv = _mm512_loadu_ps(py.add(i));
+                let mut gv = _mm512_loadu_ps(pg.add(i));
+                for q in 0..4 {
+                    let xv = { let $p16 = px[q].add(i); $load16 };
+                    sums[q] = _mm512_add_ps(sums[q], _mm512_mul_ps(xv, yv));
+                    gv = _mm512_add_ps(gv, _mm512_mul_ps(cv[q], xv));
+                }
+                _mm512_storeu_ps(pg.add(i), gv);
+                i += LANES;
+            }
+            for q in 0..4 {
+                _mm512_storeu_ps(acc[q].as_mut_ptr(), sums[q]);
+            }
+        }
     };
 }
 
@@ -803,8 +840,10 @@ dot4_axpy4_impl!(
     dot4_axpy4_portable,
     dot4_axpy4_inner,
     dot4_axpy4_avx2,
+    dot4_axpy4_avx512,
     f32,
-    |p| _mm256_loadu_ps(p)
+    |p| _mm256_loadu_ps(p),
+    |p| _mm512_loadu_ps(p)
 );
 
 dot4_axpy4_impl!(
@@ -813,9 +852,13 @@ dot4_axpy4_impl!(
     dot4_axpy4_h_portable,
     dot4_axpy4_h_inner,
     dot4_axpy4_h_avx2,
+    dot4_axpy4_h_avx512,
     u16,
     |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
         p as *const __m128i
+    )))),
+    |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        p as *const __m256i
     ))))
 );
 

@@ -926,7 +926,8 @@ fn jumprelu_threshold_starts_from_init_l0_or_init_threshold() {
     );
 }
 
-/// Every `multiversion` kernel's outputs as bits, on this thread's path.
+/// Every kernel's outputs as bits that has paths per instruction set (the `multiversion`
+/// ones and `dot4_axpy4`), on this thread's path.
 fn multiversion_kernel_bits() -> Vec<u32> {
     use crate::bf16::to_bf16;
     use crate::kernels::*;
@@ -967,6 +968,8 @@ fn multiversion_kernel_bits() -> Vec<u32> {
         axpy2x4_h(a2, a1, h4, &mut y, &mut z);
         acc2x4(a1, x4, &mut y, a2, x4, &mut z);
         acc2x4_h(a2, h4, &mut y, a1, h4, &mut z);
+        out.extend(dot4_axpy4(x4, &z0, a1, &mut y));
+        out.extend(dot4_axpy4_h(h4, &y0, a2, &mut z));
         out.extend(&y);
         out.extend(&z);
         let (mut p, mut m, mut v) = (
@@ -981,8 +984,8 @@ fn multiversion_kernel_bits() -> Vec<u32> {
     out.iter().map(|v| v.to_bits()).collect()
 }
 
-/// Each instruction set the `multiversion` kernels are built for (every one this CPU has)
-/// gives the portable body's bits.
+/// Each instruction set the kernels are built for (every one this CPU has) gives the
+/// portable body's bits.
 #[test]
 fn multiversion_kernels_give_the_same_bits_on_every_path() {
     use crate::kernels::{with_simd_cap, SimdPath};
@@ -994,13 +997,17 @@ fn multiversion_kernels_give_the_same_bits_on_every_path() {
     }
 }
 
-/// Training takes the same bits on every kernel path this CPU has, f32 and bf16 gathers.
+/// Training takes the same bits on every kernel path this CPU has, f32 and bf16 gathers:
+/// two Adam steps, then the gradients of a third (bit differences in a gradient can vanish
+/// in Adam's rounded updates, so the gradients themselves are compared). d_in 40: two full
+/// 16-lane blocks and a remainder, so every lane sums more than one product.
 #[test]
 fn training_gives_the_same_bits_on_every_simd_path() {
     use crate::bf16::Precision;
     use crate::kernels::{set_simd_cap, SimdPath};
-    let (d_in, d_sae, n) = (16, 40, 96);
+    let (d_in, d_sae, n) = (40, 48, 96);
     let (x, _) = synthetic(n, d_in, 10, 8);
+    let grad = super::input_grad(&x);
     let run = |path: SimdPath, arch: ArchKind, precision: Precision| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
@@ -1014,19 +1021,33 @@ fn training_gives_the_same_bits_on_every_simd_path() {
             };
             let mut tr = SaeTrainer::new(Sae::init(arch, d_in, d_sae, 3, 42), hyper);
             tr.set_dense_fraction(2.0);
-            for _ in 0..4 {
+            for _ in 0..2 {
                 step_any(&mut tr, &x, n, 1e-3, 0.01);
             }
-            tr.snapshot()
+            let (_, g) = match tr.needs_input_grad() {
+                true => tr.gradients_with_grad(&x, &grad, n, 0.01),
+                false => tr.gradients(&x, n, 0.01),
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            let mut all = bits(&g.w_enc_t);
+            all.extend(bits(&g.w_dec));
+            all.extend(bits(&g.b_dec));
+            g.params.iter().for_each(|p| all.extend(bits(p)));
+            (all, tr.snapshot())
         })
     };
     for precision in [Precision::F32, Precision::Bf16Sparse] {
         for arch in ArchKind::all() {
             let want = run(SimdPath::Portable, arch, precision);
             for path in SimdPath::available() {
+                let got = run(path, arch, precision);
                 assert!(
-                    run(path, arch, precision) == want,
-                    "{arch}, {precision}: {path:?} differs from the portable kernels"
+                    got.0 == want.0,
+                    "{arch}, {precision}: {path:?} gradients differ from the portable kernels'"
+                );
+                assert!(
+                    got.1 == want.1,
+                    "{arch}, {precision}: {path:?} weights differ from the portable kernels'"
                 );
             }
         }
