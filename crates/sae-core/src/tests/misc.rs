@@ -785,19 +785,26 @@ fn bf16_row_kernels_match_f32_kernels_on_widened_rows() {
     }
 }
 
+/// Four random rows of `len` and their bf16 roundings, for the kernel tests.
+fn four_rows(rng: &mut ChaCha8Rng, len: usize) -> (Vec<Vec<f32>>, Vec<Vec<u16>>) {
+    use crate::bf16::to_bf16;
+    let rows: Vec<Vec<f32>> = (0..4).map(|_| randn(rng, len)).collect();
+    let hrows = rows
+        .iter()
+        .map(|r| r.iter().map(|v| to_bf16(*v)).collect())
+        .collect();
+    (rows, hrows)
+}
+
 /// The grouped kernels (several gathered rows per pass) give exactly the bits of the
 /// one-row kernels called in turn, for f32 and bf16 rows, with and without a remainder.
 #[test]
 fn grouped_kernels_match_the_one_row_kernels_in_turn() {
-    use crate::bf16::{from_bf16, to_bf16};
+    use crate::bf16::from_bf16;
     use crate::kernels::*;
     let mut rng = ChaCha8Rng::seed_from_u64(22);
     for len in [1usize, 15, 16, 17, 77, 576] {
-        let rows: Vec<Vec<f32>> = (0..4).map(|_| randn(&mut rng, len)).collect();
-        let hrows: Vec<Vec<u16>> = rows
-            .iter()
-            .map(|r| r.iter().map(|v| to_bf16(*v)).collect())
-            .collect();
+        let (rows, hrows) = four_rows(&mut rng, len);
         let wrows: Vec<Vec<f32>> = hrows
             .iter()
             .map(|r| r.iter().map(|v| from_bf16(*v)).collect())
@@ -929,17 +936,12 @@ fn jumprelu_threshold_starts_from_init_l0_or_init_threshold() {
 /// Every kernel's outputs as bits that has paths per instruction set (the `multiversion`
 /// ones and `dot4_axpy4`), on this thread's path.
 fn multiversion_kernel_bits() -> Vec<u32> {
-    use crate::bf16::to_bf16;
     use crate::kernels::*;
     use crate::optim::{adam_momentum, adam_no_momentum};
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     let mut out: Vec<f32> = Vec::new();
     for len in [1usize, 15, 16, 17, 77, 576] {
-        let rows: Vec<Vec<f32>> = (0..4).map(|_| randn(&mut rng, len)).collect();
-        let hrows: Vec<Vec<u16>> = rows
-            .iter()
-            .map(|r| r.iter().map(|v| to_bf16(*v)).collect())
-            .collect();
+        let (rows, hrows) = four_rows(&mut rng, len);
         let x4: [&[f32]; 4] = std::array::from_fn(|q| rows[q].as_slice());
         let h4: [&[u16]; 4] = std::array::from_fn(|q| hrows[q].as_slice());
         let (y0, z0) = (randn(&mut rng, len), randn(&mut rng, len));
