@@ -302,8 +302,8 @@ pub(crate) fn simd_allows(path: SimdPath) -> bool {
 /// accumulators, so every version gives bit-identical results (LLVM does not reassociate float
 /// sums or fuse mul+add by itself). On the AVX-512 Zen 4 the AVX-512 versions took the latent
 /// pass at d_sae 4608, L0 64 from 30.3 to 27.0 ms and the decode from 13.1 to 11.0 (medians of
-/// three paired runs). The kernels written with intrinsics (`dot4_axpy4`, `dot2`,
-/// `indices_above`, ...) have AVX2 and portable paths only.
+/// three paired runs). Of the kernels written with intrinsics, `dot4_axpy4` has its own AVX-512
+/// loop; `dot2`, `indices_above` and `entries_above` have AVX2 and portable paths only.
 macro_rules! multiversion_impl {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$m])*
