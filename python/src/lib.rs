@@ -19,6 +19,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+/// Large buffers on 2 MiB pages: the sparse passes gather rows at random from them.
+#[global_allocator]
+static ALLOC: sae_core::hugepage::HugePageAlloc = sae_core::hugepage::HugePageAlloc;
+
 /// Rows encoded at a time: bounds the dense pre-activation buffer (`rows x d_sae` floats) of
 /// a large batch.
 const CHUNK_ROWS: usize = 4096;

@@ -11,6 +11,10 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
+/// Large buffers on 2 MiB pages: the sparse passes gather rows at random from them.
+#[global_allocator]
+static ALLOC: sae_core::hugepage::HugePageAlloc = sae_core::hugepage::HugePageAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "sae",

@@ -14,6 +14,7 @@
 //! * [`metrics`]: L0, MSE, FVU, shrinkage gamma, firing counts, MMCS.
 //! * [`mod@bench`]: tokens/s of full steps against the one-GEMM limit.
 //! * [`f32_product`], [`bf16`]: the dense products, kernels picked at run time.
+//! * [`hugepage`]: the allocator the binaries choose, huge pages under large buffers.
 //!
 //! A training step does ONE dense product (pre-activations = (x - b_dec) @ w_enc, on the
 //! rayon threads through [`f32_product`]: `gemm`, or where AVX2 is the widest unit our own
@@ -26,6 +27,7 @@ pub mod arch;
 pub mod bench;
 pub mod bf16;
 pub mod f32_product;
+pub mod hugepage;
 pub mod kernels;
 pub mod metrics;
 pub mod optim;

@@ -3,6 +3,7 @@
 
 mod files;
 mod grads;
+mod hugepage;
 mod load_checks;
 mod misc;
 mod precision;
