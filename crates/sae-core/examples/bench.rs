@@ -2,6 +2,10 @@
 use sae_core::bench::{run_bench, BenchRow, BENCH_L0};
 use sae_core::ArchKind;
 
+/// As the `sae` binary: large buffers on huge pages, so both bench the same step.
+#[global_allocator]
+static ALLOC: sae_core::hugepage::HugePageAlloc = sae_core::hugepage::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let archs: Vec<ArchKind> = match args.get(1) {
