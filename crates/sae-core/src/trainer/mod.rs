@@ -181,6 +181,8 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 impl SaeTrainer {
     pub fn new(sae: Sae, hyper: TrainHyper) -> Self {
+        // The buffers the sparse passes gather from go on huge pages (`hugepage`).
+        let _huge = crate::hugepage::scope();
         let (d_in, d_sae) = (sae.d_in, sae.d_sae);
         let arch: std::sync::Arc<dyn Arch> = sae.arch.family().rule(&sae, &hyper).into();
         let params = arch.trained_params(&sae);
@@ -193,7 +195,8 @@ impl SaeTrainer {
             settings: sae.settings,
             apply_b_dec_to_input: sae.apply_b_dec_to_input,
             w_enc_t: transpose(&sae.w_enc, d_in, d_sae),
-            w_dec: sae.w_dec,
+            // A copy made here, in the huge-page scope.
+            w_dec: sae.w_dec.as_slice().to_vec(),
             b_dec: sae.b_dec,
             mom_enc: Moments::new(d_sae * d_in, b1),
             mom_dec: Moments::new(d_sae * d_in, b1),
@@ -335,6 +338,8 @@ impl SaeTrainer {
         sparsity_coeff: f32,
         mode: Mode,
     ) -> StepStats {
+        // Buffers the step grows (first step, larger batch) go on huge pages too.
+        let _huge = crate::hugepage::scope();
         if self.arch.residual_select().is_none() {
             return self.run(x, grad, n, sparsity_coeff, mode);
         }

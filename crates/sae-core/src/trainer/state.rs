@@ -72,6 +72,7 @@ impl SaeTrainer {
     /// Restore what `save_state` wrote; the trainer must have been built from the SAE saved
     /// at the same step, with the same architecture, sizes and beta1.
     pub fn load_state(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        let _huge = crate::hugepage::scope();
         let bytes = std::fs::read(path)
             .with_context(|| format!("reading optimiser state {}", path.display()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
