@@ -11,7 +11,8 @@
 //! else goes to the system allocator: a fresh huge page costs a fault that zeroes 2 MiB, and
 //! in a VM whose host backs memory lazily that was slow enough (5 s more to load the model,
 //! 10-20% slower harvest on the Zen 4 VM) that the model's short-lived tensors are better
-//! off on recycled small pages.
+//! off on recycled small pages. Freed mapped blocks are kept for reuse (up to
+//! [`CACHE_BYTES`]), so a scratch buffer allocated on every step faults its pages in once.
 //!
 //! Libraries never choose the allocator: the `sae` binary and the Python extension declare
 //! `#[global_allocator] static ALLOC: HugePageAlloc = HugePageAlloc;`. Under another
@@ -52,24 +53,43 @@ impl Drop for HugePageScope {
 /// The system allocator, with huge pages under large blocks in a [`scope`].
 pub struct HugePageAlloc;
 
-/// The blocks mapped here, so that freeing one needs no flag: `(start, mapped length)`,
-/// a length of 0 marking a free slot.
+/// The blocks mapped here, live or kept for reuse, so that freeing one needs no flag.
+///
+/// Freed blocks are kept (up to [`CACHE_BYTES`]) and handed out again to a request of the
+/// same mapped length: a step that allocates and frees the same scratch every time (the
+/// `gemm` crate's packing buffer) would otherwise fault in, and zero, fresh huge pages on
+/// every step.
 struct MappedBlocks {
     busy: AtomicBool,
-    slots: UnsafeCell<[(usize, usize); MAPPED_SLOTS]>,
+    table: UnsafeCell<Table>,
 }
 
-// The slots are only touched with `busy` held.
+struct Table {
+    /// `(start, mapped length, freed at)`: a length of 0 marks an empty slot, a `freed at`
+    /// of 0 a live block, else the `clock` reading when it was freed.
+    slots: [(usize, usize, u64); MAPPED_SLOTS],
+    kept_bytes: usize,
+    clock: u64,
+}
+
+/// Bytes of freed mappings kept for reuse; the oldest are unmapped past this.
+pub const CACHE_BYTES: usize = 256 << 20;
+
+// The table is only touched with `busy` held.
 unsafe impl Sync for MappedBlocks {}
 
 static MAPPED: MappedBlocks = MappedBlocks {
     busy: AtomicBool::new(false),
-    slots: UnsafeCell::new([(0, 0); MAPPED_SLOTS]),
+    table: UnsafeCell::new(Table {
+        slots: [(0, 0, 0); MAPPED_SLOTS],
+        kept_bytes: 0,
+        clock: 0,
+    }),
 };
 
 impl MappedBlocks {
-    /// Runs `f` on the slots under a spin lock (held for one scan of the table).
-    fn with<R>(&self, f: impl FnOnce(&mut [(usize, usize); MAPPED_SLOTS]) -> R) -> R {
+    /// Runs `f` on the table under a spin lock (held for a scan of the slots, or an munmap).
+    fn with<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
         while self
             .busy
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -77,28 +97,82 @@ impl MappedBlocks {
         {
             std::hint::spin_loop();
         }
-        let r = f(unsafe { &mut *self.slots.get() });
+        let r = f(unsafe { &mut *self.table.get() });
         self.busy.store(false, Ordering::Release);
         r
     }
 
-    /// Records a block; false when the table is full.
-    fn insert(&self, start: usize, len: usize) -> bool {
-        self.with(|slots| match slots.iter_mut().find(|s| s.1 == 0) {
-            Some(slot) => {
-                *slot = (start, len);
-                true
-            }
-            None => false,
+    /// The most recently freed kept block of exactly `len` bytes, now live again.
+    fn reuse(&self, len: usize) -> Option<usize> {
+        self.with(|t| {
+            let slot = t
+                .slots
+                .iter_mut()
+                .filter(|s| s.1 == len && s.2 != 0)
+                .max_by_key(|s| s.2)?;
+            slot.2 = 0;
+            t.kept_bytes -= len;
+            Some(slot.0)
         })
     }
 
-    /// Forgets the block at `start`, returning its mapped length if it was one of ours.
-    fn remove(&self, start: usize) -> Option<usize> {
-        self.with(|slots| {
-            let slot = slots.iter_mut().find(|s| s.1 != 0 && s.0 == start)?;
-            Some(std::mem::take(slot).1)
+    /// Records a fresh live block; false when every slot holds a live one.
+    fn insert(&self, start: usize, len: usize) -> bool {
+        self.with(|t| {
+            if !t.slots.iter().any(|s| s.1 == 0) {
+                t.evict_oldest();
+            }
+            match t.slots.iter_mut().find(|s| s.1 == 0) {
+                Some(slot) => {
+                    *slot = (start, len, 0);
+                    true
+                }
+                None => false,
+            }
         })
+    }
+
+    /// Whether `start` is a live block of ours.
+    fn is_live(&self, start: usize) -> bool {
+        self.with(|t| t.slots.iter().any(|s| s.1 != 0 && s.2 == 0 && s.0 == start))
+    }
+
+    /// Frees the live block at `start` into the kept ones (unmapping the oldest past
+    /// `CACHE_BYTES`); false if it is not one of ours.
+    fn free(&self, start: usize) -> bool {
+        self.with(|t| {
+            t.clock += 1;
+            let clock = t.clock;
+            let Some(slot) = t
+                .slots
+                .iter_mut()
+                .find(|s| s.1 != 0 && s.2 == 0 && s.0 == start)
+            else {
+                return false;
+            };
+            slot.2 = clock;
+            t.kept_bytes += slot.1;
+            while t.kept_bytes > CACHE_BYTES && t.evict_oldest() {}
+            true
+        })
+    }
+}
+
+impl Table {
+    /// Unmaps the kept block freed longest ago; false when none is kept.
+    fn evict_oldest(&mut self) -> bool {
+        let Some(slot) = self
+            .slots
+            .iter_mut()
+            .filter(|s| s.1 != 0 && s.2 != 0)
+            .min_by_key(|s| s.2)
+        else {
+            return false;
+        };
+        let (start, len, _) = std::mem::take(slot);
+        self.kept_bytes -= len;
+        unsafe { unmap_block(start as *mut u8, len) };
+        true
     }
 }
 
@@ -113,11 +187,18 @@ fn mapped_len(size: usize) -> usize {
     size.div_ceil(HUGE_PAGE) * HUGE_PAGE
 }
 
-/// A fresh block of `size` bytes, 2 MiB aligned and advised, recorded in `MAPPED`; null when
-/// it could not be mapped or recorded.
+/// A block of `size` bytes, 2 MiB aligned and advised, recorded in `MAPPED`: a kept one of
+/// its length (zeroed if asked), else a fresh mapping; null when it could not be mapped or
+/// recorded.
 #[cfg(target_os = "linux")]
-unsafe fn map_block(size: usize) -> *mut u8 {
+unsafe fn map_block(size: usize, zeroed: bool) -> *mut u8 {
     let len = mapped_len(size);
+    if let Some(start) = MAPPED.reuse(len) {
+        if zeroed {
+            std::ptr::write_bytes(start as *mut u8, 0, size);
+        }
+        return start as *mut u8;
+    }
     // One spare huge page of address space, so an aligned start exists inside the mapping;
     // the unaligned head and tail are handed back at once.
     let Some(reserve) = len.checked_add(HUGE_PAGE) else {
@@ -154,7 +235,7 @@ unsafe fn map_block(size: usize) -> *mut u8 {
 }
 
 #[cfg(not(target_os = "linux"))]
-unsafe fn map_block(_size: usize) -> *mut u8 {
+unsafe fn map_block(_size: usize, _zeroed: bool) -> *mut u8 {
     std::ptr::null_mut()
 }
 
@@ -166,18 +247,15 @@ unsafe fn unmap_block(ptr: *mut u8, len: usize) {
 #[cfg(not(target_os = "linux"))]
 unsafe fn unmap_block(_ptr: *mut u8, _len: usize) {}
 
-/// The mapped length of `ptr` if this allocator mapped it (only large blocks can be).
-fn ours(ptr: *mut u8, layout: Layout) -> Option<usize> {
-    if layout.size() < HUGE_PAGE_THRESHOLD || !(ptr as usize).is_multiple_of(HUGE_PAGE) {
-        return None;
-    }
-    MAPPED.remove(ptr as usize)
+/// Whether `ptr` may be a block of ours (only large, aligned blocks can be).
+fn may_be_ours(ptr: *mut u8, layout: Layout) -> bool {
+    layout.size() >= HUGE_PAGE_THRESHOLD && (ptr as usize).is_multiple_of(HUGE_PAGE)
 }
 
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if wants_mapping(layout) {
-            let p = map_block(layout.size());
+            let p = map_block(layout.size(), false);
             if !p.is_null() {
                 return p;
             }
@@ -188,7 +266,7 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if wants_mapping(layout) {
             // Fresh anonymous mappings read as zero; nothing is touched until used.
-            let p = map_block(layout.size());
+            let p = map_block(layout.size(), true);
             if !p.is_null() {
                 return p;
             }
@@ -197,17 +275,14 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        match ours(ptr, layout) {
-            Some(len) => unmap_block(ptr, len),
-            None => System.dealloc(ptr, layout),
+        if !(may_be_ours(ptr, layout) && MAPPED.free(ptr as usize)) {
+            System.dealloc(ptr, layout)
         }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
-        let mine = layout.size() >= HUGE_PAGE_THRESHOLD
-            && (ptr as usize).is_multiple_of(HUGE_PAGE)
-            && MAPPED.with(|s| s.iter().any(|b| b.1 != 0 && b.0 == ptr as usize));
+        let mine = may_be_ours(ptr, layout) && MAPPED.is_live(ptr as usize);
         if !mine && !wants_mapping(new_layout) {
             return System.realloc(ptr, layout, new_size);
         }
