@@ -252,26 +252,27 @@ fn may_be_ours(ptr: *mut u8, layout: Layout) -> bool {
     layout.size() >= HUGE_PAGE_THRESHOLD && (ptr as usize).is_multiple_of(HUGE_PAGE)
 }
 
+/// A mapped block in scope (zeroed if asked: a fresh mapping reads as zero), else null.
+unsafe fn mapped_in_scope(layout: Layout, zeroed: bool) -> *mut u8 {
+    match wants_mapping(layout) {
+        true => map_block(layout.size(), zeroed),
+        false => std::ptr::null_mut(),
+    }
+}
+
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if wants_mapping(layout) {
-            let p = map_block(layout.size(), false);
-            if !p.is_null() {
-                return p;
-            }
+        match mapped_in_scope(layout, false) {
+            p if p.is_null() => System.alloc(layout),
+            p => p,
         }
-        System.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if wants_mapping(layout) {
-            // Fresh anonymous mappings read as zero; nothing is touched until used.
-            let p = map_block(layout.size(), true);
-            if !p.is_null() {
-                return p;
-            }
+        match mapped_in_scope(layout, true) {
+            p if p.is_null() => System.alloc_zeroed(layout),
+            p => p,
         }
-        System.alloc_zeroed(layout)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
