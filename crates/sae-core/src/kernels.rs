@@ -302,8 +302,8 @@ pub(crate) fn simd_allows(path: SimdPath) -> bool {
 /// accumulators, so every version gives bit-identical results (LLVM does not reassociate float
 /// sums or fuse mul+add by itself). On the AVX-512 Zen 4 the AVX-512 versions took the latent
 /// pass at d_sae 4608, L0 64 from 30.3 to 27.0 ms and the decode from 13.1 to 11.0 (medians of
-/// three paired runs). Of the kernels written with intrinsics, `dot4_axpy4` has its own AVX-512
-/// loop; `dot2`, `indices_above` and `entries_above` have AVX2 and portable paths only.
+/// three paired runs). The kernels written with intrinsics (`dot4_axpy4`, `dot2`,
+/// `indices_above`, `entries_above`) have AVX-512, AVX2 and portable paths of their own.
 macro_rules! multiversion_impl {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$m])*
@@ -464,7 +464,7 @@ multiversion_impl! {
 /// the lane structure of [`dot`], so both give the same bits (LLVM does not vectorise this
 /// one well by itself).
 macro_rules! dot2_impl {
-    ($(#[$m:meta])* $name:ident, $portable:ident, $inner:ident, $avx2:ident, $t:ty, |$v:ident| $widen:expr, |$p:ident| $load8:expr) => {
+    ($(#[$m:meta])* $name:ident, $portable:ident, $inner:ident, $avx2:ident, $avx512:ident, $t:ty, |$v:ident| $widen:expr, |$p:ident| $load8:expr, |$q:ident| $load16:expr) => {
         $(#[$m])*
         #[inline]
         pub fn $name(x: &[$t], a: &[f32], b: &[f32]) -> (f32, f32) {
@@ -485,7 +485,11 @@ macro_rules! dot2_impl {
             let full = n / LANES * LANES;
             let (mut acc, mut acc_b) = ([0.0f32; LANES], [0.0f32; LANES]);
             #[cfg(target_arch = "x86_64")]
-            let done = if SIMD && std::is_x86_feature_detected!("avx2") {
+            let done = if SIMD && simd_allows(SimdPath::Avx512) && cpu_has!("avx512f") {
+                // SAFETY: AVX-512F is present; all loads are within `full <= n`.
+                unsafe { $avx512(x, a, b, full, &mut acc, &mut acc_b) };
+                true
+            } else if SIMD && simd_allows(SimdPath::Avx2) && cpu_has!("avx2") {
                 // SAFETY: AVX2 is present; all loads are within `full <= n`.
                 unsafe { $avx2(x, a, b, full, &mut acc, &mut acc_b) };
                 true
@@ -540,12 +544,39 @@ macro_rules! dot2_impl {
             _mm256_storeu_ps(acc_b.as_mut_ptr(), b0);
             _mm256_storeu_ps(acc_b.as_mut_ptr().add(8), b1);
         }
+
+        /// The sixteen lanes in one register: lane l sums what lane l of the AVX2 pair and
+        /// of the portable body sum, in the same order.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $avx512(
+            x: &[$t],
+            a: &[f32],
+            b: &[f32],
+            full: usize,
+            acc: &mut [f32; LANES],
+            acc_b: &mut [f32; LANES],
+        ) {
+            use std::arch::x86_64::*;
+            let (px, pa, pb) = (x.as_ptr(), a.as_ptr(), b.as_ptr());
+            let (mut sa, mut sb) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut i = 0;
+            while i < full {
+                let xs = { let $q = px.add(i); $load16 };
+                sa = _mm512_add_ps(sa, _mm512_mul_ps(xs, _mm512_loadu_ps(pa.add(i))));
+                sb = _mm512_add_ps(sb, _mm512_mul_ps(xs, _mm512_loadu_ps(pb.add(i))));
+                i += LANES;
+            }
+            _mm512_storeu_ps(acc.as_mut_ptr(), sa);
+            _mm512_storeu_ps(acc_b.as_mut_ptr(), sb);
+        }
     };
 }
 
 dot2_impl!(
     /// `(x . a, x . b)` reading `x` once.
-    dot2, dot2_portable, dot2_inner, dot2_avx2, f32, |v| v, |p| _mm256_loadu_ps(p)
+    dot2, dot2_portable, dot2_inner, dot2_avx2, dot2_avx512, f32, |v| v, |p| _mm256_loadu_ps(p),
+    |p| _mm512_loadu_ps(p)
 );
 
 multiversion_impl! {
@@ -868,9 +899,15 @@ dot4_axpy4_impl!(
 /// row, at random places), so a branch per passing latent would mispredict.
 pub fn indices_above(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) {
     #[cfg(target_arch = "x86_64")]
-    if cpu_has!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { indices_above_avx2(v, cutoff, out) };
+    {
+        if cpu_has!("avx512f") && simd_allows(SimdPath::Avx512) {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { indices_above_avx512(v, cutoff, out) };
+        }
+        if cpu_has!("avx2") && simd_allows(SimdPath::Avx2) {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { indices_above_avx2(v, cutoff, out) };
+        }
     }
     indices_above_plain(v, cutoff, out)
 }
@@ -887,6 +924,49 @@ pub(crate) fn indices_above_plain(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>)
         len += (x > c) as usize;
     }
     out.truncate(len);
+}
+
+/// [`indices_above`] with AVX-512: sixteen comparisons into a mask; where any pass, one
+/// compress of the lane indices and one store. Most rows of a sparse code pass nowhere in a
+/// step, which is a branch the AVX2 version's shuffle does not have.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn indices_above_avx512(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    let n = v.len().min(cutoff.len());
+    let full = n / 16 * 16;
+    let start = out.len();
+    // Each store writes sixteen lanes; only the passing ones are kept.
+    out.reserve(full + 16);
+    let dst = out.as_mut_ptr().add(start);
+    let mut len = 0usize;
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(16);
+    let mut i = 0;
+    while i < full {
+        let x = _mm512_loadu_ps(v.as_ptr().add(i));
+        let c = _mm512_loadu_ps(cutoff.as_ptr().add(i));
+        let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, c);
+        if m != 0 {
+            // `len + 16 <= full + 16`: inside the reserved capacity.
+            _mm512_storeu_si512(
+                dst.add(len) as *mut __m512i,
+                _mm512_maskz_compress_epi32(m, idx),
+            );
+            len += m.count_ones() as usize;
+        }
+        idx = _mm512_add_epi32(idx, step);
+        i += 16;
+    }
+    // The first `len` values past `start` were written above.
+    out.set_len(start + len);
+    let tail = out.len();
+    indices_above_plain(&v[full..n], &cutoff[full..n], out);
+    // The tail's indices count from `full`.
+    out[tail..].iter_mut().for_each(|j| *j += full as u32);
 }
 
 /// Lane orders that move the lanes set in an 8-bit mask to the front, in order.
@@ -983,15 +1063,19 @@ impl EntriesAbove {
 /// passes), without branches on the comparisons, as [`indices_above`].
 pub fn entries_above(v: &[f32], b: &[f32], lb: f32, out: &mut EntriesAbove) {
     #[cfg(target_arch = "x86_64")]
-    if cpu_has!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { entries_above_avx2(v, b, lb, out) };
+    {
+        if cpu_has!("avx512f") && simd_allows(SimdPath::Avx512) {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { entries_above_avx512(v, b, lb, out) };
+        }
+        if cpu_has!("avx2") && simd_allows(SimdPath::Avx2) {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { entries_above_avx2(v, b, lb, out) };
+        }
     }
     entries_above_plain(v, b, lb, out)
 }
 
-/// [`entries_above`] on any CPU: every entry is written, the length moves past the passing
-/// ones.
 /// [`entries_above`] over the latents `js` only (ascending), whose values are `vals`, as a
 /// screened step lists them.
 pub fn listed_entries_above(vals: &[f32], b: &[f32], js: &[u32], lb: f32, out: &mut EntriesAbove) {
@@ -1006,6 +1090,8 @@ pub fn listed_entries_above(vals: &[f32], b: &[f32], js: &[u32], lb: f32, out: &
     }
 }
 
+/// [`entries_above`] on any CPU: every entry is written, the length moves past the passing
+/// ones.
 pub(crate) fn entries_above_plain(v: &[f32], b: &[f32], lb: f32, out: &mut EntriesAbove) {
     let n = v.len().min(b.len());
     let start = out.len();
@@ -1021,6 +1107,57 @@ pub(crate) fn entries_above_plain(v: &[f32], b: &[f32], lb: f32, out: &mut Entri
         len += (s > lb) as usize;
     }
     out.truncate(len);
+}
+
+/// [`entries_above`] with AVX-512: sixteen sums and one mask; where any pass, the indices,
+/// sums and values compressed by that mask and stored.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn entries_above_avx512(v: &[f32], b: &[f32], lb: f32, out: &mut EntriesAbove) {
+    use std::arch::x86_64::*;
+    let n = v.len().min(b.len());
+    let full = n / 16 * 16;
+    let start = out.len();
+    // Each store writes sixteen lanes; only the passing ones are kept.
+    out.idx.reserve(full + 16);
+    out.sum.reserve(full + 16);
+    out.raw.reserve(full + 16);
+    let di = out.idx.as_mut_ptr().add(start);
+    let ds = out.sum.as_mut_ptr().add(start);
+    let dr = out.raw.as_mut_ptr().add(start);
+    let mut len = 0usize;
+    let bound = _mm512_set1_ps(lb);
+    let mut lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(16);
+    let mut i = 0;
+    while i < full {
+        let x = _mm512_loadu_ps(v.as_ptr().add(i));
+        let s = _mm512_add_ps(x, _mm512_loadu_ps(b.as_ptr().add(i)));
+        let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(s, bound);
+        if m != 0 {
+            // `len + 16 <= full + 16`: inside the reserved capacities.
+            _mm512_storeu_si512(
+                di.add(len) as *mut __m512i,
+                _mm512_maskz_compress_epi32(m, lanes),
+            );
+            _mm512_storeu_ps(ds.add(len), _mm512_maskz_compress_ps(m, s));
+            _mm512_storeu_ps(dr.add(len), _mm512_maskz_compress_ps(m, x));
+            len += m.count_ones() as usize;
+        }
+        lanes = _mm512_add_epi32(lanes, step);
+        i += 16;
+    }
+    // The first `len` entries past `start` were written above.
+    out.idx.set_len(start + len);
+    out.sum.set_len(start + len);
+    out.raw.set_len(start + len);
+    let tail = out.len();
+    entries_above_plain(&v[full..n], &b[full..n], lb, out);
+    // The tail's indices count from `full`.
+    out.idx[tail..].iter_mut().for_each(|j| *j += full as u32);
 }
 
 /// [`entries_above`] with AVX2: eight sums, one mask and the same lane shuffle for the
@@ -1154,10 +1291,14 @@ dot2_impl!(
     dot2_h_portable,
     dot2_h_inner,
     dot2_h_avx2,
+    dot2_h_avx512,
     u16,
     |v| widen(v),
     |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
         p as *const __m128i
+    )))),
+    |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        p as *const __m256i
     ))))
 );
 

@@ -676,6 +676,13 @@ fn indices_above_matches_a_plain_filter_on_every_path() {
             unsafe { crate::kernels::indices_above_avx2(&v, &cut, &mut got) };
             paths.push(("avx2", got));
         }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            let mut got = vec![7u32, 9];
+            // SAFETY: checked above.
+            unsafe { crate::kernels::indices_above_avx512(&v, &cut, &mut got) };
+            paths.push(("avx512", got));
+        }
         for (path, got) in paths {
             assert_eq!(got, want, "{path}, length {len}");
         }
@@ -725,6 +732,13 @@ fn entries_above_matches_a_plain_filter_on_every_path() {
                 crate::kernels::entries_above_avx2(v, b, lb, out)
             }));
         }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: checked above.
+            paths.push(("avx512", |v, b, lb, out| unsafe {
+                crate::kernels::entries_above_avx512(v, b, lb, out)
+            }));
+        }
         for (path, kernel) in paths {
             let mut got = held();
             kernel(&v, &b, lb, &mut got);
@@ -754,11 +768,22 @@ fn bf16_row_kernels_match_f32_kernels_on_widened_rows() {
             (p.0.to_bits(), p.1.to_bits()),
             (q.0.to_bits(), q.1.to_bits())
         );
-        // The portable bodies give the same bits as the dispatched (AVX2) ones.
-        for (path, r) in [
-            ("dot2_portable", dot2_portable(&w, &a, &b)),
-            ("dot2_h_portable", dot2_h_portable(&h, &a, &b)),
-        ] {
+        // The portable bodies give the same bits as the dispatched ones, on every path.
+        let mut runs = vec![
+            ("dot2_portable".to_string(), dot2_portable(&w, &a, &b)),
+            ("dot2_h_portable".to_string(), dot2_h_portable(&h, &a, &b)),
+        ];
+        for cap in SimdPath::available() {
+            runs.push((
+                format!("dot2 {cap:?}"),
+                with_simd_cap(cap, || dot2(&w, &a, &b)),
+            ));
+            runs.push((
+                format!("dot2_h {cap:?}"),
+                with_simd_cap(cap, || dot2_h(&h, &a, &b)),
+            ));
+        }
+        for (path, r) in runs {
             assert_eq!(
                 (r.0.to_bits(), r.1.to_bits()),
                 (q.0.to_bits(), q.1.to_bits()),
