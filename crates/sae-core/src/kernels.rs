@@ -926,6 +926,25 @@ pub(crate) fn indices_above_plain(v: &[f32], cutoff: &[f32], out: &mut Vec<u32>)
     out.truncate(len);
 }
 
+/// After a vector pass over `v[..full]` that wrote `end - out.len()` indices past the end:
+/// keeps them, and appends the tail's (counted from `full`).
+///
+/// # Safety
+/// Those `end - out.len()` indices must have been written, within the capacity.
+#[cfg(target_arch = "x86_64")]
+unsafe fn indices_above_finish(
+    v: &[f32],
+    cutoff: &[f32],
+    full: usize,
+    end: usize,
+    out: &mut Vec<u32>,
+) {
+    let n = v.len().min(cutoff.len());
+    out.set_len(end);
+    indices_above_plain(&v[full..n], &cutoff[full..n], out);
+    out[end..].iter_mut().for_each(|j| *j += full as u32);
+}
+
 /// [`indices_above`] with AVX-512: sixteen comparisons into a mask; where any pass, one
 /// compress of the lane indices and one store. Most rows of a sparse code pass nowhere in a
 /// step, which is a branch the AVX2 version's shuffle does not have.
@@ -961,12 +980,7 @@ pub(crate) unsafe fn indices_above_avx512(v: &[f32], cutoff: &[f32], out: &mut V
         idx = _mm512_add_epi32(idx, step);
         i += 16;
     }
-    // The first `len` values past `start` were written above.
-    out.set_len(start + len);
-    let tail = out.len();
-    indices_above_plain(&v[full..n], &cutoff[full..n], out);
-    // The tail's indices count from `full`.
-    out[tail..].iter_mut().for_each(|j| *j += full as u32);
+    indices_above_finish(v, cutoff, full, start + len, out);
 }
 
 /// Lane orders that move the lanes set in an 8-bit mask to the front, in order.
@@ -1052,6 +1066,23 @@ impl EntriesAbove {
         self.sum.clear();
         self.raw.clear();
     }
+    /// Room for `extra` more entries, and where the next one goes in each column.
+    #[cfg(target_arch = "x86_64")]
+    fn spare(&mut self, extra: usize) -> (*mut u32, *mut f32, *mut f32) {
+        let start = self.len();
+        self.idx.reserve(extra);
+        self.sum.reserve(extra);
+        self.raw.reserve(extra);
+        // SAFETY: `start` is each column's length, within its capacity.
+        unsafe {
+            (
+                self.idx.as_mut_ptr().add(start),
+                self.sum.as_mut_ptr().add(start),
+                self.raw.as_mut_ptr().add(start),
+            )
+        }
+    }
+
     fn truncate(&mut self, len: usize) {
         self.idx.truncate(len);
         self.sum.truncate(len);
@@ -1109,6 +1140,28 @@ pub(crate) fn entries_above_plain(v: &[f32], b: &[f32], lb: f32, out: &mut Entri
     out.truncate(len);
 }
 
+/// After a vector pass over `v[..full]` that wrote `end - out.len()` entries past the end:
+/// keeps them, and appends the tail's entries (indices counted from `full`).
+///
+/// # Safety
+/// Those `end - out.len()` entries must have been written, within the capacity.
+#[cfg(target_arch = "x86_64")]
+unsafe fn entries_above_finish(
+    v: &[f32],
+    b: &[f32],
+    lb: f32,
+    full: usize,
+    end: usize,
+    out: &mut EntriesAbove,
+) {
+    let n = v.len().min(b.len());
+    out.idx.set_len(end);
+    out.sum.set_len(end);
+    out.raw.set_len(end);
+    entries_above_plain(&v[full..n], &b[full..n], lb, out);
+    out.idx[end..].iter_mut().for_each(|j| *j += full as u32);
+}
+
 /// [`entries_above`] with AVX-512: sixteen sums and one mask; where any pass, the indices,
 /// sums and values compressed by that mask and stored.
 ///
@@ -1122,12 +1175,7 @@ pub(crate) unsafe fn entries_above_avx512(v: &[f32], b: &[f32], lb: f32, out: &m
     let full = n / 16 * 16;
     let start = out.len();
     // Each store writes sixteen lanes; only the passing ones are kept.
-    out.idx.reserve(full + 16);
-    out.sum.reserve(full + 16);
-    out.raw.reserve(full + 16);
-    let di = out.idx.as_mut_ptr().add(start);
-    let ds = out.sum.as_mut_ptr().add(start);
-    let dr = out.raw.as_mut_ptr().add(start);
+    let (di, ds, dr) = out.spare(full + 16);
     let mut len = 0usize;
     let bound = _mm512_set1_ps(lb);
     let mut lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -1150,14 +1198,7 @@ pub(crate) unsafe fn entries_above_avx512(v: &[f32], b: &[f32], lb: f32, out: &m
         lanes = _mm512_add_epi32(lanes, step);
         i += 16;
     }
-    // The first `len` entries past `start` were written above.
-    out.idx.set_len(start + len);
-    out.sum.set_len(start + len);
-    out.raw.set_len(start + len);
-    let tail = out.len();
-    entries_above_plain(&v[full..n], &b[full..n], lb, out);
-    // The tail's indices count from `full`.
-    out.idx[tail..].iter_mut().for_each(|j| *j += full as u32);
+    entries_above_finish(v, b, lb, full, start + len, out);
 }
 
 /// [`entries_above`] with AVX2: eight sums, one mask and the same lane shuffle for the
@@ -1173,12 +1214,7 @@ pub(crate) unsafe fn entries_above_avx2(v: &[f32], b: &[f32], lb: f32, out: &mut
     let full = n / 8 * 8;
     let start = out.len();
     // Each store writes eight lanes; only the passing ones are kept.
-    out.idx.reserve(full + 8);
-    out.sum.reserve(full + 8);
-    out.raw.reserve(full + 8);
-    let di = out.idx.as_mut_ptr().add(start);
-    let ds = out.sum.as_mut_ptr().add(start);
-    let dr = out.raw.as_mut_ptr().add(start);
+    let (di, ds, dr) = out.spare(full + 8);
     let mut len = 0usize;
     let bound = _mm256_set1_ps(lb);
     let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -1200,14 +1236,7 @@ pub(crate) unsafe fn entries_above_avx2(v: &[f32], b: &[f32], lb: f32, out: &mut
         lanes = _mm256_add_epi32(lanes, step);
         i += 8;
     }
-    // The first `len` entries past `start` were written above.
-    out.idx.set_len(start + len);
-    out.sum.set_len(start + len);
-    out.raw.set_len(start + len);
-    let tail = out.len();
-    entries_above_plain(&v[full..n], &b[full..n], lb, out);
-    // The tail's indices count from `full`.
-    out.idx[tail..].iter_mut().for_each(|j| *j += full as u32);
+    entries_above_finish(v, b, lb, full, start + len, out);
 }
 
 /// Hint the CPU to load `v[start..start + len]` into L2 (no-op off x86_64). The sparse
