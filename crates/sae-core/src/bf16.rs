@@ -2,7 +2,10 @@
 //! encoder product (`--precision bf16`). Weights are rounded to bf16 and packed once per use
 //! (per load, or per training step); activations are rounded per product; sums stay f32.
 //!
-//! Two paths, picked at run time (`Bf16Path::best`) or forced (`matmul_on`, for tests):
+//! Three paths, picked at run time (`Bf16Path::best`) or forced (`matmul_on`, for tests):
+//! * `Amx`: Intel's tiles (`crate::amx`), 16 x 16 sums of 32 products per instruction, on the
+//!   same operands as `Avx512Bf16`. Its sums are rounded in an order of the hardware's own,
+//!   so its bits differ from the other two paths (within the same bounds; deterministic).
 //! * `Avx512Bf16`: `vdpbf16ps`, 32 bf16 multiply-adds into 16 f32 sums per instruction.
 //! * `Widen`: the same packed operands widened to f32 (a shift) and summed in the same order:
 //!   an AVX2 register tile where the CPU has AVX2, else a plain loop with the same bits. It
@@ -14,7 +17,6 @@
 //!
 //! Rounding is to nearest even with subnormals flushed to zero (`to_bf16`), which is what
 //! the AVX512-BF16 conversions and `vdpbf16ps` do; NaN stays NaN.
-//! There is no AMX path: none could be tested here.
 
 #![allow(clippy::too_many_arguments)]
 
@@ -39,6 +41,7 @@ const WIDE_COLS: usize = 16;
 /// How a bf16 product is computed (see the module notes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bf16Path {
+    Amx,
     Avx512Bf16,
     Widen,
 }
@@ -46,16 +49,28 @@ pub enum Bf16Path {
 impl Bf16Path {
     /// The fastest path this CPU runs.
     pub fn best() -> Self {
-        if available() {
+        if crate::amx::available() {
+            Bf16Path::Amx
+        } else if available() {
             Bf16Path::Avx512Bf16
         } else {
             Bf16Path::Widen
         }
     }
 
+    /// The fastest path that takes rows rounded to bf16 pairs (`round_rows`): not `Widen`.
+    /// Panics unless `available()`.
+    pub fn best_on_pairs() -> Self {
+        assert!(available(), "bf16 products need AVX512-BF16");
+        match Self::best() {
+            Bf16Path::Widen => unreachable!("AVX512-BF16 is there"),
+            p => p,
+        }
+    }
+
     /// Every path this CPU runs, fastest first.
     pub fn all_available() -> Vec<Self> {
-        [Bf16Path::Avx512Bf16, Bf16Path::Widen]
+        [Bf16Path::Amx, Bf16Path::Avx512Bf16, Bf16Path::Widen]
             .into_iter()
             .filter(|p| p.runs_here())
             .collect()
@@ -63,6 +78,7 @@ impl Bf16Path {
 
     pub fn runs_here(self) -> bool {
         match self {
+            Bf16Path::Amx => crate::amx::available(),
             Bf16Path::Avx512Bf16 => available(),
             Bf16Path::Widen => true,
         }
@@ -70,6 +86,7 @@ impl Bf16Path {
 
     pub fn name(self) -> &'static str {
         match self {
+            Bf16Path::Amx => "amx-bf16",
             Bf16Path::Avx512Bf16 => "avx512-bf16",
             Bf16Path::Widen => "widened to f32",
         }
@@ -260,7 +277,7 @@ fn matmul_impl(
 ) {
     assert!(
         path.runs_here(),
-        "bf16 path {} needs AVX512-BF16",
+        "bf16 path {} does not run on this CPU",
         path.name()
     );
     if m == 0 || w.n == 0 {
@@ -295,7 +312,7 @@ fn round_rows_on(
     let kp = k.div_ceil(2);
     assert!(m == 0 || (k <= a_rs && a.len() >= (m - 1) * a_rs + k));
     let a_row = match path {
-        Bf16Path::Avx512Bf16 => kp,
+        Bf16Path::Amx | Bf16Path::Avx512Bf16 => kp,
         Bf16Path::Widen => 2 * kp,
     };
     if a_pairs.len() < m * a_row {
@@ -308,8 +325,9 @@ fn round_rows_on(
             for (i, dst) in rows.chunks_exact_mut(a_row).enumerate() {
                 let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
                 match path {
-                    // SAFETY: the callers checked `path.runs_here()`.
-                    Bf16Path::Avx512Bf16 => unsafe { round_row(src, dst) },
+                    // SAFETY: the callers checked `path.runs_here()`, which for both
+                    // includes AVX512-BF16.
+                    Bf16Path::Amx | Bf16Path::Avx512Bf16 => unsafe { round_row(src, dst) },
                     Bf16Path::Widen => round_row_widened(src, dst),
                 }
             }
@@ -351,7 +369,7 @@ pub fn matmul_pairs(
     assert!(a_pairs.len() >= m * w.k_pairs);
     let a_pairs = &a_pairs[..m * w.k_pairs];
     product_on(
-        Bf16Path::Avx512Bf16,
+        Bf16Path::best_on_pairs(),
         false,
         m,
         a_pairs,
@@ -381,7 +399,12 @@ fn product_on(
     let wide_avx2 = !portable && path == Bf16Path::Widen && cpu_has!("avx2");
     let panels = w.n.div_ceil(NR);
     let out_ptr = SharedMut(out.as_mut_ptr());
-    for_each_tile(m, panels, MR, |r, rows, p| {
+    let tile_rows = if path == Bf16Path::Amx {
+        crate::amx::ROWS
+    } else {
+        MR
+    };
+    for_each_tile(m, panels, tile_rows, |r, rows, p| {
         let cols = NR.min(w.n - p * NR);
         let panel = &w.data[p * kp * NR..][..kp * NR];
         let a_tile = &a_pairs[r * a_row..][..rows * a_row];
@@ -391,6 +414,15 @@ fn product_on(
         unsafe {
             let dst = out_ptr.get().add(r * out_rs + p * NR);
             match path {
+                // A whole panel's sums go straight to `out`, whose rows hold its NR columns.
+                Bf16Path::Amx if cols == NR && !accumulate => {
+                    crate::amx::panel_sums(rows, a_tile, kp, panel, cols, dst, out_rs)
+                }
+                Bf16Path::Amx => {
+                    let mut sums = crate::amx::PanelSums::uninit();
+                    crate::amx::panel_sums_into(rows, a_tile, kp, panel, cols, &mut sums);
+                    write_sums(rows, sums.as_ptr().cast(), dst, out_rs, cols, accumulate)
+                }
                 Bf16Path::Avx512Bf16 => {
                     tile_any(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
                 }
@@ -639,6 +671,47 @@ unsafe fn tile_any(
     _accumulate: bool,
 ) {
     unreachable!("bf16 products are x86_64 only");
+}
+
+/// The first `rows` rows of `sums` (row stride `NR`, the first `cols.next_multiple_of(16)`
+/// values of each written), their first `cols` columns, written to (or added to) `dst` (row
+/// stride `dst_rs`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn write_sums(
+    rows: usize,
+    sums: *const f32,
+    dst: *mut f32,
+    dst_rs: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    for r in 0..rows {
+        for c0 in (0..cols).step_by(16) {
+            let mask = lane_mask(cols - c0);
+            let p = dst.add(r * dst_rs + c0);
+            let v = _mm512_loadu_ps(sums.add(r * NR + c0));
+            let v = if accumulate {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), v)
+            } else {
+                v
+            };
+            _mm512_mask_storeu_ps(p, mask, v);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn write_sums(
+    _rows: usize,
+    _sums: *const f32,
+    _dst: *mut f32,
+    _dst_rs: usize,
+    _cols: usize,
+    _accumulate: bool,
+) {
+    unreachable!("AMX is x86_64 only");
 }
 
 /// The first `min(n, 16)` of a 16-lane register's lanes, for a panel's last columns.
@@ -1126,6 +1199,83 @@ mod tests {
             for (i, (p, q)) in x.iter().zip(&y).enumerate() {
                 assert_eq!(p.to_bits(), q.to_bits(), "{m}x{k}x{n} at {i}: {p} vs {q}");
             }
+        }
+    }
+
+    /// An AMX sum has the same bits wherever it lies: a row alone (a tile of one row)
+    /// against the same row inside tiles of 32 and 16 and their remainders; columns shifted
+    /// across the tiles' column groups and panels; and k padded with zeros to whole tile
+    /// steps against k with a remainder step. So no other row, column or padding reaches a
+    /// sum, and the fused SwiGLU (which packs gate and up apart) matches the plain product.
+    #[test]
+    fn amx_sums_do_not_depend_on_their_neighbours() {
+        if !crate::amx::available() {
+            eprintln!("skipped: this CPU has no AMX");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for &(m, k, n) in &[(70usize, 576usize, 100usize), (37, 47, 50), (33, 33, 17)] {
+            let a: Vec<f32> = (0..m * k).map(|_| mixed(&mut rng)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| mixed(&mut rng)).collect();
+            let mut full = vec![0.0f32; m * n];
+            run(
+                Bf16Path::Amx,
+                m,
+                &a,
+                k,
+                &PackedBf16::pack(&w, k, n),
+                &mut full,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for r in 0..m {
+                let mut one = vec![0.0f32; n];
+                let packed = PackedBf16::pack(&w, k, n);
+                run(Bf16Path::Amx, 1, &a[r * k..][..k], k, &packed, &mut one);
+                assert_eq!(bits(&one), bits(&full[r * n..][..n]), "{m}x{k}x{n} row {r}");
+            }
+            let skip = 5;
+            let w_cut: Vec<f32> = (0..k)
+                .flat_map(|i| w[i * n + skip..(i + 1) * n].iter().copied())
+                .collect();
+            let mut cut = vec![0.0f32; m * (n - skip)];
+            let packed = PackedBf16::pack(&w_cut, k, n - skip);
+            run(Bf16Path::Amx, m, &a, k, &packed, &mut cut);
+            for r in 0..m {
+                let want = &full[r * n + skip..(r + 1) * n];
+                let got = &cut[r * (n - skip)..][..n - skip];
+                assert_eq!(
+                    bits(got),
+                    bits(want),
+                    "{m}x{k}x{n} row {r}, columns from {skip}"
+                );
+            }
+            let kz = k.next_multiple_of(32);
+            let a_z: Vec<f32> = (0..m * kz)
+                .map(|i| {
+                    if i % kz < k {
+                        a[i / kz * k + i % kz]
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let w_z: Vec<f32> = (0..kz * n)
+                .map(|i| if i / n < k { w[i] } else { 0.0 })
+                .collect();
+            let mut padded = vec![0.0f32; m * n];
+            run(
+                Bf16Path::Amx,
+                m,
+                &a_z,
+                kz,
+                &PackedBf16::pack(&w_z, kz, n),
+                &mut padded,
+            );
+            assert_eq!(
+                bits(&padded),
+                bits(&full),
+                "{m}x{k}x{n} against k padded to {kz}"
+            );
         }
     }
 

@@ -1,10 +1,12 @@
 //! GFLOP/s of the forward pass's weight products on SmolLM2-135M shapes (2032 rows: 16
 //! contexts of 127), and of a training step's encoder product (4096 x 576 x 9216): f32 on
-//! every path this CPU runs (`sae_core::f32_product`) and bf16 (`sae_lm::bf16`), alternated
+//! every path this CPU runs (`sae_core::f32_product`) and bf16 on every path (`sae_lm::bf16`:
+//! AMX, AVX512-BF16, widened), alternated
 //! over rounds; medians, and each path's median ratio to `gemm` within a round:
 //! `cargo run --release -p sae-lm --example product_speed [ROUNDS]`.
 
 use sae_core::f32_product::{self, F32Path, PackedF32};
+use sae_lm::bf16::Bf16Path;
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -44,19 +46,22 @@ fn main() {
             .collect();
         let bf16 = sae_lm::bf16::PackedBf16::pack(&w, k, n);
         let mut scratch = Vec::new();
-        let mut rates = vec![Vec::new(); f32_paths.len() + 1];
-        let mut ratios = vec![Vec::new(); f32_paths.len() + 1];
+        let bf16_paths = Bf16Path::all_available();
+        let all = f32_paths.len() + bf16_paths.len();
+        let mut rates = vec![Vec::new(); all];
+        let mut ratios = vec![Vec::new(); all];
         for _ in 0..rounds {
             for (i, (_, packed)) in f32_paths.iter().enumerate() {
                 rates[i].push(time(&mut |out| {
                     f32_product::matmul(m, &a, k, packed, out, n, false)
                 }));
             }
-            let last = f32_paths.len();
-            rates[last].push(time(&mut |out| {
-                sae_lm::bf16::matmul(m, &a, k, &bf16, out, n, false, &mut scratch)
-            }));
-            for i in 0..=last {
+            for (i, &path) in bf16_paths.iter().enumerate() {
+                rates[f32_paths.len() + i].push(time(&mut |out| {
+                    sae_lm::bf16::matmul_on(path, m, &a, k, &bf16, out, n, false, &mut scratch)
+                }));
+            }
+            for i in 0..all {
                 let r = rates[i].last().unwrap() / rates[0].last().unwrap();
                 ratios[i].push(r);
             }
@@ -65,7 +70,7 @@ fn main() {
         let names = f32_paths
             .iter()
             .map(|(p, _)| format!("f32 {}", p.name()))
-            .chain([format!("bf16 {}", sae_lm::bf16::Bf16Path::best().name())]);
+            .chain(bf16_paths.iter().map(|p| format!("bf16 {}", p.name())));
         for (i, label) in names.enumerate() {
             let (rate, ratio) = (median(rates[i].clone()), median(ratios[i].clone()));
             line += &format!(" {label} {rate:.0} GFLOP/s ({ratio:.2}x gemm);");

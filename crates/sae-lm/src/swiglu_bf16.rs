@@ -3,15 +3,17 @@
 //! never written in f32. It skips what the unfused path spends outside the products: the
 //! `[rows, 2 * d_mlp]` f32 output, the SiLU pass over it and the rounding pass after.
 //!
-//! Same sums (`vdpbf16ps` lane by lane over the same pairs of k, in the same order), the
-//! same SiLU arithmetic as `kernels::silu_gate_in_place` (the same operations, so the same
+//! Same sums as `bf16::matmul` on the same path (`vdpbf16ps` lane by lane over the same pairs
+//! of k, in the same order; or the AMX tiles of `sae_core::amx`, which give each sum the same
+//! bits wherever it lies in a tile), the same SiLU arithmetic as `kernels::silu_gate_in_place` (the same operations, so the same
 //! bits) and the same rounding as `bf16::round_rows`: the result equals `bf16::matmul`, then
 //! `silu_gate_in_place`, then `round_rows`, bit for bit (tested below).
 
 #![allow(clippy::too_many_arguments)]
 
 use rayon::prelude::*;
-use sae_core::bf16::{self, PackedBf16, PANEL_COLS};
+use sae_core::amx;
+use sae_core::bf16::{self, Bf16Path, PackedBf16, PANEL_COLS};
 use sae_core::kernels::SharedMut;
 
 /// Rows per register tile: 4 rows x (3 gate + 3 up) registers of 16 sums is 24 of the 32.
@@ -31,7 +33,23 @@ pub(crate) fn swiglu_pairs(
     up: &PackedBf16,
     out: &mut Vec<u32>,
 ) {
+    swiglu_pairs_on(Bf16Path::best_on_pairs(), m, a_pairs, gate, up, out)
+}
+
+/// `swiglu_pairs` on `path` (`Amx` or `Avx512Bf16`; forced by the tests).
+fn swiglu_pairs_on(
+    path: Bf16Path,
+    m: usize,
+    a_pairs: &[u32],
+    gate: &PackedBf16,
+    up: &PackedBf16,
+    out: &mut Vec<u32>,
+) {
     assert!(bf16::available(), "bf16 products need AVX512-BF16");
+    assert!(
+        path != Bf16Path::Widen && path.runs_here(),
+        "{path:?} does not run here"
+    );
     let (k, d) = gate.shape();
     assert_eq!(up.shape(), (k, d), "gate and up weights differ in shape");
     let kp = gate.k_pairs();
@@ -46,7 +64,12 @@ pub(crate) fn swiglu_pairs(
     let panels = d.div_ceil(PANEL_COLS);
     // Written as bf16 values: on little-endian x86_64 value `2i` of a row is pair i's low half.
     let out_ptr = SharedMut(out.as_mut_ptr() as *mut u16);
-    bf16::for_each_tile(m, panels, TILE_ROWS, |r, rows, p| {
+    let tile_rows = if path == Bf16Path::Amx {
+        amx::ROWS
+    } else {
+        TILE_ROWS
+    };
+    bf16::for_each_tile(m, panels, tile_rows, |r, rows, p| {
         let cols = PANEL_COLS.min(d - p * PANEL_COLS);
         let a = &a_pairs[r * kp..][..rows * kp];
         // SAFETY: `available()` was checked above; this tile alone writes rows r..r+rows,
@@ -54,6 +77,20 @@ pub(crate) fn swiglu_pairs(
         // values.
         unsafe {
             let dst = out_ptr.get().add(r * 2 * out_row + p * PANEL_COLS);
+            if path == Bf16Path::Amx {
+                let (mut g, mut u) = (amx::PanelSums::uninit(), amx::PanelSums::uninit());
+                amx::panel_sums_into(rows, a, kp, gate.panel(p), cols, &mut g);
+                amx::panel_sums_into(rows, a, kp, up.panel(p), cols, &mut u);
+                gate_sums(
+                    rows,
+                    g.as_ptr().cast(),
+                    u.as_ptr().cast(),
+                    dst,
+                    2 * out_row,
+                    cols,
+                );
+                return;
+            }
             tile_any(
                 rows,
                 a,
@@ -163,6 +200,43 @@ unsafe fn tile<const R: usize>(
     }
 }
 
+/// The AMX sums of the first `rows` rows and `cols` columns (row stride `PANEL_COLS`, as
+/// `amx::panel_sums_into` wrote them) gated as `tile` gates its registers, and written the
+/// same way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn gate_sums(
+    rows: usize,
+    g: *const f32,
+    u: *const f32,
+    dst: *mut u16,
+    dst_rs: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    for r in 0..rows {
+        for c0 in (0..cols).step_by(16) {
+            let mask = sae_core::bf16::lane_mask(cols - c0);
+            let gv = _mm512_loadu_ps(g.add(r * PANEL_COLS + c0));
+            let uv = _mm512_loadu_ps(u.add(r * PANEL_COLS + c0));
+            let bf: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(silu_times(gv, uv)));
+            _mm256_mask_storeu_epi16(dst.add(r * dst_rs + c0) as *mut i16, mask, bf);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn gate_sums(
+    _rows: usize,
+    _g: *const f32,
+    _u: *const f32,
+    _dst: *mut u16,
+    _dst_rs: usize,
+    _cols: usize,
+) {
+    unreachable!("bf16 products are x86_64 only");
+}
+
 /// `g / (1 + e^-g) * u`, 16 lanes, with `kernels::exp`'s operations in its order (a multiply
 /// then an add, never fused), so each lane has the bits of the scalar code.
 #[cfg(target_arch = "x86_64")]
@@ -233,32 +307,49 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
+        let paths: Vec<Bf16Path> = Bf16Path::all_available()
+            .into_iter()
+            .filter(|&p| p != Bf16Path::Widen)
+            .collect();
+        eprintln!("paths: {paths:?}");
         let mut clamped = 0;
-        for (m, k, d) in [(1, 2, 1), (7, 9, 17), (70, 33, 96), (130, 64, 101)] {
-            let (a, gate, up) = operands(m, k, d);
-            let mut pairs = Vec::new();
-            bf16::round_rows(m, &a, k, k, &mut pairs);
-            let (pg, pu) = (PackedBf16::pack(&gate, k, d), PackedBf16::pack(&up, k, d));
-            // Stale values everywhere, so an unwritten pad would show.
-            let mut fused = vec![u32::MAX; m * d.div_ceil(2) / 2];
-            swiglu_pairs(m, &pairs, &pg, &pu, &mut fused);
+        for path in paths {
+            for (m, k, d) in [(1, 2, 1), (7, 9, 17), (70, 33, 96), (130, 64, 101)] {
+                let (a, gate, up) = operands(m, k, d);
+                let mut pairs = Vec::new();
+                bf16::round_rows(m, &a, k, k, &mut pairs);
+                let (pg, pu) = (PackedBf16::pack(&gate, k, d), PackedBf16::pack(&up, k, d));
+                // Stale values everywhere, so an unwritten pad would show.
+                let mut fused = vec![u32::MAX; m * d.div_ceil(2) / 2];
+                swiglu_pairs_on(path, m, &pairs, &pg, &pu, &mut fused);
 
-            let gate_up: Vec<f32> = (0..k)
-                .flat_map(|i| gate[i * d..][..d].iter().chain(&up[i * d..][..d]).copied())
-                .collect();
-            let packed = PackedBf16::pack(&gate_up, k, 2 * d);
-            let mut out = vec![0f32; m * 2 * d];
-            bf16::matmul(m, &a, k, &packed, &mut out, 2 * d, false, &mut Vec::new());
-            clamped += out
-                .chunks(2 * d)
-                .flat_map(|r| &r[..d])
-                .filter(|v| v.abs() > 87.3)
-                .count();
-            silu_gate_in_place(&mut out, d);
-            let mut want = Vec::new();
-            bf16::round_rows(m, &out, 2 * d, d, &mut want);
-            let row = d.div_ceil(2);
-            assert_eq!(fused[..m * row], want[..m * row], "{m}x{k}x{d}");
+                let gate_up: Vec<f32> = (0..k)
+                    .flat_map(|i| gate[i * d..][..d].iter().chain(&up[i * d..][..d]).copied())
+                    .collect();
+                let packed = PackedBf16::pack(&gate_up, k, 2 * d);
+                let mut out = vec![0f32; m * 2 * d];
+                bf16::matmul_on(
+                    path,
+                    m,
+                    &a,
+                    k,
+                    &packed,
+                    &mut out,
+                    2 * d,
+                    false,
+                    &mut Vec::new(),
+                );
+                clamped += out
+                    .chunks(2 * d)
+                    .flat_map(|r| &r[..d])
+                    .filter(|v| v.abs() > 87.3)
+                    .count();
+                silu_gate_in_place(&mut out, d);
+                let mut want = Vec::new();
+                bf16::round_rows(m, &out, 2 * d, d, &mut want);
+                let row = d.div_ceil(2);
+                assert_eq!(fused[..m * row], want[..m * row], "{path:?} {m}x{k}x{d}");
+            }
         }
         assert!(clamped > 0, "no gate reaches the clamp");
     }
