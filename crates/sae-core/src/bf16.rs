@@ -22,6 +22,7 @@
 
 use rayon::prelude::*;
 
+use crate::aligned::AlignedVec;
 use crate::kernels::{cpu_has, SharedMut};
 
 /// Output columns per packed panel: three 16-lane registers.
@@ -130,7 +131,7 @@ pub struct PackedBf16 {
     k: usize,
     n: usize,
     k_pairs: usize,
-    data: Vec<u32>,
+    data: AlignedVec<u32>,
 }
 
 impl PackedBf16 {
@@ -198,7 +199,7 @@ impl PackedBf16 {
             k,
             n,
             k_pairs,
-            data: vec![0u32; n.div_ceil(NR) * k_pairs * NR],
+            data: AlignedVec::zeroed(n.div_ceil(NR) * k_pairs * NR),
         }
     }
 
@@ -228,7 +229,7 @@ pub fn matmul(
     out: &mut [f32],
     out_rs: usize,
     accumulate: bool,
-    a_pairs: &mut Vec<u32>,
+    a_pairs: &mut AlignedVec<u32>,
 ) {
     matmul_on(
         Bf16Path::best(),
@@ -256,7 +257,7 @@ pub fn matmul_on(
     out: &mut [f32],
     out_rs: usize,
     accumulate: bool,
-    a_pairs: &mut Vec<u32>,
+    a_pairs: &mut AlignedVec<u32>,
 ) {
     matmul_impl(path, false, m, a, a_rs, w, out, out_rs, accumulate, a_pairs)
 }
@@ -273,7 +274,7 @@ fn matmul_impl(
     out: &mut [f32],
     out_rs: usize,
     accumulate: bool,
-    a_pairs: &mut Vec<u32>,
+    a_pairs: &mut AlignedVec<u32>,
 ) {
     assert!(
         path.runs_here(),
@@ -307,7 +308,7 @@ fn round_rows_on(
     a: &[f32],
     a_rs: usize,
     k: usize,
-    a_pairs: &mut Vec<u32>,
+    a_pairs: &mut AlignedVec<u32>,
 ) -> usize {
     let kp = k.div_ceil(2);
     assert!(m == 0 || (k <= a_rs && a.len() >= (m - 1) * a_rs + k));
@@ -316,7 +317,7 @@ fn round_rows_on(
         Bf16Path::Widen => 2 * kp,
     };
     if a_pairs.len() < m * a_row {
-        a_pairs.resize(m * a_row, 0);
+        a_pairs.resize(m * a_row);
     }
     a_pairs[..m * a_row]
         .par_chunks_mut(a_row * ROW_BLOCK)
@@ -338,7 +339,7 @@ fn round_rows_on(
 /// Rows of `a` (row stride `a_rs`, first `k` columns) rounded to bf16 pairs, `k.div_ceil(2)`
 /// u32 per row (k even in the low half, zero-padded), into the first values of `pairs`: the
 /// operand of `matmul_pairs`. Panics unless `available()`.
-pub fn round_rows(m: usize, a: &[f32], a_rs: usize, k: usize, pairs: &mut Vec<u32>) {
+pub fn round_rows(m: usize, a: &[f32], a_rs: usize, k: usize, pairs: &mut AlignedVec<u32>) {
     assert!(available(), "bf16 rounding needs AVX512-BF16");
     round_rows_on(Bf16Path::Avx512Bf16, m, a, a_rs, k, pairs);
 }
@@ -421,7 +422,7 @@ fn product_on(
                 Bf16Path::Amx => {
                     let mut sums = crate::amx::PanelSums::uninit();
                     crate::amx::panel_sums_into(rows, a_tile, kp, panel, cols, &mut sums);
-                    write_sums(rows, sums.as_ptr().cast(), dst, out_rs, cols, accumulate)
+                    write_sums(rows, sums.as_ptr(), dst, out_rs, cols, accumulate)
                 }
                 Bf16Path::Avx512Bf16 => {
                     tile_any(rows, a_tile, kp, panel, dst, out_rs, cols, accumulate)
@@ -857,7 +858,7 @@ impl std::str::FromStr for Precision {
 #[derive(Default)]
 pub struct EncoderBf16 {
     packed: Option<PackedBf16>,
-    scratch: Vec<u32>,
+    scratch: AlignedVec<u32>,
 }
 
 impl EncoderBf16 {
@@ -981,7 +982,17 @@ mod tests {
 
     fn run(path: Bf16Path, m: usize, a: &[f32], a_rs: usize, w: &PackedBf16, out: &mut [f32]) {
         let out_rs = out.len() / m;
-        matmul_on(path, m, a, a_rs, w, out, out_rs, false, &mut Vec::new());
+        matmul_on(
+            path,
+            m,
+            a,
+            a_rs,
+            w,
+            out,
+            out_rs,
+            false,
+            &mut AlignedVec::default(),
+        );
     }
 
     #[test]
@@ -1026,7 +1037,7 @@ mod tests {
                         &mut out,
                         out_rs,
                         accumulate,
-                        &mut Vec::new(),
+                        &mut AlignedVec::default(),
                     );
                     for r in 0..m {
                         for c in 0..out_rs {
@@ -1163,7 +1174,17 @@ mod tests {
             let m = ScreenMargin::new(k);
             for path in Bf16Path::all_available() {
                 let mut out = vec![0.0f32; n];
-                matmul_on(path, 1, &x, k, &packed, &mut out, n, false, &mut Vec::new());
+                matmul_on(
+                    path,
+                    1,
+                    &x,
+                    k,
+                    &packed,
+                    &mut out,
+                    n,
+                    false,
+                    &mut AlignedVec::default(),
+                );
                 for c in 0..n {
                     let wc = &w_t[c * k..(c + 1) * k];
                     let exact = crate::kernels::dot(&x, wc);
@@ -1308,7 +1329,7 @@ mod tests {
                         out,
                         out_rs,
                         accumulate,
-                        &mut Vec::new(),
+                        &mut AlignedVec::default(),
                     );
                 }
                 for (i, (p, q)) in x.iter().zip(&y).enumerate() {
@@ -1331,7 +1352,7 @@ mod tests {
             let a = PackedBf16::pack(&w, k, n);
             let mut b = PackedBf16::pack_transposed(&vec![7.0; k * n], k, n);
             b.repack_transposed(&w_t);
-            assert_eq!(a.data, b.data, "{k}x{n}");
+            assert_eq!(a.data[..], b.data[..], "{k}x{n}");
             assert_eq!(b.shape(), (k, n));
         }
     }

@@ -23,6 +23,7 @@
 //! decode and the gradients switch to GEMMs instead. Results are bit-for-bit reproducible for
 //! a seed and a thread count: every reduction runs over fixed-size chunks in a fixed order.
 
+pub mod aligned;
 pub mod amx;
 pub mod arch;
 pub mod bench;

@@ -30,7 +30,7 @@ fn main() {
     ] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
         let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
-        let mut out = vec![0f32; m * n];
+        let mut out = sae_core::aligned::AlignedVec::<f32>::zeroed(m * n);
         let flop = 2.0 * (m * k * n) as f64;
         let mut time = |f: &mut dyn FnMut(&mut [f32])| {
             f(&mut out);
@@ -45,7 +45,7 @@ fn main() {
             .map(|p| (p, PackedF32::pack_for(p, &w, k, n)))
             .collect();
         let bf16 = sae_lm::bf16::PackedBf16::pack(&w, k, n);
-        let mut scratch = Vec::new();
+        let mut scratch = sae_core::aligned::AlignedVec::default();
         let bf16_paths = Bf16Path::all_available();
         let all = f32_paths.len() + bf16_paths.len();
         let mut rates = vec![Vec::new(); all];

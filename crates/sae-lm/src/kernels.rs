@@ -5,6 +5,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use rayon::prelude::*;
+use sae_core::aligned::AlignedVec;
 
 /// Rows per rayon task in the row-wise kernels: enough work to amortise the task.
 const ROW_CHUNK: usize = 16;
@@ -49,11 +50,11 @@ fn sum_squares(x: &[f32]) -> f32 {
 /// `rms_norm`, each row rounded to bf16 pairs into `pairs` (grown as needed, `d.div_ceil(2)`
 /// u32 per row): the same values, then the same rounding as `bf16::round_rows`, without
 /// the f32 rows going through memory. Panics unless `bf16::available()`.
-pub(crate) fn rms_norm_pairs(x: &[f32], weight: &[f32], eps: f32, pairs: &mut Vec<u32>) {
+pub(crate) fn rms_norm_pairs(x: &[f32], weight: &[f32], eps: f32, pairs: &mut AlignedVec<u32>) {
     let d = weight.len();
     let (rows, row) = (x.len() / d, d.div_ceil(2));
     if pairs.len() < rows * row {
-        pairs.resize(rows * row, 0);
+        pairs.resize(rows * row);
     }
     pairs[..rows * row]
         .par_chunks_mut(row * ROW_CHUNK)
@@ -226,12 +227,13 @@ mod tests {
             let weight: Vec<f32> = (0..d).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
             let mut h = vec![0f32; rows * d];
             rms_norm(&x, &weight, 1e-5, &mut h);
-            let mut want = Vec::new();
+            let mut want = AlignedVec::default();
             sae_core::bf16::round_rows(rows, &h, d, d, &mut want);
             // Stale values, so an unwritten pair would show.
-            let mut got = vec![u32::MAX; rows * d.div_ceil(2)];
+            let mut got = AlignedVec::zeroed(rows * d.div_ceil(2));
+            got.fill(u32::MAX);
             rms_norm_pairs(&x, &weight, 1e-5, &mut got);
-            assert_eq!(got, want[..rows * d.div_ceil(2)], "{rows} x {d}");
+            assert_eq!(got[..], want[..rows * d.div_ceil(2)], "{rows} x {d}");
         }
     }
 

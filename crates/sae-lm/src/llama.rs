@@ -9,6 +9,7 @@ use crate::kernels;
 use crate::swiglu_bf16;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use sae_core::aligned::AlignedVec;
 use sae_core::f32_product::{self, PackedF32};
 use std::sync::Mutex;
 
@@ -131,15 +132,16 @@ pub struct Llama {
 struct Buffers {
     /// Normalised residual stream.
     h: Vec<f32>,
-    qkv: Vec<f32>,
+    /// Aligned, as the products' outputs (see `sae_core::aligned`).
+    qkv: AlignedVec<f32>,
     z: Vec<f32>,
     gate_up: Vec<f32>,
     /// A block output (attention or MLP) before it is added to the residual stream.
-    out: Vec<f32>,
+    out: AlignedVec<f32>,
     /// Activations rounded to bf16.
-    scratch: Vec<u32>,
+    scratch: AlignedVec<u32>,
     /// The bf16 MLP's gated rows, rounded (the down product's input).
-    gated: Vec<u32>,
+    gated: AlignedVec<u32>,
 }
 
 /// A block's four products' weights in bf16, packed (same matrices as `Block`).
@@ -257,7 +259,7 @@ impl Llama {
         h: &mut [f32],
         qkv: &mut [f32],
         accumulate: bool,
-        s: &mut Vec<u32>,
+        s: &mut AlignedVec<u32>,
     ) {
         let (b, c) = (&self.blocks[l], &self.cfg);
         let width = (c.n_heads + 2 * c.n_kv_heads) * c.d_head;
@@ -272,7 +274,7 @@ impl Llama {
     }
 
     /// Block `l`'s attention output: the heads `z` times W_O into `out`.
-    fn attn_out(&self, l: usize, rows: usize, z: &[f32], out: &mut [f32], s: &mut Vec<u32>) {
+    fn attn_out(&self, l: usize, rows: usize, z: &[f32], out: &mut [f32], s: &mut AlignedVec<u32>) {
         let c = &self.cfg;
         let (z_width, d) = (c.n_heads * c.d_head, c.d_model);
         match &self.bf16_blocks {
@@ -293,8 +295,8 @@ impl Llama {
         h: &mut [f32],
         out: &mut [f32],
         gate_up: &mut Vec<f32>,
-        gated: &mut Vec<u32>,
-        s: &mut Vec<u32>,
+        gated: &mut AlignedVec<u32>,
+        s: &mut AlignedVec<u32>,
     ) {
         let (b, c) = (&self.blocks[l], &self.cfg);
         let (d, dm, eps) = (c.d_model, c.d_mlp, c.rms_eps as f32);
@@ -353,7 +355,7 @@ impl Llama {
         } = kept.as_deref_mut().unwrap_or(&mut fresh);
         // Every element is written before it is read, so old contents do not matter.
         h.resize(rows * d, 0.0);
-        qkv.resize(rows * qkv_width, 0.0);
+        qkv.resize(rows * qkv_width);
         z.resize(rows * z_width, 0.0);
         let done = |v: Vec<f32>, width: usize| -> Result<Tensor> {
             Ok(Tensor::from_vec(v, (rows, width), &Device::Cpu)?)
@@ -391,15 +393,15 @@ impl Llama {
             }
             // Each block output goes to a buffer of its own and is then added to the residual
             // stream, hooked or not, so an identity splice changes no rounding.
-            out.resize(rows * d, 0.0);
+            out.resize(rows * d);
             self.attn_out(l, rows, z, out, s);
             if at(HookKind::AttnOut) && mode.apply_in_place(out)? {
-                return done(out.clone(), d);
+                return done(out.to_vec(), d);
             }
             kernels::add_in_place(&mut x, out);
             self.mlp(l, rows, &x, h, out, gate_up, gated, s);
             if at(HookKind::MlpOut) && mode.apply_in_place(out)? {
-                return done(out.clone(), d);
+                return done(out.to_vec(), d);
             }
             kernels::add_in_place(&mut x, out);
             if at(HookKind::ResidPost) && mode.apply_in_place(&mut x)? {

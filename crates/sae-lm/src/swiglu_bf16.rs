@@ -12,6 +12,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use rayon::prelude::*;
+use sae_core::aligned::AlignedVec;
 use sae_core::amx;
 use sae_core::bf16::{self, Bf16Path, PackedBf16, PANEL_COLS};
 use sae_core::kernels::SharedMut;
@@ -31,7 +32,7 @@ pub(crate) fn swiglu_pairs(
     a_pairs: &[u32],
     gate: &PackedBf16,
     up: &PackedBf16,
-    out: &mut Vec<u32>,
+    out: &mut AlignedVec<u32>,
 ) {
     swiglu_pairs_on(Bf16Path::best_on_pairs(), m, a_pairs, gate, up, out)
 }
@@ -43,7 +44,7 @@ fn swiglu_pairs_on(
     a_pairs: &[u32],
     gate: &PackedBf16,
     up: &PackedBf16,
-    out: &mut Vec<u32>,
+    out: &mut AlignedVec<u32>,
 ) {
     assert!(bf16::available(), "bf16 products need AVX512-BF16");
     assert!(
@@ -56,7 +57,7 @@ fn swiglu_pairs_on(
     assert!(a_pairs.len() >= m * kp);
     let out_row = d.div_ceil(2);
     if out.len() < m * out_row {
-        out.resize(m * out_row, 0);
+        out.resize(m * out_row);
     }
     if m == 0 || d == 0 {
         return;
@@ -316,11 +317,12 @@ mod tests {
         for path in paths {
             for (m, k, d) in [(1, 2, 1), (7, 9, 17), (70, 33, 96), (130, 64, 101)] {
                 let (a, gate, up) = operands(m, k, d);
-                let mut pairs = Vec::new();
+                let mut pairs = AlignedVec::default();
                 bf16::round_rows(m, &a, k, k, &mut pairs);
                 let (pg, pu) = (PackedBf16::pack(&gate, k, d), PackedBf16::pack(&up, k, d));
                 // Stale values everywhere, so an unwritten pad would show.
-                let mut fused = vec![u32::MAX; m * d.div_ceil(2) / 2];
+                let mut fused = AlignedVec::zeroed(m * d.div_ceil(2) / 2);
+                fused.fill(u32::MAX);
                 swiglu_pairs_on(path, m, &pairs, &pg, &pu, &mut fused);
 
                 let gate_up: Vec<f32> = (0..k)
@@ -337,7 +339,7 @@ mod tests {
                     &mut out,
                     2 * d,
                     false,
-                    &mut Vec::new(),
+                    &mut AlignedVec::default(),
                 );
                 clamped += out
                     .chunks(2 * d)
@@ -345,7 +347,7 @@ mod tests {
                     .filter(|v| v.abs() > 87.3)
                     .count();
                 silu_gate_in_place(&mut out, d);
-                let mut want = Vec::new();
+                let mut want = AlignedVec::default();
                 bf16::round_rows(m, &out, 2 * d, d, &mut want);
                 let row = d.div_ceil(2);
                 assert_eq!(fused[..m * row], want[..m * row], "{path:?} {m}x{k}x{d}");
