@@ -53,8 +53,9 @@ pub struct HarvestArgs {
     /// Contexts per forward pass.
     #[arg(long, default_value = "16", value_parser = parse_positive)]
     pub batch: usize,
-    /// Precision of the model's weight products: f32, or bf16 (faster on CPUs with
-    /// AVX512-BF16; Llama-family models; the activations then differ slightly from f32's).
+    /// Precision of the model's weight products: f32, or bf16 (on AMX tiles where the CPU has
+    /// them, else AVX512-BF16, which is faster than f32 on some CPUs only; Llama-family
+    /// models; the activations then differ slightly from f32's).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub compute: String,
     /// Also store token ids and (context, position) of every row.

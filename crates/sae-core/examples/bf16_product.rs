@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let paths = Bf16Path::all_available();
     let (mut t_f32, mut t_pack) = (Vec::new(), Vec::new());
     let mut t_path = vec![Vec::new(); paths.len()];
-    let mut scratch = Vec::new();
+    let mut scratch = sae_core::aligned::AlignedVec::default();
     // Interleaved, so that all see the same machine load.
     for _ in 0..reps {
         let t = Instant::now();

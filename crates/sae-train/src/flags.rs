@@ -149,8 +149,8 @@ pub struct TrainFlags {
     #[arg(long, allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// f32 [default]; bf16: the encoder product in bf16 (bf16 copy of W_enc, f32 sums and
-    /// Adam; fast with AVX512-BF16, slower than f32 without it); bf16-sparse: that, and the
-    /// sparse passes gather bf16 copies of W_dec, the inputs and the residuals;
+    /// Adam; fast with AMX or AVX512-BF16, slower than f32 without either); bf16-sparse:
+    /// that, and the sparse passes gather bf16 copies of W_dec, the inputs and the residuals;
     /// f32-bf16-sparse: the f32 encoder product with those bf16 gathers (for CPUs without
     /// bf16 units); f32-screened: f32 results, the encoder product screened in bf16 and every
     /// entry that may pass the cutoff recomputed in f32 (relu, gated, jumprelu, topk,
