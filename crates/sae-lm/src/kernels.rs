@@ -198,7 +198,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_2e-4;
     p = p * r + 1.398_199_9e-3;
@@ -207,7 +208,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // t lies in [2^23, 2^24), where a float's low bits count its units: they hold n + 2^22.
+    // Read there, n needs no float-to-int conversion (whose saturating `as` kept loops of
+    // `exp` from vectorising); the same integer as `n as i32` for every finite x.
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    er * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
