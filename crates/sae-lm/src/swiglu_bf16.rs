@@ -5,8 +5,9 @@
 //!
 //! Same sums as `bf16::matmul` on the same path (`vdpbf16ps` lane by lane over the same pairs
 //! of k, in the same order; or the AMX tiles of `sae_core::amx`, which give each sum the same
-//! bits wherever it lies in a tile), the same SiLU arithmetic as `kernels::silu_gate_in_place` (the same operations, so the same
-//! bits) and the same rounding as `bf16::round_rows`: the result equals `bf16::matmul`, then
+//! bits wherever it lies in a tile), the same SiLU arithmetic as
+//! `kernels::silu_gate_in_place` (the same operations, so the same bits) and the same
+//! rounding as `bf16::round_rows`: the result equals `bf16::matmul`, then
 //! `silu_gate_in_place`, then `round_rows`, bit for bit (tested below).
 
 #![allow(clippy::too_many_arguments)]
@@ -82,14 +83,7 @@ fn swiglu_pairs_on(
                 let (mut g, mut u) = (amx::PanelSums::uninit(), amx::PanelSums::uninit());
                 amx::panel_sums_into(rows, a, kp, gate.panel(p), cols, &mut g);
                 amx::panel_sums_into(rows, a, kp, up.panel(p), cols, &mut u);
-                gate_sums(
-                    rows,
-                    g.as_ptr().cast(),
-                    u.as_ptr().cast(),
-                    dst,
-                    2 * out_row,
-                    cols,
-                );
+                gate_sums(rows, g.as_ptr(), u.as_ptr(), dst, 2 * out_row, cols);
                 return;
             }
             tile_any(
