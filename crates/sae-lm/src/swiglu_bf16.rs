@@ -71,31 +71,64 @@ fn swiglu_pairs_on(
     } else {
         TILE_ROWS
     };
-    bf16::for_each_tile(m, panels, tile_rows, |r, rows, p| {
-        let cols = PANEL_COLS.min(d - p * PANEL_COLS);
+    // A tile reads a panel of each of the two weights.
+    let panel_bytes = 2 * kp * PANEL_COLS * 4;
+    bf16::for_each_tile(m, panels, tile_rows, panel_bytes, |r, rows, ps| {
         let a = &a_pairs[r * kp..][..rows * kp];
-        // SAFETY: `available()` was checked above; this tile alone writes rows r..r+rows,
-        // values p*PANEL_COLS..p*PANEL_COLS+cols of `out`, whose rows hold 2 * out_row >= d
-        // values.
-        unsafe {
-            let dst = out_ptr.get().add(r * 2 * out_row + p * PANEL_COLS);
-            if path == Bf16Path::Amx {
-                let (mut g, mut u) = (amx::PanelSums::uninit(), amx::PanelSums::uninit());
-                amx::panel_sums_into(rows, a, kp, gate.panel(p), cols, &mut g);
-                amx::panel_sums_into(rows, a, kp, up.panel(p), cols, &mut u);
-                gate_sums(rows, g.as_ptr(), u.as_ptr(), dst, 2 * out_row, cols);
-                return;
+        let cols = |p: usize| PANEL_COLS.min(d - p * PANEL_COLS);
+        // SAFETY (both branches): `available()` was checked above; this tile alone writes
+        // rows r..r+rows, values p*PANEL_COLS..p*PANEL_COLS+cols(p) of `out` for p in `ps`,
+        // whose rows hold 2 * out_row >= d values.
+        let dst = |p: usize| unsafe { out_ptr.get().add(r * 2 * out_row + p * PANEL_COLS) };
+        if path == Bf16Path::Amx {
+            let n = ps.len();
+            let mut g = vec![amx::PanelSums::uninit(); n];
+            let mut u = vec![amx::PanelSums::uninit(); n];
+            // k outermost: a chunk of the tile's rows stays in L1 across the panels.
+            for k in amx::k_chunks(kp) {
+                for (i, p) in ps.clone().enumerate() {
+                    let more = k.start > 0;
+                    let (c, kk) = (cols(p), k.clone());
+                    amx::panel_sums_into(
+                        rows,
+                        a,
+                        kp,
+                        kk.clone(),
+                        gate.panel(p),
+                        c,
+                        &mut g[i],
+                        more,
+                    );
+                    amx::panel_sums_into(rows, a, kp, kk, up.panel(p), c, &mut u[i], more);
+                }
             }
-            tile_any(
-                rows,
-                a,
-                kp,
-                gate.panel(p),
-                up.panel(p),
-                dst,
-                2 * out_row,
-                cols,
-            );
+            for (i, p) in ps.enumerate() {
+                unsafe {
+                    gate_sums(
+                        rows,
+                        g[i].as_ptr(),
+                        u[i].as_ptr(),
+                        dst(p),
+                        2 * out_row,
+                        cols(p),
+                    )
+                };
+            }
+            return;
+        }
+        for p in ps {
+            unsafe {
+                tile_any(
+                    rows,
+                    a,
+                    kp,
+                    gate.panel(p),
+                    up.panel(p),
+                    dst(p),
+                    2 * out_row,
+                    cols(p),
+                )
+            };
         }
     });
     if d % 2 == 1 {
@@ -309,7 +342,13 @@ mod tests {
         eprintln!("paths: {paths:?}");
         let mut clamped = 0;
         for path in paths {
-            for (m, k, d) in [(1, 2, 1), (7, 9, 17), (70, 33, 96), (130, 64, 101)] {
+            for (m, k, d) in [
+                (1, 2, 1),
+                (7, 9, 17),
+                (70, 33, 96),
+                (130, 64, 101),
+                (40, 600, 60),
+            ] {
                 let (a, gate, up) = operands(m, k, d);
                 let mut pairs = AlignedVec::default();
                 bf16::round_rows(m, &a, k, k, &mut pairs);
