@@ -126,6 +126,7 @@ pub unsafe fn panel_sums(
 /// `panel_sums` into `sums`, whose first `rows` rows and `cols.next_multiple_of(16)` columns
 /// it writes (adds onto, when `accumulate`: an earlier call must have written them). Panics
 /// unless `available()`.
+#[allow(clippy::too_many_arguments)]
 pub fn panel_sums_into(
     rows: usize,
     a: &[u32],
