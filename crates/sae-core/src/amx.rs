@@ -57,6 +57,21 @@ impl PanelSums {
     }
 }
 
+/// Runs `f` on `n` of this thread's `PanelSums` buffers, kept between calls: fresh ones per
+/// tile (tens of KB) cost page faults that took 6% of a bf16 harvest.
+pub fn with_sums<R>(n: usize, f: impl FnOnce(&mut [PanelSums]) -> R) -> R {
+    thread_local! {
+        static KEPT: std::cell::RefCell<Vec<PanelSums>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        if kept.len() < n {
+            kept.resize(n, PanelSums::uninit());
+        }
+        f(&mut kept[..n])
+    })
+}
+
 /// Whether this CPU has AMX-TILE and AMX-BF16, the OS granted the tile state, and the CPU has
 /// AVX512-BF16 (which rounds the activations). Asked once per process.
 pub fn available() -> bool {

@@ -427,44 +427,45 @@ fn product_on(
             // others (a last partial panel, or all when adding onto `out`) through `sums`.
             let direct = |p: usize| cols(p) == NR && !accumulate;
             let staged = ps.clone().filter(|&p| !direct(p)).count();
-            let mut sums = vec![crate::amx::PanelSums::uninit(); staged];
-            // k outermost: a chunk of the tile's rows stays in L1 across the panels.
-            for k in crate::amx::k_chunks(kp) {
-                let mut s = sums.iter_mut();
-                for p in ps.clone() {
-                    let more = k.start > 0;
-                    if direct(p) {
-                        unsafe {
-                            crate::amx::panel_sums(
+            crate::amx::with_sums(staged, |sums| {
+                // k outermost: a chunk of the tile's rows stays in L1 across the panels.
+                for k in crate::amx::k_chunks(kp) {
+                    let mut s = sums.iter_mut();
+                    for p in ps.clone() {
+                        let more = k.start > 0;
+                        if direct(p) {
+                            unsafe {
+                                crate::amx::panel_sums(
+                                    rows,
+                                    a_tile,
+                                    kp,
+                                    k.clone(),
+                                    panel(p),
+                                    NR,
+                                    dst(p),
+                                    out_rs,
+                                    more,
+                                )
+                            }
+                        } else {
+                            let into = s.next().expect("one staging buffer per staged panel");
+                            crate::amx::panel_sums_into(
                                 rows,
                                 a_tile,
                                 kp,
                                 k.clone(),
                                 panel(p),
-                                NR,
-                                dst(p),
-                                out_rs,
+                                cols(p),
+                                into,
                                 more,
-                            )
+                            );
                         }
-                    } else {
-                        let into = s.next().expect("one staging buffer per staged panel");
-                        crate::amx::panel_sums_into(
-                            rows,
-                            a_tile,
-                            kp,
-                            k.clone(),
-                            panel(p),
-                            cols(p),
-                            into,
-                            more,
-                        );
                     }
                 }
-            }
-            for (p, sums) in ps.filter(|&p| !direct(p)).zip(&sums) {
-                unsafe { write_sums(rows, sums.as_ptr(), dst(p), out_rs, cols(p), accumulate) }
-            }
+                for (p, sums) in ps.clone().filter(|&p| !direct(p)).zip(sums.iter()) {
+                    unsafe { write_sums(rows, sums.as_ptr(), dst(p), out_rs, cols(p), accumulate) }
+                }
+            });
             return;
         }
         for p in ps {

@@ -62,7 +62,9 @@ pub fn harvest_hooks(
     opts: &HarvestOptions,
     mut sink: impl FnMut(&[Rows<'_>]) -> Result<()>,
 ) -> Result<HarvestStats> {
-    let pass = |tokens: &[u32], b: usize| model.activations_at(tokens, b, contexts.ctx, hooks);
+    let pass = |tokens: &[u32], b: usize, all: &mut Vec<Vec<f32>>| {
+        model.activations_into(tokens, b, contexts.ctx, hooks, all)
+    };
     harvest_passes(model, contexts, hooks, opts, pass, |rows| sink(rows))
 }
 
@@ -77,9 +79,10 @@ pub fn harvest_with_grad(
     mut sink: impl FnMut(Rows<'_>, &[f32]) -> Result<()>,
 ) -> Result<HarvestStats> {
     model.check_loss_grad()?;
-    let pass = |tokens: &[u32], b: usize| {
+    let pass = |tokens: &[u32], b: usize, all: &mut Vec<Vec<f32>>| {
         let (acts, grads, _) = model.activations_with_loss_grad(tokens, b, contexts.ctx, hook)?;
-        Ok(vec![acts, grads])
+        *all = vec![acts, grads];
+        Ok(())
     };
     // The gradient rides along as a second "hook" of the same width.
     harvest_passes(model, contexts, &[hook, hook], opts, pass, |rows| {
@@ -87,14 +90,14 @@ pub fn harvest_with_grad(
     })
 }
 
-/// The loop of the harvests above: `pass(tokens, contexts)` gives one `[b * ctx, width]`
-/// buffer per entry of `hooks` (whose widths they have).
+/// The loop of the harvests above: `pass(tokens, contexts, all)` puts one `[b * ctx, width]`
+/// buffer per entry of `hooks` (whose widths they have) in `all`, kept between passes.
 fn harvest_passes(
     model: &LanguageModel,
     contexts: &PackedContexts,
     hooks: &[Hook],
     opts: &HarvestOptions,
-    pass: impl Fn(&[u32], usize) -> Result<Vec<Vec<f32>>>,
+    pass: impl Fn(&[u32], usize, &mut Vec<Vec<f32>>) -> Result<()>,
     mut sink: impl FnMut(&[Rows<'_>]) -> Result<()>,
 ) -> Result<HarvestStats> {
     let ctx = contexts.ctx;
@@ -119,10 +122,11 @@ fn harvest_passes(
     let mut c = opts.first_context;
     let mut acts: Vec<Vec<f32>> = vec![Vec::new(); hooks.len()];
     let (mut toks, mut pos) = (Vec::new(), Vec::new());
+    let mut all = Vec::new();
     while c < n_ctx && rows_out < total_rows {
         let b = opts.batch.max(1).min(n_ctx - c);
         let tokens = &contexts.tokens[c * ctx..(c + b) * ctx];
-        let all = pass(tokens, b)?;
+        pass(tokens, b, &mut all)?;
         acts.iter_mut().for_each(Vec::clear);
         toks.clear();
         pos.clear();

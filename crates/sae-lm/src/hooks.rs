@@ -80,10 +80,14 @@ pub enum HookMode<'a> {
     /// Nothing (no hook).
     Pass,
     /// Copy the activation at each hook point reached into `rows` (in the order the forward
-    /// pass reaches them) and stop once `remaining` more have been copied.
+    /// pass reaches them) and stop once `remaining` more have been copied. `recorded` counts
+    /// them: the n-th copy overwrites `rows[recorded]` where the caller left a buffer there
+    /// (kept from an earlier pass, so no fresh pages are faulted in), else is pushed; the
+    /// caller truncates `rows` to `recorded` afterwards.
     Record {
         rows: &'a mut Vec<Vec<f32>>,
         remaining: usize,
+        recorded: usize,
     },
 }
 
@@ -93,8 +97,12 @@ impl HookMode<'_> {
         match self {
             HookMode::Capture => Ok(None),
             HookMode::Pass => Ok(Some(t.clone())),
-            HookMode::Record { rows, remaining } => {
-                rows.push(t.flatten_all()?.to_vec1::<f32>()?);
+            HookMode::Record {
+                rows,
+                remaining,
+                recorded,
+            } => {
+                record_into(rows, recorded, &t.flatten_all()?.to_vec1::<f32>()?);
                 *remaining = remaining.saturating_sub(1);
                 Ok((*remaining > 0).then(|| t.clone()))
             }
@@ -116,8 +124,12 @@ impl HookMode<'_> {
         match self {
             HookMode::Capture => Ok(true),
             HookMode::Pass => Ok(false),
-            HookMode::Record { rows, remaining } => {
-                rows.push(values.to_vec());
+            HookMode::Record {
+                rows,
+                remaining,
+                recorded,
+            } => {
+                record_into(rows, recorded, values);
                 *remaining = remaining.saturating_sub(1);
                 Ok(*remaining == 0)
             }
@@ -127,4 +139,16 @@ impl HookMode<'_> {
             }
         }
     }
+}
+
+/// `values` into `rows[*recorded]`, reusing the buffer there if there is one.
+fn record_into(rows: &mut Vec<Vec<f32>>, recorded: &mut usize, values: &[f32]) {
+    match rows.get_mut(*recorded) {
+        Some(row) => {
+            row.clear();
+            row.extend_from_slice(values);
+        }
+        None => rows.push(values.to_vec()),
+    }
+    *recorded += 1;
 }

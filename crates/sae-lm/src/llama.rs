@@ -127,9 +127,11 @@ pub struct Llama {
     buffers: Box<Mutex<Buffers>>,
 }
 
-/// A forward pass's intermediate rows (all but the residual stream, which it returns).
+/// A forward pass's rows.
 #[derive(Default)]
 struct Buffers {
+    /// The residual stream.
+    x: Vec<f32>,
     /// Normalised residual stream.
     h: Vec<f32>,
     /// Aligned, as the products' outputs (see `sae_core::aligned`).
@@ -194,7 +196,8 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg,
-            embed,
+            // `embed_into` reads it as one f32 slice.
+            embed: embed.to_dtype(DType::F32)?.contiguous()?,
             blocks,
             final_norm,
             unembed,
@@ -318,8 +321,9 @@ impl Llama {
 
     /// Runs the blocks over `tokens` (`[batch * ctx]`). With `HookMode::Capture` it returns
     /// the hook's activation as soon as it is computed (`HookMode::Record`: copies each
-    /// hook's and stops after the last); otherwise the final residual stream (after the last
-    /// block, before the final norm), splicing at the hooks if asked.
+    /// hook's into the mode's rows, stops after the last and returns an empty tensor);
+    /// otherwise the final residual stream (after the last block, before the final norm),
+    /// splicing at the hooks if asked.
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -339,12 +343,11 @@ impl Llama {
         let (d, dh) = (c.d_model, c.d_head);
         let qkv_width = (c.n_heads + 2 * c.n_kv_heads) * dh;
         let z_width = c.n_heads * dh;
-        let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
-        let mut x = values(&self.embed.index_select(&ids, 0)?)?;
         // The buffers of the last pass, unless another thread is running one now.
         let mut kept = self.buffers.try_lock().ok();
         let mut fresh = Buffers::default();
         let Buffers {
+            x,
             h,
             qkv,
             z,
@@ -354,15 +357,25 @@ impl Llama {
             gated,
         } = kept.as_deref_mut().unwrap_or(&mut fresh);
         // Every element is written before it is read, so old contents do not matter.
+        x.resize(rows * d, 0.0);
+        self.embed_into(tokens, x)?;
         h.resize(rows * d, 0.0);
         qkv.resize(rows * qkv_width);
         z.resize(rows * z_width, 0.0);
-        let done = |v: Vec<f32>, width: usize| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (rows, width), &Device::Cpu)?)
+        let record = matches!(mode, HookMode::Record { .. });
+        let done = |v: &[f32], width: usize| -> Result<Tensor> {
+            if record {
+                return Ok(Tensor::zeros((0, width), DType::F32, &Device::Cpu)?);
+            }
+            Ok(Tensor::from_slice(
+                &v[..rows * width],
+                (rows, width),
+                &Device::Cpu,
+            )?)
         };
         for (l, b) in self.blocks.iter().enumerate() {
             let at = |kind: HookKind| hooks.iter().any(|h| h.layer == l && h.kind == kind);
-            if at(HookKind::ResidPre) && mode.apply_in_place(&mut x)? {
+            if at(HookKind::ResidPre) && mode.apply_in_place(x)? {
                 return done(x, d);
             }
             // Biases go in first; the product then adds onto them.
@@ -371,7 +384,7 @@ impl Llama {
                     .for_each(|row| row.copy_from_slice(bias));
             }
             let s = &mut *scratch;
-            self.qkv(l, rows, &x, h, qkv, b.b_qkv.is_some(), s);
+            self.qkv(l, rows, x, h, qkv, b.b_qkv.is_some(), s);
             kernels::rope_in_place(
                 qkv,
                 qkv_width,
@@ -389,26 +402,49 @@ impl Llama {
             };
             crate::attention::causal_attention(qkv, qkv_width, batch, ctx, heads, z);
             if at(HookKind::AttnZ) && mode.apply_in_place(z)? {
-                return done(z.clone(), z_width);
+                return done(z, z_width);
             }
             // Each block output goes to a buffer of its own and is then added to the residual
             // stream, hooked or not, so an identity splice changes no rounding.
             out.resize(rows * d);
             self.attn_out(l, rows, z, out, s);
             if at(HookKind::AttnOut) && mode.apply_in_place(out)? {
-                return done(out.to_vec(), d);
+                return done(out, d);
             }
-            kernels::add_in_place(&mut x, out);
-            self.mlp(l, rows, &x, h, out, gate_up, gated, s);
+            kernels::add_in_place(x, out);
+            self.mlp(l, rows, x, h, out, gate_up, gated, s);
             if at(HookKind::MlpOut) && mode.apply_in_place(out)? {
-                return done(out.to_vec(), d);
+                return done(out, d);
             }
-            kernels::add_in_place(&mut x, out);
-            if at(HookKind::ResidPost) && mode.apply_in_place(&mut x)? {
+            kernels::add_in_place(x, out);
+            if at(HookKind::ResidPost) && mode.apply_in_place(x)? {
                 return done(x, d);
             }
         }
         done(x, d)
+    }
+
+    /// The embedding rows of `tokens` into `x`, read straight from the table (no tensor per
+    /// pass: fresh buffers this size cost page faults).
+    fn embed_into(&self, tokens: &[u32], x: &mut [f32]) -> Result<()> {
+        let d = self.cfg.d_model;
+        let (storage, layout) = self.embed.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            bail!("the embedding table is not a contiguous tensor in CPU memory");
+        };
+        let table = &cpu.as_slice::<f32>()?[start..end];
+        for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
+            let Some(src) = table.get(t as usize * d..(t as usize + 1) * d) else {
+                bail!(
+                    "token id {t} is outside the embedding table ({} rows)",
+                    table.len() / d
+                );
+            };
+            row.copy_from_slice(src);
+        }
+        Ok(())
     }
 
     /// Logits `[rows, vocab]` from final residuals `[rows, d_model]`.
@@ -629,6 +665,7 @@ mod tests {
         let mut mode = HookMode::Record {
             rows: &mut rows,
             remaining: hooks.len(),
+            recorded: 0,
         };
         m.forward(&tokens, batch, ctx, &hooks, &mut mode).unwrap();
         let mut by_order = hooks.to_vec();

@@ -207,18 +207,37 @@ impl LanguageModel {
         ctx: usize,
         hooks: &[Hook],
     ) -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut rows = Vec::new();
+        self.activations_into(tokens, batch, ctx, hooks, &mut rows)?;
+        Ok(rows)
+    }
+
+    /// [`Self::activations_at`] into `rows`, whose buffers (from an earlier call) are reused:
+    /// a harvest's rows, a few MB per batch, then need no fresh pages.
+    pub fn activations_into(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        ctx: usize,
+        hooks: &[Hook],
+        rows: &mut Vec<Vec<f32>>,
+    ) -> anyhow::Result<()> {
         self.check_tokens(tokens, batch, ctx)?;
         for (i, h) in hooks.iter().enumerate() {
             if hooks[..i].contains(h) {
                 bail!("hook {} is given twice", h.name());
             }
         }
-        let mut rows = Vec::with_capacity(hooks.len());
         let mut mode = HookMode::Record {
-            rows: &mut rows,
+            rows: &mut *rows,
             remaining: hooks.len(),
+            recorded: 0,
         };
         self.net.forward(tokens, batch, ctx, hooks, &mut mode)?;
+        let HookMode::Record { recorded, .. } = mode else {
+            unreachable!("the mode stays Record")
+        };
+        rows.truncate(recorded);
         if rows.len() != hooks.len() {
             bail!(
                 "the forward pass reached {} of {} hooks",
@@ -229,12 +248,14 @@ impl LanguageModel {
         // `rows` is in forward order; hand each buffer back to its hook's place.
         let mut order: Vec<usize> = (0..hooks.len()).collect();
         order.sort_by_key(|&i| hooks[i].forward_order());
-        let mut out = vec![Vec::new(); hooks.len()];
-        for (slot, values) in order.into_iter().zip(rows) {
-            out[slot] = values;
+        let mut placed = vec![Vec::new(); hooks.len()];
+        for (slot, values) in order.into_iter().zip(rows.drain(..)) {
+            placed[slot] = values;
         }
-        Ok(out)
+        *rows = placed;
+        Ok(())
     }
+
     /// Next-token cross-entropy per position, `[batch * (ctx - 1)]` (position t predicts t+1),
     /// optionally with the activation at `hook` replaced by `splice` during the forward pass.
     pub fn per_token_loss(

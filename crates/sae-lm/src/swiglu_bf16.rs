@@ -82,38 +82,39 @@ fn swiglu_pairs_on(
         let dst = |p: usize| unsafe { out_ptr.get().add(r * 2 * out_row + p * PANEL_COLS) };
         if path == Bf16Path::Amx {
             let n = ps.len();
-            let mut g = vec![amx::PanelSums::uninit(); n];
-            let mut u = vec![amx::PanelSums::uninit(); n];
-            // k outermost: a chunk of the tile's rows stays in L1 across the panels.
-            for k in amx::k_chunks(kp) {
-                for (i, p) in ps.clone().enumerate() {
-                    let more = k.start > 0;
-                    let (c, kk) = (cols(p), k.clone());
-                    amx::panel_sums_into(
-                        rows,
-                        a,
-                        kp,
-                        kk.clone(),
-                        gate.panel(p),
-                        c,
-                        &mut g[i],
-                        more,
-                    );
-                    amx::panel_sums_into(rows, a, kp, kk, up.panel(p), c, &mut u[i], more);
+            amx::with_sums(2 * n, |sums| {
+                let (g, u) = sums.split_at_mut(n);
+                // k outermost: a chunk of the tile's rows stays in L1 across the panels.
+                for k in amx::k_chunks(kp) {
+                    for (i, p) in ps.clone().enumerate() {
+                        let more = k.start > 0;
+                        let (c, kk) = (cols(p), k.clone());
+                        amx::panel_sums_into(
+                            rows,
+                            a,
+                            kp,
+                            kk.clone(),
+                            gate.panel(p),
+                            c,
+                            &mut g[i],
+                            more,
+                        );
+                        amx::panel_sums_into(rows, a, kp, kk, up.panel(p), c, &mut u[i], more);
+                    }
                 }
-            }
-            for (i, p) in ps.enumerate() {
-                unsafe {
-                    gate_sums(
-                        rows,
-                        g[i].as_ptr(),
-                        u[i].as_ptr(),
-                        dst(p),
-                        2 * out_row,
-                        cols(p),
-                    )
-                };
-            }
+                for (i, p) in ps.clone().enumerate() {
+                    unsafe {
+                        gate_sums(
+                            rows,
+                            g[i].as_ptr(),
+                            u[i].as_ptr(),
+                            dst(p),
+                            2 * out_row,
+                            cols(p),
+                        )
+                    };
+                }
+            });
             return;
         }
         for p in ps {

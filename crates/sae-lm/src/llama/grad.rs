@@ -209,6 +209,7 @@ impl Llama {
         let mut mode = HookMode::Record {
             rows: &mut rows,
             remaining: record.len(),
+            recorded: 0,
         };
         self.forward(tokens, batch, ctx, &record, &mut mode)?;
         if rows.len() != record.len() {
