@@ -178,7 +178,7 @@ fn hook_outputs(hooks: &[String], out: &Path) -> Result<Vec<(String, PathBuf)>> 
 /// failed run leaves no folder it created and left empty.
 pub fn harvest_to_store(
     a: &StoreHarvest,
-    after_rows: &mut dyn FnMut(usize) -> Result<()>,
+    after_rows: &mut (dyn FnMut(usize) -> Result<()> + Send),
 ) -> Result<StoreHarvestResult> {
     let folder_existed = a.out.exists();
     let result = harvest_into(a, after_rows);
@@ -191,7 +191,7 @@ pub fn harvest_to_store(
 
 fn harvest_into(
     a: &StoreHarvest,
-    after_rows: &mut dyn FnMut(usize) -> Result<()>,
+    after_rows: &mut (dyn FnMut(usize) -> Result<()> + Send),
 ) -> Result<StoreHarvestResult> {
     check_counts(a.ctx, a.tokens)?;
     let outputs = hook_outputs(&a.hooks, &a.out)?;
@@ -407,7 +407,7 @@ pub struct MemoryHarvest {
 /// far after each batch; an error from it stops the run and is returned.
 pub fn harvest_to_memory(
     a: &MemoryHarvest,
-    after_rows: &mut dyn FnMut(usize) -> Result<()>,
+    after_rows: &mut (dyn FnMut(usize) -> Result<()> + Send),
 ) -> Result<(Vec<f32>, usize, HarvestStats)> {
     check_counts(a.ctx, a.tokens)?;
     let (model, width) = open_model(&a.model, &a.hook, a.bf16_compute)?;
