@@ -8,6 +8,18 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Precision of the language model's weight products when training from `model`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelCompute {
+    /// f32 products (the activations match transformers to 1e-3).
+    F32,
+    /// bf16 products with f32 sums (AMX tiles where the CPU has them, else AVX512-BF16;
+    /// Llama-family models): several times faster on such CPUs, the activations differ
+    /// slightly from f32's (see the README's "AMX").
+    Bf16,
+}
+
 /// How b_dec starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -36,8 +48,10 @@ pub struct TrainConfig {
     pub corpus: String,
     /// ... in contexts of this many tokens (BOS included) ...
     pub ctx: usize,
-    /// ... drawing batches at random from this many buffered rows.
+    /// ... drawing batches at random from this many buffered rows, ...
     pub buffer_rows: usize,
+    /// ... with the model's weight products in this precision (as `sae harvest --compute`).
+    pub compute: ModelCompute,
     /// Output directory (SAELens layout + train_log.jsonl + train_summary.json).
     pub out: PathBuf,
     pub arch: ArchKind,
@@ -141,6 +155,7 @@ impl Default for TrainConfig {
             corpus: "python-docs".into(),
             ctx: 128,
             buffer_rows: 65_536,
+            compute: ModelCompute::F32,
             out: PathBuf::from("runs/sae"),
             arch: ArchKind::GATED,
             d_sae: None,

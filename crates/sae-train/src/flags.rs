@@ -5,7 +5,7 @@
 //! range check and its message ("--lr must be a positive number") instead of clap's
 //! "unexpected argument '-1'".
 
-use crate::config::{BDecInit, BadSetting, TrainConfig};
+use crate::config::{BDecInit, BadSetting, ModelCompute, TrainConfig};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use sae_core::{ArchKind, Precision};
@@ -49,6 +49,11 @@ pub struct TrainFlags {
     /// Rows in the shuffle buffer for --model.
     #[arg(long, allow_negative_numbers = true)]
     pub buffer_rows: Option<usize>,
+    /// Precision of the model's weight products for --model: f32, or bf16 (on AMX tiles
+    /// where the CPU has them, else AVX512-BF16; Llama-family models; the activations then
+    /// differ slightly from f32's), as `sae harvest --compute`.
+    #[arg(long, value_enum)]
+    pub compute: Option<ModelCompute>,
     /// Output directory (SAELens layout).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -198,7 +203,7 @@ impl TrainFlags {
                 given.push(stringify!($f));
             } )* };
         }
-        set!(corpus, ctx, buffer_rows);
+        set!(corpus, ctx, buffer_rows, compute);
         set_opt!(synth, model);
         if !self.hook.is_empty() {
             c.hook = Some(self.hook.join(","));

@@ -4,7 +4,7 @@
 //! forward passes, each with a source of its own.
 
 use crate::source::BatchSource;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use sae_core::sae::SaeMeta;
 use sae_lm::harvest::{harvest_hooks, harvest_with_grad, HarvestOptions};
 use sae_lm::{Hook, LanguageModel};
@@ -22,6 +22,8 @@ pub struct ModelSourceOptions {
     pub buffer_rows: usize,
     /// Contexts per forward pass.
     pub batch_contexts: usize,
+    /// Run the model's weight products in bf16 (`LanguageModel::set_bf16_products`).
+    pub bf16_compute: bool,
     pub seed: u64,
     /// Also compute the gradient of the model's next-token loss at every row (one hook;
     /// Llama-family models), for `next_batch_with_grads`.
@@ -62,7 +64,10 @@ impl ModelSource {
                 "the loss gradient is computed at one hook per run; train the hooks one at a time"
             );
         }
-        let model = LanguageModel::load(&o.model)?;
+        let mut model = LanguageModel::load(&o.model)?;
+        model
+            .set_bf16_products(o.bf16_compute)
+            .with_context(|| format!("--compute bf16 with model '{}'", o.model))?;
         if o.with_grads {
             model.check_loss_grad()?;
         }

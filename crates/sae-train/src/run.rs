@@ -2,7 +2,7 @@
 
 use crate::checkpoint::{self, Progress, Window};
 use crate::config::{
-    lr_at, resample_lr_factor, resolve, sparsity_at, BDecInit, Resolved, TrainConfig,
+    lr_at, resample_lr_factor, resolve, sparsity_at, BDecInit, ModelCompute, Resolved, TrainConfig,
 };
 use crate::init;
 use crate::l0_target::L0Target;
@@ -149,6 +149,9 @@ fn check_sources(cfg: &TrainConfig) -> Result<()> {
     if cfg.synth.is_some() && (cfg.acts.is_some() || cfg.model.is_some()) {
         bail!("--synth generates its own data: give it without --acts and --model");
     }
+    if cfg.compute != ModelCompute::F32 && cfg.model.is_none() {
+        bail!("--compute sets the precision of the model's forward pass; it needs --model");
+    }
     Ok(())
 }
 
@@ -189,6 +192,7 @@ fn model_source_options(cfg: &TrainConfig, model: &str, hook: &str) -> Result<Mo
         tokens: need,
         buffer_rows: cfg.buffer_rows,
         batch_contexts: 16,
+        bf16_compute: cfg.compute == ModelCompute::Bf16,
         seed: cfg.seed,
         with_grads: cfg.arch.family().trains_on_input_grad(),
     })
@@ -393,8 +397,8 @@ fn arch_opts_identity(
 /// The data a run learns from. Every key is always present (null where it does not apply),
 /// so that a key missing from a saved identity means a run recorded before it existed.
 /// A store: its canonical path, and its size and manifest, so that a store rewritten in
-/// place is told apart. A model: the model, hook, corpus, context and shuffle buffer, which
-/// together fix the stream. Another source (a library caller's) records nothing here.
+/// place is told apart. A model: the model, hook, corpus, context, shuffle buffer and the
+/// precision of its products, which together fix the stream. Another source (a library caller's) records nothing here.
 fn data_identity(cfg: &TrainConfig) -> serde_json::Value {
     let (mut acts, mut acts_rows, mut acts_d_in, mut acts_manifest) = (None, None, None, None);
     if let Some(path) = &cfg.acts {
@@ -420,6 +424,7 @@ fn data_identity(cfg: &TrainConfig) -> serde_json::Value {
         "corpus": from_model.then_some(&cfg.corpus),
         "ctx": from_model.then_some(cfg.ctx),
         "buffer_rows": from_model.then_some(cfg.buffer_rows),
+        "compute": from_model.then_some(cfg.compute),
         "synth": cfg.synth,
     })
 }

@@ -31,22 +31,27 @@ fn corpus(dir: &Path) -> String {
     dir.to_str().unwrap().to_string()
 }
 
-#[test]
-fn model_source_gives_shuffled_model_activations() {
-    let tmp = tempfile::tempdir().unwrap();
-    let spec = corpus(tmp.path());
-    let mut src = ModelSource::start(ModelSourceOptions {
+/// The tiny model at `HOOK` over `spec`, 128 buffered rows, 4 contexts per pass.
+fn source_options(spec: &str, seed: u64, bf16_compute: bool) -> ModelSourceOptions {
+    ModelSourceOptions {
         model: TINY.into(),
         hook: HOOK.into(),
-        corpus: spec.clone(),
+        corpus: spec.to_string(),
         ctx: CTX,
         tokens: 10_000,
         buffer_rows: 128,
         batch_contexts: 4,
-        seed: 1,
+        bf16_compute,
+        seed,
         with_grads: false,
-    })
-    .unwrap();
+    }
+}
+
+#[test]
+fn model_source_gives_shuffled_model_activations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = corpus(tmp.path());
+    let mut src = ModelSource::start(source_options(&spec, 1, false)).unwrap();
     let d = src.d_in();
     assert_eq!(d, 64);
     assert_eq!(src.meta().hook_name, HOOK);
@@ -167,4 +172,42 @@ fn train_straight_from_the_model() {
         .unwrap_err()
     );
     assert!(err.contains("nope") && err.contains("not found"), "{err}");
+}
+
+/// `bf16_compute` runs the model's products in bf16: the same stream of rows (same order), each
+/// close to its f32 value but not equal to it; where the CPU has no bf16 products, `start`
+/// refuses with an error that says so.
+#[test]
+fn model_source_runs_the_model_in_bf16_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = corpus(tmp.path());
+    let options = |bf16_compute: bool| source_options(&spec, 3, bf16_compute);
+    if !sae_lm::bf16::available() {
+        let err = ModelSource::start(options(true))
+            .err()
+            .expect("no bf16 products here");
+        assert!(format!("{err:#}").contains("bf16"), "{err:#}");
+        eprintln!("skipped the comparison: this CPU has no AVX512-BF16");
+        return;
+    }
+    let (mut f32_src, mut bf16_src) = (
+        ModelSource::start(options(false)).unwrap(),
+        ModelSource::start(options(true)).unwrap(),
+    );
+    let (n, d) = (256, f32_src.d_in());
+    let (mut exact, mut rounded) = (vec![0f32; n * d], vec![0f32; n * d]);
+    f32_src.next_batch(&mut exact, n).unwrap();
+    bf16_src.next_batch(&mut rounded, n).unwrap();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let mut differ = 0;
+    for (e, r) in exact.chunks(d).zip(rounded.chunks(d)) {
+        let diff: Vec<f32> = e.iter().zip(r).map(|(a, b)| a - b).collect();
+        let rel = norm(&diff) / norm(e);
+        assert!(rel < 3e-2, "a bf16 row {rel:.2e} away from its f32 value");
+        differ += usize::from(rel > 0.0);
+    }
+    assert!(
+        differ > n / 2,
+        "only {differ} of {n} rows differ: bf16 was not used"
+    );
 }
