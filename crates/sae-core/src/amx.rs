@@ -52,7 +52,8 @@ impl PanelSums {
         self.0.as_ptr().cast()
     }
 
-    fn as_mut_ptr(&mut self) -> *mut f32 {
+    /// The first sum, for `Target::out` (row stride `PANEL_COLS`).
+    pub fn as_mut_ptr(&mut self) -> *mut f32 {
         self.0.as_mut_ptr().cast()
     }
 }
@@ -84,13 +85,13 @@ pub fn available() -> bool {
 /// 144 pairs are 18 KB, which stay in L1 while the panels of a block stream past; 288 pairs
 /// (SmolLM2's 576 inputs) did not, and ran a 4096-column product at 1.54 TFLOP/s per core
 /// against 1.80 in two chunks of 144.
-pub const K_CHUNK: usize = 144;
+const K_CHUNK: usize = 144;
 
 /// The ranges of pairs of k, in order, over which a product of `kp` pairs calls
 /// `panel_sums`: one when the rows are short, else chunks of `K_CHUNK`. Each call after the
 /// first adds onto the sums so far, which round-trip through memory as exact f32, so the
 /// result has the bits of one call over all of k.
-pub fn k_chunks(kp: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+fn k_chunks(kp: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let step = if kp <= K_CHUNK + K_CHUNK / 4 {
         kp.max(1)
     } else {
@@ -139,34 +140,45 @@ pub unsafe fn panel_sums(
     )
 }
 
-/// `panel_sums` into `sums`, whose first `rows` rows and `cols.next_multiple_of(16)` columns
-/// it writes (adds onto, when `accumulate`: an earlier call must have written them). Panics
-/// unless `available()`.
-#[allow(clippy::too_many_arguments)]
-pub fn panel_sums_into(
+/// Where `chunked_sums` puts one panel's sums: a whole `PackedBf16` panel, the columns of it
+/// wanted, and the first sum with its row stride (`out_rs` floats).
+pub struct Target<'a> {
+    pub panel: &'a [u32],
+    pub cols: usize,
+    pub out: *mut f32,
+    pub out_rs: usize,
+}
+
+/// `panel_sums` of `rows` rows of `a` (`kp` pairs each) against `n` panels, `target(i)` saying
+/// where panel i's sums go, over all of k: in `k_chunks`, k outermost, so that a chunk of the
+/// rows stays in L1 across the panels. Each sum has the bits of one call over all of k.
+///
+/// # Safety
+/// Every target's `out` must be valid for `panel_sums`' reads and writes. Panics unless
+/// `available()`.
+pub unsafe fn chunked_sums<'a>(
     rows: usize,
     a: &[u32],
-    a_stride: usize,
-    k: std::ops::Range<usize>,
-    panel: &[u32],
-    cols: usize,
-    sums: &mut PanelSums,
-    accumulate: bool,
+    kp: usize,
+    n: usize,
+    mut target: impl FnMut(usize) -> Target<'a>,
 ) {
-    // SAFETY: `sums` holds ROWS x PANEL_COLS values; `panel_sums` checks rows and cols; with
-    // `accumulate` the caller wrote what is read.
-    unsafe {
-        panel_sums(
-            rows,
-            a,
-            a_stride,
-            k,
-            panel,
-            cols,
-            sums.as_mut_ptr().cast(),
-            PANEL_COLS,
-            accumulate,
-        )
+    for k in k_chunks(kp) {
+        for i in 0..n {
+            let t = target(i);
+            let more = k.start > 0;
+            panel_sums(
+                rows,
+                a,
+                kp,
+                k.clone(),
+                t.panel,
+                t.cols,
+                t.out,
+                t.out_rs,
+                more,
+            );
+        }
     }
 }
 
@@ -460,8 +472,8 @@ mod tests {
     }
 
     /// Sums over k in chunks, through memory between them, against one call over all of k:
-    /// the same bits (a partial last step included), into a buffer and straight into a wider
-    /// output.
+    /// the same bits (a partial last step included), into a buffer, straight into a wider
+    /// output, and through `chunked_sums`.
     #[test]
     fn chunked_sums_have_the_bits_of_one_pass() {
         if !available() {
@@ -484,15 +496,55 @@ mod tests {
             let a: Vec<u32> = (0..rows * kp).map(|_| next()).collect();
             let panel: Vec<u32> = (0..kp * PANEL_COLS).map(|_| next()).collect();
             let mut whole = PanelSums::uninit();
-            panel_sums_into(rows, &a, kp, 0..kp, &panel, cols, &mut whole, false);
+            let sums_in = |s: &mut PanelSums| s.as_mut_ptr();
+            unsafe {
+                panel_sums(
+                    rows,
+                    &a,
+                    kp,
+                    0..kp,
+                    &panel,
+                    cols,
+                    sums_in(&mut whole),
+                    PANEL_COLS,
+                    false,
+                )
+            };
             let mut chunked = PanelSums::uninit();
             let mut wide = vec![0f32; rows * 100];
             for k in k_chunks(kp) {
                 let more = k.start > 0;
-                panel_sums_into(rows, &a, kp, k.clone(), &panel, cols, &mut chunked, more);
-                // SAFETY: rows x 100 values, of which the first 48 per row are written.
-                unsafe { panel_sums(rows, &a, kp, k, &panel, cols, wide.as_mut_ptr(), 100, more) };
+                let into = sums_in(&mut chunked);
+                // SAFETY: a PanelSums, and rows x 100 values of which the first 48 per row are
+                // written.
+                unsafe {
+                    panel_sums(
+                        rows,
+                        &a,
+                        kp,
+                        k.clone(),
+                        &panel,
+                        cols,
+                        into,
+                        PANEL_COLS,
+                        more,
+                    );
+                    panel_sums(rows, &a, kp, k, &panel, cols, wide.as_mut_ptr(), 100, more);
+                }
             }
+            // The same through `chunked_sums`, twice the panel into two outputs.
+            let mut pair = [PanelSums::uninit(), PanelSums::uninit()];
+            let (first, second) = pair.split_at_mut(1);
+            let outs = [sums_in(&mut first[0]), sums_in(&mut second[0])];
+            // SAFETY: two PanelSums.
+            unsafe {
+                chunked_sums(rows, &a, kp, 2, |i| Target {
+                    panel: &panel,
+                    cols,
+                    out: outs[i],
+                    out_rs: PANEL_COLS,
+                })
+            };
             assert!(k_chunks(kp).count() > 1);
             // SAFETY: both wrote their first `rows` rows of `cols.next_multiple_of(16)` columns.
             let read =
@@ -510,6 +562,9 @@ mod tests {
                         want,
                         "{rows}x{kp}x{cols} ({r}, {c})"
                     );
+                    for (i, s) in pair.iter().enumerate() {
+                        assert_eq!(read(s, r, c).to_bits(), want, "chunked_sums {i} ({r}, {c})");
+                    }
                 }
             }
         }

@@ -424,45 +424,26 @@ fn product_on(
         let dst = |p: usize| unsafe { out_ptr.get().add(r * out_rs + p * NR) };
         if path == Bf16Path::Amx {
             // A whole panel's sums go straight to `out`, whose rows hold its NR columns; the
-            // others (a last partial panel, or all when adding onto `out`) through `sums`.
+            // others through `sums`, then `write_sums`. Only the matrix's last panel can be
+            // partial, so those are the last of `ps` (all of them when adding onto `out`).
             let direct = |p: usize| cols(p) == NR && !accumulate;
-            let staged = ps.clone().filter(|&p| !direct(p)).count();
-            crate::amx::with_sums(staged, |sums| {
-                // k outermost: a chunk of the tile's rows stays in L1 across the panels.
-                for k in crate::amx::k_chunks(kp) {
-                    let mut s = sums.iter_mut();
-                    for p in ps.clone() {
-                        let more = k.start > 0;
-                        if direct(p) {
-                            unsafe {
-                                crate::amx::panel_sums(
-                                    rows,
-                                    a_tile,
-                                    kp,
-                                    k.clone(),
-                                    panel(p),
-                                    NR,
-                                    dst(p),
-                                    out_rs,
-                                    more,
-                                )
-                            }
-                        } else {
-                            let into = s.next().expect("one staging buffer per staged panel");
-                            crate::amx::panel_sums_into(
-                                rows,
-                                a_tile,
-                                kp,
-                                k.clone(),
-                                panel(p),
-                                cols(p),
-                                into,
-                                more,
-                            );
-                        }
+            let staged = ps.clone().find(|&p| !direct(p)).unwrap_or(ps.end);
+            crate::amx::with_sums(ps.end - staged, |sums| {
+                let target = |i: usize| {
+                    let p = ps.start + i;
+                    let (out, out_rs) = match p.checked_sub(staged) {
+                        Some(j) => (sums[j].as_mut_ptr(), PANEL_COLS),
+                        None => (dst(p), out_rs),
+                    };
+                    crate::amx::Target {
+                        panel: panel(p),
+                        cols: cols(p),
+                        out,
+                        out_rs,
                     }
-                }
-                for (p, sums) in ps.clone().filter(|&p| !direct(p)).zip(sums.iter()) {
+                };
+                unsafe { crate::amx::chunked_sums(rows, a_tile, kp, ps.len(), target) };
+                for (p, sums) in (staged..ps.end).zip(sums.iter()) {
                     unsafe { write_sums(rows, sums.as_ptr(), dst(p), out_rs, cols(p), accumulate) }
                 }
             });

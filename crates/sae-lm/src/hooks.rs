@@ -102,7 +102,12 @@ impl HookMode<'_> {
                 remaining,
                 recorded,
             } => {
-                record_into(rows, recorded, &t.flatten_all()?.to_vec1::<f32>()?);
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                match rows.get_mut(*recorded) {
+                    Some(row) => *row = values,
+                    None => rows.push(values),
+                }
+                *recorded += 1;
                 *remaining = remaining.saturating_sub(1);
                 Ok((*remaining > 0).then(|| t.clone()))
             }

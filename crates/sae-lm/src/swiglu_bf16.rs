@@ -83,36 +83,24 @@ fn swiglu_pairs_on(
         if path == Bf16Path::Amx {
             let n = ps.len();
             amx::with_sums(2 * n, |sums| {
-                let (g, u) = sums.split_at_mut(n);
-                // k outermost: a chunk of the tile's rows stays in L1 across the panels.
-                for k in amx::k_chunks(kp) {
-                    for (i, p) in ps.clone().enumerate() {
-                        let more = k.start > 0;
-                        let (c, kk) = (cols(p), k.clone());
-                        amx::panel_sums_into(
-                            rows,
-                            a,
-                            kp,
-                            kk.clone(),
-                            gate.panel(p),
-                            c,
-                            &mut g[i],
-                            more,
-                        );
-                        amx::panel_sums_into(rows, a, kp, kk, up.panel(p), c, &mut u[i], more);
+                // Panel i of gate into sums 2i, of up into 2i + 1.
+                let target = |i: usize| {
+                    let p = ps.start + i / 2;
+                    amx::Target {
+                        panel: if i.is_multiple_of(2) {
+                            gate.panel(p)
+                        } else {
+                            up.panel(p)
+                        },
+                        cols: cols(p),
+                        out: sums[i].as_mut_ptr(),
+                        out_rs: PANEL_COLS,
                     }
-                }
-                for (i, p) in ps.clone().enumerate() {
-                    unsafe {
-                        gate_sums(
-                            rows,
-                            g[i].as_ptr(),
-                            u[i].as_ptr(),
-                            dst(p),
-                            2 * out_row,
-                            cols(p),
-                        )
-                    };
+                };
+                unsafe { amx::chunked_sums(rows, a, kp, 2 * n, target) };
+                for (gu, p) in sums.chunks_exact(2).zip(ps.clone()) {
+                    let (g, u) = (gu[0].as_ptr(), gu[1].as_ptr());
+                    unsafe { gate_sums(rows, g, u, dst(p), 2 * out_row, cols(p)) };
                 }
             });
             return;
@@ -230,7 +218,7 @@ unsafe fn tile<const R: usize>(
 }
 
 /// The AMX sums of the first `rows` rows and `cols` columns (row stride `PANEL_COLS`, as
-/// `amx::panel_sums_into` wrote them) gated as `tile` gates its registers, and written the
+/// `amx::chunked_sums` wrote them) gated as `tile` gates its registers, and written the
 /// same way.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
