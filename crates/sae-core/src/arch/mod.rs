@@ -935,11 +935,54 @@ pub(crate) fn candidates(
     }
 }
 
-/// Reused buffers of [`top_k_into`]; `best` holds its result.
+/// Reused buffers of [`top_k_into`] and [`top_k_in_order`]; `best` holds the former's
+/// result, `positions` the latter's.
 #[derive(Default)]
 pub struct TopKScratch {
     keys: Vec<u64>,
     pub best: Vec<(f32, u32)>,
+    /// Candidate values (the caller's, for [`top_k_in_order`]).
+    pub vals: Vec<f32>,
+    order: Vec<u32>,
+    pub positions: Vec<u32>,
+}
+
+/// [`top_k_into`] for candidates already in index order, given by their values
+/// `scratch.vals`: the positions of the `k` largest into `scratch.positions`, ascending, with
+/// the same ranking (larger value first, then the earlier position; NaN below every number).
+///
+/// One selection on the values' order bits finds the k-th; one pass in order then keeps what
+/// beats it and the earliest of its ties. So no per-candidate 64-bit key and no sort of the
+/// result, which is what a row of TopK's prefiltered candidates (a few times k) spent its
+/// time on.
+pub(crate) fn top_k_in_order(k: usize, scratch: &mut TopKScratch) {
+    let TopKScratch {
+        vals,
+        order,
+        positions,
+        ..
+    } = scratch;
+    positions.clear();
+    if k == 0 {
+        return;
+    }
+    if vals.len() <= k {
+        positions.extend(0..vals.len() as u32);
+        return;
+    }
+    order.clear();
+    order.extend(vals.iter().map(|&v| order_bits(v)));
+    let cut = vals.len() - k;
+    let (_, &mut kth, above) = order.select_nth_unstable(cut);
+    // Everything past the k-th is at least it; the k-th's ties fill what the larger leave.
+    let mut ties = k - above.iter().filter(|&&o| o > kth).count();
+    for (i, &v) in vals.iter().enumerate() {
+        let o = order_bits(v);
+        if o > kth || (o == kth && ties > 0) {
+            ties -= (o == kth) as usize;
+            positions.push(i as u32);
+        }
+    }
 }
 
 /// Indices and values of the `k` largest values among `cands` into `scratch.best`, sorted
@@ -956,7 +999,7 @@ pub(crate) fn top_k_into(
     cands: impl Iterator<Item = (f32, u32)>,
     scratch: &mut TopKScratch,
 ) {
-    let TopKScratch { keys, best } = scratch;
+    let TopKScratch { keys, best, .. } = scratch;
     keys.clear();
     best.clear();
     if k == 0 {
@@ -1042,14 +1085,22 @@ fn keep_largest(keys: &mut Vec<u64>, k: usize) -> u64 {
 /// The value's bits are mapped to an unsigned order (NaN as -inf, -0 as +0) in the high
 /// half; the complemented index fills the low half.
 fn rank_key(v: f32, j: u32) -> u64 {
+    (order_bits(v) as u64) << 32 | !j as u64
+}
+
+/// A float's place in [`rank_key`]'s order as an unsigned integer: NaN as -inf, -0 as +0.
+fn order_bits(v: f32) -> u32 {
     let v = if v.is_nan() {
         f32::NEG_INFINITY
     } else {
         v + 0.0
     };
     let b = v.to_bits();
-    let ord = if b >> 31 == 1 { !b } else { b | 1 << 31 };
-    (ord as u64) << 32 | !j as u64
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 1 << 31
+    }
 }
 
 /// The value and index a [`rank_key`] was made from.

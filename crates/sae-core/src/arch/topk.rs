@@ -2,10 +2,10 @@
 //! plus AuxK: the top `k_aux` dead latents reconstruct the (detached) residual.
 
 use super::{
-    batch_state, candidates, loosen, parse_train_opts, top_k_into, train_opts_from, train_opts_of,
-    validate_k, Arch, ArchKind, AuxMode, BatchInput, BatchRef, BatchSlot, Entry, EntryGrad, Family,
-    LatentParam, OptValue, RowCode, RowOut, Settings, Sparsity, StepCtx, TopKScope, TopKScratch,
-    TrainOption, TrainOpts,
+    batch_state, candidates, loosen, parse_train_opts, top_k_in_order, top_k_into, train_opts_from,
+    train_opts_of, validate_k, Arch, ArchKind, AuxMode, BatchInput, BatchRef, BatchSlot, Entry,
+    EntryGrad, Family, LatentParam, OptValue, RowCode, RowOut, Settings, Sparsity, StepCtx,
+    TopKScope, TopKScratch, TrainOption, TrainOpts,
 };
 use crate::sae::{Invalid, Sae};
 use crate::trainer::TrainHyper;
@@ -315,14 +315,19 @@ impl Arch for TopKRule {
         if ctx.screened.is_some() || !ctx.cutoff.is_empty() {
             candidates(ctx, row, pre, &mut cands, &mut vals);
         }
-        let listed = ctx.screened.is_some() || cands.len() >= self.k;
-        if listed {
+        if ctx.screened.is_some() || cands.len() >= self.k {
+            scratch.vals.clear();
             let it = cands.iter().zip(&vals);
-            top_k_into(
-                self.k,
-                it.map(|(&j, &p)| (p + b_enc[j as usize], j)),
-                &mut scratch,
-            );
+            scratch
+                .vals
+                .extend(it.map(|(&j, &p)| p + b_enc[j as usize]));
+            top_k_in_order(self.k, &mut scratch);
+            for &i in &scratch.positions {
+                let (i, v) = (i as usize, scratch.vals[i as usize]);
+                if v > 0.0 {
+                    out.push(cands[i] as usize, v, 0.0, vals[i]);
+                }
+            }
         } else {
             let it = pre.iter().zip(b_enc).enumerate();
             top_k_into(
@@ -330,21 +335,10 @@ impl Arch for TopKRule {
                 it.map(|(j, (&p, &b))| (p + b, j as u32)),
                 &mut scratch,
             );
-        }
-        // Both ascending: each kept latent's value is found further on in the list.
-        let mut at = 0;
-        for &(v, j) in &scratch.best {
-            if v > 0.0 {
-                let p = match listed {
-                    true => {
-                        while cands[at] != j {
-                            at += 1;
-                        }
-                        vals[at]
-                    }
-                    false => pre[j as usize],
-                };
-                out.push(j as usize, v, 0.0, p);
+            for &(v, j) in &scratch.best {
+                if v > 0.0 {
+                    out.push(j as usize, v, 0.0, pre[j as usize]);
+                }
             }
         }
         out.cands = cands;

@@ -614,6 +614,38 @@ fn top_k_into_matches_a_full_sort() {
     }
 }
 
+/// `top_k_in_order` (candidates in index order, by value) against `top_k_into` on the same
+/// candidates: same positions, on ties, NaN, infinities, signed zeros and k past the count.
+#[test]
+fn top_k_in_order_matches_top_k_into() {
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (mut a, mut b) = (
+        crate::arch::TopKScratch::default(),
+        crate::arch::TopKScratch::default(),
+    );
+    for trial in 0..400 {
+        let len = rng.gen_range(0..500usize);
+        b.vals.clear();
+        b.vals.extend((0..len).map(|_| match rng.gen_range(0..60) {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::NEG_INFINITY,
+            3 => -0.0,
+            4 => 0.0,
+            5 => 1e-42,
+            // Few distinct values, so that the k-th often has ties on both sides.
+            _ => rng.gen_range(-6i32..6) as f32 * 0.5,
+        }));
+        let k = rng.gen_range(0..len + 20);
+        let cands = b.vals.iter().enumerate().map(|(i, &v)| (v, i as u32));
+        crate::arch::top_k_into(k, cands, &mut a);
+        crate::arch::top_k_in_order(k, &mut b);
+        let want: Vec<u32> = a.best.iter().map(|&(_, i)| i).collect();
+        assert_eq!(b.positions, want, "trial {trial}: len {len}, k {k}");
+    }
+}
+
 /// `kth_largest_positive` against a full sort: ties, values spread over many and over one
 /// histogram bucket, infinities and subnormals, `want` from 1 to the count.
 #[test]
