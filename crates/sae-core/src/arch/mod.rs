@@ -976,13 +976,17 @@ pub(crate) fn top_k_in_order(k: usize, scratch: &mut TopKScratch) {
     let (_, &mut kth, above) = order.select_nth_unstable(cut);
     // Everything past the k-th is at least it; the k-th's ties fill what the larger leave.
     let mut ties = k - above.iter().filter(|&&o| o > kth).count();
+    // Every position is written and the length moves past the kept ones: no branch on the data.
+    positions.resize(vals.len(), 0);
+    let mut len = 0;
     for (i, &v) in vals.iter().enumerate() {
         let o = order_bits(v);
-        if o > kth || (o == kth && ties > 0) {
-            ties -= (o == kth) as usize;
-            positions.push(i as u32);
-        }
+        let tie = (o == kth && ties > 0) as usize;
+        positions[len] = i as u32;
+        ties -= tie;
+        len += (o > kth) as usize | tie;
     }
+    positions.truncate(len);
 }
 
 /// Indices and values of the `k` largest values among `cands` into `scratch.best`, sorted
