@@ -942,9 +942,9 @@ pub struct TopKScratch {
     keys: Vec<u64>,
     pub best: Vec<(f32, u32)>,
     /// Candidate values (the caller's, for [`top_k_in_order`]).
-    pub vals: Vec<f32>,
+    pub(crate) vals: Vec<f32>,
     order: Vec<u32>,
-    pub positions: Vec<u32>,
+    pub(crate) positions: Vec<u32>,
 }
 
 /// [`top_k_into`] for candidates already in index order, given by their values

@@ -322,8 +322,8 @@ impl Arch for TopKRule {
                 .vals
                 .extend(it.map(|(&j, &p)| p + b_enc[j as usize]));
             top_k_in_order(self.k, &mut scratch);
-            for &i in &scratch.positions {
-                let (i, v) = (i as usize, scratch.vals[i as usize]);
+            for i in scratch.positions.iter().map(|&i| i as usize) {
+                let v = scratch.vals[i];
                 if v > 0.0 {
                     out.push(cands[i] as usize, v, 0.0, vals[i]);
                 }
