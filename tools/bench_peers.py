@@ -15,7 +15,8 @@ median tokens/s of SAELens' own training step (`SAETrainer.step`: forward, loss,
 clipping, Adam, lr and coefficient schedules, dead-latent counters; f32, random activations)
 against `sae bench` at L0 64 (k = 64 for the k families; the PyTorch step is dense, so its cost
 does not depend on the L0). Harvest: SmolLM2-135M to blocks.15.hook_resid_post, 128-token
-contexts, transformers f32 and bf16 against `sae harvest --compute f32` and `--compute bf16`
+contexts, transformers f32 and bf16 against `sae harvest --compute f32`, `--compute bf16x3`
+(three bf16 products per product, ~16 significant bits per operand) and `--compute bf16`
 (tools/bench_hf_harvest.py does the timing). Every configuration runs --rounds times, the two
 sides alternating, and the best of each is kept: on a busy machine the best run is the one least
 slowed by others. Both sides use the same thread count (torch's; RAYON_NUM_THREADS for ours).
@@ -206,10 +207,13 @@ def bench_harvest(a, threads: int) -> None:
             a.sae_bin, a.harvest_tokens, a.harvest_batch, ("--compute", "f32")),
     }
     if "avx512_bf16" in cpu_flags():
-        runs["sae harvest --compute bf16"] = lambda: hh.bench_ours(
-            a.sae_bin, a.harvest_tokens, a.harvest_batch, ("--compute", "bf16"))
+        for compute in ("bf16x3", "bf16"):
+            runs[f"sae harvest --compute {compute}"] = (
+                lambda c=compute: hh.bench_ours(
+                    a.sae_bin, a.harvest_tokens, a.harvest_batch, ("--compute", c)))
     else:
-        print("  (no `sae harvest --compute bf16`: it needs AVX512-BF16, which this CPU lacks)")
+        print("  (no `sae harvest --compute bf16` or `bf16x3`: they need AVX512-BF16, which this "
+              "CPU lacks)")
     rates = {name: [] for name in runs}
     for r in range(a.rounds):
         for name, run in runs.items():
@@ -241,7 +245,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="threads on both sides (default: torch's)")
     ap.add_argument("--precision", default="f32",
                     help="comma-separated precisions of our side (f32, bf16, bf16-sparse, f32-bf16-sparse, "
-                         "f32-screened); "
+                         "f32-screened, bf16x3); "
                          "SAELens trains in f32")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-harvest", action="store_true")

@@ -441,8 +441,8 @@ def harvest(
     store, ``harvested`` by this call, ``tokens_per_second``, ``shards``...).
 
     The other keywords are the CLI's flags: ``ctx`` (context length, BOS included),
-    ``batch`` (contexts per forward pass), ``compute`` (``"f32"`` or ``"bf16"`` weight
-    products), and for stores only ``dtype`` (``"f32"``/``"bf16"``), ``store_tokens``,
+    ``batch`` (contexts per forward pass), ``compute`` (``"f32"``, ``"bf16"`` or ``"bf16x3"``
+    weight products), and for stores only ``dtype`` (``"f32"``/``"bf16"``), ``store_tokens``,
     ``shard_rows``; ``include_bos`` keeps the BOS rows. ``threads``: worker threads for the
     forward pass (default: all cores, or ``RAYON_NUM_THREADS``).
 

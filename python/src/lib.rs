@@ -999,15 +999,9 @@ fn harvest<'py>(
             "batch and shard_rows must be at least 1",
         ));
     }
-    let bf16_compute = match compute {
-        "f32" => false,
-        "bf16" => true,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "compute must be 'f32' or 'bf16'; got '{other}'"
-            )))
-        }
-    };
+    let products: sae_lm::ProductPrecision = compute
+        .parse()
+        .map_err(|e| PyValueError::new_err(format!("compute: {e}")))?;
     let dtype: sae_store::writer::StoreDtype = dtype
         .parse()
         .map_err(|e| PyValueError::new_err(format!("dtype: {e:#}")))?;
@@ -1028,7 +1022,7 @@ fn harvest<'py>(
                 tokens,
                 ctx,
                 batch,
-                bf16_compute,
+                products,
                 include_bos,
                 progress: false,
             };
@@ -1053,7 +1047,7 @@ fn harvest<'py>(
                 ctx,
                 dtype,
                 batch,
-                bf16_compute,
+                products,
                 store_tokens,
                 include_bos,
                 shard_rows,

@@ -2,7 +2,7 @@
 
 use clap::Args;
 use sae_lm::harvest_store::{harvest_to_store, StoreHarvest};
-use sae_lm::LanguageModel;
+use sae_lm::{LanguageModel, ProductPrecision};
 use sae_store::writer::StoreDtype;
 use std::io::Write;
 use std::path::PathBuf;
@@ -53,11 +53,13 @@ pub struct HarvestArgs {
     /// Contexts per forward pass.
     #[arg(long, default_value = "16", value_parser = parse_positive)]
     pub batch: usize,
-    /// Precision of the model's weight products: f32, or bf16 (on AMX tiles where the CPU has
-    /// them, else AVX512-BF16, which is faster than f32 on some CPUs only; Llama-family
-    /// models; the activations then differ slightly from f32's).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub compute: String,
+    /// Precision of the model's weight products: f32; bf16 (on AMX tiles where the CPU has
+    /// them, else AVX512-BF16, which is faster than f32 on some CPUs only; the activations
+    /// then differ slightly from f32's); or bf16x3, three bf16 products per product with
+    /// about 16 significant bits per operand (faster than f32 on AMX only). Other than f32:
+    /// Llama-family models.
+    #[arg(long, default_value = "f32")]
+    pub compute: ProductPrecision,
     /// Also store token ids and (context, position) of every row.
     #[arg(long)]
     pub store_tokens: bool,
@@ -85,7 +87,7 @@ pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
             ctx: args.ctx,
             dtype: args.dtype,
             batch: args.batch,
-            bf16_compute: args.compute == "bf16",
+            products: args.compute,
             store_tokens: args.store_tokens,
             include_bos: args.include_bos,
             shard_rows: args.shard_rows,

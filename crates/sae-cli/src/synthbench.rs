@@ -68,8 +68,8 @@ pub struct SynthBenchArgs {
     pub ortho_steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Precision of every SAE's training: f32, bf16, bf16-sparse, f32-bf16-sparse or
-    /// f32-screened (`sae train --precision`).
+    /// Precision of every SAE's training: f32, bf16, bf16-sparse, f32-bf16-sparse,
+    /// f32-screened or bf16x3 (`sae train --precision`).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: Precision,
     /// Generate each SAE's training rows while it trains (no memory for them, but every SAE

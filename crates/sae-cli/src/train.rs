@@ -229,7 +229,8 @@ pub struct BenchArgs {
     /// Active latents per token the benchmark SAEs are set up for (k of topk).
     #[arg(long, default_value_t = sae_core::bench::BENCH_L0)]
     pub l0: usize,
-    /// f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened (as `sae train --precision`).
+    /// f32, bf16, bf16-sparse, f32-bf16-sparse, f32-screened or bf16x3 (as `sae train
+    /// --precision`).
     #[arg(long, default_value = "f32", value_parser = |s: &str| s.parse::<sae_core::Precision>())]
     pub precision: sae_core::Precision,
 }

@@ -127,7 +127,7 @@ pub fn run_bench_in(
             };
             let mut trainer = SaeTrainer::new(sae, hyper);
             let mut enc_f32 = TransposedF32::default();
-            let mut enc_bf16 = EncoderBf16::default();
+            let mut enc_bf16 = EncoderBf16::new(precision.split_encoder());
             let (mut times, mut gemm_times) = (Vec::new(), Vec::new());
             let mut l0_mean = 0.0;
             for s in 0..steps + 2 {

@@ -134,11 +134,17 @@ fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 /// A `[k, n]` weight matrix rounded to bf16, packed as panels of `NR` columns; within a panel,
-/// one row of `NR` u32 per pair of consecutive k (zero-padded past `k` and `n`).
+/// one row of `NR` u32 per pair of consecutive k (zero-padded past `k` and `n`). Or, made by
+/// `pack_split`, the three-term stack of such a matrix.
 pub struct PackedBf16 {
+    /// Inner dimension of the packed rows: `src_k`, or for a split matrix the stack's.
     k: usize,
     n: usize,
     k_pairs: usize,
+    /// Inner dimension of the matrix this was made from (of the operand rows).
+    src_k: usize,
+    /// Packed by `pack_split`: `matmul` splits its rows to match.
+    split: bool,
     data: AlignedVec<u32>,
 }
 
@@ -169,6 +175,47 @@ impl PackedBf16 {
         p
     }
 
+    /// `w` (`[k, n]` row-major f32) for a three-term product with rows from `split_rows`:
+    /// stacked along k as `[w_hi; w_lo; w_hi]`, each segment `k.div_ceil(2)` pairs long, where
+    /// `w_hi` is `w` rounded to bf16 and `w_lo` what that rounding left, rounded again. Against
+    /// rows `[a_hi | a_hi | a_lo]` one bf16 product then sums `a_hi w_hi + a_hi w_lo +
+    /// a_lo w_hi`: each term's operands carry about 16 of f32's 24 significant bits.
+    pub fn pack_split(w: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n);
+        let seg = 2 * k.div_ceil(2);
+        let mut stacked = vec![0.0f32; 3 * seg * n];
+        let (hi, rest) = stacked.split_at_mut(seg * n);
+        let (lo, hi2) = rest.split_at_mut(seg * n);
+        for (i, &v) in w.iter().enumerate() {
+            let (h, l) = split_value(v);
+            hi[i] = h;
+            hi2[i] = h;
+            lo[i] = l;
+        }
+        Self {
+            src_k: k,
+            split: true,
+            ..Self::pack(&stacked, 3 * seg, n)
+        }
+    }
+
+    /// `pack_split` of the matrix whose transpose is `w_t` (`[n, k]` row-major).
+    pub fn pack_split_transposed(w_t: &[f32], k: usize, n: usize) -> Self {
+        let kp = k.div_ceil(2);
+        let mut p = Self {
+            src_k: k,
+            split: true,
+            ..Self::empty(6 * kp, n)
+        };
+        p.repack_transposed(w_t);
+        p
+    }
+
+    /// Whether this was packed for three-term products (`pack_split`).
+    pub fn is_split(&self) -> bool {
+        self.split
+    }
+
     /// `w_t` is the transpose, `[n, k]` row-major (the trainer's encoder layout).
     pub fn pack_transposed(w_t: &[f32], k: usize, n: usize) -> Self {
         let mut p = Self::empty(k, n);
@@ -176,8 +223,12 @@ impl PackedBf16 {
         p
     }
 
-    /// Packs `w_t` (`[n, k]`, the shape this was made for) into the existing buffer.
+    /// Packs `w_t` (`[n, k]`, the shape this was made for) into the existing buffer, split
+    /// into three terms if this is a split matrix.
     pub fn repack_transposed(&mut self, w_t: &[f32]) {
+        if self.split {
+            return self.repack_split_transposed(w_t);
+        }
         let (k, n, kp) = (self.k, self.n, self.k_pairs);
         assert_eq!(w_t.len(), k * n);
         self.data
@@ -201,22 +252,51 @@ impl PackedBf16 {
             });
     }
 
+    /// `repack_transposed` for a split matrix: per column, the pairs of its hi parts, of its
+    /// lo parts, and of its hi parts again (`pack_split`'s stack).
+    fn repack_split_transposed(&mut self, w_t: &[f32]) {
+        let (k, n, seg) = (self.src_k, self.n, self.k_pairs / 3);
+        assert_eq!(w_t.len(), k * n);
+        self.data
+            .par_chunks_mut(self.k_pairs * NR)
+            .enumerate()
+            .for_each(|(panel_i, panel)| {
+                for c in 0..NR {
+                    let col = panel_i * NR + c;
+                    if col >= n {
+                        break;
+                    }
+                    let src = &w_t[col * k..][..k];
+                    for j in 0..seg {
+                        let part = |i: usize| split_value(src.get(i).copied().unwrap_or(0.0));
+                        let ((h0, l0), (h1, l1)) = (part(2 * j), part(2 * j + 1));
+                        panel[j * NR + c] = pair(h0, h1);
+                        panel[(seg + j) * NR + c] = pair(l0, l1);
+                        panel[(2 * seg + j) * NR + c] = pair(h0, h1);
+                    }
+                }
+            });
+    }
+
     fn empty(k: usize, n: usize) -> Self {
         let k_pairs = k.div_ceil(2);
         Self {
             k,
             n,
             k_pairs,
+            src_k: k,
+            split: false,
             data: AlignedVec::zeroed(n.div_ceil(NR) * k_pairs * NR),
         }
     }
 
-    /// Inner dimension and output columns.
+    /// Inner dimension (of the rows it multiplies) and output columns.
     pub fn shape(&self) -> (usize, usize) {
-        (self.k, self.n)
+        (self.src_k, self.n)
     }
 
-    /// Pairs of k per panel row (`k.div_ceil(2)`).
+    /// Pairs of k per panel row (`k.div_ceil(2)`; three times the source's for a split
+    /// matrix), the length of an operand row for `matmul_pairs`.
     pub fn k_pairs(&self) -> usize {
         self.k_pairs
     }
@@ -292,7 +372,10 @@ fn matmul_impl(
     if m == 0 || w.n == 0 {
         return;
     }
-    let a_row = round_rows_on(path, m, a, a_rs, w.k, a_pairs);
+    let a_row = match w.split {
+        true => split_rows_on(path, m, a, a_rs, w.src_k, a_pairs),
+        false => round_rows_on(path, m, a, a_rs, w.k, a_pairs),
+    };
     product_on(
         path,
         portable,
@@ -359,6 +442,115 @@ pub fn round_row_pairs(src: &[f32], dst: &mut [u32]) {
     assert_eq!(dst.len(), src.len().div_ceil(2));
     // SAFETY: AVX512-BF16 checked just above.
     unsafe { round_row(src, dst) }
+}
+
+/// `v` as a bf16 value and what that rounding left, as f32: the two parts of a split operand.
+#[inline(always)]
+fn split_value(v: f32) -> (f32, f32) {
+    let h = from_bf16(to_bf16(v));
+    (h, v - h)
+}
+
+/// `round_rows_on` for a split matrix (`PackedBf16::pack_split`): per row three segments of
+/// `k.div_ceil(2)` pairs, `[hi | hi | lo]`, hi the row rounded to bf16 and lo the remainder
+/// rounded again (widened for `Bf16Path::Widen`). Returns the row length.
+fn split_rows_on(
+    path: Bf16Path,
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    k: usize,
+    a_pairs: &mut AlignedVec<u32>,
+) -> usize {
+    assert!(m == 0 || (k <= a_rs && a.len() >= (m - 1) * a_rs + k));
+    let kp = k.div_ceil(2);
+    let row = match path {
+        Bf16Path::Amx | Bf16Path::Avx512Bf16 => 3 * kp,
+        Bf16Path::Widen => 6 * kp,
+    };
+    if a_pairs.len() < m * row {
+        a_pairs.resize(m * row);
+    }
+    a_pairs[..m * row]
+        .par_chunks_mut(row * ROW_BLOCK)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (i, dst) in rows.chunks_exact_mut(row).enumerate() {
+                let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
+                match path {
+                    // SAFETY: the callers checked `path.runs_here()`, which for both
+                    // includes AVX512-BF16.
+                    Bf16Path::Amx | Bf16Path::Avx512Bf16 => unsafe { split_row(src, dst) },
+                    Bf16Path::Widen => {
+                        let (hi, rest) = dst.split_at_mut(2 * kp);
+                        let (hi2, lo) = rest.split_at_mut(2 * kp);
+                        for (j, &v) in src.iter().enumerate() {
+                            // Rounding a bf16 value again changes nothing, as the other
+                            // paths' operands are rounded once.
+                            let (h, l) = split_value(v);
+                            hi[j] = h.to_bits();
+                            lo[j] = from_bf16(to_bf16(l)).to_bits();
+                        }
+                        hi[k..].fill(0);
+                        lo[k..].fill(0);
+                        hi2.copy_from_slice(hi);
+                    }
+                }
+            }
+        });
+    row
+}
+
+/// `split_rows_on`'s row as bf16 pairs, plain code: the same bits as `split_row`.
+fn split_row_portable(src: &[f32], hi: &mut [u32], hi2: &mut [u32], lo: &mut [u32]) {
+    let part = |i: usize| split_value(src.get(i).copied().unwrap_or(0.0));
+    for j in 0..hi.len() {
+        let ((h0, l0), (h1, l1)) = (part(2 * j), part(2 * j + 1));
+        hi[j] = pair(h0, h1);
+        hi2[j] = hi[j];
+        lo[j] = pair(l0, l1);
+    }
+}
+
+/// One row of `split_rows_on` as bf16 pairs (`dst.len() == 3 * src.len().div_ceil(2)`), 32
+/// values per step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn split_row(src: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let kp = src.len().div_ceil(2);
+    debug_assert_eq!(dst.len(), 3 * kp);
+    let (hi, rest) = dst.split_at_mut(kp);
+    let (hi2, lo) = rest.split_at_mut(kp);
+    let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    let whole = src.len() / 32;
+    for i in 0..whole {
+        let s = src.as_ptr().add(32 * i);
+        let (a, b) = (_mm512_loadu_ps(s), _mm512_loadu_ps(s.add(16)));
+        let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+        let (ha, hb) = (
+            widen(_mm512_castsi512_si256(h)),
+            widen(_mm512_extracti64x4_epi64(h, 1)),
+        );
+        let l: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+            _mm512_sub_ps(b, hb),
+            _mm512_sub_ps(a, ha),
+        ));
+        _mm512_storeu_si512(hi.as_mut_ptr().add(16 * i) as *mut __m512i, h);
+        _mm512_storeu_si512(hi2.as_mut_ptr().add(16 * i) as *mut __m512i, h);
+        _mm512_storeu_si512(lo.as_mut_ptr().add(16 * i) as *mut __m512i, l);
+    }
+    split_row_portable(
+        &src[32 * whole..],
+        &mut hi[16 * whole..],
+        &mut hi2[16 * whole..],
+        &mut lo[16 * whole..],
+    );
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn split_row(_src: &[f32], _dst: &mut [u32]) {
+    unreachable!("the AVX512-BF16 path is x86_64 only");
 }
 
 /// `matmul` on rows already rounded by `round_rows` (`w.k_pairs()` u32 each): for products
@@ -845,6 +1037,13 @@ pub enum Precision {
     /// values wherever they look. Rules without `Arch::screen_cutoff` run the f32 product.
     #[serde(rename = "f32-screened")]
     F32Screened,
+    /// The encoder product as three bf16 products (`PackedBf16::pack_split`): each operand
+    /// a bf16 part plus a bf16 remainder, about 16 significant bits instead of 8, so the
+    /// pre-activations are within ~2^-15 of sum |x w| of the f32 ones (the "bf16x3" of JAX's
+    /// `Precision.HIGH`). Everything else as `F32`. Three times `Bf16`'s product: faster than
+    /// f32 only where bf16 products are (AMX).
+    #[serde(rename = "bf16x3")]
+    Bf16x3,
 }
 
 impl Precision {
@@ -855,12 +1054,22 @@ impl Precision {
             Precision::Bf16Sparse => "bf16-sparse",
             Precision::F32Bf16Sparse => "f32-bf16-sparse",
             Precision::F32Screened => "f32-screened",
+            Precision::Bf16x3 => "bf16x3",
         }
     }
 
-    /// Whether the encoder product runs in bf16 and selection reads its bf16 sums.
+    /// Whether the encoder product runs in bf16 (one or three terms) and selection reads
+    /// its sums.
     pub fn bf16_encoder(self) -> bool {
-        matches!(self, Precision::Bf16 | Precision::Bf16Sparse)
+        matches!(
+            self,
+            Precision::Bf16 | Precision::Bf16Sparse | Precision::Bf16x3
+        )
+    }
+
+    /// Whether the encoder product is split into three bf16 terms (`Precision::Bf16x3`).
+    pub fn split_encoder(self) -> bool {
+        self == Precision::Bf16x3
     }
 
     /// Whether the encoder product is screened in bf16 and refined in f32 (where the rule
@@ -895,21 +1104,33 @@ impl std::str::FromStr for Precision {
             "bf16-sparse" => Ok(Precision::Bf16Sparse),
             "f32-bf16-sparse" => Ok(Precision::F32Bf16Sparse),
             "f32-screened" => Ok(Precision::F32Screened),
+            "bf16x3" => Ok(Precision::Bf16x3),
             _ => Err(format!(
-                "'{s}' is no precision; use f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened"
+                "'{s}' is no precision; use f32, bf16, bf16-sparse, f32-bf16-sparse, f32-screened \
+                 or bf16x3"
             )),
         }
     }
 }
 
-/// The trainer's bf16 encoder: a packed copy of W_enc and the scratch for the rounded inputs.
+/// The trainer's bf16 encoder: a packed copy of W_enc (rounded, or split into three terms)
+/// and the scratch for the rounded inputs.
 #[derive(Default)]
 pub struct EncoderBf16 {
     packed: Option<PackedBf16>,
     scratch: AlignedVec<u32>,
+    split: bool,
 }
 
 impl EncoderBf16 {
+    /// Products of one bf16 term, or of three (`split`, `Precision::Bf16x3`).
+    pub fn new(split: bool) -> Self {
+        Self {
+            split,
+            ..Self::default()
+        }
+    }
+
     /// `out[b, j] = sum_i x[b, i] * w_t[j, i]` (the shapes of `kernels::matmul_xt`) in bf16:
     /// `w_t` is packed afresh first, so the copy always follows the f32 weights.
     pub fn matmul_xt(
@@ -929,8 +1150,12 @@ impl EncoderBf16 {
 
     /// Packs the bf16 copy of `w_t` (`[d_sae, d_in]`) afresh.
     pub fn refresh(&mut self, w_t: &[f32], d_in: usize, d_sae: usize) {
+        let split = self.split;
         match &mut self.packed {
-            Some(p) if p.shape() == (d_in, d_sae) => p.repack_transposed(w_t),
+            Some(p) if p.shape() == (d_in, d_sae) && p.is_split() == split => {
+                p.repack_transposed(w_t)
+            }
+            slot if split => *slot = Some(PackedBf16::pack_split_transposed(w_t, d_in, d_sae)),
             slot => *slot = Some(PackedBf16::pack_transposed(w_t, d_in, d_sae)),
         }
     }
@@ -1154,6 +1379,85 @@ mod tests {
             );
             // Not the f32 product by another name: rounding shows.
             assert!(worst > 1e-5, "{path:?} gave f32 results");
+        }
+    }
+
+    /// Three-term products (`PackedBf16::pack_split`, rows split by `matmul`) on odd k,
+    /// strided rows and mixed magnitudes, on every path this CPU has: AVX512-BF16 and the
+    /// widened path agree bit for bit, the transposed packing is the same matrix, and each sum is within about 2^-15
+    /// of sum |a w| (operands of ~16 bits, plus f32 sums over 3k terms) of the exact product,
+    /// where one bf16 product is ~2^-8 off.
+    #[test]
+    fn split_products_are_within_their_bound_of_the_exact_product() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let shapes = [
+            (1, 1, 3, 1),
+            (13, 77, 50, 80),
+            (70, 576, 100, 576),
+            (9, 1536, 64, 1600),
+        ];
+        for (m, k, n, a_rs) in shapes {
+            let a: Vec<f32> = (0..m * a_rs).map(|_| mixed(&mut rng)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| mixed(&mut rng) * 0.1).collect();
+            let packed = PackedBf16::pack_split(&w, k, n);
+            assert!(packed.is_split());
+            assert_eq!(packed.k_pairs(), 3 * k.div_ceil(2));
+            assert_eq!(packed.shape(), (k, n));
+            let w_t: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let transposed = PackedBf16::pack_split_transposed(&w_t, k, n);
+            assert_eq!(&packed.data[..], &transposed.data[..], "({m}, {k}, {n})");
+            let bound_rel = 2f64.powi(-15) + 3.0 * k as f64 * 2f64.powi(-24);
+            let mut first: Option<Vec<f32>> = None;
+            for path in Bf16Path::all_available() {
+                let mut out = vec![0.0f32; m * n];
+                run(path, m, &a, a_rs, &packed, &mut out);
+                let mut worst = 0.0f64;
+                for r in 0..m {
+                    for c in 0..n {
+                        let (mut exact, mut abs_sum) = (0.0f64, 0.0f64);
+                        for i in 0..k {
+                            let p = a[r * a_rs + i] as f64 * w[i * n + c] as f64;
+                            exact += p;
+                            abs_sum += p.abs();
+                        }
+                        let err = (out[r * n + c] as f64 - exact).abs();
+                        assert!(
+                            err <= bound_rel * abs_sum,
+                            "{path:?} ({m}, {k}, {n}) at ({r}, {c}): {err} > {bound_rel} * {abs_sum}"
+                        );
+                        if abs_sum > 0.0 {
+                            worst = worst.max(err / abs_sum);
+                        }
+                    }
+                }
+                eprintln!(
+                    "{path:?} ({m}, {k}, {n}): worst |bf16x3 - exact| / sum|a w| = {worst:.2e}"
+                );
+                // The widened path has `vdpbf16ps`'s bits (AMX sums in its own order).
+                if path == Bf16Path::Amx {
+                    continue;
+                }
+                match &first {
+                    None => first = Some(out),
+                    Some(f) => assert!(
+                        f.iter().zip(&out).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{path:?} ({m}, {k}, {n}) differs from AVX512-BF16"
+                    ),
+                }
+            }
+            if available() {
+                // The vector split and the plain one agree bit for bit.
+                let kp = k.div_ceil(2);
+                let mut pairs = AlignedVec::default();
+                split_rows_on(Bf16Path::Avx512Bf16, m, &a, a_rs, k, &mut pairs);
+                for r in 0..m {
+                    let mut want = vec![0u32; 3 * kp];
+                    let (hi, rest) = want.split_at_mut(kp);
+                    let (hi2, lo) = rest.split_at_mut(kp);
+                    split_row_portable(&a[r * a_rs..][..k], hi, hi2, lo);
+                    assert_eq!(&pairs[r * 3 * kp..][..3 * kp], &want[..], "row {r}, k {k}");
+                }
+            }
         }
     }
 

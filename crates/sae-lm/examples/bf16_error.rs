@@ -1,6 +1,7 @@
-//! How far bf16 products move the model: `cargo run --release -p sae-lm --example bf16_error
-//! [TOKENS] [HOOK]`. On python-docs contexts of 128 it prints the relative error at the hook
-//! (||bf16 - f32|| / ||f32|| over all rows) and the mean next-token loss both ways.
+//! How far bf16 or bf16x3 products move the model: `cargo run --release -p sae-lm --example
+//! bf16_error [TOKENS] [HOOK] [bf16|bf16x3]`. On python-docs contexts of 128 it prints the
+//! relative error at the hook (||got - f32|| / ||f32|| over all rows) and the mean next-token
+//! loss both ways.
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -10,11 +11,15 @@ fn main() -> anyhow::Result<()> {
         .cloned()
         .unwrap_or_else(|| "blocks.15.hook_resid_post".into());
     let (ctx, batch) = (128, 8);
+    let products: sae_lm::ProductPrecision = match args.get(3) {
+        None => sae_lm::ProductPrecision::Bf16,
+        Some(s) => s.parse().map_err(anyhow::Error::msg)?,
+    };
     let mut model = sae_lm::LanguageModel::load("smollm2-135m")?;
     let contexts = sae_lm::corpus::pack_corpus("python-docs", model.tokenizer(), ctx, tokens, 0)?;
     // Each way over all contexts: (activations at the hook, per-token losses).
-    let mut run = |bf16: bool| -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
-        model.set_bf16_products(bf16)?;
+    let mut run = |p: sae_lm::ProductPrecision| -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        model.set_products(p)?;
         let (mut acts, mut losses) = (Vec::new(), Vec::new());
         for chunk in contexts.tokens.chunks(batch * ctx) {
             let b = chunk.len() / ctx;
@@ -23,8 +28,8 @@ fn main() -> anyhow::Result<()> {
         }
         Ok((acts, losses))
     };
-    let (want, loss) = run(false)?;
-    let (got, loss_bf16) = run(true)?;
+    let (want, loss) = run(sae_lm::ProductPrecision::F32)?;
+    let (got, loss_got) = run(products)?;
     let width = want.len() / (contexts.n_contexts() * ctx);
     let (mut diff2, mut norm2) = (0f64, 0f64);
     // (relative error, position in context) of every row.
@@ -50,13 +55,13 @@ fn main() -> anyhow::Result<()> {
         rows.iter().filter(|r| r.0 > 1e-2 && r.1 == 1).count()
     );
     let mean = |v: &[f32]| v.iter().map(|&l| l as f64).sum::<f64>() / v.len() as f64;
-    let (ce_f32, ce_bf16) = (mean(&loss), mean(&loss_bf16));
+    let (ce_f32, ce_got) = (mean(&loss), mean(&loss_got));
     println!(
-        "{} contexts of {ctx}, {hook}: rel err {:.2e}; CE f32 {ce_f32:.4}, bf16 {ce_bf16:.4}, \
+        "{} contexts of {ctx}, {hook}: rel err {:.2e}; CE f32 {ce_f32:.4}, {products} {ce_got:.4}, \
          delta {:+.4}",
         contexts.n_contexts(),
         (diff2 / norm2).sqrt(),
-        ce_bf16 - ce_f32
+        ce_got - ce_f32
     );
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Forward-pass harvest speed without writing: `cargo run --release -p sae-lm --example
-//! harvest_speed [TOKENS] [BATCH] [HOOK] [f32|bf16]`. Prints tokens/s (rows at the hook, BOS
-//! left out); `bf16` runs the weight products in bf16.
+//! harvest_speed [TOKENS] [BATCH] [HOOK] [f32|bf16|bf16x3]`. Prints tokens/s (rows at the
+//! hook, BOS left out) with the weight products in that precision.
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -14,13 +14,12 @@ fn main() -> anyhow::Result<()> {
         .get(3)
         .cloned()
         .unwrap_or_else(|| "blocks.15.hook_resid_post".into());
-    let bf16 = match args.get(4).map(|s| s.as_str()) {
-        None | Some("f32") => false,
-        Some("bf16") => true,
-        Some(other) => anyhow::bail!("compute dtype '{other}': use f32 or bf16"),
+    let products: sae_lm::ProductPrecision = match args.get(4) {
+        None => sae_lm::ProductPrecision::F32,
+        Some(s) => s.parse().map_err(anyhow::Error::msg)?,
     };
     let mut model = sae_lm::LanguageModel::load("smollm2-135m")?;
-    model.set_bf16_products(bf16)?;
+    model.set_products(products)?;
     let contexts = sae_lm::corpus::pack_corpus("python-docs", model.tokenizer(), 128, tokens, 0)?;
     let opts = sae_lm::harvest::HarvestOptions {
         batch,
@@ -37,7 +36,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{} tokens at {hook}, batch {batch}, {} products: {:.1}s, {:.0} tokens/s (checksum {checksum:.3})",
         stats.rows,
-        if bf16 { "bf16" } else { "f32" },
+        products,
         stats.seconds,
         stats.tokens_per_second()
     );

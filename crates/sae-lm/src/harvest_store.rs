@@ -6,7 +6,7 @@
 use crate::corpus::PackedContexts;
 use crate::harvest::{harvest, harvest_hooks, harvest_with_grad, HarvestOptions, HarvestStats};
 use crate::Hook;
-use crate::LanguageModel;
+use crate::{LanguageModel, ProductPrecision};
 use anyhow::{bail, Context, Result};
 use sae_output::{
     check_output, check_output_folder, ensure_space, mark, Input, OutputKind, OutputLock,
@@ -33,8 +33,8 @@ pub struct StoreHarvest {
     pub dtype: StoreDtype,
     /// Contexts per forward pass.
     pub batch: usize,
-    /// Weight products in bf16 instead of f32.
-    pub bf16_compute: bool,
+    /// How the model's weight products run.
+    pub products: ProductPrecision,
     /// Also store token ids and (context, position) of every row.
     pub store_tokens: bool,
     /// Keep the BOS position's rows.
@@ -79,11 +79,15 @@ fn check_counts(ctx: usize, tokens: usize) -> Result<()> {
 
 /// Loads `spec` with the products in bf16 when asked, and checks `hook`; returns the model
 /// and the hook's width.
-pub fn open_model(spec: &str, hook: &str, bf16_compute: bool) -> Result<(LanguageModel, usize)> {
+pub fn open_model(
+    spec: &str,
+    hook: &str,
+    products: ProductPrecision,
+) -> Result<(LanguageModel, usize)> {
     let mut model = LanguageModel::load(spec)?;
-    model
-        .set_bf16_products(bf16_compute)
-        .context("--compute bf16 is not available here; use --compute f32")?;
+    model.set_products(products).with_context(|| {
+        format!("--compute {products} is not available here; use --compute f32")
+    })?;
     let width = model.hook_width(model.hook(hook)?);
     Ok((model, width))
 }
@@ -219,9 +223,12 @@ fn harvest_into(
     }
     let t0 = Instant::now();
     let mut model = LanguageModel::load(&a.model)?;
-    model
-        .set_bf16_products(a.bf16_compute)
-        .context("--compute bf16 is not available here; use --compute f32")?;
+    model.set_products(a.products).with_context(|| {
+        format!(
+            "--compute {} is not available here; use --compute f32",
+            a.products
+        )
+    })?;
     if a.with_grad {
         model
             .check_loss_grad()
@@ -277,7 +284,6 @@ fn harvest_into(
 
     let rows_per_ctx = rows_per_context(a.ctx, a.include_bos);
     let rows_per_shard = (a.shard_rows / rows_per_ctx).max(1) * rows_per_ctx;
-    let compute = if a.bf16_compute { "bf16" } else { "f32" };
     let mut writers = Vec::new();
     for ((name, out), &width) in outputs.iter().zip(&widths) {
         let template = Manifest {
@@ -293,7 +299,7 @@ fn harvest_into(
             target_tokens: a.tokens,
             bos_excluded: !a.include_bos,
             has_tokens: a.store_tokens,
-            compute: Some(compute.to_string()),
+            compute: Some(a.products.to_string()),
             grads: a.with_grad.then(|| GRAD_OF.to_string()),
         };
         writers.push(ShardWriter::open(out, template, rows_per_shard)?);
@@ -397,7 +403,7 @@ pub struct MemoryHarvest {
     pub tokens: usize,
     pub ctx: usize,
     pub batch: usize,
-    pub bf16_compute: bool,
+    pub products: ProductPrecision,
     pub include_bos: bool,
     pub progress: bool,
 }
@@ -410,7 +416,7 @@ pub fn harvest_to_memory(
     after_rows: &mut (dyn FnMut(usize) -> Result<()> + Send),
 ) -> Result<(Vec<f32>, usize, HarvestStats)> {
     check_counts(a.ctx, a.tokens)?;
-    let (model, width) = open_model(&a.model, &a.hook, a.bf16_compute)?;
+    let (model, width) = open_model(&a.model, &a.hook, a.products)?;
     sae_output::ensure_memory(
         (a.tokens as u64).checked_mul(width as u64 * 4),
         &format!("{} tokens of width {width} in float32", a.tokens),

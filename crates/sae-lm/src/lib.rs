@@ -18,5 +18,5 @@ mod swiglu_bf16;
 pub mod tokenizer;
 
 pub use hooks::{Hook, HookKind};
-pub use model::{HookInfo, LanguageModel};
+pub use model::{HookInfo, LanguageModel, ProductPrecision};
 pub use tokenizer::Tokenizer;

@@ -6,6 +6,7 @@
 use crate::bf16::PackedBf16;
 use crate::hooks::{Hook, HookKind, HookMode};
 use crate::kernels;
+use crate::model::ProductPrecision;
 use crate::swiglu_bf16;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -120,8 +121,8 @@ pub struct Llama {
     /// `[positions, d_head / 2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// The blocks' weights rounded to bf16 when the products run in bf16.
-    bf16_blocks: Option<Vec<Bf16Block>>,
+    /// How the blocks' weight products run, with their weights in that form.
+    products: Products,
     /// Kept between passes: fresh buffers this size cost a page fault per 4 KiB. Boxed so
     /// `Net`'s variants stay of similar size.
     buffers: Box<Mutex<Buffers>>,
@@ -144,6 +145,23 @@ struct Buffers {
     scratch: AlignedVec<u32>,
     /// The bf16 MLP's gated rows, rounded (the down product's input).
     gated: AlignedVec<u32>,
+}
+
+/// How the blocks' four weight products run.
+enum Products {
+    /// `Block`'s f32 weights.
+    F32,
+    Bf16(Vec<Bf16Block>),
+    Bf16x3(Vec<SplitBlock>),
+}
+
+/// A block's four products' weights for three-term bf16 products (`PackedBf16::pack_split`),
+/// the same matrices as `Block`'s.
+struct SplitBlock {
+    w_qkv: PackedBf16,
+    wo: PackedBf16,
+    w_gate_up: PackedBf16,
+    w_down: PackedBf16,
 }
 
 /// A block's four products' weights in bf16, packed (same matrices as `Block`).
@@ -203,21 +221,20 @@ impl Llama {
             unembed,
             cos,
             sin,
-            bf16_blocks: None,
+            products: Products::F32,
             buffers: Box::default(),
         })
     }
 
-    /// Runs the four weight products of every block in bf16 (weights rounded once, here;
-    /// activations rounded per product; sums in f32) or back in f32. Attention, norms and
-    /// the residual stream stay f32 either way.
-    pub fn set_bf16_products(&mut self, on: bool) -> Result<()> {
-        if !on {
-            self.bf16_blocks = None;
-            return Ok(());
-        }
-        if !crate::bf16::available() {
-            bail!("bf16 products need a CPU with AVX512-BF16, which this one lacks");
+    /// How the four weight products of every block run (`ProductPrecision`); weights are
+    /// rounded or split once, here, activations per product, sums in f32. Attention, norms
+    /// and the residual stream stay f32 every way.
+    pub fn set_products(&mut self, precision: ProductPrecision) -> Result<()> {
+        if precision != ProductPrecision::F32 && !crate::bf16::available() {
+            bail!(
+                "{precision} products need a CPU with AVX512-BF16, which this one lacks; \
+                 compute in f32"
+            );
         }
         let c = &self.cfg;
         let (d, qkv, z) = (
@@ -225,28 +242,42 @@ impl Llama {
             (c.n_heads + 2 * c.n_kv_heads) * c.d_head,
             c.n_heads * c.d_head,
         );
-        self.bf16_blocks = Some(
-            self.blocks
-                .iter()
-                .map(|b| {
-                    let gate_up = b.w_gate_up.values();
-                    let half = |second: usize| -> Vec<f32> {
-                        gate_up
-                            .chunks_exact(2 * c.d_mlp)
-                            .flat_map(|row| &row[second * c.d_mlp..][..c.d_mlp])
-                            .copied()
-                            .collect()
-                    };
-                    Bf16Block {
-                        w_qkv: PackedBf16::pack(&b.w_qkv.values(), d, qkv),
-                        wo: PackedBf16::pack(&b.wo.values(), z, d),
-                        w_gate: PackedBf16::pack(&half(0), d, c.d_mlp),
-                        w_up: PackedBf16::pack(&half(1), d, c.d_mlp),
-                        w_down: PackedBf16::pack(&b.w_down.values(), c.d_mlp, d),
-                    }
-                })
-                .collect(),
-        );
+        self.products = match precision {
+            ProductPrecision::F32 => Products::F32,
+            ProductPrecision::Bf16 => Products::Bf16(
+                self.blocks
+                    .iter()
+                    .map(|b| {
+                        let gate_up = b.w_gate_up.values();
+                        let half = |second: usize| -> Vec<f32> {
+                            gate_up
+                                .chunks_exact(2 * c.d_mlp)
+                                .flat_map(|row| &row[second * c.d_mlp..][..c.d_mlp])
+                                .copied()
+                                .collect()
+                        };
+                        Bf16Block {
+                            w_qkv: PackedBf16::pack(&b.w_qkv.values(), d, qkv),
+                            wo: PackedBf16::pack(&b.wo.values(), z, d),
+                            w_gate: PackedBf16::pack(&half(0), d, c.d_mlp),
+                            w_up: PackedBf16::pack(&half(1), d, c.d_mlp),
+                            w_down: PackedBf16::pack(&b.w_down.values(), c.d_mlp, d),
+                        }
+                    })
+                    .collect(),
+            ),
+            ProductPrecision::Bf16x3 => Products::Bf16x3(
+                self.blocks
+                    .iter()
+                    .map(|b| SplitBlock {
+                        w_qkv: PackedBf16::pack_split(&b.w_qkv.values(), d, qkv),
+                        wo: PackedBf16::pack_split(&b.wo.values(), z, d),
+                        w_gate_up: PackedBf16::pack_split(&b.w_gate_up.values(), d, 2 * c.d_mlp),
+                        w_down: PackedBf16::pack_split(&b.w_down.values(), c.d_mlp, d),
+                    })
+                    .collect(),
+            ),
+        };
         Ok(())
     }
 
@@ -267,12 +298,20 @@ impl Llama {
         let (b, c) = (&self.blocks[l], &self.cfg);
         let width = (c.n_heads + 2 * c.n_kv_heads) * c.d_head;
         let eps = c.rms_eps as f32;
-        if let Some(blocks) = &self.bf16_blocks {
-            kernels::rms_norm_pairs(x, &b.attn_norm, eps, s);
-            crate::bf16::matmul_pairs(rows, s, &blocks[l].w_qkv, qkv, width, accumulate);
-        } else {
-            kernels::rms_norm(x, &b.attn_norm, eps, h);
-            f32_product::matmul(rows, h, c.d_model, &b.w_qkv, qkv, width, accumulate);
+        match &self.products {
+            Products::Bf16(blocks) => {
+                kernels::rms_norm_pairs(x, &b.attn_norm, eps, s);
+                crate::bf16::matmul_pairs(rows, s, &blocks[l].w_qkv, qkv, width, accumulate);
+            }
+            Products::Bf16x3(blocks) => {
+                kernels::rms_norm(x, &b.attn_norm, eps, h);
+                let w = &blocks[l].w_qkv;
+                crate::bf16::matmul(rows, h, c.d_model, w, qkv, width, accumulate, s);
+            }
+            Products::F32 => {
+                kernels::rms_norm(x, &b.attn_norm, eps, h);
+                f32_product::matmul(rows, h, c.d_model, &b.w_qkv, qkv, width, accumulate);
+            }
         }
     }
 
@@ -280,9 +319,17 @@ impl Llama {
     fn attn_out(&self, l: usize, rows: usize, z: &[f32], out: &mut [f32], s: &mut AlignedVec<u32>) {
         let c = &self.cfg;
         let (z_width, d) = (c.n_heads * c.d_head, c.d_model);
-        match &self.bf16_blocks {
-            Some(blocks) => crate::bf16::matmul(rows, z, z_width, &blocks[l].wo, out, d, false, s),
-            None => f32_product::matmul(rows, z, z_width, &self.blocks[l].wo, out, d, false),
+        match &self.products {
+            Products::Bf16(blocks) => {
+                crate::bf16::matmul(rows, z, z_width, &blocks[l].wo, out, d, false, s)
+            }
+            // The same call: a split matrix splits the rows it multiplies.
+            Products::Bf16x3(blocks) => {
+                crate::bf16::matmul(rows, z, z_width, &blocks[l].wo, out, d, false, s)
+            }
+            Products::F32 => {
+                f32_product::matmul(rows, z, z_width, &self.blocks[l].wo, out, d, false)
+            }
         }
     }
 
@@ -303,20 +350,30 @@ impl Llama {
     ) {
         let (b, c) = (&self.blocks[l], &self.cfg);
         let (d, dm, eps) = (c.d_model, c.d_mlp, c.rms_eps as f32);
-        if let Some(blocks) = &self.bf16_blocks {
-            let bb = &blocks[l];
-            kernels::rms_norm_pairs(x, &b.mlp_norm, eps, s);
-            swiglu_bf16::swiglu_pairs(rows, s, &bb.w_gate, &bb.w_up, gated);
-            crate::bf16::matmul_pairs(rows, gated, &bb.w_down, out, d, false);
-            return;
-        }
+        let split = match &self.products {
+            Products::Bf16(blocks) => {
+                let bb = &blocks[l];
+                kernels::rms_norm_pairs(x, &b.mlp_norm, eps, s);
+                swiglu_bf16::swiglu_pairs(rows, s, &bb.w_gate, &bb.w_up, gated);
+                crate::bf16::matmul_pairs(rows, gated, &bb.w_down, out, d, false);
+                return;
+            }
+            Products::Bf16x3(blocks) => Some(&blocks[l]),
+            Products::F32 => None,
+        };
         kernels::rms_norm(x, &b.mlp_norm, eps, h);
         // Every element is written before it is read, so old contents do not matter.
         gate_up.resize(rows * 2 * dm, 0.0);
-        f32_product::matmul(rows, h, d, &b.w_gate_up, gate_up, 2 * dm, false);
+        match split {
+            Some(sb) => crate::bf16::matmul(rows, h, d, &sb.w_gate_up, gate_up, 2 * dm, false, s),
+            None => f32_product::matmul(rows, h, d, &b.w_gate_up, gate_up, 2 * dm, false),
+        }
         kernels::silu_gate_in_place(gate_up, dm);
         // The down projection reads the gated half of each row in place.
-        f32_product::matmul(rows, gate_up, 2 * dm, &b.w_down, out, d, false);
+        match split {
+            Some(sb) => crate::bf16::matmul(rows, gate_up, 2 * dm, &sb.w_down, out, d, false, s),
+            None => f32_product::matmul(rows, gate_up, 2 * dm, &b.w_down, out, d, false),
+        }
     }
 
     /// Runs the blocks over `tokens` (`[batch * ctx]`). With `HookMode::Capture` it returns

@@ -16,6 +16,54 @@ pub struct HookInfo {
     pub width: usize,
 }
 
+/// How a model's weight products (q|k|v, output, gate|up, down) run; attention, norms and
+/// the residual stream are f32 every way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProductPrecision {
+    /// Plain f32 products (matched to transformers in f32).
+    #[default]
+    F32,
+    /// Weights and activations rounded to bf16 once, sums in f32 (AMX tiles where the CPU
+    /// has them, else AVX512-BF16).
+    Bf16,
+    /// Three bf16 products per product: each operand split into a bf16 part and a bf16
+    /// remainder, `a_hi w_hi + a_hi w_lo + a_lo w_hi` summed in f32. About 16 significant
+    /// bits per operand instead of 8 (the "bf16x3" of JAX's `Precision.HIGH` on TPUs); fast
+    /// only on AMX, where a bf16 product is several times an f32 one.
+    Bf16x3,
+}
+
+impl ProductPrecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Bf16x3 => "bf16x3",
+        }
+    }
+}
+
+impl std::fmt::Display for ProductPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ProductPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "bf16x3" => Ok(Self::Bf16x3),
+            other => Err(format!(
+                "unknown product precision '{other}': use f32, bf16 or bf16x3"
+            )),
+        }
+    }
+}
+
 /// A loaded language model (weights dequantised to f32) with its tokenizer.
 pub struct LanguageModel {
     pub name: String,
@@ -155,13 +203,13 @@ impl LanguageModel {
             net,
         })
     }
-    /// Runs the weight products in bf16 (`true`) or f32 (the default; see
-    /// `Llama::set_bf16_products`). Llama-family models on CPUs with AVX512-BF16 only.
-    pub fn set_bf16_products(&mut self, on: bool) -> anyhow::Result<()> {
+    /// How the model's weight products run (f32 by default; see `Llama::set_products`).
+    /// Other than f32: Llama-family models on CPUs with AVX512-BF16 only.
+    pub fn set_products(&mut self, precision: ProductPrecision) -> anyhow::Result<()> {
         match &mut self.net {
-            Net::Llama(m) => m.set_bf16_products(on),
-            Net::Gpt2(_) if on => bail!(
-                "bf16 products are implemented for Llama-family models only, not GPT-2; \
+            Net::Llama(m) => m.set_products(precision),
+            Net::Gpt2(_) if precision != ProductPrecision::F32 => bail!(
+                "{precision} products are implemented for Llama-family models only, not GPT-2; \
                  compute in f32"
             ),
             Net::Gpt2(_) => Ok(()),

@@ -23,7 +23,7 @@ fn settings(corpus: &str, out: &std::path::Path, tokens: usize, with_grad: bool)
         ctx: 8,
         dtype: StoreDtype::F32,
         batch: 3,
-        bf16_compute: false,
+        products: sae_lm::ProductPrecision::F32,
         store_tokens: true,
         include_bos: false,
         shard_rows: 14,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{floats, rel_err};
-use sae_lm::LanguageModel;
+use sae_lm::{LanguageModel, ProductPrecision};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -354,34 +354,46 @@ fn hf_dir_refuses_variants_it_does_not_compute() {
 
 #[test]
 fn bf16_products_stay_near_transformers_and_gpt2_refuses_them() {
-    let e = format!(
-        "{:#}",
-        LanguageModel::load(fixtures().join("tiny-gpt2").to_str().unwrap())
-            .unwrap()
-            .set_bf16_products(true)
-            .unwrap_err()
-    );
-    assert!(e.contains("Llama-family models only"), "{e}");
+    for p in [ProductPrecision::Bf16, ProductPrecision::Bf16x3] {
+        let e = format!(
+            "{:#}",
+            LanguageModel::load(fixtures().join("tiny-gpt2").to_str().unwrap())
+                .unwrap()
+                .set_products(p)
+                .unwrap_err()
+        );
+        assert!(e.contains("Llama-family models only"), "{e}");
+    }
     let mut m = LanguageModel::load(tiny_dir().to_str().unwrap()).unwrap();
     if !sae_lm::bf16::available() {
-        assert!(m.set_bf16_products(true).is_err());
+        assert!(m.set_products(ProductPrecision::Bf16).is_err());
+        assert!(m.set_products(ProductPrecision::Bf16x3).is_err());
         return;
     }
-    m.set_bf16_products(true).unwrap();
     let (tokens, batch, ctx) = contexts();
     for (name, want) in llama().reference["hooks"].as_object().unwrap() {
         let want = floats(&want["values"]);
-        let got = m.activations(&tokens, batch, ctx, name).unwrap();
         let f32_err = rel_err(
             &model().activations(&tokens, batch, ctx, name).unwrap(),
             &want,
         );
-        let e = rel_err(&got, &want);
-        eprintln!("{name}: bf16 rel err {e:.2e} (f32 {f32_err:.2e})");
+        m.set_products(ProductPrecision::Bf16).unwrap();
+        let e = rel_err(&m.activations(&tokens, batch, ctx, name).unwrap(), &want);
+        m.set_products(ProductPrecision::Bf16x3).unwrap();
+        let e3 = rel_err(&m.activations(&tokens, batch, ctx, name).unwrap(), &want);
+        eprintln!("{name}: bf16 rel err {e:.2e}, bf16x3 {e3:.2e} (f32 {f32_err:.2e})");
         // bf16 keeps 8 significant bits: ~0.4% per rounding, well short of 1e-3 matches.
-        assert!(e <= 3e-2 && e > 10.0 * f32_err, "{name}: rel err {e:.2e}");
+        assert!(
+            e <= 3e-2 && e > 10.0 * f32_err,
+            "{name}: bf16 rel err {e:.2e}"
+        );
+        // Three terms keep about 16: within the f32 path's 1e-3 match, far nearer than bf16.
+        assert!(
+            e3 <= 1e-3 && e3 < e / 30.0,
+            "{name}: bf16x3 rel err {e3:.2e}"
+        );
     }
-    m.set_bf16_products(false).unwrap();
+    m.set_products(ProductPrecision::F32).unwrap();
     let name = "blocks.2.hook_resid_post";
     assert_eq!(
         m.activations(&tokens, batch, ctx, name).unwrap(),

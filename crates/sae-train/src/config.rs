@@ -4,21 +4,10 @@
 use anyhow::{bail, Context, Result};
 use sae_core::arch::{Settings, Sparsity, TrainOpts};
 use sae_core::{ArchKind, Precision, TrainHyper};
+use sae_lm::ProductPrecision;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// Precision of the language model's weight products when training from `model`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelCompute {
-    /// f32 products (the activations match transformers to 1e-3).
-    F32,
-    /// bf16 products with f32 sums (AMX tiles where the CPU has them, else AVX512-BF16;
-    /// Llama-family models): several times faster on such CPUs, the activations differ
-    /// slightly from f32's (see the README's "AMX").
-    Bf16,
-}
 
 /// How b_dec starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -51,7 +40,7 @@ pub struct TrainConfig {
     /// ... drawing batches at random from this many buffered rows, ...
     pub buffer_rows: usize,
     /// ... with the model's weight products in this precision (as `sae harvest --compute`).
-    pub compute: ModelCompute,
+    pub compute: ProductPrecision,
     /// Output directory (SAELens layout + train_log.jsonl + train_summary.json).
     pub out: PathBuf,
     pub arch: ArchKind,
@@ -155,7 +144,7 @@ impl Default for TrainConfig {
             corpus: "python-docs".into(),
             ctx: 128,
             buffer_rows: 65_536,
-            compute: ModelCompute::F32,
+            compute: ProductPrecision::F32,
             out: PathBuf::from("runs/sae"),
             arch: ArchKind::GATED,
             d_sae: None,

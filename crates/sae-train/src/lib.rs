@@ -24,7 +24,7 @@ pub mod model_source;
 pub mod run;
 pub mod source;
 
-pub use config::{BDecInit, ModelCompute, Resolved, TrainConfig};
+pub use config::{BDecInit, Resolved, TrainConfig};
 pub use flags::TrainFlags;
 pub use model_source::{ModelSource, ModelSourceOptions};
 pub use run::{

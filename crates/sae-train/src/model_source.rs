@@ -7,7 +7,7 @@ use crate::source::BatchSource;
 use anyhow::{bail, Context, Result};
 use sae_core::sae::SaeMeta;
 use sae_lm::harvest::{harvest_hooks, harvest_with_grad, HarvestOptions};
-use sae_lm::{Hook, LanguageModel};
+use sae_lm::{Hook, LanguageModel, ProductPrecision};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 pub struct ModelSourceOptions {
@@ -22,8 +22,8 @@ pub struct ModelSourceOptions {
     pub buffer_rows: usize,
     /// Contexts per forward pass.
     pub batch_contexts: usize,
-    /// Run the model's weight products in bf16 (`LanguageModel::set_bf16_products`).
-    pub bf16_compute: bool,
+    /// How the model's weight products run (`LanguageModel::set_products`).
+    pub products: ProductPrecision,
     pub seed: u64,
     /// Also compute the gradient of the model's next-token loss at every row (one hook;
     /// Llama-family models), for `next_batch_with_grads`.
@@ -66,8 +66,8 @@ impl ModelSource {
         }
         let mut model = LanguageModel::load(&o.model)?;
         model
-            .set_bf16_products(o.bf16_compute)
-            .with_context(|| format!("--compute bf16 with model '{}'", o.model))?;
+            .set_products(o.products)
+            .with_context(|| format!("--compute {} with model '{}'", o.products, o.model))?;
         if o.with_grads {
             model.check_loss_grad()?;
         }

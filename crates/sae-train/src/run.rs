@@ -2,7 +2,7 @@
 
 use crate::checkpoint::{self, Progress, Window};
 use crate::config::{
-    lr_at, resample_lr_factor, resolve, sparsity_at, BDecInit, ModelCompute, Resolved, TrainConfig,
+    lr_at, resample_lr_factor, resolve, sparsity_at, BDecInit, Resolved, TrainConfig,
 };
 use crate::init;
 use crate::l0_target::L0Target;
@@ -149,7 +149,7 @@ fn check_sources(cfg: &TrainConfig) -> Result<()> {
     if cfg.synth.is_some() && (cfg.acts.is_some() || cfg.model.is_some()) {
         bail!("--synth generates its own data: give it without --acts and --model");
     }
-    if cfg.compute != ModelCompute::F32 && cfg.model.is_none() {
+    if cfg.compute != sae_lm::ProductPrecision::F32 && cfg.model.is_none() {
         bail!("--compute sets the precision of the model's forward pass; it needs --model");
     }
     Ok(())
@@ -192,7 +192,7 @@ fn model_source_options(cfg: &TrainConfig, model: &str, hook: &str) -> Result<Mo
         tokens: need,
         buffer_rows: cfg.buffer_rows,
         batch_contexts: 16,
-        bf16_compute: cfg.compute == ModelCompute::Bf16,
+        products: cfg.compute,
         seed: cfg.seed,
         with_grads: cfg.arch.family().trains_on_input_grad(),
     })

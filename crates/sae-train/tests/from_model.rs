@@ -41,7 +41,10 @@ fn source_options(spec: &str, seed: u64, bf16_compute: bool) -> ModelSourceOptio
         tokens: 10_000,
         buffer_rows: 128,
         batch_contexts: 4,
-        bf16_compute,
+        products: match bf16_compute {
+            true => sae_lm::ProductPrecision::Bf16,
+            false => sae_lm::ProductPrecision::F32,
+        },
         seed,
         with_grads: false,
     }

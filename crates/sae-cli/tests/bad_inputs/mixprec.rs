@@ -45,7 +45,7 @@ fn unknown_precision() {
         &[
             "--precision",
             "fp8",
-            "use f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened",
+            "use f32, bf16, bf16-sparse, f32-bf16-sparse, f32-screened or bf16x3",
         ],
         &[store(), &dir],
     );
@@ -54,7 +54,7 @@ fn unknown_precision() {
         &["bench", "--precision", "f16"],
         &[
             "--precision",
-            "use f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened",
+            "use f32, bf16, bf16-sparse, f32-bf16-sparse, f32-screened or bf16x3",
         ],
         &[],
     );
@@ -70,8 +70,14 @@ fn unknown_precision() {
         ],
         &[
             "--precision",
-            "use f32, bf16, bf16-sparse, f32-bf16-sparse or f32-screened",
+            "use f32, bf16, bf16-sparse, f32-bf16-sparse, f32-screened or bf16x3",
         ],
+        &[&dir],
+    );
+    assert!(!out.exists());
+    refused(
+        &["harvest", "--compute", "f16", "--out", s(&out)],
+        &["--compute", "f16", "use f32, bf16 or bf16x3"],
         &[&dir],
     );
     assert!(!out.exists());

@@ -50,6 +50,7 @@ fn bf16_training_is_bit_for_bit_reproducible() {
             Precision::Bf16Sparse,
             Precision::F32Bf16Sparse,
             Precision::F32Screened,
+            Precision::Bf16x3,
         ] {
             for threads in [1, 2] {
                 let a = train(arch, p, &x, dims, 12, threads);
@@ -63,9 +64,24 @@ fn bf16_training_is_bit_for_bit_reproducible() {
         let h = train(arch, Precision::Bf16, &x, dims, 12, 2);
         let s = train(arch, Precision::Bf16Sparse, &x, dims, 12, 2);
         let fs = train(arch, Precision::F32Bf16Sparse, &x, dims, 12, 2);
+        let x3 = train(arch, Precision::Bf16x3, &x, dims, 12, 2);
         assert!(
             f.0.w_enc != h.0.w_enc,
             "{arch}: bf16 trained the f32 weights"
+        );
+        // Three terms are not f32, but far nearer to it than one.
+        let dist = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter()
+                .zip(b)
+                .map(|(p, q)| ((p - q) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let (d3, d1) = (dist(&x3.0.w_enc, &f.0.w_enc), dist(&h.0.w_enc, &f.0.w_enc));
+        eprintln!("{arch}: |W_enc - f32's| after 12 steps: bf16x3 {d3:.2e}, bf16 {d1:.2e}");
+        assert!(
+            d3 > 0.0 && d3 < d1 / 20.0,
+            "{arch}: bf16x3 {d3} vs bf16 {d1}"
         );
         // Gated's code is dense this early (the GEMM path, which gathers no rows).
         if arch == ArchKind::TOPK {
@@ -103,6 +119,7 @@ fn bf16_training_reaches_the_f32_loss() {
             Precision::Bf16Sparse,
             Precision::F32Bf16Sparse,
             Precision::F32Screened,
+            Precision::Bf16x3,
         ] {
             let (_, h) = train(arch, p, &x, dims, steps, 2);
             let h_end = tail(&h);

@@ -1601,6 +1601,13 @@ impl SaeTrainer {
 }
 
 impl Buffers {
+    pub(super) fn new(precision: crate::bf16::Precision) -> Self {
+        Self {
+            enc_bf16: crate::bf16::EncoderBf16::new(precision.split_encoder()),
+            ..Self::default()
+        }
+    }
+
     /// The per-chunk selections as one CSR (`row_ptr`, `idx`, `f`, `a`, `pre_e`, `row_of`),
     /// in row order; returns the summed sparsity penalty.
     fn flatten_entries(&mut self) -> f64 {
