@@ -137,8 +137,6 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// one row of `NR` u32 per pair of consecutive k (zero-padded past `k` and `n`). Or, made by
 /// `pack_split`, the three-term stack of such a matrix.
 pub struct PackedBf16 {
-    /// Inner dimension of the packed rows: `src_k`, or for a split matrix the stack's.
-    k: usize,
     n: usize,
     k_pairs: usize,
     /// Inner dimension of the matrix this was made from (of the operand rows).
@@ -224,38 +222,11 @@ impl PackedBf16 {
     }
 
     /// Packs `w_t` (`[n, k]`, the shape this was made for) into the existing buffer, split
-    /// into three terms if this is a split matrix.
+    /// into three terms if this is a split matrix (per column the pairs of its hi parts, of
+    /// its lo parts and of its hi parts again: `pack_split`'s stack).
     pub fn repack_transposed(&mut self, w_t: &[f32]) {
-        if self.split {
-            return self.repack_split_transposed(w_t);
-        }
-        let (k, n, kp) = (self.k, self.n, self.k_pairs);
-        assert_eq!(w_t.len(), k * n);
-        self.data
-            .par_chunks_mut(kp * NR)
-            .enumerate()
-            .for_each(|(panel_i, panel)| {
-                for c in 0..NR {
-                    let col = panel_i * NR + c;
-                    if col >= n {
-                        break;
-                    }
-                    let src = &w_t[col * k..][..k];
-                    let mut pairs = src.chunks_exact(2);
-                    for (j, two) in (&mut pairs).enumerate() {
-                        panel[j * NR + c] = pair(two[0], two[1]);
-                    }
-                    if let [last] = pairs.remainder() {
-                        panel[(kp - 1) * NR + c] = pair(*last, 0.0);
-                    }
-                }
-            });
-    }
-
-    /// `repack_transposed` for a split matrix: per column, the pairs of its hi parts, of its
-    /// lo parts, and of its hi parts again (`pack_split`'s stack).
-    fn repack_split_transposed(&mut self, w_t: &[f32]) {
-        let (k, n, seg) = (self.src_k, self.n, self.k_pairs / 3);
+        let (k, n, split) = (self.src_k, self.n, self.split);
+        let seg = k.div_ceil(2);
         assert_eq!(w_t.len(), k * n);
         self.data
             .par_chunks_mut(self.k_pairs * NR)
@@ -266,13 +237,23 @@ impl PackedBf16 {
                     if col >= n {
                         break;
                     }
+                    let mut put = |j: usize, a: f32, b: f32| {
+                        if split {
+                            let ((h0, l0), (h1, l1)) = (split_value(a), split_value(b));
+                            panel[j * NR + c] = pair(h0, h1);
+                            panel[(seg + j) * NR + c] = pair(l0, l1);
+                            panel[(2 * seg + j) * NR + c] = pair(h0, h1);
+                        } else {
+                            panel[j * NR + c] = pair(a, b);
+                        }
+                    };
                     let src = &w_t[col * k..][..k];
-                    for j in 0..seg {
-                        let part = |i: usize| split_value(src.get(i).copied().unwrap_or(0.0));
-                        let ((h0, l0), (h1, l1)) = (part(2 * j), part(2 * j + 1));
-                        panel[j * NR + c] = pair(h0, h1);
-                        panel[(seg + j) * NR + c] = pair(l0, l1);
-                        panel[(2 * seg + j) * NR + c] = pair(h0, h1);
+                    let mut pairs = src.chunks_exact(2);
+                    for (j, two) in (&mut pairs).enumerate() {
+                        put(j, two[0], two[1]);
+                    }
+                    if let [last] = pairs.remainder() {
+                        put(seg - 1, *last, 0.0);
                     }
                 }
             });
@@ -281,7 +262,6 @@ impl PackedBf16 {
     fn empty(k: usize, n: usize) -> Self {
         let k_pairs = k.div_ceil(2);
         Self {
-            k,
             n,
             k_pairs,
             src_k: k,
@@ -333,7 +313,8 @@ pub fn matmul(
 }
 
 /// `out[r, j] (+)= sum_i a[r, i] * w[i, j]` for `m` rows, with `a` (row stride `a_rs`, first
-/// `w.k` columns used) rounded to bf16. `a_pairs` is scratch for the rounded rows. Every
+/// `w.shape().0` columns used) rounded to bf16, or split into three terms for a split `w`
+/// (`PackedBf16::pack_split`). `a_pairs` is scratch for the rounded rows. Every
 /// output element is summed by one task in a fixed order: the result does not depend on the
 /// thread count. Panics unless `path.runs_here()`.
 pub fn matmul_on(
@@ -372,10 +353,7 @@ fn matmul_impl(
     if m == 0 || w.n == 0 {
         return;
     }
-    let a_row = match w.split {
-        true => split_rows_on(path, m, a, a_rs, w.src_k, a_pairs),
-        false => round_rows_on(path, m, a, a_rs, w.k, a_pairs),
-    };
+    let a_row = round_rows_on(path, w.split, m, a, a_rs, w.src_k, a_pairs);
     product_on(
         path,
         portable,
@@ -392,9 +370,12 @@ fn matmul_impl(
 /// Rows of `a` (row stride `a_rs`, first `k` columns) rounded to bf16 for `path` into the
 /// first `m * row` values of `a_pairs`; returns `row`. `vdpbf16ps` takes them as bf16 pairs
 /// (`k.div_ceil(2)` per row); the widened path takes them already widened, as the f32 bits
-/// of each rounded value (two u32 per pair). Every value of those rows is written.
+/// of each rounded value (two u32 per pair). With `split` (for a `PackedBf16::pack_split`
+/// matrix) each row is three such segments, `[hi | hi | lo]`: hi the row rounded to bf16, lo
+/// what that left, rounded again. Every value of those rows is written.
 fn round_rows_on(
     path: Bf16Path,
+    split: bool,
     m: usize,
     a: &[f32],
     a_rs: usize,
@@ -403,10 +384,11 @@ fn round_rows_on(
 ) -> usize {
     let kp = k.div_ceil(2);
     assert!(m == 0 || (k <= a_rs && a.len() >= (m - 1) * a_rs + k));
-    let a_row = match path {
+    let segment = match path {
         Bf16Path::Amx | Bf16Path::Avx512Bf16 => kp,
         Bf16Path::Widen => 2 * kp,
     };
+    let a_row = if split { 3 * segment } else { segment };
     if a_pairs.len() < m * a_row {
         a_pairs.resize(m * a_row);
     }
@@ -416,11 +398,14 @@ fn round_rows_on(
         .for_each(|(blk, rows)| {
             for (i, dst) in rows.chunks_exact_mut(a_row).enumerate() {
                 let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
-                match path {
-                    // SAFETY: the callers checked `path.runs_here()`, which for both
-                    // includes AVX512-BF16.
-                    Bf16Path::Amx | Bf16Path::Avx512Bf16 => unsafe { round_row(src, dst) },
-                    Bf16Path::Widen => round_row_widened(src, dst),
+                let vector = matches!(path, Bf16Path::Amx | Bf16Path::Avx512Bf16);
+                match (vector, split) {
+                    // SAFETY (both): the callers checked `path.runs_here()`, which for both
+                    // vector paths includes AVX512-BF16.
+                    (true, false) => unsafe { round_row(src, dst) },
+                    (true, true) => unsafe { split_row(src, dst) },
+                    (false, false) => round_row_widened(src, dst),
+                    (false, true) => split_row_widened(src, dst),
                 }
             }
         });
@@ -432,7 +417,7 @@ fn round_rows_on(
 /// operand of `matmul_pairs`. Panics unless `available()`.
 pub fn round_rows(m: usize, a: &[f32], a_rs: usize, k: usize, pairs: &mut AlignedVec<u32>) {
     assert!(available(), "bf16 rounding needs AVX512-BF16");
-    round_rows_on(Bf16Path::Avx512Bf16, m, a, a_rs, k, pairs);
+    round_rows_on(Bf16Path::Avx512Bf16, false, m, a, a_rs, k, pairs);
 }
 
 /// One row `src` rounded to bf16 pairs into `dst` (`src.len().div_ceil(2)` u32, as
@@ -451,57 +436,25 @@ fn split_value(v: f32) -> (f32, f32) {
     (h, v - h)
 }
 
-/// `round_rows_on` for a split matrix (`PackedBf16::pack_split`): per row three segments of
-/// `k.div_ceil(2)` pairs, `[hi | hi | lo]`, hi the row rounded to bf16 and lo the remainder
-/// rounded again (widened for `Bf16Path::Widen`). Returns the row length.
-fn split_rows_on(
-    path: Bf16Path,
-    m: usize,
-    a: &[f32],
-    a_rs: usize,
-    k: usize,
-    a_pairs: &mut AlignedVec<u32>,
-) -> usize {
-    assert!(m == 0 || (k <= a_rs && a.len() >= (m - 1) * a_rs + k));
-    let kp = k.div_ceil(2);
-    let row = match path {
-        Bf16Path::Amx | Bf16Path::Avx512Bf16 => 3 * kp,
-        Bf16Path::Widen => 6 * kp,
-    };
-    if a_pairs.len() < m * row {
-        a_pairs.resize(m * row);
+/// `round_rows_on`'s split row for the widened path: `[hi | hi | lo]`, each segment the f32
+/// bits of `src.len()` values, zero-padded to whole pairs.
+fn split_row_widened(src: &[f32], dst: &mut [u32]) {
+    let seg = dst.len() / 3;
+    let (hi, rest) = dst.split_at_mut(seg);
+    let (hi2, lo) = rest.split_at_mut(seg);
+    for (j, &v) in src.iter().enumerate() {
+        // Rounding a bf16 value again changes nothing, as the other paths' operands are
+        // rounded once.
+        let (h, l) = split_value(v);
+        hi[j] = h.to_bits();
+        lo[j] = from_bf16(to_bf16(l)).to_bits();
     }
-    a_pairs[..m * row]
-        .par_chunks_mut(row * ROW_BLOCK)
-        .enumerate()
-        .for_each(|(blk, rows)| {
-            for (i, dst) in rows.chunks_exact_mut(row).enumerate() {
-                let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
-                match path {
-                    // SAFETY: the callers checked `path.runs_here()`, which for both
-                    // includes AVX512-BF16.
-                    Bf16Path::Amx | Bf16Path::Avx512Bf16 => unsafe { split_row(src, dst) },
-                    Bf16Path::Widen => {
-                        let (hi, rest) = dst.split_at_mut(2 * kp);
-                        let (hi2, lo) = rest.split_at_mut(2 * kp);
-                        for (j, &v) in src.iter().enumerate() {
-                            // Rounding a bf16 value again changes nothing, as the other
-                            // paths' operands are rounded once.
-                            let (h, l) = split_value(v);
-                            hi[j] = h.to_bits();
-                            lo[j] = from_bf16(to_bf16(l)).to_bits();
-                        }
-                        hi[k..].fill(0);
-                        lo[k..].fill(0);
-                        hi2.copy_from_slice(hi);
-                    }
-                }
-            }
-        });
-    row
+    hi[src.len()..].fill(0);
+    lo[src.len()..].fill(0);
+    hi2.copy_from_slice(hi);
 }
 
-/// `split_rows_on`'s row as bf16 pairs, plain code: the same bits as `split_row`.
+/// `round_rows_on`'s split row as bf16 pairs, plain code: the same bits as `split_row`.
 fn split_row_portable(src: &[f32], hi: &mut [u32], hi2: &mut [u32], lo: &mut [u32]) {
     let part = |i: usize| split_value(src.get(i).copied().unwrap_or(0.0));
     for j in 0..hi.len() {
@@ -512,7 +465,7 @@ fn split_row_portable(src: &[f32], hi: &mut [u32], hi2: &mut [u32], lo: &mut [u3
     }
 }
 
-/// One row of `split_rows_on` as bf16 pairs (`dst.len() == 3 * src.len().div_ceil(2)`), 32
+/// One split row of `round_rows_on` as bf16 pairs (`dst.len() == 3 * src.len().div_ceil(2)`), 32
 /// values per step.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -1449,7 +1402,7 @@ mod tests {
                 // The vector split and the plain one agree bit for bit.
                 let kp = k.div_ceil(2);
                 let mut pairs = AlignedVec::default();
-                split_rows_on(Bf16Path::Avx512Bf16, m, &a, a_rs, k, &mut pairs);
+                round_rows_on(Bf16Path::Avx512Bf16, true, m, &a, a_rs, k, &mut pairs);
                 for r in 0..m {
                     let mut want = vec![0u32; 3 * kp];
                     let (hi, rest) = want.split_at_mut(kp);
