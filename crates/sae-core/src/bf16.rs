@@ -429,6 +429,23 @@ pub fn round_row_pairs(src: &[f32], dst: &mut [u32]) {
     unsafe { round_row(src, dst) }
 }
 
+/// `round_rows` for a split matrix (`PackedBf16::pack_split`): each row as three segments of
+/// `k.div_ceil(2)` pairs, `[hi | hi | lo]`, the operand of `matmul_pairs` with that matrix.
+/// Panics unless `available()`.
+pub fn split_rows(m: usize, a: &[f32], a_rs: usize, k: usize, pairs: &mut AlignedVec<u32>) {
+    assert!(available(), "bf16 rounding needs AVX512-BF16");
+    round_rows_on(Bf16Path::Avx512Bf16, true, m, a, a_rs, k, pairs);
+}
+
+/// One row `src` split into `dst` (`3 * src.len().div_ceil(2)` u32, as `split_rows` writes
+/// each row). Panics unless `available()`.
+pub fn split_row_pairs(src: &[f32], dst: &mut [u32]) {
+    assert!(available(), "bf16 rounding needs AVX512-BF16");
+    assert_eq!(dst.len(), 3 * src.len().div_ceil(2));
+    // SAFETY: AVX512-BF16 checked just above.
+    unsafe { split_row(src, dst) }
+}
+
 /// `v` as a bf16 value and what that rounding left, as f32: the two parts of a split operand.
 #[inline(always)]
 fn split_value(v: f32) -> (f32, f32) {

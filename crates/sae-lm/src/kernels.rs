@@ -50,9 +50,16 @@ fn sum_squares(x: &[f32]) -> f32 {
 /// `rms_norm`, each row rounded to bf16 pairs into `pairs` (grown as needed, `d.div_ceil(2)`
 /// u32 per row): the same values, then the same rounding as `bf16::round_rows`, without
 /// the f32 rows going through memory. Panics unless `bf16::available()`.
-pub(crate) fn rms_norm_pairs(x: &[f32], weight: &[f32], eps: f32, pairs: &mut AlignedVec<u32>) {
+pub(crate) fn rms_norm_pairs(
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    split: bool,
+    pairs: &mut AlignedVec<u32>,
+) {
     let d = weight.len();
-    let (rows, row) = (x.len() / d, d.div_ceil(2));
+    let row = if split { 3 } else { 1 } * d.div_ceil(2);
+    let rows = x.len() / d;
     if pairs.len() < rows * row {
         pairs.resize(rows * row);
     }
@@ -64,7 +71,10 @@ pub(crate) fn rms_norm_pairs(x: &[f32], weight: &[f32], eps: f32, pairs: &mut Al
             |normed, (pairs, x)| {
                 for (p, x) in pairs.chunks_exact_mut(row).zip(x.chunks_exact(d)) {
                     with_avx512!(normalise_row(x, weight, eps, normed));
-                    sae_core::bf16::round_row_pairs(normed, p);
+                    match split {
+                        true => sae_core::bf16::split_row_pairs(normed, p),
+                        false => sae_core::bf16::round_row_pairs(normed, p),
+                    }
                 }
             },
         );
@@ -220,7 +230,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rms_norm_pairs_equals_rms_norm_then_rounding() {
+    fn rms_norm_pairs_equals_rms_norm_then_rounding_or_splitting() {
         if !sae_core::bf16::available() {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
@@ -232,13 +242,19 @@ mod tests {
             let weight: Vec<f32> = (0..d).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
             let mut h = vec![0f32; rows * d];
             rms_norm(&x, &weight, 1e-5, &mut h);
-            let mut want = AlignedVec::default();
-            sae_core::bf16::round_rows(rows, &h, d, d, &mut want);
-            // Stale values, so an unwritten pair would show.
-            let mut got = AlignedVec::zeroed(rows * d.div_ceil(2));
-            got.fill(u32::MAX);
-            rms_norm_pairs(&x, &weight, 1e-5, &mut got);
-            assert_eq!(got[..], want[..rows * d.div_ceil(2)], "{rows} x {d}");
+            for split in [false, true] {
+                let mut want = AlignedVec::default();
+                match split {
+                    true => sae_core::bf16::split_rows(rows, &h, d, d, &mut want),
+                    false => sae_core::bf16::round_rows(rows, &h, d, d, &mut want),
+                }
+                let len = rows * d.div_ceil(2) * if split { 3 } else { 1 };
+                // Stale values, so an unwritten pair would show.
+                let mut got = AlignedVec::zeroed(len);
+                got.fill(u32::MAX);
+                rms_norm_pairs(&x, &weight, 1e-5, split, &mut got);
+                assert_eq!(got[..], want[..len], "{rows} x {d}, split {split}");
+            }
         }
     }
 

@@ -300,13 +300,12 @@ impl Llama {
         let eps = c.rms_eps as f32;
         match &self.products {
             Products::Bf16(blocks) => {
-                kernels::rms_norm_pairs(x, &b.attn_norm, eps, s);
+                kernels::rms_norm_pairs(x, &b.attn_norm, eps, false, s);
                 crate::bf16::matmul_pairs(rows, s, &blocks[l].w_qkv, qkv, width, accumulate);
             }
             Products::Bf16x3(blocks) => {
-                kernels::rms_norm(x, &b.attn_norm, eps, h);
-                let w = &blocks[l].w_qkv;
-                crate::bf16::matmul(rows, h, c.d_model, w, qkv, width, accumulate, s);
+                kernels::rms_norm_pairs(x, &b.attn_norm, eps, true, s);
+                crate::bf16::matmul_pairs(rows, s, &blocks[l].w_qkv, qkv, width, accumulate);
             }
             Products::F32 => {
                 kernels::rms_norm(x, &b.attn_norm, eps, h);
@@ -353,7 +352,7 @@ impl Llama {
         let split = match &self.products {
             Products::Bf16(blocks) => {
                 let bb = &blocks[l];
-                kernels::rms_norm_pairs(x, &b.mlp_norm, eps, s);
+                kernels::rms_norm_pairs(x, &b.mlp_norm, eps, false, s);
                 swiglu_bf16::swiglu_pairs(rows, s, &bb.w_gate, &bb.w_up, gated);
                 crate::bf16::matmul_pairs(rows, gated, &bb.w_down, out, d, false);
                 return;
@@ -361,12 +360,17 @@ impl Llama {
             Products::Bf16x3(blocks) => Some(&blocks[l]),
             Products::F32 => None,
         };
-        kernels::rms_norm(x, &b.mlp_norm, eps, h);
         // Every element is written before it is read, so old contents do not matter.
         gate_up.resize(rows * 2 * dm, 0.0);
         match split {
-            Some(sb) => crate::bf16::matmul(rows, h, d, &sb.w_gate_up, gate_up, 2 * dm, false, s),
-            None => f32_product::matmul(rows, h, d, &b.w_gate_up, gate_up, 2 * dm, false),
+            Some(sb) => {
+                kernels::rms_norm_pairs(x, &b.mlp_norm, eps, true, s);
+                crate::bf16::matmul_pairs(rows, s, &sb.w_gate_up, gate_up, 2 * dm, false);
+            }
+            None => {
+                kernels::rms_norm(x, &b.mlp_norm, eps, h);
+                f32_product::matmul(rows, h, d, &b.w_gate_up, gate_up, 2 * dm, false);
+            }
         }
         kernels::silu_gate_in_place(gate_up, dm);
         // The down projection reads the gated half of each row in place.
