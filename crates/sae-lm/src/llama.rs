@@ -147,6 +147,19 @@ struct Buffers {
     gated: AlignedVec<u32>,
 }
 
+/// The gate and up halves of a block's fused `[d_model, 2 * d_mlp]` weight, each
+/// `[d_model, d_mlp]`.
+fn gate_and_up(b: &Block, d_mlp: usize) -> [Vec<f32>; 2] {
+    let gate_up = b.w_gate_up.values();
+    [0, 1].map(|second| {
+        gate_up
+            .chunks_exact(2 * d_mlp)
+            .flat_map(|row| &row[second * d_mlp..][..d_mlp])
+            .copied()
+            .collect()
+    })
+}
+
 /// How the blocks' four weight products run.
 enum Products {
     /// `Block`'s f32 weights.
@@ -160,7 +173,9 @@ enum Products {
 struct SplitBlock {
     w_qkv: PackedBf16,
     wo: PackedBf16,
-    w_gate_up: PackedBf16,
+    /// Gate and up apart, as `Bf16Block`'s (`swiglu_pairs`).
+    w_gate: PackedBf16,
+    w_up: PackedBf16,
     w_down: PackedBf16,
 }
 
@@ -248,19 +263,12 @@ impl Llama {
                 self.blocks
                     .iter()
                     .map(|b| {
-                        let gate_up = b.w_gate_up.values();
-                        let half = |second: usize| -> Vec<f32> {
-                            gate_up
-                                .chunks_exact(2 * c.d_mlp)
-                                .flat_map(|row| &row[second * c.d_mlp..][..c.d_mlp])
-                                .copied()
-                                .collect()
-                        };
+                        let [gate, up] = gate_and_up(b, c.d_mlp);
                         Bf16Block {
                             w_qkv: PackedBf16::pack(&b.w_qkv.values(), d, qkv),
                             wo: PackedBf16::pack(&b.wo.values(), z, d),
-                            w_gate: PackedBf16::pack(&half(0), d, c.d_mlp),
-                            w_up: PackedBf16::pack(&half(1), d, c.d_mlp),
+                            w_gate: PackedBf16::pack(&gate, d, c.d_mlp),
+                            w_up: PackedBf16::pack(&up, d, c.d_mlp),
                             w_down: PackedBf16::pack(&b.w_down.values(), c.d_mlp, d),
                         }
                     })
@@ -269,11 +277,15 @@ impl Llama {
             ProductPrecision::Bf16x3 => Products::Bf16x3(
                 self.blocks
                     .iter()
-                    .map(|b| SplitBlock {
-                        w_qkv: PackedBf16::pack_split(&b.w_qkv.values(), d, qkv),
-                        wo: PackedBf16::pack_split(&b.wo.values(), z, d),
-                        w_gate_up: PackedBf16::pack_split(&b.w_gate_up.values(), d, 2 * c.d_mlp),
-                        w_down: PackedBf16::pack_split(&b.w_down.values(), c.d_mlp, d),
+                    .map(|b| {
+                        let [gate, up] = gate_and_up(b, c.d_mlp);
+                        SplitBlock {
+                            w_qkv: PackedBf16::pack_split(&b.w_qkv.values(), d, qkv),
+                            wo: PackedBf16::pack_split(&b.wo.values(), z, d),
+                            w_gate: PackedBf16::pack_split(&gate, d, c.d_mlp),
+                            w_up: PackedBf16::pack_split(&up, d, c.d_mlp),
+                            w_down: PackedBf16::pack_split(&b.w_down.values(), c.d_mlp, d),
+                        }
                     })
                     .collect(),
             ),
@@ -282,8 +294,8 @@ impl Llama {
     }
 
     /// Block `l`'s attention input: RMSNorm of the residual stream `x`, then q|k|v into `qkv`
-    /// (added onto what is there when `accumulate`, the biases). In bf16 the norm writes
-    /// rounded rows straight away, the product's operand.
+    /// (added onto what is there when `accumulate`, the biases). In bf16 (bf16x3) the norm
+    /// writes rounded (split) rows straight away, the product's operand.
     #[allow(clippy::too_many_arguments)]
     fn qkv(
         &self,
@@ -333,8 +345,9 @@ impl Llama {
     }
 
     /// Block `l`'s MLP on the residual stream `x` into `out`: RMSNorm, gate|up, SiLU gating,
-    /// down. In bf16 the norm writes rounded rows and the gating is fused into the gate and
-    /// up products (`swiglu_pairs`), whose bf16 output the down product reads.
+    /// down. In bf16 (bf16x3) the norm writes rounded (split) rows and the gating is fused
+    /// into the gate and up products (`swiglu_pairs`), whose rounded (split) output the down
+    /// product reads.
     #[allow(clippy::too_many_arguments)]
     fn mlp(
         &self,
@@ -349,35 +362,29 @@ impl Llama {
     ) {
         let (b, c) = (&self.blocks[l], &self.cfg);
         let (d, dm, eps) = (c.d_model, c.d_mlp, c.rms_eps as f32);
-        let split = match &self.products {
+        let (gate, up, down, split) = match &self.products {
             Products::Bf16(blocks) => {
                 let bb = &blocks[l];
-                kernels::rms_norm_pairs(x, &b.mlp_norm, eps, false, s);
-                swiglu_bf16::swiglu_pairs(rows, s, &bb.w_gate, &bb.w_up, gated);
-                crate::bf16::matmul_pairs(rows, gated, &bb.w_down, out, d, false);
+                (&bb.w_gate, &bb.w_up, &bb.w_down, false)
+            }
+            Products::Bf16x3(blocks) => {
+                let sb = &blocks[l];
+                (&sb.w_gate, &sb.w_up, &sb.w_down, true)
+            }
+            Products::F32 => {
+                kernels::rms_norm(x, &b.mlp_norm, eps, h);
+                // Every element is written before it is read, so old contents do not matter.
+                gate_up.resize(rows * 2 * dm, 0.0);
+                f32_product::matmul(rows, h, d, &b.w_gate_up, gate_up, 2 * dm, false);
+                kernels::silu_gate_in_place(gate_up, dm);
+                // The down projection reads the gated half of each row in place.
+                f32_product::matmul(rows, gate_up, 2 * dm, &b.w_down, out, d, false);
                 return;
             }
-            Products::Bf16x3(blocks) => Some(&blocks[l]),
-            Products::F32 => None,
         };
-        // Every element is written before it is read, so old contents do not matter.
-        gate_up.resize(rows * 2 * dm, 0.0);
-        match split {
-            Some(sb) => {
-                kernels::rms_norm_pairs(x, &b.mlp_norm, eps, true, s);
-                crate::bf16::matmul_pairs(rows, s, &sb.w_gate_up, gate_up, 2 * dm, false);
-            }
-            None => {
-                kernels::rms_norm(x, &b.mlp_norm, eps, h);
-                f32_product::matmul(rows, h, d, &b.w_gate_up, gate_up, 2 * dm, false);
-            }
-        }
-        kernels::silu_gate_in_place(gate_up, dm);
-        // The down projection reads the gated half of each row in place.
-        match split {
-            Some(sb) => crate::bf16::matmul(rows, gate_up, 2 * dm, &sb.w_down, out, d, false, s),
-            None => f32_product::matmul(rows, gate_up, 2 * dm, &b.w_down, out, d, false),
-        }
+        kernels::rms_norm_pairs(x, &b.mlp_norm, eps, split, s);
+        swiglu_bf16::swiglu_pairs(rows, s, gate, up, split, gated);
+        crate::bf16::matmul_pairs(rows, gated, down, out, d, false);
     }
 
     /// Runs the blocks over `tokens` (`[batch * ctx]`). With `HookMode::Capture` it returns

@@ -24,18 +24,20 @@ const TILE_ROWS: usize = 4;
 /// `out` (grown as needed; the first `m * d.div_ceil(2)` values are written) gets `m` rows of
 /// `silu(a W_gate) * (a W_up)` rounded to bf16 pairs (column `2i` in the low half, an odd `d`
 /// padded with zero), where `a_pairs` holds `m` input rows rounded by `bf16::round_rows`
-/// (`gate.k_pairs()` u32 each) and `gate`, `up` are `[k, d]`. Every output is computed by
-/// one tile in a fixed order (`bf16::for_each_tile`): the result does not depend on the thread
-/// count. Panics unless
-/// `bf16::available()`.
+/// (`gate.k_pairs()` u32 each) and `gate`, `up` are `[k, d]`. With `split` each row is three
+/// such segments instead, `[hi | hi | lo]` as `bf16::split_rows` writes them (three times as
+/// many values): the operand of a split down product. Every output is computed by one tile
+/// in a fixed order (`bf16::for_each_tile`): the result does not depend on the thread count.
+/// Panics unless `bf16::available()`.
 pub(crate) fn swiglu_pairs(
     m: usize,
     a_pairs: &[u32],
     gate: &PackedBf16,
     up: &PackedBf16,
+    split: bool,
     out: &mut AlignedVec<u32>,
 ) {
-    swiglu_pairs_on(Bf16Path::best_on_pairs(), m, a_pairs, gate, up, out)
+    swiglu_pairs_on(Bf16Path::best_on_pairs(), m, a_pairs, gate, up, split, out)
 }
 
 /// `swiglu_pairs` on `path` (`Amx` or `Avx512Bf16`; forced by the tests).
@@ -45,6 +47,7 @@ fn swiglu_pairs_on(
     a_pairs: &[u32],
     gate: &PackedBf16,
     up: &PackedBf16,
+    split: bool,
     out: &mut AlignedVec<u32>,
 ) {
     assert!(bf16::available(), "bf16 products need AVX512-BF16");
@@ -56,7 +59,11 @@ fn swiglu_pairs_on(
     assert_eq!(up.shape(), (k, d), "gate and up weights differ in shape");
     let kp = gate.k_pairs();
     assert!(a_pairs.len() >= m * kp);
-    let out_row = d.div_ceil(2);
+    // Pairs per segment, and per output row.
+    let seg_pairs = d.div_ceil(2);
+    let out_row = if split { 3 } else { 1 } * seg_pairs;
+    // Where a split row's second and third segments start, in bf16 values (0: no split).
+    let seg = if split { 2 * seg_pairs } else { 0 };
     if out.len() < m * out_row {
         out.resize(m * out_row);
     }
@@ -100,7 +107,7 @@ fn swiglu_pairs_on(
                 unsafe { amx::chunked_sums(rows, a, kp, 2 * n, target) };
                 for (gu, p) in sums.chunks_exact(2).zip(ps.clone()) {
                     let (g, u) = (gu[0].as_ptr(), gu[1].as_ptr());
-                    unsafe { gate_sums(rows, g, u, dst(p), 2 * out_row, cols(p)) };
+                    unsafe { gate_sums(rows, g, u, dst(p), 2 * out_row, cols(p), seg) };
                 }
             });
             return;
@@ -116,15 +123,16 @@ fn swiglu_pairs_on(
                     dst(p),
                     2 * out_row,
                     cols(p),
+                    seg,
                 )
             };
         }
     });
     if d % 2 == 1 {
-        // Nothing wrote the pad half of each row's last pair.
+        // Nothing wrote the pad half of each segment's last pair.
         out[..m * out_row]
-            .par_chunks_mut(out_row)
-            .for_each(|row| row[out_row - 1] &= 0xffff);
+            .par_chunks_mut(seg_pairs)
+            .for_each(|segment| segment[seg_pairs - 1] &= 0xffff);
     }
 }
 
@@ -138,12 +146,13 @@ unsafe fn tile_any(
     dst: *mut u16,
     dst_rs: usize,
     cols: usize,
+    seg: usize,
 ) {
     match rows {
-        1 => tile::<1>(a, kp, g, u, dst, dst_rs, cols),
-        2 => tile::<2>(a, kp, g, u, dst, dst_rs, cols),
-        3 => tile::<3>(a, kp, g, u, dst, dst_rs, cols),
-        TILE_ROWS => tile::<TILE_ROWS>(a, kp, g, u, dst, dst_rs, cols),
+        1 => tile::<1>(a, kp, g, u, dst, dst_rs, cols, seg),
+        2 => tile::<2>(a, kp, g, u, dst, dst_rs, cols, seg),
+        3 => tile::<3>(a, kp, g, u, dst, dst_rs, cols, seg),
+        TILE_ROWS => tile::<TILE_ROWS>(a, kp, g, u, dst, dst_rs, cols, seg),
         _ => unreachable!("tile rows are 1..=TILE_ROWS"),
     }
 }
@@ -158,13 +167,14 @@ unsafe fn tile_any(
     _dst: *mut u16,
     _dst_rs: usize,
     _cols: usize,
+    _seg: usize,
 ) {
     unreachable!("bf16 products are x86_64 only");
 }
 
 /// `R` rows of rounded inputs (`kp` pairs each) against one gate panel and the up panel of
 /// the same columns; the first `cols` gated values of each row go to `dst` (row stride
-/// `dst_rs` bf16 values) as bf16.
+/// `dst_rs` bf16 values) as bf16 (`store_gated`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
 unsafe fn tile<const R: usize>(
@@ -175,6 +185,7 @@ unsafe fn tile<const R: usize>(
     dst: *mut u16,
     dst_rs: usize,
     cols: usize,
+    seg: usize,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(a.len() >= R * kp && g.len() >= kp * PANEL_COLS && u.len() >= kp * PANEL_COLS);
@@ -211,8 +222,7 @@ unsafe fn tile<const R: usize>(
             }
             let mask = sae_core::bf16::lane_mask(cols - c0);
             let gated = silu_times(acc[z], acc[3 + z]);
-            let bf: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(gated));
-            _mm256_mask_storeu_epi16(dst.add(r * dst_rs + c0) as *mut i16, mask, bf);
+            store_gated(gated, dst.add(r * dst_rs + c0), mask, seg);
         }
     }
 }
@@ -229,6 +239,7 @@ unsafe fn gate_sums(
     dst: *mut u16,
     dst_rs: usize,
     cols: usize,
+    seg: usize,
 ) {
     use std::arch::x86_64::*;
     for r in 0..rows {
@@ -236,9 +247,26 @@ unsafe fn gate_sums(
             let mask = sae_core::bf16::lane_mask(cols - c0);
             let gv = _mm512_loadu_ps(g.add(r * PANEL_COLS + c0));
             let uv = _mm512_loadu_ps(u.add(r * PANEL_COLS + c0));
-            let bf: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(silu_times(gv, uv)));
-            _mm256_mask_storeu_epi16(dst.add(r * dst_rs + c0) as *mut i16, mask, bf);
+            store_gated(silu_times(gv, uv), dst.add(r * dst_rs + c0), mask, seg);
         }
+    }
+}
+
+/// The `mask` lanes of `v` rounded to bf16 at `dst`; with `seg` > 0 (a split row) also at
+/// `dst + seg`, and what the rounding left, rounded again, at `dst + 2 * seg`: the values
+/// `bf16::split_rows` writes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn store_gated(v: std::arch::x86_64::__m512, dst: *mut u16, mask: u16, seg: usize) {
+    use std::arch::x86_64::*;
+    let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+    _mm256_mask_storeu_epi16(dst as *mut i16, mask, hi);
+    if seg > 0 {
+        let widened = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)));
+        let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_sub_ps(v, widened)));
+        _mm256_mask_storeu_epi16(dst.add(seg) as *mut i16, mask, hi);
+        _mm256_mask_storeu_epi16(dst.add(2 * seg) as *mut i16, mask, lo);
     }
 }
 
@@ -250,6 +278,7 @@ unsafe fn gate_sums(
     _dst: *mut u16,
     _dst_rs: usize,
     _cols: usize,
+    _seg: usize,
 ) {
     unreachable!("bf16 products are x86_64 only");
 }
@@ -338,41 +367,57 @@ mod tests {
                 (130, 64, 101),
                 (40, 600, 60),
             ] {
-                let (a, gate, up) = operands(m, k, d);
-                let mut pairs = AlignedVec::default();
-                bf16::round_rows(m, &a, k, k, &mut pairs);
-                let (pg, pu) = (PackedBf16::pack(&gate, k, d), PackedBf16::pack(&up, k, d));
-                // Stale values everywhere, so an unwritten pad would show.
-                let mut fused = AlignedVec::zeroed(m * d.div_ceil(2) / 2);
-                fused.fill(u32::MAX);
-                swiglu_pairs_on(path, m, &pairs, &pg, &pu, &mut fused);
+                for split in [false, true] {
+                    let (a, gate, up) = operands(m, k, d);
+                    let mut pairs = AlignedVec::default();
+                    let pack = |w: &[f32], n: usize| match split {
+                        true => PackedBf16::pack_split(w, k, n),
+                        false => PackedBf16::pack(w, k, n),
+                    };
+                    match split {
+                        true => bf16::split_rows(m, &a, k, k, &mut pairs),
+                        false => bf16::round_rows(m, &a, k, k, &mut pairs),
+                    }
+                    let (pg, pu) = (pack(&gate, d), pack(&up, d));
+                    // Stale values everywhere, so an unwritten pad would show.
+                    let mut fused = AlignedVec::zeroed(m * d.div_ceil(2) / 2);
+                    fused.fill(u32::MAX);
+                    swiglu_pairs_on(path, m, &pairs, &pg, &pu, split, &mut fused);
 
-                let gate_up: Vec<f32> = (0..k)
-                    .flat_map(|i| gate[i * d..][..d].iter().chain(&up[i * d..][..d]).copied())
-                    .collect();
-                let packed = PackedBf16::pack(&gate_up, k, 2 * d);
-                let mut out = vec![0f32; m * 2 * d];
-                bf16::matmul_on(
-                    path,
-                    m,
-                    &a,
-                    k,
-                    &packed,
-                    &mut out,
-                    2 * d,
-                    false,
-                    &mut AlignedVec::default(),
-                );
-                clamped += out
-                    .chunks(2 * d)
-                    .flat_map(|r| &r[..d])
-                    .filter(|v| v.abs() > 87.3)
-                    .count();
-                silu_gate_in_place(&mut out, d);
-                let mut want = AlignedVec::default();
-                bf16::round_rows(m, &out, 2 * d, d, &mut want);
-                let row = d.div_ceil(2);
-                assert_eq!(fused[..m * row], want[..m * row], "{path:?} {m}x{k}x{d}");
+                    let gate_up: Vec<f32> = (0..k)
+                        .flat_map(|i| gate[i * d..][..d].iter().chain(&up[i * d..][..d]).copied())
+                        .collect();
+                    let packed = pack(&gate_up, 2 * d);
+                    let mut out = vec![0f32; m * 2 * d];
+                    bf16::matmul_on(
+                        path,
+                        m,
+                        &a,
+                        k,
+                        &packed,
+                        &mut out,
+                        2 * d,
+                        false,
+                        &mut AlignedVec::default(),
+                    );
+                    clamped += out
+                        .chunks(2 * d)
+                        .flat_map(|r| &r[..d])
+                        .filter(|v| v.abs() > 87.3)
+                        .count();
+                    silu_gate_in_place(&mut out, d);
+                    let mut want = AlignedVec::default();
+                    match split {
+                        true => bf16::split_rows(m, &out, 2 * d, d, &mut want),
+                        false => bf16::round_rows(m, &out, 2 * d, d, &mut want),
+                    }
+                    let row = d.div_ceil(2) * if split { 3 } else { 1 };
+                    assert_eq!(
+                        fused[..m * row],
+                        want[..m * row],
+                        "{path:?} {m}x{k}x{d} split {split}"
+                    );
+                }
             }
         }
         assert!(clamped > 0, "no gate reaches the clamp");
