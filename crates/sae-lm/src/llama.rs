@@ -164,22 +164,12 @@ fn gate_and_up(b: &Block, d_mlp: usize) -> [Vec<f32>; 2] {
 enum Products {
     /// `Block`'s f32 weights.
     F32,
-    Bf16(Vec<Bf16Block>),
-    Bf16x3(Vec<SplitBlock>),
+    /// In bf16, the weights packed one bf16 term each, or three (`split`, bf16x3).
+    Bf16 { blocks: Vec<Bf16Block>, split: bool },
 }
 
-/// A block's four products' weights for three-term bf16 products (`PackedBf16::pack_split`),
-/// the same matrices as `Block`'s.
-struct SplitBlock {
-    w_qkv: PackedBf16,
-    wo: PackedBf16,
-    /// Gate and up apart, as `Bf16Block`'s (`swiglu_pairs`).
-    w_gate: PackedBf16,
-    w_up: PackedBf16,
-    w_down: PackedBf16,
-}
-
-/// A block's four products' weights in bf16, packed (same matrices as `Block`).
+/// A block's four products' weights in bf16, packed (same matrices as `Block`): rounded
+/// (`PackedBf16::pack`) or split into three terms (`PackedBf16::pack_split`).
 struct Bf16Block {
     w_qkv: PackedBf16,
     wo: PackedBf16,
@@ -257,39 +247,33 @@ impl Llama {
             (c.n_heads + 2 * c.n_kv_heads) * c.d_head,
             c.n_heads * c.d_head,
         );
-        self.products = match precision {
-            ProductPrecision::F32 => Products::F32,
-            ProductPrecision::Bf16 => Products::Bf16(
-                self.blocks
-                    .iter()
-                    .map(|b| {
-                        let [gate, up] = gate_and_up(b, c.d_mlp);
-                        Bf16Block {
-                            w_qkv: PackedBf16::pack(&b.w_qkv.values(), d, qkv),
-                            wo: PackedBf16::pack(&b.wo.values(), z, d),
-                            w_gate: PackedBf16::pack(&gate, d, c.d_mlp),
-                            w_up: PackedBf16::pack(&up, d, c.d_mlp),
-                            w_down: PackedBf16::pack(&b.w_down.values(), c.d_mlp, d),
-                        }
-                    })
-                    .collect(),
-            ),
-            ProductPrecision::Bf16x3 => Products::Bf16x3(
-                self.blocks
-                    .iter()
-                    .map(|b| {
-                        let [gate, up] = gate_and_up(b, c.d_mlp);
-                        SplitBlock {
-                            w_qkv: PackedBf16::pack_split(&b.w_qkv.values(), d, qkv),
-                            wo: PackedBf16::pack_split(&b.wo.values(), z, d),
-                            w_gate: PackedBf16::pack_split(&gate, d, c.d_mlp),
-                            w_up: PackedBf16::pack_split(&up, d, c.d_mlp),
-                            w_down: PackedBf16::pack_split(&b.w_down.values(), c.d_mlp, d),
-                        }
-                    })
-                    .collect(),
-            ),
+        let split = match precision {
+            ProductPrecision::F32 => {
+                self.products = Products::F32;
+                return Ok(());
+            }
+            ProductPrecision::Bf16 => false,
+            ProductPrecision::Bf16x3 => true,
         };
+        let pack = match split {
+            true => PackedBf16::pack_split,
+            false => PackedBf16::pack,
+        };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let [gate, up] = gate_and_up(b, c.d_mlp);
+                Bf16Block {
+                    w_qkv: pack(&b.w_qkv.values(), d, qkv),
+                    wo: pack(&b.wo.values(), z, d),
+                    w_gate: pack(&gate, d, c.d_mlp),
+                    w_up: pack(&up, d, c.d_mlp),
+                    w_down: pack(&b.w_down.values(), c.d_mlp, d),
+                }
+            })
+            .collect();
+        self.products = Products::Bf16 { blocks, split };
         Ok(())
     }
 
@@ -311,12 +295,8 @@ impl Llama {
         let width = (c.n_heads + 2 * c.n_kv_heads) * c.d_head;
         let eps = c.rms_eps as f32;
         match &self.products {
-            Products::Bf16(blocks) => {
-                kernels::rms_norm_pairs(x, &b.attn_norm, eps, false, s);
-                crate::bf16::matmul_pairs(rows, s, &blocks[l].w_qkv, qkv, width, accumulate);
-            }
-            Products::Bf16x3(blocks) => {
-                kernels::rms_norm_pairs(x, &b.attn_norm, eps, true, s);
+            Products::Bf16 { blocks, split } => {
+                kernels::rms_norm_pairs(x, &b.attn_norm, eps, *split, s);
                 crate::bf16::matmul_pairs(rows, s, &blocks[l].w_qkv, qkv, width, accumulate);
             }
             Products::F32 => {
@@ -331,11 +311,8 @@ impl Llama {
         let c = &self.cfg;
         let (z_width, d) = (c.n_heads * c.d_head, c.d_model);
         match &self.products {
-            Products::Bf16(blocks) => {
-                crate::bf16::matmul(rows, z, z_width, &blocks[l].wo, out, d, false, s)
-            }
-            // The same call: a split matrix splits the rows it multiplies.
-            Products::Bf16x3(blocks) => {
+            // A split matrix splits the rows it multiplies.
+            Products::Bf16 { blocks, .. } => {
                 crate::bf16::matmul(rows, z, z_width, &blocks[l].wo, out, d, false, s)
             }
             Products::F32 => {
@@ -362,15 +339,8 @@ impl Llama {
     ) {
         let (b, c) = (&self.blocks[l], &self.cfg);
         let (d, dm, eps) = (c.d_model, c.d_mlp, c.rms_eps as f32);
-        let (gate, up, down, split) = match &self.products {
-            Products::Bf16(blocks) => {
-                let bb = &blocks[l];
-                (&bb.w_gate, &bb.w_up, &bb.w_down, false)
-            }
-            Products::Bf16x3(blocks) => {
-                let sb = &blocks[l];
-                (&sb.w_gate, &sb.w_up, &sb.w_down, true)
-            }
+        let (bb, split) = match &self.products {
+            Products::Bf16 { blocks, split } => (&blocks[l], *split),
             Products::F32 => {
                 kernels::rms_norm(x, &b.mlp_norm, eps, h);
                 // Every element is written before it is read, so old contents do not matter.
@@ -383,8 +353,8 @@ impl Llama {
             }
         };
         kernels::rms_norm_pairs(x, &b.mlp_norm, eps, split, s);
-        swiglu_bf16::swiglu_pairs(rows, s, gate, up, split, gated);
-        crate::bf16::matmul_pairs(rows, gated, down, out, d, false);
+        swiglu_bf16::swiglu_pairs(rows, s, &bb.w_gate, &bb.w_up, split, gated);
+        crate::bf16::matmul_pairs(rows, gated, &bb.w_down, out, d, false);
     }
 
     /// Runs the blocks over `tokens` (`[batch * ctx]`). With `HookMode::Capture` it returns
