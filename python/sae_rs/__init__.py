@@ -510,6 +510,7 @@ def evaluate(
     out: Optional[Union[str, os.PathLike]] = None,
     threads: Optional[int] = None,
     progress: Union[bool, Callable[[int, int], None]] = True,
+    compute: str = "f32",
 ) -> Dict[str, Any]:
     """Evaluates ``sae`` (an :class:`SAE` or the path of one) on ``tokens`` held-out tokens
     of ``corpus`` with ``model``'s own loss, as ``sae eval`` does, and returns the dict
@@ -523,8 +524,10 @@ def evaluate(
     ValueError when that cannot be told (pass 0 if it was trained on other text). ``out``:
     also write ``eval.json``, the firing histogram and ``report.md`` there, with the CLI's
     checks (nothing is written by default). ``ctx``, ``batch``, ``threads``, ``progress``
-    (a callable gets ``(forward passes, total)``) as in :func:`harvest`. Ctrl-C stops after
-    the current forward pass and raises KeyboardInterrupt.
+    (a callable gets ``(forward passes, total)``) as in :func:`harvest`. ``compute``: the
+    model's weight products, ``"f32"`` (default), ``"bf16"`` or ``"bf16x3"``, as in
+    :func:`harvest`; the report records it (``compute``). Ctrl-C stops after the current
+    forward pass and raises KeyboardInterrupt.
     """
     if isinstance(sae, (str, os.PathLike)):
         sae = SAE.load(sae)
@@ -540,7 +543,7 @@ def evaluate(
             None if hook is None else str(hook),
             None if skip_tokens is None else _count(skip_tokens, "skip_tokens", 0),
             None if out is None else os.fspath(out),
-            None if threads is None else _count(threads, "threads"), callback,
+            None if threads is None else _count(threads, "threads"), callback, str(compute),
         )
     except KeyboardInterrupt:
         raise KeyboardInterrupt("evaluation stopped; nothing was written") from None

@@ -88,5 +88,6 @@ def evaluate(
     out: Optional[str] = None,
     threads: Optional[int] = None,
     progress: Optional[Callable[[int, int], object]] = None,
+    compute: str = "f32",
 ) -> str: ...
 def hooks(model: str) -> List[Tuple[str, int]]: ...

@@ -1091,7 +1091,8 @@ fn harvest<'py>(
 /// does. `progress(passes, total)` about every 0.2 s.
 #[pyfunction]
 #[pyo3(signature = (sae, sae_name, sae_dir, model, corpus, tokens, ctx = 128, batch = 8,
-    hook = None, skip_tokens = None, out = None, threads = None, progress = None))]
+    hook = None, skip_tokens = None, out = None, threads = None, progress = None,
+    compute = "f32"))]
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     py: Python<'_>,
@@ -1108,10 +1109,14 @@ fn evaluate(
     out: Option<PathBuf>,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
+    compute: &str,
 ) -> PyResult<String> {
     if tokens == 0 {
         return Err(PyValueError::new_err("tokens must be at least 1"));
     }
+    let products: sae_lm::ProductPrecision = compute
+        .parse()
+        .map_err(|e| PyValueError::new_err(format!("compute: {e}")))?;
     if ctx < 2 {
         return Err(PyValueError::new_err(format!(
             "ctx must be at least 2 (BOS and one token); got {ctx}"
@@ -1165,7 +1170,7 @@ fn evaluate(
             }
             None => None,
         };
-        let model = sae_lm::LanguageModel::load(&model)?;
+        let model = sae_eval::pipeline::load_model(&model, products)?;
         sae_eval::eval::check_sae_fits(sae, &sae_name, &model, &hook)?;
         let data =
             sae_eval::eval::EvalData::load(&model, &corpus, &hook, tokens, ctx, batch, skip)?;

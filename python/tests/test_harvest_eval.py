@@ -198,8 +198,9 @@ def test_evaluate_a_path_writes_what_it_returns(corpus, tmp_path):
     keys = {"sae", "arch", "d_in", "d_sae", "model", "hook", "corpus", "skip_tokens",
             "context_size", "n_contexts", "n_tokens", "l0", "mse", "fvu", "gamma", "ce_clean",
             "ce_sae", "ce_zero", "ce_mean_ablation", "delta_lm_loss", "loss_recovered",
-            "loss_recovered_vs_mean", "firing", "max_norm", "n_unspliced"}
+            "loss_recovered_vs_mean", "firing", "max_norm", "n_unspliced", "compute"}
     assert set(r) == keys
+    assert r["compute"] == "f32"
 
 
 def test_evaluate_bad_inputs(corpus, tmp_path):
@@ -212,6 +213,8 @@ def test_evaluate_bad_inputs(corpus, tmp_path):
         evaluate(sae, tmp_path / "no-such.txt")
     with pytest.raises(ValueError, match="tokens must be at least 1"):
         evaluate(sae, corpus, tokens=0)
+    with pytest.raises(ValueError, match="compute: unknown product precision 'f16'"):
+        evaluate(sae, corpus, compute="f16")
     with pytest.raises(ValueError, match="skip_tokens"):
         evaluate(sae, corpus, skip_tokens=None)
     with pytest.raises(ValueError, match="names no hook"):

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use sae_core::ArchKind;
 use sae_eval::pipeline::{self, EvalOptions, SweepOptions};
+use sae_lm::ProductPrecision;
 use sae_train::config::{check_count, check_positive};
 use std::path::PathBuf;
 
@@ -60,6 +61,11 @@ pub struct EvalArgs {
     /// Output directory (default: <sae>/eval).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Precision of the model's weight products in the evaluation: f32 (the default), bf16
+    /// or bf16x3, as `sae harvest --compute`. Clean and spliced passes use the same; the
+    /// report records it.
+    #[arg(long, default_value = "f32")]
+    pub compute: ProductPrecision,
 }
 
 /// Range checks of the `sae eval` flags, before the model or the text is loaded.
@@ -92,6 +98,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         hook: a.hook,
         skip_tokens: a.skip_tokens,
         out: a.out,
+        products: a.compute,
     })?;
     println!(
         "L0 {:.2}  FVU {:.4}  MSE {:.4}  gamma {:.4}  CE clean {:.4}  SAE {:.4}  zero {:.4}  mean {:.4}  delta LM loss {:.4}  loss recovered {:.4}  dead {}  dense {}",
@@ -146,6 +153,11 @@ pub struct SweepArgs {
     /// Contexts per evaluation forward pass.
     #[arg(long, default_value_t = 8)]
     pub eval_batch: usize,
+    /// Precision of the model's weight products in the evaluation: f32 (the default), bf16
+    /// or bf16x3, as `sae harvest --compute`. Clean and spliced passes use the same; the
+    /// report records it.
+    #[arg(long, default_value = "f32")]
+    pub compute: ProductPrecision,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Sweep directory (runs/<name>/, sweep.json, sweep.csv, report.md, plots); finished runs
@@ -224,6 +236,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         extend: a.extend,
         keep_state: a.keep_state,
         note: String::new(),
+        products: a.compute,
     })?;
     print_result(&r, &a.out);
     Ok(())

@@ -83,7 +83,61 @@ fn eval_identity_sae_gives_clean_loss_and_writes_the_report() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("eval.json")).unwrap()).unwrap();
     assert_eq!(json["hook"], HOOK);
+    assert_eq!(json["compute"], "f32");
     assert!((json["loss_recovered"].as_f64().unwrap() - 1.0).abs() < 1e-3);
+
+    // The same evaluation with three-term bf16 products: recorded, and within 1e-3 of f32's
+    // losses (where the CPU has no bf16 products, refused before any pass, nothing written).
+    let out3 = dir.join("eval3");
+    let args = |out: &Path| {
+        [
+            "eval",
+            "--sae",
+            s(&sae_dir),
+            "--corpus",
+            s(&text),
+            "--tokens",
+            "200",
+            "--ctx",
+            "32",
+            "--skip-tokens",
+            "0",
+            "--compute",
+            "bf16x3",
+            "--out",
+            s(out),
+        ]
+        .map(String::from)
+    };
+    let run3 = sae(&args(&out3).each_ref().map(String::as_str));
+    let stdout3 = String::from_utf8_lossy(&run3.stdout);
+    if !sae_core::bf16::available() {
+        let err = String::from_utf8_lossy(&run3.stderr);
+        assert!(
+            !run3.status.success() && err.contains("--compute bf16x3"),
+            "{err}"
+        );
+        assert!(!out3.exists());
+        return;
+    }
+    assert!(
+        run3.status.success(),
+        "{stdout3}\n{}",
+        String::from_utf8_lossy(&run3.stderr)
+    );
+    let json3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out3.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(json3["compute"], "bf16x3");
+    for key in ["ce_clean", "ce_zero", "ce_mean_ablation"] {
+        let (f, t) = (json[key].as_f64().unwrap(), json3[key].as_f64().unwrap());
+        eprintln!("{key}: f32 {f}, bf16x3 {t}");
+        assert!((f - t).abs() < 1e-3, "{key}: f32 {f}, bf16x3 {t}");
+    }
+    // Not the f32 passes under another name.
+    assert_ne!(json["ce_clean"], json3["ce_clean"]);
+    assert!((number_after(&stdout3, "CE clean") - number_after(&stdout3, "SAE")).abs() < 1e-4);
+    let report = std::fs::read_to_string(out3.join("report.md")).unwrap();
+    assert!(report.contains("weight products ran in bf16x3"), "{report}");
 }
 
 #[test]

@@ -228,6 +228,9 @@ pub struct EvalReport {
     /// Non-BOS tokens left unspliced for their norm.
     #[serde(default)]
     pub n_unspliced: u64,
+    /// How the model's weight products ran (`sae eval --compute`; f32 before it existed).
+    #[serde(default)]
+    pub compute: sae_lm::ProductPrecision,
 }
 
 /// The norm limit an SAE was trained with (`train_summary.json` next to its weights).
@@ -333,6 +336,7 @@ pub fn evaluate_sae(
         firing: FiringStats::from_counts(recon.fire_counts(), recon.n_tokens, DENSE_FRACTION),
         max_norm,
         n_unspliced,
+        compute: model.products(),
     })
 }
 

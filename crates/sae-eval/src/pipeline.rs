@@ -5,7 +5,7 @@ use crate::report;
 use crate::sweep::{self, RunSpec, SweepRow};
 use anyhow::{bail, Context, Result};
 use sae_core::{saelens, ArchKind};
-use sae_lm::LanguageModel;
+use sae_lm::{LanguageModel, ProductPrecision};
 use sae_output::{Progress, ProgressGroup};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,6 +26,17 @@ pub struct EvalOptions {
     pub skip_tokens: Option<usize>,
     /// Output directory; default `<sae>/eval`.
     pub out: Option<PathBuf>,
+    /// How the model's weight products run.
+    pub products: ProductPrecision,
+}
+
+/// `spec` loaded with its weight products in `products` (`--compute`).
+pub fn load_model(spec: &str, products: ProductPrecision) -> Result<LanguageModel> {
+    let mut model = LanguageModel::load(spec)?;
+    model.set_products(products).with_context(|| {
+        format!("--compute {products} is not available here; use --compute f32")
+    })?;
+    Ok(model)
 }
 
 /// Checks an SAE directory has both files before loading anything big.
@@ -97,7 +108,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalReport> {
         })?,
     };
     let t0 = Instant::now();
-    let model = LanguageModel::load(&o.model)?;
+    let model = load_model(&o.model, o.products)?;
     eval::check_sae_fits(&sae, &o.sae.display().to_string(), &model, &hook)?;
     let data = EvalData::load(&model, &o.corpus, &hook, o.tokens, o.ctx, o.batch, skip)?;
     eprintln!(
@@ -176,6 +187,8 @@ pub struct SweepOptions {
     pub keep_state: bool,
     /// A line of setup text for the report (the demo says what it chose).
     pub note: String,
+    /// How the model's weight products run in the evaluations.
+    pub products: ProductPrecision,
 }
 
 /// Final summary of a sweep.
@@ -242,7 +255,7 @@ pub fn run_grid(o: &SweepOptions, runs: &[RunSpec]) -> Result<SweepResult> {
     } else {
         0
     };
-    let model = LanguageModel::load(&o.model)?;
+    let model = load_model(&o.model, o.products)?;
     let width = eval::hook_width(&model, &hook)?;
     if width != manifest.d_in {
         bail!(
@@ -666,6 +679,7 @@ pub fn run_demo(out: &Path, quick: bool) -> Result<SweepResult> {
         out: out.to_path_buf(),
         extend: false,
         keep_state: false,
+        products: ProductPrecision::F32,
         note: format!(
             "Demo{}: {} harvested tokens, {} training tokens per run (batch {}, lr {}), gated l1 {:?}, relu l1 {:?}; harvest took {harvest_s:.0}s.",
             if quick { " (--quick)" } else { "" },

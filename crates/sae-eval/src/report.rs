@@ -37,7 +37,8 @@ pub fn eval_markdown(r: &EvalReport) -> String {
         s,
         "{} SAE, d_in {}, d_sae {}, at `{}` of `{}`. Held-out text: corpus `{}` after skipping \
          its first {} tokens (the SAE's training text), {} contexts of {} tokens. BOS is not \
-         replaced and is excluded from the reconstruction metrics and from every CE.\n",
+         replaced and is excluded from the reconstruction metrics and from every CE. The \
+         model's weight products ran in {}.\n",
         r.arch,
         r.d_in,
         r.d_sae,
@@ -46,7 +47,8 @@ pub fn eval_markdown(r: &EvalReport) -> String {
         r.corpus,
         r.skip_tokens,
         r.n_contexts,
-        r.context_size
+        r.context_size,
+        r.compute
     );
     let _ = writeln!(s, "| metric | value |\n|---|---|");
     let rows: [(&str, String); 15] = [

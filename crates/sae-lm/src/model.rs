@@ -69,6 +69,7 @@ pub struct LanguageModel {
     pub name: String,
     tokenizer: Tokenizer,
     net: Net,
+    products: ProductPrecision,
 }
 
 /// The forward passes there are; both stop at the hook and use TransformerLens hook names.
@@ -201,19 +202,27 @@ impl LanguageModel {
             name,
             tokenizer,
             net,
+            products: ProductPrecision::F32,
         })
     }
     /// How the model's weight products run (f32 by default; see `Llama::set_products`).
     /// Other than f32: Llama-family models on CPUs with AVX512-BF16 only.
     pub fn set_products(&mut self, precision: ProductPrecision) -> anyhow::Result<()> {
         match &mut self.net {
-            Net::Llama(m) => m.set_products(precision),
+            Net::Llama(m) => m.set_products(precision)?,
             Net::Gpt2(_) if precision != ProductPrecision::F32 => bail!(
                 "{precision} products are implemented for Llama-family models only, not GPT-2; \
                  compute in f32"
             ),
-            Net::Gpt2(_) => Ok(()),
+            Net::Gpt2(_) => {}
         }
+        self.products = precision;
+        Ok(())
+    }
+
+    /// How the weight products run now (`set_products`).
+    pub fn products(&self) -> ProductPrecision {
+        self.products
     }
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
