@@ -42,21 +42,27 @@ fn eval_identity_sae_gives_clean_loss_and_writes_the_report() {
     saelens::save(&identity_sae(576), &sae_dir).unwrap();
     let text = corpus(&dir);
     let out_dir = dir.join("eval");
-    let out = sae(&[
-        "eval",
-        "--sae",
-        s(&sae_dir),
-        "--corpus",
-        s(&text),
-        "--tokens",
-        "200",
-        "--ctx",
-        "32",
-        "--skip-tokens",
-        "0",
-        "--out",
-        s(&out_dir),
-    ]);
+    // `sae eval` of that SAE into `out` with its products in `compute`.
+    let eval = |out: &Path, compute: &str| {
+        sae(&[
+            "eval",
+            "--sae",
+            s(&sae_dir),
+            "--corpus",
+            s(&text),
+            "--tokens",
+            "200",
+            "--ctx",
+            "32",
+            "--skip-tokens",
+            "0",
+            "--compute",
+            compute,
+            "--out",
+            s(out),
+        ])
+    };
+    let out = eval(&out_dir, "f32");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -89,27 +95,7 @@ fn eval_identity_sae_gives_clean_loss_and_writes_the_report() {
     // The same evaluation with three-term bf16 products: recorded, and within 1e-3 of f32's
     // losses (where the CPU has no bf16 products, refused before any pass, nothing written).
     let out3 = dir.join("eval3");
-    let args = |out: &Path| {
-        [
-            "eval",
-            "--sae",
-            s(&sae_dir),
-            "--corpus",
-            s(&text),
-            "--tokens",
-            "200",
-            "--ctx",
-            "32",
-            "--skip-tokens",
-            "0",
-            "--compute",
-            "bf16x3",
-            "--out",
-            s(out),
-        ]
-        .map(String::from)
-    };
-    let run3 = sae(&args(&out3).each_ref().map(String::as_str));
+    let run3 = eval(&out3, "bf16x3");
     let stdout3 = String::from_utf8_lossy(&run3.stdout);
     if !sae_core::bf16::available() {
         let err = String::from_utf8_lossy(&run3.stderr);
