@@ -88,6 +88,9 @@ fn check_ctx(field: &'static str, ctx: usize) -> Result<()> {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     check_eval_flags(&a)?;
+    if let Some(note) = a.compute.slow_here() {
+        eprintln!("{note}");
+    }
     let r = pipeline::run_eval(&EvalOptions {
         sae: a.sae,
         model: a.model,
@@ -210,6 +213,9 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         return Ok(());
     }
     check_sweep_flags(&a)?;
+    if let Some(note) = a.compute.slow_here() {
+        eprintln!("{note}");
+    }
     let (l1, l1_by_arch) = parse_l1(&a.l1)?;
     let Some(acts) = a.acts else {
         bail!("--acts is required (the activation store to train on)");

@@ -77,6 +77,9 @@ pub struct HarvestArgs {
 }
 
 pub fn harvest(args: HarvestArgs) -> anyhow::Result<()> {
+    if let Some(note) = args.compute.slow_here() {
+        eprintln!("{note}");
+    }
     let r = harvest_to_store(
         &StoreHarvest {
             model: args.model,

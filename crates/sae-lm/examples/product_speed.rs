@@ -1,8 +1,9 @@
 //! GFLOP/s of the forward pass's weight products on SmolLM2-135M shapes (2032 rows: 16
 //! contexts of 127), and of a training step's encoder product (4096 x 576 x 9216): f32 on
-//! every path this CPU runs (`sae_core::f32_product`) and bf16 on every path (`sae_lm::bf16`:
-//! AMX, AVX512-BF16, widened), alternated
-//! over rounds; medians, and each path's median ratio to `gemm` within a round:
+//! every path this CPU runs (`sae_core::f32_product`), bf16 and bf16x3 (three-term, split
+//! operands) on every path (`sae_lm::bf16`: AMX, AVX512-BF16, widened), alternated over
+//! rounds; medians (bf16x3 counted as the f32 product's flops), and each path's median ratio
+//! to `gemm` within a round:
 //! `cargo run --release -p sae-lm --example product_speed [ROUNDS]`.
 
 use sae_core::f32_product::{self, F32Path, PackedF32};
@@ -44,9 +45,19 @@ fn main() {
             .into_iter()
             .map(|p| (p, PackedF32::pack_for(p, &w, k, n)))
             .collect();
-        let bf16 = sae_lm::bf16::PackedBf16::pack(&w, k, n);
+        let packs = [
+            ("bf16", sae_lm::bf16::PackedBf16::pack(&w, k, n)),
+            ("bf16x3", sae_lm::bf16::PackedBf16::pack_split(&w, k, n)),
+        ];
         let mut scratch = sae_core::aligned::AlignedVec::default();
-        let bf16_paths = Bf16Path::all_available();
+        let bf16_paths: Vec<(&str, &sae_lm::bf16::PackedBf16, Bf16Path)> = packs
+            .iter()
+            .flat_map(|(kind, p)| {
+                Bf16Path::all_available()
+                    .into_iter()
+                    .map(move |b| (*kind, p, b))
+            })
+            .collect();
         let all = f32_paths.len() + bf16_paths.len();
         let mut rates = vec![Vec::new(); all];
         let mut ratios = vec![Vec::new(); all];
@@ -56,9 +67,9 @@ fn main() {
                     f32_product::matmul(m, &a, k, packed, out, n, false)
                 }));
             }
-            for (i, &path) in bf16_paths.iter().enumerate() {
+            for (i, &(_, packed, path)) in bf16_paths.iter().enumerate() {
                 rates[f32_paths.len() + i].push(time(&mut |out| {
-                    sae_lm::bf16::matmul_on(path, m, &a, k, &bf16, out, n, false, &mut scratch)
+                    sae_lm::bf16::matmul_on(path, m, &a, k, packed, out, n, false, &mut scratch)
                 }));
             }
             for i in 0..all {
@@ -70,7 +81,11 @@ fn main() {
         let names = f32_paths
             .iter()
             .map(|(p, _)| format!("f32 {}", p.name()))
-            .chain(bf16_paths.iter().map(|p| format!("bf16 {}", p.name())));
+            .chain(
+                bf16_paths
+                    .iter()
+                    .map(|(kind, _, p)| format!("{kind} {}", p.name())),
+            );
         for (i, label) in names.enumerate() {
             let (rate, ratio) = (median(rates[i].clone()), median(ratios[i].clone()));
             line += &format!(" {label} {rate:.0} GFLOP/s ({ratio:.2}x gemm);");

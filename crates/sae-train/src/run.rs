@@ -319,6 +319,21 @@ fn run_locked(
             cfg.precision
         );
     }
+    if cfg.model.is_some() && !cfg.quiet {
+        if let Some(note) = cfg.compute.slow_here() {
+            eprintln!("{note}");
+        }
+    }
+    if cfg.precision.split_encoder()
+        && sae_core::bf16::available()
+        && !sae_core::amx::available()
+        && !cfg.quiet
+    {
+        eprintln!(
+            "note: --precision bf16x3: this CPU has no AMX tiles, so the encoder product runs \
+             as three AVX512-BF16 products, likely slower than --precision f32"
+        );
+    }
     match (pool, cfg.threads) {
         (Some(pool), _) => pool.install(|| train(cfg, source, bars)),
         (None, Some(t)) => {
