@@ -999,9 +999,7 @@ fn harvest<'py>(
             "batch and shard_rows must be at least 1",
         ));
     }
-    let products: sae_lm::ProductPrecision = compute
-        .parse()
-        .map_err(|e| PyValueError::new_err(format!("compute: {e}")))?;
+    let products = parse_compute(compute)?;
     let dtype: sae_store::writer::StoreDtype = dtype
         .parse()
         .map_err(|e| PyValueError::new_err(format!("dtype: {e:#}")))?;
@@ -1084,6 +1082,13 @@ fn harvest<'py>(
     }
 }
 
+/// `compute=` (f32, bf16 or bf16x3), or a ValueError naming the keyword.
+fn parse_compute(compute: &str) -> PyResult<sae_lm::ProductPrecision> {
+    compute
+        .parse()
+        .map_err(|e| PyValueError::new_err(format!("compute: {e}")))
+}
+
 /// `sae eval` from Python on a loaded SAE: the report `sae eval` writes to eval.json, as
 /// JSON text. `sae_dir` (where the SAE was loaded from, if anywhere) gives the norm limit
 /// it was trained with and keeps `out` from being inside it except as its `eval` folder.
@@ -1114,9 +1119,7 @@ fn evaluate(
     if tokens == 0 {
         return Err(PyValueError::new_err("tokens must be at least 1"));
     }
-    let products: sae_lm::ProductPrecision = compute
-        .parse()
-        .map_err(|e| PyValueError::new_err(format!("compute: {e}")))?;
+    let products = parse_compute(compute)?;
     if ctx < 2 {
         return Err(PyValueError::new_err(format!(
             "ctx must be at least 2 (BOS and one token); got {ctx}"
@@ -1170,7 +1173,7 @@ fn evaluate(
             }
             None => None,
         };
-        let model = sae_eval::pipeline::load_model(&model, products)?;
+        let model = sae_lm::LanguageModel::load_with_products(&model, products)?;
         sae_eval::eval::check_sae_fits(sae, &sae_name, &model, &hook)?;
         let data =
             sae_eval::eval::EvalData::load(&model, &corpus, &hook, tokens, ctx, batch, skip)?;

@@ -107,6 +107,12 @@ pub fn available() -> bool {
     cpu_has!("avx512f", "avx512bf16")
 }
 
+/// Whether split (three-term) products run here but without AMX tiles, where they are
+/// several times slower than f32 (`vdpbf16ps` at a third of the rate per term).
+pub fn split_is_slow_here() -> bool {
+    available() && !crate::amx::available()
+}
+
 /// `v` rounded to bf16 bits: nearest, ties to even; subnormals flushed to (signed) zero as
 /// the AVX512-BF16 instructions do, so that both paths see the same operands.
 #[inline(always)]

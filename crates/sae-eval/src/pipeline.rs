@@ -30,15 +30,6 @@ pub struct EvalOptions {
     pub products: ProductPrecision,
 }
 
-/// `spec` loaded with its weight products in `products` (`--compute`).
-pub fn load_model(spec: &str, products: ProductPrecision) -> Result<LanguageModel> {
-    let mut model = LanguageModel::load(spec)?;
-    model.set_products(products).with_context(|| {
-        format!("--compute {products} is not available here; use --compute f32")
-    })?;
-    Ok(model)
-}
-
 /// Checks an SAE directory has both files before loading anything big.
 fn check_sae_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
@@ -108,7 +99,7 @@ pub fn run_eval(o: &EvalOptions) -> Result<EvalReport> {
         })?,
     };
     let t0 = Instant::now();
-    let model = load_model(&o.model, o.products)?;
+    let model = LanguageModel::load_with_products(&o.model, o.products)?;
     eval::check_sae_fits(&sae, &o.sae.display().to_string(), &model, &hook)?;
     let data = EvalData::load(&model, &o.corpus, &hook, o.tokens, o.ctx, o.batch, skip)?;
     eprintln!(
@@ -255,7 +246,7 @@ pub fn run_grid(o: &SweepOptions, runs: &[RunSpec]) -> Result<SweepResult> {
     } else {
         0
     };
-    let model = load_model(&o.model, o.products)?;
+    let model = LanguageModel::load_with_products(&o.model, o.products)?;
     let width = eval::hook_width(&model, &hook)?;
     if width != manifest.d_in {
         bail!(

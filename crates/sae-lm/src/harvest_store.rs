@@ -77,17 +77,14 @@ fn check_counts(ctx: usize, tokens: usize) -> Result<()> {
     Ok(())
 }
 
-/// Loads `spec` with the products in bf16 when asked, and checks `hook`; returns the model
-/// and the hook's width.
+/// Loads `spec` with its products in `products`, and checks `hook`; returns the model and
+/// the hook's width.
 pub fn open_model(
     spec: &str,
     hook: &str,
     products: ProductPrecision,
 ) -> Result<(LanguageModel, usize)> {
-    let mut model = LanguageModel::load(spec)?;
-    model.set_products(products).with_context(|| {
-        format!("--compute {products} is not available here; use --compute f32")
-    })?;
+    let model = LanguageModel::load_with_products(spec, products)?;
     let width = model.hook_width(model.hook(hook)?);
     Ok((model, width))
 }
@@ -222,13 +219,7 @@ fn harvest_into(
         check_output(out, OutputKind::Store, &inputs, false)?;
     }
     let t0 = Instant::now();
-    let mut model = LanguageModel::load(&a.model)?;
-    model.set_products(a.products).with_context(|| {
-        format!(
-            "--compute {} is not available here; use --compute f32",
-            a.products
-        )
-    })?;
+    let model = LanguageModel::load_with_products(&a.model, a.products)?;
     if a.with_grad {
         model
             .check_loss_grad()

@@ -39,8 +39,7 @@ impl ProductPrecision {
     /// bf16x3 without AMX tiles (on the AMX Xeon, three `vdpbf16ps` products per product ran
     /// at 0.21x the f32 product, the tiles at 1.7-2.5x).
     pub fn slow_here(self) -> Option<&'static str> {
-        let without_tiles = sae_core::bf16::available() && !sae_core::amx::available();
-        (self == Self::Bf16x3 && without_tiles).then_some(
+        (self == Self::Bf16x3 && sae_core::bf16::split_is_slow_here()).then_some(
             "note: --compute bf16x3: this CPU has no AMX tiles, so each product runs as three \
              AVX512-BF16 products, likely slower than --compute f32",
         )
@@ -216,6 +215,16 @@ impl LanguageModel {
             products: ProductPrecision::F32,
         })
     }
+    /// `load`, then `set_products`; an error says the precision is not available here and
+    /// to compute in f32 (`--compute`).
+    pub fn load_with_products(spec: &str, products: ProductPrecision) -> anyhow::Result<Self> {
+        let mut model = Self::load(spec)?;
+        model.set_products(products).with_context(|| {
+            format!("--compute {products} is not available here; use --compute f32")
+        })?;
+        Ok(model)
+    }
+
     /// How the model's weight products run (f32 by default; see `Llama::set_products`).
     /// Other than f32: Llama-family models on CPUs with AVX512-BF16 only.
     pub fn set_products(&mut self, precision: ProductPrecision) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 //! forward passes, each with a source of its own.
 
 use crate::source::BatchSource;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use sae_core::sae::SaeMeta;
 use sae_lm::harvest::{harvest_hooks, harvest_with_grad, HarvestOptions};
 use sae_lm::{Hook, LanguageModel, ProductPrecision};
@@ -64,10 +64,7 @@ impl ModelSource {
                 "the loss gradient is computed at one hook per run; train the hooks one at a time"
             );
         }
-        let mut model = LanguageModel::load(&o.model)?;
-        model
-            .set_products(o.products)
-            .with_context(|| format!("--compute {} with model '{}'", o.products, o.model))?;
+        let model = LanguageModel::load_with_products(&o.model, o.products)?;
         if o.with_grads {
             model.check_loss_grad()?;
         }

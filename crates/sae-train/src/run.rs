@@ -324,11 +324,7 @@ fn run_locked(
             eprintln!("{note}");
         }
     }
-    if cfg.precision.split_encoder()
-        && sae_core::bf16::available()
-        && !sae_core::amx::available()
-        && !cfg.quiet
-    {
+    if cfg.precision.split_encoder() && sae_core::bf16::split_is_slow_here() && !cfg.quiet {
         eprintln!(
             "note: --precision bf16x3: this CPU has no AMX tiles, so the encoder product runs \
              as three AVX512-BF16 products, likely slower than --precision f32"
