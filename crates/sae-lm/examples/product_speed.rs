@@ -3,7 +3,9 @@
 //! every path this CPU runs (`sae_core::f32_product`), bf16 and bf16x3 (three-term, split
 //! operands) on every path (`sae_lm::bf16`: AMX, AVX512-BF16, widened), alternated over
 //! rounds; medians (bf16x3 counted as the f32 product's flops), and each path's median ratio
-//! to `gemm` within a round:
+//! to `gemm` within a round. The last column is the bf16 product on input already rounded
+//! (as the forward's norms and SwiGLU write it), the comparison for a library timed on bf16
+//! input:
 //! `cargo run --release -p sae-lm --example product_speed [ROUNDS]`.
 
 use sae_core::f32_product::{self, F32Path, PackedF32};
@@ -58,7 +60,15 @@ fn main() {
                     .map(move |b| (*kind, p, b))
             })
             .collect();
-        let all = f32_paths.len() + bf16_paths.len();
+        // The forward's q|k|v, gate|up and down read rows that the norm or the SwiGLU already
+        // wrote in bf16: the product alone, without the rounding, as oneDNN's bf16 matmul is
+        // timed on bf16 input (`tools/bench_libs.sh`).
+        let pairs_path = sae_lm::bf16::available().then(|| {
+            let mut pairs = sae_core::aligned::AlignedVec::default();
+            sae_lm::bf16::round_rows(m, &a, k, k, &mut pairs);
+            pairs
+        });
+        let all = f32_paths.len() + bf16_paths.len() + pairs_path.is_some() as usize;
         let mut rates = vec![Vec::new(); all];
         let mut ratios = vec![Vec::new(); all];
         for _ in 0..rounds {
@@ -70,6 +80,11 @@ fn main() {
             for (i, &(_, packed, path)) in bf16_paths.iter().enumerate() {
                 rates[f32_paths.len() + i].push(time(&mut |out| {
                     sae_lm::bf16::matmul_on(path, m, &a, k, packed, out, n, false, &mut scratch)
+                }));
+            }
+            if let Some(pairs) = &pairs_path {
+                rates[all - 1].push(time(&mut |out| {
+                    sae_lm::bf16::matmul_pairs(m, pairs, &packs[0].1, out, n, false)
                 }));
             }
             for i in 0..all {
@@ -85,7 +100,13 @@ fn main() {
                 bf16_paths
                     .iter()
                     .map(|(kind, _, p)| format!("{kind} {}", p.name())),
-            );
+            )
+            .chain(pairs_path.iter().map(|_| {
+                format!(
+                    "bf16 on bf16 input {}",
+                    sae_lm::bf16::Bf16Path::best_on_pairs().name()
+                )
+            }));
         for (i, label) in names.enumerate() {
             let (rate, ratio) = (median(rates[i].clone()), median(ratios[i].clone()));
             line += &format!(" {label} {rate:.0} GFLOP/s ({ratio:.2}x gemm);");
