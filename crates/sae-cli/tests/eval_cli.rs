@@ -401,4 +401,53 @@ fn sweep_trains_evaluates_and_reports_every_run() {
         .join("checkpoint")
         .join("optimizer.safetensors")
         .is_file());
+
+    // --compute bf16x3: the finished runs evaluated again with three-term bf16 products, each
+    // evaluation and the report saying so, the losses within 1e-3 of f32's. Where the CPU has
+    // no bf16 products it is refused before any work and the sweep's files stay as they were.
+    let f32_json = std::fs::read_to_string(sweep_dir.join("sweep.json")).unwrap();
+    let f32_report = std::fs::read_to_string(sweep_dir.join("report.md")).unwrap();
+    assert!(
+        f32_report.contains("weight products ran in f32"),
+        "{f32_report}"
+    );
+    longer.extend(["--compute", "bf16x3"]);
+    let out = sae(&longer);
+    if !sae_core::bf16::available() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("--compute bf16x3"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(sweep_dir.join("sweep.json")).unwrap(),
+            f32_json
+        );
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(sweep_dir.join("report.md")).unwrap();
+    assert!(report.contains("weight products ran in bf16x3"), "{report}");
+    let parse = |text: &str| -> serde_json::Value { serde_json::from_str(text).unwrap() };
+    let (before, after) = (
+        parse(&f32_json),
+        parse(&std::fs::read_to_string(sweep_dir.join("sweep.json")).unwrap()),
+    );
+    let (before, after) = (
+        before["runs"].as_array().unwrap(),
+        after["runs"].as_array().unwrap(),
+    );
+    assert_eq!(before.len(), after.len());
+    for (b, a) in before.iter().zip(after) {
+        assert_eq!(b["eval"]["compute"], "f32");
+        assert_eq!(a["eval"]["compute"], "bf16x3");
+        for key in ["ce_clean", "ce_sae"] {
+            let (f, t) = (
+                b["eval"][key].as_f64().unwrap(),
+                a["eval"][key].as_f64().unwrap(),
+            );
+            assert!((f - t).abs() < 1e-3, "{key}: f32 {f}, bf16x3 {t}");
+        }
+    }
 }

@@ -436,7 +436,7 @@ fn write_summary(
     let setup = format!(
         "Model `{}`, hook `{hook}`, activation store `{}` ({} tokens from corpus `{}`, context {}). \
          Dictionary size {}. Evaluation: {} contexts of {} tokens held out (after the store's text), \
-         BOS never spliced and left out of every metric. {}",
+         BOS never spliced and left out of every metric; the model's weight products ran in {}. {}",
         o.model,
         o.acts.display(),
         manifest.n_tokens,
@@ -445,6 +445,7 @@ fn write_summary(
         o.d_sae.map(|d| d.to_string()).unwrap_or_else(|| format!("8 x {}", manifest.d_in)),
         rows.first().map(|r| r.eval.n_contexts).unwrap_or(0),
         o.ctx,
+        o.products,
         o.note
     );
     write_outputs(&o.out, &setup, rows, failed)
