@@ -415,7 +415,10 @@ fn sweep_trains_evaluates_and_reports_every_run() {
     let out = sae(&longer);
     if !sae_core::bf16::available() {
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("--compute bf16x3"), "{err}");
+        assert!(
+            !out.status.success() && err.contains("--compute bf16x3"),
+            "{err}"
+        );
         assert_eq!(
             std::fs::read_to_string(sweep_dir.join("sweep.json")).unwrap(),
             f32_json
