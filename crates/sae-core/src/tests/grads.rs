@@ -48,6 +48,9 @@ fn case(arch: ArchKind, dnorm: bool, seed: u64, dense: bool) -> Case {
     let lambda = 0.7f32;
     let mut trainer = SaeTrainer::new(sae.clone(), hyper.clone());
     trainer.set_dense_fraction(if dense { 0.0 } else { 2.0 });
+    // The latent pass in tasks of 5 latents and blocks of 5 rows: uneven tasks, and each
+    // latent's entries over three row blocks.
+    trainer.set_latent_block(5);
     // Rules that select with the loss gradient get one, twice the stand-in's scale so that
     // it changes the selection.
     let grad: Vec<f32> = input_grad(&x).iter().map(|g| 2.0 * g).collect();

@@ -260,6 +260,13 @@ impl SaeTrainer {
         self.buf.decode_slice_bytes = bytes;
     }
 
+    /// Latents per latent-pass task and batch rows per block of its entries (0: sized for
+    /// L2 from d_in); tests take several blocks of a small batch with it.
+    #[cfg(test)]
+    pub(crate) fn set_latent_block(&mut self, block: usize) {
+        self.buf.latent_block = block;
+    }
+
     /// Screens (`Precision::F32Screened`) whatever fraction of the entries it recomputes.
     #[cfg(test)]
     pub(crate) fn screen_any_density(&mut self) {

@@ -21,10 +21,20 @@ use rayon::prelude::*;
 /// BatchTopK inference threshold: bias-corrected EMA of each batch's selection threshold
 /// (close to the paper's mean over batches early on, DL's EMA with beta 0.999 later).
 pub(super) const THRESHOLD_EMA_BETA: f64 = 0.999;
-/// Rows per task in the row passes and latents per task in the latent pass. Fixed sizes keep
-/// every reduction in a fixed order: results are bit-for-bit reproducible for a thread count.
+/// Rows per task in the row passes and latents per task in the other per-latent passes (the
+/// latent pass takes at least as many). Fixed sizes keep every reduction in a fixed order:
+/// results are bit-for-bit reproducible for a thread count.
 const ROW_CHUNK: usize = 16;
 const LAT_CHUNK: usize = 32;
+/// The latent pass takes its latents in tasks whose W_dec and W_enc gradient rows (f32) fill
+/// about `LATENT_BLOCK_BYTES` (they stay in L2), and each task's entries one block of batch
+/// rows at a time whose residual and input rows fill about `ROW_BLOCK_BYTES`, so that a row
+/// one latent of the task gathers is often still cached when the task's other latents reach
+/// it. At d_in 576 that is 128 latents and 1,024 rows: on the AMX Xeon (2 MB L2) the latent
+/// pass at d_sae 9216, L0 200 took 10-15% less time than latent by latent (f32 and bf16
+/// rows), and the same at L0 64; L2-sized row blocks (128-256 rows) were slower at L0 64.
+const LATENT_BLOCK_BYTES: usize = 576 << 10;
+const ROW_BLOCK_BYTES: usize = 4608 << 10;
 /// Above this fraction of non-zero (token, latent) entries the step uses dense GEMMs for the
 /// decode and the gradients (a handful of GEMMs beat the sparse passes there).
 pub(super) const DENSE_FRACTION: f64 = 1.0 / 16.0;
@@ -120,11 +130,13 @@ pub(super) struct Buffers {
     genc: Vec<f32>,
     gdec: Vec<f32>,
     lat_fill: Vec<usize>,
-    lat_scratch: Vec<f32>,
     /// Per row chunk, the decode's entries of the slice it is gathering.
     slice_ents: Vec<Vec<u32>>,
     /// `DECODE_SLICE_BYTES` when 0; tests set a small budget to slice small dictionaries.
     pub(super) decode_slice_bytes: usize,
+    /// Latents per latent-pass task and batch rows per block of its entries, both; from
+    /// `latent_blocks` when 0 (tests take small blocks).
+    pub(super) latent_block: usize,
     bdec_part: Vec<f32>,
     dead: Vec<u32>,
     cutoff: Vec<f32>,
@@ -1361,11 +1373,15 @@ impl SaeTrainer {
     }
 
     /// Phase 5: per latent, the W_dec / W_enc row gradients fused with Adam (or copied out
-    /// when collecting). Every per-latent array is cut into chunks of `LAT_CHUNK` latents and
-    /// each task owns one chunk of each.
+    /// when collecting). Every per-latent array is cut into chunks of the same latents
+    /// (`latent_blocks`, fixed by d_in) and each task owns one chunk of each.
     fn latent_pass(&mut self, bw: &Backward, mode: &mut Mode) {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
-        let n_chunks = d_sae.div_ceil(LAT_CHUNK);
+        let (lat_chunk, row_block) = match self.buf.latent_block {
+            0 => latent_blocks(d_in),
+            b => (b, b),
+        };
+        let n_chunks = d_sae.div_ceil(lat_chunk);
         let n_params = self.params.len();
         assert!(
             n_params <= MAX_LATENT_PARAMS,
@@ -1374,7 +1390,6 @@ impl SaeTrainer {
         let buf = &mut self.buf;
         buf.bdec_part.clear();
         buf.bdec_part.resize(n_chunks * d_in, 0.0);
-        buf.lat_scratch.resize(n_chunks * 2 * d_in, 0.0);
         buf.gparams.resize_with(n_params, Vec::new);
         for g in buf.gparams.iter_mut() {
             g.clear();
@@ -1396,6 +1411,7 @@ impl SaeTrainer {
             },
             bw: *bw,
             d_in,
+            block: row_block,
             n_params,
             widths: &widths,
             dense_adam: self.hyper.adam_beta1 != 0.0,
@@ -1421,7 +1437,7 @@ impl SaeTrainer {
             Mode::Collect(g) => (g.w_enc_t.as_mut_slice(), g.w_dec.as_mut_slice()),
             Mode::Apply(_) => (&mut [], &mut []),
         };
-        let rows = LAT_CHUNK * d_in;
+        let rows = lat_chunk * d_in;
         let mut w_enc = latent_chunks(&mut self.w_enc_t, rows, n_chunks);
         let mut w_dec = latent_chunks(&mut self.w_dec, rows, n_chunks);
         let mut m_enc = latent_chunks(&mut self.mom_enc.m, rows, n_chunks);
@@ -1430,18 +1446,17 @@ impl SaeTrainer {
         let mut v_dec = latent_chunks(&mut self.mom_dec.v, rows, n_chunks);
         let mut grad_enc = latent_chunks(grad_enc, rows, n_chunks);
         let mut grad_dec = latent_chunks(grad_dec, rows, n_chunks);
-        let mut last_update = latent_chunks(&mut self.last_update, LAT_CHUNK, n_chunks);
-        let mut since_fired = latent_chunks(&mut self.tokens_since_fired, LAT_CHUNK, n_chunks);
+        let mut last_update = latent_chunks(&mut self.last_update, lat_chunk, n_chunks);
+        let mut since_fired = latent_chunks(&mut self.tokens_since_fired, lat_chunk, n_chunks);
         let mut gparams: Vec<_> = buf
             .gparams
             .iter_mut()
-            .map(|g| latent_chunks(g, LAT_CHUNK, n_chunks))
+            .map(|g| latent_chunks(g, lat_chunk, n_chunks))
             .collect();
         let mut bdec_part = buf.bdec_part.chunks_mut(d_in);
-        let mut scratch = buf.lat_scratch.chunks_mut(2 * d_in);
         let tasks: Vec<LatentChunk> = (0..n_chunks)
             .map(|c| LatentChunk {
-                first: c * LAT_CHUNK,
+                first: c * lat_chunk,
                 w_enc: w_enc.next().unwrap(),
                 w_dec: w_dec.next().unwrap(),
                 m_enc: m_enc.next().unwrap(),
@@ -1457,7 +1472,6 @@ impl SaeTrainer {
                     None => &mut [],
                 }),
                 bdec_part: bdec_part.next().unwrap(),
-                scratch: scratch.next().unwrap(),
             })
             .collect();
         tasks
@@ -1749,8 +1763,39 @@ struct LatentChunk<'a> {
     gparams: [&'a mut [f32]; MAX_LATENT_PARAMS],
     /// This chunk's share of the b_dec gradient.
     bdec_part: &'a mut [f32],
-    /// Two `d_in` rows: the current latent's W_dec and W_enc row gradients.
-    scratch: &'a mut [f32],
+}
+
+/// A task's per-latent arrays, as `finish_latent` updates one latent's rows of them.
+struct LatentRows<'r, 'a> {
+    w_enc: &'r mut [f32],
+    w_dec: &'r mut [f32],
+    m_enc: &'r mut [f32],
+    v_enc: &'r mut [f32],
+    m_dec: &'r mut [f32],
+    v_dec: &'r mut [f32],
+    grad_enc: &'r mut [f32],
+    grad_dec: &'r mut [f32],
+    last_update: &'r mut [u64],
+    since_fired: &'r mut [u64],
+    gparams: &'r mut [&'a mut [f32]; MAX_LATENT_PARAMS],
+    bdec_part: &'r mut [f32],
+}
+
+/// Latents per task of the latent pass and batch rows per block of its entries, for rows
+/// `d_in` long (`LATENT_BLOCK_BYTES`, `ROW_BLOCK_BYTES`).
+fn latent_blocks(d_in: usize) -> (usize, usize) {
+    let per_row = 8 * d_in.max(1);
+    (
+        (LATENT_BLOCK_BYTES / per_row).clamp(LAT_CHUNK, 512),
+        (ROW_BLOCK_BYTES / per_row).max(ROW_CHUNK),
+    )
+}
+
+thread_local! {
+    /// Each worker's W_dec / W_enc gradient rows and sums for the latents of its current
+    /// latent-pass task, kept between steps.
+    static LATENT_GRADS: std::cell::RefCell<(Vec<f32>, Vec<LatentSums>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// What every task of the latent pass reads.
@@ -1759,6 +1804,8 @@ struct LatentInputs<'a> {
     ctx: StepCtx<'a>,
     bw: Backward,
     d_in: usize,
+    /// Batch rows per block of a task's entries.
+    block: usize,
     n_params: usize,
     widths: &'a [usize],
     /// Adam with momentum updates every row every step.
@@ -1784,6 +1831,7 @@ struct LatentInputs<'a> {
 }
 
 /// One latent's sums over its entries.
+#[derive(Default)]
 struct LatentSums {
     /// Some entry fired (f > 0).
     any_fired: bool,
@@ -1810,22 +1858,100 @@ impl LatentInputs<'_> {
             since_fired,
             mut gparams,
             bdec_part,
-            scratch,
         } = task;
+        let d_in = self.d_in;
+        let n_lat = since_fired.len();
+        LATENT_GRADS.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let (grads, sums) = &mut *cell;
+            grads.clear();
+            grads.resize(n_lat * 2 * d_in, 0.0);
+            sums.clear();
+            sums.resize_with(n_lat, LatentSums::default);
+            // The entries of every latent of the task, one block of batch rows at a time
+            // (each latent's entries are in row order).
+            let mut next: Vec<usize> = self.lat_ptr[first..first + n_lat].to_vec();
+            let block = self.block as u32;
+            for end_row in (block..).step_by(self.block) {
+                let mut left = false;
+                for (l, at) in next.iter_mut().enumerate() {
+                    let j = first + l;
+                    let stop = self.lat_ptr[j + 1];
+                    let len = self.lat_ent[*at..stop].partition_point(|le| le.row < end_row);
+                    if len > 0 {
+                        let (g_dec, g_enc) = grads[l * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
+                        let wd = &w_dec[l * d_in..][..d_in];
+                        self.entry_gradients(j, wd, *at..*at + len, g_dec, g_enc, &mut sums[l]);
+                        *at += len;
+                    }
+                    left |= *at < stop;
+                }
+                if !left {
+                    break;
+                }
+            }
+            for (l, sums) in sums.iter_mut().enumerate() {
+                let (g_dec, g_enc) = grads[l * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
+                self.finish_latent(
+                    first + l,
+                    l,
+                    sums,
+                    g_dec,
+                    g_enc,
+                    LatentRows {
+                        w_enc: &mut *w_enc,
+                        w_dec: &mut *w_dec,
+                        m_enc: &mut *m_enc,
+                        v_enc: &mut *v_enc,
+                        m_dec: &mut *m_dec,
+                        v_dec: &mut *v_dec,
+                        grad_enc: &mut *grad_enc,
+                        grad_dec: &mut *grad_dec,
+                        last_update: &mut *last_update,
+                        since_fired: &mut *since_fired,
+                        gparams: &mut gparams,
+                        bdec_part: &mut *bdec_part,
+                    },
+                );
+            }
+        });
+    }
+
+    /// Latent `j` (row `l` of its task) after its entries: its gradients finished (dense
+    /// path, penalty, decoder-norm term), its share of the b_dec gradient, and Adam's update
+    /// (or the gradients copied out when collecting).
+    fn finish_latent(
+        &self,
+        j: usize,
+        l: usize,
+        sums: &mut LatentSums,
+        g_dec: &mut [f32],
+        g_enc: &mut [f32],
+        rows_of: LatentRows,
+    ) {
+        let LatentRows {
+            w_enc,
+            w_dec,
+            m_enc,
+            v_enc,
+            m_dec,
+            v_dec,
+            grad_enc,
+            grad_dec,
+            last_update,
+            since_fired,
+            gparams,
+            bdec_part,
+        } = rows_of;
         let (d_in, n, bw) = (self.d_in, self.bw.n, &self.bw);
-        let (g_dec, g_enc) = scratch.split_at_mut(d_in);
-        for l in 0..since_fired.len() {
-            let j = first + l;
-            let ents = &self.lat_ent[self.lat_ptr[j]..self.lat_ptr[j + 1]];
-            if ents.is_empty() && !self.dense_adam && bw.adam.is_some() && self.penalty.is_none() {
+        {
+            let no_entries = self.lat_ptr[j] == self.lat_ptr[j + 1];
+            if no_entries && !self.dense_adam && bw.adam.is_some() && self.penalty.is_none() {
                 since_fired[l] += n as u64;
-                continue;
+                return;
             }
             let rows = l * d_in..(l + 1) * d_in;
             let (wd, we) = (&mut w_dec[rows.clone()], &mut w_enc[rows.clone()]);
-            g_dec.fill(0.0);
-            g_enc.fill(0.0);
-            let mut sums = self.entry_gradients(j, wd, ents, g_dec, g_enc);
             if bw.dense {
                 g_dec.copy_from_slice(&self.dense_gdec[j * d_in..(j + 1) * d_in]);
                 g_enc.copy_from_slice(&self.dense_genc[j * d_in..(j + 1) * d_in]);
@@ -1896,27 +2022,21 @@ impl LatentInputs<'_> {
         &self,
         j: usize,
         d_j: &[f32],
-        ents: &[LatEntry],
+        entries: std::ops::Range<usize>,
         g_dec: &mut [f32],
         g_enc: &mut [f32],
-    ) -> LatentSums {
+        sums: &mut LatentSums,
+    ) {
         let (d_in, bw) = (self.d_in, &self.bw);
         let n_heads = self.widths.len();
         let band = band_of(self.widths, j);
         let half = !self.resid_h.is_empty();
-        let first_entry = self.lat_ptr[j];
+        let ents = &self.lat_ent[entries.clone()];
         let resid_at = |le: &LatEntry| (le.row as usize * n_heads + band) * d_in;
-        let mut sums = LatentSums {
-            any_fired: false,
-            psum: [0.0; MAX_LATENT_PARAMS],
-            colsum: 0.0,
-            sum_f: 0.0,
-        };
         for (g, group) in ents.chunks(4).enumerate() {
-            // Random rows: fetch the next group's (on into the next latents' entries) while
-            // this one computes.
+            // Random rows: fetch the next group's while this one computes.
             for p in 4 * g + PREFETCH_AHEAD..4 * g + PREFETCH_AHEAD + 4 {
-                match self.lat_ent.get(first_entry + p) {
+                match ents.get(p) {
                     Some(nx) if !bw.dense => {
                         let (nb, nr) = (nx.row as usize * d_in, resid_at(nx));
                         if half {
@@ -2032,7 +2152,6 @@ impl LatentInputs<'_> {
                 }
             }
         }
-        sums
     }
 }
 
