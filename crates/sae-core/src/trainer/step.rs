@@ -1765,22 +1765,6 @@ struct LatentChunk<'a> {
     bdec_part: &'a mut [f32],
 }
 
-/// A task's per-latent arrays, as `finish_latent` updates one latent's rows of them.
-struct LatentRows<'r, 'a> {
-    w_enc: &'r mut [f32],
-    w_dec: &'r mut [f32],
-    m_enc: &'r mut [f32],
-    v_enc: &'r mut [f32],
-    m_dec: &'r mut [f32],
-    v_dec: &'r mut [f32],
-    grad_enc: &'r mut [f32],
-    grad_dec: &'r mut [f32],
-    last_update: &'r mut [u64],
-    since_fired: &'r mut [u64],
-    gparams: &'r mut [&'a mut [f32]; MAX_LATENT_PARAMS],
-    bdec_part: &'r mut [f32],
-}
-
 /// Latents per task of the latent pass and batch rows per block of its entries, for rows
 /// `d_in` long (`LATENT_BLOCK_BYTES`, `ROW_BLOCK_BYTES`).
 fn latent_blocks(d_in: usize) -> (usize, usize) {
@@ -1843,24 +1827,9 @@ struct LatentSums {
 }
 
 impl LatentInputs<'_> {
-    fn latent_chunk(&self, task: LatentChunk) {
-        let LatentChunk {
-            first,
-            w_enc,
-            w_dec,
-            m_enc,
-            v_enc,
-            m_dec,
-            v_dec,
-            grad_enc,
-            grad_dec,
-            last_update,
-            since_fired,
-            mut gparams,
-            bdec_part,
-        } = task;
-        let d_in = self.d_in;
-        let n_lat = since_fired.len();
+    fn latent_chunk(&self, mut task: LatentChunk) {
+        let (d_in, first) = (self.d_in, task.first);
+        let n_lat = task.since_fired.len();
         LATENT_GRADS.with(|cell| {
             let mut cell = cell.borrow_mut();
             let (grads, sums) = &mut *cell;
@@ -1880,7 +1849,7 @@ impl LatentInputs<'_> {
                     let len = self.lat_ent[*at..stop].partition_point(|le| le.row < end_row);
                     if len > 0 {
                         let (g_dec, g_enc) = grads[l * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
-                        let wd = &w_dec[l * d_in..][..d_in];
+                        let wd = &task.w_dec[l * d_in..][..d_in];
                         self.entry_gradients(j, wd, *at..*at + len, g_dec, g_enc, &mut sums[l]);
                         *at += len;
                     }
@@ -1892,27 +1861,7 @@ impl LatentInputs<'_> {
             }
             for (l, sums) in sums.iter_mut().enumerate() {
                 let (g_dec, g_enc) = grads[l * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
-                self.finish_latent(
-                    first + l,
-                    l,
-                    sums,
-                    g_dec,
-                    g_enc,
-                    LatentRows {
-                        w_enc: &mut *w_enc,
-                        w_dec: &mut *w_dec,
-                        m_enc: &mut *m_enc,
-                        v_enc: &mut *v_enc,
-                        m_dec: &mut *m_dec,
-                        v_dec: &mut *v_dec,
-                        grad_enc: &mut *grad_enc,
-                        grad_dec: &mut *grad_dec,
-                        last_update: &mut *last_update,
-                        since_fired: &mut *since_fired,
-                        gparams: &mut gparams,
-                        bdec_part: &mut *bdec_part,
-                    },
-                );
+                self.finish_latent(first + l, l, sums, g_dec, g_enc, &mut task);
             }
         });
     }
@@ -1927,9 +1876,9 @@ impl LatentInputs<'_> {
         sums: &mut LatentSums,
         g_dec: &mut [f32],
         g_enc: &mut [f32],
-        rows_of: LatentRows,
+        task: &mut LatentChunk,
     ) {
-        let LatentRows {
+        let LatentChunk {
             w_enc,
             w_dec,
             m_enc,
@@ -1942,7 +1891,8 @@ impl LatentInputs<'_> {
             since_fired,
             gparams,
             bdec_part,
-        } = rows_of;
+            ..
+        } = task;
         let (d_in, n, bw) = (self.d_in, self.bw.n, &self.bw);
         {
             let no_entries = self.lat_ptr[j] == self.lat_ptr[j + 1];
