@@ -1778,8 +1778,17 @@ fn latent_blocks(d_in: usize) -> (usize, usize) {
 thread_local! {
     /// Each worker's W_dec / W_enc gradient rows and sums for the latents of its current
     /// latent-pass task, kept between steps.
-    static LATENT_GRADS: std::cell::RefCell<(Vec<f32>, Vec<LatentSums>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static LATENT_GRADS: std::cell::RefCell<LatentScratch> =
+        const { std::cell::RefCell::new(LatentScratch { grads: Vec::new(), sums: Vec::new(), next: Vec::new() }) };
+}
+
+/// A worker's buffers for its current latent-pass task.
+struct LatentScratch {
+    /// Each latent's W_dec then W_enc row gradient, `2 * d_in` per latent.
+    grads: Vec<f32>,
+    sums: Vec<LatentSums>,
+    /// Each latent's first entry not yet taken (into `lat_ent`).
+    next: Vec<usize>,
 }
 
 /// What every task of the latent pass reads.
@@ -1831,32 +1840,27 @@ impl LatentInputs<'_> {
         let (d_in, first) = (self.d_in, task.first);
         let n_lat = task.since_fired.len();
         LATENT_GRADS.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            let (grads, sums) = &mut *cell;
+            let LatentScratch { grads, sums, next } = &mut *cell.borrow_mut();
             grads.clear();
             grads.resize(n_lat * 2 * d_in, 0.0);
             sums.clear();
             sums.resize_with(n_lat, LatentSums::default);
+            next.clear();
+            next.extend_from_slice(&self.lat_ptr[first..first + n_lat]);
             // The entries of every latent of the task, one block of batch rows at a time
             // (each latent's entries are in row order).
-            let mut next: Vec<usize> = self.lat_ptr[first..first + n_lat].to_vec();
-            let block = self.block as u32;
-            for end_row in (block..).step_by(self.block) {
-                let mut left = false;
+            for b0 in (0..self.bw.n).step_by(self.block) {
+                let end_row = (b0 + self.block) as u32;
                 for (l, at) in next.iter_mut().enumerate() {
                     let j = first + l;
-                    let stop = self.lat_ptr[j + 1];
-                    let len = self.lat_ent[*at..stop].partition_point(|le| le.row < end_row);
+                    let ents = &self.lat_ent[*at..self.lat_ptr[j + 1]];
+                    let len = ents.partition_point(|le| le.row < end_row);
                     if len > 0 {
                         let (g_dec, g_enc) = grads[l * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
                         let wd = &task.w_dec[l * d_in..][..d_in];
                         self.entry_gradients(j, wd, *at..*at + len, g_dec, g_enc, &mut sums[l]);
                         *at += len;
                     }
-                    left |= *at < stop;
-                }
-                if !left {
-                    break;
                 }
             }
             for (l, sums) in sums.iter_mut().enumerate() {
@@ -1894,71 +1898,69 @@ impl LatentInputs<'_> {
             ..
         } = task;
         let (d_in, n, bw) = (self.d_in, self.bw.n, &self.bw);
-        {
-            let no_entries = self.lat_ptr[j] == self.lat_ptr[j + 1];
-            if no_entries && !self.dense_adam && bw.adam.is_some() && self.penalty.is_none() {
-                since_fired[l] += n as u64;
-                return;
+        let no_entries = self.lat_ptr[j] == self.lat_ptr[j + 1];
+        if no_entries && !self.dense_adam && bw.adam.is_some() && self.penalty.is_none() {
+            since_fired[l] += n as u64;
+            return;
+        }
+        let rows = l * d_in..(l + 1) * d_in;
+        let (wd, we) = (&mut w_dec[rows.clone()], &mut w_enc[rows.clone()]);
+        if bw.dense {
+            g_dec.copy_from_slice(&self.dense_gdec[j * d_in..(j + 1) * d_in]);
+            g_enc.copy_from_slice(&self.dense_genc[j * d_in..(j + 1) * d_in]);
+        }
+        if let Some(pen) = self.penalty {
+            let cs = self.pen_colsum[j];
+            // The dense path's encoder product already holds the penalty's part.
+            if !bw.dense {
+                axpy(1.0, &self.pen_genc[j * d_in..(j + 1) * d_in], g_enc);
             }
-            let rows = l * d_in..(l + 1) * d_in;
-            let (wd, we) = (&mut w_dec[rows.clone()], &mut w_enc[rows.clone()]);
-            if bw.dense {
-                g_dec.copy_from_slice(&self.dense_gdec[j * d_in..(j + 1) * d_in]);
-                g_enc.copy_from_slice(&self.dense_genc[j * d_in..(j + 1) * d_in]);
+            sums.colsum += cs;
+            for (s, g) in sums.psum.iter_mut().zip(pen.param_grads(j, cs)) {
+                *s += g;
             }
-            if let Some(pen) = self.penalty {
-                let cs = self.pen_colsum[j];
-                // The dense path's encoder product already holds the penalty's part.
-                if !bw.dense {
-                    axpy(1.0, &self.pen_genc[j * d_in..(j + 1) * d_in], g_enc);
+        }
+        if let Some(coef) = self.arch.dec_row_extra(&self.ctx, j, sums.sum_f) {
+            let nrm = dot(wd, wd).sqrt();
+            if nrm > 0.0 {
+                axpy(coef / nrm, wd, g_dec);
+            }
+        }
+        // d loss / d b_dec through the centring x - b_dec (old encoder row).
+        if self.centre && sums.colsum != 0.0 {
+            axpy(-sums.colsum, we, bdec_part);
+        }
+        for (gp, s) in gparams.iter_mut().zip(sums.psum).take(self.n_params) {
+            gp[l] = s;
+        }
+        if bw.adam.is_some() {
+            let tf = &mut since_fired[l];
+            *tf = if sums.any_fired { 0 } else { *tf + n as u64 };
+        }
+        match &bw.adam {
+            None => {
+                grad_dec[rows.clone()].copy_from_slice(g_dec);
+                grad_enc[rows].copy_from_slice(g_enc);
+            }
+            Some(ad) => {
+                let lu = &mut last_update[l];
+                let missed = bw.t - *lu - 1;
+                *lu = bw.t;
+                let (ve, vd) = (&mut v_enc[rows.clone()], &mut v_dec[rows]);
+                ad.catch_up(ve, missed);
+                ad.catch_up(vd, missed);
+                ad.update(we, row_in(m_enc, l, d_in), ve, g_enc);
+                if self.unit_norm {
+                    // Remove the component along d_j (|d_j| = 1).
+                    let along = dot(g_dec, wd);
+                    axpy(-along, wd, g_dec);
                 }
-                sums.colsum += cs;
-                for (s, g) in sums.psum.iter_mut().zip(pen.param_grads(j, cs)) {
-                    *s += g;
-                }
-            }
-            if let Some(coef) = self.arch.dec_row_extra(&self.ctx, j, sums.sum_f) {
-                let nrm = dot(wd, wd).sqrt();
-                if nrm > 0.0 {
-                    axpy(coef / nrm, wd, g_dec);
-                }
-            }
-            // d loss / d b_dec through the centring x - b_dec (old encoder row).
-            if self.centre && sums.colsum != 0.0 {
-                axpy(-sums.colsum, we, bdec_part);
-            }
-            for (gp, s) in gparams.iter_mut().zip(sums.psum).take(self.n_params) {
-                gp[l] = s;
-            }
-            if bw.adam.is_some() {
-                let tf = &mut since_fired[l];
-                *tf = if sums.any_fired { 0 } else { *tf + n as u64 };
-            }
-            match &bw.adam {
-                None => {
-                    grad_dec[rows.clone()].copy_from_slice(g_dec);
-                    grad_enc[rows].copy_from_slice(g_enc);
-                }
-                Some(ad) => {
-                    let lu = &mut last_update[l];
-                    let missed = bw.t - *lu - 1;
-                    *lu = bw.t;
-                    let (ve, vd) = (&mut v_enc[rows.clone()], &mut v_dec[rows]);
-                    ad.catch_up(ve, missed);
-                    ad.catch_up(vd, missed);
-                    ad.update(we, row_in(m_enc, l, d_in), ve, g_enc);
-                    if self.unit_norm {
-                        // Remove the component along d_j (|d_j| = 1).
-                        let along = dot(g_dec, wd);
-                        axpy(-along, wd, g_dec);
-                    }
-                    ad.update(wd, row_in(m_dec, l, d_in), vd, g_dec);
-                    if self.unit_norm {
-                        let nrm = dot(wd, wd).sqrt();
-                        if nrm > 0.0 {
-                            let inv = 1.0 / nrm;
-                            wd.iter_mut().for_each(|v| *v *= inv);
-                        }
+                ad.update(wd, row_in(m_dec, l, d_in), vd, g_dec);
+                if self.unit_norm {
+                    let nrm = dot(wd, wd).sqrt();
+                    if nrm > 0.0 {
+                        let inv = 1.0 / nrm;
+                        wd.iter_mut().for_each(|v| *v *= inv);
                     }
                 }
             }
