@@ -579,18 +579,6 @@ dot2_impl!(
     |p| _mm512_loadu_ps(p)
 );
 
-multiversion_impl! {
-    /// `g1 += c1 * x1` and `g2 += c2 * x2` in one loop.
-    pub fn acc2(c1: f32, x1: &[f32], g1: &mut [f32], c2: f32, x2: &[f32], g2: &mut [f32]) -> () {
-        let n = x1.len().min(g1.len()).min(x2.len()).min(g2.len());
-        let (x1, g1, x2, g2) = (&x1[..n], &mut g1[..n], &x2[..n], &mut g2[..n]);
-        for i in 0..n {
-            g1[i] += c1 * x1[i];
-            g2[i] += c2 * x2[i];
-        }
-    }
-}
-
 /// The element types of the rows the sparse passes gather: f32, and bf16 (`u16` bits),
 /// widened to f32 exactly by a shift into the high half.
 pub trait GatherRow: Copy {
@@ -653,32 +641,6 @@ fn axpy2x4_body<T: GatherRow>(
     }
 }
 
-#[inline(always)]
-fn acc2x4_body<T: GatherRow>(
-    c1: [f32; 4],
-    x1: [&[T]; 4],
-    g1: &mut [f32],
-    c2: [f32; 4],
-    x2: [&[T]; 4],
-    g2: &mut [f32],
-) {
-    let n = x1
-        .iter()
-        .chain(&x2)
-        .fold(g1.len().min(g2.len()), |n, r| n.min(r.len()));
-    let (x1, x2) = (x1.map(|r| &r[..n]), x2.map(|r| &r[..n]));
-    let (g1, g2) = (&mut g1[..n], &mut g2[..n]);
-    for i in 0..n {
-        let (mut u, mut v) = (g1[i], g2[i]);
-        for q in 0..4 {
-            u += c1[q] * x1[q][i].widen();
-            v += c2[q] * x2[q][i].widen();
-        }
-        g1[i] = u;
-        g2[i] = v;
-    }
-}
-
 multiversion_impl! {
     /// `y += a[0] * x[0]`, then `a[1] * x[1]`, ... : four [`axpy`] calls in one pass.
     pub fn axpy4(a: [f32; 4], x: [&[f32]; 4], y: &mut [f32]) -> () {
@@ -704,20 +666,6 @@ multiversion_impl! {
     /// [`axpy2x4`] with bf16 rows.
     pub fn axpy2x4_h(a1: [f32; 4], a2: [f32; 4], x: [&[u16]; 4], y: &mut [f32], z: &mut [f32]) -> () {
         axpy2x4_body(a1, a2, x, y, z)
-    }
-}
-
-multiversion_impl! {
-    /// Four [`acc2`] calls (`g1 += c1[q] * x1[q]`, `g2 += c2[q] * x2[q]`) in one pass.
-    pub fn acc2x4(c1: [f32; 4], x1: [&[f32]; 4], g1: &mut [f32], c2: [f32; 4], x2: [&[f32]; 4], g2: &mut [f32]) -> () {
-        acc2x4_body(c1, x1, g1, c2, x2, g2)
-    }
-}
-
-multiversion_impl! {
-    /// [`acc2x4`] with bf16 rows.
-    pub fn acc2x4_h(c1: [f32; 4], x1: [&[u16]; 4], g1: &mut [f32], c2: [f32; 4], x2: [&[u16]; 4], g2: &mut [f32]) -> () {
-        acc2x4_body(c1, x1, g1, c2, x2, g2)
     }
 }
 
@@ -1349,18 +1297,6 @@ multiversion_impl! {
             let w = widen(x[i]);
             y[i] += a1 * w;
             z[i] += a2 * w;
-        }
-    }
-}
-
-multiversion_impl! {
-    /// [`acc2`] with `x1` and `x2` in bf16.
-    pub fn acc2_h(c1: f32, x1: &[u16], g1: &mut [f32], c2: f32, x2: &[u16], g2: &mut [f32]) -> () {
-        let n = x1.len().min(g1.len()).min(x2.len()).min(g2.len());
-        let (x1, g1, x2, g2) = (&x1[..n], &mut g1[..n], &x2[..n], &mut g2[..n]);
-        for i in 0..n {
-            g1[i] += c1 * widen(x1[i]);
-            g2[i] += c2 * widen(x2[i]);
         }
     }
 }

@@ -790,9 +790,7 @@ fn bf16_row_kernels_match_f32_kernels_on_widened_rows() {
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     for len in [1usize, 15, 16, 17, 576, 77] {
         let h: Vec<u16> = randn(&mut rng, len).iter().map(|v| to_bf16(*v)).collect();
-        let h2: Vec<u16> = randn(&mut rng, len).iter().map(|v| to_bf16(*v)).collect();
         let w: Vec<f32> = h.iter().map(|v| from_bf16(*v)).collect();
-        let w2: Vec<f32> = h2.iter().map(|v| from_bf16(*v)).collect();
         let (a, b) = (randn(&mut rng, len), randn(&mut rng, len));
         assert_eq!(dot_h(&h, &a).to_bits(), dot(&w, &a).to_bits(), "dot {len}");
         let (p, q) = (dot2_h(&h, &a, &b), dot2(&w, &a, &b));
@@ -830,9 +828,6 @@ fn bf16_row_kernels_match_f32_kernels_on_widened_rows() {
         axpy2_h(0.7, -1.3, &h, &mut y1, &mut z1);
         axpy2(0.7, -1.3, &w, &mut y2, &mut z2);
         assert_eq!((&y1, &z1), (&y2, &z2), "axpy2 {len}");
-        acc2_h(0.3, &h, &mut y1, 1.9, &h2, &mut z1);
-        acc2(0.3, &w, &mut y2, 1.9, &w2, &mut z2);
-        assert_eq!((&y1, &z1), (&y2, &z2), "acc2 {len}");
         let mut r = vec![0u16; len];
         round_to_bf16(&a, &mut r);
         assert!(
@@ -924,20 +919,6 @@ fn grouped_kernels_match_the_one_row_kernels_in_turn() {
             (bits(want), &wz),
             "dot4_axpy4_portable {len}"
         );
-
-        // acc2x4 pairs row q with row 3 - q for its second output.
-        let (mut wy, mut wz) = (y0.clone(), z0.clone());
-        (0..4).for_each(|q| acc2(a1[q], x4[q], &mut wy, a2[q], x4[3 - q], &mut wz));
-        let (mut gy, mut gz) = (y0.clone(), z0.clone());
-        let rev: [&[f32]; 4] = std::array::from_fn(|q| x4[3 - q]);
-        acc2x4(a1, x4, &mut gy, a2, rev, &mut gz);
-        assert_eq!((&gy, &gz), (&wy, &wz), "acc2x4 {len}");
-        let (mut wy, mut wz) = (y0.clone(), z0.clone());
-        (0..4).for_each(|q| acc2(a1[q], w4[q], &mut wy, a2[q], w4[3 - q], &mut wz));
-        let (mut gy, mut gz) = (y0.clone(), z0.clone());
-        let rev: [&[u16]; 4] = std::array::from_fn(|q| h4[3 - q]);
-        acc2x4_h(a1, h4, &mut gy, a2, rev, &mut gz);
-        assert_eq!((&gy, &gz), (&wy, &wz), "acc2x4_h {len}");
     }
 }
 
@@ -1019,14 +1000,10 @@ fn multiversion_kernel_bits() -> Vec<u32> {
         axpy_h(-0.6, h4[0], &mut y);
         axpy2(0.3, -0.8, x4[1], &mut y, &mut z);
         axpy2_h(1.3, 0.2, h4[1], &mut y, &mut z);
-        acc2(0.5, x4[2], &mut y, -0.4, x4[3], &mut z);
-        acc2_h(0.5, h4[2], &mut y, -0.4, h4[3], &mut z);
         axpy4(a1, x4, &mut y);
         axpy4_h(a2, h4, &mut z);
         axpy2x4(a1, a2, x4, &mut y, &mut z);
         axpy2x4_h(a2, a1, h4, &mut y, &mut z);
-        acc2x4(a1, x4, &mut y, a2, x4, &mut z);
-        acc2x4_h(a2, h4, &mut y, a1, h4, &mut z);
         out.extend(dot4_axpy4(x4, &z0, a1, &mut y));
         out.extend(dot4_axpy4_h(h4, &y0, a2, &mut z));
         out.extend(&y);

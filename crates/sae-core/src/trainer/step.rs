@@ -10,10 +10,9 @@ use crate::arch::{
     RowOut, StepCtx, TopKScope,
 };
 use crate::kernels::{
-    acc2, acc2_h, acc2x4, acc2x4_h, axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h,
-    axpy_h, dot, dot2, dot2_h, dot4, dot4_axpy4, dot4_axpy4_h, dot_h, indices_above, matmul,
-    matmul_tn, norm_and_bf16_error, prefetch_rows, round_to_bf16, screen_bounds, split_by_lengths,
-    SharedMut,
+    axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h, axpy_h, dot, dot2, dot2_h, dot4,
+    dot4_axpy4, dot4_axpy4_h, dot_h, indices_above, matmul, matmul_tn, norm_and_bf16_error,
+    prefetch_rows, round_to_bf16, screen_bounds, split_by_lengths, SharedMut,
 };
 use crate::optim::AdamStep;
 use rayon::prelude::*;
@@ -33,6 +32,8 @@ const LAT_CHUNK: usize = 32;
 /// it. At d_in 576 that is 128 latents and 1,024 rows: on the AMX Xeon (2 MB L2) the latent
 /// pass at d_sae 9216, L0 200 took 10-15% less time than latent by latent (f32 and bf16
 /// rows), and the same at L0 64; L2-sized row blocks (128-256 rows) were slower at L0 64.
+/// The residual rows and the input rows are walked in two passes over the blocks, not side
+/// by side: 17-21% off the pass at L0 200 there, 3-9% at L0 64.
 const LATENT_BLOCK_BYTES: usize = 576 << 10;
 const ROW_BLOCK_BYTES: usize = 4608 << 10;
 /// Above this fraction of non-zero (token, latent) entries the step uses dense GEMMs for the
@@ -1373,7 +1374,8 @@ impl SaeTrainer {
     }
 
     /// Phase 5: per latent, the W_dec / W_enc row gradients fused with Adam (or copied out
-    /// when collecting). Every per-latent array is cut into chunks of the same latents
+    /// when collecting): per task the residual rows, the entries' backward rules, the input
+    /// rows, then each latent's tail (`LatentInputs::latent_chunk`). Every per-latent array is cut into chunks of the same latents
     /// (`latent_blocks`, fixed by d_in) and each task owns one chunk of each.
     fn latent_pass(&mut self, bw: &Backward, mode: &mut Mode) {
         let (d_in, d_sae) = (self.d_in, self.d_sae);
@@ -1779,7 +1781,7 @@ thread_local! {
     /// Each worker's W_dec / W_enc gradient rows and sums for the latents of its current
     /// latent-pass task, kept between steps.
     static LATENT_GRADS: std::cell::RefCell<LatentScratch> =
-        const { std::cell::RefCell::new(LatentScratch { grads: Vec::new(), sums: Vec::new(), next: Vec::new() }) };
+        const { std::cell::RefCell::new(LatentScratch { grads: Vec::new(), sums: Vec::new(), next: Vec::new(), coef: Vec::new() }) };
 }
 
 /// A worker's buffers for its current latent-pass task.
@@ -1789,6 +1791,9 @@ struct LatentScratch {
     sums: Vec<LatentSums>,
     /// Each latent's first entry not yet taken (into `lat_ent`).
     next: Vec<usize>,
+    /// Per entry of the task: `d_j . r_b` after the residual pass, then the pre-activation
+    /// gradient that weighs its input row in the W_enc gradient.
+    coef: Vec<f32>,
 }
 
 /// What every task of the latent pass reads.
@@ -1837,37 +1842,74 @@ struct LatentSums {
 
 impl LatentInputs<'_> {
     fn latent_chunk(&self, mut task: LatentChunk) {
-        let (d_in, first) = (self.d_in, task.first);
+        let (d_in, first, bw) = (self.d_in, task.first, &self.bw);
         let n_lat = task.since_fired.len();
+        let e0 = self.lat_ptr[first];
         LATENT_GRADS.with(|cell| {
-            let LatentScratch { grads, sums, next } = &mut *cell.borrow_mut();
+            let LatentScratch {
+                grads,
+                sums,
+                next,
+                coef,
+            } = &mut *cell.borrow_mut();
             grads.clear();
             grads.resize(n_lat * 2 * d_in, 0.0);
             sums.clear();
             sums.resize_with(n_lat, LatentSums::default);
-            next.clear();
-            next.extend_from_slice(&self.lat_ptr[first..first + n_lat]);
-            // The entries of every latent of the task, one block of batch rows at a time
-            // (each latent's entries are in row order).
-            for b0 in (0..self.bw.n).step_by(self.block) {
-                let end_row = (b0 + self.block) as u32;
-                for (l, at) in next.iter_mut().enumerate() {
-                    let j = first + l;
-                    let ents = &self.lat_ent[*at..self.lat_ptr[j + 1]];
-                    let len = ents.partition_point(|le| le.row < end_row);
-                    if len > 0 {
-                        let (g_dec, g_enc) = grads[l * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
-                        let wd = &task.w_dec[l * d_in..][..d_in];
-                        self.entry_gradients(j, wd, *at..*at + len, g_dec, g_enc, &mut sums[l]);
-                        *at += len;
-                    }
-                }
+            coef.clear();
+            coef.resize(self.lat_ptr[first + n_lat] - e0, 0.0);
+            // The W_dec gradients (and `d_j . r_b`) from the residual rows, then every entry's
+            // backward rule, then the W_enc gradients from the input rows: one kind of row per
+            // pass keeps a block's rows and the task's gradient rows in cache together.
+            if !bw.dense {
+                self.row_blocks(first, n_lat, next, |l, at, len| {
+                    let g_dec = &mut grads[l * 2 * d_in..][..d_in];
+                    let wd = &task.w_dec[l * d_in..][..d_in];
+                    let dots = &mut coef[at - e0..][..len];
+                    self.residual_rows(first + l, wd, at..at + len, g_dec, dots);
+                });
+            }
+            for (l, sums) in sums.iter_mut().enumerate() {
+                let ents = self.lat_ptr[first + l]..self.lat_ptr[first + l + 1];
+                let coef = &mut coef[ents.start - e0..ents.end - e0];
+                self.entry_rules(first + l, ents, coef, sums);
+            }
+            if !bw.dense {
+                self.row_blocks(first, n_lat, next, |l, at, len| {
+                    let g_enc = &mut grads[l * 2 * d_in + d_in..][..d_in];
+                    self.input_rows(at..at + len, g_enc, &coef[at - e0..][..len]);
+                });
             }
             for (l, sums) in sums.iter_mut().enumerate() {
                 let (g_dec, g_enc) = grads[l * 2 * d_in..][..2 * d_in].split_at_mut(d_in);
                 self.finish_latent(first + l, l, sums, g_dec, g_enc, &mut task);
             }
         });
+    }
+
+    /// Calls `f(l, at, len)` for the entries `at..at + len` (into `lat_ent`) of each latent
+    /// `first + l` of a task of `n_lat`, one block of batch rows at a time (each latent's
+    /// entries are in row order).
+    fn row_blocks(
+        &self,
+        first: usize,
+        n_lat: usize,
+        next: &mut Vec<usize>,
+        mut f: impl FnMut(usize, usize, usize),
+    ) {
+        next.clear();
+        next.extend_from_slice(&self.lat_ptr[first..first + n_lat]);
+        for b0 in (0..self.bw.n).step_by(self.block) {
+            let end_row = (b0 + self.block) as u32;
+            for (l, at) in next.iter_mut().enumerate() {
+                let ents = &self.lat_ent[*at..self.lat_ptr[first + l + 1]];
+                let len = ents.partition_point(|le| le.row < end_row);
+                if len > 0 {
+                    f(l, *at, len);
+                    *at += len;
+                }
+            }
+        }
     }
 
     /// Latent `j` (row `l` of its task) after its entries: its gradients finished (dense
@@ -1967,139 +2009,146 @@ impl LatentInputs<'_> {
         }
     }
 
-    /// Latent `j`'s entries: the architecture's backward rule per entry, and (sparse path)
-    /// the W_dec / W_enc row gradients accumulated into `g_dec` / `g_enc`. `d_j` is the
-    /// latent's decoder row before this step's update.
-    fn entry_gradients(
+    /// The residual rows of latent `j`'s entries `entries` (within one block of rows):
+    /// `g_dec += f s r_b` (and AuxK's `a s_aux r_aux_b`), four rows per pass, and `d_j . r_b`
+    /// into `dots` unless the decode took it. `d_j` is the latent's decoder row before this
+    /// step's update.
+    fn residual_rows(
         &self,
         j: usize,
         d_j: &[f32],
         entries: std::ops::Range<usize>,
         g_dec: &mut [f32],
-        g_enc: &mut [f32],
-        sums: &mut LatentSums,
+        dots: &mut [f32],
     ) {
         let (d_in, bw) = (self.d_in, &self.bw);
         let n_heads = self.widths.len();
         let band = band_of(self.widths, j);
         let half = !self.resid_h.is_empty();
-        let ents = &self.lat_ent[entries.clone()];
+        let ents = &self.lat_ent[entries];
         let resid_at = |le: &LatEntry| (le.row as usize * n_heads + band) * d_in;
         for (g, group) in ents.chunks(4).enumerate() {
             // Random rows: fetch the next group's while this one computes.
-            for p in 4 * g + PREFETCH_AHEAD..4 * g + PREFETCH_AHEAD + 4 {
-                match ents.get(p) {
-                    Some(nx) if !bw.dense => {
-                        let (nb, nr) = (nx.row as usize * d_in, resid_at(nx));
-                        if half {
-                            prefetch_rows(self.resid_h, nr, d_in);
-                            prefetch_rows(self.xc_h, nb, d_in);
-                        } else {
-                            prefetch_rows(self.resid, nr, d_in);
-                            prefetch_rows(self.xc, nb, d_in);
-                        }
-                        if bw.aux_trains_dec {
-                            prefetch_rows(self.aux, nb, d_in);
-                        }
-                    }
-                    _ => break,
+            for nx in ents.iter().skip(4 * g + PREFETCH_AHEAD).take(4) {
+                match half {
+                    true => prefetch_rows(self.resid_h, resid_at(nx), d_in),
+                    false => prefetch_rows(self.resid, resid_at(nx), d_in),
+                }
+                if bw.aux_trains_dec {
+                    prefetch_rows(self.aux, nx.row as usize * d_in, d_in);
                 }
             }
-            // Without the decode's dots, one pass over the group's residual rows gives both
-            // `d_j . r_b` and `g_dec += f s r_b`.
-            let mut dot_r = [0.0f32; 4];
             let c_dec: [f32; 4] =
                 std::array::from_fn(|q| group.get(q).map_or(0.0, |le| le.f * bw.resid_scale));
             let rs: [usize; 4] = std::array::from_fn(|q| group.get(q).map_or(0, resid_at));
-            if bw.decode_dots {
-                for (d, le) in dot_r.iter_mut().zip(group) {
-                    *d = le.dot_r;
-                }
-            } else if group.len() == 4 {
-                dot_r = match half {
-                    false => dot4_axpy4(rs.map(|r| &self.resid[r..r + d_in]), d_j, c_dec, g_dec),
-                    true => dot4_axpy4_h(rs.map(|r| &self.resid_h[r..r + d_in]), d_j, c_dec, g_dec),
-                };
-            } else {
-                for ((d, &r), c) in dot_r.iter_mut().zip(&rs).zip(c_dec).take(group.len()) {
-                    match half {
-                        false => {
-                            *d = dot(&self.resid[r..r + d_in], d_j);
-                            axpy(c, &self.resid[r..r + d_in], g_dec);
-                        }
-                        true => {
-                            *d = dot_h(&self.resid_h[r..r + d_in], d_j);
-                            axpy_h(c, &self.resid_h[r..r + d_in], g_dec);
+            let dots = &mut dots[4 * g..4 * g + group.len()];
+            let (resid, resid_h) = (self.resid, self.resid_h);
+            match (group.len() == 4, bw.decode_dots, half) {
+                (true, false, false) => dots.copy_from_slice(&dot4_axpy4(
+                    rs.map(|r| &resid[r..r + d_in]),
+                    d_j,
+                    c_dec,
+                    g_dec,
+                )),
+                (true, false, true) => dots.copy_from_slice(&dot4_axpy4_h(
+                    rs.map(|r| &resid_h[r..r + d_in]),
+                    d_j,
+                    c_dec,
+                    g_dec,
+                )),
+                (true, true, false) => axpy4(c_dec, rs.map(|r| &resid[r..r + d_in]), g_dec),
+                (true, true, true) => axpy4_h(c_dec, rs.map(|r| &resid_h[r..r + d_in]), g_dec),
+                (false, known, _) => {
+                    for (q, d) in dots.iter_mut().enumerate() {
+                        let r = rs[q]..rs[q] + d_in;
+                        match half {
+                            false => {
+                                if !known {
+                                    *d = dot(&resid[r.clone()], d_j);
+                                }
+                                axpy(c_dec[q], &resid[r], g_dec);
+                            }
+                            true => {
+                                if !known {
+                                    *d = dot_h(&resid_h[r.clone()], d_j);
+                                }
+                                axpy_h(c_dec[q], &resid_h[r], g_dec);
+                            }
                         }
                     }
                 }
             }
-            let mut c_enc = [0.0f32; 4];
-            for ((le, dot_r), c_enc) in group.iter().zip(dot_r).zip(&mut c_enc) {
-                let (f, a) = (le.f, le.a);
-                if f != 0.0 {
-                    sums.any_fired |= f > 0.0;
-                    sums.sum_f += f;
-                }
-                let ent = Entry {
-                    j,
-                    pre: le.pre,
-                    f,
-                    a,
-                };
-                let (df, da) = (bw.resid_scale * dot_r, bw.aux_scale * le.dot_a);
-                let eg = self.arch.entry_backward(&self.ctx, ent, df, da);
-                sums.colsum += eg.gpre;
-                for (s, g) in sums.psum.iter_mut().zip(&eg.params).take(self.n_params) {
-                    *s += g;
-                }
-                *c_enc = eg.gpre;
-                if !bw.dense && bw.aux_trains_dec && a != 0.0 {
-                    // AuxK's reconstruction (dead latents only): its residual row too.
-                    let b = le.row as usize;
-                    axpy(a * bw.aux_scale, &self.aux[b * d_in..(b + 1) * d_in], g_dec);
+            if bw.aux_trains_dec {
+                // AuxK's reconstruction (dead latents only): its residual row too.
+                for le in group.iter().filter(|le| le.a != 0.0) {
+                    let b = le.row as usize * d_in;
+                    axpy(le.a * bw.aux_scale, &self.aux[b..b + d_in], g_dec);
                 }
             }
-            if bw.dense {
-                continue;
+        }
+    }
+
+    /// The architecture's backward rule for each of latent `j`'s entries `entries`, in row
+    /// order: the latent's sums, and in `coef` (which holds `d_j . r_b` where the decode did
+    /// not take it) each entry's pre-activation gradient.
+    fn entry_rules(
+        &self,
+        j: usize,
+        entries: std::ops::Range<usize>,
+        coef: &mut [f32],
+        sums: &mut LatentSums,
+    ) {
+        let bw = &self.bw;
+        for (le, c) in self.lat_ent[entries].iter().zip(coef) {
+            let (f, a) = (le.f, le.a);
+            if f != 0.0 {
+                sums.any_fired |= f > 0.0;
+                sums.sum_f += f;
             }
-            // g_enc += gpre x_b (and g_dec += f s r_b where the dots came with the decode),
-            // four rows of each per pass.
+            let dot_r = if bw.decode_dots { le.dot_r } else { *c };
+            let ent = Entry {
+                j,
+                pre: le.pre,
+                f,
+                a,
+            };
+            let (df, da) = (bw.resid_scale * dot_r, bw.aux_scale * le.dot_a);
+            let eg = self.arch.entry_backward(&self.ctx, ent, df, da);
+            sums.colsum += eg.gpre;
+            for (s, g) in sums.psum.iter_mut().zip(&eg.params).take(self.n_params) {
+                *s += g;
+            }
+            *c = eg.gpre;
+        }
+    }
+
+    /// `g_enc += gpre x_b` over the input rows of one latent's entries `entries` (within one
+    /// block of rows), four rows per pass; `gpre` is in `coef`.
+    fn input_rows(&self, entries: std::ops::Range<usize>, g_enc: &mut [f32], coef: &[f32]) {
+        let d_in = self.d_in;
+        let half = !self.xc_h.is_empty();
+        let ents = &self.lat_ent[entries];
+        for (g, group) in ents.chunks(4).enumerate() {
+            for nx in ents.iter().skip(4 * g + PREFETCH_AHEAD).take(4) {
+                match half {
+                    true => prefetch_rows(self.xc_h, nx.row as usize * d_in, d_in),
+                    false => prefetch_rows(self.xc, nx.row as usize * d_in, d_in),
+                }
+            }
+            let c = &coef[4 * g..4 * g + group.len()];
             let xs: [usize; 4] =
                 std::array::from_fn(|q| group.get(q).map_or(0, |le| le.row as usize * d_in));
-            let (resid, xc, resid_h, xc_h) = (self.resid, self.xc, self.resid_h, self.xc_h);
-            match (group.len() == 4, bw.decode_dots, half) {
-                (true, false, false) => axpy4(c_enc, xs.map(|r| &xc[r..r + d_in]), g_enc),
-                (true, false, true) => axpy4_h(c_enc, xs.map(|r| &xc_h[r..r + d_in]), g_enc),
-                (true, true, false) => acc2x4(
-                    c_dec,
-                    rs.map(|r| &resid[r..r + d_in]),
-                    g_dec,
-                    c_enc,
-                    xs.map(|r| &xc[r..r + d_in]),
-                    g_enc,
-                ),
-                (true, true, true) => acc2x4_h(
-                    c_dec,
-                    rs.map(|r| &resid_h[r..r + d_in]),
-                    g_dec,
-                    c_enc,
-                    xs.map(|r| &xc_h[r..r + d_in]),
-                    g_enc,
-                ),
-                (false, known, _) => {
-                    for q in 0..group.len() {
-                        let (r, x) = (rs[q]..rs[q] + d_in, xs[q]..xs[q] + d_in);
-                        match (known, half) {
-                            (false, false) => axpy(c_enc[q], &xc[x], g_enc),
-                            (false, true) => axpy_h(c_enc[q], &xc_h[x], g_enc),
-                            (true, false) => {
-                                acc2(c_dec[q], &resid[r], g_dec, c_enc[q], &xc[x], g_enc)
-                            }
-                            (true, true) => {
-                                acc2_h(c_dec[q], &resid_h[r], g_dec, c_enc[q], &xc_h[x], g_enc)
-                            }
-                        }
+            let (xc, xc_h) = (self.xc, self.xc_h);
+            if let &[c0, c1, c2, c3] = c {
+                match half {
+                    false => axpy4([c0, c1, c2, c3], xs.map(|r| &xc[r..r + d_in]), g_enc),
+                    true => axpy4_h([c0, c1, c2, c3], xs.map(|r| &xc_h[r..r + d_in]), g_enc),
+                }
+            } else {
+                for (&c, x) in c.iter().zip(xs) {
+                    match half {
+                        false => axpy(c, &xc[x..x + d_in], g_enc),
+                        true => axpy_h(c, &xc_h[x..x + d_in], g_enc),
                     }
                 }
             }
