@@ -1902,8 +1902,9 @@ impl LatentInputs<'_> {
         for b0 in (0..self.bw.n).step_by(self.block) {
             let end_row = (b0 + self.block) as u32;
             for (l, at) in next.iter_mut().enumerate() {
+                // A scan, not a binary search: the pass reads these entries next anyway.
                 let ents = &self.lat_ent[*at..self.lat_ptr[first + l + 1]];
-                let len = ents.partition_point(|le| le.row < end_row);
+                let len = ents.iter().take_while(|le| le.row < end_row).count();
                 if len > 0 {
                     f(l, *at, len);
                     *at += len;
