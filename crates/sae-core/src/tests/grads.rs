@@ -375,21 +375,25 @@ fn dense_and_sparse_steps_agree() {
     }
 }
 
-/// The decode in slices of latents (a decoder larger than `DECODE_SLICE_BYTES`) gives the
-/// bits of one pass, for every family, with AuxK's dead latents in play, in f32 and with
-/// bf16 gathers.
+/// The decode in slices of latents (a decoder larger than `DECODE_SLICE_BYTES`), in blocks
+/// of rows, gives the bits of one pass, for every family, with AuxK's dead latents in play,
+/// in f32 and with bf16 gathers.
 #[test]
 fn sliced_decode_gives_the_bits_of_one_pass() {
     use crate::bf16::Precision;
+    // Two blocks of two chunks of rows (`ROW_CHUNK`), the second one short.
+    let n = 53;
+    let x = randn(&mut ChaCha8Rng::seed_from_u64(16), n * D_IN);
     for precision in [Precision::F32, Precision::Bf16Sparse] {
         for arch in ArchKind::all() {
-            let (sae, x, hyper) = steps_case(arch, precision);
+            let (sae, _, hyper) = steps_case(arch, precision);
             let run = |slice_bytes: usize| {
                 let mut t = SaeTrainer::new(sae.clone(), hyper.clone());
                 t.set_dense_fraction(2.0);
                 t.set_decode_slice_bytes(slice_bytes);
+                t.set_decode_row_block(32);
                 let losses: Vec<u64> = (0..3)
-                    .map(|_| step_any(&mut t, &x, N, 1e-2, 0.3).loss.to_bits())
+                    .map(|_| step_any(&mut t, &x, n, 1e-2, 0.3).loss.to_bits())
                     .collect();
                 (losses, t.snapshot())
             };

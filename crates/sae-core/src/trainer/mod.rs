@@ -260,6 +260,12 @@ impl SaeTrainer {
         self.buf.decode_slice_bytes = bytes;
     }
 
+    /// Rows per block of the sliced decode.
+    #[cfg(test)]
+    pub(crate) fn set_decode_row_block(&mut self, rows: usize) {
+        self.buf.decode_row_block = rows;
+    }
+
     /// Latents per latent-pass task and batch rows per block of its entries (0: sized for
     /// L2 from d_in); tests take several blocks of a small batch with it.
     #[cfg(test)]
