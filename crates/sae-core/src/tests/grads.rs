@@ -375,7 +375,7 @@ fn dense_and_sparse_steps_agree() {
     }
 }
 
-/// The decode in slices of latents (a decoder larger than `DECODE_SLICE_BYTES`), in blocks
+/// The decode in slices of latents (a decoder larger than `GATHER_SLICE_BYTES`), in blocks
 /// of rows, gives the bits of one pass, for every family, with AuxK's dead latents in play,
 /// in f32 and with bf16 gathers.
 #[test]
@@ -390,8 +390,8 @@ fn sliced_decode_gives_the_bits_of_one_pass() {
             let run = |slice_bytes: usize| {
                 let mut t = SaeTrainer::new(sae.clone(), hyper.clone());
                 t.set_dense_fraction(2.0);
-                t.set_decode_slice_bytes(slice_bytes);
-                t.set_decode_row_block(32);
+                t.set_gather_slice_bytes(slice_bytes);
+                t.set_gather_row_block(32);
                 let losses: Vec<u64> = (0..3)
                     .map(|_| step_any(&mut t, &x, n, 1e-2, 0.3).loss.to_bits())
                     .collect();

@@ -261,7 +261,8 @@ fn screened_pre_activations_are_the_f32_dots_wherever_selection_looks() {
         let got = tr.screened_pre(&x, n);
         // W_enc^T in slices of latents (as large dictionaries are gathered): the same values.
         let mut sliced = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
-        sliced.set_decode_slice_bytes(100_000);
+        sliced.set_gather_slice_bytes(100_000);
+        sliced.set_gather_row_block(32);
         sliced.screen_any_density();
         let other = sliced.screened_pre(&x, n);
         assert_eq!(other.pre, got.pre, "{arch}: sliced");
@@ -440,7 +441,8 @@ fn screened_steps_are_f32_steps() {
         if batch_top_k {
             // W_enc^T in slices: the batch's bound first, then each slice's entries.
             let mut t = trainer(Precision::F32Screened, true, 0.0);
-            t.set_decode_slice_bytes(10_000);
+            t.set_gather_slice_bytes(10_000);
+            t.set_gather_row_block(16);
             let (sl, l) = t.gradients(&x, n, 0.3);
             assert_eq!(t.screen_misses(), 0, "{arch}: sliced");
             assert_eq!(sl.loss.to_bits(), ss.loss.to_bits(), "{arch}: sliced");

@@ -253,17 +253,17 @@ impl SaeTrainer {
         self.dense_fraction = fraction;
     }
 
-    /// Bytes of W_dec the decode gathers from per pass (0: the default); tests take small
-    /// decoders in slices with it.
+    /// Bytes of W_dec the decode, and of W_enc the screen, gathers from per pass (0: the
+    /// default); tests take small matrices in slices with it.
     #[cfg(test)]
-    pub(crate) fn set_decode_slice_bytes(&mut self, bytes: usize) {
-        self.buf.decode_slice_bytes = bytes;
+    pub(crate) fn set_gather_slice_bytes(&mut self, bytes: usize) {
+        self.buf.gather_slice_bytes = bytes;
     }
 
-    /// Rows per block of the sliced decode.
+    /// Rows per block of the sliced decode and screen (0: the default).
     #[cfg(test)]
-    pub(crate) fn set_decode_row_block(&mut self, rows: usize) {
-        self.buf.decode_row_block = rows;
+    pub(crate) fn set_gather_row_block(&mut self, rows: usize) {
+        self.buf.gather_row_block = rows;
     }
 
     /// Latents per latent-pass task and batch rows per block of its entries (0: sized for

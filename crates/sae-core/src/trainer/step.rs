@@ -41,21 +41,16 @@ const ROW_BLOCK_BYTES: usize = 4608 << 10;
 pub(super) const DENSE_FRACTION: f64 = 1.0 / 16.0;
 /// Per-latent parameters an architecture may train (`EntryGrad::params`).
 const MAX_LATENT_PARAMS: usize = 3;
-/// The decode gathers decoder rows from at most this many bytes of W_dec at a time (a larger
-/// decoder is taken in slices of latents), each block of `DECODE_ROW_BLOCK` rows through
-/// every slice before the next block: the block's residual rows and the slice's decoder rows
-/// then both stay in L2. On the AMX Xeon (2 MB L2; d_in 576, d_sae 9216, 4,096 rows) this
-/// took 25-35% off the decode at L0 200 and up to a third at L0 64 against 8 MB slices each
-/// taken over the whole batch (which had been 2.2x faster than one 21 MB pass on a 32 MB-L3
-/// Zen 4).
-const DECODE_SLICE_BYTES: usize = 2 << 20;
-/// A sliced decode takes the batch in blocks of this many rows, each block through every
-/// slice before the next.
-const DECODE_ROW_BLOCK: usize = 512;
-/// The screen gathers W_enc rows from at most this many bytes at a time, each slice over the
-/// whole batch; they sum more per row: at d_in 576 one 10.6 MB pass (d_sae 4608) beat two
-/// slices, and two 10.6 MB slices beat one 21 MB pass.
-const SCREEN_SLICE_BYTES: usize = 12 << 20;
+/// The decode gathers decoder rows, and the screen (`f32-screened`) encoder rows, from at
+/// most this many bytes of the matrix at a time (a larger one is taken in slices of
+/// latents), each block of `GATHER_ROW_BLOCK` rows through every slice before the next
+/// block: the block's rows and the slice's weight rows then both stay in L2. On the AMX Xeon
+/// (2 MB L2; d_in 576, 4,096 rows) this took 25-35% off the decode at d_sae 9216, L0 200, and
+/// up to a third at L0 64, against 8 MB slices each taken over the whole batch (which had
+/// been 2.2x faster than one 21 MB pass on a 32 MB-L3 Zen 4); and 13-25% off the screen at
+/// d_sae 4608 and 9216 against 12 MB slices.
+const GATHER_SLICE_BYTES: usize = 2 << 20;
+const GATHER_ROW_BLOCK: usize = 512;
 /// The screen recomputes each entry it keeps as one gathered dot product; past this
 /// fraction of the matrix those cost more than the f32 product saves (at d_in 576 on the
 /// AVX-512 Zen 4 the two met near 1/21), and the step runs the f32 product instead.
@@ -143,10 +138,10 @@ pub(super) struct Buffers {
     chunk_ents: Vec<Vec<u32>>,
     /// Per block of rows, the decode's entries by slice (a sliced decoder).
     decode_blocks: Vec<SliceEntries>,
-    /// `DECODE_SLICE_BYTES` when 0; tests set a small budget to slice small dictionaries.
-    pub(super) decode_slice_bytes: usize,
-    /// `DECODE_ROW_BLOCK` when 0 (tests take small blocks).
-    pub(super) decode_row_block: usize,
+    /// `GATHER_SLICE_BYTES` when 0; tests set a small budget to slice small matrices.
+    pub(super) gather_slice_bytes: usize,
+    /// `GATHER_ROW_BLOCK` when 0 (tests take small blocks).
+    pub(super) gather_row_block: usize,
     /// Latents per latent-pass task and batch rows per block of its entries, both; from
     /// `latent_blocks` when 0 (tests take small blocks).
     pub(super) latent_block: usize,
@@ -843,8 +838,8 @@ impl SaeTrainer {
         };
         // W_enc's rows are gathered a slice of latents at a time, as the decode gathers
         // W_dec's; with one slice each row is refined right after its scan.
-        let budget = match buf.decode_slice_bytes {
-            0 => SCREEN_SLICE_BYTES,
+        let budget = match buf.gather_slice_bytes {
+            0 => GATHER_SLICE_BYTES,
             b => b,
         };
         let slices = (d_sae * d_in * 4).div_ceil(budget).clamp(1, d_sae.max(1));
@@ -942,20 +937,32 @@ impl SaeTrainer {
             task.at.push(0);
             task.at.extend_from_slice(&task.ends[..task.ends.len() - 1]);
         }
-        for s in (0..slices).filter(|_| slices > 1) {
-            let end = ((s + 1) * width).min(d_sae) as u32;
+        // Each block of rows through every slice before the next block, as in the decode.
+        let block = match buf.gather_row_block {
+            0 => GATHER_ROW_BLOCK,
+            b => b,
+        }
+        .div_ceil(ROW_CHUNK);
+        if slices > 1 {
             buf.xc[..n * d_in]
-                .par_chunks(d_in * ROW_CHUNK)
-                .zip(buf.screen_tasks.par_iter_mut())
-                .for_each(|(x_rows, task)| {
-                    for (r, x) in x_rows.chunks(d_in).enumerate() {
-                        // This row's entries in slice s: the next ones of its ascending list.
-                        let at = task.at[r];
-                        let mine = &task.idx[at..task.ends[r]];
-                        let m = mine.partition_point(|&j| j < end);
-                        let vals = &mut task.vals[at..at + m];
-                        refine_row(x, w, d_in, &mine[..m], None, vals);
-                        task.at[r] += m;
+                .par_chunks(d_in * ROW_CHUNK * block)
+                .zip(buf.screen_tasks.par_chunks_mut(block))
+                .for_each(|(x_rows, tasks)| {
+                    for s in 0..slices {
+                        let end = ((s + 1) * width).min(d_sae) as u32;
+                        let chunks = x_rows.chunks(d_in * ROW_CHUNK).zip(tasks.iter_mut());
+                        for (x_rows, task) in chunks {
+                            for (r, x) in x_rows.chunks(d_in).enumerate() {
+                                // This row's entries in slice s: the next ones of its
+                                // ascending list.
+                                let at = task.at[r];
+                                let mine = &task.idx[at..task.ends[r]];
+                                let m = mine.partition_point(|&j| j < end);
+                                let vals = &mut task.vals[at..at + m];
+                                refine_row(x, w, d_in, &mine[..m], None, vals);
+                                task.at[r] += m;
+                            }
+                        }
                     }
                 });
         }
@@ -1180,8 +1187,8 @@ impl SaeTrainer {
         let slices = match dense {
             true => 1,
             false => {
-                let budget = match buf.decode_slice_bytes {
-                    0 => DECODE_SLICE_BYTES,
+                let budget = match buf.gather_slice_bytes {
+                    0 => GATHER_SLICE_BYTES,
                     b => b,
                 };
                 (d_sae * d_in * if half { 2 } else { 4 })
@@ -1249,8 +1256,8 @@ impl SaeTrainer {
         }
         // Each task takes a block of rows through every slice, then finishes them: the
         // block's residual rows stay in L2 while each slice's decoder rows are gathered.
-        let block = match buf.decode_row_block {
-            0 => DECODE_ROW_BLOCK,
+        let block = match buf.gather_row_block {
+            0 => GATHER_ROW_BLOCK,
             b => b,
         }
         .div_ceil(ROW_CHUNK);
