@@ -45,7 +45,7 @@ const MAX_LATENT_PARAMS: usize = 3;
 /// most this many bytes of the matrix at a time (a larger one is taken in slices of
 /// latents), each block of `GATHER_ROW_BLOCK` rows through every slice before the next
 /// block: the block's rows and the slice's weight rows then both stay in L2. On the AMX Xeon
-/// (2 MB L2; d_in 576, 4,096 rows) this took 25-35% off the decode at d_sae 9216, L0 200, and
+/// (2 MB L2; d_in 576, 4,096 rows) this took 24-39% off the decode at d_sae 9216, L0 200, and
 /// up to a third at L0 64, against 8 MB slices each taken over the whole batch (which had
 /// been 2.2x faster than one 21 MB pass on a 32 MB-L3 Zen 4); and 13-25% off the screen at
 /// d_sae 4608 and 9216 against 12 MB slices.
