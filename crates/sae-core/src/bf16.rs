@@ -113,6 +113,17 @@ pub fn split_is_slow_here() -> bool {
     available() && !crate::amx::available()
 }
 
+/// What to tell a user who chose `{option} bf16x3` for `products` on a CPU where the three
+/// terms are slower than f32 (none elsewhere).
+pub fn split_slow_note(option: &str, products: &str) -> Option<String> {
+    split_is_slow_here().then(|| {
+        format!(
+            "note: {option} bf16x3: this CPU has no AMX tiles, so {products} runs as three \
+             AVX512-BF16 products, likely slower than {option} f32"
+        )
+    })
+}
+
 /// `v` rounded to bf16 bits: nearest, ties to even; subnormals flushed to (signed) zero as
 /// the AVX512-BF16 instructions do, so that both paths see the same operands.
 #[inline(always)]

@@ -38,11 +38,11 @@ impl ProductPrecision {
     /// A warning for this CPU, where the precision runs but is likely slower than f32:
     /// bf16x3 without AMX tiles (on the AMX Xeon, three `vdpbf16ps` products per product ran
     /// at 0.21x the f32 product, the tiles at 1.7-2.5x).
-    pub fn slow_here(self) -> Option<&'static str> {
-        (self == Self::Bf16x3 && sae_core::bf16::split_is_slow_here()).then_some(
-            "note: --compute bf16x3: this CPU has no AMX tiles, so each product runs as three \
-             AVX512-BF16 products, likely slower than --compute f32",
-        )
+    pub fn slow_here(self) -> Option<String> {
+        match self {
+            Self::Bf16x3 => sae_core::bf16::split_slow_note("--compute", "each product"),
+            _ => None,
+        }
     }
 
     pub fn as_str(self) -> &'static str {

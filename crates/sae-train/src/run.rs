@@ -324,11 +324,10 @@ fn run_locked(
             eprintln!("{note}");
         }
     }
-    if cfg.precision.split_encoder() && sae_core::bf16::split_is_slow_here() && !cfg.quiet {
-        eprintln!(
-            "note: --precision bf16x3: this CPU has no AMX tiles, so the encoder product runs \
-             as three AVX512-BF16 products, likely slower than --precision f32"
-        );
+    if cfg.precision.split_encoder() && !cfg.quiet {
+        if let Some(note) = sae_core::bf16::split_slow_note("--precision", "the encoder product") {
+            eprintln!("{note}");
+        }
     }
     match (pool, cfg.threads) {
         (Some(pool), _) => pool.install(|| train(cfg, source, bars)),

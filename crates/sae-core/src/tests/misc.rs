@@ -1089,3 +1089,16 @@ fn training_gives_the_same_bits_on_every_simd_path() {
         }
     }
 }
+
+/// The bf16x3 note names the option both ways, and only where the three terms are slow.
+#[test]
+fn split_slow_note_names_the_option() {
+    use crate::bf16::{split_is_slow_here, split_slow_note};
+    let note = split_slow_note("--compute", "each product");
+    assert_eq!(note.is_some(), split_is_slow_here());
+    if let Some(note) = note {
+        assert!(note.starts_with("note: --compute bf16x3: "), "{note}");
+        assert!(note.contains("each product runs as three"), "{note}");
+        assert!(note.ends_with("slower than --compute f32"), "{note}");
+    }
+}
