@@ -838,11 +838,7 @@ impl SaeTrainer {
         };
         // W_enc's rows are gathered a slice of latents at a time, as the decode gathers
         // W_dec's; with one slice each row is refined right after its scan.
-        let budget = match buf.gather_slice_bytes {
-            0 => GATHER_SLICE_BYTES,
-            b => b,
-        };
-        let slices = (d_sae * d_in * 4).div_ceil(budget).clamp(1, d_sae.max(1));
+        let slices = buf.gather_slices(d_sae, d_in * 4);
         let width = d_sae.div_ceil(slices);
         let refine_now = slices == 1 && batch_k.is_none();
         buf.screen_tasks
@@ -938,11 +934,7 @@ impl SaeTrainer {
             task.at.extend_from_slice(&task.ends[..task.ends.len() - 1]);
         }
         // Each block of rows through every slice before the next block, as in the decode.
-        let block = match buf.gather_row_block {
-            0 => GATHER_ROW_BLOCK,
-            b => b,
-        }
-        .div_ceil(ROW_CHUNK);
+        let block = buf.gather_block_chunks();
         if slices > 1 {
             buf.xc[..n * d_in]
                 .par_chunks(d_in * ROW_CHUNK * block)
@@ -1182,19 +1174,10 @@ impl SaeTrainer {
         }
         // bf16 rows for the gathers (`Precision::bf16_sparse`); the dense path uses its GEMMs.
         let half = !buf.w_dec_h.is_empty() && !dense;
-        // The decoder rows are gathered one slice of latents at a time, every row of the
-        // batch per slice, so that the rows a pass gathers stay in L3.
+        // The decoder rows are gathered one slice of latents at a time (`GATHER_SLICE_BYTES`).
         let slices = match dense {
             true => 1,
-            false => {
-                let budget = match buf.gather_slice_bytes {
-                    0 => GATHER_SLICE_BYTES,
-                    b => b,
-                };
-                (d_sae * d_in * if half { 2 } else { 4 })
-                    .div_ceil(budget)
-                    .clamp(1, d_sae.max(1))
-            }
+            false => buf.gather_slices(d_sae, d_in * if half { 2 } else { 4 }),
         };
         buf.resid_h.resize(if half { n * rd } else { 0 }, 0);
         buf.dots.clear();
@@ -1217,17 +1200,20 @@ impl SaeTrainer {
             fv: &buf.f,
             av: &buf.a,
         };
-        let lens: Vec<usize> = (0..n_row_chunks)
-            .map(|c| buf.row_ptr[((c + 1) * ROW_CHUNK).min(n)] - buf.row_ptr[c * ROW_CHUNK])
-            .collect();
-        let half_lens: Vec<usize> = (0..n_row_chunks)
-            .map(|c| match half {
-                true => (ROW_CHUNK.min(n - c * ROW_CHUNK)) * rd,
-                false => 0,
-            })
-            .collect();
+        // Per task of `chunks` row chunks: its entries and its rows' bf16 residuals (if any).
+        let task_lens = |chunks: usize| -> (Vec<usize>, Vec<usize>) {
+            let rows = ROW_CHUNK * chunks;
+            (0..n.div_ceil(rows))
+                .map(|k| {
+                    let (r0, r1) = (k * rows, ((k + 1) * rows).min(n));
+                    let res_h = if half { (r1 - r0) * rd } else { 0 };
+                    (buf.row_ptr[r1] - buf.row_ptr[r0], res_h)
+                })
+                .unzip()
+        };
         if slices == 1 {
             // Row by row: gather, finish, and the aux dots while the row's d_j are in cache.
+            let (lens, half_lens) = task_lens(1);
             let dot_pieces = split_by_lengths(&mut buf.dots, &lens);
             let half_pieces = split_by_lengths(&mut buf.resid_h, &half_lens);
             buf.resid
@@ -1256,28 +1242,11 @@ impl SaeTrainer {
         }
         // Each task takes a block of rows through every slice, then finishes them: the
         // block's residual rows stay in L2 while each slice's decoder rows are gathered.
-        let block = match buf.gather_row_block {
-            0 => GATHER_ROW_BLOCK,
-            b => b,
-        }
-        .div_ceil(ROW_CHUNK);
-        let n_blocks = n_row_chunks.div_ceil(block);
+        let block = buf.gather_block_chunks();
+        let (block_entries, block_half) = task_lens(block);
         buf.decode_blocks
-            .resize_with(n_blocks, SliceEntries::default);
-        let block_entries: Vec<usize> = (0..n_blocks)
-            .map(|k| {
-                let (r0, r1) = (k * block * ROW_CHUNK, ((k + 1) * block * ROW_CHUNK).min(n));
-                buf.row_ptr[r1] - buf.row_ptr[r0]
-            })
-            .collect();
+            .resize_with(block_entries.len(), SliceEntries::default);
         let dot_pieces = split_by_lengths(&mut buf.dots, &block_entries);
-        let block_half: Vec<usize> = (0..n_blocks)
-            .map(|k| {
-                half_lens[k * block..((k + 1) * block).min(n_row_chunks)]
-                    .iter()
-                    .sum()
-            })
-            .collect();
         let half_pieces = split_by_lengths(&mut buf.resid_h, &block_half);
         buf.resid
             .par_chunks_mut(rd * ROW_CHUNK * block)
@@ -1301,7 +1270,7 @@ impl SaeTrainer {
                 for s in 0..slices {
                     for r in 0..n_rows {
                         let (c, band, ax) = row_of(r);
-                        let mine = by_slice.of(s, r, n_rows);
+                        let mine = by_slice.of(s, r);
                         let ents = &by_slice.ents;
                         rows.gather_row(
                             &mut res[band],
@@ -1331,7 +1300,7 @@ impl SaeTrainer {
                 for s in 0..slices {
                     for r in 0..n_rows {
                         let (_, band, ax) = row_of(r);
-                        let mine = by_slice.of(s, r, n_rows);
+                        let mine = by_slice.of(s, r);
                         let ents = &by_slice.ents[mine];
                         rows.aux_dots_row(&res[band], &aux[ax], ents, dots, base);
                     }
@@ -1673,6 +1642,26 @@ impl Buffers {
             enc_bf16: crate::bf16::EncoderBf16::new(precision.split_encoder()),
             ..Self::default()
         }
+    }
+
+    /// Slices of latents for a sliced gather from a `d_sae`-row matrix of `row_bytes` rows
+    /// (`GATHER_SLICE_BYTES` each at most, or the tests' budget).
+    fn gather_slices(&self, d_sae: usize, row_bytes: usize) -> usize {
+        let budget = match self.gather_slice_bytes {
+            0 => GATHER_SLICE_BYTES,
+            b => b,
+        };
+        (d_sae * row_bytes).div_ceil(budget).clamp(1, d_sae.max(1))
+    }
+
+    /// Row chunks (`ROW_CHUNK`) per block of a sliced gather (`GATHER_ROW_BLOCK` rows, or the
+    /// tests' block).
+    fn gather_block_chunks(&self) -> usize {
+        match self.gather_row_block {
+            0 => GATHER_ROW_BLOCK,
+            b => b,
+        }
+        .div_ceil(ROW_CHUNK)
     }
 
     /// The per-chunk selections as one CSR (`row_ptr`, `idx`, `f`, `a`, `pre_e`, `row_of`),
@@ -2479,6 +2468,7 @@ impl DecodeRows<'_> {
 struct SliceEntries {
     ents: Vec<u32>,
     starts: Vec<usize>,
+    rows: usize,
 }
 
 impl SliceEntries {
@@ -2491,6 +2481,7 @@ impl SliceEntries {
         d_sae: usize,
     ) {
         let n_rows = rows.len();
+        self.rows = n_rows;
         // Latent j lies in slice s when s d_sae / slices <= j < (s + 1) d_sae / slices.
         let slice_of = |j: u32| {
             let s = ((j as usize + 1) * slices).div_ceil(d_sae) - 1;
@@ -2503,6 +2494,9 @@ impl SliceEntries {
         if dec.dense {
             return;
         }
+        // Counts, their prefix sums as each bucket's start, then each entry placed at its
+        // bucket's cursor; the cursors end at the next bucket's start, so one shift restores
+        // the starts.
         for (r, b) in rows.clone().enumerate() {
             for &j in &dec.idx[dec.row_ptr[b]..dec.row_ptr[b + 1]] {
                 self.starts[slice_of(j) * n_rows + r + 1] += 1;
@@ -2511,21 +2505,24 @@ impl SliceEntries {
         for i in 1..self.starts.len() {
             self.starts[i] += self.starts[i - 1];
         }
-        let first = dec.row_ptr[rows.start];
-        self.ents.resize(dec.row_ptr[rows.end] - first, 0);
-        let mut at = self.starts.clone();
+        self.ents
+            .resize(dec.row_ptr[rows.end] - dec.row_ptr[rows.start], 0);
         for (r, b) in rows.enumerate() {
             for e in dec.row_ptr[b]..dec.row_ptr[b + 1] {
-                let slot = &mut at[slice_of(dec.idx[e]) * n_rows + r];
+                let slot = &mut self.starts[slice_of(dec.idx[e]) * n_rows + r];
                 self.ents[*slot] = e as u32;
                 *slot += 1;
             }
         }
+        let last = self.starts.len() - 1;
+        self.starts.copy_within(0..last, 1);
+        self.starts[0] = 0;
     }
 
     /// Where slice `s`'s entries of the block's row `r` lie in `ents`.
-    fn of(&self, s: usize, r: usize, n_rows: usize) -> std::ops::Range<usize> {
-        self.starts[s * n_rows + r]..self.starts[s * n_rows + r + 1]
+    fn of(&self, s: usize, r: usize) -> std::ops::Range<usize> {
+        let i = s * self.rows + r;
+        self.starts[i]..self.starts[i + 1]
     }
 }
 
