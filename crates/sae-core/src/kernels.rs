@@ -1187,6 +1187,249 @@ pub(crate) unsafe fn entries_above_avx2(v: &[f32], b: &[f32], lb: f32, out: &mut
     entries_above_finish(v, b, lb, full, start + len, out);
 }
 
+/// A row's margin terms in the screened step: latent `j`'s margin is
+/// `p * ew[j] + q * wn[j] + c`.
+#[derive(Clone, Copy, Debug)]
+pub struct MarginTerms<'a> {
+    pub ew: &'a [f32],
+    pub wn: &'a [f32],
+    pub p: f32,
+    pub q: f32,
+    pub c: f32,
+}
+
+/// A value at or under the f32 score of an entry whose bf16 score is `score` and whose
+/// margin is `margin` (lowered below its own rounding; 0 at least). The k-th largest of
+/// these over a set is under the set's k-th largest f32 score: each of the k entries it
+/// ranks first scores at least that in f32.
+pub fn score_floor(score: f32, margin: f32) -> f32 {
+    let floor = score - margin * (1.0 + 2f32.powi(-20)) - score.abs() * 2f32.powi(-20);
+    floor.max(0.0)
+}
+
+/// `score_floor` as bits that order as the values do (it is at least +0; adding +0 turns
+/// -0 into +0).
+fn floor_key(score: f32, margin: f32) -> u32 {
+    (score_floor(score, margin) + 0.0).to_bits()
+}
+
+/// Appends every `j` with `v[j] - base[j] > floor` to `idx` and, beside it in `keys`, the
+/// bound under that entry's f32 score (`score_floor` of that difference and the entry's
+/// margin, as ordered bits), in one pass and without branches on the comparisons. A top-k
+/// screen's candidates for the k-th score of a row (NaN never passes).
+pub fn bounds_above(
+    v: &[f32],
+    base: &[f32],
+    terms: MarginTerms,
+    floor: f32,
+    idx: &mut Vec<u32>,
+    keys: &mut Vec<u32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cpu_has!("avx512f") && simd_allows(SimdPath::Avx512) {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { bounds_above_avx512(v, base, terms, floor, idx, keys) };
+        }
+        if cpu_has!("avx2") && simd_allows(SimdPath::Avx2) {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { bounds_above_avx2(v, base, terms, floor, idx, keys) };
+        }
+    }
+    bounds_above_plain(v, base, terms, floor, idx, keys)
+}
+
+/// The length every input of [`bounds_above`] has.
+fn bounds_len(v: &[f32], base: &[f32], t: &MarginTerms) -> usize {
+    v.len().min(base.len()).min(t.ew.len()).min(t.wn.len())
+}
+
+/// [`bounds_above`] on any CPU.
+pub(crate) fn bounds_above_plain(
+    v: &[f32],
+    base: &[f32],
+    t: MarginTerms,
+    floor: f32,
+    idx: &mut Vec<u32>,
+    keys: &mut Vec<u32>,
+) {
+    bounds_above_from(0, v, base, t, floor, idx, keys)
+}
+
+/// [`bounds_above`] over the indices from `from` on.
+fn bounds_above_from(
+    from: usize,
+    v: &[f32],
+    base: &[f32],
+    t: MarginTerms,
+    floor: f32,
+    idx: &mut Vec<u32>,
+    keys: &mut Vec<u32>,
+) {
+    for j in from..bounds_len(v, base, &t) {
+        let s = v[j] - base[j];
+        if s > floor {
+            idx.push(j as u32);
+            keys.push(floor_key(s, t.p * t.ew[j] + t.q * t.wn[j] + t.c));
+        }
+    }
+}
+
+/// [`bounds_above`] with AVX-512: sixteen differences, their margins and bounds (the plain
+/// version's operations in its order, so the same bits) and one mask; the indices and
+/// bounds compressed by it and stored.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn bounds_above_avx512(
+    v: &[f32],
+    base: &[f32],
+    t: MarginTerms,
+    floor: f32,
+    idx: &mut Vec<u32>,
+    keys: &mut Vec<u32>,
+) {
+    use std::arch::x86_64::*;
+    let n = bounds_len(v, base, &t);
+    let full = n / 16 * 16;
+    let (si, sk) = (idx.len(), keys.len());
+    // Each store writes sixteen lanes; only the passing ones are kept.
+    idx.reserve(full + 16);
+    keys.reserve(full + 16);
+    let (di, dk) = (idx.as_mut_ptr().add(si), keys.as_mut_ptr().add(sk));
+    let (p, q, c) = (
+        _mm512_set1_ps(t.p),
+        _mm512_set1_ps(t.q),
+        _mm512_set1_ps(t.c),
+    );
+    let (up, tiny) = (
+        _mm512_set1_ps(1.0 + 2f32.powi(-20)),
+        _mm512_set1_ps(2f32.powi(-20)),
+    );
+    let (fl, zero) = (_mm512_set1_ps(floor), _mm512_setzero_ps());
+    let mut lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(16);
+    let mut len = 0usize;
+    let mut i = 0;
+    while i < full {
+        let s = _mm512_sub_ps(
+            _mm512_loadu_ps(v.as_ptr().add(i)),
+            _mm512_loadu_ps(base.as_ptr().add(i)),
+        );
+        let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(s, fl);
+        let margin = _mm512_add_ps(
+            _mm512_add_ps(
+                _mm512_mul_ps(p, _mm512_loadu_ps(t.ew.as_ptr().add(i))),
+                _mm512_mul_ps(q, _mm512_loadu_ps(t.wn.as_ptr().add(i))),
+            ),
+            c,
+        );
+        let abs = _mm512_abs_ps(s);
+        let under = _mm512_sub_ps(
+            _mm512_sub_ps(s, _mm512_mul_ps(margin, up)),
+            _mm512_mul_ps(abs, tiny),
+        );
+        // `max` gives its second operand (+0) for NaN, as `f32::max` gives the other one.
+        let key = _mm512_add_ps(_mm512_max_ps(under, zero), zero);
+        // `len + 16 <= full + 16`: inside the reserved capacities.
+        _mm512_storeu_si512(
+            di.add(len) as *mut __m512i,
+            _mm512_maskz_compress_epi32(m, lanes),
+        );
+        _mm512_storeu_si512(
+            dk.add(len) as *mut __m512i,
+            _mm512_maskz_compress_epi32(m, _mm512_castps_si512(key)),
+        );
+        len += m.count_ones() as usize;
+        lanes = _mm512_add_epi32(lanes, step);
+        i += 16;
+    }
+    // The first `len` values past the lengths were written above.
+    idx.set_len(si + len);
+    keys.set_len(sk + len);
+    bounds_above_from(full, v, base, t, floor, idx, keys)
+}
+
+/// [`bounds_above`] with AVX2: eight differences, margins and bounds, one mask and the same
+/// lane shuffle for the indices and the bounds.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn bounds_above_avx2(
+    v: &[f32],
+    base: &[f32],
+    t: MarginTerms,
+    floor: f32,
+    idx: &mut Vec<u32>,
+    keys: &mut Vec<u32>,
+) {
+    use std::arch::x86_64::*;
+    let n = bounds_len(v, base, &t);
+    let full = n / 8 * 8;
+    let (si, sk) = (idx.len(), keys.len());
+    // Each store writes eight lanes; only the passing ones are kept.
+    idx.reserve(full + 8);
+    keys.reserve(full + 8);
+    let (di, dk) = (idx.as_mut_ptr().add(si), keys.as_mut_ptr().add(sk));
+    let (p, q, c) = (
+        _mm256_set1_ps(t.p),
+        _mm256_set1_ps(t.q),
+        _mm256_set1_ps(t.c),
+    );
+    let (up, tiny) = (
+        _mm256_set1_ps(1.0 + 2f32.powi(-20)),
+        _mm256_set1_ps(2f32.powi(-20)),
+    );
+    let (fl, zero) = (_mm256_set1_ps(floor), _mm256_setzero_ps());
+    let sign = _mm256_set1_ps(-0.0);
+    let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let step = _mm256_set1_epi32(8);
+    let mut len = 0usize;
+    let mut i = 0;
+    while i < full {
+        let s = _mm256_sub_ps(
+            _mm256_loadu_ps(v.as_ptr().add(i)),
+            _mm256_loadu_ps(base.as_ptr().add(i)),
+        );
+        let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(s, fl)) as usize;
+        let margin = _mm256_add_ps(
+            _mm256_add_ps(
+                _mm256_mul_ps(p, _mm256_loadu_ps(t.ew.as_ptr().add(i))),
+                _mm256_mul_ps(q, _mm256_loadu_ps(t.wn.as_ptr().add(i))),
+            ),
+            c,
+        );
+        let abs = _mm256_andnot_ps(sign, s);
+        let under = _mm256_sub_ps(
+            _mm256_sub_ps(s, _mm256_mul_ps(margin, up)),
+            _mm256_mul_ps(abs, tiny),
+        );
+        // `max` gives its second operand (+0) for NaN, as `f32::max` gives the other one.
+        let key = _mm256_add_ps(_mm256_max_ps(under, zero), zero);
+        let order = _mm256_loadu_si256(LEFT_PACK[m].as_ptr() as *const __m256i);
+        // `len + 8 <= full + 8`: inside the reserved capacities.
+        _mm256_storeu_si256(
+            di.add(len) as *mut __m256i,
+            _mm256_permutevar8x32_epi32(lanes, order),
+        );
+        _mm256_storeu_si256(
+            dk.add(len) as *mut __m256i,
+            _mm256_permutevar8x32_epi32(_mm256_castps_si256(key), order),
+        );
+        len += m.count_ones() as usize;
+        lanes = _mm256_add_epi32(lanes, step);
+        i += 8;
+    }
+    // The first `len` values past the lengths were written above.
+    idx.set_len(si + len);
+    keys.set_len(sk + len);
+    bounds_above_from(full, v, base, t, floor, idx, keys)
+}
+
 /// Hint the CPU to load `v[start..start + len]` into L2 (no-op off x86_64). The sparse
 /// passes prefetch a few 2.3 KB rows ahead, more lines than L1 tracks: into L2 their latent
 /// pass at d_sae 4608, L0 64 took 30-34 ms against 38-59 into L1 (Zen 4, paired runs).

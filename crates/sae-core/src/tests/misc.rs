@@ -721,6 +721,80 @@ fn indices_above_matches_a_plain_filter_on_every_path() {
     }
 }
 
+/// `bounds_above` on every path this CPU has against a plain loop of `score_floor`: NaN in
+/// the row, the base and the margins, differences equal to the floor, negative and zero
+/// bounds, lengths around the lane steps, and appending to what the outputs hold.
+#[test]
+fn bounds_above_matches_a_plain_loop_on_every_path() {
+    use crate::kernels::{bounds_above, bounds_above_plain, score_floor, MarginTerms};
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for len in (0..40).chain([4608, 4613]) {
+        let pick = |rng: &mut ChaCha8Rng, nan: bool| match rng.gen_range(0..20) {
+            0 if nan => f32::NAN,
+            1 => 0.25,
+            2 => 0.0,
+            _ => rng.gen_range(-1.0f32..1.0),
+        };
+        let v: Vec<f32> = (0..len).map(|_| pick(&mut rng, true)).collect();
+        let base: Vec<f32> = (0..len).map(|_| pick(&mut rng, true)).collect();
+        let ew: Vec<f32> = (0..len).map(|_| pick(&mut rng, true).abs()).collect();
+        let wn: Vec<f32> = (0..len).map(|_| pick(&mut rng, false).abs()).collect();
+        let terms = MarginTerms {
+            ew: &ew,
+            wn: &wn,
+            p: 0.125,
+            q: 0.03,
+            c: 1e-3,
+        };
+        let floor = 0.0f32;
+        let (mut want_idx, mut want_keys) = (vec![7u32], vec![1u32, 2]);
+        for j in 0..len {
+            let s = v[j] - base[j];
+            if s > floor {
+                want_idx.push(j as u32);
+                let margin = terms.p * ew[j] + terms.q * wn[j] + terms.c;
+                want_keys.push((score_floor(s, margin) + 0.0).to_bits());
+            }
+        }
+        let run = |f: &dyn Fn(&mut Vec<u32>, &mut Vec<u32>)| {
+            let (mut idx, mut keys) = (vec![7u32], vec![1u32, 2]);
+            f(&mut idx, &mut keys);
+            (idx, keys)
+        };
+        let mut paths = vec![
+            (
+                "dispatched",
+                run(&|i, k| bounds_above(&v, &base, terms, floor, i, k)),
+            ),
+            (
+                "plain",
+                run(&|i, k| bounds_above_plain(&v, &base, terms, floor, i, k)),
+            ),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: checked above.
+            let f = |i: &mut Vec<u32>, k: &mut Vec<u32>| unsafe {
+                crate::kernels::bounds_above_avx2(&v, &base, terms, floor, i, k)
+            };
+            paths.push(("avx2", run(&f)));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: checked above.
+            let f = |i: &mut Vec<u32>, k: &mut Vec<u32>| unsafe {
+                crate::kernels::bounds_above_avx512(&v, &base, terms, floor, i, k)
+            };
+            paths.push(("avx512", run(&f)));
+        }
+        for (path, (idx, keys)) in paths {
+            assert_eq!(idx, want_idx, "{path}, length {len}");
+            assert_eq!(keys, want_keys, "{path}, length {len}");
+        }
+    }
+}
+
 /// `entries_above` on every path this CPU has against a plain filter: NaN, sums equal to the
 /// bound, lengths around the eight-lane steps, and appending to what the output holds.
 #[test]

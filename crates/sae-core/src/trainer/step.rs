@@ -10,9 +10,10 @@ use crate::arch::{
     RowOut, StepCtx, TopKScope,
 };
 use crate::kernels::{
-    axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h, axpy_h, dot, dot2, dot2_h, dot4,
-    dot4_axpy4, dot4_axpy4_h, dot_h, indices_above, matmul, matmul_tn, norm_and_bf16_error,
-    prefetch_rows, round_to_bf16, screen_bounds, split_by_lengths, SharedMut,
+    axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h, axpy_h, bounds_above, dot, dot2,
+    dot2_h, dot4, dot4_axpy4, dot4_axpy4_h, dot_h, indices_above, matmul, matmul_tn,
+    norm_and_bf16_error, prefetch_rows, round_to_bf16, score_floor, screen_bounds,
+    split_by_lengths, MarginTerms, SharedMut,
 };
 use crate::optim::AdamStep;
 use rayon::prelude::*;
@@ -216,6 +217,8 @@ struct ScreenBounds<'a> {
     cut_raw: &'a [f32],
     wn: &'a [f32],
     ew: &'a [f32],
+    /// The largest `|cut_raw|`, `ew` and `wn` (`ScreenInputs::largest`).
+    largest: (f32, f32, f32),
     /// `Arch::screen_top_k`, and the latents it does not raise (AuxK's dead ones, also as
     /// a mask over all latents).
     top_k: Option<TopKScope>,
@@ -242,6 +245,9 @@ struct ScreenInputs {
     /// W_enc's row norms and the norms of their bf16 rounding errors.
     wn: Vec<f32>,
     ew: Vec<f32>,
+    /// The largest `|cut_raw|`, `ew` and `wn`, which bound every latent's margin in a row
+    /// (NaN when any is).
+    largest: (f32, f32, f32),
     /// `TopKScope::Batch`: the first scan raises every cutoff but the AuxK latents' by this
     /// guess under the batch's k*n-th score (`screen_pays`; `screen` then finds a bound).
     batch_raise: f32,
@@ -253,8 +259,11 @@ struct ScreenInputs {
 #[derive(Default)]
 struct ScanScratch {
     lo: Vec<f32>,
-    scores: Vec<f32>,
+    /// A top-k row's entries scoring above `floor`, their bounds under their f32 scores (as
+    /// ordered bits, `kernels::bounds_above`), and the AuxK latents below it that pass.
     above: Vec<u32>,
+    keys: Vec<u32>,
+    dead_below: Vec<u32>,
     /// A guess under the next row's k-th score (the last row's, less a quarter).
     floor: f32,
 }
@@ -273,6 +282,7 @@ impl<'a> ScreenBounds<'a> {
             cut_raw: &inputs.cut_raw,
             wn: &inputs.wn,
             ew: &inputs.ew,
+            largest: inputs.largest,
             top_k,
             dead,
             dead_mask: &inputs.dead_mask,
@@ -296,8 +306,12 @@ impl<'a> ScreenBounds<'a> {
         let raise = match self.top_k {
             Some(TopKScope::Row(k)) if k > 0 && k <= row.len() => {
                 // Only the k largest `pre - cut` of the row are selected.
+                let floor = s.floor;
                 let theta = self.kth_floor(k, row, terms, s);
                 s.floor = theta - 0.25 * theta.abs();
+                if self.filter_above(k, floor, theta, row, terms, s, idx) {
+                    return terms;
+                }
                 theta
             }
             Some(TopKScope::Batch(_)) => self.batch_raise,
@@ -322,6 +336,65 @@ impl<'a> ScreenBounds<'a> {
         terms
     }
 
+    /// When the entries `kth_floor` took the k-th among (`s.above`: those scoring above
+    /// `floor`) hold every entry that can pass the cutoffs raised by `theta`: appends those
+    /// that pass, and the AuxK latents below `floor` that pass their own cutoffs, to `idx` in
+    /// order of latent, as the test over the whole row would, and returns true.
+    ///
+    /// An entry below the floor has `pre - cut_raw <= floor`, and the raised test asks
+    /// `pre > cut + theta - margin` (to rounding), so none passes when `theta - floor`
+    /// exceeds the largest margin of the row by more than those roundings: `cut` lies
+    /// `2^-20 |cut_raw|` under `cut_raw`, `raised` takes `2^-20 |theta|` off, and the few
+    /// operations of each side round by `2^-24` of their largest term; `2^-16` of the sum of
+    /// every term covers them all.
+    #[allow(clippy::too_many_arguments)]
+    fn filter_above(
+        &self,
+        k: usize,
+        floor: f32,
+        theta: f32,
+        row: &[f32],
+        terms: (f32, f32, f32),
+        s: &mut ScanScratch,
+        idx: &mut Vec<u32>,
+    ) -> bool {
+        if s.above.len() < k {
+            return false;
+        }
+        let (p, q, c) = terms;
+        let (cut_max, ew_max, wn_max) = self.largest;
+        let (pe, qw) = (p.abs() * ew_max, q.abs() * wn_max);
+        let terms_sum = cut_max + theta.abs() + floor.abs() + pe + qw + c.abs();
+        // False for NaN as well.
+        let holds = theta - floor - (pe + qw + c) >= terms_sum * 2f32.powi(-16);
+        if !holds {
+            return false;
+        }
+        // Without branches on the tests: a third or so of the entries pass, at random.
+        let start = idx.len();
+        idx.resize(start + s.above.len(), 0);
+        let mut len = start;
+        for &j in &s.above {
+            idx[len] = j;
+            len += self.passes(j as usize, row[j as usize], terms, theta) as usize;
+        }
+        idx.truncate(len);
+        s.dead_below.clear();
+        for &j in self.dead {
+            let jj = j as usize;
+            // Not among `above` (the difference `bounds_above` compared), and passing.
+            let above = row[jj] - self.cut_raw[jj] > floor;
+            if !above && self.passes(jj, row[jj], terms, theta) {
+                s.dead_below.push(j);
+            }
+        }
+        if !s.dead_below.is_empty() {
+            idx.extend_from_slice(&s.dead_below);
+            idx[start..].sort_unstable();
+        }
+        true
+    }
+
     /// Latent `j`'s margin in a row with margin terms `(p, q, c)`.
     fn margin_of(&self, j: usize, (p, q, c): (f32, f32, f32)) -> f32 {
         p * self.ew[j] + q * self.wn[j] + c
@@ -342,25 +415,42 @@ impl<'a> ScreenBounds<'a> {
     /// cut_raw[j]` and that entry's margin), each of the k largest being under its entry's
     /// f32 score. Taken among the entries scoring above `s.floor` when at least k do (a
     /// subset's k-th is under the whole row's, which only makes the screen recompute more),
-    /// else among all.
+    /// which it leaves in `s.above`, else among all (`s.above` then left empty).
     fn kth_floor(&self, k: usize, row: &[f32], terms: (f32, f32, f32), s: &mut ScanScratch) -> f32 {
+        let (p, q, c) = terms;
+        let margins = MarginTerms {
+            ew: self.ew,
+            wn: self.wn,
+            p,
+            q,
+            c,
+        };
         s.above.clear();
+        s.keys.clear();
         if s.floor.is_finite() {
-            s.scores.clear();
-            s.scores.extend(self.cut_raw.iter().map(|c| c + s.floor));
-            indices_above(row, &s.scores, &mut s.above);
+            bounds_above(
+                row,
+                self.cut_raw,
+                margins,
+                s.floor,
+                &mut s.above,
+                &mut s.keys,
+            );
         }
-        s.scores.clear();
-        let bound = |j: usize| score_floor(row[j] - self.cut_raw[j], self.margin_of(j, terms));
-        if s.above.len() >= k {
-            s.scores.extend(s.above.iter().map(|&j| bound(j as usize)));
-        } else {
-            s.scores.extend((0..row.len()).map(bound));
+        if s.above.len() < k {
+            // Every entry; those left out (NaN or -inf scores) have bounds of 0.
+            s.above.clear();
+            s.keys.clear();
+            let all = f32::NEG_INFINITY;
+            bounds_above(row, self.cut_raw, margins, all, &mut s.above, &mut s.keys);
+            s.above.clear();
+            if s.keys.len() < k {
+                return 0.0;
+            }
         }
-        let (_, kth, _) = s
-            .scores
-            .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-        *kth
+        let at = s.keys.len() - k;
+        let (_, kth, _) = s.keys.select_nth_unstable(at);
+        f32::from_bits(*kth)
     }
 }
 
@@ -377,15 +467,6 @@ fn screened_rows(screening: bool, lists: &ScreenLists) -> Option<RowLists<'_>> {
 /// rounding.
 fn raised(c: f32, raise: f32) -> f32 {
     c - raise + raise * 2f32.powi(-20)
-}
-
-/// A value at or under the f32 score of an entry whose bf16 score is `score` and whose
-/// margin is `margin` (lowered below its own rounding; 0 at least). The k-th largest of
-/// these over a set is under the set's k-th largest f32 score: each of the k entries it
-/// ranks first scores at least that in f32.
-fn score_floor(score: f32, margin: f32) -> f32 {
-    let floor = score - margin * (1.0 + 2f32.powi(-20)) - score.abs() * 2f32.powi(-20);
-    floor.max(0.0)
 }
 
 /// Buckets of a batch top-k screen's score histogram: one per step of the top 16 bits of
@@ -742,6 +823,21 @@ impl SaeTrainer {
         for c in buf.screen.cut.iter_mut() {
             *c -= c.abs() * 2f32.powi(-20);
         }
+        // NaN stays once met: no bound then holds.
+        let largest = |v: &[f32]| {
+            v.iter().fold(0.0f32, |m, &x| {
+                if x.is_nan() || x.abs() > m {
+                    x.abs()
+                } else {
+                    m
+                }
+            })
+        };
+        buf.screen.largest = (
+            largest(&buf.screen.cut_raw),
+            largest(&buf.screen.ew),
+            largest(&buf.screen.wn),
+        );
         // A top-k rule raises the cutoffs of all but the AuxK latents (as `prepare_selection`
         // will find them).
         buf.dead.clear();
@@ -2670,5 +2766,73 @@ mod tests {
             }
             assert_eq!(buf.lat_ptr[d_sae], total);
         }
+    }
+
+    /// A top-k row's scan takes its list from the entries above the carried floor only where
+    /// no entry below the floor can pass, and gives the list of the test over the whole row
+    /// either way: after a row whose floor lands a margin above the next row's k-th bound
+    /// (each entry below the floor then passes), and after one whose floor lies far under
+    /// it. The reference is the whole row's test at the same k-th bound.
+    #[test]
+    fn top_k_scan_lists_what_the_whole_row_test_lists() {
+        let (d_in, d_sae, k) = (64, 300, 6);
+        let inputs = ScreenInputs {
+            cut: vec![0.0; d_sae],
+            cut_raw: vec![0.0; d_sae],
+            wn: vec![1.0; d_sae],
+            ew: vec![0.01; d_sae],
+            largest: (0.0, 0.01, 1.0),
+            ..ScreenInputs::default()
+        };
+        let bounds = ScreenBounds::new(d_in, Some(TopKScope::Row(k)), &inputs, &[]);
+        let x = vec![0.5f32; d_in];
+        let (nx, ex) = norm_and_bf16_error(&x);
+        let terms = bounds.margin.row(nx, ex);
+        let m = bounds.margin_of(0, terms);
+        assert!(m > 0.0);
+        let whole_row = |row: &[f32], floor: f32| {
+            let mut s = ScanScratch {
+                floor,
+                ..ScanScratch::default()
+            };
+            let theta = bounds.kth_floor(k, row, terms, &mut s);
+            let (p, q, c) = terms;
+            let mut lo = vec![0.0; d_sae];
+            screen_bounds(
+                &inputs.cut,
+                &inputs.ew,
+                &inputs.wn,
+                p,
+                q,
+                raised(c, theta),
+                &mut lo,
+            );
+            let mut idx = Vec::new();
+            indices_above(row, &lo, &mut idx);
+            idx
+        };
+        let top = |v: f32, rest: f32| {
+            let mut row = vec![rest; d_sae];
+            row[..k].fill(v);
+            row
+        };
+        let mut s = ScanScratch::default();
+        let first = top(40.0 * m, 0.0);
+        let mut idx = Vec::new();
+        bounds.scan(&x, &first, &mut s, &mut idx);
+        assert_eq!(idx, whole_row(&first, 0.0), "first row");
+        // k entries an eighth of a margin above the floor, the rest half a margin below.
+        let floor = s.floor;
+        let near = top(floor + m / 8.0, floor - m / 2.0);
+        idx.clear();
+        bounds.scan(&x, &near, &mut s, &mut idx);
+        let want = whole_row(&near, floor);
+        assert_eq!(want.len(), d_sae, "every entry passes");
+        assert_eq!(idx, want, "a floor just under the k-th");
+        // The floor now lies far under the scores of a row like the first.
+        let floor = s.floor;
+        idx.clear();
+        bounds.scan(&x, &first, &mut s, &mut idx);
+        assert_eq!(idx, whole_row(&first, floor), "a floor far under the k-th");
     }
 }
