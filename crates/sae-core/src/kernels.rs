@@ -931,6 +931,154 @@ pub(crate) unsafe fn indices_above_avx512(v: &[f32], cutoff: &[f32], out: &mut V
     indices_above_finish(v, cutoff, full, start + len, out);
 }
 
+/// Appends every `j` with `v[j] > cut[j] - p * ew[j] - q * wn[j] - c` (the margin terms of
+/// `t`; NaN never passes) to `out`: [`indices_above`] against `kernels::screen_bounds`'
+/// cutoffs with the same bits, without writing those cutoffs out. The screened step's test
+/// of a row.
+pub fn indices_above_margin(v: &[f32], cut: &[f32], t: MarginTerms, out: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cpu_has!("avx512f") && simd_allows(SimdPath::Avx512) {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { indices_above_margin_avx512(v, cut, t, out) };
+        }
+        if cpu_has!("avx2") && simd_allows(SimdPath::Avx2) {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { indices_above_margin_avx2(v, cut, t, out) };
+        }
+    }
+    indices_above_margin_from(0, v, cut, t, out)
+}
+
+/// [`indices_above_margin`] over the indices from `from` on, on any CPU.
+pub(crate) fn indices_above_margin_from(
+    from: usize,
+    v: &[f32],
+    cut: &[f32],
+    t: MarginTerms,
+    out: &mut Vec<u32>,
+) {
+    for j in from..bounds_len(v, cut, &t) {
+        if v[j] > cut[j] - t.p * t.ew[j] - t.q * t.wn[j] - t.c {
+            out.push(j as u32);
+        }
+    }
+}
+
+/// [`indices_above_margin`] with AVX-512: sixteen cutoffs (the plain version's operations in
+/// its order), one comparison mask, and where any pass, one compress and store.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn indices_above_margin_avx512(
+    v: &[f32],
+    cut: &[f32],
+    t: MarginTerms,
+    out: &mut Vec<u32>,
+) {
+    use std::arch::x86_64::*;
+    let n = bounds_len(v, cut, &t);
+    let full = n / 16 * 16;
+    let start = out.len();
+    // Each store writes sixteen lanes; only the passing ones are kept.
+    out.reserve(full + 16);
+    let dst = out.as_mut_ptr().add(start);
+    let (p, q, c) = (
+        _mm512_set1_ps(t.p),
+        _mm512_set1_ps(t.q),
+        _mm512_set1_ps(t.c),
+    );
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(16);
+    let mut len = 0usize;
+    let mut i = 0;
+    while i < full {
+        let lo = _mm512_sub_ps(
+            _mm512_sub_ps(
+                _mm512_sub_ps(
+                    _mm512_loadu_ps(cut.as_ptr().add(i)),
+                    _mm512_mul_ps(p, _mm512_loadu_ps(t.ew.as_ptr().add(i))),
+                ),
+                _mm512_mul_ps(q, _mm512_loadu_ps(t.wn.as_ptr().add(i))),
+            ),
+            c,
+        );
+        let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_loadu_ps(v.as_ptr().add(i)), lo);
+        if m != 0 {
+            // `len + 16 <= full + 16`: inside the reserved capacity.
+            _mm512_storeu_si512(
+                dst.add(len) as *mut __m512i,
+                _mm512_maskz_compress_epi32(m, idx),
+            );
+            len += m.count_ones() as usize;
+        }
+        idx = _mm512_add_epi32(idx, step);
+        i += 16;
+    }
+    // The first `len` values past `start` were written above.
+    out.set_len(start + len);
+    indices_above_margin_from(full, v, cut, t, out)
+}
+
+/// [`indices_above_margin`] with AVX2: eight cutoffs, one mask, one lane shuffle and one
+/// store per step.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn indices_above_margin_avx2(
+    v: &[f32],
+    cut: &[f32],
+    t: MarginTerms,
+    out: &mut Vec<u32>,
+) {
+    use std::arch::x86_64::*;
+    let n = bounds_len(v, cut, &t);
+    let full = n / 8 * 8;
+    let start = out.len();
+    // Each store writes eight lanes; only the passing ones are kept.
+    out.reserve(full + 8);
+    let dst = out.as_mut_ptr().add(start);
+    let (p, q, c) = (
+        _mm256_set1_ps(t.p),
+        _mm256_set1_ps(t.q),
+        _mm256_set1_ps(t.c),
+    );
+    let mut idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let step = _mm256_set1_epi32(8);
+    let mut len = 0usize;
+    let mut i = 0;
+    while i < full {
+        let lo = _mm256_sub_ps(
+            _mm256_sub_ps(
+                _mm256_sub_ps(
+                    _mm256_loadu_ps(cut.as_ptr().add(i)),
+                    _mm256_mul_ps(p, _mm256_loadu_ps(t.ew.as_ptr().add(i))),
+                ),
+                _mm256_mul_ps(q, _mm256_loadu_ps(t.wn.as_ptr().add(i))),
+            ),
+            c,
+        );
+        let x = _mm256_loadu_ps(v.as_ptr().add(i));
+        let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(x, lo)) as usize;
+        let order = _mm256_loadu_si256(LEFT_PACK[m].as_ptr() as *const __m256i);
+        // `len + 8 <= full + 8`: inside the reserved capacity.
+        _mm256_storeu_si256(
+            dst.add(len) as *mut __m256i,
+            _mm256_permutevar8x32_epi32(idx, order),
+        );
+        len += m.count_ones() as usize;
+        idx = _mm256_add_epi32(idx, step);
+        i += 8;
+    }
+    // The first `len` values past `start` were written above.
+    out.set_len(start + len);
+    indices_above_margin_from(full, v, cut, t, out)
+}
+
 /// Lane orders that move the lanes set in an 8-bit mask to the front, in order.
 #[cfg(target_arch = "x86_64")]
 const LEFT_PACK: [[u32; 8]; 256] = {

@@ -795,6 +795,70 @@ fn bounds_above_matches_a_plain_loop_on_every_path() {
     }
 }
 
+/// `indices_above_margin` on every path this CPU has against `screen_bounds` then
+/// `indices_above`: the same cutoffs bit for bit, so the same indices, with NaN in the row,
+/// the cutoffs and the margins, values equal to a cutoff, lengths around the lane steps, and
+/// appending to what `out` holds.
+#[test]
+fn indices_above_margin_matches_the_written_cutoffs_on_every_path() {
+    use crate::kernels::{indices_above, indices_above_margin, screen_bounds, MarginTerms};
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for len in (0..40).chain([4608, 4613]) {
+        let pick = |rng: &mut ChaCha8Rng| match rng.gen_range(0..20) {
+            0 => f32::NAN,
+            1 => 0.25,
+            _ => rng.gen_range(-1.0f32..1.0),
+        };
+        let cut: Vec<f32> = (0..len).map(|_| pick(&mut rng)).collect();
+        let ew: Vec<f32> = (0..len).map(|_| pick(&mut rng).abs()).collect();
+        let wn: Vec<f32> = (0..len).map(|_| pick(&mut rng).abs()).collect();
+        let (p, q, c) = (0.125, 0.03, 1e-3);
+        let mut lo = vec![0.0; len];
+        screen_bounds(&cut, &ew, &wn, p, q, c, &mut lo);
+        // Some values exactly at their cutoff.
+        let v: Vec<f32> = (0..len)
+            .map(|j| match rng.gen_range(0..10) {
+                0 => lo[j],
+                _ => pick(&mut rng),
+            })
+            .collect();
+        let mut want = vec![7u32, 9];
+        indices_above(&v, &lo, &mut want);
+        let t = MarginTerms {
+            ew: &ew,
+            wn: &wn,
+            p,
+            q,
+            c,
+        };
+        let mut paths: Vec<(&str, Vec<u32>)> = Vec::new();
+        let mut got = vec![7u32, 9];
+        indices_above_margin(&v, &cut, t, &mut got);
+        paths.push(("dispatched", got));
+        let mut got = vec![7u32, 9];
+        crate::kernels::indices_above_margin_from(0, &v, &cut, t, &mut got);
+        paths.push(("plain", got));
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            let mut got = vec![7u32, 9];
+            // SAFETY: checked above.
+            unsafe { crate::kernels::indices_above_margin_avx2(&v, &cut, t, &mut got) };
+            paths.push(("avx2", got));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            let mut got = vec![7u32, 9];
+            // SAFETY: checked above.
+            unsafe { crate::kernels::indices_above_margin_avx512(&v, &cut, t, &mut got) };
+            paths.push(("avx512", got));
+        }
+        for (path, got) in paths {
+            assert_eq!(got, want, "{path}, length {len}");
+        }
+    }
+}
+
 /// `entries_above` on every path this CPU has against a plain filter: NaN, sums equal to the
 /// bound, lengths around the eight-lane steps, and appending to what the output holds.
 #[test]

@@ -11,8 +11,8 @@ use crate::arch::{
 };
 use crate::kernels::{
     axpy, axpy2, axpy2_h, axpy2x4, axpy2x4_h, axpy4, axpy4_h, axpy_h, bounds_above, dot, dot2,
-    dot2_h, dot4, dot4_axpy4, dot4_axpy4_h, dot_h, indices_above, matmul, matmul_tn,
-    norm_and_bf16_error, prefetch_rows, round_to_bf16, score_floor, screen_bounds,
+    dot2_h, dot4, dot4_axpy4, dot4_axpy4_h, dot_h, indices_above, indices_above_margin, matmul,
+    matmul_tn, norm_and_bf16_error, prefetch_rows, round_to_bf16, score_floor, screen_bounds,
     split_by_lengths, MarginTerms, SharedMut,
 };
 use crate::optim::AdamStep;
@@ -317,20 +317,22 @@ impl<'a> ScreenBounds<'a> {
             Some(TopKScope::Batch(_)) => self.batch_raise,
             _ => 0.0,
         };
-        screen_bounds(
-            self.cut,
-            self.ew,
-            self.wn,
+        let margins = MarginTerms {
+            ew: self.ew,
+            wn: self.wn,
             p,
             q,
-            raised(c, raise),
-            &mut s.lo,
-        );
-        if raise > 0.0 {
-            for &j in self.dead {
-                let j = j as usize;
-                s.lo[j] = self.cut[j] - p * self.ew[j] - q * self.wn[j] - c;
-            }
+            c: raised(c, raise),
+        };
+        if raise == 0.0 || self.dead.is_empty() {
+            // The cutoffs computed in registers, not written out.
+            indices_above_margin(row, self.cut, margins, idx);
+            return terms;
+        }
+        screen_bounds(self.cut, self.ew, self.wn, p, q, margins.c, &mut s.lo);
+        for &j in self.dead {
+            let j = j as usize;
+            s.lo[j] = self.cut[j] - p * self.ew[j] - q * self.wn[j] - c;
         }
         indices_above(row, &s.lo, idx);
         terms
