@@ -237,7 +237,7 @@ struct ScreenLists {
 }
 
 /// What `screen_prepare` leaves for the screen.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct ScreenInputs {
     /// The rule's cutoffs, lowered below their own rounding, and as it gave them.
     cut: Vec<f32>,
@@ -360,7 +360,9 @@ impl<'a> ScreenBounds<'a> {
         s: &mut ScanScratch,
         idx: &mut Vec<u32>,
     ) -> bool {
-        if s.above.len() < k {
+        // With many AuxK latents (early in training, or a short dead window) their scalar
+        // tests cost more than the whole row's vector pass.
+        if s.above.len() < k || self.dead.len() > row.len() / 16 {
             return false;
         }
         let (p, q, c) = terms;
@@ -2836,5 +2838,21 @@ mod tests {
         idx.clear();
         bounds.scan(&x, &first, &mut s, &mut idx);
         assert_eq!(idx, whole_row(&first, floor), "a floor far under the k-th");
+        // AuxK latents keep their own cutoffs: two below the floor (at 0, over their cutoff
+        // less its margin) pass as well, one among the top k stays once.
+        let dead = [5u32, 100, 250];
+        let mut with_dead = ScreenInputs {
+            dead_mask: vec![false; d_sae],
+            ..inputs.clone()
+        };
+        dead.iter()
+            .for_each(|&j| with_dead.dead_mask[j as usize] = true);
+        let bounds = ScreenBounds::new(d_in, Some(TopKScope::Row(k)), &with_dead, &dead);
+        let mut s = ScanScratch::default();
+        idx.clear();
+        bounds.scan(&x, &first, &mut s, &mut idx);
+        let mut want: Vec<u32> = (0..k as u32).collect();
+        want.extend([100, 250]);
+        assert_eq!(idx, want, "AuxK latents");
     }
 }
