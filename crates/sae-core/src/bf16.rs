@@ -287,27 +287,33 @@ impl PackedBf16 {
     fn repack_rows(&mut self, w_t: &[f32], vector: bool) {
         let (k, n, kp) = (self.src_k, self.n, self.k_pairs);
         assert!(!vector || available());
-        self.data.par_chunks_mut(kp * NR).enumerate().for_each_init(
-            Vec::new,
-            |rounded: &mut Vec<u32>, (panel_i, panel)| {
-                let cols = NR.min(n - panel_i * NR);
-                rounded.resize(cols * kp, 0);
-                for (c, dst) in rounded.chunks_exact_mut(kp).enumerate() {
-                    let src = &w_t[(panel_i * NR + c) * k..][..k];
-                    if vector {
-                        // SAFETY: asserted above; `available()` includes AVX512-BF16.
-                        unsafe { round_row(src, dst) }
-                    } else {
-                        round_row_portable(src, dst)
+        thread_local! {
+            /// One panel's rounded rows, kept between steps.
+            static ROUNDED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        self.data
+            .par_chunks_mut(kp * NR)
+            .enumerate()
+            .for_each(|(panel_i, panel)| {
+                ROUNDED.with_borrow_mut(|rounded| {
+                    let cols = NR.min(n - panel_i * NR);
+                    rounded.resize(cols * kp, 0);
+                    for (c, dst) in rounded.chunks_exact_mut(kp).enumerate() {
+                        let src = &w_t[(panel_i * NR + c) * k..][..k];
+                        if vector {
+                            // SAFETY: asserted above; `available()` includes AVX512-BF16.
+                            unsafe { round_row(src, dst) }
+                        } else {
+                            round_row_portable(src, dst)
+                        }
                     }
-                }
-                for (j, out) in panel.chunks_exact_mut(NR).enumerate() {
-                    for (c, v) in out[..cols].iter_mut().enumerate() {
-                        *v = rounded[c * kp + j];
+                    for (j, out) in panel.chunks_exact_mut(NR).enumerate() {
+                        for (c, v) in out[..cols].iter_mut().enumerate() {
+                            *v = rounded[c * kp + j];
+                        }
                     }
-                }
-            },
-        );
+                })
+            });
     }
 
     fn empty(k: usize, n: usize) -> Self {

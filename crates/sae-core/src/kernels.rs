@@ -959,7 +959,7 @@ pub(crate) fn indices_above_margin_from(
     out: &mut Vec<u32>,
 ) {
     for j in from..bounds_len(v, cut, &t) {
-        if v[j] > cut[j] - t.p * t.ew[j] - t.q * t.wn[j] - t.c {
+        if v[j] > t.lowered(cut[j], j) {
             out.push(j as u32);
         }
     }
@@ -1346,6 +1346,21 @@ pub struct MarginTerms<'a> {
     pub c: f32,
 }
 
+impl MarginTerms<'_> {
+    /// Latent `j`'s margin.
+    #[inline(always)]
+    pub fn margin(&self, j: usize) -> f32 {
+        self.p * self.ew[j] + self.q * self.wn[j] + self.c
+    }
+
+    /// `cut` lowered by latent `j`'s margin, in the order of operations every screen kernel
+    /// takes (`screen_bounds`, `indices_above_margin`), so with their bits.
+    #[inline(always)]
+    pub fn lowered(&self, cut: f32, j: usize) -> f32 {
+        cut - self.p * self.ew[j] - self.q * self.wn[j] - self.c
+    }
+}
+
 /// A value at or under the f32 score of an entry whose bf16 score is `score` and whose
 /// margin is `margin` (lowered below its own rounding; 0 at least). The k-th largest of
 /// these over a set is under the set's k-th largest f32 score: each of the k entries it
@@ -1384,7 +1399,7 @@ pub fn bounds_above(
             return unsafe { bounds_above_avx2(v, base, terms, floor, idx, keys) };
         }
     }
-    bounds_above_plain(v, base, terms, floor, idx, keys)
+    bounds_above_from(0, v, base, terms, floor, idx, keys)
 }
 
 /// The length every input of [`bounds_above`] has.
@@ -1392,20 +1407,8 @@ fn bounds_len(v: &[f32], base: &[f32], t: &MarginTerms) -> usize {
     v.len().min(base.len()).min(t.ew.len()).min(t.wn.len())
 }
 
-/// [`bounds_above`] on any CPU.
-pub(crate) fn bounds_above_plain(
-    v: &[f32],
-    base: &[f32],
-    t: MarginTerms,
-    floor: f32,
-    idx: &mut Vec<u32>,
-    keys: &mut Vec<u32>,
-) {
-    bounds_above_from(0, v, base, t, floor, idx, keys)
-}
-
-/// [`bounds_above`] over the indices from `from` on.
-fn bounds_above_from(
+/// [`bounds_above`] over the indices from `from` on, on any CPU.
+pub(crate) fn bounds_above_from(
     from: usize,
     v: &[f32],
     base: &[f32],
@@ -1418,7 +1421,7 @@ fn bounds_above_from(
         let s = v[j] - base[j];
         if s > floor {
             idx.push(j as u32);
-            keys.push(floor_key(s, t.p * t.ew[j] + t.q * t.wn[j] + t.c));
+            keys.push(floor_key(s, t.margin(j)));
         }
     }
 }

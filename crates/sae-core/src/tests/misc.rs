@@ -726,7 +726,7 @@ fn indices_above_matches_a_plain_filter_on_every_path() {
 /// bounds, lengths around the lane steps, and appending to what the outputs hold.
 #[test]
 fn bounds_above_matches_a_plain_loop_on_every_path() {
-    use crate::kernels::{bounds_above, bounds_above_plain, score_floor, MarginTerms};
+    use crate::kernels::{bounds_above, bounds_above_from, score_floor, MarginTerms};
     use rand::Rng;
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     for len in (0..40).chain([4608, 4613]) {
@@ -769,7 +769,7 @@ fn bounds_above_matches_a_plain_loop_on_every_path() {
             ),
             (
                 "plain",
-                run(&|i, k| bounds_above_plain(&v, &base, terms, floor, i, k)),
+                run(&|i, k| bounds_above_from(0, &v, &base, terms, floor, i, k)),
             ),
         ];
         #[cfg(target_arch = "x86_64")]

@@ -317,22 +317,17 @@ impl<'a> ScreenBounds<'a> {
             Some(TopKScope::Batch(_)) => self.batch_raise,
             _ => 0.0,
         };
-        let margins = MarginTerms {
-            ew: self.ew,
-            wn: self.wn,
-            p,
-            q,
-            c: raised(c, raise),
-        };
+        let margins = self.margins((p, q, raised(c, raise)));
         if raise == 0.0 || self.dead.is_empty() {
             // The cutoffs computed in registers, not written out.
             indices_above_margin(row, self.cut, margins, idx);
             return terms;
         }
         screen_bounds(self.cut, self.ew, self.wn, p, q, margins.c, &mut s.lo);
+        let own = self.margins(terms);
         for &j in self.dead {
             let j = j as usize;
-            s.lo[j] = self.cut[j] - p * self.ew[j] - q * self.wn[j] - c;
+            s.lo[j] = own.lowered(self.cut[j], j);
         }
         indices_above(row, &s.lo, idx);
         terms
@@ -399,9 +394,20 @@ impl<'a> ScreenBounds<'a> {
         true
     }
 
-    /// Latent `j`'s margin in a row with margin terms `(p, q, c)`.
-    fn margin_of(&self, j: usize, (p, q, c): (f32, f32, f32)) -> f32 {
-        p * self.ew[j] + q * self.wn[j] + c
+    /// The margins of a row with margin terms `(p, q, c)`.
+    fn margins(&self, (p, q, c): (f32, f32, f32)) -> MarginTerms<'a> {
+        MarginTerms {
+            ew: self.ew,
+            wn: self.wn,
+            p,
+            q,
+            c,
+        }
+    }
+
+    /// Latent `j`'s margin in a row with margin terms `terms`.
+    fn margin_of(&self, j: usize, terms: (f32, f32, f32)) -> f32 {
+        self.margins(terms).margin(j)
     }
 
     /// `scan`'s test for one entry: whether latent `j`'s bf16 value `v` lies above its
@@ -411,7 +417,7 @@ impl<'a> ScreenBounds<'a> {
             Some(true) => c,
             _ => raised(c, raise),
         };
-        v > self.cut[j] - p * self.ew[j] - q * self.wn[j] - c
+        v > self.margins((p, q, c)).lowered(self.cut[j], j)
     }
 
     /// A value under the row's k-th largest f32 score: the k-th largest of the entries'
@@ -421,14 +427,7 @@ impl<'a> ScreenBounds<'a> {
     /// subset's k-th is under the whole row's, which only makes the screen recompute more),
     /// which it leaves in `s.above`, else among all (`s.above` then left empty).
     fn kth_floor(&self, k: usize, row: &[f32], terms: (f32, f32, f32), s: &mut ScanScratch) -> f32 {
-        let (p, q, c) = terms;
-        let margins = MarginTerms {
-            ew: self.ew,
-            wn: self.wn,
-            p,
-            q,
-            c,
-        };
+        let margins = self.margins(terms);
         s.above.clear();
         s.keys.clear();
         if s.floor.is_finite() {
