@@ -159,7 +159,8 @@ pub struct TrainFlags {
     /// f32-bf16-sparse: the f32 encoder product with those bf16 gathers (for CPUs without
     /// bf16 units); f32-screened: f32 results, the encoder product screened in bf16 and every
     /// entry that may pass the cutoff recomputed in f32 (relu, gated, jumprelu, topk,
-    /// batchtopk, matryoshka, mutualchoice; the others run f32); bf16x3: the encoder product
+    /// batchtopk, matryoshka, mutualchoice; the others, and CPUs without bf16 units, run
+    /// the f32 product); bf16x3: the encoder product
     /// as three bf16 products (each operand a bf16 part and a bf16 remainder, ~16 significant
     /// bits; pre-activations within ~1e-5 of f32's), the rest f32, faster than f32 on AMX.
     #[arg(long, value_parser = parse_precision)]

@@ -313,11 +313,18 @@ fn run_locked(
     let _lock = OutputLock::acquire(&cfg.out)?;
     check_out(cfg)?;
     if cfg.precision.bf16_product() && !sae_core::bf16::available() && !cfg.quiet {
-        eprintln!(
-            "note: --precision {}: this CPU has no AVX512-BF16, so the bf16 product runs \
-             widened to f32 (the same results, slower than --precision f32)",
-            cfg.precision
-        );
+        match cfg.precision.screened() {
+            true => eprintln!(
+                "note: --precision f32-screened: this CPU has no AVX512-BF16, where a bf16 \
+                 product is slower than f32, so the encoder product runs in f32 (the \
+                 --precision f32 step)"
+            ),
+            false => eprintln!(
+                "note: --precision {}: this CPU has no AVX512-BF16, so the bf16 product runs \
+                 widened to f32 (the same results, slower than --precision f32)",
+                cfg.precision
+            ),
+        }
     }
     if cfg.model.is_some() && !cfg.quiet {
         if let Some(note) = cfg.compute.slow_here() {
@@ -1067,7 +1074,7 @@ fn train(
     } else {
         start_fresh(cfg, &r, &partial, &identity, source)?
     };
-    if cfg.precision.screened() && !trainer.screens() && !cfg.quiet {
+    if cfg.precision.screened() && sae_core::bf16::available() && !trainer.screens() && !cfg.quiet {
         eprintln!(
             "note: --precision f32-screened: --arch {} has no per-latent cutoff to screen \
              against, so its encoder product runs in f32 (the f32 results, without the bf16 \

@@ -235,6 +235,7 @@ fn screened_pre_activations_are_the_f32_dots_wherever_selection_looks() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
         let x = randn(&mut rng, n * d_in);
         let mut probe = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
+        probe.set_bf16_units(true);
         probe.screen_any_density();
         let first = probe.screened_pre(&x, n);
         let exact = |p: &crate::trainer::ScreenedPre, b: usize, j: usize| {
@@ -257,12 +258,14 @@ fn screened_pre_activations_are_the_f32_dots_wherever_selection_looks() {
             *v += moved * (1.0 - 2e-6);
         }
         let mut tr = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
+        tr.set_bf16_units(true);
         tr.screen_any_density();
         let got = tr.screened_pre(&x, n);
         // W_enc^T in slices of latents (as large dictionaries are gathered): the same values.
         let mut sliced = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
         sliced.set_gather_slice_bytes(100_000);
         sliced.set_gather_row_block(32);
+        sliced.set_bf16_units(true);
         sliced.screen_any_density();
         let other = sliced.screened_pre(&x, n);
         assert_eq!(other.pre, got.pre, "{arch}: sliced");
@@ -318,6 +321,7 @@ fn screened_top_k_rows_select_as_the_f32_dots() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
     let x = randn(&mut rng, n * d_in);
     let mut probe = SaeTrainer::new(sae.clone(), hyper(Precision::F32Screened));
+    probe.set_bf16_units(true);
     probe.screen_any_density();
     let first = probe.screened_pre(&x, n);
     let exact = |b: usize, j: usize| {
@@ -331,6 +335,7 @@ fn screened_top_k_rows_select_as_the_f32_dots() {
     }
     let b_enc = sae.param("b_enc").to_vec();
     let mut t = SaeTrainer::new(sae, hyper(Precision::F32Screened));
+    t.set_bf16_units(true);
     t.screen_any_density();
     let got = t.screened_pre(&x, n);
     assert_eq!(got.xc, first.xc);
@@ -399,6 +404,7 @@ fn screened_steps_are_f32_steps() {
             };
             let mut t = SaeTrainer::new(sae.clone(), hyper);
             t.set_dense_fraction(2.0);
+            t.set_bf16_units(true);
             if any_density {
                 t.screen_any_density();
             }
@@ -427,6 +433,20 @@ fn screened_steps_are_f32_steps() {
         if !screens {
             continue;
         }
+        // On a CPU without bf16 units the f32 product runs (the widened bf16 one is slower):
+        // the f32 step's bits, even where the screen would take any density.
+        let mut t = trainer(Precision::F32Screened, true, 0.0);
+        t.set_bf16_units(false);
+        assert!(!t.screens(), "{arch}: screens without bf16 units");
+        let (su, u) = t.gradients(&x, n, 0.3);
+        assert_eq!(
+            sf.loss.to_bits(),
+            su.loss.to_bits(),
+            "{arch}: no bf16 units"
+        );
+        assert_eq!(f.w_enc_t, u.w_enc_t, "{arch}: no bf16 units");
+        assert_eq!(f.w_dec, u.w_dec, "{arch}: no bf16 units");
+        assert_eq!(f.params, u.params, "{arch}: no bf16 units");
         if batch_top_k {
             // A guess above the batch's threshold is caught: the f32 product's bits.
             let mut t = trainer(Precision::F32Screened, true, 3.0);

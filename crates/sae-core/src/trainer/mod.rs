@@ -273,6 +273,13 @@ impl SaeTrainer {
         self.buf.latent_block = block;
     }
 
+    /// Whether to take this CPU for one with bf16 units (`Precision::F32Screened` screens
+    /// only there); `true` runs the screen on the widened product where it has none.
+    #[cfg(test)]
+    pub(crate) fn set_bf16_units(&mut self, units: bool) {
+        self.buf.bf16_units = units;
+    }
+
     /// Screens (`Precision::F32Screened`) whatever fraction of the entries it recomputes.
     #[cfg(test)]
     pub(crate) fn screen_any_density(&mut self) {
@@ -315,11 +322,14 @@ impl SaeTrainer {
     }
 
     /// Whether the steps may screen the encoder product in bf16 (`Precision::F32Screened`
-    /// with a rule that has `Arch::screen_cutoff`); otherwise that precision runs the f32
-    /// product. A step whose code is too dense to screen runs the f32 product as well, as
-    /// does a batch top-k step whose guess at the batch's threshold proves too high.
+    /// with a rule that has `Arch::screen_cutoff`, on a CPU with bf16 units); otherwise that
+    /// precision runs the f32 product. A step whose code is too dense to screen runs the f32
+    /// product as well, as does a batch top-k step whose guess at the batch's threshold
+    /// proves too high.
     pub fn screens(&self) -> bool {
-        self.hyper.precision.screened() && self.arch.screen_cutoff(&self.params, &mut Vec::new())
+        self.hyper.precision.screened()
+            && self.buf.bf16_units
+            && self.arch.screen_cutoff(&self.params, &mut Vec::new())
     }
 
     /// Whether this trainer's rule selects with the loss gradient of each input row
