@@ -374,6 +374,18 @@ fn screened_top_k_rows_select_as_the_f32_dots() {
 /// the screen would recompute too much (these random SAEs fire on about half the entries)
 /// the step runs the f32 product, bit for bit the f32 step; so does a batch top-k step whose
 /// guess is too high, and a family without a screen (feature choice).
+/// The same loss and gradients, bit for bit.
+fn same_bits(
+    (sa, a): (&crate::StepStats, &crate::trainer::Grads),
+    (sb, b): &(crate::StepStats, crate::trainer::Grads),
+    what: &str,
+) {
+    assert_eq!(sa.loss.to_bits(), sb.loss.to_bits(), "{what}: loss");
+    assert_eq!(a.w_enc_t, b.w_enc_t, "{what}: W_enc");
+    assert_eq!(a.w_dec, b.w_dec, "{what}: W_dec");
+    assert_eq!(a.params, b.params, "{what}: parameters");
+}
+
 #[test]
 fn screened_steps_are_f32_steps() {
     use super::{randn, random_sae};
@@ -438,23 +450,17 @@ fn screened_steps_are_f32_steps() {
         let mut t = trainer(Precision::F32Screened, true, 0.0);
         t.set_bf16_units(false);
         assert!(!t.screens(), "{arch}: screens without bf16 units");
-        let (su, u) = t.gradients(&x, n, 0.3);
-        assert_eq!(
-            sf.loss.to_bits(),
-            su.loss.to_bits(),
-            "{arch}: no bf16 units"
+        same_bits(
+            (&sf, &f),
+            &t.gradients(&x, n, 0.3),
+            &format!("{arch}: no bf16 units"),
         );
-        assert_eq!(f.w_enc_t, u.w_enc_t, "{arch}: no bf16 units");
-        assert_eq!(f.w_dec, u.w_dec, "{arch}: no bf16 units");
-        assert_eq!(f.params, u.params, "{arch}: no bf16 units");
         if batch_top_k {
             // A guess above the batch's threshold is caught: the f32 product's bits.
             let mut t = trainer(Precision::F32Screened, true, 3.0);
-            let (sg, g) = t.gradients(&x, n, 0.3);
+            let high = t.gradients(&x, n, 0.3);
             assert_eq!(t.screen_misses(), 1, "{arch}: the high guess went unseen");
-            assert_eq!(sf.loss.to_bits(), sg.loss.to_bits(), "{arch}: high guess");
-            assert_eq!(f.w_enc_t, g.w_enc_t, "{arch}: high guess");
-            assert_eq!(f.params, g.params, "{arch}: high guess");
+            same_bits((&sf, &f), &high, &format!("{arch}: high guess"));
         }
         let (ss, s) = grads(Precision::F32Screened, true);
         assert_ne!(s.w_enc_t, f.w_enc_t, "{arch}: screened as f32");
@@ -463,10 +469,9 @@ fn screened_steps_are_f32_steps() {
             let mut t = trainer(Precision::F32Screened, true, 0.0);
             t.set_gather_slice_bytes(10_000);
             t.set_gather_row_block(16);
-            let (sl, l) = t.gradients(&x, n, 0.3);
+            let sliced = t.gradients(&x, n, 0.3);
             assert_eq!(t.screen_misses(), 0, "{arch}: sliced");
-            assert_eq!(sl.loss.to_bits(), ss.loss.to_bits(), "{arch}: sliced");
-            assert_eq!(l.w_enc_t, s.w_enc_t, "{arch}: sliced");
+            same_bits((&ss, &s), &sliced, &format!("{arch}: sliced"));
         }
         // Each recomputed entry is one dot product, whatever the threads.
         for threads in [1, 3] {
@@ -474,14 +479,8 @@ fn screened_steps_are_f32_steps() {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let (st, t) = pool.install(|| grads(Precision::F32Screened, true));
-            assert_eq!(
-                st.loss.to_bits(),
-                ss.loss.to_bits(),
-                "{arch} {threads} threads"
-            );
-            assert_eq!(t.w_enc_t, s.w_enc_t, "{arch} {threads} threads");
-            assert_eq!(t.params, s.params, "{arch} {threads} threads");
+            let other = pool.install(|| grads(Precision::F32Screened, true));
+            same_bits((&ss, &s), &other, &format!("{arch} {threads} threads"));
         }
         assert!(
             (sf.loss - ss.loss).abs() <= 1e-5 * sf.loss.abs(),
