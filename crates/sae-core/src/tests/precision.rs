@@ -367,13 +367,6 @@ fn screened_top_k_rows_select_as_the_f32_dots() {
     );
 }
 
-/// A screened step is an f32 step: the same loss, L0 and gradients up to the order of the
-/// f32 sums, for each screening family (TopK also with every latent in AuxK, whose cutoffs
-/// the top-k does not raise; BatchTopK and Matryoshka, whose raise is a guess the screen
-/// checks; mutual choice, which selects as BatchTopK with AuxK candidates of its own). Where
-/// the screen would recompute too much (these random SAEs fire on about half the entries)
-/// the step runs the f32 product, bit for bit the f32 step; so does a batch top-k step whose
-/// guess is too high, and a family without a screen (feature choice).
 /// The same loss and gradients, bit for bit.
 fn same_bits(
     (sa, a): (&crate::StepStats, &crate::trainer::Grads),
@@ -386,6 +379,14 @@ fn same_bits(
     assert_eq!(a.params, b.params, "{what}: parameters");
 }
 
+/// A screened step is an f32 step: the same loss, L0 and gradients up to the order of the
+/// f32 sums, for each screening family (TopK also with every latent in AuxK, whose cutoffs
+/// the top-k does not raise; BatchTopK and Matryoshka, whose raise is a guess the screen
+/// checks; mutual choice, which selects as BatchTopK with AuxK candidates of its own). Where
+/// the screen would recompute too much (these random SAEs fire on about half the entries)
+/// the step runs the f32 product, bit for bit the f32 step; so does a batch top-k step whose
+/// guess is too high, a step on a CPU without bf16 units (taken for one here), and a family
+/// without a screen (feature choice).
 #[test]
 fn screened_steps_are_f32_steps() {
     use super::{randn, random_sae};
