@@ -312,19 +312,12 @@ fn run_locked(
     // One writer per output; checked again under the lock, which the first check did not hold.
     let _lock = OutputLock::acquire(&cfg.out)?;
     check_out(cfg)?;
-    if cfg.precision.bf16_product() && !sae_core::bf16::available() && !cfg.quiet {
-        match cfg.precision.screened() {
-            true => eprintln!(
-                "note: --precision f32-screened: this CPU has no AVX512-BF16, where a bf16 \
-                 product is slower than f32, so the encoder product runs in f32 (the \
-                 --precision f32 step)"
-            ),
-            false => eprintln!(
-                "note: --precision {}: this CPU has no AVX512-BF16, so the bf16 product runs \
-                 widened to f32 (the same results, slower than --precision f32)",
-                cfg.precision
-            ),
-        }
+    if cfg.precision.bf16_encoder() && !sae_core::bf16::available() && !cfg.quiet {
+        eprintln!(
+            "note: --precision {}: this CPU has no AVX512-BF16, so the bf16 product runs \
+             widened to f32 (the same results, slower than --precision f32)",
+            cfg.precision
+        );
     }
     if cfg.model.is_some() && !cfg.quiet {
         if let Some(note) = cfg.compute.slow_here() {
@@ -1074,12 +1067,17 @@ fn train(
     } else {
         start_fresh(cfg, &r, &partial, &identity, source)?
     };
-    if cfg.precision.screened() && sae_core::bf16::available() && !trainer.screens() && !cfg.quiet {
+    if cfg.precision.screened() && !trainer.screens() && !cfg.quiet {
+        let why = match sae_core::bf16::available() {
+            false => "this CPU has no AVX512-BF16, where a bf16 product is slower than f32".into(),
+            true => format!(
+                "--arch {} has no per-latent cutoff to screen against",
+                cfg.arch
+            ),
+        };
         eprintln!(
-            "note: --precision f32-screened: --arch {} has no per-latent cutoff to screen \
-             against, so its encoder product runs in f32 (the f32 results, without the bf16 \
-             speed-up)",
-            cfg.arch
+            "note: --precision f32-screened: {why}, so the encoder product runs in f32 (the \
+             --precision f32 step)"
         );
     }
     let mut tokens = start_tokens;
