@@ -226,9 +226,14 @@ pub struct BenchArgs {
     /// Timed steps per configuration (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// Active latents per token the benchmark SAEs are set up for (k of topk).
-    #[arg(long, default_value_t = sae_core::bench::BENCH_L0)]
-    pub l0: usize,
+    /// Active latents per token the benchmark SAEs are set up for (k of topk); several,
+    /// comma-separated, are timed one right after the other and compared with the first.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    pub l0: Vec<usize>,
+    /// Rounds over every configuration; with several, the best of each is compared (on a
+    /// shared machine the best is the quietest moment) and each round's ratios are shown.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// f32, bf16, bf16-sparse, f32-bf16-sparse, f32-screened or bf16x3 (as `sae train
     /// --precision`).
     #[arg(long, default_value = "f32", value_parser = |s: &str| s.parse::<sae_core::Precision>())]
@@ -245,34 +250,105 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|s| s.parse::<ArchKind>().map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
-    if a.d_sae.is_empty() || a.d_sae.contains(&0) || a.d_in == 0 || a.batch == 0 || a.l0 == 0 {
-        bail!("--d-sae, --d-in, --batch and --l0 must be positive");
+    let positive = |v: &[usize]| !v.is_empty() && !v.contains(&0);
+    if !positive(&a.d_sae) || !positive(&a.l0) || a.d_in == 0 || a.batch == 0 || a.rounds == 0 {
+        bail!("--d-sae, --d-in, --batch, --l0 and --rounds must be positive");
     }
+    let l0s: Vec<String> = a.l0.iter().map(|l| l.to_string()).collect();
     println!(
-        "sae bench: d_in {}, batch {}, L0 about {}, {} timed steps, {} threads, precision {}",
+        "sae bench: d_in {}, batch {}, L0 about {}, {} timed steps, {} round{}, {} threads, precision {}",
         a.d_in,
         a.batch,
-        a.l0,
+        l0s.join(" and "),
         a.steps,
+        a.rounds,
+        if a.rounds == 1 { "" } else { "s" },
         rayon_threads(),
         a.precision
     );
-    println!("{}", sae_core::bench::BenchRow::header());
-    for &d_sae in &a.d_sae {
-        let rows = sae_core::bench::run_bench_in(
-            &archs,
-            &[d_sae],
-            a.d_in,
-            a.batch,
-            a.steps,
-            a.l0,
-            a.precision,
-        );
-        for row in rows {
-            println!("{row}");
-        }
+    println!("cpu: {}", sae_core::bench::machine());
+    let several = a.rounds > 1 || a.l0.len() > 1;
+    match several {
+        true => println!(
+            "{:<9} {:>6} {}",
+            "round",
+            "L0",
+            sae_core::bench::BenchRow::header()
+        ),
+        false => println!("{}", sae_core::bench::BenchRow::header()),
+    }
+    let comparisons = sae_core::bench::run_l0_rounds(
+        &archs,
+        &a.d_sae,
+        a.d_in,
+        a.batch,
+        a.steps,
+        &a.l0,
+        a.precision,
+        a.rounds,
+        |round, l0, row| match several {
+            true => println!("{:<9} {:>6} {row}", format!("{round}/{}", a.rounds), l0),
+            false => println!("{row}"),
+        },
+    );
+    if several {
+        print!("{}", l0_summary(&comparisons));
     }
     Ok(())
+}
+
+/// The best tokens/s of every configuration at each L0 over the rounds; with several L0s,
+/// each against the first, best against best and round by round.
+fn l0_summary(comparisons: &[sae_core::bench::L0Comparison]) -> String {
+    use std::fmt::Write;
+    let Some(first) = comparisons.first() else {
+        return String::new();
+    };
+    let (l0s, rounds) = (&first.l0s, first.tokens.len());
+    let mut s = format!(
+        "\nbest of {rounds} round{}, tokens/s",
+        if rounds == 1 { "" } else { "s" }
+    );
+    if l0s.len() > 1 {
+        let _ = write!(
+            s,
+            "; L0 {} against L0 {} (best against best, then by round)",
+            l0s[1..]
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            l0s[0]
+        );
+    }
+    let _ = write!(s, "\n{:<10} {:>7}", "arch", "d_sae");
+    for l in l0s {
+        let _ = write!(s, " {:>10}", format!("L0 {l}"));
+    }
+    for l in &l0s[1..] {
+        let _ = write!(s, " {:>8} {:>11}", format!("{l}/{}", l0s[0]), "by round");
+    }
+    s.push('\n');
+    for c in comparisons {
+        let _ = write!(s, "{:<10} {:>7}", c.arch.as_str(), c.d_sae);
+        for i in 0..l0s.len() {
+            let _ = write!(s, " {:>10.0}", c.best(i));
+        }
+        for i in 1..l0s.len() {
+            let r = c.round_ratios(i);
+            let (lo, hi) = r
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let _ = write!(
+                s,
+                " {:>8.2} {:>11}",
+                c.best_ratio(i),
+                format!("{lo:.2}-{hi:.2}")
+            );
+        }
+        s.push('\n');
+    }
+    s
 }
 
 fn rayon_threads() -> usize {

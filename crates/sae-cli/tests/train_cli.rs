@@ -164,6 +164,48 @@ fn bad_options_fail_cleanly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `sae bench` at two L0s in two rounds: the CPU line, every row with its round and L0,
+/// then the best of each and the ratio; a zero count is refused.
+#[test]
+fn bench_compares_l0s_over_rounds() {
+    let out = sae(&[
+        "bench", "--archs", "relu", "--d-sae", "64", "--d-in", "16", "--batch", "64", "--steps",
+        "1", "--l0", "4,8", "--rounds", "2",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.lines().any(|l| l.starts_with("cpu: ")), "{text}");
+    for (round, l0) in [("1/2", 4), ("1/2", 8), ("2/2", 8), ("2/2", 4)] {
+        let row = text.lines().find(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() > 3 && w[0] == round && w[1] == l0.to_string() && w[2] == "relu"
+        });
+        assert!(row.is_some(), "no row for round {round}, L0 {l0}: {text}");
+    }
+    let summary = text.split("best of 2 rounds").nth(1).expect("summary");
+    assert!(summary.contains("8/4"), "{summary}");
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with("relu"))
+        .expect("relu line");
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let (best4, best8, ratio): (f64, f64, f64) = (
+        w[2].parse().unwrap(),
+        w[3].parse().unwrap(),
+        w[4].parse().unwrap(),
+    );
+    assert!((ratio - best8 / best4).abs() < 0.006, "{line}");
+    fails_with(
+        &sae(&["bench", "--rounds", "0"]),
+        &["--rounds must be positive"],
+    );
+    fails_with(&sae(&["bench", "--l0", "64,0"]), &["--l0"]);
+}
+
 /// `sae train --model --hook --corpus`: straight from a (tiny GPT-2) model, no store on disk.
 #[test]
 fn train_from_model_through_the_binary() {

@@ -170,3 +170,114 @@ pub fn run_bench_in(
     }
     rows
 }
+
+/// The CPU the figures come from: its model name and which of the vector units the kernels
+/// choose between at run time it has.
+pub fn machine() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    // The first processor's fields; a virtual machine may name only the vendor's line, so
+    // family and model tell its generation.
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let mut model = field("model name").unwrap_or_else(|| "unknown CPU".to_string());
+    if let (Some(family), Some(number)) = (field("cpu family"), field("model")) {
+        model = format!("{model}, family {family} model {number}");
+    }
+    let units: Vec<&str> = [
+        ("avx2", crate::kernels::cpu_has!("avx2", "fma")),
+        ("avx512f", crate::kernels::cpu_has!("avx512f")),
+        ("avx512-bf16", crate::bf16::available()),
+        ("amx-bf16", crate::amx::available()),
+    ]
+    .into_iter()
+    .filter_map(|(name, has)| has.then_some(name))
+    .collect();
+    let units = match units.is_empty() {
+        true => "no AVX2".to_string(),
+        false => units.join(", "),
+    };
+    format!(
+        "{model} ({units}; {} threads)",
+        rayon::current_num_threads()
+    )
+}
+
+/// One configuration (family and width) timed at each of several L0s, in every round.
+#[derive(Clone, Debug)]
+pub struct L0Comparison {
+    pub arch: ArchKind,
+    pub d_sae: usize,
+    /// The L0s the benchmark SAEs were set up for; the first is the one the others are
+    /// compared with.
+    pub l0s: Vec<usize>,
+    /// Tokens/s per round, one per L0 (`tokens[round][i]` at `l0s[i]`).
+    pub tokens: Vec<Vec<f64>>,
+}
+
+impl L0Comparison {
+    /// The best tokens/s over the rounds at `l0s[i]`.
+    pub fn best(&self, i: usize) -> f64 {
+        self.tokens.iter().map(|r| r[i]).fold(0.0, f64::max)
+    }
+
+    /// Best at `l0s[i]` against best at `l0s[0]`: both at a quiet moment of a shared host.
+    pub fn best_ratio(&self, i: usize) -> f64 {
+        self.best(i) / self.best(0)
+    }
+
+    /// Each round's tokens/s at `l0s[i]` against the same round's at `l0s[0]`.
+    pub fn round_ratios(&self, i: usize) -> Vec<f64> {
+        self.tokens.iter().map(|r| r[i] / r[0]).collect()
+    }
+}
+
+/// `rounds` rounds of [`run_bench_in`] at every L0 of `l0s`: each family and width at one L0
+/// right after the other (the L0s in turn reversed from round to round, so that neither
+/// always runs first), every row reported to `report` with its round (from 1) and L0 as it
+/// is done. Returns each family and width's tokens/s by round and L0.
+#[allow(clippy::too_many_arguments)]
+pub fn run_l0_rounds(
+    archs: &[ArchKind],
+    d_sae_list: &[usize],
+    d_in: usize,
+    batch: usize,
+    steps: usize,
+    l0s: &[usize],
+    precision: Precision,
+    rounds: usize,
+    mut report: impl FnMut(usize, usize, &BenchRow),
+) -> Vec<L0Comparison> {
+    let mut out: Vec<L0Comparison> = d_sae_list
+        .iter()
+        .flat_map(|&d_sae| {
+            archs.iter().map(move |&arch| L0Comparison {
+                arch,
+                d_sae,
+                l0s: l0s.to_vec(),
+                tokens: Vec::new(),
+            })
+        })
+        .collect();
+    for round in 0..rounds.max(1) {
+        for cmp in out.iter_mut() {
+            let mut tokens = vec![0.0; l0s.len()];
+            let order: Vec<usize> = match round % 2 {
+                0 => (0..l0s.len()).collect(),
+                _ => (0..l0s.len()).rev().collect(),
+            };
+            for i in order {
+                let (arch, d_sae) = ([cmp.arch], [cmp.d_sae]);
+                for row in run_bench_in(&arch, &d_sae, d_in, batch, steps, l0s[i], precision) {
+                    report(round + 1, l0s[i], &row);
+                    tokens[i] = row.tokens_per_s;
+                }
+            }
+            cmp.tokens.push(tokens);
+        }
+    }
+    out
+}

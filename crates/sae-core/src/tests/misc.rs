@@ -370,6 +370,60 @@ fn bench_rows_are_filled() {
     }
 }
 
+/// Several L0s in rounds: each family at one L0 right after the other, the order of the L0s
+/// reversed every other round, every row reported once, and the comparison's best and
+/// ratios those of the reported figures.
+#[test]
+fn l0_rounds_alternate_and_compare_what_they_report() {
+    let archs = [ArchKind::RELU, ArchKind::TOPK];
+    let mut seen = Vec::new();
+    let cmps = crate::bench::run_l0_rounds(
+        &archs,
+        &[128],
+        16,
+        64,
+        1,
+        &[4, 12],
+        crate::Precision::F32,
+        3,
+        |round, l0, row| seen.push((round, l0, row.arch, row.tokens_per_s, row.l0)),
+    );
+    let order: Vec<(usize, usize, ArchKind)> = seen.iter().map(|r| (r.0, r.1, r.2)).collect();
+    let mut want = Vec::new();
+    for round in 1..=3 {
+        for arch in archs {
+            let l0s = if round % 2 == 1 { [4, 12] } else { [12, 4] };
+            want.extend(l0s.map(|l0| (round, l0, arch)));
+        }
+    }
+    assert_eq!(order, want);
+    // The SAEs were set up for the L0 asked for.
+    for &(_, l0, arch, _, got) in &seen {
+        assert!(
+            (got - l0 as f64).abs() < 0.5 * l0 as f64,
+            "{arch} at L0 {l0}: {got}"
+        );
+    }
+    assert_eq!(cmps.len(), 2);
+    for c in &cmps {
+        assert_eq!(c.l0s, [4, 12]);
+        assert_eq!(c.tokens.len(), 3);
+        let reported = |l0: usize| -> Vec<f64> {
+            let rows = seen.iter().filter(|r| r.2 == c.arch && r.1 == l0);
+            rows.map(|r| r.3).collect()
+        };
+        for (i, l0) in [4, 12].into_iter().enumerate() {
+            let by_round: Vec<f64> = c.tokens.iter().map(|r| r[i]).collect();
+            assert_eq!(by_round, reported(l0));
+            assert_eq!(c.best(i), by_round.iter().cloned().fold(0.0, f64::max));
+        }
+        assert_eq!(c.best_ratio(1), c.best(1) / c.best(0));
+        let ratios: Vec<f64> = c.tokens.iter().map(|r| r[1] / r[0]).collect();
+        assert_eq!(c.round_ratios(1), ratios);
+        assert!(c.best(0) > 0.0 && c.best(1) > 0.0);
+    }
+}
+
 /// Matryoshka's loss makes its first prefix a dictionary on its own: trained the same way, the
 /// first 4 of 32 latents alone reconstruct the data better than BatchTopK's first 4, while
 /// the whole dictionary stays close.
