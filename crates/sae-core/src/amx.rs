@@ -20,6 +20,9 @@
 //! bf16 tests check on this path). The results are deterministic: the same inputs give the
 //! same bits, whatever the thread count. They are not the bits of the `vdpbf16ps` path.
 //!
+//! `Tiles::Emulated` computes the same sums in plain code (not the tiles' bits), so that the
+//! code around the tiles runs in the tests of every CPU, not only of those with AMX.
+//!
 //! Linux gives a process the tile registers' state only after `arch_prctl(ARCH_REQ_XCOMP_PERM,
 //! XFEATURE_XTILEDATA)`; `available` asks once. The tile configuration is per thread: each call
 //! reads the current one (`sttilecfg`, about 5 ns) and loads its own only when it differs
@@ -74,6 +77,16 @@ pub fn with_sums<R>(n: usize, f: impl FnOnce(&mut [PanelSums]) -> R) -> R {
     })
 }
 
+/// Where `panel_sums` computes: on the tiles, or in plain code that makes the same writes
+/// (each sum in f32, in order of k), so that the code around the tiles (the tiling, the
+/// staging of partial panels, the chunks of k) is tested against the f32 reference on CPUs
+/// without AMX too. The emulated sums are not the tiles' bits (see the module notes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiles {
+    Hardware,
+    Emulated,
+}
+
 /// Whether this CPU has AMX-TILE and AMX-BF16, the OS granted the tile state, and the CPU has
 /// AVX512-BF16 (which rounds the activations). Asked once per process.
 pub fn available() -> bool {
@@ -108,9 +121,11 @@ fn k_chunks(kp: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
 /// multiple of 16 (as `k_chunks` gives).
 ///
 /// # Safety
-/// `out` must be valid for those reads and writes. Panics unless `available()`.
+/// `out` must be valid for those reads and writes. On `Tiles::Hardware`, panics unless
+/// `available()`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn panel_sums(
+    tiles: Tiles,
     rows: usize,
     a: &[u32],
     a_stride: usize,
@@ -121,10 +136,24 @@ pub unsafe fn panel_sums(
     out_rs: usize,
     accumulate: bool,
 ) {
-    assert!(available(), "AMX products need AMX-TILE and AMX-BF16");
+    assert!(
+        tiles == Tiles::Emulated || available(),
+        "AMX products need AMX-TILE and AMX-BF16"
+    );
     assert!((1..=ROWS).contains(&rows) && (1..=PANEL_COLS).contains(&cols));
     assert!(k.start < k.end && k.start.is_multiple_of(STEP) && k.end <= a_stride);
     assert!(a.len() >= (rows - 1) * a_stride + k.end && panel.len() >= k.end * PANEL_COLS);
+    if tiles == Tiles::Emulated {
+        let a = (0..rows).map(|r| &a[r * a_stride + k.start..][..k.len()]);
+        return emulated_sums(
+            a,
+            &panel[k.start * PANEL_COLS..],
+            cols,
+            out,
+            out_rs,
+            accumulate,
+        );
+    }
     // AMX checked; the asserts above bound every tile load (see `imp::sums`); the caller
     // vouches for `out`.
     imp::sums(
@@ -138,6 +167,35 @@ pub unsafe fn panel_sums(
         out_rs,
         accumulate,
     )
+}
+
+/// `panel_sums` in plain code: for each row of `a` (pairs of one chunk of k) and each column
+/// of the groups of 16 holding the first `cols`, the sum over the pairs, in f32 in order of
+/// k, of both halves' products.
+///
+/// # Safety
+/// As `panel_sums`: `out` valid for those reads and writes.
+unsafe fn emulated_sums<'a>(
+    a: impl Iterator<Item = &'a [u32]>,
+    panel: &[u32],
+    cols: usize,
+    out: *mut f32,
+    out_rs: usize,
+    accumulate: bool,
+) {
+    let half =
+        |v: u32, hi: bool| crate::bf16::from_bf16(if hi { (v >> 16) as u16 } else { v as u16 });
+    for (r, row) in a.enumerate() {
+        for c in 0..cols.next_multiple_of(16) {
+            let o = out.add(r * out_rs + c);
+            let mut s = if accumulate { *o } else { 0.0 };
+            for (j, &x) in row.iter().enumerate() {
+                let w = panel[j * PANEL_COLS + c];
+                s += half(x, false) * half(w, false) + half(x, true) * half(w, true);
+            }
+            *o = s;
+        }
+    }
 }
 
 /// Where `chunked_sums` puts one panel's sums: a whole `PackedBf16` panel, the columns of it
@@ -154,9 +212,10 @@ pub struct Target<'a> {
 /// rows stays in L1 across the panels. Each sum has the bits of one call over all of k.
 ///
 /// # Safety
-/// Every target's `out` must be valid for `panel_sums`' reads and writes. Panics unless
-/// `available()`.
+/// Every target's `out` must be valid for `panel_sums`' reads and writes. On
+/// `Tiles::Hardware`, panics unless `available()`.
 pub unsafe fn chunked_sums<'a>(
+    tiles: Tiles,
     rows: usize,
     a: &[u32],
     kp: usize,
@@ -168,6 +227,7 @@ pub unsafe fn chunked_sums<'a>(
             let t = target(i);
             let more = k.start > 0;
             panel_sums(
+                tiles,
                 rows,
                 a,
                 kp,
@@ -457,6 +517,14 @@ mod imp {
 mod tests {
     use super::*;
 
+    /// The ways `panel_sums` runs on this CPU.
+    fn tiles_here() -> Vec<Tiles> {
+        match available() {
+            true => vec![Tiles::Hardware, Tiles::Emulated],
+            false => vec![Tiles::Emulated],
+        }
+    }
+
     #[test]
     fn chunks_cover_k_in_whole_steps() {
         for kp in [1, 15, 16, 144, 180, 181, 288, 300, 768] {
@@ -473,13 +541,15 @@ mod tests {
 
     /// Sums over k in chunks, through memory between them, against one call over all of k:
     /// the same bits (a partial last step included), into a buffer, straight into a wider
-    /// output, and through `chunked_sums`.
+    /// output, and through `chunked_sums`; on the tiles where the CPU has them, and emulated.
     #[test]
     fn chunked_sums_have_the_bits_of_one_pass() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AMX");
-            return;
+        for tiles in tiles_here() {
+            chunked_sums_match_one_pass(tiles);
         }
+    }
+
+    fn chunked_sums_match_one_pass(tiles: Tiles) {
         let mut seed = 7u64;
         let mut next = || {
             seed = seed
@@ -499,6 +569,7 @@ mod tests {
             let sums_in = |s: &mut PanelSums| s.as_mut_ptr();
             unsafe {
                 panel_sums(
+                    tiles,
                     rows,
                     &a,
                     kp,
@@ -519,6 +590,7 @@ mod tests {
                 // written.
                 unsafe {
                     panel_sums(
+                        tiles,
                         rows,
                         &a,
                         kp,
@@ -529,7 +601,8 @@ mod tests {
                         PANEL_COLS,
                         more,
                     );
-                    panel_sums(rows, &a, kp, k, &panel, cols, wide.as_mut_ptr(), 100, more);
+                    let wide = wide.as_mut_ptr();
+                    panel_sums(tiles, rows, &a, kp, k, &panel, cols, wide, 100, more);
                 }
             }
             // The same through `chunked_sums`, twice the panel into two outputs.
@@ -538,7 +611,7 @@ mod tests {
             let outs = [sums_in(&mut first[0]), sums_in(&mut second[0])];
             // SAFETY: two PanelSums.
             unsafe {
-                chunked_sums(rows, &a, kp, 2, |i| Target {
+                chunked_sums(tiles, rows, &a, kp, 2, |i| Target {
                     panel: &panel,
                     cols,
                     out: outs[i],
@@ -565,6 +638,28 @@ mod tests {
                     for (i, s) in pair.iter().enumerate() {
                         assert_eq!(read(s, r, c).to_bits(), want, "chunked_sums {i} ({r}, {c})");
                     }
+                    // The sum itself, against f64 (the operands' products are exact).
+                    let exact: f64 = (0..kp)
+                        .map(|j| {
+                            let (x, w) = (a[r * kp + j], panel[j * PANEL_COLS + c]);
+                            let h = |v: u32, s: u32| crate::bf16::from_bf16((v >> s) as u16) as f64;
+                            h(x, 0) * h(w, 0) + h(x, 16) * h(w, 16)
+                        })
+                        .sum();
+                    let scale: f64 = (0..kp)
+                        .map(|j| {
+                            let (x, w) = (a[r * kp + j], panel[j * PANEL_COLS + c]);
+                            let h = |v: u32, s: u32| {
+                                crate::bf16::from_bf16((v >> s) as u16).abs() as f64
+                            };
+                            h(x, 0) * h(w, 0) + h(x, 16) * h(w, 16)
+                        })
+                        .sum();
+                    let got = f32::from_bits(want) as f64;
+                    assert!(
+                        (got - exact).abs() <= 2.0 * kp as f64 * f32::EPSILON as f64 * scale,
+                        "{tiles:?} {rows}x{kp}x{cols} ({r}, {c}): {got} against {exact}"
+                    );
                 }
             }
         }

@@ -388,8 +388,10 @@ pub fn matmul_on(
     matmul_impl(path, false, m, a, a_rs, w, out, out_rs, accumulate, a_pairs)
 }
 
-/// `matmul_on`; `portable` makes the widened path skip its AVX2 kernel (for the tests that
-/// compare the two).
+/// `matmul_on`; `portable` runs the plain code where a path has it, for the tests that
+/// compare the two: the widened path without its AVX2 kernel, and the AMX path on emulated
+/// tiles (`amx::Tiles::Emulated`, with the rows rounded and the staged sums written by plain
+/// code), which runs on any CPU.
 fn matmul_impl(
     path: Bf16Path,
     portable: bool,
@@ -403,14 +405,14 @@ fn matmul_impl(
     a_pairs: &mut AlignedVec<u32>,
 ) {
     assert!(
-        path.runs_here(),
+        path.runs_here() || (portable && path == Bf16Path::Amx),
         "bf16 path {} does not run on this CPU",
         path.name()
     );
     if m == 0 || w.n == 0 {
         return;
     }
-    let a_row = round_rows_on(path, w.split, m, a, a_rs, w.src_k, a_pairs);
+    let a_row = round_rows_on(path, portable, w.split, m, a, a_rs, w.src_k, a_pairs);
     product_on(
         path,
         portable,
@@ -429,9 +431,12 @@ fn matmul_impl(
 /// (`k.div_ceil(2)` per row); the widened path takes them already widened, as the f32 bits
 /// of each rounded value (two u32 per pair). With `split` (for a `PackedBf16::pack_split`
 /// matrix) each row is three such segments, `[hi | hi | lo]`: hi the row rounded to bf16, lo
-/// what that left, rounded again. Every value of those rows is written.
+/// what that left, rounded again. Every value of those rows is written; `plain` rounds the
+/// pairs with plain code (the same bits).
+#[allow(clippy::too_many_arguments)]
 fn round_rows_on(
     path: Bf16Path,
+    plain: bool,
     split: bool,
     m: usize,
     a: &[f32],
@@ -457,6 +462,12 @@ fn round_rows_on(
                 let src = &a[(blk * ROW_BLOCK + i) * a_rs..][..k];
                 let vector = matches!(path, Bf16Path::Amx | Bf16Path::Avx512Bf16);
                 match (vector, split) {
+                    (true, false) if plain => round_row_portable(src, dst),
+                    (true, true) if plain => {
+                        let (hi, rest) = dst.split_at_mut(segment);
+                        let (hi2, lo) = rest.split_at_mut(segment);
+                        split_row_portable(src, hi, hi2, lo)
+                    }
                     // SAFETY (both): the callers checked `path.runs_here()`, which for both
                     // vector paths includes AVX512-BF16.
                     (true, false) => unsafe { round_row(src, dst) },
@@ -474,7 +485,7 @@ fn round_rows_on(
 /// operand of `matmul_pairs`. Panics unless `available()`.
 pub fn round_rows(m: usize, a: &[f32], a_rs: usize, k: usize, pairs: &mut AlignedVec<u32>) {
     assert!(available(), "bf16 rounding needs AVX512-BF16");
-    round_rows_on(Bf16Path::Avx512Bf16, false, m, a, a_rs, k, pairs);
+    round_rows_on(Bf16Path::Avx512Bf16, false, false, m, a, a_rs, k, pairs);
 }
 
 /// One row `src` rounded to bf16 pairs into `dst` (`src.len().div_ceil(2)` u32, as
@@ -491,7 +502,7 @@ pub fn round_row_pairs(src: &[f32], dst: &mut [u32]) {
 /// Panics unless `available()`.
 pub fn split_rows(m: usize, a: &[f32], a_rs: usize, k: usize, pairs: &mut AlignedVec<u32>) {
     assert!(available(), "bf16 rounding needs AVX512-BF16");
-    round_rows_on(Bf16Path::Avx512Bf16, true, m, a, a_rs, k, pairs);
+    round_rows_on(Bf16Path::Avx512Bf16, false, true, m, a, a_rs, k, pairs);
 }
 
 /// One row `src` split into `dst` (`3 * src.len().div_ceil(2)` u32, as `split_rows` writes
@@ -661,9 +672,19 @@ fn product_on(
                         out_rs,
                     }
                 };
-                unsafe { crate::amx::chunked_sums(rows, a_tile, kp, ps.len(), target) };
+                let tiles = match portable {
+                    true => crate::amx::Tiles::Emulated,
+                    false => crate::amx::Tiles::Hardware,
+                };
+                unsafe { crate::amx::chunked_sums(tiles, rows, a_tile, kp, ps.len(), target) };
                 for (p, sums) in (staged..ps.end).zip(sums.iter()) {
-                    unsafe { write_sums(rows, sums.as_ptr(), dst(p), out_rs, cols(p), accumulate) }
+                    let (sums, dst, cols) = (sums.as_ptr(), dst(p), cols(p));
+                    match portable {
+                        true => unsafe {
+                            write_sums_plain(rows, sums, dst, out_rs, cols, accumulate)
+                        },
+                        false => unsafe { write_sums(rows, sums, dst, out_rs, cols, accumulate) },
+                    }
                 }
             });
             return;
@@ -982,6 +1003,26 @@ unsafe fn write_sums(
     unreachable!("AMX is x86_64 only");
 }
 
+/// `write_sums` in plain code.
+///
+/// # Safety
+/// As `write_sums`: `sums` holds those rows, `dst` is valid for them.
+unsafe fn write_sums_plain(
+    rows: usize,
+    sums: *const f32,
+    dst: *mut f32,
+    dst_rs: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    for r in 0..rows {
+        for c in 0..cols {
+            let (v, p) = (*sums.add(r * NR + c), dst.add(r * dst_rs + c));
+            *p = if accumulate { *p + v } else { v };
+        }
+    }
+}
+
 /// The first `min(n, 16)` of a 16-lane register's lanes, for a panel's last columns.
 pub fn lane_mask(n: usize) -> u16 {
     match n {
@@ -1287,18 +1328,51 @@ mod tests {
     }
 
     fn run(path: Bf16Path, m: usize, a: &[f32], a_rs: usize, w: &PackedBf16, out: &mut [f32]) {
+        run_forced(Forced::on(path), m, a, a_rs, w, out);
+    }
+
+    /// A path as a test forces it; `portable` runs the plain code where the path has it (for
+    /// AMX, emulated tiles, on any CPU).
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    struct Forced {
+        path: Bf16Path,
+        portable: bool,
+    }
+
+    impl Forced {
+        fn on(path: Bf16Path) -> Self {
+            Forced {
+                path,
+                portable: false,
+            }
+        }
+
+        const AMX_EMULATED: Forced = Forced {
+            path: Bf16Path::Amx,
+            portable: true,
+        };
+    }
+
+    /// Every path this CPU runs, then the AMX path on emulated tiles.
+    fn forced_paths() -> Vec<Forced> {
+        let mut paths: Vec<Forced> = Bf16Path::all_available()
+            .into_iter()
+            .map(Forced::on)
+            .collect();
+        paths.push(Forced::AMX_EMULATED);
+        paths
+    }
+
+    /// The AMX path on the tiles where the CPU has them, and emulated.
+    fn amx_paths() -> Vec<Forced> {
+        let paths = forced_paths().into_iter();
+        paths.filter(|f| f.path == Bf16Path::Amx).collect()
+    }
+
+    fn run_forced(f: Forced, m: usize, a: &[f32], a_rs: usize, w: &PackedBf16, out: &mut [f32]) {
         let out_rs = out.len() / m;
-        matmul_on(
-            path,
-            m,
-            a,
-            a_rs,
-            w,
-            out,
-            out_rs,
-            false,
-            &mut AlignedVec::default(),
-        );
+        let pairs = &mut AlignedVec::default();
+        matmul_impl(f.path, f.portable, m, a, a_rs, w, out, out_rs, false, pairs);
     }
 
     #[test]
@@ -1319,13 +1393,14 @@ mod tests {
     }
 
     /// Against an f64 product of the same bf16-rounded inputs, on every path this CPU runs
-    /// (each forced), both with and without accumulation, at a row stride wider than k.
+    /// (each forced) and on emulated AMX tiles, both with and without accumulation, at a row
+    /// stride wider than k.
     #[test]
     fn every_path_matches_the_rounded_reference() {
-        let paths = Bf16Path::all_available();
+        let paths = forced_paths();
         eprintln!("bf16 paths on this CPU: {paths:?}");
         let round = |v: f32| from_bf16(to_bf16(v)) as f64;
-        for path in paths {
+        for Forced { path, portable } in paths {
             for &(m, k, n) in SHAPES {
                 let a_rs = k + 3;
                 let (a, w) = operands(m, a_rs, k, n);
@@ -1334,8 +1409,9 @@ mod tests {
                 let init: Vec<f32> = (0..m * out_rs).map(|i| (i % 5) as f32).collect();
                 for accumulate in [false, true] {
                     let mut out = init.clone();
-                    matmul_on(
+                    matmul_impl(
                         path,
+                        portable,
                         m,
                         &a,
                         a_rs,
@@ -1360,7 +1436,7 @@ mod tests {
                             }
                             assert!(
                                 (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                                "{path:?} {m}x{k}x{n} ({r}, {c}): {got} vs {want}"
+                                "{path:?} (portable {portable}) {m}x{k}x{n} ({r}, {c}): {got} vs {want}"
                             );
                         }
                     }
@@ -1384,9 +1460,9 @@ mod tests {
         let mut f32_out = vec![0.0f32; m * n];
         crate::kernels::matmul(&a, m, k, &w, n, &mut f32_out);
         let bound_rel = 2f64.powi(-7) + 2f64.powi(-16) + 2.0 * k as f64 * 2f64.powi(-24);
-        for path in Bf16Path::all_available() {
+        for path in forced_paths() {
             let mut out = vec![0.0f32; m * n];
-            run(path, m, &a, k, &packed, &mut out);
+            run_forced(path, m, &a, k, &packed, &mut out);
             let mut worst = 0.0f64;
             for r in 0..m {
                 for c in 0..n {
@@ -1410,7 +1486,8 @@ mod tests {
     }
 
     /// Three-term products (`PackedBf16::pack_split`, rows split by `matmul`) on odd k,
-    /// strided rows and mixed magnitudes, on every path this CPU has: AVX512-BF16 and the
+    /// strided rows and mixed magnitudes, on every path this CPU has (and emulated AMX
+    /// tiles): AVX512-BF16 and the
     /// widened path agree bit for bit, the transposed packing is the same matrix, and each sum is within about 2^-15
     /// of sum |a w| (operands of ~16 bits, plus f32 sums over 3k terms) of the exact product,
     /// where one bf16 product is ~2^-8 off.
@@ -1435,9 +1512,10 @@ mod tests {
             assert_eq!(&packed.data[..], &transposed.data[..], "({m}, {k}, {n})");
             let bound_rel = 2f64.powi(-15) + 3.0 * k as f64 * 2f64.powi(-24);
             let mut first: Option<Vec<f32>> = None;
-            for path in Bf16Path::all_available() {
+            for forced in forced_paths() {
+                let path = forced.path;
                 let mut out = vec![0.0f32; m * n];
-                run(path, m, &a, a_rs, &packed, &mut out);
+                run_forced(forced, m, &a, a_rs, &packed, &mut out);
                 let mut worst = 0.0f64;
                 for r in 0..m {
                     for c in 0..n {
@@ -1450,7 +1528,7 @@ mod tests {
                         let err = (out[r * n + c] as f64 - exact).abs();
                         assert!(
                             err <= bound_rel * abs_sum,
-                            "{path:?} ({m}, {k}, {n}) at ({r}, {c}): {err} > {bound_rel} * {abs_sum}"
+                            "{forced:?} ({m}, {k}, {n}) at ({r}, {c}): {err} > {bound_rel} * {abs_sum}"
                         );
                         if abs_sum > 0.0 {
                             worst = worst.max(err / abs_sum);
@@ -1458,7 +1536,7 @@ mod tests {
                     }
                 }
                 eprintln!(
-                    "{path:?} ({m}, {k}, {n}): worst |bf16x3 - exact| / sum|a w| = {worst:.2e}"
+                    "{forced:?} ({m}, {k}, {n}): worst |bf16x3 - exact| / sum|a w| = {worst:.2e}"
                 );
                 // The widened path has `vdpbf16ps`'s bits (AMX sums in its own order).
                 if path == Bf16Path::Amx {
@@ -1476,7 +1554,16 @@ mod tests {
                 // The vector split and the plain one agree bit for bit.
                 let kp = k.div_ceil(2);
                 let mut pairs = AlignedVec::default();
-                round_rows_on(Bf16Path::Avx512Bf16, true, m, &a, a_rs, k, &mut pairs);
+                round_rows_on(
+                    Bf16Path::Avx512Bf16,
+                    false,
+                    true,
+                    m,
+                    &a,
+                    a_rs,
+                    k,
+                    &mut pairs,
+                );
                 for r in 0..m {
                     let mut want = vec![0u32; 3 * kp];
                     let (hi, rest) = want.split_at_mut(kp);
@@ -1615,28 +1702,23 @@ mod tests {
     /// sum, and the fused SwiGLU (which packs gate and up apart) matches the plain product.
     #[test]
     fn amx_sums_do_not_depend_on_their_neighbours() {
-        if !crate::amx::available() {
-            eprintln!("skipped: this CPU has no AMX");
-            return;
+        for amx in amx_paths() {
+            amx_sums_are_independent_on(amx);
         }
+    }
+
+    fn amx_sums_are_independent_on(amx: Forced) {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         for &(m, k, n) in &[(70usize, 576usize, 100usize), (37, 47, 50), (33, 33, 17)] {
             let a: Vec<f32> = (0..m * k).map(|_| mixed(&mut rng)).collect();
             let w: Vec<f32> = (0..k * n).map(|_| mixed(&mut rng)).collect();
             let mut full = vec![0.0f32; m * n];
-            run(
-                Bf16Path::Amx,
-                m,
-                &a,
-                k,
-                &PackedBf16::pack(&w, k, n),
-                &mut full,
-            );
+            run_forced(amx, m, &a, k, &PackedBf16::pack(&w, k, n), &mut full);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for r in 0..m {
                 let mut one = vec![0.0f32; n];
                 let packed = PackedBf16::pack(&w, k, n);
-                run(Bf16Path::Amx, 1, &a[r * k..][..k], k, &packed, &mut one);
+                run_forced(amx, 1, &a[r * k..][..k], k, &packed, &mut one);
                 assert_eq!(bits(&one), bits(&full[r * n..][..n]), "{m}x{k}x{n} row {r}");
             }
             let skip = 5;
@@ -1645,7 +1727,7 @@ mod tests {
                 .collect();
             let mut cut = vec![0.0f32; m * (n - skip)];
             let packed = PackedBf16::pack(&w_cut, k, n - skip);
-            run(Bf16Path::Amx, m, &a, k, &packed, &mut cut);
+            run_forced(amx, m, &a, k, &packed, &mut cut);
             for r in 0..m {
                 let want = &full[r * n + skip..(r + 1) * n];
                 let got = &cut[r * (n - skip)..][..n - skip];
@@ -1669,8 +1751,8 @@ mod tests {
                 .map(|i| if i / n < k { w[i] } else { 0.0 })
                 .collect();
             let mut padded = vec![0.0f32; m * n];
-            run(
-                Bf16Path::Amx,
+            run_forced(
+                amx,
                 m,
                 &a_z,
                 kz,

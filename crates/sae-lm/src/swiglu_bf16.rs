@@ -104,7 +104,7 @@ fn swiglu_pairs_on(
                         out_rs: PANEL_COLS,
                     }
                 };
-                unsafe { amx::chunked_sums(rows, a, kp, 2 * n, target) };
+                unsafe { amx::chunked_sums(amx::Tiles::Hardware, rows, a, kp, 2 * n, target) };
                 for (gu, p) in sums.chunks_exact(2).zip(ps.clone()) {
                     let (g, u) = (gu[0].as_ptr(), gu[1].as_ptr());
                     unsafe { gate_sums(rows, g, u, dst(p), 2 * out_row, cols(p), seg) };
