@@ -678,13 +678,8 @@ fn product_on(
                 };
                 unsafe { crate::amx::chunked_sums(tiles, rows, a_tile, kp, ps.len(), target) };
                 for (p, sums) in (staged..ps.end).zip(sums.iter()) {
-                    let (sums, dst, cols) = (sums.as_ptr(), dst(p), cols(p));
-                    match portable {
-                        true => unsafe {
-                            write_sums_plain(rows, sums, dst, out_rs, cols, accumulate)
-                        },
-                        false => unsafe { write_sums(rows, sums, dst, out_rs, cols, accumulate) },
-                    }
+                    let (sums, to) = (sums.as_ptr(), (dst(p), out_rs));
+                    unsafe { write_sums(portable, rows, sums, to, cols(p), accumulate) }
                 }
             });
             return;
@@ -964,10 +959,35 @@ unsafe fn tile_any(
 
 /// The first `rows` rows of `sums` (row stride `NR`, the first `cols.next_multiple_of(16)`
 /// values of each written), their first `cols` columns, written to (or added to) `dst` (row
-/// stride `dst_rs`).
+/// stride `dst_rs`); `plain` writes them with plain code (the emulated AMX tiles of the
+/// tests, on any CPU), else with AVX-512.
+///
+/// # Safety
+/// `sums` holds those rows and `dst` is valid for them; AVX-512F unless `plain`.
+unsafe fn write_sums(
+    plain: bool,
+    rows: usize,
+    sums: *const f32,
+    (dst, dst_rs): (*mut f32, usize),
+    cols: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if !plain {
+        return write_sums_avx512(rows, sums, dst, dst_rs, cols, accumulate);
+    }
+    assert!(plain, "AMX is x86_64 only");
+    for r in 0..rows {
+        for c in 0..cols {
+            let (v, p) = (*sums.add(r * NR + c), dst.add(r * dst_rs + c));
+            *p = if accumulate { *p + v } else { v };
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn write_sums(
+unsafe fn write_sums_avx512(
     rows: usize,
     sums: *const f32,
     dst: *mut f32,
@@ -987,38 +1007,6 @@ unsafe fn write_sums(
                 v
             };
             _mm512_mask_storeu_ps(p, mask, v);
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn write_sums(
-    _rows: usize,
-    _sums: *const f32,
-    _dst: *mut f32,
-    _dst_rs: usize,
-    _cols: usize,
-    _accumulate: bool,
-) {
-    unreachable!("AMX is x86_64 only");
-}
-
-/// `write_sums` in plain code.
-///
-/// # Safety
-/// As `write_sums`: `sums` holds those rows, `dst` is valid for them.
-unsafe fn write_sums_plain(
-    rows: usize,
-    sums: *const f32,
-    dst: *mut f32,
-    dst_rs: usize,
-    cols: usize,
-    accumulate: bool,
-) {
-    for r in 0..rows {
-        for c in 0..cols {
-            let (v, p) = (*sums.add(r * NR + c), dst.add(r * dst_rs + c));
-            *p = if accumulate { *p + v } else { v };
         }
     }
 }
