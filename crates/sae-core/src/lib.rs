@@ -28,6 +28,7 @@ pub mod amx;
 pub mod arch;
 pub mod bench;
 pub mod bf16;
+pub mod cpu;
 pub mod f32_product;
 pub mod hugepage;
 pub mod kernels;
