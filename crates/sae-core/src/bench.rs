@@ -171,8 +171,8 @@ pub fn run_bench_in(
     rows
 }
 
-/// The CPU the figures come from: its model name and which of the vector units the kernels
-/// choose between at run time it has.
+/// The CPU the figures come from: its model name, which of the vector units the kernels
+/// choose between at run time it has, and its L2 per core (which some choices read).
 pub fn machine() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     // The first processor's fields; a virtual machine may name only the vendor's line, so
@@ -200,8 +200,13 @@ pub fn machine() -> String {
         true => "no AVX2".to_string(),
         false => units.join(", "),
     };
+    let l2 = match crate::cpu::l2_bytes() {
+        Some(b) if b >= 1 << 20 && b % (1 << 20) == 0 => format!("; L2 {} MB", b >> 20),
+        Some(b) => format!("; L2 {} KB", b >> 10),
+        None => String::new(),
+    };
     format!(
-        "{model} ({units}; {} threads)",
+        "{model} ({units}{l2}; {} threads)",
         rayon::current_num_threads()
     )
 }
