@@ -57,7 +57,12 @@ enum Command {
 }
 
 fn main() {
+    // Before the options are read: `--help` prints too.
+    sigpipe_ends_the_command(true);
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        sigpipe_ends_the_command(false);
+    }
     let result = match cli.command {
         Command::Train(a) => train::train(*a),
         Command::Info(a) => train::info(a),
@@ -80,5 +85,21 @@ fn main() {
         // One clear line (with its causes) and a non-zero exit; never a panic trace.
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// With `ends`, output piped into `head` (or anything that stops reading) ends the command
+/// quietly, as it ends a Unix tool, instead of a panic in `println!` on the broken pipe.
+/// Without, SIGPIPE is ignored (Rust's default): for the server, whose sockets a browser may
+/// close at any time.
+fn sigpipe_ends_the_command(ends: bool) {
+    // SAFETY: sets SIGPIPE's action to the default or to ignore, before any other thread
+    // exists; no handler runs.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(
+            libc::SIGPIPE,
+            if ends { libc::SIG_DFL } else { libc::SIG_IGN },
+        );
     }
 }

@@ -164,6 +164,25 @@ fn bad_options_fail_cleanly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Output into a pipe whose reader is gone (as `sae archs | head -1` leaves it once `head`
+/// has its line): the command ends on SIGPIPE, as a Unix tool does, not in a panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_the_command_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sae"))
+        .arg("archs")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    // SIGPIPE is 13 on Linux and the BSDs.
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {err}", out.status);
+}
+
 /// `sae bench` at two L0s in two rounds: the CPU line, every row with its round and L0,
 /// then the best of each and the ratio; a zero count is refused.
 #[test]
