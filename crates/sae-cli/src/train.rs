@@ -266,7 +266,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         rayon_threads(),
         a.precision
     );
-    println!("cpu: {}", sae_core::bench::machine());
+    println!("cpu: {}", sae_core::cpu::summary());
     let several = a.rounds > 1 || a.l0.len() > 1;
     match several {
         true => println!(

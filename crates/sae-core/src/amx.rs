@@ -638,23 +638,14 @@ mod tests {
                     for (i, s) in pair.iter().enumerate() {
                         assert_eq!(read(s, r, c).to_bits(), want, "chunked_sums {i} ({r}, {c})");
                     }
-                    // The sum itself, against f64 (the operands' products are exact).
-                    let exact: f64 = (0..kp)
-                        .map(|j| {
-                            let (x, w) = (a[r * kp + j], panel[j * PANEL_COLS + c]);
-                            let h = |v: u32, s: u32| crate::bf16::from_bf16((v >> s) as u16) as f64;
-                            h(x, 0) * h(w, 0) + h(x, 16) * h(w, 16)
-                        })
-                        .sum();
-                    let scale: f64 = (0..kp)
-                        .map(|j| {
-                            let (x, w) = (a[r * kp + j], panel[j * PANEL_COLS + c]);
-                            let h = |v: u32, s: u32| {
-                                crate::bf16::from_bf16((v >> s) as u16).abs() as f64
-                            };
-                            h(x, 0) * h(w, 0) + h(x, 16) * h(w, 16)
-                        })
-                        .sum();
+                    // The sum itself, against f64 (the operands' products are exact), within
+                    // f32 summation's bound of the absolute sum.
+                    let h = |v: u32, s: u32| crate::bf16::from_bf16((v >> s) as u16) as f64;
+                    let (exact, scale) = (0..kp).fold((0.0, 0.0), |(e, a_sum), j| {
+                        let (x, w) = (a[r * kp + j], panel[j * PANEL_COLS + c]);
+                        let (p0, p1) = (h(x, 0) * h(w, 0), h(x, 16) * h(w, 16));
+                        (e + p0 + p1, a_sum + p0.abs() + p1.abs())
+                    });
                     let got = f32::from_bits(want) as f64;
                     assert!(
                         (got - exact).abs() <= 2.0 * kp as f64 * f32::EPSILON as f64 * scale,

@@ -171,46 +171,6 @@ pub fn run_bench_in(
     rows
 }
 
-/// The CPU the figures come from: its model name, which of the vector units the kernels
-/// choose between at run time it has, and its L2 per core (which some choices read).
-pub fn machine() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    // The first processor's fields; a virtual machine may name only the vendor's line, so
-    // family and model tell its generation.
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.split(':').next().map(str::trim) == Some(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let mut model = field("model name").unwrap_or_else(|| "unknown CPU".to_string());
-    if let (Some(family), Some(number)) = (field("cpu family"), field("model")) {
-        model = format!("{model}, family {family} model {number}");
-    }
-    let units: Vec<&str> = [
-        ("avx2", crate::kernels::cpu_has!("avx2", "fma")),
-        ("avx512f", crate::kernels::cpu_has!("avx512f")),
-        ("avx512-bf16", crate::bf16::available()),
-        ("amx-bf16", crate::amx::available()),
-    ]
-    .into_iter()
-    .filter_map(|(name, has)| has.then_some(name))
-    .collect();
-    let units = match units.is_empty() {
-        true => "no AVX2".to_string(),
-        false => units.join(", "),
-    };
-    let l2 = match crate::cpu::l2_bytes() {
-        Some(b) if b >= 1 << 20 && b % (1 << 20) == 0 => format!("; L2 {} MB", b >> 20),
-        Some(b) => format!("; L2 {} KB", b >> 10),
-        None => String::new(),
-    };
-    format!(
-        "{model} ({units}{l2}; {} threads)",
-        rayon::current_num_threads()
-    )
-}
-
 /// One configuration (family and width) timed at each of several L0s, in every round.
 #[derive(Clone, Debug)]
 pub struct L0Comparison {

@@ -1776,8 +1776,9 @@ impl Buffers {
     /// after every slice of a block of rows, so a slice too large for L2 comes from L3 again,
     /// and every residual row once per slice. On the AVX2 Zen 3 (512 KB L2; gated, d_sae
     /// 9216, three alternated rounds) one slice took the decode from 85-90 to 74-78 ms at L0
-    /// 200 and from 36-46 to 28-38 ms at L0 64; the other families' decodes were the same
-    /// either way there, and on the Xeon's 2 MB L2 the slices were the faster.
+    /// 200 and from 36-46 to 28-38 ms at L0 64, while the other families' decodes were the
+    /// same either way. Where L2 holds a slice (the 2 MB Xeon the slices were tuned on) the
+    /// blocks stay; gated row by row is not measured there.
     fn decode_slices(&self, d_sae: usize, row_bytes: usize, aux_mode: AuxMode) -> usize {
         match aux_mode == AuxMode::FrozenDecoder && self.l2_bytes < self.slice_budget() {
             true => 1,
