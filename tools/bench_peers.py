@@ -16,8 +16,8 @@ clipping, Adam, lr and coefficient schedules, dead-latent counters; f32, random 
 against `sae bench` at L0 64 (k = 64 for the k families; the PyTorch step is dense, so its cost
 does not depend on the L0), and beside it our encoder product alone (`sae bench`'s one-GEMM
 column, timed in the same run) as a multiple of SAELens' step: no step of ours runs faster than
-that product, so where it is under 10x, so is every step. Harvest: SmolLM2-135M to blocks.15.hook_resid_post, 128-token
-contexts, transformers f32 and bf16 against `sae harvest --compute f32`, `--compute bf16x3`
+that product, so where it is under 10x, so is every step. Harvest: SmolLM2-135M to
+blocks.15.hook_resid_post, 128-token contexts, transformers f32 and bf16 against `sae harvest --compute f32`, `--compute bf16x3`
 (three bf16 products per product, ~16 significant bits per operand) and `--compute bf16`
 (tools/bench_hf_harvest.py does the timing). Every configuration runs --rounds times, the two
 sides alternating, and the best of each is kept: on a busy machine the best run is the one least

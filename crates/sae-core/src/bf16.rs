@@ -1475,10 +1475,10 @@ mod tests {
 
     /// Three-term products (`PackedBf16::pack_split`, rows split by `matmul`) on odd k,
     /// strided rows and mixed magnitudes, on every path this CPU has (and emulated AMX
-    /// tiles): AVX512-BF16 and the
-    /// widened path agree bit for bit, the transposed packing is the same matrix, and each sum is within about 2^-15
-    /// of sum |a w| (operands of ~16 bits, plus f32 sums over 3k terms) of the exact product,
-    /// where one bf16 product is ~2^-8 off.
+    /// tiles): AVX512-BF16 and the widened path agree bit for bit, the transposed packing is
+    /// the same matrix, and each sum is within about 2^-15 of sum |a w| (operands of ~16
+    /// bits, plus f32 sums over 3k terms) of the exact product, where one bf16 product is
+    /// ~2^-8 off.
     #[test]
     fn split_products_are_within_their_bound_of_the_exact_product() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
